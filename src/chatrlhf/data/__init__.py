@@ -1,0 +1,32 @@
+"""Data: readers, record types, validation with file:line errors, chat templates, splits.
+Never imports models or trainers."""
+
+from chatrlhf.data.formats import load_prompts, load_records, parse_turns
+from chatrlhf.data.records import Conversation, Correction, Loaded, Preference, Problem, Rating
+from chatrlhf.data.split import split_by_prompt
+
+__all__ = ["Conversation", "Correction", "Loaded", "Preference", "Problem", "Rating", "load_prompts",
+           "load_records", "parse_turns", "split_by_prompt", "as_conversations"]
+
+
+def as_conversations(loaded: Loaded) -> list[Conversation]:
+    """Records for SFT: conversations as they are, corrections as (prompt, corrected), preferences as
+    (prompt, chosen) unless both replies are bad. A conversation must end on an assistant turn."""
+    from chatrlhf.errors import DataError
+
+    out = []
+    for r in loaded.records:
+        if isinstance(r, Conversation):
+            if r.messages[-1]["role"] != "assistant":
+                path, _, line = r.where.rpartition(":")
+                raise DataError(path, line, "messages", "conversation ends on a user turn, nothing to learn",
+                                "add the assistant's reply or drop the record")
+            out.append(r)
+        elif isinstance(r, Correction):
+            out.append(r.as_conversation())
+        elif isinstance(r, Preference) and not r.both_bad:
+            out.append(Conversation(r.prompt + [{"role": "assistant", "content": r.chosen}], r.where))
+        elif isinstance(r, Rating):
+            raise DataError(r.where, None, None, "ratings cannot train SFT directly",
+                            "use `chatrlhf reward train`, or give conversations")
+    return out

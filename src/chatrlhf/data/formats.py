@@ -1,0 +1,288 @@
+"""Record formats: detection from the columns of the first row, and parsing of each row into a
+record with file:line:field errors.
+
+The seed format is ``dialogue_history.csv``: ``history`` holds the earlier turns and ``responses``
+the reply to learn. ``history`` may be
+  * a JSON list of messages: ``[{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]``, or
+  * prefixed lines: ``User: Hi`` / ``Assistant: Hello!`` (``Human:`` and ``System:`` work too);
+    a line without a prefix continues the turn above it. Text with no prefix at all is one user turn.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from chatrlhf.data.records import ROLES, Conversation, Correction, Loaded, Preference, Problem, Rating
+from chatrlhf.data.readers import read_rows
+from chatrlhf.errors import DataError
+
+KINDS = {"dialogue_csv": "conversation", "conversation": "conversation", "oasst_tree": "conversation",
+         "self_instruct": "conversation", "hh": "preference", "oasst_pairs": "preference",
+         "preference": "preference", "rating": "rating", "correction": "correction"}
+SIGNATURES = [  # (format, columns that must all be present), most specific first
+    ("oasst_tree", {"message_tree_id", "prompt"}),
+    ("oasst_pairs", {"context", "chosen", "rejected"}),
+    ("preference", {"prompt", "chosen", "rejected"}),
+    ("hh", {"chosen", "rejected"}),
+    ("correction", {"prompt", "response", "corrected"}),
+    ("rating", {"prompt", "response", "score"}),
+    ("dialogue_csv", {"history", "responses"}),
+    ("conversation", {"messages"}),
+    ("self_instruct", {"instruction", "instances"}),
+]
+REQUIRED = dict(SIGNATURES)
+PREFIX = re.compile(r"^\s*(user|human|assistant|system)\s*:\s?(.*)$", re.IGNORECASE)
+PREFIX_ROLE = {"user": "user", "human": "user", "assistant": "assistant", "system": "system"}
+HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def detect_format(path, columns: set[str], loc) -> str:
+    for fmt, needed in SIGNATURES:
+        if needed <= columns:
+            return fmt
+    expected = "; ".join(f"{f}: {', '.join(sorted(c))}" for f, c in SIGNATURES)
+    raise DataError(path, loc, None, f"cannot tell the format from columns {sorted(columns)}",
+                    f"expected one of — {expected} — or pass --format")
+
+
+def load_records(path: str | Path, fmt: str = "auto", collect: bool = False) -> Loaded:
+    """Read every record. With ``collect`` bad rows become problems (for `data inspect`);
+    otherwise the first bad row raises DataError."""
+    path = Path(path)
+    records, problems = [], []
+    for loc, row in read_rows(path):
+        if fmt == "auto":
+            fmt = detect_format(path, set(row), loc)
+        missing = sorted(REQUIRED[fmt] - set(row)) if fmt in REQUIRED else []
+        try:
+            if missing:
+                raise DataError(path, loc, missing[0], "missing column",
+                                f"format '{fmt}' needs columns {sorted(REQUIRED[fmt])}")
+            for rec in PARSERS[fmt](row, path, loc):
+                if isinstance(rec, Preference) and rec.chosen.strip() == rec.rejected.strip():
+                    problems.append(Problem(f"{path}:{loc}", "chosen and rejected are identical: skipped"))
+                else:
+                    records.append(rec)
+        except DataError as e:
+            if not collect:
+                raise
+            problems.append(Problem(f"{path}:{loc}", str(e).split(": ", 1)[-1]))
+    if fmt == "auto":
+        raise DataError(path, None, None, "no records", "the file is empty")
+    return Loaded(records, fmt, KINDS[fmt], problems)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def check_messages(messages, path, loc, field: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(path, loc, field, "expected a non-empty list of {role, content} messages", "")
+    out = []
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(path, loc, field, f"message {i} must be an object with 'role' and 'content'", "")
+        role = str(m["role"]).strip().lower()
+        role = {"human": "user", "prompter": "user", "gpt": "assistant", "bot": "assistant"}.get(role, role)
+        if role not in ROLES:
+            raise DataError(path, loc, field, f"unknown role '{m['role']}' in message {i}",
+                            "use user, assistant or system")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise DataError(path, loc, field, f"message {i} ({role}) is empty", "write its text or drop it")
+        out.append({"role": role, "content": m["content"]})
+    return out
+
+
+def parse_turns(text, path, loc, field: str) -> list[dict]:
+    """A history / prompt cell: a JSON list of messages, prefixed lines, or plain user text."""
+    if isinstance(text, list):
+        return check_messages(text, path, loc, field)
+    if text is None or not str(text).strip():
+        return []
+    text = str(text)
+    if text.lstrip().startswith("["):
+        try:
+            return check_messages(json.loads(text), path, loc, field)
+        except json.JSONDecodeError as e:
+            raise DataError(path, loc, field, f"looks like JSON but is not valid ({e.msg} at column {e.colno})",
+                            "write a JSON list of {role, content}, or 'User:'/'Assistant:' lines") from None
+    lines = text.splitlines()
+    if not any(PREFIX.match(line) for line in lines):
+        return [{"role": "user", "content": text.strip()}]
+    turns: list[dict] = []
+    for n, line in enumerate(lines, 1):
+        m = PREFIX.match(line)
+        if m:
+            turns.append({"role": PREFIX_ROLE[m.group(1).lower()], "content": m.group(2)})
+        elif turns:
+            turns[-1]["content"] += "\n" + line
+        elif line.strip():
+            raise DataError(path, loc, field, f"line {n} of the cell has no 'User:' or 'Assistant:' prefix",
+                            "start every turn with 'User:' or 'Assistant:'")
+    for t in turns:
+        t["content"] = t["content"].strip()
+    return check_messages(turns, path, loc, field)
+
+
+def _text(row, key, path, loc) -> str:
+    val = row.get(key)
+    if val is None or not str(val).strip():
+        raise DataError(path, loc, key, "empty reply" if key in ("responses", "response", "chosen", "rejected",
+                                                                  "corrected") else "empty value",
+                        "fill it in or remove the row")
+    return str(val)
+
+
+def _num(row, key, path, loc, default):
+    val = row.get(key, default)
+    if val in (None, ""):
+        return default
+    try:
+        return float(val)
+    except (TypeError, ValueError):
+        raise DataError(path, loc, key, f"expected a number, got {val!r}", "") from None
+
+
+def _bool(row, key) -> bool:
+    val = row.get(key, False)
+    return str(val).strip().lower() in ("1", "true", "yes", "y") if isinstance(val, str) else bool(val)
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def _dialogue_csv(row, path, loc):
+    history = parse_turns(row.get("history"), path, loc, "history")
+    reply = _text(row, "responses", path, loc).strip()
+    if history and history[-1]["role"] == "assistant":
+        raise DataError(path, loc, "history", "ends with an assistant turn, so 'responses' answers nobody",
+                        "the last turn of history must be the user's")
+    if not any(t["role"] == "user" for t in history):
+        raise DataError(path, loc, "history", "has no user turn", "write the user's message")
+    yield Conversation(history + [{"role": "assistant", "content": reply}], f"{path}:{loc}")
+
+
+def _conversation(row, path, loc):
+    messages = check_messages(row.get("messages"), path, loc, "messages")
+    yield Conversation(messages, f"{path}:{loc}")
+
+
+def _self_instruct(row, path, loc):
+    instr = _text(row, "instruction", path, loc).strip()
+    for inst in row.get("instances") or []:
+        user = instr + ("\n\n" + inst["input"].strip() if inst.get("input", "").strip() else "")
+        if str(inst.get("output", "")).strip():
+            yield Conversation([{"role": "user", "content": user},
+                                {"role": "assistant", "content": inst["output"].strip()}], f"{path}:{loc}")
+
+
+def _oasst_tree(row, path, loc):
+    """Top-1 path: at each step the best-ranked human reply (the rule of shared/data README)."""
+    node, messages = row.get("prompt"), []
+    while isinstance(node, dict):
+        role = "user" if node.get("role") == "prompter" else "assistant"
+        messages.append({"role": role, "content": node.get("text", "")})
+        ok = [r for r in node.get("replies") or [] if not r.get("synthetic") and not r.get("deleted")
+              and r.get("review_result") is not False]
+        ok.sort(key=lambda r: (r.get("rank") is None, r.get("rank") or 0))
+        node = ok[0] if ok else None
+    while messages and messages[-1]["role"] == "user":
+        messages.pop()
+    if len(messages) >= 2:
+        yield Conversation(check_messages(messages, path, loc, "prompt"), f"{path}:{loc}")
+
+
+def split_hh(transcript: str, path, loc, field) -> list[dict]:
+    """'\\n\\nHuman: …\\n\\nAssistant: …' into messages."""
+    parts = HH_TURN.split(transcript)
+    if len(parts) < 3 or parts[0].strip():
+        raise DataError(path, loc, field, "not an HH-RLHF transcript ('\\n\\nHuman: …\\n\\nAssistant: …')",
+                        "or pass --format preference with prompt/chosen/rejected columns")
+    turns = [{"role": "user" if r == "Human" else "assistant", "content": c.strip()}
+             for r, c in zip(parts[1::2], parts[2::2])]
+    return turns
+
+
+def _hh(row, path, loc):
+    chosen = split_hh(_text(row, "chosen", path, loc), path, loc, "chosen")
+    rejected = split_hh(_text(row, "rejected", path, loc), path, loc, "rejected")
+    for field, turns in (("chosen", chosen), ("rejected", rejected)):
+        if turns[-1]["role"] != "assistant" or not turns[-1]["content"]:
+            raise DataError(path, loc, field, "does not end with a non-empty Assistant turn", "")
+    prompt = check_messages(chosen[:-1], path, loc, "chosen")
+    yield Preference(prompt, chosen[-1]["content"], rejected[-1]["content"], source="hh-rlhf", where=f"{path}:{loc}")
+
+
+def _oasst_pairs(row, path, loc):
+    prompt = check_messages(row["context"], path, loc, "context")
+    yield Preference(prompt, _text(row, "chosen", path, loc), _text(row, "rejected", path, loc),
+                     source="oasst", where=f"{path}:{loc}")
+
+
+def _prompt(row, path, loc):
+    prompt = parse_turns(row.get("prompt"), path, loc, "prompt")
+    if not prompt:
+        raise DataError(path, loc, "prompt", "empty value", "write the prompt")
+    return prompt
+
+
+def _preference(row, path, loc):
+    yield Preference(_prompt(row, path, loc), _text(row, "chosen", path, loc), _text(row, "rejected", path, loc),
+                     margin=_num(row, "margin", path, loc, 0.0), tie=_bool(row, "tie"), both_bad=_bool(row, "both_bad"),
+                     annotator=str(row.get("annotator") or ""), weight=_num(row, "weight", path, loc, 1.0),
+                     round=int(_num(row, "round", path, loc, 0)), source=str(row.get("source") or ""),
+                     where=f"{path}:{loc}")
+
+
+def _rating(row, path, loc):
+    raw = row.get("score")
+    score = {"up": 1.0, "down": -1.0, "👍": 1.0, "👎": -1.0}.get(str(raw).strip().lower()) \
+        if isinstance(raw, str) else None
+    score = _num(row, "score", path, loc, None) if score is None else score
+    if score is None or not (1 <= score <= 5 or score in (-1, 1)):
+        raise DataError(path, loc, "score", f"out of range: {raw!r}", "use 1–5, or thumbs as -1/1 (or up/down)")
+    yield Rating(_prompt(row, path, loc), _text(row, "response", path, loc), score,
+                 annotator=str(row.get("annotator") or ""), weight=_num(row, "weight", path, loc, 1.0),
+                 round=int(_num(row, "round", path, loc, 0)), where=f"{path}:{loc}")
+
+
+def _correction(row, path, loc):
+    yield Correction(_prompt(row, path, loc), _text(row, "response", path, loc), _text(row, "corrected", path, loc),
+                     annotator=str(row.get("annotator") or ""), round=int(_num(row, "round", path, loc, 0)),
+                     where=f"{path}:{loc}")
+
+
+def _prompt_only(row, path, loc):
+    """Prompts for generation: a .txt line or any row with a prompt / messages / history column."""
+    for key in ("messages", "prompt", "history"):
+        if key in row:
+            turns = parse_turns(row[key], path, loc, key)
+            if turns and turns[-1]["role"] == "assistant" and key == "messages":
+                turns = turns[:-1]
+            if not turns:
+                raise DataError(path, loc, key, "empty prompt", "write the prompt")
+            yield Conversation(turns, f"{path}:{loc}")
+            return
+    raise DataError(path, loc, None, "no 'prompt', 'messages' or 'history' column", "")
+
+
+PARSERS = {"dialogue_csv": _dialogue_csv, "conversation": _conversation, "self_instruct": _self_instruct,
+           "oasst_tree": _oasst_tree, "hh": _hh, "oasst_pairs": _oasst_pairs, "preference": _preference,
+           "rating": _rating, "correction": _correction, "prompts": _prompt_only}
+KINDS["prompts"] = "conversation"
+
+
+def load_prompts(path: str | Path, fmt: str = "auto") -> list[list[dict]]:
+    """Prompts (as message lists) from any data file: for conversations, everything before the reply."""
+    path = Path(path)
+    if fmt == "auto" and (path.suffix == ".txt" or _looks_like_prompts(path)):
+        fmt = "prompts"
+    return [r.prompt for r in load_records(path, fmt).records]
+
+
+def _looks_like_prompts(path: Path) -> bool:
+    for _, row in read_rows(path):
+        return not any(needed <= set(row) for _, needed in SIGNATURES)
+    return False

@@ -1,0 +1,55 @@
+"""One logger: JSONL (``metrics.jsonl``) and TensorBoard, keys namespaced (``train/``, ``eval/``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            self._truncate_after(resume_step)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()  # a fresh run starts a fresh log
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run drops what the interrupted run logged after its last checkpoint."""
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def config(self, cfg) -> None:
+        d = dataclasses.asdict(cfg)
+        (self.dir / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+        if self.tb:
+            self.tb.add_text("config", "\n".join(f"    {k}: {v}" for k, v in d.items()), 0)
+
+    def log(self, step: int, metrics: dict) -> None:
+        clean = {k: (float(v) if not isinstance(v, str) else v) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        if self.tb:
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.flush()
+            self.tb.close()
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

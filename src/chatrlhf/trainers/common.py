@@ -1,0 +1,117 @@
+"""Pieces every trainer uses: seeding, checkpoints that resume exactly, the progress bar, Ctrl-C.
+
+Checkpoints live in OUTPUT_DIR/checkpoints/step-N and are written to a temporary folder first and
+renamed, so a run killed at any moment leaves either a whole checkpoint or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+    """Trainable weights (safetensors), optimizer, scheduler, RNG and the trainer's own state."""
+    from safetensors.torch import save_file
+
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+               tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    final = root / f"step-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(checkpoints(out_dir))[:-keep]:
+        shutil.rmtree(old[1], ignore_errors=True)
+    return final
+
+
+def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    root = Path(out_dir) / "checkpoints"
+    found = []
+    for p in root.glob("step-*") if root.is_dir() else []:
+        if (p / "trainer_state.json").is_file():
+            found.append((int(p.name.split("-")[1]), p))
+    return sorted(found)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    weights = load_file(path / "trainable.safetensors")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    blob = torch.load(path / "state.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to save a checkpoint and stop after the current step; a second one
+    interrupts at once."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.stop:
+                raise KeyboardInterrupt
+            self.stop = True
+            print("\nchatrlhf: Ctrl-C — saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
+
+        self._old = signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def progress_bar(quiet: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), disable=quiet, transient=False)
