@@ -52,6 +52,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def cpu_has_bf16() -> bool:
+    """Native bf16 matmul (AVX-512 BF16 or AMX). Without it bf16 is emulated and far slower than
+    fp32 (measured on an AVX2-only EPYC: 0.3 vs 157 GFLOP/s), so auto stays in fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

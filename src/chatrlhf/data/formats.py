@@ -161,7 +161,7 @@ def _dialogue_csv(row, path, loc):
                         "the last turn of history must be the user's")
     if not any(t["role"] == "user" for t in history):
         raise DataError(path, loc, "history", "has no user turn", "write the user's message")
-    yield Conversation(history + [{"role": "assistant", "content": reply}], f"{path}:{loc}")
+    yield Conversation(history + [{"role": "assistant", "content": reply}], f"{path}:{loc}", last_only=True)
 
 
 def _conversation(row, path, loc):
@@ -206,13 +206,15 @@ def split_hh(transcript: str, path, loc, field) -> list[dict]:
 
 
 def _hh(row, path, loc):
+    """HH-RLHF as published: a few transcripts have empty Assistant turns (mid-dialogue, or an empty
+    final reply that the annotator rated). They are kept as they are: an empty reply is a real choice."""
     chosen = split_hh(_text(row, "chosen", path, loc), path, loc, "chosen")
     rejected = split_hh(_text(row, "rejected", path, loc), path, loc, "rejected")
     for field, turns in (("chosen", chosen), ("rejected", rejected)):
-        if turns[-1]["role"] != "assistant" or not turns[-1]["content"]:
-            raise DataError(path, loc, field, "does not end with a non-empty Assistant turn", "")
-    prompt = check_messages(chosen[:-1], path, loc, "chosen")
-    yield Preference(prompt, chosen[-1]["content"], rejected[-1]["content"], source="hh-rlhf", where=f"{path}:{loc}")
+        if turns[-1]["role"] != "assistant":
+            raise DataError(path, loc, field, "does not end with an Assistant turn", "")
+    yield Preference(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], source="hh-rlhf",
+                     where=f"{path}:{loc}")
 
 
 def _oasst_pairs(row, path, loc):

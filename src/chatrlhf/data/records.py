@@ -16,6 +16,7 @@ Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 class Conversation:
     messages: list[Message]
     where: str = ""
+    last_only: bool = False  # learn only the final reply (seed CSV rows: history is context, not target)
 
     @property
     def prompt(self) -> list[Message]:

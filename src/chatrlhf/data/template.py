@@ -32,13 +32,13 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer, messages: list[dict], last_only: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant reply (with its
     end-of-turn tokens), found by rendering prefixes of the conversation."""
     text = render(tokenizer, messages)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or (last_only and i != len(messages) - 1):
             continue
         start = len(render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
         end = len(render(tokenizer, messages[: i + 1]))
@@ -60,9 +60,11 @@ class Tokenized:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, overlong: str = "truncate"):
-    """Token ids and labels (loss on assistant tokens only). Returns (Tokenized | None, problem)."""
-    text, spans = assistant_spans(tokenizer, messages)
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, overlong: str = "truncate",
+                          last_only: bool = False):
+    """Token ids and labels (loss on assistant tokens only, or on the final reply only with
+    ``last_only``). Returns (Tokenized | None, problem)."""
+    text, spans = assistant_spans(tokenizer, messages, last_only)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [IGNORE] * len(ids)

@@ -40,7 +40,7 @@ def tokenize_all(tok, conversations, cfg: SFTConfig, log=print) -> list[Tokenize
     out, problems = [], []
     for conv in conversations:
         try:
-            item, problem = tokenize_conversation(tok, conv.messages, cfg.max_length, cfg.overlong)
+            item, problem = tokenize_conversation(tok, conv.messages, cfg.max_length, cfg.overlong, conv.last_only)
         except ValueError as e:
             raise UsageError(f"--model {cfg.model}: {e}", "pass --no-chat-template") from None
         if problem:
@@ -185,6 +185,7 @@ def train(cfg: SFTConfig, log=print) -> dict:
                 loss_sum += float(loss.detach())
                 tokens += int(batch["attention_mask"].sum())
                 padded += batch["attention_mask"].numel()
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             optimizer.step()
             scheduler.step()
@@ -193,7 +194,8 @@ def train(cfg: SFTConfig, log=print) -> dict:
             state["tokens"] += tokens
             dt = time.perf_counter() - t0
             metrics = {"train/loss": loss_sum, "train/grad_norm": float(grad_norm),
-                       "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens / dt,
+                       "train/lr": lr, "train/tokens": tokens, "train/step_s": dt,
+                       "train/tokens_per_s": tokens / dt,
                        "train/pad_fraction": 1 - tokens / padded, "train/epoch": state["micro_batch"] / n_batches}
             if step % cfg.eval_steps == 0 or step == total_steps:
                 metrics["eval/loss"] = evaluate(model, eval_items, cfg, tok.pad_token_id, device)

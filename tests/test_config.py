@@ -1,0 +1,41 @@
+import pytest
+
+from chatrlhf.cli import parser
+from chatrlhf.config import SFTConfig, build_config
+from chatrlhf.errors import UsageError
+
+
+def cfg_from(argv, yaml=None):
+    ns = parser().parse_args(argv)
+    return build_config(SFTConfig, ns, yaml)
+
+
+def test_defaults_and_flags():
+    cfg = cfg_from(["sft", "--max-steps", "7", "--lr", "0.001", "--no-tensorboard"])
+    assert cfg.max_steps == 7 and cfg.lr == 0.001 and cfg.tensorboard is False
+    assert cfg.model == "smollm2-135m" and cfg.output_dir == "out/sft" and cfg.seed == 0
+
+
+def test_flags_beat_yaml_and_yaml_beats_defaults(write):
+    y = write("run.yaml", "max_steps: 3\nlr: 1e-4\nbatch-size: 2\nmodel: tiny-random-gpt2\n")
+    cfg = cfg_from(["sft", "--max-steps", "9", "--config", str(y)], str(y))
+    assert cfg.max_steps == 9          # flag wins
+    assert cfg.lr == 1e-4 and cfg.batch_size == 2 and cfg.model == "tiny-random-gpt2"  # from YAML
+
+
+def test_yaml_unknown_key_names_key_and_file(write):
+    y = write("run.yaml", "max_stepz: 3\n")
+    with pytest.raises(UsageError, match=r"run.yaml: unknown key 'max_stepz'"):
+        cfg_from(["sft"], str(y))
+
+
+def test_yaml_wrong_type_and_choice(write):
+    with pytest.raises(UsageError, match="key 'max_steps' must be int"):
+        cfg_from(["sft"], str(write("a.yaml", "max_steps: lots\n")))
+    with pytest.raises(UsageError, match="key 'dtype' must be one of"):
+        cfg_from(["sft"], str(write("b.yaml", "dtype: fp8\n")))
+
+
+def test_bad_yaml_names_line(write):
+    with pytest.raises(UsageError, match=r"c.yaml:2: invalid YAML"):
+        cfg_from(["sft"], str(write("c.yaml", "lr: 1\n  - : [\n")))

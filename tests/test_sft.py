@@ -1,0 +1,144 @@
+"""SFT: reduction invariance, batching, a smoke run through the real CLI, bad input at the CLI."""
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chatrlhf.config import ModelArgs, SFTConfig
+from chatrlhf.data import as_conversations, load_records
+from chatrlhf.logger import read_metrics
+from chatrlhf.models import load_model
+from chatrlhf.trainers.sft import collate, n_targets, plan_batches, sft_forward, tokenize_all
+from conftest import EXAMPLES, run_cli, tiny_sft_args
+
+
+def tiny_items(name="tiny-random-llama", n=4):
+    model, tok = load_model(ModelArgs(model=name), trainable=True)
+    convs = as_conversations(load_records(EXAMPLES / "dialogue_history.csv"))[:n]
+    return model, tok, tokenize_all(tok, convs, SFTConfig(max_length=512))
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
+def test_micro_batches_times_accumulation_equal_one_big_batch(name):
+    model, tok, items = tiny_items(name)
+    big = collate(items, tok.pad_token_id, "cpu")
+    total = n_targets(big)
+    sft_forward(model, big, total)[0].backward()
+    g_big = grads(model)
+    model.zero_grad()
+    halves = [collate(items[:2], tok.pad_token_id, "cpu"), collate(items[2:], tok.pad_token_id, "cpu")]
+    assert sum(n_targets(h) for h in halves) == total
+    for h in halves:
+        sft_forward(model, h, total)[0].backward()
+    for a, b in zip(g_big, grads(model)):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_loss_matches_plain_transformers_loss_on_the_same_tokens():
+    model, tok, items = tiny_items(n=1)
+    batch = collate(items, tok.pad_token_id, "cpu")
+    ours, _ = sft_forward(model, batch, n_targets(batch))
+    ref = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss   # HF shifts and ignores -100
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_plan_batches_cover_everything_once_and_bucket_by_length():
+    lengths = [5, 100, 7, 98, 6, 99, 8, 97, 50, 51]
+    batches = plan_batches(lengths, 2, seed=1)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(10))
+    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert waste <= 8     # sorted buckets: neighbours differ by a few tokens
+    assert plan_batches(lengths, 2, seed=1) == batches and plan_batches(lengths, 2, seed=2) != batches
+
+
+def test_sft_cli_smoke(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*tiny_sft_args(EXAMPLES / "dialogue_history.csv", out, "--max-steps", "12", "--lr", "3e-3",
+                               "--batch-size", "4", "--grad-accum", "2", "--eval-steps", "6", "--save-steps", "6",
+                               "--warmup-ratio", "0.25",
+                               "--tensorboard"))
+    assert r.returncode == 0, r.stderr
+    metrics = read_metrics(out)
+    evals = [m["eval/loss"] for m in metrics if "eval/loss" in m]
+    assert len(evals) == 3 and evals[-1] < evals[0]                    # held-out loss goes down
+    train = [m for m in metrics if "train/loss" in m]
+    assert [m["step"] for m in train] == list(range(1, 13))
+    assert all(math.isfinite(m["train/loss"]) for m in train)
+    assert train[0]["train/lr"] < train[2]["train/lr"]                   # warm-up ...
+    assert train[-1]["train/lr"] < train[5]["train/lr"]                  # ... then cosine decay
+    assert all(0 <= m["train/pad_fraction"] < 0.5 for m in train)
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    summary = json.loads((out / "chatrlhf.json").read_text())
+    assert summary["steps"] == 12 and summary["eval_loss_end"] < summary["eval_loss_start"]
+    # the output loads with plain transformers, and every parameter tensor moved
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    init, _ = load_model(ModelArgs(model="tiny-random-llama"))
+    init_params = dict(init.named_parameters())
+    for name, p in trained.named_parameters():
+        assert not torch.equal(p, init_params[name]), f"{name} did not change"
+
+
+def test_sft_cli_lora(tmp_path):
+    out = tmp_path / "lora"
+    r = run_cli(*tiny_sft_args(EXAMPLES / "dialogue_history.csv", out, "--max-steps", "3", "--lora-r", "4",
+                               "--lr", "1e-2"))
+    assert r.returncode == 0, r.stderr
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(out)   # merged weights, loadable without peft
+
+
+@pytest.mark.parametrize("content,field,line", [
+    ('history,reply\n"User: hi",x\n', "responses", 2),
+    ('history,responses\n"User: hi",\n', "responses", 2),
+    ('history,responses\n"[{""role"": ""robot"", ""content"": ""x""}]",ok\n', "history", 2),
+])
+def test_sft_cli_bad_input_one_line_exit_2_no_output(tmp_path, content, field, line):
+    data = tmp_path / "bad.csv"
+    data.write_text(content)
+    out = tmp_path / "never"
+    r = run_cli(*tiny_sft_args(data, out, "--max-steps", "2", "--format", "dialogue_csv"))
+    assert r.returncode == 2
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{data}:{line}: field '{field}'" in err
+    assert not out.exists()
+
+
+def test_sft_cli_bad_json_and_utf8(tmp_path):
+    bad_json = tmp_path / "b.jsonl"
+    bad_json.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{oops\n')
+    r = run_cli(*tiny_sft_args(bad_json, tmp_path / "o1", "--max-steps", "1"))
+    assert r.returncode == 2 and f"{bad_json}:2: bad JSON" in r.stderr
+    bad_utf8 = tmp_path / "b.csv"
+    bad_utf8.write_bytes(b'history,responses\n"User: caf\xe9",ok\n')
+    r = run_cli(*tiny_sft_args(bad_utf8, tmp_path / "o2", "--max-steps", "1"))
+    assert r.returncode == 2 and f"{bad_utf8}:2: not valid UTF-8" in r.stderr
+    ends_on_user = tmp_path / "u.jsonl"
+    ends_on_user.write_text('{"messages": [{"role": "user", "content": "a"}]}\n')
+    r = run_cli(*tiny_sft_args(ends_on_user, tmp_path / "o3", "--max-steps", "1"))
+    assert r.returncode == 2 and f"{ends_on_user}:1: field 'messages': conversation ends on a user turn" in r.stderr
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_sft_cli_overlong_records_are_reported(tmp_path):
+    out = tmp_path / "o"
+    r = run_cli(*tiny_sft_args(EXAMPLES / "dialogue_history.csv", out, "--max-steps", "1", "--max-length", "120",
+                               "--overlong", "drop"))
+    assert r.returncode == 0, r.stderr
+    assert "over-long or empty record(s)" in r.stdout and "dropped" in r.stdout
+    assert "dialogue_history.csv:" in r.stdout
+
+
+def test_bad_flag_and_bad_model(tmp_path):
+    r = run_cli("sft", "--max-steps", "many")
+    assert r.returncode == 2 and "invalid int value" in r.stderr
+    r = run_cli(*tiny_sft_args(EXAMPLES / "dialogue_history.csv", tmp_path / "o", "--model", "nope"))
+    assert r.returncode == 2 and "--model nope" in r.stderr and "Traceback" not in r.stderr
