@@ -38,7 +38,8 @@ def run_ours(a) -> dict:
     out = tempfile.mkdtemp(prefix="bench-sft-ours-")
     cfg = SFTConfig(model=a.model, data=a.data, output_dir=out, max_steps=a.steps, batch_size=a.batch_size,
                     lr=2e-5, warmup_ratio=0.0, eval_fraction=0.0, eval_steps=10**9, save_steps=10**9,
-                    max_length=a.max_length, quiet=True, tensorboard=False, dtype=a.dtype, seed=0)
+                    max_length=a.max_length, quiet=True, tensorboard=False, dtype=a.dtype, seed=0,
+                    gradient_checkpointing=a.gradient_checkpointing)
     t0 = time.perf_counter()
     train(cfg, log=lambda *x: None)
     total = time.perf_counter() - t0
@@ -104,7 +105,8 @@ def run_trl(a) -> dict:
 
 def child(side: str, a) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
-           "--data", a.data, "--model", a.model, "--max-length", str(a.max_length), "--dtype", a.dtype]
+           "--data", a.data, "--model", a.model, "--max-length", str(a.max_length), "--dtype", a.dtype,
+           "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -120,6 +122,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="chatrlhf side only (TRL's SFTTrainer turns it on by default)")
     p.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.side:

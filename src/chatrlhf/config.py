@@ -62,6 +62,8 @@ class TrainArgs:
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     warmup_ratio: float = arg(0.1, "Fraction of steps of linear warm-up before cosine decay to 0.")
     max_grad_norm: float = arg(1.0, "Gradient clipping norm; 0 disables.")
+    gradient_checkpointing: bool = arg(True, "Recompute activations in the backward pass: a quarter "
+                                       "less peak memory on SmolLM2-135M for ~10% more time (TRL's default too).")
     seed: int = arg(0, "Random seed (data order, init, sampling).")
     save_steps: int = arg(50, "Checkpoint every N steps (and always at the end).")
     eval_steps: int = arg(50, "Held-out eval every N steps (and at start and end).")

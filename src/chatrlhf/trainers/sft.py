@@ -128,6 +128,8 @@ def train(cfg: SFTConfig, log=print) -> dict:
 
     model, tok = load_model(cfg, trainable=True, plain_template=cfg.no_chat_template)
     device = next(model.parameters()).device
+    if cfg.gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_items = tokenize_all(tok, train_convs, cfg, log)
     eval_items = tokenize_all(tok, eval_convs, cfg, log)
     if not train_items:
