@@ -37,7 +37,8 @@ def test_example_feedback_files_load():
     assert prefs.format == "preference"
     assert sum(p.tie for p in prefs.records) == 1 and sum(p.both_bad for p in prefs.records) == 1
     ratings = load_records(EXAMPLES / "ratings.jsonl")
-    assert {r.score for r in ratings.records} >= {1.0, 5.0, -1.0}
+    assert {r.score for r in ratings.records if r.scale == "stars"} >= {1.0, 5.0}
+    assert {(r.score, r.scale) for r in ratings.records if r.scale == "thumbs"} == {(1.0, "thumbs"), (-1.0, "thumbs")}
     corr = load_records(EXAMPLES / "corrections.jsonl")
     pref = corr.records[0].as_preference()
     assert pref.chosen == corr.records[0].corrected and pref.rejected == corr.records[0].response
@@ -191,8 +192,9 @@ def test_history_ending_on_assistant(write):
     assert_names(e.value, p, 2, "history")
 
 
-def test_rating_out_of_range(write):
-    p = write("r.jsonl", json.dumps({"prompt": "q", "response": "a", "score": 7}) + "\n")
+@pytest.mark.parametrize("score", [7, 0, -1, "meh"])
+def test_rating_out_of_range(write, score):
+    p = write("r.jsonl", json.dumps({"prompt": "q", "response": "a", "score": score}) + "\n")
     with pytest.raises(DataError) as e:
         load_records(p)
     assert_names(e.value, p, 1, "score")

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except ChatRLHFError as e:
         print(f"chatrlhf {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nchatrlhf {ns.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -82,6 +85,9 @@ def inspect(cfg: InspectConfig) -> int:
 
 def _threads() -> None:
     import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars and messages say what is going on
 
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))

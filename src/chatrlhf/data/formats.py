@@ -35,6 +35,7 @@ SIGNATURES = [  # (format, columns that must all be present), most specific firs
 REQUIRED = dict(SIGNATURES)
 PREFIX = re.compile(r"^\s*(user|human|assistant|system)\s*:\s?(.*)$", re.IGNORECASE)
 PREFIX_ROLE = {"user": "user", "human": "user", "assistant": "assistant", "system": "system"}
+THUMBS = {"up": 1.0, "down": -1.0, "👍": 1.0, "👎": -1.0, "thumbs_up": 1.0, "thumbs_down": -1.0}
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
@@ -240,12 +241,12 @@ def _preference(row, path, loc):
 
 def _rating(row, path, loc):
     raw = row.get("score")
-    score = {"up": 1.0, "down": -1.0, "👍": 1.0, "👎": -1.0}.get(str(raw).strip().lower()) \
-        if isinstance(raw, str) else None
-    score = _num(row, "score", path, loc, None) if score is None else score
-    if score is None or not (1 <= score <= 5 or score in (-1, 1)):
-        raise DataError(path, loc, "score", f"out of range: {raw!r}", "use 1–5, or thumbs as -1/1 (or up/down)")
+    thumbs = THUMBS.get(str(raw).strip().lower()) if isinstance(raw, str) else None
+    score = _num(row, "score", path, loc, None) if thumbs is None else thumbs
+    if score is None or not (thumbs is not None or 1 <= score <= 5):
+        raise DataError(path, loc, "score", f"out of range: {raw!r}", "use 1–5, or thumbs as up/down")
     yield Rating(_prompt(row, path, loc), _text(row, "response", path, loc), score,
+                 scale="thumbs" if thumbs is not None else "stars",
                  annotator=str(row.get("annotator") or ""), weight=_num(row, "weight", path, loc, 1.0),
                  round=int(_num(row, "round", path, loc, 0)), where=f"{path}:{loc}")
 

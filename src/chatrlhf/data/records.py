@@ -43,7 +43,8 @@ class Preference:
 class Rating:
     prompt: list[Message]
     response: str
-    score: float
+    score: float  # 1–5 on the "stars" scale; +1 / -1 on the "thumbs" scale
+    scale: str = "stars"  # stars | thumbs — scores are compared only within one scale
     annotator: str = ""
     weight: float = 1.0
     round: int = 0
