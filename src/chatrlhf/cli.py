@@ -9,10 +9,12 @@ import os
 import sys
 
 from chatrlhf import __version__
-from chatrlhf.config import ChatConfig, GenerateConfig, InspectConfig, SFTConfig, add_dataclass_args, build_config
+from chatrlhf.config import ChatConfig, GenerateConfig, InspectConfig, RewardEvalConfig, RewardScoreConfig, \
+    RewardTrainConfig, SFTConfig, add_dataclass_args, build_config
 from chatrlhf.errors import ChatRLHFError
 
 COMMANDS = {"sft": SFTConfig, "chat": ChatConfig, "generate": GenerateConfig}
+REWARD = {"train": RewardTrainConfig, "eval": RewardEvalConfig, "score": RewardScoreConfig}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,6 +24,11 @@ def parser() -> argparse.ArgumentParser:
     for name, cls in COMMANDS.items():
         add_dataclass_args(sub.add_parser(name, help=cls.__doc__.strip().split(":", 1)[1].strip(),
                                           description=cls.__doc__), cls)
+    reward = sub.add_parser("reward", help="Train, evaluate and use a reward model.").add_subparsers(
+        dest="subcommand", required=True, metavar="SUBCOMMAND")
+    for name, cls in REWARD.items():
+        add_dataclass_args(reward.add_parser(name, help=cls.__doc__.split(":", 1)[1].strip(),
+                                             description=cls.__doc__), cls)
     data = sub.add_parser("data", help="Look at data files.").add_subparsers(dest="subcommand", required=True,
                                                                              metavar="SUBCOMMAND")
     add_dataclass_args(data.add_parser("inspect", help="Format, counts, token lengths and problems of a file.",
@@ -46,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 def run(ns: argparse.Namespace) -> int:
     if ns.command == "data":
         return inspect(build_config(InspectConfig, ns, ns.config))
+    if ns.command == "reward":
+        _threads()
+        from chatrlhf import reward_cli
+
+        return reward_cli.run(ns.subcommand, build_config(REWARD[ns.subcommand], ns, ns.config))
     cfg = build_config(COMMANDS[ns.command], ns, ns.config)
     _threads()
     if ns.command == "sft":

@@ -84,6 +84,46 @@ class SFTConfig(LogArgs, TrainArgs, DataArgs, ModelArgs):
 
 
 @dataclass
+class RewardTrainConfig(LogArgs, TrainArgs, DataArgs, ModelArgs):
+    """`chatrlhf reward train`: a reward model from preferences, ratings and corrections."""
+    data: str = arg("examples/preferences.jsonl,examples/ratings.jsonl,examples/corrections.jsonl",
+                    "Feedback files, comma-separated: preferences, ratings and corrections mix freely.")
+    output_dir: str = arg("out/reward", "Where the reward model, eval.json and plots go.")
+    lr: float = arg(1e-5, "Peak learning rate, annealed linearly to 0 (RL_DETAILS item 11).")
+    warmup_ratio: float = arg(0.0, "Fraction of steps of linear warm-up.")
+    source_weights: str = arg("preference=1,rating=1,correction=1",
+                              "Per-source weight multiplied into each pair's own weight; 0 drops a source.")
+    ties: str = arg("train", "Tie pairs: train toward equal scores, or drop.", ("train", "drop"))
+    both_bad: str = arg("tie", "Both-bad pairs: train as ties, or drop (counted either way).", ("tie", "drop"))
+    margin: bool = arg(True, "Use each pair's margin field in the loss (Llama 2 margin loss).")
+    norm_data: str = arg("", "Replies to fit the score normalisation on (mean 0, std 1): a file of "
+                         "{prompt, response} rows such as `chatrlhf generate` output from the SFT policy. "
+                         "Empty = the training replies.")
+    min_accuracy: float = arg(0.55, "Gate: lowest held-out accuracy that RL will accept.")
+    max_length_corr: float = arg(0.8, "Gate: highest |correlation| of score with reply length RL will accept.")
+
+
+@dataclass
+class RewardEvalConfig(ModelArgs):
+    """`chatrlhf reward eval`: held-out accuracy, calibration, length bias, plots and the gate verdict."""
+    data: str = arg("examples/preferences.jsonl", "Held-out feedback files, comma-separated.")
+    format: str = arg("auto", "Force the record format instead of detecting it.", FORMATS)
+    batch_size: int = arg(16, "Pairs per forward pass.")
+    max_length: int = arg(512, "Maximum tokens per prompt + reply (the start of long prompts is cut).")
+    min_accuracy: float = arg(0.55, "Gate: lowest held-out accuracy that RL will accept.")
+    max_length_corr: float = arg(0.8, "Gate: highest |correlation| of score with reply length RL will accept.")
+
+
+@dataclass
+class RewardScoreConfig(ModelArgs):
+    """`chatrlhf reward score`: score (prompt, response) rows, batched."""
+    data: str = arg("", "File of rows with 'prompt' (or 'messages') and 'response'.")
+    out: str = arg("", "Output JSONL: the input rows with a 'score' (normalised) added.")
+    batch_size: int = arg(16, "Replies per forward pass.")
+    max_length: int = arg(512, "Maximum tokens per prompt + reply (the start of long prompts is cut).")
+
+
+@dataclass
 class GenerateArgs:
     """Decoding settings. Defaults are the seed's deployment settings."""
     max_new_tokens: int = arg(128, "Maximum new tokens per reply.")

@@ -262,3 +262,54 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+# --------------------------------------------------------------------------- reward models
+
+
+def load_reward_model(args: ModelArgs, trainable: bool = False):
+    """(model, tokenizer): an AutoModelForSequenceClassification with one output, read at the last
+    non-pad token. From a reward-model folder it loads as saved; from any causal LM (embedded, folder,
+    GGUF, tiny) it takes the trunk and a fresh head, initialised N(0, 1/√(d+1)) (RL_DETAILS item 9).
+    Normalisation (gain, bias) lives in ``config.chatrlhf_reward_norm`` and is applied by
+    :func:`reward_scores`, not by the raw model."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    device = resolve_device(args.device)
+    where = resolve_model(args.model)
+    tok = load_tokenizer(args.model)
+    if where in TINY:
+        causal = tiny_model(where, tok)
+        cfg = causal.config
+        cfg.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(cfg)
+        model.load_state_dict(causal.state_dict(), strict=False)
+        fresh = True
+    else:
+        cfg = AutoConfig.from_pretrained(where)
+        fresh = not any(a.endswith("ForSequenceClassification") for a in cfg.architectures or [])
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=1, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--model {args.model}: cannot load as a reward model ({e})",
+                             "use a causal LM or a chatrlhf reward model folder") from None
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        _distinct_pad(tok, model)
+    model.config.pad_token_id = tok.pad_token_id
+    if fresh:
+        head = model.score  # the head of every *ForSequenceClassification causal LM in transformers
+        d = head.weight.shape[1]
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            torch.nn.init.normal_(head.weight, std=1 / (d + 1) ** 0.5)
+        if getattr(head, "bias", None) is not None:
+            torch.nn.init.zeros_(head.bias)
+        model.config.chatrlhf_reward_norm = {"gain": 1.0, "bias": 0.0}
+    _no_dropout(model)
+    model.to(device).train(trainable)
+    return model, tok
+
+
+def reward_norm(model) -> tuple[float, float]:
+    norm = getattr(model.config, "chatrlhf_reward_norm", None) or {"gain": 1.0, "bias": 0.0}
+    return float(norm["gain"]), float(norm["bias"])

@@ -1,0 +1,77 @@
+"""Preference pairs for reward-model training from the three kinds of human feedback.
+
+* Preferences are used as they are. ``tie`` pairs train toward equal scores (or are dropped with
+  ``ties="drop"``); ``both_bad`` pairs are kept and train as ties by default — "neither is good"
+  says nothing about which is better — or are dropped with ``both_bad="drop"``. Either way they are
+  counted, never silently lost.
+* Ratings become pairs: for one prompt and one scale (1–5 stars, or thumbs), every two replies with
+  different scores make a pair, the higher-rated one chosen; equal scores make no pair. Pair weight
+  is the mean of the two ratings' weights. (We chose pairs over a regression on the normalised score:
+  annotators' absolute levels drift, their orderings agree far better, and pairs share the
+  Bradley–Terry loss with the other sources.)
+* Corrections: the corrected reply is preferred to the original.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from itertools import combinations
+
+from chatrlhf.data.records import Correction, Preference, Rating, prompt_key
+
+
+def rating_pairs(ratings: list[Rating]) -> list[Preference]:
+    groups: dict[tuple[str, str], list[Rating]] = {}
+    for r in ratings:
+        groups.setdefault((prompt_key(r.prompt), r.scale), []).append(r)
+    pairs = []
+    for group in groups.values():
+        for a, b in combinations(group, 2):
+            if a.score == b.score or a.response.strip() == b.response.strip():
+                continue
+            hi, lo = (a, b) if a.score > b.score else (b, a)
+            pairs.append(Preference(hi.prompt, hi.response, lo.response, weight=(hi.weight + lo.weight) / 2,
+                                    annotator=hi.annotator if hi.annotator == lo.annotator else "",
+                                    round=max(hi.round, lo.round), source="rating", where=f"{hi.where} + {lo.where}"))
+    return pairs
+
+
+def build_pairs(records: list, source_weights: dict[str, float] | None = None, ties: str = "train",
+                both_bad: str = "tie") -> tuple[list[Preference], Counter]:
+    """All records as weighted preference pairs, and counts of what was used or dropped."""
+    weights = source_weights or {}
+    counts: Counter = Counter()
+    pairs: list[Preference] = []
+    ratings = [r for r in records if isinstance(r, Rating)]
+    for r in records:
+        if isinstance(r, Correction):
+            pairs.append(r.as_preference())
+        elif isinstance(r, Preference):
+            pairs.append(replace(r, source=r.source or "preference"))
+    pairs += rating_pairs(ratings)
+    out = []
+    for p in pairs:
+        kind = "correction" if p.source == "correction" else "rating" if p.source == "rating" else "preference"
+        if p.both_bad:
+            counts["both_bad"] += 1
+            if both_bad == "drop":
+                counts["dropped_both_bad"] += 1
+                continue
+            p = replace(p, tie=True)
+        elif p.tie:
+            counts["ties"] += 1
+            if ties == "drop":
+                counts["dropped_ties"] += 1
+                continue
+        w = p.weight * weights.get(kind, 1.0)
+        if w <= 0:
+            counts[f"dropped_{kind}_weight0"] += 1
+            continue
+        counts[kind] += 1
+        out.append(replace(p, weight=w, source=p.source or kind))
+    return out, counts
+
+
+def source_of(p: Preference) -> str:
+    return "correction" if p.source == "correction" else "rating" if p.source == "rating" else "preference"

@@ -1,0 +1,1 @@
+"""Evaluation: metrics against human references and preferences, reports."""

@@ -1,0 +1,35 @@
+"""Metrics as pure functions on arrays (numpy), each with a hand-computed test."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def expected_calibration_error(p: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> float:
+    """ECE (Guo et al. 2017): Σ_b |B_b|/N · |accuracy(B_b) − confidence(B_b)| over equal-width bins of
+    the confidence p ∈ [0, 1]. For a reward model, p = σ(r_chosen − r_rejected) is the predicted
+    probability that the human choice is the chosen one, and ``correct`` is 1 (the human chose it) —
+    so we fold to confidence max(p, 1−p) and correctness (p > 0.5)."""
+    p = np.asarray(p, dtype=float)
+    correct = np.asarray(correct, dtype=float)
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - p[sel].mean())
+    return float(ece)
+
+
+def pairwise_ece(margins: np.ndarray, n_bins: int = 10) -> float:
+    """ECE of a reward model on held-out pairs from r_chosen − r_rejected."""
+    p = 1 / (1 + np.exp(-np.asarray(margins, dtype=float)))
+    conf = np.maximum(p, 1 - p)
+    return expected_calibration_error(conf, (p > 0.5).astype(float), n_bins)
+
+
+def pearson(x, y) -> float:
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])

@@ -1,0 +1,168 @@
+"""Reward model: hand-computed losses and metrics, pair construction, smoke runs and the gate."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from chatrlhf import losses
+from chatrlhf.config import ModelArgs
+from chatrlhf.data.pairs import build_pairs, rating_pairs
+from chatrlhf.data.records import Correction, Preference, Rating
+from chatrlhf.evaluate.metrics import expected_calibration_error, pairwise_ece
+from chatrlhf.evaluate.reward_eval import check_gate
+from chatrlhf.models import load_reward_model, reward_norm
+from chatrlhf.rewards import pad_right, raw_scores, reward_scores
+from conftest import EXAMPLES, run_cli
+
+Q = [{"role": "user", "content": "q"}]
+sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+
+
+def test_bradley_terry_hand_computed():
+    c, r = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    loss, m = losses.bradley_terry_loss(c, r)
+    want = (-math.log(sig(1.0)) - math.log(sig(-2.0))) / 2
+    assert math.isclose(float(loss), want, rel_tol=1e-6)
+    assert float(m["reward/accuracy"]) == 0.5 and math.isclose(float(m["reward/margin"]), -0.5)
+
+
+def test_bradley_terry_margin_and_weight():
+    c, r = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    loss, _ = losses.bradley_terry_loss(c, r, margin=torch.tensor([0.5, 1.0]), weight=torch.tensor([3.0, 1.0]))
+    want = (3 * -math.log(sig(1.0 - 0.5)) + 1 * -math.log(sig(-2.0 - 1.0))) / 4
+    assert math.isclose(float(loss), want, rel_tol=1e-6)
+
+
+def test_tie_pulls_toward_equal_scores():
+    d = torch.tensor([0.0, 2.0], requires_grad=True)
+    loss, m = losses.bradley_terry_loss(d, torch.zeros(2), tie=torch.tensor([True, True]))
+    want = (math.log(2) + -0.5 * (math.log(sig(2.0)) + math.log(sig(-2.0)))) / 2
+    assert math.isclose(float(loss.detach()), want, rel_tol=1e-6)
+    loss.backward()
+    assert d.grad[0] == 0 and d.grad[1] > 0      # minimal at equal scores; a gap is pushed back
+    assert float(m["reward/accuracy"]) == 0       # ties are not counted as decided pairs
+
+
+def test_rating_pairs_from_different_scores_of_one_prompt():
+    ratings = [Rating(Q, "a", 5, weight=1.0), Rating(Q, "b", 3, weight=0.5), Rating(Q, "c", 3),
+               Rating([{"role": "user", "content": "other"}], "d", 1),
+               Rating(Q, "e", 1.0, scale="thumbs"), Rating(Q, "f", -1.0, scale="thumbs")]
+    pairs = rating_pairs(ratings)
+    got = sorted((p.chosen, p.rejected, p.weight) for p in pairs)
+    # stars: a>b, a>c (b=c makes no pair); the other prompt has one rating; thumbs: e>f, never mixed with stars
+    assert got == [("a", "b", 0.75), ("a", "c", 1.0), ("e", "f", 1.0)]
+    assert all(p.source == "rating" for p in pairs)
+
+
+def test_build_pairs_corrections_ties_both_bad_and_source_weights():
+    recs = [Correction(Q, "bad", "good"), Preference(Q, "x", "y", tie=True), Preference(Q, "u", "v", both_bad=True),
+            Preference(Q, "c", "r", weight=2.0)]
+    pairs, counts = build_pairs(recs, {"preference": 0.5})
+    corr = [p for p in pairs if p.source == "correction"][0]
+    assert (corr.chosen, corr.rejected, corr.weight) == ("good", "bad", 1.0)
+    assert counts["ties"] == 1 and counts["both_bad"] == 1
+    both_bad = [p for p in pairs if p.chosen == "u"][0]
+    assert both_bad.tie                                    # kept, trained as a tie
+    assert [p.weight for p in pairs if p.chosen == "c"] == [1.0]   # 2.0 × preference weight 0.5
+    dropped, counts = build_pairs(recs, ties="drop", both_bad="drop")
+    assert len(dropped) == 2 and counts["dropped_ties"] == 1 and counts["dropped_both_bad"] == 1
+
+
+def test_ece_tiny_case():
+    # bin [0.6,0.7): p=0.6,0.6 both correct -> |1-0.6|=0.4, weight 2/4; bin [0.9,1]: p=0.9 correct, p=0.9 wrong
+    # -> |0.5-0.9| = 0.4, weight 2/4. ECE = 0.4
+    assert math.isclose(expected_calibration_error(np.array([0.6, 0.6, 0.9, 0.9]), np.array([1, 1, 1, 0])), 0.4)
+    # a perfectly calibrated model: confidence 0.75, right 3 times out of 4
+    assert math.isclose(expected_calibration_error(np.full(4, 0.75), np.array([1, 1, 1, 0])), 0.0)
+    # pairwise: margins ±ln 3 give confidence 0.75; 3 of 4 positive -> accuracy 0.75 -> calibrated
+    assert math.isclose(pairwise_ece(np.array([1, 1, 1, -1]) * math.log(3)), 0.0, abs_tol=1e-9)
+    # all four right at confidence 0.75: under-confident by 0.25
+    assert math.isclose(pairwise_ece(np.ones(4) * math.log(3)), 0.25, abs_tol=1e-9)
+
+
+def test_head_init_and_last_token_score_matches_transformers():
+    model, tok = load_reward_model(ModelArgs(model="tiny-random-llama"))
+    w = model.score.weight
+    d = w.shape[1]
+    assert abs(float(w.std()) - 1 / math.sqrt(d + 1)) < 0.05
+    seqs = [tok("a short one")["input_ids"], tok("a somewhat longer reply here")["input_ids"]]
+    batch = pad_right(seqs, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        ours = raw_scores(model, batch)
+        theirs = model(**batch).logits.squeeze(-1)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_reward_model_may_use_another_tokenizer_than_the_policy():
+    # the policy (tiny llama, ChatML) wrote replies; a GPT-2-style RM with its own template re-tokenises text
+    policy_tok = load_reward_model(ModelArgs(model="tiny-random-llama"))[1]
+    rm, rm_tok = load_reward_model(ModelArgs(model="tiny-random-gpt2"))
+    assert rm_tok.chat_template != policy_tok.chat_template
+    reply_ids = policy_tok("It ships today.")["input_ids"]
+    reply = policy_tok.decode(reply_ids)
+    s = reward_scores(rm, rm_tok, [Q, Q], [reply, "It ships today."])
+    assert s[0] == pytest.approx(s[1], abs=1e-6)
+
+
+def train_tiny(tmp_path, *extra):
+    out = tmp_path / "rm"
+    r = run_cli("reward", "train", "--model", "tiny-random-llama", "--output-dir", out, "--quiet", "--no-tensorboard",
+                "--data", f"{EXAMPLES / 'preferences.jsonl'},{EXAMPLES / 'ratings.jsonl'},{EXAMPLES / 'corrections.jsonl'}",
+                *extra)
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_reward_train_smoke_every_parameter_changes_and_norm_is_fitted(tmp_path):
+    out, r = train_tiny(tmp_path, "--epochs", "2", "--batch-size", "4", "--lr", "1e-3")
+    trained = AutoModelForSequenceClassification.from_pretrained(out)   # plain transformers loads it
+    init, _ = load_reward_model(ModelArgs(model="tiny-random-llama"))
+    before = dict(init.named_parameters())
+    for name, p in trained.named_parameters():
+        assert not torch.equal(p, before[name]), f"{name} did not change"
+    gain, bias = reward_norm(trained)
+    assert gain > 0 and gain != 1.0
+    # normalisation: the training replies (the default reference set) score mean 0, std 1
+    from chatrlhf.config import RewardTrainConfig
+    from chatrlhf.data import split_by_prompt
+    from chatrlhf.trainers.reward import load_pairs
+
+    cfg = RewardTrainConfig(data=f"{EXAMPLES / 'preferences.jsonl'},{EXAMPLES / 'ratings.jsonl'},"
+                                 f"{EXAMPLES / 'corrections.jsonl'}")
+    train_pairs, _ = split_by_prompt(load_pairs(cfg)[0], cfg.eval_fraction, cfg.seed)
+    model, tok = load_reward_model(ModelArgs(model=str(out)))
+    s = np.array(reward_scores(model, tok, [p.prompt for p in train_pairs for _ in (0, 1)],
+                               [x for p in train_pairs for x in (p.chosen, p.rejected)]))
+    assert abs(s.mean()) < 1e-4 and abs(s.std() - 1) < 1e-4
+    report = json.loads((out / "eval.json").read_text())
+    assert {"accuracy", "ece", "length_corr", "per_source", "chosen_score", "gate"} <= set(report)
+    assert (out / "eval.png").stat().st_size > 1000
+
+
+def test_gate_refuses_a_random_model(tmp_path):
+    out, r = train_tiny(tmp_path, "--max-steps", "1", "--lr", "0", "--min-accuracy", "0.99")
+    reasons = check_gate(out)
+    assert reasons and "below 0.99" in reasons[0]
+    assert "gate: FAILED" in r.stdout
+    assert check_gate(tmp_path / "nowhere")[0].endswith("(run `chatrlhf reward eval`)")
+
+
+def test_reward_score_and_eval_cli(tmp_path):
+    out, _ = train_tiny(tmp_path, "--max-steps", "2")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "Where is my order?", "response": "It ships today."}\n'
+                    '{"prompt": "Where is my order?", "response": "No idea."}\n')
+    scored = tmp_path / "scored.jsonl"
+    r = run_cli("reward", "score", "--model", out, "--data", rows, "--out", scored)
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(x) for x in scored.read_text().splitlines()]
+    assert len(got) == 2 and all(isinstance(x["score"], float) for x in got)
+    r = run_cli("reward", "eval", "--model", out, "--data", EXAMPLES / "preferences.jsonl")
+    assert r.returncode == 0, r.stderr and "held-out accuracy" in r.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q"}\n')
+    r = run_cli("reward", "score", "--model", out, "--data", bad, "--out", tmp_path / "x.jsonl")
+    assert r.returncode == 2 and f"{bad}:1: field 'response': missing column" in r.stderr
