@@ -166,3 +166,25 @@ def test_reward_score_and_eval_cli(tmp_path):
     bad.write_text('{"prompt": "q"}\n')
     r = run_cli("reward", "score", "--model", out, "--data", bad, "--out", tmp_path / "x.jsonl")
     assert r.returncode == 2 and f"{bad}:1: field 'response': missing column" in r.stderr
+
+
+def test_identical_pairs_are_reported_and_skipped(tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "same", "rejected": "same"}\n'
+                    '{"prompt": "q2", "chosen": "good", "rejected": "bad"}\n'
+                    '{"prompt": "q3", "chosen": "fine", "rejected": "poor"}\n')
+    r = run_cli("reward", "train", "--model", "tiny-random-gpt2", "--data", data, "--output-dir", tmp_path / "rm",
+                "--quiet", "--no-tensorboard", "--eval-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    assert f"{data}:1: chosen and rejected are identical: skipped" in r.stdout
+    assert "2 train / 0 held-out pairs" in r.stdout
+
+
+def test_reward_bad_input_names_file_line_field(tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "", "rejected": "b"}\n')
+    r = run_cli("reward", "train", "--model", "tiny-random-gpt2", "--data", data, "--output-dir", tmp_path / "rm")
+    assert r.returncode == 2 and f"{data}:2: field 'chosen': empty reply" in r.stderr
+    assert not (tmp_path / "rm").exists()
+    r = run_cli("reward", "train", "--model", "tiny-random-gpt2", "--data", data, "--source-weights", "votes=2")
+    assert r.returncode == 2 and "--source-weights: bad entry 'votes=2'" in r.stderr

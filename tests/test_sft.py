@@ -10,7 +10,8 @@ from chatrlhf.config import ModelArgs, SFTConfig
 from chatrlhf.data import as_conversations, load_records
 from chatrlhf.logger import read_metrics
 from chatrlhf.models import load_model
-from chatrlhf.trainers.sft import collate, n_targets, plan_batches, sft_forward, tokenize_all
+from chatrlhf.trainers.common import plan_batches
+from chatrlhf.trainers.sft import collate, n_targets, sft_forward, tokenize_all
 from conftest import EXAMPLES, run_cli, tiny_sft_args
 
 

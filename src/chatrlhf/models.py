@@ -313,3 +313,19 @@ def load_reward_model(args: ModelArgs, trainable: bool = False):
 def reward_norm(model) -> tuple[float, float]:
     norm = getattr(model.config, "chatrlhf_reward_norm", None) or {"gain": 1.0, "bias": 0.0}
     return float(norm["gain"]), float(norm["bias"])
+
+
+def train_top_layers(model, n: int) -> None:
+    """Freeze the embeddings and all but the top ``n`` transformer blocks (n < 0: train everything).
+    Frozen blocks then record no autograd graph at all — no saved activations, no backward — because
+    nothing below them requires grad."""
+    if n < 0:
+        return
+    base = unwrap(model).base_model
+    blocks = getattr(base, "layers", None) or getattr(base, "h", None)
+    if blocks is None:
+        raise UsageError("--train-layers: cannot find the transformer blocks of this model", "use --train-layers -1")
+    for module in [base.get_input_embeddings(), getattr(base, "wpe", None), *blocks[:max(len(blocks) - n, 0)]]:
+        if module is not None:
+            for p in module.parameters():
+                p.requires_grad_(False)

@@ -108,6 +108,18 @@ class StopFlag:
         return False
 
 
+def plan_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Length-bucketed batches: shuffle, sort within windows of 50 batches, shuffle the batches."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    window = batch_size * 50
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
+        batches += [list(map(int, chunk[i:i + batch_size])) for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def progress_bar(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn

@@ -29,9 +29,9 @@ from chatrlhf.data.readers import read_rows
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.reward_eval import evaluate_pairs, verdict, write_report
 from chatrlhf.logger import MetricsLogger
-from chatrlhf.models import autocast, count_parameters, load_reward_model, save_model
+from chatrlhf.models import autocast, count_parameters, load_reward_model, save_model, train_top_layers
 from chatrlhf.rewards import encode_reply, pad_right, raw_scores, reward_scores
-from chatrlhf.trainers.common import StopFlag, progress_bar, seed_everything
+from chatrlhf.trainers.common import StopFlag, plan_batches, progress_bar, seed_everything
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -47,10 +47,15 @@ def parse_weights(text: str) -> dict[str, float]:
     return out
 
 
-def load_pairs(cfg: RewardTrainConfig):
+def load_pairs(cfg: RewardTrainConfig, log=print):
     records = []
     for path in filter(None, (x.strip() for x in cfg.data.split(","))):
-        records += load_records(path, cfg.format).records
+        loaded = load_records(path, cfg.format)
+        records += loaded.records
+        for p in loaded.problems[:10]:
+            log(f"chatrlhf reward: {p.where}: {p.message}")
+        if len(loaded.problems) > 10:
+            log(f"chatrlhf reward: … and {len(loaded.problems) - 10} more problems in {path}")
     pairs, counts = build_pairs(records, parse_weights(cfg.source_weights), cfg.ties, cfg.both_bad)
     if not pairs:
         raise UsageError(f"--data {cfg.data}: no preference pairs", "give preferences, ratings or corrections")
@@ -72,10 +77,14 @@ def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs) -> dict:
             "reference": cfg.norm_data or "training replies"}
 
 
-def pair_batch(tok, pairs, max_length: int, device) -> dict:
-    seqs = [encode_reply(tok, p.prompt, p.chosen, max_length) for p in pairs]
-    seqs += [encode_reply(tok, p.prompt, p.rejected, max_length) for p in pairs]
-    batch = pad_right(seqs, tok.pad_token_id, device)
+def encode_pairs(tok, pairs, max_length: int) -> list[tuple[list[int], list[int]]]:
+    return [(encode_reply(tok, p.prompt, p.chosen, max_length), encode_reply(tok, p.prompt, p.rejected, max_length))
+            for p in pairs]
+
+
+def pair_batch(encoded, pairs, pad_id: int, device) -> dict:
+    """Chosen then rejected replies as one right-padded batch of 2B sequences (one forward pass)."""
+    batch = pad_right([c for c, _ in encoded] + [r for _, r in encoded], pad_id, device)
     batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32, device=device)
     batch["tie"] = torch.tensor([p.tie for p in pairs], dtype=torch.bool, device=device)
     batch["weight"] = torch.tensor([p.weight for p in pairs], dtype=torch.float32, device=device)
@@ -85,10 +94,11 @@ def pair_batch(tok, pairs, max_length: int, device) -> dict:
 def train(cfg: RewardTrainConfig, log=print) -> dict:
     out = Path(cfg.output_dir)
     seed_everything(cfg.seed)
-    pairs, counts = load_pairs(cfg)
+    pairs, counts = load_pairs(cfg, log)
     train_pairs, eval_pairs = split_by_prompt(pairs, cfg.eval_fraction, cfg.seed)
     model, tok = load_reward_model(cfg, trainable=True)
     device = next(model.parameters()).device
+    train_top_layers(model, cfg.train_layers)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_batches = math.ceil(len(train_pairs) / cfg.batch_size)
@@ -102,22 +112,24 @@ def train(cfg: RewardTrainConfig, log=print) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     logger = MetricsLogger(out, cfg.tensorboard)
     logger.config(cfg)
-    rng = np.random.default_rng(cfg.seed)
-    order: list[int] = []
+    encoded = encode_pairs(tok, train_pairs, cfg.max_length)
+    lengths = [max(len(c), len(r)) for c, r in encoded]
+    micro_batch = 0
+
+    def next_chunk() -> list[int]:
+        nonlocal micro_batch
+        epoch, idx = divmod(micro_batch, n_batches)
+        micro_batch += 1
+        return plan_batches(lengths, cfg.batch_size, cfg.seed + epoch)[idx]  # length-bucketed: little padding
     with StopFlag() as stop, progress_bar(cfg.quiet) as bar:
         task = bar.add_task("reward", total=total_steps, info="")
         for step in range(1, total_steps + 1):
             t0 = time.perf_counter()
-            chunks = []
-            for _ in range(cfg.grad_accum):
-                if len(order) < cfg.batch_size:
-                    order += rng.permutation(len(train_pairs)).tolist()
-                chunks.append([train_pairs[i] for i in order[:cfg.batch_size]])
-                del order[:cfg.batch_size]
-            total_weight = sum(p.weight for c in chunks for p in c)
+            chunks = [next_chunk() for _ in range(cfg.grad_accum)]
+            total_weight = sum(train_pairs[i].weight for c in chunks for i in c)
             stats = {"loss/bt": 0.0, "reward/accuracy": 0.0, "reward/margin": 0.0}
             for chunk in chunks:
-                batch = pair_batch(tok, chunk, cfg.max_length, device)
+                batch = pair_batch([encoded[i] for i in chunk], [train_pairs[i] for i in chunk], tok.pad_token_id, device)
                 with autocast(cfg.dtype, device):
                     scores = raw_scores(model, {k: batch[k] for k in ("input_ids", "attention_mask")})
                 n = len(chunk)

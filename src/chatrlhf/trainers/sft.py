@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from chatrlhf import losses
@@ -29,8 +28,8 @@ from chatrlhf.data.template import IGNORE, Tokenized, tokenize_conversation
 from chatrlhf.errors import UsageError
 from chatrlhf.logger import MetricsLogger
 from chatrlhf.models import autocast, count_parameters, load_model, save_model, unwrap
-from chatrlhf.trainers.common import StopFlag, checkpoints, load_checkpoint, progress_bar, save_checkpoint, \
-    seed_everything
+from chatrlhf.trainers.common import StopFlag, checkpoints, load_checkpoint, plan_batches, progress_bar, \
+    save_checkpoint, seed_everything
 
 
 # --------------------------------------------------------------------------- data
@@ -54,18 +53,6 @@ def tokenize_all(tok, conversations, cfg: SFTConfig, log=print) -> list[Tokenize
         if len(problems) > 10:
             log(f"  … and {len(problems) - 10} more")
     return out
-
-
-def plan_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
-    """Length-bucketed batches: shuffle, sort within windows of 50 batches, shuffle the batches."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(lengths))
-    window = batch_size * 50
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
-        batches += [list(map(int, chunk[i:i + batch_size])) for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def collate(items: list[Tokenized], pad_id: int, device) -> dict:
