@@ -66,17 +66,21 @@ def run_ours(a) -> dict:
                             for p in train_pairs))
     cfg = RewardTrainConfig(model="smollm2-135m", data=str(data), output_dir=str(tmp / "rm"), batch_size=8, epochs=1,
                             lr=1e-5, eval_fraction=0.0, quiet=True, tensorboard=False, dtype="float32", seed=0,
-                            train_layers=a.train_layers)
+                            train_layers=a.train_layers, gradient_checkpointing=a.gradient_checkpointing)
     t0 = time.perf_counter()
     train(cfg, log=lambda *x: None)
     wall = time.perf_counter() - t0
+    peak_train = peak_rss_gb()
+    import gc
+
+    gc.collect()
     steps = [m for m in read_metrics(cfg.output_dir) if "train/pairs_per_s" in m][1:]
     pairs_per_s = len(steps) * 8 / sum(8 / m["train/pairs_per_s"] for m in steps)
     from chatrlhf.config import ModelArgs
     from chatrlhf.models import load_reward_model
 
     model, tok = load_reward_model(ModelArgs(model=cfg.output_dir))
-    return {"pairs_per_s": pairs_per_s, "peak_rss_gb": peak_rss_gb(), "wall_s": wall,
+    return {"pairs_per_s": pairs_per_s, "peak_rss_gb": peak_rss_gb(), "peak_rss_train_gb": peak_train, "wall_s": wall,
             "held_out_accuracy": accuracy(model, tok, eval_pairs)}
 
 
@@ -123,7 +127,8 @@ def run_trl(a) -> dict:
 
 def child(side: str, a) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--train-pairs", str(a.train_pairs), "--eval-pairs",
-           str(a.eval_pairs), "--train-layers", str(a.train_layers)]
+           str(a.eval_pairs), "--train-layers", str(a.train_layers),
+           "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -136,6 +141,8 @@ def main() -> None:
     p.add_argument("--train-pairs", type=int, default=64)
     p.add_argument("--eval-pairs", type=int, default=150)
     p.add_argument("--train-layers", type=int, default=-1, help="chatrlhf side: train only the top N blocks")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="chatrlhf side (TRL's RewardTrainer turns it on by default)")
     p.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if not HH.is_file():

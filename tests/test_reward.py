@@ -188,3 +188,16 @@ def test_reward_bad_input_names_file_line_field(tmp_path):
     assert not (tmp_path / "rm").exists()
     r = run_cli("reward", "train", "--model", "tiny-random-gpt2", "--data", data, "--source-weights", "votes=2")
     assert r.returncode == 2 and "--source-weights: bad entry 'votes=2'" in r.stderr
+
+
+def test_train_top_layers_freezes_embeddings_and_lower_blocks():
+    from chatrlhf.models import train_top_layers
+
+    model, _ = load_reward_model(ModelArgs(model="tiny-random-llama"), trainable=True)
+    train_top_layers(model, 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.layers.1.", "model.norm", "score")) for n in trainable)
+    assert any(n.startswith("score") for n in trainable)
+    full, _ = load_reward_model(ModelArgs(model="tiny-random-gpt2"), trainable=True)
+    train_top_layers(full, -1)
+    assert all(p.requires_grad for p in full.parameters())

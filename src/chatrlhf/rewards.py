@@ -29,7 +29,7 @@ def pad_right(seqs: list[list[int]], pad_id: int, device) -> dict:
 
 def raw_scores(model, batch: dict) -> torch.Tensor:
     """(B,) scores at the last non-pad token (right padding)."""
-    hidden = model.base_model(**batch).last_hidden_state
+    hidden = model.base_model(**batch, use_cache=False).last_hidden_state
     last = batch["attention_mask"].sum(1) - 1
     h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return model.score(h).squeeze(-1).float()

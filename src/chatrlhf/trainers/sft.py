@@ -78,7 +78,8 @@ def n_targets(batch: dict) -> int:
 def sft_forward(model, batch: dict, n_step_targets: int):
     """Loss of one micro-batch; the LM head runs only where a reply token is predicted."""
     base = unwrap(model)
-    hidden = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             use_cache=False).last_hidden_state  # a KV cache would pin every layer's K/V
     select = batch["labels"][:, 1:] != IGNORE
     logits = base.get_output_embeddings()(hidden[:, :-1][select])
     return losses.sft_loss(logits, batch["labels"][:, 1:][select], n_step_targets)
