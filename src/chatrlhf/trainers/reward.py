@@ -48,6 +48,7 @@ def parse_weights(text: str) -> dict[str, float]:
 
 
 def load_pairs(cfg: RewardTrainConfig, log=print):
+    weights = parse_weights(cfg.source_weights)  # flags are checked before any data is read
     records = []
     for path in filter(None, (x.strip() for x in cfg.data.split(","))):
         loaded = load_records(path, cfg.format)
@@ -56,7 +57,7 @@ def load_pairs(cfg: RewardTrainConfig, log=print):
             log(f"chatrlhf reward: {p.where}: {p.message}")
         if len(loaded.problems) > 10:
             log(f"chatrlhf reward: … and {len(loaded.problems) - 10} more problems in {path}")
-    pairs, counts = build_pairs(records, parse_weights(cfg.source_weights), cfg.ties, cfg.both_bad)
+    pairs, counts = build_pairs(records, weights, cfg.ties, cfg.both_bad)
     if not pairs:
         raise UsageError(f"--data {cfg.data}: no preference pairs", "give preferences, ratings or corrections")
     return pairs, counts
