@@ -141,8 +141,8 @@ def main() -> None:
     p.add_argument("--train-pairs", type=int, default=64)
     p.add_argument("--eval-pairs", type=int, default=150)
     p.add_argument("--train-layers", type=int, default=-1, help="chatrlhf side: train only the top N blocks")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="chatrlhf side (TRL's RewardTrainer turns it on by default)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="chatrlhf side; on by default in both tools")
     p.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if not HH.is_file():

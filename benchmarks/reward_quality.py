@@ -6,7 +6,7 @@ and report prompt-disjoint held-out accuracy (goal ≥ 63% at 135M parameters).
 Recipe (defaults): train on hh-rlhf/extra/* (helpful-online + helpful-rejection-sampled) plus the
 helpful-base and harmless-base pairs whose prompts are not held out; hold out --eval-pairs pairs of
 whole prompts from helpful-base + harmless-base (prompt-disjoint, seeded); pairs with chosen ==
-rejected are dropped; one epoch, batch 8, lr 1e-5 annealed to 0, inputs cut to the last
+rejected, and the few with an empty reply, are dropped; one epoch, batch 8, lr 1e-5 annealed to 0, inputs cut to the last
 --max-length tokens. Writes the reward model to out/reward-hh and benchmarks/results/reward_quality.json.
 """
 
@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="out/reward-hh")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     a = p.parse_args()
     if not HH.is_dir():
         sys.exit(f"{HH} not found: this benchmark needs ../shared/data")
@@ -46,7 +47,9 @@ def main() -> None:
     from chatrlhf.models import load_reward_model
     from chatrlhf.trainers.reward import train
 
-    base = [r for split in ("helpful-base", "harmless-base") for r in load_records(HH / split / "test.jsonl.gz").records]
+    usable = lambda recs: [r for r in recs if r.chosen.strip() and r.rejected.strip()]  # noqa: E731
+    base = usable([r for split in ("helpful-base", "harmless-base")
+                   for r in load_records(HH / split / "test.jsonl.gz").records])
     keys = sorted({group_key(r) for r in base})
     random.Random(0).shuffle(keys)
     held, n = set(), 0
@@ -56,8 +59,8 @@ def main() -> None:
         held.add(k)
         n += sum(group_key(r) == k for r in base)
     eval_pairs = [r for r in base if group_key(r) in held]
-    extra = [r for split in ("helpful-online", "helpful-rejection-sampled")
-             for r in load_records(HH / "extra" / split / "test.jsonl.gz").records]
+    extra = usable([r for split in ("helpful-online", "helpful-rejection-sampled")
+                    for r in load_records(HH / "extra" / split / "test.jsonl.gz").records])
     train_pairs = [r for r in extra + [r for r in base if group_key(r) not in held] if group_key(r) not in held]
     random.Random(0).shuffle(train_pairs)
     if a.max_train_pairs:
@@ -70,7 +73,7 @@ def main() -> None:
     print(f"{len(train_pairs)} train pairs, {len(eval_pairs)} held-out pairs ({len(held)} prompts)", flush=True)
     cfg = RewardTrainConfig(model="smollm2-135m", data=str(data), output_dir=a.out, batch_size=a.batch_size,
                             epochs=1, lr=a.lr, eval_fraction=0.0, max_length=a.max_length, dtype="auto",
-                            train_layers=a.train_layers, seed=0, quiet=not sys.stdout.isatty())
+                            train_layers=a.train_layers, gradient_checkpointing=a.gradient_checkpointing, seed=0, quiet=not sys.stdout.isatty())
     t0 = time.perf_counter()
     train(cfg)
     minutes = (time.perf_counter() - t0) / 60

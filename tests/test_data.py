@@ -205,3 +205,12 @@ def test_collect_mode_reports_every_problem(write):
     loaded = load_records(p, collect=True)
     assert len(loaded.records) == 1
     assert [x.where for x in loaded.problems] == [f"{p}:2", f"{p}:4"]
+
+
+def test_hh_row_without_final_assistant_turn_is_reported_and_skipped(write):
+    good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+    bad = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: x\n\nHuman: more?"}
+    p = write("hh.jsonl", json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    loaded = load_records(p)
+    assert len(loaded.records) == 1
+    assert loaded.problems[0].where == f"{p}:2" and "field 'rejected'" in loaded.problems[0].message

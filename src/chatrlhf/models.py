@@ -239,6 +239,15 @@ def _no_dropout(model) -> None:
             m.p = 0.0
 
 
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing, non-reentrant (works with frozen inputs and LoRA)."""
+    model = unwrap(model)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def unwrap(model):
     """The plain transformers model under a peft wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -39,6 +39,11 @@ THUMBS = {"up": 1.0, "down": -1.0, "👍": 1.0, "👎": -1.0, "thumbs_up": 1.0, 
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
+class SkipRecord(DataError):
+    """A record that published data sets contain in the wild and that cannot be used: reported and
+    skipped, not fatal."""
+
+
 def detect_format(path, columns: set[str], loc) -> str:
     for fmt, needed in SIGNATURES:
         if needed <= columns:
@@ -67,7 +72,7 @@ def load_records(path: str | Path, fmt: str = "auto", collect: bool = False) -> 
                 else:
                     records.append(rec)
         except DataError as e:
-            if not collect:
+            if not collect and not isinstance(e, SkipRecord):
                 raise
             problems.append(Problem(f"{path}:{loc}", str(e).split(": ", 1)[-1]))
     if fmt == "auto":
@@ -212,8 +217,8 @@ def _hh(row, path, loc):
     chosen = split_hh(_text(row, "chosen", path, loc), path, loc, "chosen")
     rejected = split_hh(_text(row, "rejected", path, loc), path, loc, "rejected")
     for field, turns in (("chosen", chosen), ("rejected", rejected)):
-        if turns[-1]["role"] != "assistant":
-            raise DataError(path, loc, field, "does not end with an Assistant turn", "")
+        if turns[-1]["role"] != "assistant":  # 4 such rows in hh-rlhf helpful-online
+            raise SkipRecord(path, loc, field, "does not end with an Assistant turn: skipped", "")
     yield Preference(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], source="hh-rlhf",
                      where=f"{path}:{loc}")
 

@@ -29,7 +29,8 @@ from chatrlhf.data.readers import read_rows
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.reward_eval import evaluate_pairs, verdict, write_report
 from chatrlhf.logger import MetricsLogger
-from chatrlhf.models import autocast, count_parameters, load_reward_model, save_model, train_top_layers
+from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_reward_model, save_model, \
+    train_top_layers
 from chatrlhf.rewards import encode_reply, pad_right, raw_scores, reward_scores
 from chatrlhf.trainers.common import StopFlag, plan_batches, progress_bar, seed_everything
 
@@ -101,7 +102,7 @@ def train(cfg: RewardTrainConfig, log=print) -> dict:
     device = next(model.parameters()).device
     train_top_layers(model, cfg.train_layers)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     n_batches = math.ceil(len(train_pairs) / cfg.batch_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n_batches / cfg.grad_accum))
     log(f"chatrlhf reward: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({dict(counts)}), "

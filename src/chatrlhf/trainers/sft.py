@@ -27,7 +27,7 @@ from chatrlhf.data import as_conversations, load_records, split_by_prompt
 from chatrlhf.data.template import IGNORE, Tokenized, tokenize_conversation
 from chatrlhf.errors import UsageError
 from chatrlhf.logger import MetricsLogger
-from chatrlhf.models import autocast, count_parameters, load_model, save_model, unwrap
+from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model, unwrap
 from chatrlhf.trainers.common import StopFlag, checkpoints, load_checkpoint, plan_batches, progress_bar, \
     save_checkpoint, seed_everything
 
@@ -117,7 +117,7 @@ def train(cfg: SFTConfig, log=print) -> dict:
     model, tok = load_model(cfg, trainable=True, plain_template=cfg.no_chat_template)
     device = next(model.parameters()).device
     if cfg.gradient_checkpointing:
-        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     train_items = tokenize_all(tok, train_convs, cfg, log)
     eval_items = tokenize_all(tok, eval_convs, cfg, log)
     if not train_items:
