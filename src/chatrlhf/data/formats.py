@@ -20,7 +20,7 @@ from chatrlhf.errors import DataError
 
 KINDS = {"dialogue_csv": "conversation", "conversation": "conversation", "oasst_tree": "conversation",
          "self_instruct": "conversation", "hh": "preference", "oasst_pairs": "preference",
-         "preference": "preference", "rating": "rating", "correction": "correction"}
+         "preference": "preference", "rating": "rating", "correction": "correction", "prompts": "conversation"}
 SIGNATURES = [  # (format, columns that must all be present), most specific first
     ("oasst_tree", {"message_tree_id", "prompt"}),
     ("oasst_pairs", {"context", "chosen", "rejected"}),
@@ -279,7 +279,6 @@ def _prompt_only(row, path, loc):
 PARSERS = {"dialogue_csv": _dialogue_csv, "conversation": _conversation, "self_instruct": _self_instruct,
            "oasst_tree": _oasst_tree, "hh": _hh, "oasst_pairs": _oasst_pairs, "preference": _preference,
            "rating": _rating, "correction": _correction, "prompts": _prompt_only}
-KINDS["prompts"] = "conversation"
 
 
 def load_prompts(path: str | Path, fmt: str = "auto") -> list[list[dict]]:

@@ -77,10 +77,6 @@ def prompt_key(messages: list[Message]) -> str:
                      if m["role"] != "system")
 
 
-def record_prompt(rec: Record) -> list[Message]:
-    return rec.prompt
-
-
 @dataclass
 class Problem:
     """A problem found in a record that was reported but not fatal (e.g. over-long, duplicate)."""

@@ -26,7 +26,7 @@ from chatrlhf.config import SFTConfig
 from chatrlhf.data import as_conversations, load_records, split_by_prompt
 from chatrlhf.data.template import IGNORE, Tokenized, tokenize_conversation
 from chatrlhf.errors import UsageError
-from chatrlhf.logger import MetricsLogger
+from chatrlhf.logger import MetricsLogger, read_metrics
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model, unwrap
 from chatrlhf.trainers.common import StopFlag, checkpoints, load_checkpoint, plan_batches, progress_bar, \
     save_checkpoint, seed_everything
@@ -208,16 +208,10 @@ def train(cfg: SFTConfig, log=print) -> dict:
 
 def _finish(cfg: SFTConfig, model, tok, out: Path, state: dict, step: int) -> dict:
     save_model(model, tok, out)
-    final = [m for m in _read(out) if "eval/loss" in m]
+    final = [m for m in read_metrics(out) if "eval/loss" in m]
     summary = {"command": "sft", "steps": step, "tokens": state["tokens"],
                "eval_loss_start": state.get("first_eval_loss"), "eval_loss_end": final[-1]["eval/loss"] if final else None,
                "data": cfg.data, "data_sha256": hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
                if Path(cfg.data).is_file() else None, "config": asdict(cfg)}
     (out / "chatrlhf.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _read(out: Path) -> list[dict]:
-    from chatrlhf.logger import read_metrics
-
-    return read_metrics(out)
