@@ -1,0 +1,1 @@
+"""Training loops, one per method; each reads top to bottom. Math lives in losses.py."""
