@@ -55,6 +55,7 @@ def verdict(metrics: dict, min_accuracy: float, max_length_corr: float) -> dict:
 
 def write_report(out_dir: str | Path, metrics: dict, gate: dict) -> Path:
     out = Path(out_dir)
+    metrics.setdefault("split", "given data")
     public = {k: v for k, v in metrics.items() if not k.startswith("_")}
     (out / GATE_FILE).write_text(json.dumps({**public, "gate": gate}, indent=2) + "\n")
     plot(out / "eval.png", metrics)

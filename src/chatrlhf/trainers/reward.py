@@ -70,9 +70,10 @@ def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs) -> dict:
         rows = [r for _, r in read_rows(cfg.norm_data)]
         prompts = [parse_turns(r.get("prompt") or r.get("messages"), cfg.norm_data, i, "prompt") for i, r in enumerate(rows, 1)]
         replies = [str(r["response"]) for r in rows]
-    else:
-        prompts = [p.prompt for p in train_pairs for _ in (0, 1)]
-        replies = [x for p in train_pairs for x in (p.chosen, p.rejected)]
+    else:  # 512 pairs estimate a mean and a std well enough; scoring thousands would cost minutes
+        sample = sample_pairs(train_pairs, 512, cfg.seed)
+        prompts = [p.prompt for p in sample for _ in (0, 1)]
+        replies = [x for p in sample for x in (p.chosen, p.rejected)]
     s = np.array(reward_scores(model, tok, prompts, replies, cfg.batch_size * 2, cfg.max_length, normalise=False))
     std = float(s.std()) or 1.0
     return {"gain": 1.0 / std, "bias": -float(s.mean()) / std, "fitted_on": len(s),
@@ -82,6 +83,13 @@ def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs) -> dict:
 def encode_pairs(tok, pairs, max_length: int) -> list[tuple[list[int], list[int]]]:
     return [(encode_reply(tok, p.prompt, p.chosen, max_length), encode_reply(tok, p.prompt, p.rejected, max_length))
             for p in pairs]
+
+
+def sample_pairs(pairs: list, n: int, seed: int) -> list:
+    if len(pairs) <= n:
+        return list(pairs)
+    idx = np.random.default_rng(seed).choice(len(pairs), n, replace=False)
+    return [pairs[i] for i in sorted(idx)]
 
 
 def pair_batch(encoded, pairs, pad_id: int, device) -> dict:
@@ -155,7 +163,9 @@ def train(cfg: RewardTrainConfig, log=print) -> dict:
                 break
     model.eval()
     model.config.chatrlhf_reward_norm = fit_normalisation(model, tok, cfg, train_pairs)
-    metrics = evaluate_pairs(model, tok, eval_pairs or train_pairs, cfg.batch_size, cfg.max_length)
+    metrics = evaluate_pairs(model, tok, eval_pairs or sample_pairs(train_pairs, 256, cfg.seed), cfg.batch_size,
+                             cfg.max_length)
+    metrics["split"] = "held-out (prompt-disjoint)" if eval_pairs else "training pairs: no held-out split"
     gate = verdict(metrics, cfg.min_accuracy, cfg.max_length_corr)
     logger.log(step, {"eval/accuracy": metrics["accuracy"], "eval/ece": metrics["ece"],
                       "eval/length_corr": metrics["length_corr"]})
