@@ -103,7 +103,7 @@ class RewardTrainConfig(LogArgs, TrainArgs, DataArgs, ModelArgs):
     max_length_corr: float = arg(0.8, "Gate: highest |correlation| of score with reply length RL will accept.")
     train_layers: int = arg(-1, "Train only the top N transformer blocks and the head (embeddings and lower "
                             "blocks frozen, so they cost no backward and no activation memory); -1 = all. "
-                            "On SmolLM2-135M, 8 is 3× faster at a third of the memory (benchmarks/reward.py).")
+                            "Faster and lighter (see benchmarks/reward.py), but check quality with the gate.")
 
 
 @dataclass
