@@ -120,6 +120,22 @@ def plan_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[in
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+class EpochBatches:
+    """Micro-batch i of a length-bucketed plan reshuffled every epoch (seed + epoch). A pure function
+    of i, so a resumed run needs only i; the plan is made once per epoch, not once per batch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.per_epoch = -(-len(lengths) // batch_size)
+        self._epoch, self._plan = None, []
+
+    def __getitem__(self, i: int) -> list[int]:
+        epoch, idx = divmod(i, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._plan = epoch, plan_batches(self.lengths, self.batch_size, self.seed + epoch)
+        return self._plan[idx]
+
+
 def progress_bar(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn

@@ -32,7 +32,7 @@ from chatrlhf.logger import MetricsLogger
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_reward_model, save_model, \
     train_top_layers
 from chatrlhf.rewards import encode_reply, pad_right, raw_scores, reward_scores
-from chatrlhf.trainers.common import StopFlag, plan_batches, progress_bar, seed_everything
+from chatrlhf.trainers.common import EpochBatches, StopFlag, progress_bar, seed_everything
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -124,18 +124,12 @@ def train(cfg: RewardTrainConfig, log=print) -> dict:
     logger.config(cfg)
     encoded = encode_pairs(tok, train_pairs, cfg.max_length)
     lengths = [max(len(c), len(r)) for c, r in encoded]
-    micro_batch = 0
-
-    def next_chunk() -> list[int]:
-        nonlocal micro_batch
-        epoch, idx = divmod(micro_batch, n_batches)
-        micro_batch += 1
-        return plan_batches(lengths, cfg.batch_size, cfg.seed + epoch)[idx]  # length-bucketed: little padding
+    plan = EpochBatches(lengths, cfg.batch_size, cfg.seed)  # length-bucketed: little padding
     with StopFlag() as stop, progress_bar(cfg.quiet) as bar:
         task = bar.add_task("reward", total=total_steps, info="")
         for step in range(1, total_steps + 1):
             t0 = time.perf_counter()
-            chunks = [next_chunk() for _ in range(cfg.grad_accum)]
+            chunks = [plan[(step - 1) * cfg.grad_accum + k] for k in range(cfg.grad_accum)]
             total_weight = sum(train_pairs[i].weight for c in chunks for i in c)
             stats = {"loss/bt": 0.0, "reward/accuracy": 0.0, "reward/margin": 0.0}
             for chunk in chunks:

@@ -28,8 +28,8 @@ from chatrlhf.data.template import IGNORE, Tokenized, tokenize_conversation
 from chatrlhf.errors import UsageError
 from chatrlhf.logger import MetricsLogger, read_metrics
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model, unwrap
-from chatrlhf.trainers.common import StopFlag, checkpoints, load_checkpoint, plan_batches, progress_bar, \
-    save_checkpoint, seed_everything
+from chatrlhf.trainers.common import EpochBatches, StopFlag, checkpoints, load_checkpoint, plan_batches, \
+    progress_bar, save_checkpoint, seed_everything
 
 
 # --------------------------------------------------------------------------- data
@@ -148,11 +148,11 @@ def train(cfg: SFTConfig, log=print) -> dict:
     logger = MetricsLogger(out, cfg.tensorboard, resume_step=step if cfg.resume else None)
     logger.config(cfg)
 
+    plan = EpochBatches(lengths, cfg.batch_size, cfg.seed)
+
     def next_batch():
-        epoch, idx = divmod(state["micro_batch"], n_batches)
-        order = plan_batches(lengths, cfg.batch_size, cfg.seed + epoch)
         state["micro_batch"] += 1
-        return collate([train_items[i] for i in order[idx]], tok.pad_token_id, device)
+        return collate([train_items[i] for i in plan[state["micro_batch"] - 1]], tok.pad_token_id, device)
 
     def checkpoint():
         save_checkpoint(out, step, model, optimizer, scheduler, state)
