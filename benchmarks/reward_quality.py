@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--train-layers", type=int, default=-1)
     p.add_argument("--eval-pairs", type=int, default=600)
     p.add_argument("--max-train-pairs", type=int, default=0, help="0 = all")
+    p.add_argument("--no-extra", action="store_true",
+                   help="train on the base splits only (in-distribution for the held-out pairs, half the time)")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="out/reward-hh")
@@ -59,8 +61,8 @@ def main() -> None:
         held.add(k)
         n += sum(group_key(r) == k for r in base)
     eval_pairs = [r for r in base if group_key(r) in held]
-    extra = usable([r for split in ("helpful-online", "helpful-rejection-sampled")
-                    for r in load_records(HH / "extra" / split / "test.jsonl.gz").records])
+    extra = [] if a.no_extra else usable([r for split in ("helpful-online", "helpful-rejection-sampled")
+                                          for r in load_records(HH / "extra" / split / "test.jsonl.gz").records])
     train_pairs = [r for r in extra + [r for r in base if group_key(r) not in held] if group_key(r) not in held]
     random.Random(0).shuffle(train_pairs)
     if a.max_train_pairs:

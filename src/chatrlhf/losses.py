@@ -36,3 +36,117 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     decided = ~tie
     acc = ((d > 0) & decided).sum() / decided.sum().clamp(min=1)
     return loss, {"loss/bt": loss.detach(), "reward/accuracy": acc.detach(), "reward/margin": d.detach().mean()}
+
+
+# --------------------------------------------------------------------------- masking helpers
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (all of them, or along ``dim``)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x − mean) / std over the masked positions (unbiased variance, as in lm-human-preferences);
+    masked-out positions become 0. ``shift_mean=False`` keeps the mean (used for rewards)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum().clamp(min=2)
+    var = (((x - mean) ** 2) * mask).sum() / (n - 1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+# --------------------------------------------------------------------------- KL and advantages
+
+
+def kl_estimates(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token estimators of KL(π ‖ π_ref) for tokens sampled from π (Schulman 2020, "Approximating
+    KL divergence"): with log r = log π_ref − log π,  k1 = −log r,  k2 = ½ (log r)²,  k3 = (r − 1) − log r.
+    k1 is unbiased but can be negative per token; k3 is unbiased and always ≥ 0."""
+    log_r = ref_logprobs - logprobs
+    return {"k1": -log_r, "k2": 0.5 * log_r ** 2, "k3": torch.expm1(log_r) - log_r}
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """(B, R) per-token rewards: −β·KL at every reply token and the sequence score added at the last
+    reply token (Ziegler et al. 2019; RL_DETAILS item 13). ``kl`` is the per-token k1 estimate."""
+    rewards = -beta * kl * mask
+    last = (mask.sum(1) - 1).clamp(min=0).long()
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), (B, R) in, (advantages,
+    returns) out. δ_t = r_t + γ V(s_{t+1}) − V(s_t); A_t = δ_t + γλ A_{t+1}; the value after the last
+    reply token (and after padding) is 0. Returns = A + V (the critic's targets)."""
+    mask = mask.to(values.dtype)
+    next_values = torch.cat([values[:, 1:] * mask[:, 1:], torch.zeros_like(values[:, :1])], 1)
+    deltas = rewards + gamma * next_values - values
+    adv = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):  # a scan over time, vectorised over the batch
+        next_mask = mask[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last)
+        last = deltas[:, t] + gamma * lam * last * next_mask
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """Ziegler et al. 2019 §2.2: β ← β (1 + K_β e), e = clip(KL / KL_target − 1, −0.2, 0.2),
+    K_β = n_steps / horizon (n_steps = samples seen this update)."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_steps / horizon)
+
+
+# --------------------------------------------------------------------------- PPO
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float = 0.2):
+    """Clipped surrogate (Schulman et al. 2017, eq. 7), token mean over the masked positions:
+    L = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))], ρ = exp(log π − log π_old)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        metrics = {"loss/policy": loss.detach(), "ppo/clipfrac": masked_mean((clipped > unclipped).float(), mask),
+                   "ppo/approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+                   "ppo/ratio_mean": masked_mean(ratio, mask)}
+    return loss, metrics
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float = 0.2):
+    """Clipped value loss (Schulman et al. 2017 baselines; N+ item): ½ E[max((V − G)², (V_clip − G)²)],
+    V_clip = V_old + clip(V − V_old, −ε, ε)."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    sq, sq_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(sq, sq_clipped), mask)
+    with torch.no_grad():
+        metrics = {"loss/value": loss.detach(), "ppo/vf_clipfrac": masked_mean((sq_clipped > sq).float(), mask)}
+    return loss, metrics
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of softmax(logits): logsumexp(z) − Σ p z."""
+    logits = logits.float()
+    p = torch.softmax(logits, -1)
+    return torch.logsumexp(logits, -1) - (p * logits).sum(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 − Var(G − V) / Var(G) over the masked positions (1 = perfect critic, ≤ 0 = useless)."""
+    var_g = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    resid = returns - values
+    var_r = masked_mean((resid - masked_mean(resid, mask)) ** 2, mask)
+    return 1 - var_r / var_g.clamp(min=1e-8)
