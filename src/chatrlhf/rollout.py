@@ -1,0 +1,162 @@
+"""Training rollouts: batched sampling with a KV cache, log-probs at the sampling temperature, values,
+and the one :class:`Rollout` dataclass every RL trainer passes around.
+
+Sampling follows RL_DETAILS items 1–5: prompts left-padded with position ids taken from the
+attention mask, pure sampling at temperature T (top-k 0, top-p 1), each row stops at its own EOS
+and is dropped from the batch (and its KV cache) once enough rows have finished for the copy to
+pay. Log-probs of policy and reference are recomputed in separate forward passes with the logits
+divided by the same T; the sampler's own log-probs are kept only to log the mismatch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from chatrlhf.data.template import render
+from chatrlhf.models import autocast, unwrap
+
+
+@dataclass
+class Rollout:
+    """One batch of B prompt/reply pairs. Q = prompt width, R = reply width."""
+    query_ids: torch.Tensor        # (B, Q) prompt tokens, left-padded
+    query_mask: torch.Tensor       # (B, Q) 1 on prompt tokens
+    response_ids: torch.Tensor     # (B, R) reply tokens, right-padded after the first EOS
+    response_mask: torch.Tensor    # (B, R) 1 on reply tokens, EOS included
+    logprobs: torch.Tensor         # (B, R) log π_old(a_t|s_t) at the sampling temperature
+    ref_logprobs: torch.Tensor     # (B, R) log π_ref(a_t|s_t) at the sampling temperature
+    values: torch.Tensor           # (B, R) V(s_t), 0 without a critic
+    scores: torch.Tensor           # (B,) sequence reward (sources combined, EOS penalty applied)
+    rewards: torch.Tensor          # (B, R) per-token reward: −β·KL, score at the last reply token
+    advantages: torch.Tensor       # (B, R)
+    returns: torch.Tensor          # (B, R) critic targets
+    prompts: list = field(default_factory=list)   # B message lists
+    texts: list = field(default_factory=list)     # B decoded replies
+    ended: torch.Tensor | None = None              # (B,) reply ended with EOS
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """A minibatch (``mb_``) of the rows ``idx``; tensors sliced, lists picked."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()] if v else v
+        return Rollout(**out)
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded prompt starts at position 0."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def encode_prompts(tok, prompts: list[list[dict]], max_prompt_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Q) left-padded prompt ids and mask; over-long prompts lose their start."""
+    seqs = [tok(render(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"][-max_prompt_length:]
+            for p in prompts]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
+           eos_id: int, pad_id: int, dtype: str = "auto", compact_fraction: float = 0.25):
+    """Sample replies with a KV cache. Returns (response_ids, response_mask, sample_logprobs), (B, R).
+
+    Rows that have produced EOS stop costing work: once at least ``compact_fraction`` of the live rows
+    are finished, they are removed from the batch and from every layer of the cache."""
+    device = query_ids.device
+    B, R = query_ids.shape[0], max_new_tokens
+    out_ids = torch.full((B, R), pad_id, dtype=torch.long, device=device)
+    out_lp = torch.zeros((B, R), device=device)
+    live = torch.arange(B, device=device)                   # rows of the full batch still in the cache
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per live row: EOS already sampled
+    mask = query_mask.clone()
+    pos = position_ids(mask)[:, -1]
+    with autocast(dtype, device):
+        out = model(input_ids=query_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
+                    logits_to_keep=1)
+    cache, logits = out.cache, out.logits[:, -1]  # the cache object is updated in place
+    for t in range(R):
+        logp = torch.log_softmax(logits.float() / temperature, -1)
+        token = torch.multinomial(logp.exp(), 1).squeeze(1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        keep = ~done
+        out_ids[live[keep], t] = token[keep]
+        out_lp[live[keep], t] = logp.gather(1, token[:, None]).squeeze(1)[keep]
+        done = done | (token == eos_id)
+        if t == R - 1 or bool(done.all()):
+            break
+        if int(done.sum()) >= max(1, compact_fraction * len(live)):  # drop finished rows where it pays
+            idx = (~done).nonzero().squeeze(1)
+            cache.batch_select_indices(idx)
+            live, done, mask, pos, token = live[idx], done[idx], mask[idx], pos[idx], token[idx]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        pos = pos + 1
+        with autocast(dtype, device):
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=pos[:, None],
+                        cache=cache, use_cache=True)
+        logits = out.logits[:, -1]
+    return out_ids, reply_mask(out_ids, eos_id), out_lp
+
+
+def reply_mask(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on reply tokens up to and including the first EOS, 0 after it. (A sampled PAD token inside a
+    reply is a reply token like any other: the mask never looks at PAD, RL_DETAILS item 1.)"""
+    is_eos = (response_ids == eos_id).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).long()
+
+
+def ended_with_eos(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    return (response_ids == eos_id).any(1)
+
+
+def trunk_and_head(model):
+    """The transformer trunk and the LM head of a causal LM (through a peft wrapper)."""
+    inner = unwrap(model)
+    return inner.base_model, inner.get_output_embeddings()
+
+
+def reply_hidden(trunk, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+    """(B, R, d) hidden states at the positions that predict each reply token (Q−1 … Q+R−2)."""
+    ids = torch.cat([query_ids, response_ids], 1)
+    mask = torch.cat([query_mask, response_mask], 1)
+    hidden = trunk(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).last_hidden_state
+    Q, R = query_ids.shape[1], response_ids.shape[1]
+    return hidden[:, Q - 1:Q + R - 1]
+
+
+def logprobs_from_hidden(head, hidden: torch.Tensor, response_ids: torch.Tensor, temperature: float,
+                         with_entropy: bool = False):
+    """log π(a_t|s_t) at temperature T (logits / T, as when sampling) and optionally the entropy."""
+    logits = head(hidden).float() / temperature
+    logp = torch.log_softmax(logits, -1)
+    lp = logp.gather(2, response_ids[..., None]).squeeze(-1)
+    if not with_entropy:
+        return lp, None
+    return lp, -(logp.exp() * logp).sum(-1)
+
+
+def policy_forward(model, r: Rollout, temperature: float, with_entropy: bool = False, value_head=None):
+    """(logprobs, entropy or None, values or None) of a policy on a (mini)batch; the LM head runs only
+    at reply positions. ``value_head`` (a linear layer) reads values off the same trunk pass."""
+    trunk, head = trunk_and_head(model)
+    h = reply_hidden(trunk, r.query_ids, r.query_mask, r.response_ids, r.response_mask)
+    lp, ent = logprobs_from_hidden(head, h, r.response_ids, temperature, with_entropy)
+    values = value_head(h).squeeze(-1).float() if value_head is not None else None
+    return lp, ent, values
+
+
+def critic_values(critic, r: Rollout) -> torch.Tensor:
+    """(B, R) V(s_t) of a separate critic (a sequence-classification model whose head reads every
+    position) on the same tokens as the policy."""
+    h = reply_hidden(critic.base_model, r.query_ids, r.query_mask, r.response_ids, r.response_mask)
+    return critic.score(h).squeeze(-1).float()

@@ -1,0 +1,80 @@
+"""Rollout sampling: left padding, EOS per row, cache compaction, log-probs at the sampling temperature."""
+
+import copy
+
+import pytest
+import torch
+
+from chatrlhf import losses
+from chatrlhf.config import ModelArgs
+from chatrlhf.models import load_model
+from chatrlhf.rollout import Rollout, encode_prompts, policy_forward, reply_mask, sample
+
+PROMPTS = [[{"role": "user", "content": c}] for c in
+           ("Hi", "Where is my order? It was due on Monday and nothing came.", "Reset my password please",
+            "Can I change the delivery address?", "Thanks!", "What time do you open tomorrow?")]
+
+
+def eos_happy(name):
+    """A tiny random model whose EOS logit is large in many contexts, so rows end at varied lengths."""
+    model, tok = load_model(ModelArgs(model=name, dtype="float32"))
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tok.eos_token_id] *= 25
+    return model.eval(), tok
+
+
+def test_reply_mask_hand_computed():
+    eos = 9
+    ids = torch.tensor([[4, 5, 9, 3, 3], [4, 3, 5, 6, 7], [9, 3, 3, 3, 3]])  # 3 = pad, sampled mid-reply in row 1
+    assert reply_mask(ids, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
+@pytest.mark.parametrize("compact", [0.25, 2.0])  # 2.0 = never drop finished rows
+def test_sampled_logprobs_equal_recomputed_ones(name, compact):
+    """Left padding, position ids, the KV cache and dropping finished rows from it must give exactly
+    the log-probs that one full forward pass gives (fp32)."""
+    torch.manual_seed(0)
+    model, tok = eos_happy(name)
+    q, qm = encode_prompts(tok, PROMPTS * 3, 64, "cpu")
+    assert (qm[:, 0] == 0).any() and (qm[:, -1] == 1).all()  # left-padded
+    ids, mask, sample_lp = sample(model, q, qm, 24, 0.7, tok.eos_token_id, tok.pad_token_id, "float32", compact)
+    lengths = mask.sum(1)
+    assert len(set(lengths.tolist())) > 3, "rows should end at different lengths"
+    ended = (ids == tok.eos_token_id).any(1)
+    assert ended.any()
+    for i in range(len(ids)):  # after EOS only padding; without EOS the reply fills R
+        n = int(lengths[i])
+        assert (ids[i, n:] == tok.pad_token_id).all()
+        assert bool(ended[i]) == (int(ids[i, n - 1]) == tok.eos_token_id) or n == 24
+    r = Rollout(q, qm, ids, mask, *[None] * 7)
+    with torch.no_grad():
+        lp, _, _ = policy_forward(model, r, 0.7)
+    assert torch.allclose(lp * mask, sample_lp * mask, atol=1e-5)
+
+
+def test_kl_to_reference_is_zero_at_step_zero_with_temperature():
+    """The classic temperature bug: log-probs recomputed without dividing by T differ from the
+    sampler's, so KL(π‖π_ref) at step 0 is not 0. Here it must be 0 within 1e-5, T = 0.7."""
+    torch.manual_seed(1)
+    policy, tok = eos_happy("tiny-random-llama")
+    ref = copy.deepcopy(policy)
+    q, qm = encode_prompts(tok, PROMPTS, 64, "cpu")
+    ids, mask, sample_lp = sample(policy, q, qm, 16, 0.7, tok.eos_token_id, tok.pad_token_id, "float32")
+    r = Rollout(q, qm, ids, mask, *[None] * 7)
+    with torch.no_grad():
+        ref_lp, _, _ = policy_forward(ref, r, 0.7)
+        wrong_lp, _, _ = policy_forward(ref, r, 1.0)
+    kl = losses.kl_estimates(sample_lp, ref_lp)["k1"]
+    assert abs(float(losses.masked_mean(kl, mask))) < 1e-5
+    assert float(losses.masked_mean(losses.kl_estimates(sample_lp, wrong_lp)["k3"], mask)) > 1e-2
+
+
+def test_select_picks_rows_of_every_field():
+    B, R = 4, 3
+    t = torch.arange(B * R, dtype=torch.float32).view(B, R)
+    r = Rollout(t.long(), t.long(), t.long(), t.long(), t, t, t, t[:, 0], t, t, t, prompts=list("abcd"),
+                texts=list("wxyz"), ended=torch.tensor([True, False, True, False]))
+    mb = r.select(torch.tensor([2, 0]))
+    assert mb.texts == ["y", "w"] and mb.prompts == ["c", "a"] and mb.ended.tolist() == [True, True]
+    assert mb.scores.tolist() == [6.0, 0.0] and len(mb) == 2
