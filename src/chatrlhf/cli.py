@@ -9,11 +9,11 @@ import os
 import sys
 
 from chatrlhf import __version__
-from chatrlhf.config import ChatConfig, GenerateConfig, InspectConfig, RewardEvalConfig, RewardScoreConfig, \
-    RewardTrainConfig, SFTConfig, add_dataclass_args, build_config
+from chatrlhf.config import ChatConfig, GenerateConfig, InspectConfig, PPOConfig, RewardEvalConfig, \
+    RewardScoreConfig, RewardTrainConfig, SFTConfig, add_dataclass_args, build_config
 from chatrlhf.errors import ChatRLHFError
 
-COMMANDS = {"sft": SFTConfig, "chat": ChatConfig, "generate": GenerateConfig}
+COMMANDS = {"sft": SFTConfig, "ppo": PPOConfig, "chat": ChatConfig, "generate": GenerateConfig}
 REWARD = {"train": RewardTrainConfig, "eval": RewardEvalConfig, "score": RewardScoreConfig}
 
 
@@ -69,6 +69,19 @@ def run(ns: argparse.Namespace) -> int:
                   f"model saved to {cfg.output_dir}")
             return 0
         return 130
+    if ns.command == "ppo":
+        from chatrlhf.trainers.ppo import train
+
+        summary = train(cfg)
+        if summary.get("interrupted"):
+            return 130
+        start, end = summary["eval_start"] or {}, summary["eval_end"] or {}
+        if "eval/reward" in start and "eval/reward" in end:
+            print(f"chatrlhf ppo: held-out reward {start['eval/reward']:+.3f} -> {end['eval/reward']:+.3f}, "
+                  f"KL to reference {end['eval/kl']:.3f}; policy saved to {cfg.output_dir}")
+        else:
+            print(f"chatrlhf ppo: policy saved to {cfg.output_dir}")
+        return 0
     from chatrlhf.generation import run_chat, run_generate
 
     return run_generate(cfg) if ns.command == "generate" else run_chat(cfg)

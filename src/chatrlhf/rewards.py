@@ -319,7 +319,8 @@ class RewardMix:
         self.schedules = {name: schedules.get(name, Schedule()) for name in sources}
         self.moments = {name: RunningMoments() for name in sources}
 
-    def __call__(self, prompts, responses, ended: list[bool], step: int) -> tuple[list[float], dict]:
+    def __call__(self, prompts, responses, ended: list[bool], step: int, update: bool = True):
+        """(rewards, metrics). ``update=False`` scores with the moments as they are (evaluation)."""
         total = [0.0] * len(responses)
         metrics: dict[str, float] = {}
         for name, source in self.sources.items():
@@ -327,7 +328,8 @@ class RewardMix:
             if len(raw) != len(responses):
                 raise UsageError(f"reward source '{name}' returned {len(raw)} values for {len(responses)} replies", "")
             seen = [float(x) for x in raw if x is not None]
-            self.moments[name].update(seen)
+            if update:
+                self.moments[name].update(seen)
             w = self.schedules[name](step)
             for i, x in enumerate(raw):
                 if x is not None:

@@ -41,15 +41,18 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
-    """Trainable weights (safetensors), optimizer, scheduler, RNG and the trainer's own state."""
+def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, keep: int = 2) -> Path:
+    """``parts`` = {name: (module, optimizer, scheduler)}: each module's trainable weights
+    (``name.safetensors``), every optimizer and scheduler, the RNG and the trainer's own ``state``."""
     from safetensors.torch import save_file
 
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+    for name, (module, _, _) in parts.items():
+        save_file(trainable_state(module), tmp / f"{name}.safetensors")
+    torch.save({"optimizers": {n: o.state_dict() for n, (_, o, _) in parts.items()},
+                "schedulers": {n: s.state_dict() for n, (_, _, s) in parts.items()}, "rng": rng_state()},
                tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     final = root / f"step-{step}"
@@ -70,17 +73,18 @@ def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, parts: dict) -> dict:
+    """Restore what :func:`save_checkpoint` wrote into the same ``parts``; returns the trainer state."""
     from safetensors.torch import load_file
 
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
     blob = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
+    for name, (module, optimizer, scheduler) in parts.items():
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for key, value in load_file(path / f"{name}.safetensors").items():
+                params[key].copy_(value)
+        optimizer.load_state_dict(blob["optimizers"][name])
+        scheduler.load_state_dict(blob["schedulers"][name])
     set_rng_state(blob["rng"])
     return json.loads((path / "trainer_state.json").read_text())
 

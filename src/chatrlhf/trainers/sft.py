@@ -143,7 +143,7 @@ def train(cfg: SFTConfig, log=print) -> dict:
         if not found:
             raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}", "drop --resume to start afresh")
         step, path = found[-1]
-        state.update(load_checkpoint(path, model, optimizer, scheduler))
+        state.update(load_checkpoint(path, {"model": (model, optimizer, scheduler)}))
         log(f"chatrlhf sft: resumed from {path} (step {step})")
     logger = MetricsLogger(out, cfg.tensorboard, resume_step=step if cfg.resume else None)
     logger.config(cfg)
@@ -155,7 +155,7 @@ def train(cfg: SFTConfig, log=print) -> dict:
         return collate([train_items[i] for i in plan[state["micro_batch"] - 1]], tok.pad_token_id, device)
 
     def checkpoint():
-        save_checkpoint(out, step, model, optimizer, scheduler, state)
+        save_checkpoint(out, step, {"model": (model, optimizer, scheduler)}, state)
 
     if step == 0:
         state["first_eval_loss"] = evaluate(model, eval_items, cfg, tok.pad_token_id, device)
