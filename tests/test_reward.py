@@ -201,3 +201,16 @@ def test_train_top_layers_freezes_embeddings_and_lower_blocks():
     full, _ = load_reward_model(ModelArgs(model="tiny-random-gpt2"), trainable=True)
     train_top_layers(full, -1)
     assert all(p.requires_grad for p in full.parameters())
+
+
+def test_distinct_n_bootstrap_and_win_rate_hand_computed():
+    from chatrlhf.evaluate.metrics import bootstrap_ci, distinct_n, win_rate
+
+    # "a b a b": bigrams (a b), (b a), (a b) → 2 unique of 3; unigrams 2 of 4
+    assert distinct_n(["a b a b"], 2) == 2 / 3 and distinct_n(["a b", "a b"], 1) == 0.5
+    assert distinct_n([""], 2) == 0.0
+    assert win_rate([3, 1, 2], [1, 1, 5]) == [1.0, 0.5, 0.0]
+    mean, lo, hi = bootstrap_ci([1.0] * 10)
+    assert (mean, lo, hi) == (1.0, 1.0, 1.0)
+    mean, lo, hi = bootstrap_ci([0.0, 1.0] * 50, seed=1)
+    assert mean == 0.5 and 0.38 < lo < 0.5 < hi < 0.62  # ± ~1.96 · 0.05

@@ -9,11 +9,11 @@ import os
 import sys
 
 from chatrlhf import __version__
-from chatrlhf.config import ChatConfig, GenerateConfig, InspectConfig, PPOConfig, RewardEvalConfig, \
+from chatrlhf.config import ChatConfig, EvalConfig, GenerateConfig, InspectConfig, PPOConfig, RewardEvalConfig, \
     RewardScoreConfig, RewardTrainConfig, SFTConfig, add_dataclass_args, build_config
 from chatrlhf.errors import ChatRLHFError
 
-COMMANDS = {"sft": SFTConfig, "ppo": PPOConfig, "chat": ChatConfig, "generate": GenerateConfig}
+COMMANDS = {"sft": SFTConfig, "ppo": PPOConfig, "eval": EvalConfig, "chat": ChatConfig, "generate": GenerateConfig}
 REWARD = {"train": RewardTrainConfig, "eval": RewardEvalConfig, "score": RewardScoreConfig}
 
 
@@ -81,6 +81,20 @@ def run(ns: argparse.Namespace) -> int:
                   f"KL to reference {end['eval/kl']:.3f}; policy saved to {cfg.output_dir}")
         else:
             print(f"chatrlhf ppo: policy saved to {cfg.output_dir}")
+        return 0
+    if ns.command == "eval":
+        from chatrlhf.evaluate.report import run_eval
+
+        rep = run_eval(cfg)
+        m = rep["metrics"]
+        for name, d in m.items():
+            print(f"chatrlhf eval: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items()))
+        if "win_rate" in rep:
+            w = rep["win_rate"]
+            print(f"chatrlhf eval: win rate {w['mean']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
+        if "kl_to_baseline" in rep:
+            print(f"chatrlhf eval: KL to baseline {rep['kl_to_baseline']['mean']:.3f} nats/reply")
+        print(f"chatrlhf eval: report in {cfg.output_dir}/report.html")
         return 0
     from chatrlhf.generation import run_chat, run_generate
 

