@@ -199,9 +199,11 @@ def _step(optimizer, params, max_norm: float) -> float:
 
 @torch.no_grad()
 def evaluate(policy, ref_ctx, tok, prompts, cfg: PPOConfig, mix: RewardMix, step: int, beta: float) -> dict:
-    """Mean reward and KL on held-out prompts, sampled with a fixed seed (the training RNG is untouched)."""
+    """Mean reward and KL on held-out prompts (``samples_per_prompt`` replies each), sampled with a fixed
+    seed so that evaluations compare like with like; the training RNG is untouched."""
     if not prompts:
         return {}
+    prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 7919)
         r, m = rollout(policy, ref_ctx, None, None, tok, prompts, cfg, mix, step, beta, update_moments=False)
