@@ -58,8 +58,10 @@ def main() -> None:
                     max_steps=a.ppo_steps, batch_size=8, samples_per_prompt=2, minibatch_size=8, max_new_tokens=40,
                     lr=1e-5, eval_steps=4, save_steps=10**9)
     summary = ppo.train(cfg, log=console.print)
-    console.print(f"held-out reward {summary['eval_start']['eval/reward']:+.3f} → "
-                  f"{summary['eval_end']['eval/reward']:+.3f}, KL {summary['eval_end']['eval/kl']:.3f}")
+    start, end = summary["eval_start"], summary["eval_end"]
+    console.print("held-out prompts: " + ", ".join(f"{k[5:-5]} {start[k]:+.3f} → {end[k]:+.3f}" for k in end
+                                                    if k.endswith("_mean") and k in start)
+                  + f"; KL to the SFT policy {end['eval/kl']:.3f} nats/reply")
 
     console.rule("[bold]4/4 evaluation: PPO policy against the SFT model on the prompts PPO held out")
     prompts = load_prompts(cfg.data)

@@ -45,7 +45,7 @@ def test_smoke_every_trainable_parameter_changes(tmp_path, fn, critic):
     out = tmp_path / "ppo"
     r = run_cli(*ppo_args(out, fn, "--max-steps", "3", "--critic", critic, "--save-steps", "3"))
     assert r.returncode == 0, r.stderr
-    assert "held-out reward" in r.stdout
+    assert "held-out reward by source: fn " in r.stdout
     metrics = [m for m in read_metrics(out) if "loss/policy" in m]
     assert len(metrics) == 3
     for m in metrics:

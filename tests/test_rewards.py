@@ -96,3 +96,11 @@ def test_callable_reward_from_file(write):
         load_callable("nocolon")
     with pytest.raises(UsageError, match="cannot load"):
         load_callable(f"{path}:missing")
+
+
+def test_a_source_that_has_not_varied_is_only_centred():
+    m = RunningMoments()
+    m.update([0.0, 0.0, 0.0])
+    assert m.normalise(0.25) == 0.25  # not 0.25 / 1e-4
+    m.update([1.0])
+    assert math.isclose(m.normalise(1.0), (1 - 0.25) / math.sqrt(3 / 16), rel_tol=1e-9)

@@ -76,11 +76,11 @@ def run(ns: argparse.Namespace) -> int:
         if summary.get("interrupted"):
             return 130
         start, end = summary["eval_start"] or {}, summary["eval_end"] or {}
-        if "eval/reward" in start and "eval/reward" in end:
-            print(f"chatrlhf ppo: held-out reward {start['eval/reward']:+.3f} -> {end['eval/reward']:+.3f}, "
-                  f"KL to reference {end['eval/kl']:.3f}; policy saved to {cfg.output_dir}")
-        else:
-            print(f"chatrlhf ppo: policy saved to {cfg.output_dir}")
+        moved = [f"{k[5:-5]} {start[k]:+.3f} -> {end[k]:+.3f}" for k in end if k.endswith("_mean") and k in start]
+        if moved:  # raw source means: comparable across steps, unlike the normalised total
+            print(f"chatrlhf ppo: held-out reward by source: {', '.join(moved)}; KL to reference "
+                  f"{end['eval/kl']:.3f} nats/reply")
+        print(f"chatrlhf ppo: policy saved to {cfg.output_dir}")
         return 0
     if ns.command == "eval":
         from chatrlhf.evaluate.report import run_eval

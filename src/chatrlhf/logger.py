@@ -44,6 +44,14 @@ class MetricsLogger:
                 if isinstance(v, float) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
 
+    def table(self, step: int, name: str, rows: list[dict]) -> None:
+        """A table (e.g. sample replies with their rewards) as markdown text in TensorBoard."""
+        if self.tb and rows:
+            cols = list(rows[0])
+            md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            md += ["| " + " | ".join(str(r[c]).replace("|", "\\|").replace("\n", " ") for c in cols) + " |" for r in rows]
+            self.tb.add_text(name, "\n".join(md), step)
+
     def close(self) -> None:
         if self.tb:
             self.tb.flush()

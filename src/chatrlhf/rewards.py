@@ -139,7 +139,9 @@ class RunningMoments:
         return math.sqrt(max(self.var, 0.0))
 
     def normalise(self, x: float) -> float:
-        return (x - self.mean) / max(self.std, 1e-4)
+        """(x − mean) / std; a source that has not varied yet (std < 1e-3) is only centred, since
+        dividing by a near-zero std would blow its first differing value up a thousandfold."""
+        return (x - self.mean) / (self.std if self.std >= 1e-3 else 1.0)
 
     def state(self) -> dict:
         return {"mean": self.mean, "var": self.var, "count": self.count}

@@ -287,7 +287,9 @@ def train(cfg: PPOConfig, log=print) -> dict:
                                                         cfg.kl_horizon, len(r))
             step += 1
             metrics["time/step_s"] = time.perf_counter() - t0
-            _write_samples(samples, step, r, metrics, cfg.sample_rows)
+            rows = _samples(step, r, metrics, cfg.sample_rows)
+            samples.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+            samples.flush()
             raw = {k: v for k, v in metrics.items() if not k.startswith("_")}
             state["history"] = (state["history"] + [raw])[-12:]
             state["moments"] = mix.state()
@@ -299,6 +301,9 @@ def train(cfg: PPOConfig, log=print) -> dict:
             active_warnings = set(signs)
             if step % cfg.eval_steps == 0 or step == total_steps:
                 raw.update(evaluate(policy, ref_ctx, tok, eval_prompts, cfg, mix, step, state["beta"]))
+                logger.table(step, "samples", rows)
+                if not cfg.quiet and rows:
+                    _show(bar.console, rows)
             logger.log(step, raw)
             bar.update(task, completed=step, info=f"reward {raw['reward/total_mean']:+.3f}  kl {raw['objective/kl']:.3f}  "
                                                   f"{raw['time/step_s']:.1f} s/step")
@@ -330,13 +335,23 @@ def _optimizer(params, lr: float, cfg: PPOConfig, total_steps: int):
     return opt, get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total_steps), total_steps)
 
 
-def _write_samples(f, step: int, r: Rollout, metrics: dict, n: int) -> None:
+def _samples(step: int, r: Rollout, metrics: dict, n: int) -> list[dict]:
+    """The first ``n`` replies of the batch with their total and per-source rewards."""
     raws = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("_raw/")}
-    for i in range(min(n, len(r))):
-        f.write(json.dumps({"step": step, "prompt": r.prompts[i][-1]["content"], "reply": r.texts[i],
-                            "reward": float(r.scores[i]), "ended": bool(r.ended[i]),
-                            **{f"reward_{k}": v[i] for k, v in raws.items()}}, ensure_ascii=False) + "\n")
-    f.flush()
+    return [{"step": step, "prompt": r.prompts[i][-1]["content"], "reply": r.texts[i], "reward": round(float(r.scores[i]), 4),
+             "ended": bool(r.ended[i]), **{f"reward_{k}": v[i] for k, v in raws.items()}} for i in range(min(n, len(r)))]
+
+
+def _show(console, rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"sample replies, step {rows[0]['step']}", show_lines=True)
+    cols = [c for c in rows[0] if c != "step"]
+    for c in cols:
+        table.add_column(c, ratio=3 if c in ("prompt", "reply") else 1)
+    for row in rows:
+        table.add_row(*[f"{row[c]:+.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols])
+    console.print(table)
 
 
 def _finish(cfg: PPOConfig, policy, critic, tok, out: Path, state: dict, step: int) -> dict:
