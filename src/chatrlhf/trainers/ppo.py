@@ -216,30 +216,41 @@ def evaluate(policy, ref_ctx, tok, prompts, cfg: PPOConfig, mix: RewardMix, step
 # --------------------------------------------------------------------------- the loop
 
 
-def train(cfg: PPOConfig, log=print) -> dict:
-    out = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
-    all_prompts = load_prompts(cfg.data, cfg.format)
-    if not all_prompts:
-        raise UsageError(f"--data {cfg.data}: no prompts", "one prompt per line in a .txt, or any data format")
+def split_prompts(cfg: PPOConfig) -> tuple[list, list]:
+    """Train and held-out prompts, split prompt-disjoint with the run's seed."""
     from chatrlhf.data import split_by_prompt
     from chatrlhf.data.records import Conversation
 
-    held = split_by_prompt([Conversation(p) for p in all_prompts], cfg.eval_fraction, cfg.seed)
-    train_prompts, eval_prompts = [c.messages for c in held[0]], [c.messages for c in held[1]]
-    mix = build_rewards(cfg, log)
+    prompts = load_prompts(cfg.data, cfg.format)
+    if not prompts:
+        raise UsageError(f"--data {cfg.data}: no prompts", "one prompt per line in a .txt, or any data format")
+    train_part, held = split_by_prompt([Conversation(p) for p in prompts], cfg.eval_fraction, cfg.seed)
+    return [c.messages for c in train_part], [c.messages for c in held]
+
+
+def load_networks(cfg: PPOConfig, log=print):
+    """(policy, tokenizer, reference context, critic or None, value head or None, critic kind)."""
     policy, tok = load_model(cfg, trainable=True, plain_template=cfg.no_chat_template)
     device = next(policy.parameters()).device
     lora = hasattr(policy, "disable_adapter")
-    ref = None if lora else load_model(cfg)[0].eval().requires_grad_(False)
+    ref = None if lora else load_model(cfg, plain_template=cfg.no_chat_template)[0].eval().requires_grad_(False)
     ref_ctx = (lambda: _adapters_off(policy)) if lora else (lambda: contextlib.nullcontext(ref))
-    critic, vhead, critic_kind = build_critic(cfg, tok, unwrap(policy).config.hidden_size, log)
+    critic, vhead, kind = build_critic(cfg, tok, unwrap(policy).config.hidden_size, log)
     if vhead is not None:
         vhead.to(device)
     if cfg.gradient_checkpointing:
-        enable_checkpointing(policy)
-        if critic is not None:
-            enable_checkpointing(critic)
+        for net in (policy, critic):
+            if net is not None:
+                enable_checkpointing(net)
+    return policy, tok, ref_ctx, critic, vhead, kind
+
+
+def train(cfg: PPOConfig, log=print) -> dict:
+    out = Path(cfg.output_dir)
+    seed_everything(cfg.seed)
+    train_prompts, eval_prompts = split_prompts(cfg)
+    mix = build_rewards(cfg, log)
+    policy, tok, ref_ctx, critic, vhead, critic_kind = load_networks(cfg, log)
     per_epoch = max(1, len(train_prompts) // cfg.batch_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch))
     holder = torch.nn.ModuleDict({"policy": policy, **({"value_head": vhead} if vhead is not None else {})})
@@ -252,7 +263,8 @@ def train(cfg: PPOConfig, log=print) -> dict:
         parts["critic"] = (critic, critic_opt, critic_sched)
     log(f"chatrlhf ppo: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts, {total_steps} steps × "
         f"{cfg.batch_size * cfg.samples_per_prompt} replies, reward sources {', '.join(mix.sources)}, critic "
-        f"{critic_kind}, {count_parameters(policy)[1]:,} trainable policy parameters, device {device}")
+        f"{critic_kind}, {count_parameters(policy)[1]:,} trainable policy parameters, "
+        f"device {next(policy.parameters()).device}")
 
     step, state = 0, {"beta": cfg.kl_coef, "moments": {}, "history": [], "eval_start": None}
     if cfg.resume:
