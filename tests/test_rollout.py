@@ -78,3 +78,14 @@ def test_select_picks_rows_of_every_field():
     mb = r.select(torch.tensor([2, 0]))
     assert mb.texts == ["y", "w"] and mb.prompts == ["c", "a"] and mb.ended.tolist() == [True, True]
     assert mb.scores.tolist() == [6.0, 0.0] and len(mb) == 2
+
+
+def test_raw_prompts_for_continuation_tasks_skip_the_template():
+    from chatrlhf.rollout import prompt_text
+
+    _, tok = load_model(ModelArgs(model="tiny-random-llama"))
+    p = [{"role": "user", "content": "The movie was"}]
+    assert prompt_text(tok, p, raw=True) == "The movie was"
+    assert "<|im_start|>" in prompt_text(tok, p) and prompt_text(tok, p).rstrip().endswith("assistant")
+    q, qm = encode_prompts(tok, [p], 64, "cpu", raw=True)
+    assert tok.decode(q[0][qm[0].bool()]) == "The movie was"

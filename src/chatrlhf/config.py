@@ -164,6 +164,8 @@ class PPOConfig(RewardArgs, LogArgs, TrainArgs, DataArgs, ModelArgs):
     critic_lr: float = arg(1e-5, "Critic learning rate (separate critic only).")
     warmup_ratio: float = arg(0.0, "Fraction of steps of linear warm-up.")
     gradient_checkpointing: bool = arg(False, "Recompute activations in backward (less memory, ~20% slower).")
+    no_chat_template: bool = arg(False, "Plain-text prompts for continuation tasks: the prompt text as it is, "
+                                 "no chat template (set --missing-eos-penalty 0 if replies need not end).")
     max_prompt_length: int = arg(256, "Prompt tokens kept (the start of longer prompts is cut).")
     max_new_tokens: int = arg(48, "Reply tokens sampled per rollout.")
     temperature: float = arg(0.7, "Sampling temperature; log-probs are recomputed at the same T (item 3).")

@@ -54,10 +54,15 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def encode_prompts(tok, prompts: list[list[dict]], max_prompt_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_text(tok, prompt: list[dict], raw: bool = False) -> str:
+    """The chat template with the generation prompt, or (``raw``, for continuation tasks) the text itself."""
+    return "\n".join(m["content"] for m in prompt) if raw else render(tok, prompt, add_generation_prompt=True)
+
+
+def encode_prompts(tok, prompts: list[list[dict]], max_prompt_length: int, device,
+                   raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, Q) left-padded prompt ids and mask; over-long prompts lose their start."""
-    seqs = [tok(render(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"][-max_prompt_length:]
-            for p in prompts]
+    seqs = [tok(prompt_text(tok, p, raw), add_special_tokens=False)["input_ids"][-max_prompt_length:] for p in prompts]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)

@@ -109,7 +109,7 @@ def rollout(policy, ref_ctx, critic, vhead, tok, prompts, cfg: PPOConfig, mix: R
             update_moments: bool = True) -> tuple[Rollout, dict]:
     device = next(policy.parameters()).device
     t0 = time.perf_counter()
-    q, qm = encode_prompts(tok, prompts, cfg.max_prompt_length, device)
+    q, qm = encode_prompts(tok, prompts, cfg.max_prompt_length, device, raw=cfg.no_chat_template)
     policy.eval()
     ids, mask, sample_lp = sample(policy, q, qm, cfg.max_new_tokens, cfg.temperature, tok.eos_token_id,
                                   tok.pad_token_id, cfg.dtype)
@@ -230,10 +230,10 @@ def split_prompts(cfg: PPOConfig) -> tuple[list, list]:
 
 def load_networks(cfg: PPOConfig, log=print):
     """(policy, tokenizer, reference context, critic or None, value head or None, critic kind)."""
-    policy, tok = load_model(cfg, trainable=True, plain_template=cfg.no_chat_template)
+    policy, tok = load_model(cfg, trainable=True)
     device = next(policy.parameters()).device
     lora = hasattr(policy, "disable_adapter")
-    ref = None if lora else load_model(cfg, plain_template=cfg.no_chat_template)[0].eval().requires_grad_(False)
+    ref = None if lora else load_model(cfg)[0].eval().requires_grad_(False)
     ref_ctx = (lambda: _adapters_off(policy)) if lora else (lambda: contextlib.nullcontext(ref))
     critic, vhead, kind = build_critic(cfg, tok, unwrap(policy).config.hidden_size, log)
     if vhead is not None:
