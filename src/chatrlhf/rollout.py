@@ -170,5 +170,6 @@ def policy_forward(model, r: Rollout, temperature: float, with_entropy: bool = F
 def critic_values(critic, r: Rollout) -> torch.Tensor:
     """(B, R) V(s_t) of a separate critic (a sequence-classification model whose head reads every
     position) on the same tokens as the policy."""
-    h = reply_hidden(critic.base_model, r.query_ids, r.query_mask, r.response_ids, r.response_mask)
-    return critic.score(h).squeeze(-1).float()
+    inner = unwrap(critic)  # through a peft wrapper: LoRA layers sit inside the trunk, the head is trainable
+    h = reply_hidden(inner.base_model, r.query_ids, r.query_mask, r.response_ids, r.response_mask)
+    return inner.score(h).squeeze(-1).float()

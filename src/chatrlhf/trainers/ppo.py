@@ -82,7 +82,12 @@ def build_critic(cfg: PPOConfig, tok, hidden_size: int, log=print):
     critic, _ = load_reward_model(ModelArgs(model=source, device=cfg.device, dtype=cfg.dtype), trainable=True)
     if kind == "policy":  # zero head: values start at 0 (RL_DETAILS item 12)
         torch.nn.init.zeros_(critic.score.weight)
-    log(f"chatrlhf ppo: critic = separate network from {source}")
+    if cfg.lora_r > 0:  # LoRA on the critic too: its trunk's weights stay frozen, its head trains in full
+        from peft import LoraConfig, get_peft_model
+
+        critic = get_peft_model(critic, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                   target_modules="all-linear", modules_to_save=["score"]))
+    log(f"chatrlhf ppo: critic = separate network from {source}" + (" (LoRA)" if cfg.lora_r > 0 else ""))
     return critic, None, kind
 
 
