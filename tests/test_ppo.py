@@ -141,3 +141,5 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path, fn):
     for step in range(1, 9):
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
     assert len([m for m in read_metrics(out) if "eval/reward" in m]) == 3  # steps 0, 4, 8 once each
+    steps = [json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == 8 * 4  # 4 sample rows per step, none twice

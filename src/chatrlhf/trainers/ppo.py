@@ -285,7 +285,7 @@ def train(cfg: PPOConfig, log=print) -> dict:
     if step == 0:
         state["eval_start"] = evaluate(policy, ref_ctx, tok, eval_prompts, cfg, mix, 0, state["beta"])
         logger.log(0, state["eval_start"])
-    samples = (out / "samples.jsonl").open("a" if cfg.resume else "w", encoding="utf-8")
+    samples = _open_samples(out / "samples.jsonl", step if cfg.resume else None)
     active_warnings: set[str] = set()
     with StopFlag() as stop, progress_bar(cfg.quiet) as bar:
         task = bar.add_task("ppo", total=total_steps, completed=step, info="")
@@ -357,6 +357,15 @@ def _samples(step: int, r: Rollout, metrics: dict, n: int) -> list[dict]:
     raws = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("_raw/")}
     return [{"step": step, "prompt": r.prompts[i][-1]["content"], "reply": r.texts[i], "reward": round(float(r.scores[i]), 4),
              "ended": bool(r.ended[i]), **{f"reward_{k}": v[i] for k, v in raws.items()}} for i in range(min(n, len(r)))]
+
+
+def _open_samples(path: Path, resume_step: int | None):
+    """samples.jsonl for appending; a resumed run first drops what the killed run wrote after its checkpoint."""
+    if resume_step is not None and path.exists():
+        keep = [x for x in path.read_text(encoding="utf-8").splitlines() if x and json.loads(x)["step"] <= resume_step]
+        path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+        return path.open("a", encoding="utf-8")
+    return path.open("w", encoding="utf-8")
 
 
 def _show(console, rows: list[dict]) -> None:
