@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout 900 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout 900 --durations=8 tests
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
