@@ -20,7 +20,7 @@ def test_twenty_ppo_steps_raise_heldout_reward_within_kl_bound(tmp_path, write):
     fn = write("sentiment.py", SENTIMENT)
     out = tmp_path / "ppo"
     r = run_cli("ppo", "--model", "smollm2-135m", "--data", EXAMPLES / "prompts.txt", "--reward-fn", f"{fn}:positive",
-                "--output-dir", out, "--quiet", "--no-tensorboard", "--max-steps", "20", "--batch-size", "8",
+                "--output-dir", out, "--quiet", "--no-tensorboard", "--max-steps", "20", "--batch-size", "4",
                 "--samples-per-prompt", "2", "--minibatch-size", "8", "--max-new-tokens", "16", "--lr", "1.5e-5",
                 "--ppo-epochs", "2", "--kl-coef", "0.1",
                 "--critic", "shared", "--eval-steps", "20", "--save-steps", "100", "--kl-bound", KL_BOUND,
