@@ -13,6 +13,7 @@ logged. Each source is normalised with running moments and logged separately.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -150,13 +151,15 @@ class RunningMoments:
 # --------------------------------------------------------------------------- sources
 
 
-def rouge_l(a: str, b: str) -> float:
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
     from rouge_score import rouge_scorer
 
-    global _ROUGE
-    if "_ROUGE" not in globals():
-        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return _ROUGE.score(a, b)["rougeL"].fmeasure
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(a: str, b: str) -> float:
+    return _rouge_scorer().score(a, b)["rougeL"].fmeasure
 
 
 def _by_prompt(pairs) -> dict[str, list]:
@@ -228,8 +231,9 @@ class HumanReward:
             if r.strip() in rated:
                 out.append(sum(rated[r.strip()]) / len(rated[r.strip()]))
                 continue
-            best = max(rated, key=lambda t: rouge_l(t, r), default=None)
-            ok = best is not None and rouge_l(best, r) >= self.threshold
+            sim = {t: rouge_l(t, r) for t in rated}  # each rated reply scored once
+            best = max(sim, key=sim.get, default=None)
+            ok = best is not None and sim[best] >= self.threshold
             out.append(sum(rated[best]) / len(rated[best]) if ok else None)
         return out
 

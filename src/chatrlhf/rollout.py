@@ -121,6 +121,11 @@ def reply_mask(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return ((is_eos.cumsum(1) - is_eos) == 0).long()
 
 
+def decode_replies(tok, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """The text of each reply (its masked tokens, special tokens dropped)."""
+    return [tok.decode(row[m.bool()], skip_special_tokens=True).strip() for row, m in zip(response_ids, response_mask)]
+
+
 def ended_with_eos(response_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (response_ids == eos_id).any(1)
 

@@ -24,7 +24,7 @@ from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import bootstrap_ci, distinct_n, win_rate
 from chatrlhf.models import autocast, load_model
 from chatrlhf.rewards import ModelReward, SimilarityReward, prompts_with_references
-from chatrlhf.rollout import Rollout, encode_prompts, ended_with_eos, policy_forward, sample
+from chatrlhf.rollout import Rollout, decode_replies, encode_prompts, ended_with_eos, policy_forward, sample
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def replies_of(model, tok, prompts, cfg: EvalConfig) -> tuple[list[Rollout], lis
                                   tok.pad_token_id, cfg.dtype)
             r = Rollout(q, qm, ids, mask, *[None] * 7, ended=ended_with_eos(ids, tok.eos_token_id))
             batches.append(r)
-            texts += [tok.decode(row[m.bool()], skip_special_tokens=True).strip() for row, m in zip(ids, mask)]
+            texts += decode_replies(tok, ids, mask)
     return batches, texts
 
 

@@ -38,7 +38,7 @@ from chatrlhf.models import autocast, count_parameters, enable_checkpointing, lo
     save_model, unwrap
 from chatrlhf.rewards import HumanReward, ModelReward, RewardMix, SimilarityReward, load_callable, \
     parse_schedules, reference_replies
-from chatrlhf.rollout import Rollout, critic_values, encode_prompts, ended_with_eos, policy_forward, sample
+from chatrlhf.rollout import Rollout, critic_values, decode_replies, encode_prompts, ended_with_eos, policy_forward, sample
 from chatrlhf.trainers.common import StopFlag, checkpoints, load_checkpoint, progress_bar, save_checkpoint, \
     seed_everything
 
@@ -120,7 +120,7 @@ def rollout(policy, ref_ctx, critic, vhead, tok, prompts, cfg: PPOConfig, mix: R
                                   tok.pad_token_id, cfg.dtype)
     gen_s = time.perf_counter() - t0
     ended = ended_with_eos(ids, tok.eos_token_id)
-    texts = [tok.decode(row[m.bool()], skip_special_tokens=True).strip() for row, m in zip(ids, mask)]
+    texts = decode_replies(tok, ids, mask)
     zeros = torch.zeros_like(sample_lp)
     r = Rollout(q, qm, ids, mask, zeros, zeros, zeros, zeros[:, 0], zeros, zeros, zeros, prompts, texts, ended)
     with autocast(cfg.dtype, device):
