@@ -143,3 +143,16 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path, fn):
     assert len([m for m in read_metrics(out) if "eval/reward" in m]) == 3  # steps 0, 4, 8 once each
     steps = [json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(steps) == 8 * 4  # 4 sample rows per step, none twice
+
+
+def test_minibatches_shuffle_whole_prompt_groups():
+    from chatrlhf.trainers.ppo import minibatches
+
+    torch.manual_seed(0)
+    mbs = minibatches(16, 4, 8)
+    rows = torch.cat(mbs)
+    assert sorted(rows.tolist()) == list(range(16)) and rows.tolist() != list(range(16))
+    for mb in mbs:
+        groups = (mb // 4).tolist()
+        assert len(mb) == 8 and len(set(groups)) == 2 and all(groups.count(g) == 4 for g in groups)
+    assert len(set((torch.cat(minibatches(12, 4, 6)) // 4).tolist())) == 3  # 6 % 4 ≠ 0: rows shuffled one by one

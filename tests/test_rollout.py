@@ -8,7 +8,8 @@ import torch
 from chatrlhf import losses
 from chatrlhf.config import ModelArgs
 from chatrlhf.models import load_model
-from chatrlhf.rollout import Rollout, encode_prompts, policy_forward, reply_mask, sample
+from chatrlhf.rollout import Rollout, draw, encode_prompts, policy_forward, reply_hidden, reply_mask, sample, \
+    shared_prompts, trunk_and_head
 
 PROMPTS = [[{"role": "user", "content": c}] for c in
            ("Hi", "Where is my order? It was due on Monday and nothing came.", "Reset my password please",
@@ -89,3 +90,36 @@ def test_raw_prompts_for_continuation_tasks_skip_the_template():
     assert "<|im_start|>" in prompt_text(tok, p) and prompt_text(tok, p).rstrip().endswith("assistant")
     q, qm = encode_prompts(tok, [p], 64, "cpu", raw=True)
     assert tok.decode(q[0][qm[0].bool()]) == "The movie was"
+
+
+def test_draw_follows_the_distribution_and_never_picks_impossible_tokens():
+    torch.manual_seed(0)
+    p = torch.tensor([[0.5, 0.0, 0.2, 0.3], [0.0, 0.0, 1.0, 0.0]])
+    logp = p.log().expand(20000, 2, 4).reshape(-1, 4)  # rows alternate between the two distributions
+    tokens = draw(logp).view(20000, 2)
+    freq = torch.stack([torch.bincount(tokens[:, j], minlength=4) for j in range(2)]).float() / 20000
+    assert freq[1].tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert freq[0, 1] == 0
+    assert torch.allclose(freq[0], p[0], atol=0.015)  # 4.5 standard errors at n = 20000
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
+def test_shared_prompt_pass_equals_one_pass_per_row(name):
+    """Rows that share a prompt reuse its KV cache: hidden states and gradients equal those of a separate
+    full pass per row (fp32)."""
+    torch.manual_seed(0)
+    model, tok = load_model(ModelArgs(model=name, dtype="float32"))
+    q, qm = encode_prompts(tok, [p for p in PROMPTS[:3] for _ in range(3)], 64, "cpu")
+    assert shared_prompts(q, qm)[0].shape[0] == 3
+    ids = torch.randint(0, len(tok) - 1, (9, 7))
+    mask = reply_mask(ids, tok.eos_token_id)
+    trunk, _ = trunk_and_head(model)
+    shared = reply_hidden(trunk, q, qm, ids, mask)
+    shared.pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    rows = torch.cat([reply_hidden(trunk, q[i:i + 1], qm[i:i + 1], ids[i:i + 1], mask[i:i + 1]) for i in range(9)])
+    rows.pow(2).mean().backward()
+    assert torch.allclose(shared, rows, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-4), n

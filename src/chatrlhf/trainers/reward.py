@@ -32,7 +32,7 @@ from chatrlhf.logger import MetricsLogger
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_reward_model, save_model, \
     train_top_layers
 from chatrlhf.rewards import encode_reply, pad_right, raw_scores, reward_scores
-from chatrlhf.trainers.common import EpochBatches, StopFlag, progress_bar, seed_everything
+from chatrlhf.trainers.common import EpochBatches, StopFlag, make_optimizer, progress_bar, seed_everything
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -116,10 +116,8 @@ def train(cfg: RewardTrainConfig, log=print) -> dict:
     log(f"chatrlhf reward: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({dict(counts)}), "
         f"{total_steps} steps, {count_parameters(model)[1]:,} trainable parameters, device {device}")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    from transformers import get_linear_schedule_with_warmup
-
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay,
+                                          warmup_steps=int(cfg.warmup_ratio * total_steps), total_steps=total_steps)
     logger = MetricsLogger(out, cfg.tensorboard)
     logger.config(cfg)
     encoded = encode_pairs(tok, train_pairs, cfg.max_length)

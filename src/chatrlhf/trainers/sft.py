@@ -28,8 +28,8 @@ from chatrlhf.data.template import IGNORE, Tokenized, tokenize_conversation
 from chatrlhf.errors import UsageError
 from chatrlhf.logger import MetricsLogger, read_metrics
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model, unwrap
-from chatrlhf.trainers.common import EpochBatches, StopFlag, checkpoints, load_checkpoint, plan_batches, \
-    progress_bar, save_checkpoint, seed_everything
+from chatrlhf.trainers.common import EpochBatches, StopFlag, checkpoints, load_checkpoint, make_optimizer, \
+    plan_batches, progress_bar, save_checkpoint, seed_everything
 
 
 # --------------------------------------------------------------------------- data
@@ -131,10 +131,8 @@ def train(cfg: SFTConfig, log=print) -> dict:
         f"{total_steps} steps, {trainable_params:,} of {total_params:,} parameters trainable, device {device}")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, schedule="cosine",
+                                          warmup_steps=int(cfg.warmup_ratio * total_steps), total_steps=total_steps)
 
     state = {"micro_batch": 0, "tokens": 0, "first_eval_loss": None}
     step = 0
