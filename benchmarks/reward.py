@@ -6,7 +6,8 @@
 Pairs: short single-turn HH-RLHF pairs from ../shared/data/hh-rlhf/helpful-base (prompt 8–60
 tokens, replies 8–60, chosen ≠ rejected, one pair per prompt): the first --train-pairs train, the next --eval-pairs
 (other prompts) are held out. SmolLM2-135M with a fresh scalar head, batch 8, one epoch, lr 1e-5
-annealed linearly to 0, fp32. Each side runs in its own child process (one after the other, in this
+annealed linearly to 0, fp32 (or, with --dtype auto, bf16 autocast on both sides where the CPU has
+it). Each side runs in its own child process (one after the other, in this
 one run); pairs/s is over the optimizer steps after the first; held-out accuracy is computed with the
 same scoring code for both trained models. Prints the figures and the ratios; writes
 benchmarks/results/reward.json.
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ppo import bf16_on  # noqa: E402
 from sft import machine, peak_rss_gb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +67,7 @@ def run_ours(a) -> dict:
     data.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
                             for p in train_pairs))
     cfg = RewardTrainConfig(model="smollm2-135m", data=str(data), output_dir=str(tmp / "rm"), batch_size=8, epochs=1,
-                            lr=1e-5, eval_fraction=0.0, quiet=True, tensorboard=False, dtype="float32", seed=0,
+                            lr=1e-5, eval_fraction=0.0, quiet=True, tensorboard=False, dtype=a.dtype, seed=0,
                             train_layers=a.train_layers, gradient_checkpointing=a.gradient_checkpointing)
     t0 = time.perf_counter()
     train(cfg, log=lambda *x: None)
@@ -102,7 +104,7 @@ def run_trl(a) -> dict:
                              "rejected": [{"role": "assistant", "content": p.rejected}]} for p in train_pairs])
     args = RewardConfig(output_dir=tempfile.mkdtemp(prefix="bench-rm-trl-"), per_device_train_batch_size=8,
                         num_train_epochs=1, learning_rate=1e-5, lr_scheduler_type="linear", logging_steps=1,
-                        save_strategy="no", report_to=[], use_cpu=True, seed=0, max_length=512, bf16=False)
+                        save_strategy="no", report_to=[], use_cpu=True, seed=0, max_length=512, bf16=bf16_on(a.dtype))
     trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     times = []
 
@@ -127,7 +129,7 @@ def run_trl(a) -> dict:
 
 def child(side: str, a) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--train-pairs", str(a.train_pairs), "--eval-pairs",
-           str(a.eval_pairs), "--train-layers", str(a.train_layers),
+           str(a.eval_pairs), "--train-layers", str(a.train_layers), "--dtype", a.dtype,
            "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -143,6 +145,8 @@ def main() -> None:
     p.add_argument("--train-layers", type=int, default=-1, help="chatrlhf side: train only the top N blocks")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="chatrlhf side; on by default in both tools")
+    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
+                   help="both sides: fp32 (default), or bf16 autocast where the CPU has it (auto)")
     p.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if not HH.is_file():
