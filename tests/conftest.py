@@ -34,3 +34,59 @@ def write(tmp_path):
 def tiny_sft_args(data, out, *extra):
     return ["sft", "--model", "tiny-random-llama", "--data", data, "--output-dir", out, "--quiet",
             "--no-tensorboard", *extra]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real throwaway PostgreSQL server (Debian's binaries, run as the postgres user; .ci/run installs
+    them). The tests that use it fail — not skip — in CI when it cannot start."""
+    import glob
+    import shutil
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins or shutil.which("runuser") is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL binaries missing: .ci/run should have installed the postgresql package")
+        pytest.skip("PostgreSQL not installed (apt-get install -y postgresql)")
+    pgbin = Path(bins[-1]).parent
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="chatrlhf-pg-"))  # not under pytest's 0700 tree: postgres must reach it
+    shutil.chown(root, "postgres")
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_pg, pgbin / "initdb", "-D", root / "data", "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    port = 55432 + os.getpid() % 1000
+    subprocess.run([*as_pg, pgbin / "pg_ctl", "-D", root / "data", "-l", root / "log", "-w", "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"], check=True,
+                   capture_output=True)
+    try:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as c:
+            c.execute("create database chatrlhf_test")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/chatrlhf_test"
+    finally:
+        subprocess.run([*as_pg, pgbin / "pg_ctl", "-D", root / "data", "stop", "-m", "fast"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """A fresh feedback store on SQLite (a WAL file) and on the real PostgreSQL server."""
+    from chatrlhf.feedback.store import Base, Store
+
+    if request.param == "sqlite":
+        s = Store(str(tmp_path / "feedback.db"))
+    else:
+        url = request.getfixturevalue("postgres_url")
+        from sqlalchemy import create_engine, text
+
+        eng = create_engine(url)
+        with eng.begin() as c:  # a clean schema for every test
+            c.execute(text("drop schema public cascade; create schema public"))
+        eng.dispose()
+        s = Store(url)
+    yield s
+    s.engine.dispose()
+    assert Base  # the models module is importable on its own

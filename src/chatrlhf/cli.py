@@ -9,12 +9,15 @@ import os
 import sys
 
 from chatrlhf import __version__
-from chatrlhf.config import ChatConfig, EvalConfig, GenerateConfig, InspectConfig, PPOConfig, RewardEvalConfig, \
+from chatrlhf.config import ChatConfig, EvalConfig, FeedbackExportConfig, FeedbackImportConfig, FeedbackInitConfig, \
+    FeedbackStatsConfig, FeedbackUserConfig, GenerateConfig, InspectConfig, PPOConfig, RewardEvalConfig, \
     RewardScoreConfig, RewardTrainConfig, SFTConfig, add_dataclass_args, build_config
 from chatrlhf.errors import ChatRLHFError
 
 COMMANDS = {"sft": SFTConfig, "ppo": PPOConfig, "eval": EvalConfig, "chat": ChatConfig, "generate": GenerateConfig}
 REWARD = {"train": RewardTrainConfig, "eval": RewardEvalConfig, "score": RewardScoreConfig}
+FEEDBACK = {"init": FeedbackInitConfig, "add-user": FeedbackUserConfig, "import": FeedbackImportConfig,
+            "export": FeedbackExportConfig, "stats": FeedbackStatsConfig}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,6 +32,11 @@ def parser() -> argparse.ArgumentParser:
     for name, cls in REWARD.items():
         add_dataclass_args(reward.add_parser(name, help=cls.__doc__.split(":", 1)[1].strip(),
                                              description=cls.__doc__), cls)
+    feedback = sub.add_parser("feedback", help="The human feedback store: users, items, export.").add_subparsers(
+        dest="subcommand", required=True, metavar="SUBCOMMAND")
+    for name, cls in FEEDBACK.items():
+        add_dataclass_args(feedback.add_parser(name, help=cls.__doc__.split(":", 1)[1].strip(),
+                                               description=cls.__doc__), cls)
     data = sub.add_parser("data", help="Look at data files.").add_subparsers(dest="subcommand", required=True,
                                                                              metavar="SUBCOMMAND")
     add_dataclass_args(data.add_parser("inspect", help="Format, counts, token lengths and problems of a file.",
@@ -53,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(ns: argparse.Namespace) -> int:
     if ns.command == "data":
         return inspect(build_config(InspectConfig, ns, ns.config))
+    if ns.command == "feedback":
+        from chatrlhf.feedback import cli as feedback_cli
+
+        return feedback_cli.run(ns.subcommand, build_config(FEEDBACK[ns.subcommand], ns, ns.config))
     if ns.command == "reward":
         _threads()
         from chatrlhf import reward_cli

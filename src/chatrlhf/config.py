@@ -251,6 +251,56 @@ class InspectConfig:
     max_length: int = arg(512, "Length over which records are reported as over-long.")
 
 
+DEFAULT_DB = "feedback.db"
+
+
+@dataclass
+class FeedbackInitConfig:
+    """`chatrlhf feedback init`: create or migrate the feedback store (SQLite file or PostgreSQL URL)."""
+    db: str = arg(DEFAULT_DB, "SQLite file, or a URL such as postgresql+psycopg://user@host/db.")
+
+
+@dataclass
+class FeedbackUserConfig:
+    """`chatrlhf feedback add-user`: add a user (the first admin too); the password is read from the
+    CHATRLHF_PASSWORD environment variable, or asked for."""
+    db: str = arg(DEFAULT_DB, "SQLite file or database URL.")
+    name: str = arg("", "User name.")
+    role: str = arg("annotator", "Role.", ("admin", "annotator", "viewer"))
+
+
+@dataclass
+class FeedbackImportConfig:
+    """`chatrlhf feedback import`: load prompts and replies as items to annotate: preference pairs become
+    compare items, ratings and conversations rate items, prompt files prompts without items."""
+    db: str = arg(DEFAULT_DB, "SQLite file or database URL.")
+    data: str = arg("", "Data file (any format chatrlhf reads).")
+    kind: str = arg("auto", "Item kind for replies: auto (pairs → compare, single replies → rate), or force "
+                    "rate / correct.", ("auto", "rate", "compare", "correct"))
+    k: int = arg(1, "Annotators per item.")
+    round: int = arg(0, "Feedback round these items belong to.")
+    model: str = arg("imported", "Provenance: the model that wrote the replies.")
+
+
+@dataclass
+class FeedbackExportConfig:
+    """`chatrlhf feedback export`: write the store as training records (preferences, ratings, corrections,
+    SFT conversations) plus a manifest with counts and a content hash."""
+    db: str = arg(DEFAULT_DB, "SQLite file or database URL.")
+    output_dir: str = arg("out/feedback", "Folder for the export (replaced whole).")
+    rule: str = arg("all", "Aggregation of comparison votes: every vote, the majority per item, or Bradley–Terry.",
+                    ("all", "majority", "bt"))
+    round: int = arg(-1, "Only this round (-1: all).")
+    eval_fraction: float = arg(0.0, "Prompt-disjoint held-out share (0: no split).")
+    seed: int = arg(0, "Seed of the split.")
+
+
+@dataclass
+class FeedbackStatsConfig:
+    """`chatrlhf feedback stats`: progress, agreement and per-annotator reliability."""
+    db: str = arg(DEFAULT_DB, "SQLite file or database URL.")
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -1,0 +1,1 @@
+"""Human feedback: the store (SQLAlchemy, Alembic migrations) and the export to training records."""

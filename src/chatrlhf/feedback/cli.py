@@ -1,0 +1,87 @@
+"""`chatrlhf feedback init | add-user | import | export | stats`."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+
+from chatrlhf.errors import UsageError
+
+
+def run(sub: str, cfg) -> int:
+    from chatrlhf.feedback.store import Store
+
+    if sub == "init":
+        store = Store(cfg.db)
+        from chatrlhf.feedback.migrations import current
+
+        print(f"chatrlhf feedback: {store.url} at schema revision {current(store.engine)}")
+        return 0
+    store = Store(cfg.db)
+    if sub == "add-user":
+        if not cfg.name:
+            raise UsageError("--name is required")
+        password = os.environ.get("CHATRLHF_PASSWORD") or getpass.getpass(f"password for {cfg.name}: ")
+        user = store.add_user(cfg.name, password, cfg.role)
+        print(f"chatrlhf feedback: user {user.name} ({user.role}) added")
+        return 0
+    if sub == "import":
+        counts = import_file(store, cfg)
+        print(f"chatrlhf feedback: imported {counts} from {cfg.data}")
+        return 0
+    if sub == "export":
+        from chatrlhf.feedback.export import export
+
+        m = export(store, cfg.output_dir, cfg.rule, None if cfg.round < 0 else cfg.round, cfg.eval_fraction, cfg.seed)
+        print(f"chatrlhf feedback: exported {m['counts']} to {cfg.output_dir} (sha256 {m['sha256'][:12]}…)")
+        return 0
+    from chatrlhf.feedback.quality import agreement, reliability
+
+    names = {u.id: u.name for u in store.users()}
+    print(json.dumps({"progress": store.progress(), "agreement": agreement(store),
+                      "reliability": {names[u]: round(r, 3) for u, r in reliability(store).items()}}, indent=2))
+    return 0
+
+
+def import_file(store, cfg) -> dict:
+    """Records of any chatrlhf format → prompts, replies (with provenance) and items."""
+    from chatrlhf.data.formats import load_records
+    from chatrlhf.data.records import Conversation, Correction, Preference, Rating
+
+    if not cfg.data:
+        raise UsageError("--data is required")
+    if cfg.k < 1:
+        raise UsageError(f"--k {cfg.k}: must be ≥ 1")
+    counts = {"prompts": 0, "replies": 0, "items": 0}
+    prompt_ids: dict[str, int] = {}
+
+    def prompt(messages):
+        key = json.dumps(messages, sort_keys=True)
+        if key not in prompt_ids:
+            prompt_ids[key] = store.add_prompt(messages, source=cfg.data, round=cfg.round)
+            counts["prompts"] += 1
+        return prompt_ids[key]
+
+    def reply(pid, text):
+        counts["replies"] += 1
+        return store.add_reply(pid, text, model=cfg.model, round=cfg.round)
+
+    def item(kind, a, b=None):
+        counts["items"] += 1
+        return store.add_item(kind, a, b, k=cfg.k, round=cfg.round)
+
+    for rec in load_records(cfg.data).records:
+        if isinstance(rec, Preference) and cfg.kind in ("auto", "compare"):
+            pid = prompt(rec.prompt)
+            item("compare", reply(pid, rec.chosen), reply(pid, rec.rejected))
+        elif isinstance(rec, (Preference, Rating, Correction)):
+            pid = prompt(rec.prompt)
+            for text in ([rec.chosen, rec.rejected] if isinstance(rec, Preference) else [rec.response]):
+                item("correct" if cfg.kind == "correct" else "rate", reply(pid, text))
+        elif isinstance(rec, Conversation):
+            if rec.messages and rec.messages[-1]["role"] == "assistant":
+                item("correct" if cfg.kind == "correct" else "rate", reply(prompt(rec.prompt), rec.messages[-1]["content"]))
+            else:
+                prompt(rec.messages)
+    return counts

@@ -1,0 +1,181 @@
+"""Export the store to the project's record formats, losslessly, with a manifest naming the exact data.
+
+Files (each JSONL, readable by ``chatrlhf reward train`` and ``chatrlhf sft`` as they are):
+  preferences.jsonl   comparisons (ties, both-bad, confidence, annotator, reliability as ``weight``) and
+                      corrections as (corrected ≻ original) pairs
+  ratings.jsonl       stars and thumbs
+  corrections.jsonl   the corrections themselves
+  conversations.jsonl SFT rows: prompt + corrected reply
+  manifest.json       filters, aggregation rule, round, row counts, split, and a SHA-256 over the files
+With ``eval_fraction`` > 0 every file has a ``train/`` and an ``eval/`` copy, split prompt-disjoint.
+
+Aggregation of the votes on one comparison item (``rule``):
+  all        one row per vote (weight = the annotator's reliability)
+  majority   one row per item: the most-voted outcome (a/b; tie when a and b are level, both-bad when it
+             wins), weight = share of votes that agree
+  bt         one row per item: P(a ≻ b) from the votes (tie = half a win each way, both-bad abstains), the
+             Bradley–Terry strength of the winner as ``margin`` = |log(p / (1 − p))| with add-½ smoothing
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from sqlalchemy import select
+
+from chatrlhf.data.split import split_by_prompt
+from chatrlhf.feedback.store import Comparison, Correction, Item, Prompt, Rating, Reply, Store, User, content_hash, now
+from chatrlhf.feedback.quality import reliability
+
+RULES = ("all", "majority", "bt")
+
+
+def export(store: Store, out_dir: str | Path, rule: str = "all", round: int | None = None, eval_fraction: float = 0.0,
+           seed: int = 0) -> dict:
+    if rule not in RULES:
+        from chatrlhf.feedback.store import FeedbackError
+
+        raise FeedbackError(f"--rule {rule!r} is not one of {', '.join(RULES)}")
+    rows = _collect(store, rule, round)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))  # written whole, then renamed
+    files = []
+    splits = {"": rows} if eval_fraction <= 0 else _split(rows, eval_fraction, seed)
+    for split, part in splits.items():
+        for name, records in part.items():
+            path = tmp / split / f"{name}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+            files.append(path)
+    manifest = {"created_at": now().isoformat() + "Z", "database": _safe_url(store.url), "rule": rule,
+                "filters": {"round": round}, "eval_fraction": eval_fraction, "seed": seed,
+                "counts": {(f"{s}/" if s else "") + n: len(v) for s, part in splits.items() for n, v in part.items()},
+                "sha256": content_hash(files)}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        import shutil
+
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return manifest
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _collect(store: Store, rule: str, round: int | None) -> dict[str, list[dict]]:
+    weights = reliability(store)
+    with store.session() as s:
+        names = {u.id: u.name for u in s.scalars(select(User))}
+        prompts = {p.id: p for p in s.scalars(select(Prompt))}
+        replies = {r.id: r for r in s.scalars(select(Reply))}
+        items = {i.id: i for i in s.scalars(select(Item).where(Item.gold.is_(None)))}  # gold items test annotators
+
+        def keep(item_id):
+            return item_id in items and (round is None or items[item_id].round == round)
+
+        def base(item, user_id):
+            return {"prompt": prompts[item.prompt_id].messages, "annotator": names[user_id],
+                    "weight": round_(weights.get(user_id, 0.5)), "round": item.round, "item_id": item.id}
+
+        comparisons = [c for c in s.scalars(select(Comparison).order_by(Comparison.id)) if keep(c.item_id)]
+        ratings = [r for r in s.scalars(select(Rating).order_by(Rating.id)) if keep(r.item_id)]
+        corrections = [c for c in s.scalars(select(Correction).order_by(Correction.id)) if keep(c.item_id)]
+
+        prefs = _preferences(comparisons, items, replies, base, rule, weights)
+        rating_rows = []
+        for r in ratings:
+            item = items[r.item_id]
+            row = {**base(item, r.user_id), "response": replies[item.reply_a_id].text,
+                   "score": r.score if r.score is not None else ("up" if r.thumbs == 1 else "down"),
+                   "reply_id": item.reply_a_id, "model": replies[item.reply_a_id].model, "reason": r.reason}
+            rating_rows.append(row)
+            if r.score is not None and r.thumbs is not None:  # both given: the thumbs is its own rating
+                rating_rows.append({**row, "score": "up" if r.thumbs == 1 else "down"})
+        fixes, sft = [], []
+        for c in corrections:
+            item = items[c.item_id]
+            original = replies[item.reply_a_id]
+            b = base(item, c.user_id)
+            fixes.append({**b, "response": original.text, "corrected": c.corrected, "reply_id": original.id,
+                          "reason": c.reason})
+            prefs.append({**b, "chosen": c.corrected, "rejected": original.text, "source": "correction"})
+            sft.append({"messages": b["prompt"] + [{"role": "assistant", "content": c.corrected}],
+                        "annotator": b["annotator"], "item_id": item.id, "round": item.round})
+        prefs = [p for p in prefs if p["chosen"].strip() != p["rejected"].strip() or p.get("tie") or p.get("both_bad")]
+        return {"preferences": prefs, "ratings": rating_rows, "corrections": fixes, "conversations": sft}
+
+
+def round_(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+def _preferences(comparisons, items, replies, base, rule: str, weights: dict) -> list[dict]:
+    """Comparison votes → Preference rows. Without a winner (tie, both bad) ``chosen`` is reply a."""
+    def row(item, user_id, outcome, **extra):
+        a, b = replies[item.reply_a_id], replies[item.reply_b_id]
+        chosen, rejected = (b, a) if outcome == "b" else (a, b)
+        return {**base(item, user_id), "chosen": chosen.text, "rejected": rejected.text, "tie": outcome == "tie",
+                "both_bad": outcome == "both_bad", "source": "feedback", "chosen_reply_id": chosen.id,
+                "rejected_reply_id": rejected.id, "chosen_model": chosen.model, "rejected_model": rejected.model,
+                **extra}
+
+    if rule == "all":
+        return [row(items[c.item_id], c.user_id, c.choice, confidence=c.confidence, reason=c.reason)
+                for c in comparisons]
+    votes = defaultdict(list)
+    for c in comparisons:
+        votes[c.item_id].append(c)
+    out = []
+    for item_id, vs in votes.items():
+        item = items[item_id]
+        who = ",".join(sorted({base(item, v.user_id)["annotator"] for v in vs}))
+        if rule == "majority":
+            count = Counter(v.choice for v in vs)
+            top = max(count.values())
+            winners = [c for c in ("a", "b", "both_bad", "tie") if count[c] == top]
+            outcome = "tie" if {"a", "b"} <= set(winners) else winners[0]
+            r = row(item, vs[0].user_id, outcome, votes=dict(count))
+            r.update(annotator=who, weight=round_(top / len(vs)))
+        else:  # Bradley–Terry from the votes on this pair, each vote weighted by its annotator's reliability
+            w = {v.user_id: weights.get(v.user_id, 0.5) for v in vs}
+            a_wins = sum(w[v.user_id] * (1.0 if v.choice == "a" else 0.5 if v.choice == "tie" else 0.0)
+                         for v in vs if v.choice != "both_bad")
+            total = sum(w[v.user_id] for v in vs if v.choice != "both_bad")
+            if total == 0:
+                r = row(item, vs[0].user_id, "both_bad")
+            else:
+                p = (a_wins + 0.5) / (total + 1.0)
+                outcome = "a" if p > 0.5 else "b" if p < 0.5 else "tie"
+                r = row(item, vs[0].user_id, outcome, margin=round_(abs(math.log(p / (1 - p)))), p_a=round_(p))
+            r.update(annotator=who, weight=1.0)
+        out.append(r)
+    return out
+
+
+def _split(rows: dict[str, list[dict]], eval_fraction: float, seed: int) -> dict[str, dict[str, list[dict]]]:
+    """Prompt-disjoint train/eval: every file is split by the same set of prompts."""
+    from chatrlhf.data.records import Conversation, prompt_key
+
+    everything = [Conversation(r.get("prompt") or r["messages"][:-1]) for part in rows.values() for r in part]
+    _, held = split_by_prompt(everything, eval_fraction, seed)
+    held_keys = {prompt_key(c.messages) for c in held}
+    out = {"train": {}, "eval": {}}
+    for name, part in rows.items():
+        for split in out:
+            out[split][name] = [r for r in part if (prompt_key(r.get("prompt") or r["messages"][:-1]) in held_keys)
+                                == (split == "eval")]
+    return out

@@ -1,0 +1,144 @@
+"""The feedback store on SQLite and on a real PostgreSQL server: schema by Alembic, users, exactly-k
+assignment under concurrent submits, bad input, and injection strings stored as text."""
+
+import threading
+
+import pytest
+from sqlalchemy import func, inspect, select
+
+from chatrlhf.feedback.migrations import current
+from chatrlhf.feedback.quality import krippendorff_alpha
+from chatrlhf.feedback.store import Comparison, FeedbackError, Rating, User
+
+
+def users(store, n, role="annotator"):
+    return [store.add_user(f"u{i}", "correct horse", role).id for i in range(n)]
+
+
+def compare_item(store, k=1, prompt="Which is better?", gold=None):
+    pid = store.add_prompt([{"role": "user", "content": prompt}])
+    a, b = store.add_reply(pid, "reply A"), store.add_reply(pid, "reply B")
+    return store.add_item("compare", a, b, k=k, gold=gold)
+
+
+def test_schema_is_made_by_alembic_and_upgrade_is_idempotent(store):
+    assert current(store.engine) == "0001"
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"users", "prompts", "replies", "items", "assignments", "ratings", "comparisons", "corrections",
+            "events", "alembic_version"} <= tables
+    store.upgrade()
+    assert current(store.engine) == "0001"
+
+
+def test_users_passwords_are_hashed_and_checked(store):
+    store.add_user("ann", "correct horse", "annotator")
+    with store.session() as s:
+        stored = s.scalar(select(User.password_hash))
+    assert stored.startswith("$argon2") and "correct horse" not in stored
+    assert store.authenticate("ann", "correct horse").name == "ann"
+    assert store.authenticate("ann", "wrong horse") is None
+    assert store.authenticate("nobody", "correct horse") is None
+    with pytest.raises(FeedbackError) as e:
+        store.add_user("ann", "another one", "annotator")
+    assert e.value.status == 409
+    for bad in (("bob", "short", "annotator"), ("bob", "long enough", "root")):
+        with pytest.raises(FeedbackError):
+            store.add_user(*bad)
+
+
+def test_each_item_gets_exactly_k_answers_and_double_submits_are_not_duplicated(store):
+    a, b, c = users(store, 3)
+    item = compare_item(store, k=2)
+    assert store.lease(a).id == item and store.lease(b).id == item
+    assert store.lease(c) is None  # two live leases fill k = 2
+    first = store.submit(a, item, choice="a")
+    assert first[1] and store.submit(a, item, choice="b") == (first[0], False)  # double submit: the first stands
+    store.submit(b, item, choice="tie")
+    assert store.lease(c) is None
+    with pytest.raises(FeedbackError) as e:
+        store.submit(c, item, choice="a")  # never leased it
+    assert e.value.status == 403
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Comparison)) == 2
+        assert s.scalar(select(Comparison.choice).where(Comparison.user_id == a)) == "a"
+    assert store.progress() == {"answers": 2, "needed": 2} and store.progress(a)["answers"] == 1
+
+
+def test_an_expired_lease_frees_the_item_and_a_late_answer_is_refused(store):
+    a, b = users(store, 2)
+    item = compare_item(store, k=1)
+    assert store.lease(a, seconds=0).id == item  # expires at once
+    assert store.lease(b).id == item
+    store.submit(b, item, choice="b")
+    with pytest.raises(FeedbackError) as e:
+        store.submit(a, item, choice="a")
+    assert e.value.status == 409
+
+
+def test_concurrent_annotators_never_exceed_k(store):
+    n_users, n_items, k = 6, 10, 2
+    ids = users(store, n_users)
+    items = [compare_item(store, k=k, prompt=f"prompt {i}") for i in range(n_items)]
+    errors = []
+
+    def annotate(uid):
+        try:
+            while (item := store.lease(uid)) is not None:
+                store.submit(uid, item.id, choice="a")
+                store.submit(uid, item.id, choice="a")  # and a double submit
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=annotate, args=(u,)) for u in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    with store.session() as s:
+        per_item = dict(s.execute(select(Comparison.item_id, func.count()).group_by(Comparison.item_id)).all())
+        pairs = s.execute(select(Comparison.item_id, Comparison.user_id)).all()
+    assert per_item == {i: k for i in items}
+    assert len(pairs) == len(set(pairs)) == n_items * k
+
+
+def test_bad_answers_get_clear_4xx_errors(store):
+    (a,) = users(store, 1)
+    pid = store.add_prompt([{"role": "user", "content": "hi"}])
+    rate = store.add_item("rate", store.add_reply(pid, "hello"))
+    store.lease(a)
+    for bad, status in (({"score": 6}, 400), ({"score": "5"}, 400), ({"thumbs": 2}, 400), ({}, 400)):
+        with pytest.raises(FeedbackError) as e:
+            store.submit(a, rate, **bad)
+        assert e.value.status == status, bad
+    with pytest.raises(FeedbackError) as e:
+        store.submit(a, 999, score=3)
+    assert e.value.status == 404
+    with pytest.raises(FeedbackError):
+        store.add_item("compare", 1)  # one reply for a comparison
+    assert store.submit(a, rate, score=4, thumbs=1)[1]
+    with store.session() as s:
+        assert s.scalar(select(Rating.score)) == 4
+
+
+def test_sql_injection_strings_are_stored_as_text(store):
+    evil = "x'); DROP TABLE users; --"
+    pid = store.add_prompt([{"role": "user", "content": evil}])
+    store.add_user("o'brien; --", "correct horse")
+    assert store.authenticate("o'brien; --", "correct horse") is not None
+    with store.session() as s:
+        from chatrlhf.feedback.store import Prompt
+
+        assert s.get(Prompt, pid).messages[0]["content"] == evil
+    assert "users" in inspect(store.engine).get_table_names()
+
+
+def test_krippendorff_alpha_hand_computed():
+    # 4 units, 2 coders: (1,1) (2,2) (1,2) (2,1) → o11 = o22 = o12 = o21 = 2, n1 = n2 = 4, n = 8:
+    # α = 1 − (n − 1)·Σ_{c≠k} o_ck / Σ_{c≠k} n_c·n_k = 1 − 7·4/32 = 0.125
+    assert krippendorff_alpha([[1, 1], [2, 2], [1, 2], [2, 1]]) == pytest.approx(0.125)
+    assert krippendorff_alpha([["a", "a"], ["b", "b", "b"], ["a"]]) == pytest.approx(1.0)
+    # interval: units (1,2) (3,3): o12 = o21 = 1, o33 = 2; n1 = n2 = 1, n3 = 2, n = 4
+    # Σ o·δ = 2·1 = 2; Σ n_c n_k δ = 2·(1·1·1 + 1·2·4 + 1·2·1) = 22 → α = 1 − 3·2/22
+    assert krippendorff_alpha([[1, 2], [3, 3]], "interval") == pytest.approx(1 - 6 / 22)
+    assert krippendorff_alpha([[1, 1]]) is None  # one category: undefined
