@@ -10,14 +10,14 @@ import sys
 
 from chatrlhf import __version__
 from chatrlhf.config import ChatConfig, EvalConfig, FeedbackExportConfig, FeedbackImportConfig, FeedbackInitConfig, \
-    FeedbackStatsConfig, FeedbackUserConfig, GenerateConfig, InspectConfig, PPOConfig, RewardEvalConfig, \
+    FeedbackServeConfig, FeedbackStatsConfig, FeedbackUserConfig, GenerateConfig, InspectConfig, PPOConfig, RewardEvalConfig, \
     RewardScoreConfig, RewardTrainConfig, SFTConfig, add_dataclass_args, build_config
 from chatrlhf.errors import ChatRLHFError
 
 COMMANDS = {"sft": SFTConfig, "ppo": PPOConfig, "eval": EvalConfig, "chat": ChatConfig, "generate": GenerateConfig}
 REWARD = {"train": RewardTrainConfig, "eval": RewardEvalConfig, "score": RewardScoreConfig}
 FEEDBACK = {"init": FeedbackInitConfig, "add-user": FeedbackUserConfig, "import": FeedbackImportConfig,
-            "export": FeedbackExportConfig, "stats": FeedbackStatsConfig}
+            "export": FeedbackExportConfig, "stats": FeedbackStatsConfig, "serve": FeedbackServeConfig}
 
 
 def parser() -> argparse.ArgumentParser:

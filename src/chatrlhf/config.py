@@ -296,6 +296,16 @@ class FeedbackExportConfig:
 
 
 @dataclass
+class FeedbackServeConfig:
+    """`chatrlhf feedback serve`: the web app. The session secret comes from CHATRLHF_SECRET (random per start
+    if unset, which logs everyone out on restart); --production also requires an admin user and HTTPS."""
+    db: str = arg(DEFAULT_DB, "SQLite file or database URL.")
+    host: str = arg("127.0.0.1", "Address to listen on.")
+    port: int = arg(8765, "Port.")
+    production: bool = arg(False, "Secure cookies, no start without CHATRLHF_SECRET and an admin user.")
+
+
+@dataclass
 class FeedbackStatsConfig:
     """`chatrlhf feedback stats`: progress, agreement and per-annotator reliability."""
     db: str = arg(DEFAULT_DB, "SQLite file or database URL.")

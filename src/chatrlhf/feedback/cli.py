@@ -26,6 +26,15 @@ def run(sub: str, cfg) -> int:
         user = store.add_user(cfg.name, password, cfg.role)
         print(f"chatrlhf feedback: user {user.name} ({user.role}) added")
         return 0
+    if sub == "serve":
+        import uvicorn
+
+        from chatrlhf.feedback.app import create_app
+
+        app = create_app(store, os.environ.get("CHATRLHF_SECRET"), cfg.production)
+        print(f"chatrlhf feedback: serving {store.url} on http://{cfg.host}:{cfg.port}", flush=True)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        return 0
     if sub == "import":
         counts = import_file(store, cfg)
         print(f"chatrlhf feedback: imported {counts} from {cfg.data}")

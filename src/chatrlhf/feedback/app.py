@@ -1,0 +1,343 @@
+"""The feedback web app: FastAPI with server-rendered, autoescaped templates (no front-end build).
+
+Pages: log in; the next item (rate a reply 1–5 / thumbs, compare two replies shown in random order with
+A / B / Tie / Both bad, correct a reply) with keyboard shortcuts; progress; the admin page (users,
+import, agreement and reliability, export). A JSON API (``/api/…``) does the same for scripts.
+
+Security: argon2 password hashes (store.py); a signed session cookie, HttpOnly and SameSite=Strict
+(Secure in production); a CSRF token on every form and API write; roles checked on the server for every
+route; annotators reach only the items assigned to them; login attempts rate-limited; request bodies
+capped; the store uses parameterised SQL only. Errors are 4xx pages or JSON, never tracebacks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import tempfile
+import time
+import zipfile
+from collections import defaultdict, deque
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException
+from starlette.middleware.sessions import SessionMiddleware
+
+from chatrlhf.feedback.store import FeedbackError, Store
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+MAX_BODY = 256 * 1024          # bytes per request (imports included)
+LOGIN_LIMIT = (5, 60.0)        # failed log-ins per (address, name) per seconds
+GUIDELINES = """Prefer the reply that is helpful, honest and harmless. Judge what the user asked for, not length.
+Tie: both equally good. Both bad: neither is acceptable. A correction should be the reply you would want."""
+
+
+class BodyLimit:
+    """413 for bodies over ``limit`` bytes, by Content-Length or while streaming."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await JSONResponse({"error": f"request body over {self.limit} bytes"}, 413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str):
+        self.status, self.message = status, message
+
+
+def create_app(store: Store, secret: str | None = None, production: bool = False, k_default: int = 1,
+               guidelines: str = GUIDELINES) -> FastAPI:
+    if production and not secret:
+        raise FeedbackError("production mode needs a session secret", "set CHATRLHF_SECRET")
+    if production and not any(u.role == "admin" for u in store.users()):
+        raise FeedbackError("production mode needs an admin and has no default password",
+                            "create one first: chatrlhf feedback add-user --role admin --name …")
+    app = FastAPI(title="chatrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(SessionMiddleware, secret_key=secret or secrets.token_urlsafe(32),
+                       session_cookie="chatrlhf_session", same_site="strict", https_only=production,
+                       max_age=12 * 3600)
+    app.add_middleware(BodyLimit, limit=MAX_BODY)
+    pages = Jinja2Templates(directory=str(TEMPLATES))  # .html templates autoescape
+    failures: dict[tuple, deque] = defaultdict(deque)
+
+    # ------------------------------------------------------------------ helpers
+
+    def api(request: Request) -> bool:
+        return request.url.path.startswith("/api/")
+
+    def csrf_token(request: Request) -> str:
+        if "csrf" not in request.session:
+            request.session["csrf"] = secrets.token_urlsafe(32)
+        return request.session["csrf"]
+
+    def check_csrf(request: Request, sent: str | None) -> None:
+        if not sent or not secrets.compare_digest(str(sent), request.session.get("csrf", "")):
+            raise Refused(403, "missing or wrong CSRF token — reload the page and try again")
+
+    def user_of(request: Request, *roles: str):
+        uid = request.session.get("uid")
+        user = store.user(uid) if uid is not None else None
+        if user is None or not user.active:
+            raise Refused(401, "log in first")
+        if roles and user.role not in roles:
+            raise Refused(403, f"this needs the {' or '.join(roles)} role")
+        return user
+
+    async def form(request: Request) -> dict:
+        try:
+            data = await request.form()
+        except Exception:  # noqa: BLE001 - malformed multipart or urlencoded body
+            raise Refused(400, "malformed form") from None
+        return {k: v for k, v in data.items()}
+
+    async def body_json(request: Request) -> dict:
+        try:
+            data = json.loads(await request.body() or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise Refused(400, "malformed JSON body") from None
+        if not isinstance(data, dict):
+            raise Refused(400, "the JSON body must be an object")
+        return data
+
+    def render(request: Request, name: str, user=None, status: int = 200, **ctx):
+        progress = store.progress(user.id) if user is not None else None
+        return pages.TemplateResponse(request, name, {"user": user, "csrf": csrf_token(request), "progress": progress,
+                                                      "overall": store.progress(), "guidelines": guidelines, **ctx},
+                                      status_code=status)
+
+    # ------------------------------------------------------------------ errors: 4xx, never a traceback
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, e: Refused):
+        if e.status == 401 and not api(request) and request.method == "GET":
+            return RedirectResponse("/login", 303)
+        if api(request):
+            return JSONResponse({"error": e.message}, e.status)
+        return render(request, "error.html", status=e.status, message=e.message)
+
+    @app.exception_handler(FeedbackError)
+    async def feedback_error(request: Request, e: FeedbackError):
+        return await refused(request, Refused(e.status, str(e)))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        return await refused(request, Refused(400, "bad request: " + "; ".join(
+            f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return await refused(request, Refused(e.status_code, str(e.detail)))
+
+    # ------------------------------------------------------------------ log-in
+
+    @app.get("/login", response_class=HTMLResponse)
+    async def login_page(request: Request):
+        return render(request, "login.html")
+
+    @app.post("/login")
+    async def login(request: Request):
+        data = await form(request)
+        check_csrf(request, data.get("csrf"))
+        name = str(data.get("name", ""))[:64]
+        key = (request.client.host if request.client else "", name)
+        recent = failures[key]
+        while recent and recent[0] < time.monotonic() - LOGIN_LIMIT[1]:
+            recent.popleft()
+        if len(recent) >= LOGIN_LIMIT[0]:
+            raise Refused(429, "too many failed log-ins; wait a minute")
+        user = store.authenticate(name, str(data.get("password", "")))
+        if user is None:
+            recent.append(time.monotonic())
+            return render(request, "login.html", status=401, message="wrong name or password")
+        request.session.clear()
+        request.session.update(uid=user.id, csrf=secrets.token_urlsafe(32))
+        return RedirectResponse("/admin" if user.role == "admin" else "/next", 303)
+
+    @app.post("/logout")
+    async def logout(request: Request):
+        check_csrf(request, (await form(request)).get("csrf"))
+        request.session.clear()
+        return RedirectResponse("/login", 303)
+
+    # ------------------------------------------------------------------ annotation
+
+    @app.get("/")
+    async def home(request: Request):
+        user = user_of(request)
+        return RedirectResponse("/admin" if user.role == "admin" else "/next" if user.role == "annotator"
+                                else "/progress", 303)
+
+    @app.get("/next")
+    async def next_item(request: Request, kind: str | None = None):
+        user = user_of(request, "annotator", "admin")
+        item = store.lease(user.id, kind)
+        if item is None:
+            return render(request, "done.html", user)
+        return RedirectResponse(f"/item/{item.id}", 303)
+
+    @app.get("/item/{item_id}", response_class=HTMLResponse)
+    async def item_page(request: Request, item_id: int):
+        user = user_of(request, "annotator", "admin")
+        view = store.item_view(item_id, user.id, user.role)
+        order = request.session.setdefault("order", {})
+        if str(item_id) not in order:  # the random screen order of a comparison, fixed per item
+            order[str(item_id)] = secrets.randbelow(2) == 0
+            request.session["order"] = dict(list(order.items())[-50:])
+        a_first = request.session["order"].get(str(item_id), True)
+        sides = [view["a"], view["b"]] if a_first else [view["b"], view["a"]]
+        return render(request, "item.html", user, item=view, sides=sides)
+
+    def answer_from(kind: str, data: dict, a_first: bool) -> dict:
+        """Form or JSON fields → the store's answer fields (validated again by the store)."""
+        out = {"reason": data.get("reason") or ""}
+        try:
+            if kind == "rate":
+                if data.get("score") not in (None, ""):
+                    out["score"] = float(data["score"])
+                if data.get("thumbs") not in (None, ""):
+                    out["thumbs"] = int(data["thumbs"])
+            elif kind == "compare":
+                side = data.get("choice")
+                out["choice"] = {"left": "a" if a_first else "b", "right": "b" if a_first else "a"}.get(side, side)
+                out["a_shown_first"] = a_first
+                if data.get("confidence") not in (None, ""):
+                    out["confidence"] = float(data["confidence"])
+            else:
+                out["corrected"] = data.get("corrected") or ""
+        except (TypeError, ValueError):
+            raise Refused(400, "a rating, thumbs or confidence is not a number") from None
+        return out
+
+    @app.post("/item/{item_id}")
+    async def submit_form(request: Request, item_id: int):
+        user = user_of(request, "annotator", "admin")
+        data = await form(request)
+        check_csrf(request, data.get("csrf"))
+        kind = store.item_view(item_id, user.id, user.role)["kind"]
+        if data.get("skip"):
+            store.skip(user.id, item_id)
+        else:
+            a_first = request.session.get("order", {}).get(str(item_id), True)
+            store.submit(user.id, item_id, **answer_from(kind, data, a_first))
+        return RedirectResponse("/next", 303)
+
+    @app.get("/progress", response_class=HTMLResponse)
+    async def progress(request: Request):
+        user = user_of(request)
+        return render(request, "done.html", user)
+
+    # ------------------------------------------------------------------ JSON API
+
+    @app.get("/api/session")
+    async def api_session(request: Request):
+        user = user_of(request)
+        return {"user": user.name, "role": user.role, "csrf": csrf_token(request)}
+
+    @app.get("/api/next")
+    async def api_next(request: Request, kind: str | None = None):
+        user = user_of(request, "annotator", "admin")
+        item = store.lease(user.id, kind)
+        return {"item": store.item_view(item.id, user.id, user.role) if item else None}
+
+    @app.post("/api/items/{item_id}")
+    async def api_submit(request: Request, item_id: int):
+        user = user_of(request, "annotator", "admin")
+        check_csrf(request, request.headers.get("x-csrf-token"))
+        data = await body_json(request)
+        kind = store.item_view(item_id, user.id, user.role)["kind"]
+        answer_id, created = store.submit(user.id, item_id, **answer_from(kind, data, True))
+        return JSONResponse({"answer": answer_id, "created": created}, 201 if created else 200)
+
+    @app.post("/api/login")
+    async def api_login(request: Request):
+        data = await body_json(request)
+        user = store.authenticate(str(data.get("name", ""))[:64], str(data.get("password", "")))
+        if user is None:
+            raise Refused(401, "wrong name or password")
+        request.session.clear()
+        request.session.update(uid=user.id, csrf=secrets.token_urlsafe(32))
+        return {"user": user.name, "role": user.role, "csrf": request.session["csrf"]}
+
+    # ------------------------------------------------------------------ admin
+
+    @app.get("/admin", response_class=HTMLResponse)
+    async def admin(request: Request):
+        user = user_of(request, "admin")
+        from chatrlhf.feedback.quality import agreement, reliability
+
+        names = {u.id: u.name for u in store.users()}
+        return render(request, "admin.html", user, users=store.users(), agreement=agreement(store),
+                      reliability={names[u]: r for u, r in reliability(store).items()})
+
+    @app.post("/admin/users")
+    async def add_user(request: Request):
+        user_of(request, "admin")
+        data = await form(request)
+        check_csrf(request, data.get("csrf"))
+        store.add_user(str(data.get("name", "")), str(data.get("password", "")), str(data.get("role", "annotator")))
+        return RedirectResponse("/admin", 303)
+
+    @app.post("/admin/import")
+    async def import_items(request: Request):
+        user_of(request, "admin")
+        data = await form(request)
+        check_csrf(request, data.get("csrf"))
+        from types import SimpleNamespace
+
+        from chatrlhf.errors import ChatRLHFError
+        from chatrlhf.feedback.cli import import_file
+
+        text = data.get("records")
+        if hasattr(text, "read"):  # an uploaded file
+            text = (await text.read()).decode("utf-8", errors="replace")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "import.jsonl"
+            path.write_text(str(text or ""), encoding="utf-8")
+            try:
+                k = int(data.get("k") or k_default)
+                counts = import_file(store, SimpleNamespace(data=str(path), kind=data.get("kind") or "auto", k=k,
+                                                            round=int(data.get("round") or 0), model="imported"))
+            except ValueError:
+                raise Refused(400, "k and round must be whole numbers") from None
+            except ChatRLHFError as e:
+                raise Refused(400, str(e).replace(str(path), "records")) from None
+        return RedirectResponse(f"/admin?imported={counts['items']}", 303)
+
+    @app.get("/admin/export.zip")
+    async def export_zip(request: Request, rule: str = "all", eval_fraction: float = 0.0):
+        user_of(request, "admin")
+        from chatrlhf.feedback.export import export
+
+        with tempfile.TemporaryDirectory() as tmp:
+            export(store, Path(tmp) / "export", rule=rule, eval_fraction=eval_fraction)
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+                for f in sorted((Path(tmp) / "export").rglob("*")):
+                    if f.is_file():
+                        z.write(f, f.relative_to(Path(tmp) / "export"))
+        return Response(buf.getvalue(), media_type="application/zip",
+                        headers={"Content-Disposition": 'attachment; filename="chatrlhf-feedback.zip"'})
+
+    return app

@@ -1,0 +1,159 @@
+"""The feedback web app's security and bad-input handling, through FastAPI's test client (the browser tests
+drive the same app in Chromium)."""
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from chatrlhf.feedback.app import create_app
+from chatrlhf.feedback.store import Comparison, FeedbackError, Store
+
+EVIL = "<script>document.title='pwned'</script> What is 2+2?"
+
+
+@pytest.fixture
+def app_store(tmp_path):
+    store = Store(str(tmp_path / "fb.db"))
+    store.add_user("boss", "correct horse", "admin")
+    store.add_user("ann", "correct horse")
+    store.add_user("bob", "correct horse")
+    store.add_user("vic", "correct horse", "viewer")
+    for i in range(3):
+        pid = store.add_prompt([{"role": "user", "content": EVIL if i == 0 else f"prompt {i}"}])
+        store.add_item("compare", store.add_reply(pid, f"A{i}"), store.add_reply(pid, f"B{i}"))
+    return create_app(store), store
+
+
+def csrf_of(html: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', html).group(1)
+
+
+def login(client, name, password="correct horse"):
+    token = csrf_of(client.get("/login").text)
+    return client.post("/login", data={"name": name, "password": password, "csrf": token})
+
+
+def client_for(app, name=None):
+    c = TestClient(app, follow_redirects=False)
+    if name:
+        assert login(c, name).status_code == 303
+    return c
+
+
+def test_every_route_refuses_a_request_without_a_session(app_store):
+    app, _ = app_store
+    c = client_for(app)
+    open_routes = {"/login", "/api/login"}
+    checked = 0
+    for route in app.routes:
+        if not hasattr(route, "methods") or route.path in open_routes:
+            continue
+        path = route.path.replace("{item_id}", "1")
+        for method in route.methods - {"HEAD"}:
+            r = c.request(method, path)
+            refused = r.status_code in (401, 403) or (r.status_code == 303 and r.headers["location"] == "/login")
+            assert refused, (method, path, r.status_code)
+            checked += 1
+    assert checked >= 12
+
+
+def test_session_cookie_is_httponly_and_samesite(app_store):
+    app, _ = app_store
+    c = client_for(app)
+    cookie = login(c, "ann").headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+
+
+def test_annotators_see_only_their_items_and_never_admin_pages(app_store):
+    app, store = app_store
+    ann, bob, vic = client_for(app, "ann"), client_for(app, "bob"), client_for(app, "vic")
+    item = ann.get("/next").headers["location"]
+    assert ann.get(item).status_code == 200
+    assert bob.get(item).status_code == 403  # leased by ann, not by bob
+    for c in (ann, vic):
+        assert c.get("/admin").status_code == 403
+        assert c.get("/admin/export.zip").status_code == 403
+        assert c.post("/admin/users", data={"csrf": "x", "name": "eve", "password": "12345678"}).status_code == 403
+    assert vic.get("/next").status_code == 403  # viewers do not annotate
+    assert "eve" not in [u.name for u in store.users()]
+
+
+def test_script_in_a_prompt_renders_inert(app_store):
+    app, _ = app_store
+    ann = client_for(app, "ann")
+    page = ann.get(ann.get("/next").headers["location"]).text
+    assert "<script>document.title" not in page and "&lt;script&gt;document.title=&#39;pwned&#39;&lt;/script&gt;" in page
+
+
+def test_forms_without_the_csrf_token_are_refused(app_store):
+    app, store = app_store
+    ann = client_for(app, "ann")
+    item = ann.get("/next").headers["location"]
+    assert ann.post(item, data={"choice": "left"}).status_code == 403
+    assert ann.post(item, data={"choice": "left", "csrf": "forged"}).status_code == 403
+    assert ann.post("/api" + item.replace("/item", "/items"), json={"choice": "a"}).status_code == 403
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Comparison)) == 0
+    # and a log-in form without it
+    assert client_for(app).post("/login", data={"name": "ann", "password": "correct horse"}).status_code == 403
+
+
+def test_bad_input_gets_4xx_and_double_submits_store_one_answer(app_store):
+    app, store = app_store
+    ann = client_for(app, "ann")
+    item = ann.get("/next").headers["location"]
+    token = csrf_of(ann.get(item).text)
+    api = "/api" + item.replace("/item", "/items")
+    h = {"x-csrf-token": token}
+    assert ann.post(api, content=b"{not json", headers=h).status_code == 400
+    assert ann.post(api, content=b"[1, 2]", headers=h).status_code == 400
+    assert ann.post(api, json={"choice": "maybe"}, headers=h).status_code == 400
+    assert ann.post(api, json={"choice": "a", "confidence": "very"}, headers=h).status_code == 400
+    assert ann.post(api, content=b"x" * 300_000, headers=h).status_code == 413
+    assert ann.post("/api/items/999", json={"choice": "a"}, headers=h).status_code == 404
+    assert ann.get("/item/not-a-number").status_code == 400
+    assert ann.post(item, content=b"\xff\xfe=\x00", headers={"content-type": "multipart/form-data; boundary=x"}).status_code in (400, 403)
+    first = ann.post(api, json={"choice": "a"}, headers=h)
+    again = ann.post(api, json={"choice": "b"}, headers=h)
+    assert (first.status_code, again.status_code) == (201, 200) and first.json()["answer"] == again.json()["answer"]
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Comparison)) == 1
+
+
+def test_login_is_rate_limited(app_store):
+    app, _ = app_store
+    c = client_for(app)
+    for _ in range(5):
+        assert login(c, "ann", "wrong password").status_code == 401
+    assert login(c, "ann", "wrong password").status_code == 429
+    assert login(c, "ann").status_code == 429  # even the right password waits out the minute
+
+
+def test_production_mode_has_no_default_admin_and_needs_a_secret(tmp_path):
+    store = Store(str(tmp_path / "fb.db"))
+    with pytest.raises(FeedbackError, match="secret"):
+        create_app(store, production=True)
+    with pytest.raises(FeedbackError, match="admin"):
+        create_app(store, secret="s" * 32, production=True)
+    store.add_user("boss", "correct horse", "admin")
+    assert create_app(store, secret="s" * 32, production=True)
+
+
+def test_admin_imports_and_exports(app_store):
+    import io
+    import json
+    import zipfile
+
+    app, store = app_store
+    boss = client_for(app, "boss")
+    token = csrf_of(boss.get("/admin").text)
+    rows = "\n".join(json.dumps({"prompt": f"new {i}", "chosen": "good", "rejected": "bad"}) for i in range(2))
+    r = boss.post("/admin/import", data={"csrf": token, "records": rows, "k": "2"})
+    assert r.status_code == 303 and r.headers["location"].endswith("imported=2")
+    bad = boss.post("/admin/import", data={"csrf": token, "records": '{"prompt": "x", "chosen": 3}', "k": "1"})
+    assert bad.status_code == 400 and "chosen" in bad.text
+    z = zipfile.ZipFile(io.BytesIO(boss.get("/admin/export.zip?rule=majority").content))
+    manifest = json.loads(z.read("manifest.json"))
+    assert manifest["rule"] == "majority" and "preferences.jsonl" in z.namelist()
