@@ -22,12 +22,35 @@ def compare_item(store, k=1, prompt="Which is better?", gold=None):
 
 
 def test_schema_is_made_by_alembic_and_upgrade_is_idempotent(store):
-    assert current(store.engine) == "0001"
+    assert current(store.engine) == "0002"
     tables = set(inspect(store.engine).get_table_names())
     assert {"users", "prompts", "replies", "items", "assignments", "ratings", "comparisons", "corrections",
             "events", "alembic_version"} <= tables
     store.upgrade()
-    assert current(store.engine) == "0001"
+    assert current(store.engine) == "0002"
+
+
+def test_migrating_a_0001_database_keeps_its_answers_and_marks_filled_items(tmp_path):
+    from chatrlhf.feedback.migrations import upgrade
+    from chatrlhf.feedback.store import Item, Store
+
+    old = Store(str(tmp_path / "old.db"), upgrade=False)
+    upgrade(old.engine, "0001")
+    with old.engine.begin() as c:  # a 0001 database with one answered item and one open one
+        c.exec_driver_sql("INSERT INTO users (id, name, password_hash, role, active, created_at) "
+                          "VALUES (1, 'u', 'x', 'annotator', 1, '2026-01-01')")
+        c.exec_driver_sql("INSERT INTO prompts (id, messages, source, round, created_at) VALUES (1, '[]', '', 0, '2026-01-01')")
+        c.exec_driver_sql("INSERT INTO replies (id, prompt_id, text, model, checkpoint, decoding, template, round, "
+                          "created_at) VALUES (1, 1, 'r', '', '', '{}', '', 0, '2026-01-01')")
+        for i in (1, 2):
+            c.exec_driver_sql(f"INSERT INTO items (id, kind, prompt_id, reply_a_id, k, round, created_at) "
+                              f"VALUES ({i}, 'rate', 1, 1, 1, 0, '2026-01-01')")
+        c.exec_driver_sql("INSERT INTO assignments (item_id, user_id, leased_at, expires_at, done) "
+                          "VALUES (1, 1, '2026-01-01', '2026-01-01', 1)")
+    store = Store(str(tmp_path / "old.db"))
+    assert current(store.engine) == "0002"
+    with store.session() as s:
+        assert [(i.id, i.filled) for i in s.scalars(select(Item).order_by(Item.id))] == [(1, True), (2, False)]
 
 
 def test_users_passwords_are_hashed_and_checked(store):
@@ -142,3 +165,13 @@ def test_krippendorff_alpha_hand_computed():
     # Σ o·δ = 2·1 = 2; Σ n_c n_k δ = 2·(1·1·1 + 1·2·4 + 1·2·1) = 22 → α = 1 − 3·2/22
     assert krippendorff_alpha([[1, 2], [3, 3]], "interval") == pytest.approx(1 - 6 / 22)
     assert krippendorff_alpha([[1, 1]]) is None  # one category: undefined
+
+
+def test_an_item_stays_open_until_it_has_k_answers_not_k_leases(store):
+    a, b, c = users(store, 3)
+    item = compare_item(store, k=2)
+    assert store.lease(a).id == item and store.lease(b, seconds=0).id == item  # b's lease lapses unanswered
+    store.submit(a, item, choice="a")
+    assert store.lease(c).id == item  # one answer of two: still open
+    store.submit(c, item, choice="b")
+    assert store.lease(b) is None

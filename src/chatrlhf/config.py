@@ -302,6 +302,7 @@ class FeedbackServeConfig:
     db: str = arg(DEFAULT_DB, "SQLite file or database URL.")
     host: str = arg("127.0.0.1", "Address to listen on.")
     port: int = arg(8765, "Port.")
+    workers: int = arg(1, "Server processes (SQLite serialises their writes; WAL lets reads run alongside).")
     production: bool = arg(False, "Secure cookies, no start without CHATRLHF_SECRET and an admin user.")
 
 

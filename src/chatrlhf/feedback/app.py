@@ -33,6 +33,7 @@ from chatrlhf.feedback.store import FeedbackError, Store
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MAX_BODY = 256 * 1024          # bytes per request (imports included)
 LOGIN_LIMIT = (5, 60.0)        # failed log-ins per (address, name) per seconds
+USER_TTL = 2.0                 # seconds a session's user record is reused before it is read again
 GUIDELINES = """Prefer the reply that is helpful, honest and harmless. Judge what the user asked for, not length.
 Tie: both equally good. Both bad: neither is acceptable. A correction should be the reply you would want."""
 
@@ -67,6 +68,15 @@ class Refused(Exception):
         self.status, self.message = status, message
 
 
+def from_env() -> FastAPI:
+    """The app for ``uvicorn --factory`` worker processes: settings from CHATRLHF_DB, CHATRLHF_SECRET and
+    CHATRLHF_PRODUCTION (set by ``chatrlhf feedback serve --workers N``)."""
+    import os
+
+    return create_app(Store(os.environ["CHATRLHF_DB"], upgrade=False), os.environ.get("CHATRLHF_SECRET"),
+                      os.environ.get("CHATRLHF_PRODUCTION") == "1")
+
+
 def create_app(store: Store, secret: str | None = None, production: bool = False, k_default: int = 1,
                guidelines: str = GUIDELINES) -> FastAPI:
     if production and not secret:
@@ -96,9 +106,16 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         if not sent or not secrets.compare_digest(str(sent), request.session.get("csrf", "")):
             raise Refused(403, "missing or wrong CSRF token — reload the page and try again")
 
+    users: dict[int, tuple] = {}  # id → (user, read at): a role change or deactivation applies within USER_TTL
+
     def user_of(request: Request, *roles: str):
         uid = request.session.get("uid")
-        user = store.user(uid) if uid is not None else None
+        user = None
+        if isinstance(uid, int):
+            user, at = users.get(uid, (None, 0.0))
+            if time.monotonic() - at > USER_TTL:
+                user = store.user(uid)
+                users[uid] = (user, time.monotonic())
         if user is None or not user.active:
             raise Refused(401, "log in first")
         if roles and user.role not in roles:
@@ -256,18 +273,21 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         return {"user": user.name, "role": user.role, "csrf": csrf_token(request)}
 
     @app.get("/api/next")
-    async def api_next(request: Request, kind: str | None = None):
+    async def api_next(request: Request, kind: str | None = None, count: int = 1):
+        """Lease up to ``count`` (≤ 100) items: {"items": [{id, kind, messages, a, b}, …]}."""
         user = user_of(request, "annotator", "admin")
-        item = store.lease(user.id, kind)
-        return {"item": store.item_view(item.id, user.id, user.role) if item else None}
+        items = store.lease_many(user.id, count, kind)
+        return {"items": store.item_views([i.id for i in items], user.id, user.role) if items else []}
 
     @app.post("/api/items/{item_id}")
     async def api_submit(request: Request, item_id: int):
+        """Answer an item: {"score": 1–5, "thumbs": ±1} | {"choice": "a"|"b"|"tie"|"both_bad", "confidence": 0–1}
+        | {"corrected": "…"}, plus an optional "reason". 201 when stored, 200 for a repeat (the first stands)."""
         user = user_of(request, "annotator", "admin")
         check_csrf(request, request.headers.get("x-csrf-token"))
         data = await body_json(request)
-        kind = store.item_view(item_id, user.id, user.role)["kind"]
-        answer_id, created = store.submit(user.id, item_id, **answer_from(kind, data, True))
+        fields = {k: data[k] for k in ("score", "thumbs", "choice", "confidence", "corrected", "reason") if k in data}
+        answer_id, created = store.submit(user.id, item_id, **fields)
         return JSONResponse({"answer": answer_id, "created": created}, 201 if created else 200)
 
     @app.post("/api/login")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import secrets
 
 from chatrlhf.errors import UsageError
 
@@ -31,9 +32,16 @@ def run(sub: str, cfg) -> int:
 
         from chatrlhf.feedback.app import create_app
 
-        app = create_app(store, os.environ.get("CHATRLHF_SECRET"), cfg.production)
+        app = create_app(store, os.environ.get("CHATRLHF_SECRET"), cfg.production)  # checks the settings once
         print(f"chatrlhf feedback: serving {store.url} on http://{cfg.host}:{cfg.port}", flush=True)
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        if cfg.workers > 1:  # worker processes share the session secret, so a log-in holds across them
+            if not os.environ.get("CHATRLHF_SECRET"):
+                os.environ["CHATRLHF_SECRET"] = secrets.token_urlsafe(32)
+            os.environ.update(CHATRLHF_DB=store.url, CHATRLHF_PRODUCTION="1" if cfg.production else "0")
+            uvicorn.run("chatrlhf.feedback.app:from_env", factory=True, host=cfg.host, port=cfg.port,
+                        workers=cfg.workers, log_level="warning")
+        else:
+            uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
         return 0
     if sub == "import":
         counts = import_file(store, cfg)

@@ -17,8 +17,8 @@ import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint, \
-    create_engine, event, func, select
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, \
+    case, create_engine, event, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -81,12 +81,14 @@ class Reply(Base):
 class Item(Base):
     """One task: rate a reply, compare two, or correct one. ``gold`` holds the known answer of a gold item."""
     __tablename__ = "items"
+    __table_args__ = (Index("ix_items_open", "filled", "id"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
     reply_a_id: Mapped[int] = mapped_column(ForeignKey("replies.id"))
     reply_b_id: Mapped[int | None] = mapped_column(ForeignKey("replies.id"))
     k: Mapped[int] = mapped_column(Integer, default=1)
+    filled: Mapped[bool] = mapped_column(Boolean, default=False)  # has its k answers: never offered again
     gold: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))  # SQL NULL, not JSON null
     round: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
@@ -286,81 +288,104 @@ class Store:
     # ------------------------------------------------------------------ assignment
 
     def lease(self, user_id: int, kind: str | None = None, seconds: int = 600) -> Item | None:
-        """The user's next item: one they hold a live lease on, else the oldest item that still needs
-        answers (answers + other live leases < k) and that they have not answered."""
+        """The user's next item (see :meth:`lease_many`), or None."""
+        items = self.lease_many(user_id, 1, kind, seconds)
+        return items[0] if items else None
+
+    def lease_many(self, user_id: int, count: int, kind: str | None = None, seconds: int = 600) -> list[Item]:
+        """Up to ``count`` items for the user: those they hold a live lease on, then the oldest open items they
+        have never held whose answers plus live leases are fewer than k — each re-counted under a row lock."""
         t = now()
+        count = max(1, min(count, 100))
         with self.session() as s:
-            held = s.scalar(select(Assignment).where(Assignment.user_id == user_id, Assignment.done.is_(False),
-                                                     Assignment.expires_at > t).order_by(Assignment.id))
-            if held is not None:
-                return s.get(Item, held.item_id)
+            held = list(s.scalars(select(Item).join(Assignment, Assignment.item_id == Item.id).where(
+                Assignment.user_id == user_id, Assignment.done.is_(False), Assignment.expires_at > t)
+                .order_by(Item.id).limit(count)))
             mine = select(Assignment.item_id).where(Assignment.user_id == user_id)
-            query = select(Item).where(Item.id.not_in(mine)).order_by(Item.id)
+            query = select(Item.id).where(Item.filled.is_(False), Item.id.not_in(mine),
+                                          self._taken_sql(t) < Item.k).order_by(Item.id).limit(count - len(held))
             if kind:
                 query = query.where(Item.kind == kind)
-            for item_id in list(s.scalars(query.with_only_columns(Item.id))):
+            new = []
+            for item_id in list(s.scalars(query)) if len(held) < count else []:
                 item = s.scalar(select(Item).where(Item.id == item_id).with_for_update())  # recount under the lock
-                if self._taken(s, item, t) < item.k:
-                    expired = s.scalar(select(Assignment).where(Assignment.item_id == item.id,
-                                                                Assignment.user_id == user_id))
-                    if expired is None:
-                        s.add(Assignment(item_id=item.id, user_id=user_id, expires_at=t + dt.timedelta(seconds=seconds)))
-                    s.add(Event(user_id=user_id, action="item.lease", detail={"item": item.id}))
-                    return item
-        return None
+                if s.scalar(select(self._taken_sql(t)).where(Item.id == item_id)) < item.k:
+                    s.add(Assignment(item_id=item.id, user_id=user_id, expires_at=t + dt.timedelta(seconds=seconds)))
+                    new.append(item)
+            if new:
+                s.add(Event(user_id=user_id, action="item.lease", detail={"items": [i.id for i in new]}))
+            return held + new
 
     @staticmethod
-    def _taken(s: Session, item: Item, t: dt.datetime, except_user: int | None = None) -> int:
-        """Answers plus live, unanswered leases of other annotators."""
-        answers = s.scalar(select(func.count()).select_from(ANSWERS[item.kind]).where(ANSWERS[item.kind].item_id == item.id))
-        leases = select(func.count()).select_from(Assignment).where(
-            Assignment.item_id == item.id, Assignment.done.is_(False), Assignment.expires_at > t)
+    def _taken_sql(t: dt.datetime, except_user: int | None = None):
+        """Answers plus live leases of an item, as a correlated subquery on Item (every answer came through a
+        lease, which it marked done)."""
+        q = select(func.count()).select_from(Assignment).where(
+            Assignment.item_id == Item.id, or_(Assignment.done.is_(True), Assignment.expires_at > t))
         if except_user is not None:
-            leases = leases.where(Assignment.user_id != except_user)
-        return answers + s.scalar(leases)
+            q = q.where(Assignment.user_id != except_user)
+        return q.scalar_subquery()
 
     def item_view(self, item_id: int, user_id: int, role: str) -> dict:
         """What the annotator sees of an item: only their own assigned items (admins see all)."""
+        views = self.item_views([item_id], user_id, role)
+        if not views:
+            raise FeedbackError(f"item {item_id} does not exist", status=404)
+        return views[0]
+
+    def item_views(self, item_ids: list[int], user_id: int, role: str) -> list[dict]:
+        """Several items in one transaction (403 if any is not the user's, unless admin)."""
         with self.session() as s:
-            item = s.get(Item, item_id)
-            if item is None:
-                raise FeedbackError(f"item {item_id} does not exist", status=404)
-            if role != "admin" and s.scalar(select(Assignment).where(Assignment.item_id == item_id,
-                                                                     Assignment.user_id == user_id)) is None:
-                raise FeedbackError(f"item {item_id} is not assigned to you", status=403)
-            prompt = s.get(Prompt, item.prompt_id)
-            a = s.get(Reply, item.reply_a_id)
-            b = s.get(Reply, item.reply_b_id) if item.reply_b_id else None
-            return {"id": item.id, "kind": item.kind, "messages": prompt.messages, "a": a.text,
-                    "b": b.text if b else None}
+            items = list(s.scalars(select(Item).where(Item.id.in_(item_ids)).order_by(Item.id)))
+            if role != "admin":
+                assigned = set(s.scalars(select(Assignment.item_id).where(Assignment.item_id.in_(item_ids),
+                                                                          Assignment.user_id == user_id)))
+                for item in items:
+                    if item.id not in assigned:
+                        raise FeedbackError(f"item {item.id} is not assigned to you", status=403)
+            prompts = {p.id: p for p in s.scalars(select(Prompt).where(Prompt.id.in_({i.prompt_id for i in items})))}
+            reply_ids = {i.reply_a_id for i in items} | {i.reply_b_id for i in items if i.reply_b_id}
+            replies = {r.id: r.text for r in s.scalars(select(Reply).where(Reply.id.in_(reply_ids)))}
+            return [{"id": i.id, "kind": i.kind, "messages": prompts[i.prompt_id].messages, "a": replies[i.reply_a_id],
+                     "b": replies.get(i.reply_b_id)} for i in items]
 
     # ------------------------------------------------------------------ answers
 
     def submit(self, user_id: int, item_id: int, **answer) -> tuple[int, bool]:
         """Store one answer; returns (answer id, created). A repeat of an answered item returns the first
-        answer (created False); a (k+1)-th answer is refused with 409."""
+        answer (created False); a (k+1)-th answer is refused with 409. SQLAlchemy Core, five statements in
+        one transaction: this is the hot path of the web app."""
         t = now()
         try:
-            with self.session() as s:
-                item = s.scalar(select(Item).where(Item.id == item_id).with_for_update())
+            with self.engine.begin() as c:
+                item = c.execute(select(Item.kind, Item.k).where(Item.id == item_id).with_for_update()).first()
                 if item is None:
                     raise FeedbackError(f"item {item_id} does not exist", status=404)
-                table = ANSWERS[item.kind]
-                first = s.scalar(select(table).where(table.item_id == item_id, table.user_id == user_id))
+                table = ANSWERS[item.kind].__table__
+                first = c.execute(select(table.c.id).where(table.c.item_id == item_id, table.c.user_id == user_id)).scalar()
                 if first is not None:
-                    return first.id, False
-                lease = s.scalar(select(Assignment).where(Assignment.item_id == item_id, Assignment.user_id == user_id))
-                if lease is None:
+                    return first, False
+                a = Assignment.__table__.c
+                live = or_(a.done.is_(True), a.expires_at > t)
+                mine, others, answered = c.execute(select(
+                    func.sum(case((a.user_id == user_id, 1), else_=0)),
+                    func.sum(case(((a.user_id != user_id) & live, 1), else_=0)),
+                    func.sum(case(((a.user_id != user_id) & a.done.is_(True), 1), else_=0))).where(a.item_id == item_id)).one()
+                if not mine:
                     raise FeedbackError(f"item {item_id} is not assigned to you", status=403)
-                if self._taken(s, item, t, except_user=user_id) >= item.k:
+                if (others or 0) >= item.k:
                     raise FeedbackError(f"item {item_id} already has its {item.k} answer(s)",
                                         "your lease expired and others answered; take the next item", status=409)
-                row = table(item_id=item_id, user_id=user_id, **_answer_fields(item.kind, answer))
-                s.add(row)
-                lease.done = True
-                s.flush()
-                s.add(Event(user_id=user_id, action=f"answer.{item.kind}", detail={"item": item_id, "answer": row.id}))
-                return row.id, True
+                fields = _answer_fields(item.kind, answer)
+                answer_id = c.execute(table.insert().values(item_id=item_id, user_id=user_id, created_at=t, **fields)
+                                      .returning(table.c.id)).scalar()
+                c.execute(Assignment.__table__.update().where(a.item_id == item_id, a.user_id == user_id)
+                          .values(done=True))
+                if (answered or 0) + 1 >= item.k:  # every answer is a done lease
+                    c.execute(Item.__table__.update().where(Item.id == item_id).values(filled=True))
+                c.execute(Event.__table__.insert().values(user_id=user_id, action=f"answer.{item.kind}", at=t,
+                                                          detail={"item": item_id, "answer": answer_id}))
+                return answer_id, True
         except IntegrityError:  # a concurrent double submit by the same user lost the race: return the first
             with self.session() as s:
                 table = ANSWERS[s.get(Item, item_id).kind]
