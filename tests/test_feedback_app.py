@@ -157,3 +157,47 @@ def test_admin_imports_and_exports(app_store):
     z = zipfile.ZipFile(io.BytesIO(boss.get("/admin/export.zip?rule=majority").content))
     manifest = json.loads(z.read("manifest.json"))
     assert manifest["rule"] == "majority" and "preferences.jsonl" in z.namelist()
+
+
+def test_chat_with_a_model_stores_each_reply_with_provenance_to_rate(tmp_path):
+    from chatrlhf.feedback.store import Item, Rating, Reply
+
+    store = Store(str(tmp_path / "fb.db"))
+    store.add_user("ann", "correct horse")
+    ann = client_for(create_app(store, models=["tiny-random-llama"], max_new_tokens=6), "ann")
+    token = csrf_of(ann.get("/chat").text)
+    r = ann.post("/chat", data={"csrf": token, "message": "Hello <b>there</b>"})
+    assert r.status_code == 303 and r.headers["location"].endswith("?then=chat")
+    page = ann.get(r.headers["location"]).text
+    assert "Hello &lt;b&gt;there&lt;/b&gt;" in page and 'name="then" value="chat"' in page
+    item = int(r.headers["location"].split("/")[2].split("?")[0])
+    back = ann.post(f"/item/{item}", data={"csrf": token, "score": "2", "then": "chat"})
+    assert back.headers["location"] == "/chat"
+    with store.session() as s:
+        reply = s.scalar(select(Reply))
+        assert reply.model == "tiny-random-llama" and reply.decoding["max_new_tokens"] == 6
+        assert reply.decoding["temperature"] == 0.7 and "Hello <b>there</b>" in reply.template
+        assert s.get(Item, item).reply_a_id == reply.id and s.scalar(select(Rating.score)) == 2
+    assert "Hello &lt;b&gt;there&lt;/b&gt;" in ann.get("/chat").text  # the conversation goes on
+    assert ann.post("/chat", data={"csrf": token, "message": "  "}).status_code == 400
+
+
+def test_admin_generates_compare_items_from_two_models(tmp_path):
+    from chatrlhf.feedback.store import Item, Reply
+
+    store = Store(str(tmp_path / "fb.db"))
+    store.add_user("boss", "correct horse", "admin")
+    for p in ("first prompt", "second prompt"):
+        store.add_prompt([{"role": "user", "content": p}])
+    boss = client_for(create_app(store, models=["tiny-random-llama", "tiny-random-gpt2"], max_new_tokens=5), "boss")
+    token = csrf_of(boss.get("/admin").text)
+    r = boss.post("/admin/generate", data={"csrf": token, "k": "3"})
+    assert r.headers["location"].endswith("generated=2")
+    with store.session() as s:
+        items = list(s.scalars(select(Item)))
+        assert [(i.kind, i.k) for i in items] == [("compare", 3), ("compare", 3)]
+        models = {(s.get(Reply, i.reply_a_id).model, s.get(Reply, i.reply_b_id).model) for i in items}
+    assert models == {("tiny-random-llama", "tiny-random-gpt2")}
+    assert boss.post("/admin/generate", data={"csrf": token}).headers["location"].endswith("generated=0")
+    no_model = client_for(create_app(store), "boss")
+    assert no_model.post("/admin/generate", data={"csrf": csrf_of(no_model.get("/admin").text)}).status_code == 404

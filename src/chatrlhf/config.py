@@ -303,6 +303,9 @@ class FeedbackServeConfig:
     host: str = arg("127.0.0.1", "Address to listen on.")
     port: int = arg(8765, "Port.")
     workers: int = arg(1, "Server processes (SQLite serialises their writes; WAL lets reads run alongside).")
+    model: str = arg("", "Model(s) for the chat page and for generating replies: one, or two comma-separated "
+                     "(compare items). Empty: imported replies only.")
+    max_new_tokens: int = arg(128, "Longest reply the model(s) write.")
     production: bool = arg(False, "Secure cookies, no start without CHATRLHF_SECRET and an admin user.")
 
 

@@ -73,12 +73,14 @@ def from_env() -> FastAPI:
     CHATRLHF_PRODUCTION (set by ``chatrlhf feedback serve --workers N``)."""
     import os
 
+    models = [m for m in os.environ.get("CHATRLHF_MODELS", "").split(",") if m]
     return create_app(Store(os.environ["CHATRLHF_DB"], upgrade=False), os.environ.get("CHATRLHF_SECRET"),
-                      os.environ.get("CHATRLHF_PRODUCTION") == "1")
+                      os.environ.get("CHATRLHF_PRODUCTION") == "1", models=models,
+                      max_new_tokens=int(os.environ.get("CHATRLHF_MAX_NEW_TOKENS", "128")))
 
 
 def create_app(store: Store, secret: str | None = None, production: bool = False, k_default: int = 1,
-               guidelines: str = GUIDELINES) -> FastAPI:
+               guidelines: str = GUIDELINES, models: list[str] | tuple = (), max_new_tokens: int = 128) -> FastAPI:
     if production and not secret:
         raise FeedbackError("production mode needs a session secret", "set CHATRLHF_SECRET")
     if production and not any(u.role == "admin" for u in store.users()):
@@ -90,6 +92,13 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
                        max_age=12 * 3600)
     app.add_middleware(BodyLimit, limit=MAX_BODY)
     pages = Jinja2Templates(directory=str(TEMPLATES))  # .html templates autoescape
+    if len(models) > 2:
+        raise FeedbackError("at most two --model (two models make compare items)")
+    writers = []
+    if models:
+        from chatrlhf.feedback.writers import ReplyWriter
+
+        writers = [ReplyWriter(m, max_new_tokens) for m in models]
     failures: dict[tuple, deque] = defaultdict(deque)
 
     # ------------------------------------------------------------------ helpers
@@ -224,7 +233,8 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
             request.session["order"] = dict(list(order.items())[-50:])
         a_first = request.session["order"].get(str(item_id), True)
         sides = [view["a"], view["b"]] if a_first else [view["b"], view["a"]]
-        return render(request, "item.html", user, item=view, sides=sides)
+        return render(request, "item.html", user, item=view, sides=sides,
+                      then="chat" if request.query_params.get("then") == "chat" else "")
 
     def answer_from(kind: str, data: dict, a_first: bool) -> dict:
         """Form or JSON fields → the store's answer fields (validated again by the store)."""
@@ -258,7 +268,67 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         else:
             a_first = request.session.get("order", {}).get(str(item_id), True)
             store.submit(user.id, item_id, **answer_from(kind, data, a_first))
-        return RedirectResponse("/next", 303)
+        return RedirectResponse("/chat" if data.get("then") == "chat" else "/next", 303)
+
+    # ------------------------------------------------------------------ chat with a model, rate each reply
+
+    def writer(i: int = 0):
+        if len(writers) <= i:
+            raise Refused(404, "no model loaded: start the server with --model")
+        return writers[i]
+
+    @app.get("/chat", response_class=HTMLResponse)
+    async def chat_page(request: Request):
+        user = user_of(request, "annotator", "admin")
+        return render(request, "chat.html", user, chat=request.session.get("chat", []), model=writer().name)
+
+    @app.post("/chat")
+    async def chat(request: Request):
+        from starlette.concurrency import run_in_threadpool
+
+        user = user_of(request, "annotator", "admin")
+        data = await form(request)
+        check_csrf(request, data.get("csrf"))
+        if data.get("reset"):
+            request.session["chat"] = []
+            return RedirectResponse("/chat", 303)
+        text = str(data.get("message") or "").strip()
+        if not text:
+            raise Refused(400, "the message is empty")
+        conversation = request.session.get("chat", [])[-18:] + [{"role": "user", "content": text[:4000]}]
+        (reply,) = await run_in_threadpool(writer().write, [conversation])
+        pid = store.add_prompt(conversation, source="chat")
+        rid = store.add_reply(pid, reply["text"], model=reply["model"], checkpoint=reply["checkpoint"],
+                              decoding=reply["decoding"], template=reply["template"])
+        item = store.add_item("rate", rid)
+        store.assign(user.id, item)
+        request.session["chat"] = conversation + [{"role": "assistant", "content": reply["text"]}]
+        return RedirectResponse(f"/item/{item}?then=chat", 303)
+
+    @app.post("/admin/generate")
+    async def admin_generate(request: Request):
+        """Replies to every prompt that has none, from the loaded model(s): one model → rate items, two →
+        compare items (k from the form)."""
+        from starlette.concurrency import run_in_threadpool
+
+        user_of(request, "admin")
+        data = await form(request)
+        check_csrf(request, data.get("csrf"))
+        writer()
+        try:
+            k = int(data.get("k") or k_default)
+        except ValueError:
+            raise Refused(400, "k must be a whole number") from None
+        todo = store.prompts_without_replies(int(data.get("limit") or 50) if str(data.get("limit") or "").isdigit() else 50)
+        made = 0
+        if todo:
+            outs = [await run_in_threadpool(w.write, [m for _, m in todo]) for w in writers]
+            for n, (pid, _) in enumerate(todo):
+                ids = [store.add_reply(pid, o[n]["text"], model=o[n]["model"], checkpoint=o[n]["checkpoint"],
+                                       decoding=o[n]["decoding"], template=o[n]["template"]) for o in outs]
+                store.add_item("compare" if len(ids) == 2 else "rate", ids[0], ids[1] if len(ids) == 2 else None, k=k)
+                made += 1
+        return RedirectResponse(f"/admin?generated={made}", 303)
 
     @app.get("/progress", response_class=HTMLResponse)
     async def progress(request: Request):
@@ -309,6 +379,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
         names = {u.id: u.name for u in store.users()}
         return render(request, "admin.html", user, users=store.users(), agreement=agreement(store),
+                      models=[w.name for w in writers],
                       reliability={names[u]: r for u, r in reliability(store).items()})
 
     @app.post("/admin/users")

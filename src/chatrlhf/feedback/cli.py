@@ -32,12 +32,15 @@ def run(sub: str, cfg) -> int:
 
         from chatrlhf.feedback.app import create_app
 
-        app = create_app(store, os.environ.get("CHATRLHF_SECRET"), cfg.production)  # checks the settings once
+        models = [m.strip() for m in cfg.model.split(",") if m.strip()]
+        app = create_app(store, os.environ.get("CHATRLHF_SECRET"), cfg.production, models=models,
+                         max_new_tokens=cfg.max_new_tokens)  # checks the settings once
         print(f"chatrlhf feedback: serving {store.url} on http://{cfg.host}:{cfg.port}", flush=True)
         if cfg.workers > 1:  # worker processes share the session secret, so a log-in holds across them
             if not os.environ.get("CHATRLHF_SECRET"):
                 os.environ["CHATRLHF_SECRET"] = secrets.token_urlsafe(32)
-            os.environ.update(CHATRLHF_DB=store.url, CHATRLHF_PRODUCTION="1" if cfg.production else "0")
+            os.environ.update(CHATRLHF_DB=store.url, CHATRLHF_PRODUCTION="1" if cfg.production else "0",
+                              CHATRLHF_MODELS=",".join(models), CHATRLHF_MAX_NEW_TOKENS=str(cfg.max_new_tokens))
             uvicorn.run("chatrlhf.feedback.app:from_env", factory=True, host=cfg.host, port=cfg.port,
                         workers=cfg.workers, log_level="warning")
         else:

@@ -316,6 +316,17 @@ class Store:
                 s.add(Event(user_id=user_id, action="item.lease", detail={"items": [i.id for i in new]}))
             return held + new
 
+    def assign(self, user_id: int, item_id: int, seconds: int = 600) -> None:
+        """Lease one given item to a user (the chat page: the reply they just got is theirs to rate)."""
+        with self.session() as s:
+            s.add(Assignment(item_id=item_id, user_id=user_id, expires_at=now() + dt.timedelta(seconds=seconds)))
+
+    def prompts_without_replies(self, limit: int = 100) -> list[tuple[int, list]]:
+        with self.session() as s:
+            answered = select(Reply.prompt_id)
+            return [(p.id, p.messages) for p in s.scalars(select(Prompt).where(Prompt.id.not_in(answered))
+                                                          .order_by(Prompt.id).limit(limit))]
+
     @staticmethod
     def _taken_sql(t: dt.datetime, except_user: int | None = None):
         """Answers plus live leases of an item, as a correlated subquery on Item (every answer came through a
