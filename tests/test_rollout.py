@@ -123,3 +123,28 @@ def test_shared_prompt_pass_equals_one_pass_per_row(name):
     assert torch.allclose(shared, rows, atol=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
+def test_bf16_sampling_with_weight_copies_matches_the_autocast_forward(name):
+    """The bf16 decoding path (bf16 copies of the matrices, fp32 norms and input embedding, a bf16 copy of a
+    tied LM head) samples from the same distribution the training forward computes, up to bf16 noise."""
+    from chatrlhf.models import autocast
+    from chatrlhf.rollout import low_precision_weights
+
+    torch.manual_seed(0)
+    model, tok = eos_happy(name)
+    weights = low_precision_weights(model, "bfloat16", "cpu")
+    emb = model.get_input_embeddings().weight
+    assert any(v.dtype == torch.float32 and v.dim() == 2 for v in weights.values())  # the embedding stays fp32
+    assert sum(v.dtype == torch.bfloat16 for v in weights.values()) >= 4
+    if model.get_output_embeddings().weight is emb:  # tied: the head gets its own bf16 copy
+        assert any(k.endswith("lm_head.weight") and v.dtype == torch.bfloat16 for k, v in weights.items())
+    q, qm = encode_prompts(tok, PROMPTS * 2, 64, "cpu")
+    ids, mask, sample_lp = sample(model, q, qm, 12, 0.7, tok.eos_token_id, tok.pad_token_id, "bfloat16")
+    r = Rollout(q, qm, ids, mask, *([torch.zeros_like(sample_lp)] * 3), torch.zeros(len(q)),
+                *([torch.zeros_like(sample_lp)] * 3))
+    with torch.no_grad(), autocast("bfloat16", torch.device("cpu")):
+        lp, _, _ = policy_forward(model, r, 0.7)
+    gap = float(((sample_lp - lp).abs() * mask).sum() / mask.sum())
+    assert 0 < gap < 0.05
