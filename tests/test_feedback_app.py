@@ -50,7 +50,7 @@ def test_every_route_refuses_a_request_without_a_session(app_store):
     for route in app.routes:
         if not hasattr(route, "methods") or route.path in open_routes:
             continue
-        path = route.path.replace("{item_id}", "1")
+        path = re.sub(r"\{\w+\}", "1", route.path)
         for method in route.methods - {"HEAD"}:
             r = c.request(method, path)
             refused = r.status_code in (401, 403) or (r.status_code == 303 and r.headers["location"] == "/login")
@@ -201,3 +201,23 @@ def test_admin_generates_compare_items_from_two_models(tmp_path):
     assert boss.post("/admin/generate", data={"csrf": token}).headers["location"].endswith("generated=0")
     no_model = client_for(create_app(store), "boss")
     assert no_model.post("/admin/generate", data={"csrf": csrf_of(no_model.get("/admin").text)}).status_code == 404
+
+
+def test_admin_switches_a_user_off_and_changes_roles(app_store):
+    app, store = app_store
+    boss, ann = client_for(app, "boss"), client_for(app, "ann")
+    assert ann.get("/next").status_code == 303
+    ids = {u.name: u.id for u in store.users()}
+    token = csrf_of(boss.get("/admin").text)
+    assert boss.post(f"/admin/users/{ids['ann']}", data={"csrf": token, "action": "deactivate"}).status_code == 303
+    assert ann.get("/next").headers["location"] == "/login"  # the open session is refused at once
+    assert login(client_for(app), "ann").status_code == 401  # and no new one
+    boss.post(f"/admin/users/{ids['ann']}", data={"csrf": token, "action": "activate"})
+    boss.post(f"/admin/users/{ids['vic']}", data={"csrf": token, "action": "role", "role": "annotator"})
+    assert client_for(app, "vic").get("/next").status_code == 303  # viewer promoted to annotator
+    assert boss.post(f"/admin/users/{ids['boss']}", data={"csrf": token, "action": "deactivate"}).status_code == 409
+    assert boss.post(f"/admin/users/{ids['vic']}", data={"csrf": token, "action": "role", "role": "root"}).status_code == 400
+    assert boss.post(f"/admin/users/{ids['vic']}", data={"csrf": token, "action": "explode"}).status_code == 400
+    assert boss.post("/admin/users/999", data={"csrf": token, "action": "activate"}).status_code == 404
+    assert boss.post(f"/admin/users/{ids['vic']}", data={"action": "deactivate"}).status_code == 403  # no CSRF
+    assert ann.post(f"/admin/users/{ids['vic']}", data={"csrf": token, "action": "deactivate"}).status_code in (401, 403)

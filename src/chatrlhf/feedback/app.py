@@ -390,6 +390,19 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         store.add_user(str(data.get("name", "")), str(data.get("password", "")), str(data.get("role", "annotator")))
         return RedirectResponse("/admin", 303)
 
+    @app.post("/admin/users/{user_id}")
+    async def change_user(request: Request, user_id: int):
+        admin_user = user_of(request, "admin")
+        data = await form(request)
+        check_csrf(request, data.get("csrf"))
+        action = data.get("action")
+        if action not in ("deactivate", "activate", "role"):
+            raise Refused(400, "action must be deactivate, activate or role")
+        store.set_user(user_id, admin_user.id, role=str(data.get("role")) if action == "role" else None,
+                       active={"deactivate": False, "activate": True}.get(action))
+        users.pop(user_id, None)  # takes effect on the user's next request
+        return RedirectResponse("/admin", 303)
+
     @app.post("/admin/import")
     async def import_items(request: Request):
         user_of(request, "admin")

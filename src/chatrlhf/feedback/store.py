@@ -231,6 +231,22 @@ class Store:
             raise FeedbackError(f"user {name!r} exists", "choose another name", status=409) from None
         return user
 
+    def set_user(self, user_id: int, by: int, role: str | None = None, active: bool | None = None) -> None:
+        """Change a user's role or switch them off (audited); an admin cannot lock themselves out."""
+        if role is not None and role not in ROLES:
+            raise FeedbackError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        if user_id == by and (active is False or (role is not None and role != "admin")):
+            raise FeedbackError("you cannot demote or deactivate yourself", "ask another admin", status=409)
+        with self.session() as s:
+            user = s.get(User, user_id)
+            if user is None:
+                raise FeedbackError(f"user {user_id} does not exist", status=404)
+            if role is not None:
+                user.role = role
+            if active is not None:
+                user.active = active
+            s.add(Event(user_id=by, action="user.update", detail={"user": user_id, "role": role, "active": active}))
+
     def authenticate(self, name: str, password: str) -> User | None:
         with self.session() as s:
             user = s.scalar(select(User).where(User.name == name, User.active.is_(True)))
