@@ -40,7 +40,7 @@ def free_port() -> int:
 
 
 def fill(db: str, clients: int, items: int) -> None:
-    from chatrlhf.feedback.store import Comparison, Item, Prompt, Reply, Store, hash_password, User
+    from chatrlhf.feedback.store import Item, Prompt, Reply, Store, User, hash_password
 
     store = Store(db)
     with store.session() as s:  # bulk insert: this is set-up, not the thing measured
@@ -53,7 +53,6 @@ def fill(db: str, clients: int, items: int) -> None:
         s.flush()
         s.add_all([Item(kind="compare", prompt_id=i + 1, reply_a_id=2 * i + 1, reply_b_id=2 * i + 2, k=1)
                    for i in range(items)])
-    assert Comparison  # noqa: the answers table is empty
 
 
 WORKERS = 1

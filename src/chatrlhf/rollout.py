@@ -178,10 +178,11 @@ def shared_prompts(query_ids: torch.Tensor, query_mask: torch.Tensor):
     return rows[:, :Q], rows[:, Q:], inverse
 
 
-def prefill(model, query_ids: torch.Tensor, query_mask: torch.Tensor, **kw):
+def prefill(model, query_ids: torch.Tensor, query_mask: torch.Tensor, shared=False, **kw):
     """One forward pass over the prompts with a KV cache, each distinct prompt computed once; the output's
-    tensors and cache are expanded back to one row per prompt."""
-    shared = shared_prompts(query_ids, query_mask)
+    tensors and cache are expanded back to one row per prompt. ``shared``: shared_prompts() if already known."""
+    if shared is False:
+        shared = shared_prompts(query_ids, query_mask)
     ids, mask = (query_ids, query_mask) if shared is None else shared[:2]
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **kw)
     if shared is not None:
@@ -198,11 +199,12 @@ def reply_hidden(trunk, query_ids, query_mask, response_ids, response_mask) -> t
     Q, R = query_ids.shape[1], response_ids.shape[1]
     mask = torch.cat([query_mask, response_mask], 1)
     checkpointing = torch.is_grad_enabled() and getattr(trunk, "is_activation_checkpointing", False)  # no cache then
-    if R == 1 or checkpointing or shared_prompts(query_ids, query_mask) is None:
+    shared = None if R == 1 or checkpointing else shared_prompts(query_ids, query_mask)
+    if shared is None:
         ids = torch.cat([query_ids, response_ids], 1)
         hidden = trunk(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
         return hidden.last_hidden_state[:, Q - 1:Q + R - 1]
-    first = prefill(trunk, query_ids, query_mask)
+    first = prefill(trunk, query_ids, query_mask, shared)
     rest = trunk(input_ids=response_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids(mask)[:, Q:-1],
                  cache=first.cache, use_cache=True)
     return torch.cat([first.last_hidden_state[:, -1:], rest.last_hidden_state], 1)

@@ -63,11 +63,6 @@ class BodyLimit:
         return await self.app(scope, limited, send)
 
 
-class Refused(Exception):
-    def __init__(self, status: int, message: str):
-        self.status, self.message = status, message
-
-
 def from_env() -> FastAPI:
     """The app for ``uvicorn --factory`` worker processes: settings from CHATRLHF_DB, CHATRLHF_SECRET and
     CHATRLHF_PRODUCTION (set by ``chatrlhf feedback serve --workers N``)."""
@@ -113,7 +108,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     def check_csrf(request: Request, sent: str | None) -> None:
         if not sent or not secrets.compare_digest(str(sent), request.session.get("csrf", "")):
-            raise Refused(403, "missing or wrong CSRF token — reload the page and try again")
+            raise FeedbackError("missing or wrong CSRF token — reload the page and try again", status=403)
 
     users: dict[int, tuple] = {}  # id → (user, read at): a role change or deactivation applies within USER_TTL
 
@@ -126,25 +121,25 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
                 user = store.user(uid)
                 users[uid] = (user, time.monotonic())
         if user is None or not user.active:
-            raise Refused(401, "log in first")
+            raise FeedbackError("log in first", status=401)
         if roles and user.role not in roles:
-            raise Refused(403, f"this needs the {' or '.join(roles)} role")
+            raise FeedbackError(f"this needs the {' or '.join(roles)} role", status=403)
         return user
 
     async def form(request: Request) -> dict:
         try:
             data = await request.form()
         except Exception:  # noqa: BLE001 - malformed multipart or urlencoded body
-            raise Refused(400, "malformed form") from None
+            raise FeedbackError("malformed form", status=400) from None
         return {k: v for k, v in data.items()}
 
     async def body_json(request: Request) -> dict:
         try:
             data = json.loads(await request.body() or b"{}")
         except (ValueError, UnicodeDecodeError):
-            raise Refused(400, "malformed JSON body") from None
+            raise FeedbackError("malformed JSON body", status=400) from None
         if not isinstance(data, dict):
-            raise Refused(400, "the JSON body must be an object")
+            raise FeedbackError("the JSON body must be an object", status=400)
         return data
 
     def render(request: Request, name: str, user=None, status: int = 200, **ctx):
@@ -155,26 +150,22 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     # ------------------------------------------------------------------ errors: 4xx, never a traceback
 
-    @app.exception_handler(Refused)
-    async def refused(request: Request, e: Refused):
+    @app.exception_handler(FeedbackError)
+    async def refused(request: Request, e: FeedbackError):
         if e.status == 401 and not api(request) and request.method == "GET":
             return RedirectResponse("/login", 303)
         if api(request):
-            return JSONResponse({"error": e.message}, e.status)
-        return render(request, "error.html", status=e.status, message=e.message)
-
-    @app.exception_handler(FeedbackError)
-    async def feedback_error(request: Request, e: FeedbackError):
-        return await refused(request, Refused(e.status, str(e)))
+            return JSONResponse({"error": str(e)}, e.status)
+        return render(request, "error.html", status=e.status, message=str(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        return await refused(request, Refused(400, "bad request: " + "; ".join(
-            f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())))
+        return await refused(request, FeedbackError("bad request: " + "; ".join(
+            f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()), status=400))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
-        return await refused(request, Refused(e.status_code, str(e.detail)))
+        return await refused(request, FeedbackError(str(e.detail), status=e.status_code))
 
     # ------------------------------------------------------------------ log-in
 
@@ -192,7 +183,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         while recent and recent[0] < time.monotonic() - LOGIN_LIMIT[1]:
             recent.popleft()
         if len(recent) >= LOGIN_LIMIT[0]:
-            raise Refused(429, "too many failed log-ins; wait a minute")
+            raise FeedbackError("too many failed log-ins; wait a minute", status=429)
         user = store.authenticate(name, str(data.get("password", "")))
         if user is None:
             recent.append(time.monotonic())
@@ -254,7 +245,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
             else:
                 out["corrected"] = data.get("corrected") or ""
         except (TypeError, ValueError):
-            raise Refused(400, "a rating, thumbs or confidence is not a number") from None
+            raise FeedbackError("a rating, thumbs or confidence is not a number", status=400) from None
         return out
 
     @app.post("/item/{item_id}")
@@ -274,7 +265,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     def writer(i: int = 0):
         if len(writers) <= i:
-            raise Refused(404, "no model loaded: start the server with --model")
+            raise FeedbackError("no model loaded: start the server with --model", status=404)
         return writers[i]
 
     @app.get("/chat", response_class=HTMLResponse)
@@ -294,7 +285,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
             return RedirectResponse("/chat", 303)
         text = str(data.get("message") or "").strip()
         if not text:
-            raise Refused(400, "the message is empty")
+            raise FeedbackError("the message is empty", status=400)
         conversation = request.session.get("chat", [])[-18:] + [{"role": "user", "content": text[:4000]}]
         (reply,) = await run_in_threadpool(writer().write, [conversation])
         pid = store.add_prompt(conversation, source="chat")
@@ -318,7 +309,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         try:
             k = int(data.get("k") or k_default)
         except ValueError:
-            raise Refused(400, "k must be a whole number") from None
+            raise FeedbackError("k must be a whole number", status=400) from None
         todo = store.prompts_without_replies(int(data.get("limit") or 50) if str(data.get("limit") or "").isdigit() else 50)
         made = 0
         if todo:
@@ -365,7 +356,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         data = await body_json(request)
         user = store.authenticate(str(data.get("name", ""))[:64], str(data.get("password", "")))
         if user is None:
-            raise Refused(401, "wrong name or password")
+            raise FeedbackError("wrong name or password", status=401)
         request.session.clear()
         request.session.update(uid=user.id, csrf=secrets.token_urlsafe(32))
         return {"user": user.name, "role": user.role, "csrf": request.session["csrf"]}
@@ -397,7 +388,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         check_csrf(request, data.get("csrf"))
         action = data.get("action")
         if action not in ("deactivate", "activate", "role"):
-            raise Refused(400, "action must be deactivate, activate or role")
+            raise FeedbackError("action must be deactivate, activate or role", status=400)
         store.set_user(user_id, admin_user.id, role=str(data.get("role")) if action == "role" else None,
                        active={"deactivate": False, "activate": True}.get(action))
         users.pop(user_id, None)  # takes effect on the user's next request
@@ -424,9 +415,9 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
                 counts = import_file(store, SimpleNamespace(data=str(path), kind=data.get("kind") or "auto", k=k,
                                                             round=int(data.get("round") or 0), model="imported"))
             except ValueError:
-                raise Refused(400, "k and round must be whole numbers") from None
+                raise FeedbackError("k and round must be whole numbers", status=400) from None
             except ChatRLHFError as e:
-                raise Refused(400, str(e).replace(str(path), "records")) from None
+                raise FeedbackError(str(e).replace(str(path), "records"), status=400) from None
         return RedirectResponse(f"/admin?imported={counts['items']}", 303)
 
     @app.get("/admin/export.zip")

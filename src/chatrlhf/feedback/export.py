@@ -22,15 +22,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
+from chatrlhf.data.records import Conversation, prompt_key
 from chatrlhf.data.split import split_by_prompt
-from chatrlhf.feedback.store import Comparison, Correction, Item, Prompt, Rating, Reply, Store, User, content_hash, now
 from chatrlhf.feedback.quality import reliability
+from chatrlhf.feedback.store import Comparison, Correction, FeedbackError, Item, Prompt, Rating, Reply, Store, User, \
+    content_hash, now
 
 RULES = ("all", "majority", "bt")
 
@@ -38,8 +42,6 @@ RULES = ("all", "majority", "bt")
 def export(store: Store, out_dir: str | Path, rule: str = "all", round: int | None = None, eval_fraction: float = 0.0,
            seed: int = 0) -> dict:
     if rule not in RULES:
-        from chatrlhf.feedback.store import FeedbackError
-
         raise FeedbackError(f"--rule {rule!r} is not one of {', '.join(RULES)}")
     rows = _collect(store, rule, round)
     out = Path(out_dir)
@@ -62,8 +64,6 @@ def export(store: Store, out_dir: str | Path, rule: str = "all", round: int | No
         old = out.with_name(out.name + ".old")
         os.replace(out, old)
         os.replace(tmp, out)
-        import shutil
-
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
@@ -71,8 +71,6 @@ def export(store: Store, out_dir: str | Path, rule: str = "all", round: int | No
 
 
 def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
     return make_url(url).render_as_string(hide_password=True)
 
 
@@ -168,8 +166,6 @@ def _preferences(comparisons, items, replies, base, rule: str, weights: dict) ->
 
 def _split(rows: dict[str, list[dict]], eval_fraction: float, seed: int) -> dict[str, dict[str, list[dict]]]:
     """Prompt-disjoint train/eval: every file is split by the same set of prompts."""
-    from chatrlhf.data.records import Conversation, prompt_key
-
     everything = [Conversation(r.get("prompt") or r["messages"][:-1]) for part in rows.values() for r in part]
     _, held = split_by_prompt(everything, eval_fraction, seed)
     held_keys = {prompt_key(c.messages) for c in held}

@@ -344,14 +344,11 @@ class Store:
                                                           .order_by(Prompt.id).limit(limit))]
 
     @staticmethod
-    def _taken_sql(t: dt.datetime, except_user: int | None = None):
+    def _taken_sql(t: dt.datetime):
         """Answers plus live leases of an item, as a correlated subquery on Item (every answer came through a
         lease, which it marked done)."""
-        q = select(func.count()).select_from(Assignment).where(
-            Assignment.item_id == Item.id, or_(Assignment.done.is_(True), Assignment.expires_at > t))
-        if except_user is not None:
-            q = q.where(Assignment.user_id != except_user)
-        return q.scalar_subquery()
+        return select(func.count()).select_from(Assignment).where(
+            Assignment.item_id == Item.id, or_(Assignment.done.is_(True), Assignment.expires_at > t)).scalar_subquery()
 
     def item_view(self, item_id: int, user_id: int, role: str) -> dict:
         """What the annotator sees of an item: only their own assigned items (admins see all)."""
