@@ -72,7 +72,7 @@ def test_users_passwords_are_hashed_and_checked(store):
 def test_each_item_gets_exactly_k_answers_and_double_submits_are_not_duplicated(store):
     a, b, c = users(store, 3)
     item = compare_item(store, k=2)
-    assert store.lease(a).id == item and store.lease(b).id == item
+    assert store.lease(a) == item and store.lease(b) == item
     assert store.lease(c) is None  # two live leases fill k = 2
     first = store.submit(a, item, choice="a")
     assert first[1] and store.submit(a, item, choice="b") == (first[0], False)  # double submit: the first stands
@@ -90,8 +90,8 @@ def test_each_item_gets_exactly_k_answers_and_double_submits_are_not_duplicated(
 def test_an_expired_lease_frees_the_item_and_a_late_answer_is_refused(store):
     a, b = users(store, 2)
     item = compare_item(store, k=1)
-    assert store.lease(a, seconds=0).id == item  # expires at once
-    assert store.lease(b).id == item
+    assert store.lease(a, seconds=0) == item  # expires at once
+    assert store.lease(b) == item
     store.submit(b, item, choice="b")
     with pytest.raises(FeedbackError) as e:
         store.submit(a, item, choice="a")
@@ -106,9 +106,10 @@ def test_concurrent_annotators_never_exceed_k(store):
 
     def annotate(uid):
         try:
-            while (item := store.lease(uid)) is not None:
-                store.submit(uid, item.id, choice="a")
-                store.submit(uid, item.id, choice="a")  # and a double submit
+            while batch := store.lease_many(uid, 3):  # batches of leases race each other too
+                for item in batch:
+                    store.submit(uid, item, choice="a")
+                    store.submit(uid, item, choice="a")  # and a double submit
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(repr(e))
 
@@ -170,8 +171,49 @@ def test_krippendorff_alpha_hand_computed():
 def test_an_item_stays_open_until_it_has_k_answers_not_k_leases(store):
     a, b, c = users(store, 3)
     item = compare_item(store, k=2)
-    assert store.lease(a).id == item and store.lease(b, seconds=0).id == item  # b's lease lapses unanswered
+    assert store.lease(a) == item and store.lease(b, seconds=0) == item  # b's lease lapses unanswered
     store.submit(a, item, choice="a")
-    assert store.lease(c).id == item  # one answer of two: still open
+    assert store.lease(c) == item  # one answer of two: still open
     store.submit(c, item, choice="b")
     assert store.lease(b) is None
+
+
+def test_lease_many_gives_held_items_first_then_the_oldest_open_ones_of_the_kind(store):
+    a, b = users(store, 2)
+    items = [compare_item(store, prompt=f"prompt {i}") for i in range(5)]
+    pid = store.add_prompt([{"role": "user", "content": "rate me"}])
+    rate = store.add_item("rate", store.add_reply(pid, "a reply"))
+    assert store.lease_many(a, 2) == items[:2]
+    assert store.lease_many(b, 2) == items[2:4]  # a's live leases take items 0 and 1 (k = 1)
+    assert store.lease_many(a, 3) == items[:2] + [items[4]]  # held first, then the next open one
+    assert store.lease_many(b, 10, kind="rate") == [rate]  # not b's held compare items
+    assert store.lease_many(a, 10, kind="rate") == []
+    assert store.lease_many(a, 10**6) == items[:2] + [items[4]]  # the count is capped, nothing more is open
+    views = store.item_views(items[:2], a, "annotator")
+    assert [v["id"] for v in views] == items[:2] and views[0]["messages"][0]["content"] == "prompt 0"
+    assert (views[0]["a"], views[0]["b"]) == ("reply A", "reply B")
+    with pytest.raises(FeedbackError) as e:
+        store.item_views(items[:3], a, "annotator")  # item 2 is b's
+    assert e.value.status == 403
+
+
+def test_the_background_checkpointer_moves_the_log_into_the_database_file(tmp_path):
+    import time
+
+    from chatrlhf.feedback.store import Store
+
+    store = Store(str(tmp_path / "f.db"))
+    db = tmp_path / "f.db"
+    with store.checkpointing(every=0.05):
+        with store.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0  # commits no longer do it
+        size = db.stat().st_size
+        for i in range(20):
+            store.add_prompt([{"role": "user", "content": "x" * 20000 + str(i)}])  # ~100 pages into the log
+        assert db.stat().st_size == size  # still only in the log
+        deadline = time.monotonic() + 10
+        while db.stat().st_size == size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert db.stat().st_size > size + 300_000  # copied by the thread
+    with store.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000  # back to SQLite's default

@@ -19,6 +19,7 @@ import tempfile
 import time
 import zipfile
 from collections import defaultdict, deque
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -81,7 +82,12 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
     if production and not any(u.role == "admin" for u in store.users()):
         raise FeedbackError("production mode needs an admin and has no default password",
                             "create one first: chatrlhf feedback add-user --role admin --name …")
-    app = FastAPI(title="chatrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None)
+    @asynccontextmanager
+    async def lifespan(_app):
+        with store.checkpointing():
+            yield
+
+    app = FastAPI(title="chatrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(SessionMiddleware, secret_key=secret or secrets.token_urlsafe(32),
                        session_cookie="chatrlhf_session", same_site="strict", https_only=production,
                        max_age=12 * 3600)
@@ -212,7 +218,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         item = store.lease(user.id, kind)
         if item is None:
             return render(request, "done.html", user)
-        return RedirectResponse(f"/item/{item.id}", 303)
+        return RedirectResponse(f"/item/{item}", 303)
 
     @app.get("/item/{item_id}", response_class=HTMLResponse)
     async def item_page(request: Request, item_id: int):
@@ -338,7 +344,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         """Lease up to ``count`` (≤ 100) items: {"items": [{id, kind, messages, a, b}, …]}."""
         user = user_of(request, "annotator", "admin")
         items = store.lease_many(user.id, count, kind)
-        return {"items": store.item_views([i.id for i in items], user.id, user.role) if items else []}
+        return {"items": store.item_views(items, user.id, user.role) if items else []}
 
     @app.post("/api/items/{item_id}")
     async def api_submit(request: Request, item_id: int):
