@@ -460,8 +460,8 @@ _HELD = (select(_A.item_id).where(_A.user_id == bindparam("user"), _A.done.is_(F
          .order_by(_A.item_id).limit(bindparam("n")))
 _HELD_OF_KIND = _HELD.join(Item.__table__, _I.id == _A.item_id).where(_I.kind == bindparam("kind"))
 _TAKEN_OF_ITEM = select(func.count()).select_from(Assignment).where(_A.item_id == _I.id, _LIVE).scalar_subquery()
-_OPEN = (select(_I.id).where(_I.filled.is_(False),
-                             _I.id.not_in(select(_A.item_id).where(_A.user_id == bindparam("user"))),
+_OPEN = (select(_I.id).where(_I.filled.is_(False),  # never held by the user: one probe of the (item, user) index
+                             ~select(_A.id).where(_A.item_id == _I.id, _A.user_id == bindparam("user")).exists(),
                              _TAKEN_OF_ITEM < _I.k)
          .order_by(_I.id).limit(bindparam("n")).with_for_update(of=Item.__table__))
 _OPEN_OF_KIND = _OPEN.where(_I.kind == bindparam("kind"))
