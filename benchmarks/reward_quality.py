@@ -26,6 +26,30 @@ ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf"
 
 
+def hh_split(eval_pairs: int, extra: bool = True, seed: int = 0):
+    """(train pairs, held-out pairs, held-out prompt keys): whole prompts of helpful-base + harmless-base are
+    held out until ``eval_pairs`` pairs are; training gets the rest (+ hh-rlhf/extra/*). Pairs with an empty
+    reply are dropped (the trainer drops chosen == rejected itself)."""
+    from chatrlhf.data import load_records
+    from chatrlhf.data.split import group_key
+
+    usable = lambda recs: [r for r in recs if r.chosen.strip() and r.rejected.strip()]  # noqa: E731
+    base = usable([r for split in ("helpful-base", "harmless-base")
+                   for r in load_records(HH / split / "test.jsonl.gz").records])
+    keys = sorted({group_key(r) for r in base})
+    random.Random(seed).shuffle(keys)
+    held, n = set(), 0
+    for k in keys:  # whole prompts until eval_pairs pairs are held out
+        if n >= eval_pairs:
+            break
+        held.add(k)
+        n += sum(group_key(r) == k for r in base)
+    more = usable([r for split in ("helpful-online", "helpful-rejection-sampled")
+                   for r in load_records(HH / "extra" / split / "test.jsonl.gz").records]) if extra else []
+    train = [r for r in more + base if group_key(r) not in held]
+    return train, [r for r in base if group_key(r) in held], held
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--max-length", type=int, default=256)
@@ -43,27 +67,11 @@ def main() -> None:
         sys.exit(f"{HH} not found: this benchmark needs ../shared/data")
 
     from chatrlhf.config import ModelArgs, RewardTrainConfig
-    from chatrlhf.data import load_records
-    from chatrlhf.data.split import group_key
     from chatrlhf.evaluate.reward_eval import evaluate_pairs
     from chatrlhf.models import load_reward_model
     from chatrlhf.trainers.reward import train
 
-    usable = lambda recs: [r for r in recs if r.chosen.strip() and r.rejected.strip()]  # noqa: E731
-    base = usable([r for split in ("helpful-base", "harmless-base")
-                   for r in load_records(HH / split / "test.jsonl.gz").records])
-    keys = sorted({group_key(r) for r in base})
-    random.Random(0).shuffle(keys)
-    held, n = set(), 0
-    for k in keys:  # whole prompts until --eval-pairs pairs are held out
-        if n >= a.eval_pairs:
-            break
-        held.add(k)
-        n += sum(group_key(r) == k for r in base)
-    eval_pairs = [r for r in base if group_key(r) in held]
-    extra = [] if a.no_extra else usable([r for split in ("helpful-online", "helpful-rejection-sampled")
-                                          for r in load_records(HH / "extra" / split / "test.jsonl.gz").records])
-    train_pairs = [r for r in extra + [r for r in base if group_key(r) not in held] if group_key(r) not in held]
+    train_pairs, eval_pairs, held = hh_split(a.eval_pairs, extra=not a.no_extra)
     random.Random(0).shuffle(train_pairs)
     if a.max_train_pairs:
         train_pairs = train_pairs[:a.max_train_pairs]

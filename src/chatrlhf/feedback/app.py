@@ -82,8 +82,9 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
     if production and not any(u.role == "admin" for u in store.users()):
         raise FeedbackError("production mode needs an admin and has no default password",
                             "create one first: chatrlhf feedback add-user --role admin --name …")
+
     @asynccontextmanager
-    async def lifespan(_app):
+    async def lifespan(_app):  # SQLite: WAL checkpoints in a background thread while serving
         with store.checkpointing():
             yield
 
