@@ -29,6 +29,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python benchmarks/sft.py
+	$(BIN)/python benchmarks/reward.py --dtype auto --train-layers 8
+	$(BIN)/python benchmarks/ppo.py --steps 3 --lora-r 16 --critic shared
+	$(BIN)/python benchmarks/feedback_load.py
 
 clean:
 	rm -rf $(VENV) out
