@@ -18,6 +18,14 @@ def run_cli(*args, timeout=600, env=None, **kw):
                           timeout=timeout, env={**os.environ, **(env or {})}, **kw)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
 def write(tmp_path):
     """write(name, text or bytes) -> path in a temp folder."""

@@ -4,6 +4,7 @@ drive the same app in Chromium)."""
 import re
 
 import pytest
+from conftest import free_port
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
@@ -226,7 +227,8 @@ def test_admin_switches_a_user_off_and_changes_roles(app_store):
 def test_two_worker_processes_serve_log_ins_and_answers_and_warn_about_sqlite(tmp_path):
     """`serve --workers 2`: real uvicorn worker processes built by `app.from_env` (sharing one session secret)
     take a log-in and eight lease-and-answer rounds on fresh connections; SQLite's single writer is called out."""
-    import socket
+    import os
+    import signal
     import subprocess
     import sys
     import time
@@ -238,9 +240,7 @@ def test_two_worker_processes_serve_log_ins_and_answers_and_warn_about_sqlite(tm
     for i in range(8):
         pid = store.add_prompt([{"role": "user", "content": f"prompt {i}"}])
         store.add_item("rate", store.add_reply(pid, f"reply {i}"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", "feedback", "serve", "--db", str(tmp_path / "fb.db"),
                              "--port", str(port), "--workers", "2"], stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -263,9 +263,6 @@ def test_two_worker_processes_serve_log_ins_and_answers_and_warn_about_sqlite(tm
                 answered.add(item["id"])
         assert len(answered) == 8 and store.progress() == {"answers": 8, "needed": 8}
     finally:
-        import os
-        import signal
-
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert "SQLite lets one process write at a time" in err and "postgresql" in err

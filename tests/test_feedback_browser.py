@@ -11,17 +11,12 @@ import time
 import zipfile
 
 import pytest
+from conftest import free_port
 from sqlalchemy import select
 
 from chatrlhf.feedback.store import Comparison, Correction, Rating, Store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
