@@ -1,8 +1,8 @@
 """Load on the feedback server: many annotators submitting at once, then a crash in the middle of it.
 
-    .venv/bin/python benchmarks/feedback_load.py [--clients 50] [--seconds 30] [--rate 550] [--workers 1]
+    .venv/bin/python benchmarks/feedback_load.py [--clients 50] [--seconds 30] [--rate 550] [--workers 1] [--db URL]
 
-Starts `chatrlhf feedback serve` on a fresh SQLite store (WAL) with enough compare items for the run and one
+Starts `chatrlhf feedback serve` on a fresh SQLite store (WAL; or the empty database at --db) with enough compare items for the run and one
 annotator per client. Each client logs in over the JSON API, leases items in batches
 (`GET /api/next?count=20`) and submits an answer to each (`POST /api/items/{id}`); a submission counts once
 the server acknowledged it (201). After each run, every acknowledged answer must be in the database, once.
@@ -228,13 +228,14 @@ def main() -> None:
     p.add_argument("--items", type=int, default=0,
                    help="compare items in the store (k = 1); default 4000 per second of load, enough for all runs")
     p.add_argument("--workers", type=int, default=1, help="server processes")
+    p.add_argument("--db", default="", help="an empty database URL (e.g. postgresql+psycopg://…) instead of a fresh "
+                                            "SQLite file")
     p.add_argument("--rate", type=float, default=550.0,
                    help="submissions/s the clients offer together in the paced run (the goal is 500)")
     a = p.parse_args()
     global WORKERS, CLIENTS
     WORKERS, CLIENTS = a.workers, a.clients
-    tmp = Path(tempfile.mkdtemp(prefix="bench-feedback-"))
-    db = str(tmp / "feedback.db")
+    db = a.db or str(Path(tempfile.mkdtemp(prefix="bench-feedback-")) / "feedback.db")
     a.items = a.items or int(4000 * a.seconds)
     fill(db, a.clients, a.items)
     port = free_port()
