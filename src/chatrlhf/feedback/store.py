@@ -448,6 +448,7 @@ class Store:
                 done += s.scalar(q.where(table.user_id == user_id) if user_id is not None else q)
             return {"answers": done, "needed": needed}
 
+
 # ---------------------------------------------------------------------- prebuilt statements of the hot paths
 # Built once with bind parameters: SQLAlchemy then only looks them up in its compiled cache (~30 µs a
 # statement instead of ~150 µs to build and key a fresh one each request).
@@ -465,14 +466,22 @@ _OPEN = (select(_I.id).where(_I.filled.is_(False),  # never held by the user: on
                              _TAKEN_OF_ITEM < _I.k)
          .order_by(_I.id).limit(bindparam("n")).with_for_update(of=Item.__table__))
 _OPEN_OF_KIND = _OPEN.where(_I.kind == bindparam("kind"))
-_TAKEN = select(_I.id, _I.k, _TAKEN_OF_ITEM).where(_I.id.in_(bindparam("ids", expanding=True)))
+_TAKEN = select(_I.id, _I.k, _TAKEN_OF_ITEM).where(_I.id.in_(bindparam("ids", expanding=True)))  # a batch's re-count
 _LOCK_ITEM = select(_I.kind, _I.k).where(_I.id == bindparam("item")).with_for_update()
-_SUBMIT_COUNTS = {kind: select(
-    select(t.c.id).where(t.c.item_id == bindparam("item"), t.c.user_id == bindparam("user")).scalar_subquery(),
-    func.sum(case((_A.user_id == bindparam("user"), 1), else_=0)),
-    func.sum(case(((_A.user_id != bindparam("user")) & _LIVE, 1), else_=0)),
-    func.sum(case(((_A.user_id != bindparam("user")) & _A.done.is_(True), 1), else_=0)),
-).where(_A.item_id == bindparam("item")) for kind, t in ((k, m.__table__) for k, m in ANSWERS.items())}
+
+
+def _submit_counts(answers):
+    """The user's first answer to the item (if any), their leases on it, others' live leases, others' answers."""
+    return select(
+        select(answers.c.id).where(answers.c.item_id == bindparam("item"), answers.c.user_id == bindparam("user"))
+        .scalar_subquery(),
+        func.sum(case((_A.user_id == bindparam("user"), 1), else_=0)),
+        func.sum(case(((_A.user_id != bindparam("user")) & _LIVE, 1), else_=0)),
+        func.sum(case(((_A.user_id != bindparam("user")) & _A.done.is_(True), 1), else_=0)),
+    ).where(_A.item_id == bindparam("item"))
+
+
+_SUBMIT_COUNTS = {kind: _submit_counts(m.__table__) for kind, m in ANSWERS.items()}
 _INSERT_ANSWER = {kind: m.__table__.insert().returning(m.__table__.c.id) for kind, m in ANSWERS.items()}
 _LEASE_DONE = (Assignment.__table__.update().where(_A.item_id == bindparam("item"), _A.user_id == bindparam("user"))
                .values(done=True))
