@@ -38,11 +38,10 @@ def run(sub: str, cfg) -> int:
                          max_new_tokens=cfg.max_new_tokens)  # checks the settings once
         print(f"chatrlhf feedback: serving {store.url} on http://{cfg.host}:{cfg.port}", flush=True)
         if cfg.workers > 1 and store.url.startswith("sqlite"):
-            print("chatrlhf feedback: warning: SQLite lets one process write at a time, and a worker waiting for "
-                  "the lock stalls all its requests: measured with --workers 2, p99 at 550 submissions/s rose from "
-                  "23 to 133 ms and the most it took fell from ~1,250 to ~850/s. On SQLite one worker is the "
-                  "fastest setting; several workers are meant for PostgreSQL (--db postgresql+psycopg://…) on a "
-                  "database machine of its own.", file=sys.stderr, flush=True)
+            print("chatrlhf feedback: warning: SQLite lets one process write at a time, so the workers queue for "
+                  "its lock, and a worker waiting for it stalls all its requests: on SQLite more workers add "
+                  "little for annotation (measure with benchmarks/feedback_load.py --workers N). PostgreSQL "
+                  "(--db postgresql+psycopg://…) lets them write in parallel.", file=sys.stderr, flush=True)
         if cfg.workers > 1:  # worker processes share the session secret, so a log-in holds across them
             if not os.environ.get("CHATRLHF_SECRET"):
                 os.environ["CHATRLHF_SECRET"] = secrets.token_urlsafe(32)
