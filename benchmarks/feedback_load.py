@@ -58,6 +58,7 @@ def fill(db: str, clients: int, items: int) -> None:
         s.flush()
         s.add_all([Item(kind="compare", prompt_id=i + 1, reply_a_id=2 * i + 1, reply_b_id=2 * i + 2, k=1)
                    for i in range(items)])
+    store.engine.dispose()  # closed cleanly: SQLite copies the set-up's write-ahead log into the file now
 
 
 WORKERS = 1

@@ -217,3 +217,20 @@ def test_the_background_checkpointer_moves_the_log_into_the_database_file(tmp_pa
         assert db.stat().st_size > size + 300_000  # copied by the thread
     with store.engine.connect() as c:
         assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000  # back to SQLite's default
+
+
+def test_serving_starts_from_an_empty_write_ahead_log(tmp_path):
+    import sqlite3
+
+    from chatrlhf.feedback.store import Store
+
+    store = Store(str(tmp_path / "f.db"))
+    held = sqlite3.connect(tmp_path / "f.db")  # an open connection keeps the log from being removed on close
+    held.execute("select count(*) from users").fetchall()
+    for i in range(10):
+        store.add_prompt([{"role": "user", "content": "x" * 20000 + str(i)}])
+    assert (tmp_path / "f.db-wal").stat().st_size > 200_000  # a bulk import's log
+    with store.checkpointing(every=60):
+        assert (tmp_path / "f.db-wal").stat().st_size == 0  # copied and emptied before serving
+        assert len(store.users()) == 0 and held.execute("select count(*) from prompts").fetchone() == (10,)
+    held.close()

@@ -208,10 +208,12 @@ class Store:
 
     @contextmanager
     def checkpointing(self, every: float = 0.5):
-        """While serving from a SQLite file: commits stop copying the write-ahead log into the database
-        themselves (which stalls the committing request ~10 ms every few hundred submits) and a background
-        thread does it every ``every`` seconds instead, off the request path (a PASSIVE checkpoint never
-        blocks readers or writers; sqlite3 releases the GIL while it copies). A no-op on PostgreSQL."""
+        """While serving from a SQLite file: the log is first copied into the database and emptied (a log of
+        tens of MB left by a bulk import or a crash would otherwise be copied during the first seconds of
+        load, stalling requests for seconds); then commits stop copying the write-ahead log themselves (which
+        stalls the committing request ~10 ms every few hundred submits) and a background thread does it
+        every ``every`` seconds instead, off the request path (a PASSIVE checkpoint never blocks readers or
+        writers; sqlite3 releases the GIL while it copies). A no-op on PostgreSQL."""
         import sqlite3
         import threading
 
@@ -226,6 +228,9 @@ class Store:
         event.listen(self.engine, "connect", no_autocheckpoint)
         self.engine.dispose()  # pooled connections reconnect with the setting
         stop = threading.Event()
+
+        with closing(sqlite3.connect(path, timeout=30)) as con:  # start from an empty log: a log left by a bulk
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # import or a crash is copied now, not mid-load
 
         def run():
             with closing(sqlite3.connect(path, timeout=30)) as con:
