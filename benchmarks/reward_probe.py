@@ -26,12 +26,13 @@ from reward_quality import HH, ROOT, hh_split  # noqa: E402
 from sft import machine  # noqa: E402
 
 
-def features(model, tok, pairs, layers: list[int], max_length: int, batch: int = 16) -> np.ndarray:
+def features(model, tok, pairs, layers: list[int], max_length: int, batch_size: int = 16) -> np.ndarray:
     """(pairs, layers, 2·hidden): chosen − rejected of [last-token state, mean state] per layer."""
     import torch
     from rich.progress import track
 
     from chatrlhf.models import autocast
+    from chatrlhf.rewards import pad_right
     from chatrlhf.trainers.reward import encode_pairs
 
     enc = encode_pairs(tok, pairs, max_length)
@@ -39,15 +40,12 @@ def features(model, tok, pairs, layers: list[int], max_length: int, batch: int =
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # length-sorted batches: little padding
     d = model.config.hidden_size
     out = np.zeros((len(seqs), len(layers), 2 * d), np.float32)
-    for s in track(range(0, len(order), batch), description=f"{len(seqs)} replies", transient=True):
-        idx = order[s:s + batch]
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), width), tok.pad_token_id)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for j, i in enumerate(idx):
-            ids[j, :len(seqs[i])], mask[j, :len(seqs[i])] = torch.tensor(seqs[i]), 1
+    for s in track(range(0, len(order), batch_size), description=f"{len(seqs)} replies", transient=True):
+        idx = order[s:s + batch_size]
+        inputs = pad_right([seqs[i] for i in idx], tok.pad_token_id, "cpu")
+        mask = inputs["attention_mask"]
         with torch.no_grad(), autocast("auto", torch.device("cpu")):
-            hidden = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            hidden = model.model(**inputs, output_hidden_states=True).hidden_states
         last = mask.sum(1) - 1
         for li, layer in enumerate(layers):
             h = hidden[layer].float()

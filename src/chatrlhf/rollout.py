@@ -122,7 +122,7 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
         with autocast(dtype, device):
             return torch.func.functional_call(model, weights, args=(), kwargs=kw, tie_weights=False)
 
-    out = prefill(forward, query_ids, mask, logits_to_keep=1)
+    out = prefill(forward, query_ids, mask, shared_prompts(query_ids, mask), logits_to_keep=1)
     cache, logits = out.cache, out.logits[:, -1]  # the cache object is updated in place
     for t in range(R):
         logp = torch.log_softmax(logits.float() / temperature, -1)
@@ -178,11 +178,10 @@ def shared_prompts(query_ids: torch.Tensor, query_mask: torch.Tensor):
     return rows[:, :Q], rows[:, Q:], inverse
 
 
-def prefill(model, query_ids: torch.Tensor, query_mask: torch.Tensor, shared=False, **kw):
-    """One forward pass over the prompts with a KV cache, each distinct prompt computed once; the output's
-    tensors and cache are expanded back to one row per prompt. ``shared``: shared_prompts() if already known."""
-    if shared is False:
-        shared = shared_prompts(query_ids, query_mask)
+def prefill(model, query_ids: torch.Tensor, query_mask: torch.Tensor, shared, **kw):
+    """One forward pass over the prompts with a KV cache, each distinct prompt computed once (``shared``:
+    what shared_prompts() found, None if no prompt repeats); the output's tensors and cache are expanded
+    back to one row per prompt."""
     ids, mask = (query_ids, query_mask) if shared is None else shared[:2]
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, **kw)
     if shared is not None:

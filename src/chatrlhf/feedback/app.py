@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -282,8 +283,6 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     @app.post("/chat")
     async def chat(request: Request):
-        from starlette.concurrency import run_in_threadpool
-
         user = user_of(request, "annotator", "admin")
         data = await form(request)
         check_csrf(request, data.get("csrf"))
@@ -296,9 +295,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         conversation = request.session.get("chat", [])[-18:] + [{"role": "user", "content": text[:4000]}]
         (reply,) = await run_in_threadpool(writer().write, [conversation])
         pid = store.add_prompt(conversation, source="chat")
-        rid = store.add_reply(pid, reply["text"], model=reply["model"], checkpoint=reply["checkpoint"],
-                              decoding=reply["decoding"], template=reply["template"])
-        item = store.add_item("rate", rid)
+        item = store.add_item("rate", store.add_reply(pid, **reply))  # the writer's fields are add_reply's
         store.assign(user.id, item)
         request.session["chat"] = conversation + [{"role": "assistant", "content": reply["text"]}]
         return RedirectResponse(f"/item/{item}?then=chat", 303)
@@ -307,8 +304,6 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
     async def admin_generate(request: Request):
         """Replies to every prompt that has none, from the loaded model(s): one model → rate items, two →
         compare items (k from the form)."""
-        from starlette.concurrency import run_in_threadpool
-
         user_of(request, "admin")
         data = await form(request)
         check_csrf(request, data.get("csrf"))
@@ -317,16 +312,13 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
             k = int(data.get("k") or k_default)
         except ValueError:
             raise FeedbackError("k must be a whole number", status=400) from None
-        todo = store.prompts_without_replies(int(data.get("limit") or 50) if str(data.get("limit") or "").isdigit() else 50)
-        made = 0
-        if todo:
-            outs = [await run_in_threadpool(w.write, [m for _, m in todo]) for w in writers]
-            for n, (pid, _) in enumerate(todo):
-                ids = [store.add_reply(pid, o[n]["text"], model=o[n]["model"], checkpoint=o[n]["checkpoint"],
-                                       decoding=o[n]["decoding"], template=o[n]["template"]) for o in outs]
-                store.add_item("compare" if len(ids) == 2 else "rate", ids[0], ids[1] if len(ids) == 2 else None, k=k)
-                made += 1
-        return RedirectResponse(f"/admin?generated={made}", 303)
+        limit = str(data.get("limit") or "")
+        todo = store.prompts_without_replies(int(limit) if limit.isdigit() else 50)
+        outs = [await run_in_threadpool(w.write, [m for _, m in todo]) for w in writers] if todo else []
+        for n, (pid, _) in enumerate(todo):
+            ids = [store.add_reply(pid, **o[n]) for o in outs]
+            store.add_item("compare" if len(ids) == 2 else "rate", ids[0], ids[1] if len(ids) == 2 else None, k=k)
+        return RedirectResponse(f"/admin?generated={len(todo)}", 303)
 
     @app.get("/progress", response_class=HTMLResponse)
     async def progress(request: Request):
