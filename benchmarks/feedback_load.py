@@ -67,6 +67,19 @@ RAMP = 2.0  # seconds over which the paced clients join
 acked_by: dict[int, list] = defaultdict(list)  # client → items it had acknowledged in the current run
 
 
+def cpu_seconds(group: int) -> float:
+    """CPU time (user + system) used so far by the server's processes (its process group; Linux /proc)."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group:  # fields after "(comm)": state, ppid, pgrp, …, utime (12), stime (13)
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def start(db: str, port: int) -> subprocess.Popen:
     env = {**os.environ, "CHATRLHF_SECRET": "load-test-secret-load-test-secret"}
     proc = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", "feedback", "serve", "--db", db, "--port", str(port),
@@ -175,12 +188,13 @@ async def client(i: int, port: int, until: float, acked: dict, lat: list, pendin
 
 
 def run_load(port: int, clients: int, seconds: float, acked: dict, pending: dict, kill=None,
-             rate: float = 0.0) -> tuple[list, float]:
+             rate: float = 0.0, server: int = 0) -> tuple[list, float, float]:
     """Clients log in, then all start together for ``seconds``, each offering ``rate`` submissions/s (0: as fast
-    as the server answers); returns (submit latencies, seconds measured)."""
+    as the server answers); returns (submit latencies, seconds measured, CPU seconds the ``server`` process group
+    used meanwhile — log-ins excluded)."""
     acked_by.clear()
     lat: list[float] = []
-    span = [0.0, 0.0]
+    span, cpu = [0.0, 0.0], [0.0, 0.0]
 
     async def main():
         stop, ready, logged_in = asyncio.Event(), asyncio.Event(), []
@@ -188,17 +202,17 @@ def run_load(port: int, clients: int, seconds: float, acked: dict, pending: dict
                  for i in range(clients)]
         while len(logged_in) < clients:
             await asyncio.sleep(0.01)
-        span[0] = time.perf_counter()
+        span[0], cpu[0] = time.perf_counter(), cpu_seconds(server) if server else 0.0
         ready.set()
         if kill is not None:
             await asyncio.sleep(seconds / 2)
             kill()
             stop.set()
         await asyncio.gather(*tasks)
-        span[1] = time.perf_counter()
+        span[1], cpu[1] = time.perf_counter(), cpu_seconds(server) if server else 0.0
 
     asyncio.run(main())
-    return lat, span[1] - span[0]
+    return lat, span[1] - span[0], cpu[1] - cpu[0]
 
 
 def check(db: str, acked: dict) -> dict:
@@ -246,16 +260,18 @@ def main() -> None:
     runs = {}
     for name, rate in (("paced", a.rate), ("unpaced", 0.0)):  # the goal at an offered rate, then saturation
         server = start(db, port)
-        lat, wall = run_load(port, a.clients, a.seconds, acked, pending, rate=rate / a.clients)
+        lat, wall, cpu = run_load(port, a.clients, a.seconds, acked, pending, rate=rate / a.clients, server=server.pid)
         server.send_signal(signal.SIGTERM)
         server.wait(30)
         runs[name] = {"offered_per_s": rate or None, "submissions_per_s": len(lat) / wall, "p50_ms": pct(lat, 0.5),
-                      "p99_ms": pct(lat, 0.99), "max_ms": pct(lat, 1.0), "submissions": len(lat), **check(db, acked)}
+                      "p99_ms": pct(lat, 0.99), "max_ms": pct(lat, 1.0), "submissions": len(lat),
+                      "server_cpu_ms_per_submission": 1000 * cpu / max(1, len(lat)), **check(db, acked)}
         r = runs[name]
         print(f"{name:8s} {a.clients} clients × {a.seconds:.0f} s"
               f"{f', offered {rate:.0f}/s' if rate else ', each submitting as soon as answered'}: "
               f"{r['submissions_per_s']:.0f} submissions/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, max "
-              f"{r['max_ms']:.0f} ms; acknowledged {r['acknowledged']}, stored {r['stored']}, lost {r['lost']}, "
+              f"{r['max_ms']:.0f} ms, server CPU {r['server_cpu_ms_per_submission']:.2f} ms each; acknowledged "
+              f"{r['acknowledged']}, stored {r['stored']}, lost {r['lost']}, "
               f"answered twice {r['items_answered_twice']}")
 
     server = start(db, port)  # the crash: SIGKILL halfway through a second run, restart, let clients retry

@@ -1,6 +1,7 @@
 """The feedback store on SQLite and on a real PostgreSQL server: schema by Alembic, users, exactly-k
 assignment under concurrent submits, bad input, and injection strings stored as text."""
 
+import datetime as dt
 import threading
 
 import pytest
@@ -96,6 +97,21 @@ def test_an_expired_lease_frees_the_item_and_a_late_answer_is_refused(store):
     with pytest.raises(FeedbackError) as e:
         store.submit(a, item, choice="a")
     assert e.value.status == 409
+
+
+def test_the_submit_binds_times_as_sqlalchemy_stores_them(store, monkeypatch):
+    """The submit runs compiled statements on the DB-API cursor; SQLite compares stored times as text, so a
+    bound time must have SQLAlchemy's stored format ('… 12:00:00.000000', not Python's '… 12:00:00')."""
+    t = dt.datetime(2026, 1, 1, 12, 0, 0)  # no microseconds: the two formats differ
+    monkeypatch.setattr("chatrlhf.feedback.store.now", lambda: t)
+    a, b = users(store, 2)
+    item = compare_item(store, k=1)
+    assert store.lease(a, seconds=0) == item  # a's lease ends at t: no longer live at t
+    assert store.lease(b) == item
+    answer, created = store.submit(b, item, choice="b")  # a 409 if a's lease still looked live
+    assert created
+    with store.session() as s:
+        assert s.get(Comparison, answer).created_at == t
 
 
 def test_concurrent_annotators_never_exceed_k(store):
