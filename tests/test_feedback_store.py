@@ -9,7 +9,7 @@ from sqlalchemy import func, inspect, select
 
 from chatrlhf.feedback.migrations import current
 from chatrlhf.feedback.quality import krippendorff_alpha
-from chatrlhf.feedback.store import Comparison, FeedbackError, Rating, User
+from chatrlhf.feedback.store import Comparison, FeedbackError, Item, Rating, User
 
 
 def users(store, n, role="annotator"):
@@ -23,17 +23,17 @@ def compare_item(store, k=1, prompt="Which is better?", gold=None):
 
 
 def test_schema_is_made_by_alembic_and_upgrade_is_idempotent(store):
-    assert current(store.engine) == "0002"
+    assert current(store.engine) == "0003"
     tables = set(inspect(store.engine).get_table_names())
     assert {"users", "prompts", "replies", "items", "assignments", "ratings", "comparisons", "corrections",
             "events", "alembic_version"} <= tables
     store.upgrade()
-    assert current(store.engine) == "0002"
+    assert current(store.engine) == "0003"
 
 
 def test_migrating_a_0001_database_keeps_its_answers_and_marks_filled_items(tmp_path):
     from chatrlhf.feedback.migrations import upgrade
-    from chatrlhf.feedback.store import Item, Store
+    from chatrlhf.feedback.store import Store
 
     old = Store(str(tmp_path / "old.db"), upgrade=False)
     upgrade(old.engine, "0001")
@@ -49,9 +49,10 @@ def test_migrating_a_0001_database_keeps_its_answers_and_marks_filled_items(tmp_
         c.exec_driver_sql("INSERT INTO assignments (item_id, user_id, leased_at, expires_at, done) "
                           "VALUES (1, 1, '2026-01-01', '2026-01-01', 1)")
     store = Store(str(tmp_path / "old.db"))
-    assert current(store.engine) == "0002"
+    assert current(store.engine) == "0003"
     with store.session() as s:
-        assert [(i.id, i.filled) for i in s.scalars(select(Item).order_by(Item.id))] == [(1, True), (2, False)]
+        assert [(i.id, i.filled, i.held_until) for i in s.scalars(select(Item).order_by(Item.id))] == \
+            [(1, True, None), (2, False, None)]
 
 
 def test_users_passwords_are_hashed_and_checked(store):
@@ -192,6 +193,26 @@ def test_an_item_stays_open_until_it_has_k_answers_not_k_leases(store):
     assert store.lease(c) == item  # one answer of two: still open
     store.submit(c, item, choice="b")
     assert store.lease(b) is None
+
+
+def test_items_others_hold_are_skipped_by_their_hint_and_freed_by_a_skip_or_expiry(store, monkeypatch):
+    t = dt.datetime(2026, 1, 1, 12, 0, 0, 500)
+    monkeypatch.setattr("chatrlhf.feedback.store.now", lambda: t)
+    a, b, c = users(store, 3)
+    one, two = compare_item(store, k=1, prompt="one"), compare_item(store, k=2, prompt="two")
+    assert store.lease_many(a, 2) == [one, two]
+    with store.session() as s:  # the lease filled `one` (k = 1) until it ends; `two` still has a free place
+        assert [s.get(Item, i).held_until for i in (one, two)] == [t + dt.timedelta(seconds=600), None]
+    assert store.lease_many(b, 2) == [two]
+    with store.session() as s:
+        assert s.get(Item, two).held_until == t + dt.timedelta(seconds=600)
+    assert store.lease_many(c, 2) == []
+    store.skip(a, one)  # given back: free at once, not in ten minutes
+    assert store.lease_many(c, 2) == [one]
+    monkeypatch.setattr("chatrlhf.feedback.store.now", lambda: t + dt.timedelta(seconds=600))
+    d = store.add_user("d", "correct horse").id
+    assert store.lease_many(a, 2) == []  # a held both: never offered to a again
+    assert store.lease_many(d, 2) == [one, two]  # every lease ended now (its hint is now): both free
 
 
 def test_lease_many_gives_held_items_first_then_the_oldest_open_ones_of_the_kind(store):

@@ -89,6 +89,8 @@ class Item(Base):
     reply_b_id: Mapped[int | None] = mapped_column(ForeignKey("replies.id"))
     k: Mapped[int] = mapped_column(Integer, default=1)
     filled: Mapped[bool] = mapped_column(Boolean, default=False)  # has its k answers: never offered again
+    # no lease of it ends before then (a lower bound, set when leases fill it): leasing skips it without counting
+    held_until: Mapped[dt.datetime | None] = mapped_column(DateTime)
     gold: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))  # SQL NULL, not JSON null
     round: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
@@ -366,11 +368,15 @@ class Store:
                                             {**params, "n": count - len(held) - len(new)}).scalars())
                 if not candidates:
                     break
-                free = [i for i, k, taken in c.execute(_TAKEN, {"ids": candidates, "t": t}) if taken < k]
+                counts = c.execute(_TAKEN, {"ids": candidates, "t": t}).all()
+                free = [i for i, k, taken in counts if taken < k]
                 if free:
                     c.execute(Assignment.__table__.insert(), [
                         {"item_id": i, "user_id": user_id, "leased_at": t, "done": False,
                          "expires_at": t + dt.timedelta(seconds=seconds)} for i in free])
+                    full = [i for i, k, taken in counts if taken + 1 == k and seconds > 0]  # this lease filled them
+                    if full:
+                        c.execute(_HOLD, {"ids": full, "t": t})
                 new += free
             return held + new
 
@@ -465,6 +471,7 @@ class Store:
                                                       Assignment.done.is_(False)))
             if lease is not None:
                 lease.expires_at = now()
+                s.get(Item, item_id).held_until = lease.expires_at  # free again now, not when the lease would end
                 s.add(Event(user_id=user_id, action="item.skip", detail={"item": item_id}))
 
     def progress(self, user_id: int | None = None) -> dict:
@@ -490,12 +497,18 @@ _HELD = (select(_A.item_id).where(_A.user_id == bindparam("user"), _A.done.is_(F
          .order_by(_A.item_id).limit(bindparam("n")))
 _HELD_OF_KIND = _HELD.join(Item.__table__, _I.id == _A.item_id).where(_I.kind == bindparam("kind"))
 _TAKEN_OF_ITEM = select(func.count()).select_from(Assignment).where(_A.item_id == _I.id, _LIVE).scalar_subquery()
-_OPEN = (select(_I.id).where(_I.filled.is_(False),  # never held by the user: one probe of the (item, user) index
+_OPEN = (select(_I.id).where(_I.filled.is_(False),
+                             or_(_I.held_until.is_(None), _I.held_until <= bindparam("t", type_=DateTime)),
+                             # never held by the user: one probe of the (item, user) index
                              ~select(_A.id).where(_A.item_id == _I.id, _A.user_id == bindparam("user")).exists(),
                              _TAKEN_OF_ITEM < _I.k)
          .order_by(_I.id).limit(bindparam("n")).with_for_update(of=Item.__table__))
 _OPEN_OF_KIND = _OPEN.where(_I.kind == bindparam("kind"))
 _TAKEN = select(_I.id, _I.k, _TAKEN_OF_ITEM).where(_I.id.in_(bindparam("ids", expanding=True)))  # a batch's re-count
+_HOLD = (Item.__table__.update().where(_I.id.in_(bindparam("ids", expanding=True)))  # full items: held until the
+         .values(held_until=select(func.min(_A.expires_at))                           # first live lease ends
+                 .where(_A.item_id == _I.id, _A.done.is_(False), _A.expires_at > bindparam("t", type_=DateTime))
+                 .scalar_subquery()))
 
 
 def _submit_counts(answers):
