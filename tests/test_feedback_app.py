@@ -267,3 +267,37 @@ def test_two_worker_processes_serve_log_ins_and_answers_and_warn_about_sqlite(tm
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     assert "SQLite lets one process write at a time" in err and "postgresql" in err
+
+
+def test_a_log_in_does_not_hold_up_other_requests(app_store, monkeypatch):
+    """A password check is ~0.1 s of argon2: it runs in a worker thread, so a log-in never stalls the
+    annotators already at work (a real uvicorn server; the check made slow to make the overlap certain)."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    import chatrlhf.feedback.store as store_module
+
+    app, _ = app_store
+    check = store_module.check_password
+    monkeypatch.setattr(store_module, "check_password", lambda h, p: time.sleep(1.0) or check(h, p))
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+        with httpx.Client(base_url=url) as ann:
+            assert ann.post("/api/login", json={"name": "ann", "password": "correct horse"}).status_code == 200
+            slow = threading.Thread(target=lambda: httpx.post(url + "/api/login",
+                                                              json={"name": "bob", "password": "correct horse"}))
+            slow.start()
+            time.sleep(0.2)  # bob's password is being checked
+            t = time.perf_counter()
+            assert ann.get("/api/next").status_code == 200
+            assert time.perf_counter() - t < 0.5 and slow.is_alive()  # answered while bob's log-in still ran
+            slow.join()
+    finally:
+        server.should_exit = True

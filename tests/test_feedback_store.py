@@ -271,3 +271,22 @@ def test_serving_starts_from_an_empty_write_ahead_log(tmp_path):
         assert (tmp_path / "f.db-wal").stat().st_size == 0  # copied and emptied before serving
         assert len(store.users()) == 0 and held.execute("select count(*) from prompts").fetchone() == (10,)
     held.close()
+
+
+def test_a_long_read_on_sqlite_neither_holds_up_writes_nor_sees_them(tmp_path):
+    """Store.reading() begins deferred on SQLite: an export or the agreement statistics read a snapshot while
+    submits go on (a write transaction — BEGIN IMMEDIATE — would make every writer wait for the read)."""
+    from chatrlhf.feedback.store import Prompt, Store
+
+    store = Store(str(tmp_path / "fb.db"))
+    store.add_prompt([{"role": "user", "content": "first"}])
+    with store.reading() as s:
+        assert s.scalar(select(func.count()).select_from(Prompt)) == 1  # the snapshot starts here
+        writer = threading.Thread(target=store.add_prompt, args=([{"role": "user", "content": "second"}],))
+        writer.start()
+        writer.join(timeout=5)
+        assert not writer.is_alive()  # committed while the read was open
+        assert s.scalar(select(func.count()).select_from(Prompt)) == 1  # still the snapshot
+    with store.reading() as s:
+        assert s.scalar(select(func.count()).select_from(Prompt)) == 2
+    store.engine.dispose()

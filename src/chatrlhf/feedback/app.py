@@ -81,6 +81,15 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     # ------------------------------------------------------------------ helpers
 
+    async def blocking(fn, *args, **kwargs):
+        """A store call on an annotator's path. PostgreSQL: in a worker thread, so requests overlap while they
+        wait on the server (round trips, commit flushes). SQLite: inline — its calls are short CPU work under one
+        write lock, and the thread hop would only add to it. (Password checks, the admin page's statistics and
+        exports always run in a thread: seconds of work that must not stall everyone's requests.)"""
+        if store.url.startswith("sqlite"):
+            return fn(*args, **kwargs)
+        return await run_in_threadpool(fn, *args, **kwargs)
+
     def api(request: Request) -> bool:
         return request.url.path.startswith("/api/")
 
@@ -95,13 +104,13 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     users: dict[int, tuple] = {}  # id → (user, read at): a role change or deactivation applies within USER_TTL
 
-    def user_of(request: Request, *roles: str):
+    async def user_of(request: Request, *roles: str):
         uid = request.session.get("uid")
         user = None
         if isinstance(uid, int):
             user, at = users.get(uid, (None, 0.0))
             if time.monotonic() - at > USER_TTL:
-                user = store.user(uid)
+                user = await blocking(store.user, uid)
                 users[uid] = (user, time.monotonic())
         if user is None or not user.active:
             raise FeedbackError("log in first", status=401)
@@ -125,10 +134,11 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
             raise FeedbackError("the JSON body must be an object", status=400)
         return data
 
-    def render(request: Request, name: str, user=None, status: int = 200, **ctx):
-        progress = store.progress(user.id) if user is not None else None
+    async def render(request: Request, name: str, user=None, status: int = 200, **ctx):
+        progress = await blocking(store.progress, user.id) if user is not None else None
+        overall = await blocking(store.progress)
         return pages.TemplateResponse(request, name, {"user": user, "csrf": csrf_token(request), "progress": progress,
-                                                      "overall": store.progress(), "guidelines": guidelines, **ctx},
+                                                      "overall": overall, "guidelines": guidelines, **ctx},
                                       status_code=status)
 
     # ------------------------------------------------------------------ errors: 4xx, never a traceback
@@ -139,7 +149,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
             return RedirectResponse("/login", 303)
         if api(request):
             return JSONResponse({"error": str(e)}, e.status)
-        return render(request, "error.html", status=e.status, message=str(e))
+        return await render(request, "error.html", status=e.status, message=str(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -154,7 +164,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     @app.get("/login", response_class=HTMLResponse)
     async def login_page(request: Request):
-        return render(request, "login.html")
+        return await render(request, "login.html")
 
     @app.post("/login")
     async def login(request: Request):
@@ -167,10 +177,10 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
             recent.popleft()
         if len(recent) >= LOGIN_LIMIT[0]:
             raise FeedbackError("too many failed log-ins; wait a minute", status=429)
-        user = store.authenticate(name, str(data.get("password", "")))
+        user = await run_in_threadpool(store.authenticate, name, str(data.get("password", "")))  # ~0.1 s of argon2
         if user is None:
             recent.append(time.monotonic())
-            return render(request, "login.html", status=401, message="wrong name or password")
+            return await render(request, "login.html", status=401, message="wrong name or password")
         request.session.clear()
         request.session.update(uid=user.id, csrf=secrets.token_urlsafe(32))
         return RedirectResponse("/admin" if user.role == "admin" else "/next", 303)
@@ -185,29 +195,29 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     @app.get("/")
     async def home(request: Request):
-        user = user_of(request)
+        user = await user_of(request)
         return RedirectResponse("/admin" if user.role == "admin" else "/next" if user.role == "annotator"
                                 else "/progress", 303)
 
     @app.get("/next")
     async def next_item(request: Request, kind: str | None = None):
-        user = user_of(request, "annotator", "admin")
-        item = store.lease(user.id, kind)
+        user = await user_of(request, "annotator", "admin")
+        item = await blocking(store.lease, user.id, kind)
         if item is None:
-            return render(request, "done.html", user)
+            return await render(request, "done.html", user)
         return RedirectResponse(f"/item/{item}", 303)
 
     @app.get("/item/{item_id}", response_class=HTMLResponse)
     async def item_page(request: Request, item_id: int):
-        user = user_of(request, "annotator", "admin")
-        view = store.item_view(item_id, user.id, user.role)
+        user = await user_of(request, "annotator", "admin")
+        view = await blocking(store.item_view, item_id, user.id, user.role)
         order = request.session.setdefault("order", {})
         if str(item_id) not in order:  # the random screen order of a comparison, fixed per item
             order[str(item_id)] = secrets.randbelow(2) == 0
             request.session["order"] = dict(list(order.items())[-50:])
         a_first = request.session["order"].get(str(item_id), True)
         sides = [view["a"], view["b"]] if a_first else [view["b"], view["a"]]
-        return render(request, "item.html", user, item=view, sides=sides,
+        return await render(request, "item.html", user, item=view, sides=sides,
                       then="chat" if request.query_params.get("then") == "chat" else "")
 
     def answer_from(kind: str, data: dict, a_first: bool) -> dict:
@@ -233,15 +243,15 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     @app.post("/item/{item_id}")
     async def submit_form(request: Request, item_id: int):
-        user = user_of(request, "annotator", "admin")
+        user = await user_of(request, "annotator", "admin")
         data = await form(request)
         check_csrf(request, data.get("csrf"))
-        kind = store.item_view(item_id, user.id, user.role)["kind"]
+        kind = (await blocking(store.item_view, item_id, user.id, user.role))["kind"]
         if data.get("skip"):
-            store.skip(user.id, item_id)
+            await blocking(store.skip, user.id, item_id)
         else:
             a_first = request.session.get("order", {}).get(str(item_id), True)
-            store.submit(user.id, item_id, **answer_from(kind, data, a_first))
+            await blocking(store.submit, user.id, item_id, **answer_from(kind, data, a_first))
         return RedirectResponse("/chat" if data.get("then") == "chat" else "/next", 303)
 
     # ------------------------------------------------------------------ chat with a model, rate each reply
@@ -253,12 +263,12 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     @app.get("/chat", response_class=HTMLResponse)
     async def chat_page(request: Request):
-        user = user_of(request, "annotator", "admin")
-        return render(request, "chat.html", user, chat=request.session.get("chat", []), model=writer().name)
+        user = await user_of(request, "annotator", "admin")
+        return await render(request, "chat.html", user, chat=request.session.get("chat", []), model=writer().name)
 
     @app.post("/chat")
     async def chat(request: Request):
-        user = user_of(request, "annotator", "admin")
+        user = await user_of(request, "annotator", "admin")
         data = await form(request)
         check_csrf(request, data.get("csrf"))
         if data.get("reset"):
@@ -279,7 +289,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
     async def admin_generate(request: Request):
         """Replies to every prompt that has none, from the loaded model(s): one model → rate items, two →
         compare items (k from the form)."""
-        user_of(request, "admin")
+        await user_of(request, "admin")
         data = await form(request)
         check_csrf(request, data.get("csrf"))
         writer()
@@ -297,38 +307,39 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     @app.get("/progress", response_class=HTMLResponse)
     async def progress(request: Request):
-        user = user_of(request)
-        return render(request, "done.html", user)
+        user = await user_of(request)
+        return await render(request, "done.html", user)
 
     # ------------------------------------------------------------------ JSON API
 
     @app.get("/api/session")
     async def api_session(request: Request):
-        user = user_of(request)
+        user = await user_of(request)
         return {"user": user.name, "role": user.role, "csrf": csrf_token(request)}
 
     @app.get("/api/next")
     async def api_next(request: Request, kind: str | None = None, count: int = 1):
         """Lease up to ``count`` (≤ 100) items: {"items": [{id, kind, messages, a, b}, …]}."""
-        user = user_of(request, "annotator", "admin")
-        items = store.lease_many(user.id, count, kind)
-        return JSONResponse({"items": store.item_views(items, user.id, user.role) if items else []})
+        user = await user_of(request, "annotator", "admin")
+        items = await blocking(store.lease_many, user.id, count, kind)
+        return JSONResponse({"items": await blocking(store.item_views, items, user.id, user.role) if items else []})
 
     @app.post("/api/items/{item_id}")
     async def api_submit(request: Request, item_id: int):
         """Answer an item: {"score": 1–5, "thumbs": ±1} | {"choice": "a"|"b"|"tie"|"both_bad", "confidence": 0–1}
         | {"corrected": "…"}, plus an optional "reason". 201 when stored, 200 for a repeat (the first stands)."""
-        user = user_of(request, "annotator", "admin")
+        user = await user_of(request, "annotator", "admin")
         check_csrf(request, request.headers.get("x-csrf-token"))
         data = await body_json(request)
         fields = {k: data[k] for k in ("score", "thumbs", "choice", "confidence", "corrected", "reason") if k in data}
-        answer_id, created = store.submit(user.id, item_id, **fields)
+        answer_id, created = await blocking(store.submit, user.id, item_id, **fields)
         return JSONResponse({"answer": answer_id, "created": created}, 201 if created else 200)
 
     @app.post("/api/login")
     async def api_login(request: Request):
         data = await body_json(request)
-        user = store.authenticate(str(data.get("name", ""))[:64], str(data.get("password", "")))
+        user = await run_in_threadpool(store.authenticate, str(data.get("name", ""))[:64],
+                                       str(data.get("password", "")))
         if user is None:
             raise FeedbackError("wrong name or password", status=401)
         request.session.clear()
@@ -339,25 +350,30 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     @app.get("/admin", response_class=HTMLResponse)
     async def admin(request: Request):
-        user = user_of(request, "admin")
+        user = await user_of(request, "admin")
         from chatrlhf.feedback.quality import agreement, reliability
 
-        names = {u.id: u.name for u in store.users()}
-        return render(request, "admin.html", user, users=store.users(), agreement=agreement(store),
-                      models=[w.name for w in writers],
-                      reliability={names[u]: r for u, r in reliability(store).items()})
+        def statistics():  # reads every answer: in a thread, on a snapshot that does not hold up submits
+            everyone = store.users()
+            names = {u.id: u.name for u in everyone}
+            return everyone, agreement(store), {names[u]: r for u, r in reliability(store).items()}
+
+        everyone, agreed, reliable = await run_in_threadpool(statistics)
+        return await render(request, "admin.html", user, users=everyone, agreement=agreed,
+                            models=[w.name for w in writers], reliability=reliable)
 
     @app.post("/admin/users")
     async def add_user(request: Request):
-        user_of(request, "admin")
+        await user_of(request, "admin")
         data = await form(request)
         check_csrf(request, data.get("csrf"))
-        store.add_user(str(data.get("name", "")), str(data.get("password", "")), str(data.get("role", "annotator")))
+        await run_in_threadpool(store.add_user, str(data.get("name", "")), str(data.get("password", "")),  # argon2
+                                str(data.get("role", "annotator")))
         return RedirectResponse("/admin", 303)
 
     @app.post("/admin/users/{user_id}")
     async def change_user(request: Request, user_id: int):
-        admin_user = user_of(request, "admin")
+        admin_user = await user_of(request, "admin")
         data = await form(request)
         check_csrf(request, data.get("csrf"))
         action = data.get("action")
@@ -370,7 +386,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     @app.post("/admin/import")
     async def import_items(request: Request):
-        user_of(request, "admin")
+        await user_of(request, "admin")
         data = await form(request)
         check_csrf(request, data.get("csrf"))
         from types import SimpleNamespace
@@ -396,17 +412,20 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
 
     @app.get("/admin/export.zip")
     async def export_zip(request: Request, rule: str = "all", eval_fraction: float = 0.0):
-        user_of(request, "admin")
+        await user_of(request, "admin")
         from chatrlhf.feedback.export import export
 
-        with tempfile.TemporaryDirectory() as tmp:
-            export(store, Path(tmp) / "export", rule=rule, eval_fraction=eval_fraction)
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-                for f in sorted((Path(tmp) / "export").rglob("*")):
-                    if f.is_file():
-                        z.write(f, f.relative_to(Path(tmp) / "export"))
-        return Response(buf.getvalue(), media_type="application/zip",
+        def zipped() -> bytes:  # in a thread, on a snapshot: submits carry on meanwhile
+            with tempfile.TemporaryDirectory() as tmp:
+                export(store, Path(tmp) / "export", rule=rule, eval_fraction=eval_fraction)
+                buf = io.BytesIO()
+                with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+                    for f in sorted((Path(tmp) / "export").rglob("*")):
+                        if f.is_file():
+                            z.write(f, f.relative_to(Path(tmp) / "export"))
+                return buf.getvalue()
+
+        return Response(await run_in_threadpool(zipped), media_type="application/zip",
                         headers={"Content-Disposition": 'attachment; filename="chatrlhf-feedback.zip"'})
 
     return app

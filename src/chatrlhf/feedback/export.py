@@ -76,7 +76,7 @@ def _safe_url(url: str) -> str:
 
 def _collect(store: Store, rule: str, round: int | None) -> dict[str, list[dict]]:
     weights = reliability(store)
-    with store.session() as s:
+    with store.reading() as s:
         names = {u.id: u.name for u in s.scalars(select(User))}
         prompts = {p.id: p for p in s.scalars(select(Prompt))}
         replies = {r.id: r for r in s.scalars(select(Reply))}

@@ -48,7 +48,7 @@ def agreement(store) -> dict:
     on comparisons between annotators with at least 5 items in common."""
     from sklearn.metrics import cohen_kappa_score
 
-    with store.session() as s:
+    with store.reading() as s:
         votes, stars = defaultdict(dict), defaultdict(dict)
         for c in s.scalars(select(Comparison)):
             votes[c.item_id][c.user_id] = c.choice
@@ -81,7 +81,7 @@ def gold_correct(item: Item, answer) -> bool:
 def reliability(store) -> dict[int, float]:
     """{user id: (correct gold answers + 1) / (gold answers + 2)} for every user who answered anything."""
     tally: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-    with store.session() as s:
+    with store.reading() as s:
         gold = {i.id: i for i in s.scalars(select(Item).where(Item.gold.is_not(None)))}
         for table in (Comparison, Rating):
             for a in s.scalars(select(table)):

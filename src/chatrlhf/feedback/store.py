@@ -172,8 +172,9 @@ def engine_for(url: str):
         cur.close()
 
     @event.listens_for(engine, "begin")
-    def _begin(conn):
-        conn.exec_driver_sql("BEGIN IMMEDIATE")  # writers queue here instead of failing mid-transaction
+    def _begin(conn):  # writers queue here instead of failing mid-transaction; readers (Store.reading) take a
+        # snapshot and neither wait for the writer nor hold it up
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("reading") else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -199,6 +200,7 @@ class Store:
         self.url = database_url(db)
         self.engine = engine_for(self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._readers = sessionmaker(self.engine.execution_options(reading=True), expire_on_commit=False)
         self._hot: dict | None = None  # the submit's statements, compiled for this database on first use
         if upgrade:
             self.upgrade()
@@ -256,6 +258,13 @@ class Store:
         with self._sessions() as s, s.begin():
             yield s
 
+    @contextmanager
+    def reading(self):
+        """A read-only transaction. On SQLite it starts deferred: a snapshot that does not take the write lock,
+        so a long read (an export, the agreement statistics) never holds up submits, and does not wait for them."""
+        with self._readers() as s, s.begin():
+            yield s
+
     # ------------------------------------------------------------------ users
 
     def add_user(self, name: str, password: str, role: str = "annotator") -> User:
@@ -292,16 +301,16 @@ class Store:
             s.add(Event(user_id=by, action="user.update", detail={"user": user_id, "role": role, "active": active}))
 
     def authenticate(self, name: str, password: str) -> User | None:
-        with self.session() as s:
+        with self.reading() as s:
             user = s.scalar(select(User).where(User.name == name, User.active.is_(True)))
             return user if user is not None and check_password(user.password_hash, password) else None
 
     def user(self, user_id: int) -> User | None:
-        with self.session() as s:
+        with self.reading() as s:
             return s.get(User, user_id)
 
     def users(self) -> list[User]:
-        with self.session() as s:
+        with self.reading() as s:
             return list(s.scalars(select(User).order_by(User.id)))
 
     # ------------------------------------------------------------------ content
@@ -386,7 +395,7 @@ class Store:
             s.add(Assignment(item_id=item_id, user_id=user_id, expires_at=now() + dt.timedelta(seconds=seconds)))
 
     def prompts_without_replies(self, limit: int = 100) -> list[tuple[int, list]]:
-        with self.session() as s:
+        with self.reading() as s:
             answered = select(Reply.prompt_id)
             return [(p.id, p.messages) for p in s.scalars(select(Prompt).where(Prompt.id.not_in(answered))
                                                           .order_by(Prompt.id).limit(limit))]
@@ -400,8 +409,8 @@ class Store:
 
     def item_views(self, item_ids: list[int], user_id: int, role: str) -> list[dict]:
         """Several items in one query (403 if any is not the user's, unless admin)."""
-        with self.engine.connect() as c:
-            rows = c.execute(_VIEWS, {"ids": list(item_ids), "user": user_id}).all()
+        with self.reading() as s:
+            rows = s.execute(_VIEWS, {"ids": list(item_ids), "user": user_id}).all()
         for row in rows:
             if not row.assigned and role != "admin":
                 raise FeedbackError(f"item {row.id} is not assigned to you", status=403)
@@ -476,7 +485,7 @@ class Store:
 
     def progress(self, user_id: int | None = None) -> dict:
         """Answers given (by one user, or by all) and answers still needed."""
-        with self.session() as s:
+        with self.reading() as s:
             needed = sum(s.scalars(select(Item.k))) or 0
             done = 0
             for table in ANSWERS.values():
