@@ -40,6 +40,31 @@ GUIDELINES = """Prefer the reply that is helpful, honest and harmless. Judge wha
 Tie: both equally good. Both bad: neither is acceptable. A correction should be the reply you would want."""
 
 
+class BodyLimit:
+    """413 for bodies over ``limit`` bytes, by Content-Length or while streaming."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await JSONResponse({"error": f"request body over {self.limit} bytes"}, 413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
 def from_env() -> FastAPI:
     """The app for ``uvicorn --factory`` worker processes: settings from CHATRLHF_DB, CHATRLHF_SECRET and
     CHATRLHF_PRODUCTION (set by ``chatrlhf feedback serve --workers N``)."""
@@ -64,11 +89,11 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         with store.checkpointing():
             yield
 
-    app = FastAPI(title="chatrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan,
-                  max_body_size=MAX_BODY)  # 413 by Content-Length or while a body streams in
+    app = FastAPI(title="chatrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(SessionMiddleware, secret_key=secret or secrets.token_urlsafe(32),
                        session_cookie="chatrlhf_session", same_site="strict", https_only=production,
                        max_age=12 * 3600)
+    app.add_middleware(BodyLimit, limit=MAX_BODY)  # (FastAPI's max_body_size answers a bare "Content Too Large")
     pages = Jinja2Templates(directory=str(TEMPLATES))  # .html templates autoescape
     if len(models) > 2:
         raise FeedbackError("at most two --model (two models make compare items)")
@@ -218,7 +243,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         a_first = request.session["order"].get(str(item_id), True)
         sides = [view["a"], view["b"]] if a_first else [view["b"], view["a"]]
         return await render(request, "item.html", user, item=view, sides=sides,
-                      then="chat" if request.query_params.get("then") == "chat" else "")
+                            then="chat" if request.query_params.get("then") == "chat" else "")
 
     def answer_from(kind: str, data: dict, a_first: bool) -> dict:
         """Form or JSON fields → the store's answer fields (validated again by the store)."""
