@@ -85,7 +85,7 @@ def test_ece_tiny_case():
 
 def test_head_init_and_last_token_score_matches_transformers():
     model, tok = load_reward_model(ModelArgs(model="tiny-random-llama"))
-    w = model.score.weight
+    w = model.score.weight.detach()
     d = w.shape[1]
     assert abs(float(w.std()) - 1 / math.sqrt(d + 1)) < 0.05
     seqs = [tok("a short one")["input_ids"], tok("a somewhat longer reply here")["input_ids"]]
