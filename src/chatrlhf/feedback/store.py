@@ -366,8 +366,8 @@ class Store:
         """Ids of up to ``count`` items for the user: those they hold a live lease on, then the oldest open items
         they have never held whose answers plus live leases are fewer than k. The candidates are locked and
         re-counted (a fresh statement, so PostgreSQL sees leases committed while it waited for the lock), and
-        the query is repeated if a concurrent lease took some of them. An item a lease fills records when that
-        lease's first live lease ends (``held_until``), so the scan passes items others hold without counting
+        the query is repeated if a concurrent lease took some of them. An item that a lease fills records when its
+        first live lease ends (``held_until``), so the scan passes items others hold without counting
         their leases; a skip sets it back to now."""
         t = now()
         count = max(1, min(count, 100))
