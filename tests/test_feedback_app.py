@@ -285,7 +285,8 @@ def test_a_log_in_does_not_hold_up_other_requests(app_store, monkeypatch):
     check = store_module.check_password
     monkeypatch.setattr(store_module, "check_password", lambda h, p: time.sleep(1.0) or check(h, p))
     server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
     while not server.started:
         time.sleep(0.01)
     url = f"http://127.0.0.1:{server.config.port}"
@@ -302,3 +303,4 @@ def test_a_log_in_does_not_hold_up_other_requests(app_store, monkeypatch):
             slow.join()
     finally:
         server.should_exit = True
+        serving.join(timeout=10)
