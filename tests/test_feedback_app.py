@@ -287,8 +287,10 @@ def test_a_log_in_does_not_hold_up_other_requests(app_store, monkeypatch):
     server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="warning"))
     serving = threading.Thread(target=server.run, daemon=True)
     serving.start()
-    while not server.started:
+    deadline = time.monotonic() + 10
+    while not server.started and serving.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert server.started, "the test server did not start"
     url = f"http://127.0.0.1:{server.config.port}"
     try:
         with httpx.Client(base_url=url) as ann:
