@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from chatrlhf.data import Conversation, Preference, as_conversations, load_records, parse_turns, split_by_prompt
+from chatrlhf.data import Preference, as_conversations, load_records, parse_turns, split_by_prompt
 from chatrlhf.data.split import group_key
 from chatrlhf.errors import DataError
 from conftest import EXAMPLES

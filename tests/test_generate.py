@@ -1,7 +1,7 @@
 import json
 
 from chatrlhf.config import ModelArgs
-from chatrlhf.generation import decoding_kwargs, generate_replies
+from chatrlhf.generation import decoding_kwargs
 from chatrlhf.cli import parser
 from chatrlhf.config import GenerateConfig, build_config
 from chatrlhf.models import load_model

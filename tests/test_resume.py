@@ -1,5 +1,4 @@
 """Kill an SFT run with SIGKILL after a checkpoint, resume it, and get the uninterrupted run's losses."""
-import os
 import signal
 import subprocess
 import sys
