@@ -290,3 +290,26 @@ def test_a_long_read_on_sqlite_neither_holds_up_writes_nor_sees_them(tmp_path):
     with store.reading() as s:
         assert s.scalar(select(func.count()).select_from(Prompt)) == 2
     store.engine.dispose()
+
+
+def test_a_double_submit_that_slips_past_the_count_returns_the_first_answer(store, monkeypatch):
+    """The unique (item, annotator) constraint is the last guard: if a concurrent double submit were not seen by
+    the count (made blind here), the insert fails and the first answer is returned — nothing stored twice."""
+    (a,) = users(store, 1)
+    item = compare_item(store, k=2)
+    store.lease(a)
+    first, created = store.submit(a, item, choice="a")
+    compiled = type(store)._compiled
+
+    def blind(self, name, cur, params):
+        out = compiled(self, name, cur, params)
+        if name.startswith("counts_"):  # the count misses the first answer
+            row = out.fetchone()
+            return type("Row", (), {"fetchone": lambda _: (None, row[1], row[2], row[3])})()
+        return out
+
+    monkeypatch.setattr(type(store), "_compiled", blind)
+    assert store.submit(a, item, choice="b") == (first, False)
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Comparison)) == 1
+        assert s.scalar(select(Comparison.choice)) == "a"
