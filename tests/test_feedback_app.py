@@ -306,3 +306,20 @@ def test_a_log_in_does_not_hold_up_other_requests(app_store, monkeypatch):
     finally:
         server.should_exit = True
         serving.join(timeout=10)
+
+
+def test_the_json_api_leases_and_stores_answers_on_both_databases(store):
+    """On PostgreSQL the store calls run in worker threads (on SQLite inline): the same answers either way."""
+    store.add_user("ann", "correct horse")
+    pid = store.add_prompt([{"role": "user", "content": "Which?"}])
+    items = [store.add_item("compare", store.add_reply(pid, "A"), store.add_reply(pid, "B")) for _ in range(3)]
+    api = TestClient(create_app(store))
+    token = api.post("/api/login", json={"name": "ann", "password": "correct horse"}).json()["csrf"]
+    leased = [x["id"] for x in api.get("/api/next?count=5").json()["items"]]
+    assert leased == items
+    for i, choice in zip(leased, ("a", "b", "tie")):
+        assert api.post(f"/api/items/{i}", json={"choice": choice}, headers={"x-csrf-token": token}).status_code == 201
+    assert api.get("/api/next?count=5").json() == {"items": []}
+    with store.session() as s:
+        stored = sorted(s.execute(select(Comparison.item_id, Comparison.choice)).all())
+    assert stored == [(items[0], "a"), (items[1], "b"), (items[2], "tie")]
