@@ -111,7 +111,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         wait on the server (round trips, commit flushes). SQLite: inline — its calls are short CPU work under one
         write lock, and the thread hop would only add to it. (Password checks, the admin page's statistics and
         exports always run in a thread: seconds of work that must not stall everyone's requests.)"""
-        if store.url.startswith("sqlite"):
+        if store.sqlite:
             return fn(*args, **kwargs)
         return await run_in_threadpool(fn, *args, **kwargs)
 

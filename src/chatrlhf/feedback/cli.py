@@ -37,7 +37,7 @@ def run(sub: str, cfg) -> int:
         app = create_app(store, os.environ.get("CHATRLHF_SECRET"), cfg.production, models=models,
                          max_new_tokens=cfg.max_new_tokens)  # checks the settings once
         print(f"chatrlhf feedback: serving {store.url} on http://{cfg.host}:{cfg.port}", flush=True)
-        if cfg.workers > 1 and store.url.startswith("sqlite"):
+        if cfg.workers > 1 and store.sqlite:
             print("chatrlhf feedback: warning: SQLite lets one process write at a time, so the workers queue for "
                   "its lock, and a worker waiting for it stalls all its requests: on SQLite more workers add "
                   "little for annotation (measure with benchmarks/feedback_load.py --workers N). PostgreSQL "
