@@ -10,7 +10,7 @@ from conftest import EXAMPLES, run_cli
 
 def test_deployment_defaults_are_the_seeds():
     cfg = build_config(GenerateConfig, parser().parse_args(["generate"]))
-    assert (cfg.temperature, cfg.top_k, cfg.repetition_penalty, cfg.no_sample) == (0.7, 100, 1.2, False)
+    assert (cfg.temperature, cfg.top_k, cfg.repetition_penalty, cfg.sample) == (0.7, 100, 1.2, True)
     model, tok = load_model(ModelArgs(model="tiny-random-llama"))
     kw = decoding_kwargs(cfg, tok)
     assert kw["do_sample"] and kw["temperature"] == 0.7 and kw["top_k"] == 100 and kw["repetition_penalty"] == 1.2

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from chatrlhf.config import parse_map
 from chatrlhf.errors import UsageError
 from chatrlhf.rewards import HumanReward, RewardMix, RunningMoments, Schedule, SimilarityReward, load_callable, \
     parse_schedules, reference_replies
@@ -21,11 +22,14 @@ def test_schedule_values_hand_computed():
 
 
 def test_parse_schedules_and_errors():
-    s = parse_schedules("rm=1, human=cosine:1:0.1:20")
+    s = parse_schedules(parse_map("rm=1, human=cosine:1:0.1:20"))
     assert s["rm"] == Schedule("constant", 1.0, 1.0) and s["human"] == Schedule("cosine", 1.0, 0.1, 20)
+    assert parse_schedules({"rm": 0.5}) == {"rm": Schedule("constant", 0.5, 0.5)}   # a YAML mapping
     for bad in ("rm=x", "human=cosine:1:0.1", "human=wobble:1:0:3"):
         with pytest.raises(UsageError, match="--reward-weights"):
-            parse_schedules(bad)
+            parse_schedules(parse_map(bad))
+    with pytest.raises(UsageError, match="cannot read 'rm'"):
+        parse_map("rm", where="--reward-weights")
 
 
 def test_running_moments_equal_numpy_over_batches():
@@ -64,7 +68,7 @@ def test_human_feedback_exact_and_nearest_reply(write):
                                   '{"prompt": "Where is my order?", "response": "It ships tomorrow from our warehouse.", "score": 4}\n'
                                   '{"prompt": "Where is my order?", "response": "No idea.", "score": 1}\n')
     corr = write("corr.jsonl", '{"prompt": "Hi", "response": "What.", "corrected": "Hello! How can I help?"}\n')
-    h = HumanReward(f"{path},{corr}", threshold=0.5)
+    h = HumanReward([str(path), str(corr)], threshold=0.5)
     out = h([user("Where is my order?")] * 3 + [user("Hi"), user("Hi"), user("Unrated prompt")],
             ["It ships tomorrow from our warehouse.", "It ships tomorrow from the warehouse.", "Bananas are yellow fruit.",
              "Hello! How can I help?", "What.", "anything"])
@@ -75,8 +79,9 @@ def test_human_feedback_exact_and_nearest_reply(write):
 
 
 def test_similarity_to_references_rouge(write):
-    refs = reference_replies(str(write("c.jsonl", '{"messages": [{"role": "user", "content": "Hi"}, '
-                                                     '{"role": "assistant", "content": "Hello, how can I help you today?"}]}\n')))
+    refs = reference_replies([str(write("c.jsonl", '{"messages": [{"role": "user", "content": "Hi"}, '
+                                                      '{"role": "assistant", "content": "Hello, how can I help you '
+                                                      'today?"}]}\n'))])
     sim = SimilarityReward(refs, "rouge")
     a, b, c = sim([user("Hi")] * 2 + [user("other")], ["Hello, how can I help you today?", "Go away.", "x"])
     assert a == pytest.approx(1.0) and b == 0.0 and c is None

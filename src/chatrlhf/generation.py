@@ -17,7 +17,7 @@ from chatrlhf.models import autocast, load_model
 
 
 def decoding_kwargs(g: GenerateArgs, tok) -> dict:
-    sample = not g.no_sample and g.temperature > 0
+    sample = g.sample and g.temperature > 0
     kw = dict(max_new_tokens=g.max_new_tokens, do_sample=sample, pad_token_id=tok.pad_token_id,
               eos_token_id=tok.eos_token_id, repetition_penalty=g.repetition_penalty)
     if sample:
@@ -53,7 +53,7 @@ def run_generate(cfg: GenerateConfig) -> int:
         raise UsageError("generate needs --prompts FILE and --out FILE", "e.g. --prompts prompts.txt --out replies.jsonl")
     prompts = load_prompts(cfg.prompts, cfg.format)
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(cfg, plain_template=cfg.no_chat_template)
+    model, tok = load_model(cfg, chat_template=cfg.chat_template)
     model.eval()
     from chatrlhf.trainers.common import progress_bar
 
@@ -72,9 +72,10 @@ def run_generate(cfg: GenerateConfig) -> int:
     return 0
 
 
-def run_chat(cfg: ChatConfig, stdin=sys.stdin, stdout=sys.stdout) -> int:
+def run_chat(cfg: ChatConfig, stdin=None, stdout=None) -> int:
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     torch.manual_seed(cfg.seed)
-    model, tok = load_model(cfg, plain_template=cfg.no_chat_template)
+    model, tok = load_model(cfg, chat_template=cfg.chat_template)
     model.eval()
     history: list[dict] = []
     print(f"chatrlhf chat with {cfg.model} — /reset clears the conversation, /quit (or Ctrl-D) leaves.",

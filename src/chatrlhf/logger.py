@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
+
+from chatrlhf.config import config_dict
 
 
 class MetricsLogger:
@@ -30,8 +31,9 @@ class MetricsLogger:
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def config(self, cfg) -> None:
-        d = dataclasses.asdict(cfg)
-        (self.dir / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+        """The run's full config, written at start as run_config.json (config.json is the saved model's)."""
+        d = config_dict(cfg)
+        (self.dir / "run_config.json").write_text(json.dumps(d, indent=2) + "\n")
         if self.tb:
             self.tb.add_text("config", "\n".join(f"    {k}: {v}" for k, v in d.items()), 0)
 

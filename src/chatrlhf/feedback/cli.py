@@ -33,7 +33,7 @@ def run(sub: str, cfg) -> int:
 
         from chatrlhf.feedback.app import create_app
 
-        models = [m.strip() for m in cfg.model.split(",") if m.strip()]
+        models = cfg.model
         app = create_app(store, os.environ.get("CHATRLHF_SECRET"), cfg.production, models=models,
                          max_new_tokens=cfg.max_new_tokens)  # checks the settings once
         print(f"chatrlhf feedback: serving {store.url} on http://{cfg.host}:{cfg.port}", flush=True)

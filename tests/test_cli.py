@@ -1,0 +1,178 @@
+"""The CLI as a whole: every --help prints, every boolean flag works both ways, and every flag a command lists is
+read by that command (so a flag that silently does nothing cannot come back)."""
+
+import argparse
+import dataclasses
+import io
+import json
+import typing
+
+import pytest
+
+from chatrlhf import cli
+from chatrlhf.config import add_dataclass_args, arg, build_config, config_dict
+from conftest import EXAMPLES
+
+FEEDBACK_FILES = [EXAMPLES / f for f in ("preferences.jsonl", "ratings.jsonl", "corrections.jsonl")]
+
+
+def leaf_commands(parser=None, path=()):
+    """Every command path of the real parser, found by walking its sub-parsers (no hand-kept list)."""
+    parser = parser or cli.parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [path]
+    return [leaf for name, p in subs[0].choices.items() for leaf in leaf_commands(p, path + (name,))]
+
+
+LEAVES = leaf_commands()
+
+
+def test_the_walk_finds_every_command():
+    assert {" ".join(p) for p in LEAVES} == set(cli.COMMANDS)
+    assert ("reward", "train") in LEAVES and ("feedback", "serve") in LEAVES and ("sft",) in LEAVES
+
+
+@pytest.mark.parametrize("path", [()] + [p[:1] for p in LEAVES if len(p) > 1] + LEAVES, ids=" ".join)
+def test_every_help_prints_and_exits_0(path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parser().parse_args([*path, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: chatrlhf") and "RL_DETAILS" not in out
+
+
+def bool_fields(cls):
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if hints[f.name] is bool]
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_every_boolean_flag_works_both_ways(name):
+    cls = cli.COMMANDS[name]
+    for field in bool_fields(cls):
+        flag = "--" + field.replace("_", "-")
+        for argv, want in (([flag], True), ([flag.replace("--", "--no-", 1)], False)):
+            ns = cli.parser().parse_args([*name.split(), *argv])
+            assert getattr(build_config(cls, ns), field) is want, (name, argv)
+
+
+def test_chat_template_off_is_recorded_as_off():
+    ns = cli.parser().parse_args(["ppo", "--no-chat-template"])
+    assert config_dict(build_config(cli.COMMANDS["ppo"], ns))["chat_template"] is False
+    ns = cli.parser().parse_args(["generate", "--no-sample"])
+    assert build_config(cli.COMMANDS["generate"], ns).sample is False
+
+
+def test_a_bool_field_named_no_something_is_refused():
+    @dataclasses.dataclass
+    class Bad:
+        no_thing: bool = arg(False, "would be inverted by argparse")
+
+    with pytest.raises(TypeError, match="name a bool field for what it turns on"):
+        add_dataclass_args(argparse.ArgumentParser(), Bad)
+
+
+def test_lists_and_maps_from_flags_and_yaml(write):
+    ns = cli.parser().parse_args(["reward", "train", "--data", "a.jsonl, b.jsonl", "--source-weights", "rating=0.5"])
+    cfg = build_config(cli.COMMANDS["reward train"], ns)
+    assert cfg.data == ["a.jsonl", "b.jsonl"] and cfg.source_weights == {"rating": 0.5}
+    cfg = build_config(cli.COMMANDS["reward train"], cli.parser().parse_args(["reward", "train"]),
+                       str(write("r2.yaml", "data: [x.jsonl, y.jsonl]\nsource_weights: {preference: 2}\n")))
+    assert cfg.data == ["x.jsonl", "y.jsonl"] and cfg.source_weights == {"preference": 2.0}
+    cfg = build_config(cli.COMMANDS["ppo"], cli.parser().parse_args(["ppo"]), str(write("p.yaml", "reward_weights: "
+                                                                                        "{rm: 1, human: 'cosine:1:0:5'}\n")))
+    assert cfg.reward_weights == {"rm": "1", "human": "cosine:1:0:5"}
+
+
+def test_old_no_key_in_yaml_says_what_to_write(write):
+    from chatrlhf.errors import UsageError
+
+    with pytest.raises(UsageError, match="write 'chat_template: false'"):
+        build_config(cli.COMMANDS["sft"], {}, str(write("o.yaml", "no_chat_template: true\n")))
+
+
+# --------------------------------------------------------------------------- every flag is read
+
+
+def recording(cfg):
+    """A copy of ``cfg`` that records which of its fields are read."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    read: set[str] = set()
+
+    class Recording(type(cfg)):
+        def __getattribute__(self, attr):
+            if attr in names:
+                read.add(attr)
+            return object.__getattribute__(self, attr)
+
+    return Recording(**config_dict(cfg)), read
+
+
+TINY = ["--model", "tiny-random-llama"]
+RUN = ["--quiet", "--no-tensorboard"]
+REWARD_FN = "def polite(prompts, responses):\n    return [float('thank' in r.lower()) for r in responses]\n"
+
+
+def cover(t, fn, rm, feedback_db):
+    """{command: [argv, …]}: runs that together take every path on which a flag is read."""
+    prompts, dialogues = EXAMPLES / "prompts.txt", EXAMPLES / "dialogue_history.csv"
+    ppo = [*TINY, *RUN, "--data", dialogues, "--max-new-tokens", "4", "--batch-size", "2", "--minibatch-size", "2",
+           "--max-steps", "2", "--ppo-epochs", "1", "--reward-fn", fn, "--eval-steps", "1", "--save-steps", "1",
+           "--sample-rows", "1"]
+    return {
+        "sft": [[*TINY, *RUN, "--max-steps", "1", "--output-dir", t / "s1", "--lora-r", "2", "--eval-data", dialogues,
+                 "--no-chat-template", "--max-length", "64", "--overlong", "drop", "--log-steps", "1", "--eval-steps", "1"],
+                [*TINY, *RUN, "--max-steps", "1", "--output-dir", t / "s2"]],
+        "reward train": [[*TINY, *RUN, "--max-steps", "1", "--output-dir", t / "r1", "--data", FEEDBACK_FILES[0],
+                          "--eval-data", FEEDBACK_FILES[1], "--norm-data", EXAMPLES / "ratings.jsonl"],
+                         [*TINY, *RUN, "--max-steps", "1", "--output-dir", t / "r2"]],
+        "ppo": [[*ppo, "--output-dir", t / "p1", "--lora-r", "2", "--critic", "shared", "--adaptive-kl", "--eval-data",
+                 prompts, "--reward-model", rm, "--force", "--human-feedback", FEEDBACK_FILES[1], "--references",
+                 dialogues, "--reward-weights", "fn=1", "--no-chat-template"],
+                [*ppo, "--output-dir", t / "p2", "--critic", "policy", "--whiten-rewards"]],
+        "eval": [[*TINY, "--baseline", "tiny-random-llama", "--reward-model", rm, "--run", t / "p2", "--max-prompts", "2",
+                  "--max-new-tokens", "3", "--output-dir", t / "e", "--embedding"]],
+        "chat": [[*TINY, "--max-new-tokens", "3"]],
+        "generate": [[*TINY, "--prompts", prompts, "--out", t / "g.jsonl", "--max-new-tokens", "3"]],
+        "reward eval": [[*TINY, "--model", rm, "--data", FEEDBACK_FILES[0]]],
+        "reward score": [["--model", rm, "--data", t / "g.jsonl", "--out", t / "scored.jsonl"]],
+        "feedback init": [["--db", feedback_db]],
+        "feedback add-user": [["--db", feedback_db, "--name", "boss", "--role", "admin"]],
+        "feedback import": [["--db", feedback_db, "--data", FEEDBACK_FILES[0], "--k", "2"]],
+        "feedback export": [["--db", feedback_db, "--output-dir", t / "fx"]],
+        "feedback stats": [["--db", feedback_db]],
+        "feedback serve": [["--db", feedback_db, "--model", "tiny-random-llama"]],
+        "data inspect": [[dialogues, *TINY]],
+    }
+
+
+ORDER = ["reward train", "ppo", "sft", "eval", "chat", "generate", "reward eval", "reward score", "feedback init",
+         "feedback add-user", "feedback import", "feedback export", "feedback stats", "feedback serve", "data inspect"]
+
+
+@pytest.mark.slow
+def test_every_flag_of_every_command_is_read(tmp_path, write, monkeypatch, capsys):
+    import uvicorn
+
+    fn = f"{write('rew.py', REWARD_FN)}:polite"
+    rm = tmp_path / "r2"  # trained by the second `reward train` run, used by the later commands
+    table = cover(tmp_path, fn, rm, str(tmp_path / "fb.db"))
+    assert set(table) == set(cli.COMMANDS) == set(ORDER)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setenv("CHATRLHF_PASSWORD", "a long enough password")
+    unread = {}
+    for name in ORDER:
+        read: set[str] = set()
+        for argv in table[name]:
+            ns = cli.parser().parse_args([*name.split(), *map(str, argv)])
+            cfg, seen = recording(build_config(cli.COMMANDS[name], ns, ns.config))
+            monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/quit\n"))
+            assert cli.dispatch(name, cfg) == 0, (name, argv, capsys.readouterr())
+            read |= seen
+        unread[name] = sorted({f.name for f in dataclasses.fields(cli.COMMANDS[name])} - read)
+    assert all(not v for v in unread.values()), {k: v for k, v in unread.items() if v}
+    for saved in (json.loads((tmp_path / "p1" / "run_config.json").read_text()),
+                  json.loads((tmp_path / "p1" / "chatrlhf.json").read_text())["config"]):
+        assert saved["chat_template"] is False and saved["lora_r"] == 2 and saved["critic"] == "shared"
+        assert saved["eval_data"] == [str(EXAMPLES / "prompts.txt")] and saved["reward_weights"] == {"fn": "1"}
