@@ -66,7 +66,7 @@ def run_ours(a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
     data = tmp / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts(N_PROMPTS * a.steps)))
-    cfg = PPOConfig(model="smollm2-135m", data=str(data), output_dir=str(tmp / "ppo"), reward_fn=f"{__file__}:ours_reward",
+    cfg = PPOConfig(model="smollm2-135m", data=[str(data)], output_dir=str(tmp / "ppo"), reward_fn=f"{__file__}:ours_reward",
                     max_steps=a.steps, batch_size=N_PROMPTS, samples_per_prompt=N_SAMPLES, minibatch_size=16,
                     ppo_epochs=1, max_new_tokens=NEW_TOKENS, temperature=1.0, eval_fraction=0.0, dtype=a.dtype,
                     lora_r=a.lora_r, lr=1e-4 if a.lora_r else 1e-6, critic=a.critic, quiet=True, tensorboard=False,

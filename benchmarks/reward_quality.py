@@ -81,7 +81,7 @@ def main() -> None:
     data.write_text("".join(json.dumps({"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}) + "\n"
                             for r in train_pairs))
     print(f"{len(train_pairs)} train pairs, {len(eval_pairs)} held-out pairs ({len(held)} prompts)", flush=True)
-    cfg = RewardTrainConfig(model="smollm2-135m", data=str(data), output_dir=a.out, batch_size=a.batch_size,
+    cfg = RewardTrainConfig(model="smollm2-135m", data=[str(data)], output_dir=a.out, batch_size=a.batch_size,
                             epochs=1, lr=a.lr, eval_fraction=0.0, max_length=a.max_length, dtype="auto",
                             train_layers=a.train_layers, gradient_checkpointing=a.gradient_checkpointing, seed=0, quiet=not sys.stdout.isatty())
     t0 = time.perf_counter()

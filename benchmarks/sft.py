@@ -36,7 +36,7 @@ def run_ours(a) -> dict:
     from chatrlhf.trainers.sft import train
 
     out = tempfile.mkdtemp(prefix="bench-sft-ours-")
-    cfg = SFTConfig(model=a.model, data=a.data, output_dir=out, max_steps=a.steps, batch_size=a.batch_size,
+    cfg = SFTConfig(model=a.model, data=[a.data], output_dir=out, max_steps=a.steps, batch_size=a.batch_size,
                     lr=2e-5, warmup_ratio=0.0, eval_fraction=0.0, eval_steps=10**9, save_steps=10**9,
                     max_length=a.max_length, quiet=True, tensorboard=False, dtype=a.dtype, seed=0,
                     gradient_checkpointing=a.gradient_checkpointing)

@@ -39,6 +39,9 @@ def test_kl_estimators_hand_computed():
     assert close(k["k1"], [ln2]) and close(k["k2"], [0.5 * ln2 ** 2]) and close(k["k3"], [-0.5 + ln2])
     same = losses.kl_estimates(T([-1.3, -0.2]), T([-1.3, -0.2]))
     assert all(close(v, [0.0, 0.0]) for v in same.values())
+    # one token far off (log r = 30): k3 = e^30 − 31 would swamp any mean; it is clamped to 10 per token, finite
+    far = losses.kl_estimates(T([-40.0]), T([-10.0]))
+    assert close(far["k3"], [10.0]) and close(far["k1"], [-30.0])
 
 
 def test_masked_whiten_uses_only_masked_positions():
@@ -103,6 +106,10 @@ def test_ppo_clipped_policy_loss_hand_computed():
     assert close(loss, -0.7 / 3)
     assert close(m["ppo/clipfrac"], 1 / 3)
     assert close(m["ppo/ratio_mean"], 1.0)
+    # approx KL(π_old ‖ π), ρ = π/π_old: k3 = mean((ρ − 1) − log ρ) = ((0.5 − ln 1.5) + (−0.5 − ln 0.5) + 0) / 3;
+    # k1 = mean(−log ρ) = (−ln 1.5 − ln 0.5) / 3
+    assert close(m["ppo/approx_kl"], (0.5 - math.log(1.5) - 0.5 - math.log(0.5)) / 3)
+    assert close(m["ppo/approx_kl_k1"], (-math.log(1.5) - math.log(0.5)) / 3)
     # masked-out tokens do not count
     loss2, _ = losses.ppo_policy_loss(logprobs, torch.zeros(3), T([1.0, 1.0, -1.0]), T([1, 0, 0]), clip=0.2)
     assert close(loss2, -1.2)

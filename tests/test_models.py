@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatrlhf import models
-from chatrlhf.config import ModelArgs
+from chatrlhf.config import LoraArgs, ModelArgs
 from chatrlhf.errors import UsageError
 
 
@@ -32,7 +32,7 @@ def test_saved_model_loads_with_plain_transformers(tmp_path):
 
 
 def test_lora_is_merged_on_save(tmp_path):
-    model, tok = models.load_model(ModelArgs(model="tiny-random-llama", lora_r=4), trainable=True)
+    model, tok = models.load_model(ModelArgs(model="tiny-random-llama"), trainable=True, lora=LoraArgs(lora_r=4))
     total, trainable = models.count_parameters(model)
     assert 0 < trainable < total / 2
     with torch.no_grad():
@@ -77,3 +77,20 @@ def test_embedded_model_is_cached_and_reused():
     assert "<|im_start|>" in tok.chat_template
     # plain transformers reads the cache without chatrlhf
     assert AutoModelForCausalLM.from_pretrained(path).config.num_hidden_layers == 30
+
+
+def test_dropout_is_off_even_where_the_model_copied_it_when_built(tmp_path):
+    # Llama attention copies config.attention_dropout when it is built; switching the config off afterwards does
+    # nothing, so two train-mode forwards of a saved model with attention_dropout 0.5 would differ
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, attention_dropout=0.5)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tok = models.tiny_tokenizer("tiny-random-llama")
+    tok.save_pretrained(tmp_path / "m")
+    model, _ = models.load_model(ModelArgs(model=str(tmp_path / "m")), trainable=True)
+    ids = torch.randint(0, 64, (2, 12))
+    a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert model.training and torch.equal(a, b)
+    assert model.config.attention_dropout == 0.0

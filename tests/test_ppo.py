@@ -62,7 +62,7 @@ def test_smoke_every_trainable_parameter_changes(tmp_path, fn, critic):
         assert trained["value_head.weight"].abs().sum() > 0  # the zero-initialised head learned
     else:
         critic_w = load_file(checkpoints(out)[-1][1] / "critic.safetensors")
-        assert critic_w["score.weight"].abs().sum() > 0
+        assert critic_w["model.score.weight"].abs().sum() > 0
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert {"step", "prompt", "reply", "reward", "reward_fn"} <= set(samples[0])
 
@@ -141,6 +141,8 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path, fn):
     for step in range(1, 9):
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
     assert len([m for m in read_metrics(out) if "eval/reward" in m]) == 3  # steps 0, 4, 8 once each
+    for n, path in checkpoints(out):  # a resumed run's checkpoints record their own step, not the resumed one
+        assert json.loads((path / "trainer_state.json").read_text())["step"] == n
     steps = [json.loads(x)["step"] for x in (out / "samples.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(steps) == 8 * 4  # 4 sample rows per step, none twice
 
@@ -156,3 +158,102 @@ def test_minibatches_shuffle_whole_prompt_groups():
         groups = (mb // 4).tolist()
         assert len(mb) == 8 and len(set(groups)) == 2 and all(groups.count(g) == 4 for g in groups)
     assert len(set((torch.cat(minibatches(12, 4, 6)) // 4).tolist())) == 3  # 6 % 4 ≠ 0: rows shuffled one by one
+
+
+def test_critic_from_the_reward_model_starts_on_the_reward_scale(tmp_path, fn):
+    rm = tmp_path / "rm"
+    r = run_cli("reward", "train", "--model", "tiny-random-llama", "--output-dir", rm, "--quiet", "--no-tensorboard",
+                "--max-steps", "1")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((rm / "config.json").read_text())
+    config["chatrlhf_reward_norm"].update(gain=3.0, bias=10.0)   # scores ≈ 10, far from the raw head's scale
+    (rm / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "ppo"
+    r = run_cli(*ppo_args(out, fn, "--max-steps", "2", "--reward-model", rm, "--force", "--reward-weights", "fn=0",
+                          "--no-reward-norm", "--missing-eos-penalty", "0", "--dtype", "float32"))
+    assert r.returncode == 0, r.stderr
+    assert f"critic = separate network from {rm}" in r.stdout
+    first = next(m for m in read_metrics(out) if "ppo/value_mean" in m)
+    assert first["ppo/return_mean"] > 5
+    assert abs(first["ppo/value_mean"] - first["ppo/return_mean"]) < 0.05 * first["ppo/return_mean"], first
+
+
+def small_cfg(fn, **kw):
+    from chatrlhf.config import PPOConfig
+
+    return PPOConfig(model="tiny-random-llama", data=[str(EXAMPLES / "dialogue_history.csv")], reward_fn=f"{fn}:polite",
+                     max_new_tokens=6, batch_size=3, samples_per_prompt=2, dtype="float32", quiet=True, **kw)
+
+
+def test_evaluation_runs_in_batches_on_its_own_random_stream(monkeypatch, fn):
+    from chatrlhf.trainers import ppo
+
+    cfg = small_cfg(fn)
+    mix = ppo.build_rewards(cfg)
+    policy, tok, ref_ctx, *_ = ppo.load_networks(cfg, log=lambda *a: None)
+    prompts = ppo.split_prompts(cfg)[1][:7]
+    rows, seeds = [], []
+    generate = ppo.generate
+    monkeypatch.setattr(ppo, "generate", lambda pol, t, p, c, g: rows.append(len(p)) or generate(pol, t, p, c, g))
+    monkeypatch.setattr(torch, "manual_seed", lambda *a: seeds.append(a))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda *a: seeds.append(a))   # what CUDA would re-seed
+    before = torch.get_rng_state()
+    first = ppo.evaluate(policy, ref_ctx, tok, prompts, cfg, mix, {}, 10)
+    assert seeds == [] and torch.equal(torch.get_rng_state(), before)   # the global streams are never touched
+    assert rows == [6, 6, 2]                                             # 7 prompts × 2 replies, 3 prompts at a time
+    assert ppo.evaluate(policy, ref_ctx, tok, prompts, cfg, mix, {}, 10) == first   # the same seed each time
+
+
+def test_training_is_the_same_with_or_without_evaluations_in_between(tmp_path, fn):
+    runs = {}
+    for every in (1, 100):
+        out = tmp_path / f"e{every}"
+        r = run_cli(*ppo_args(out, fn, "--max-steps", "3", "--eval-steps", every, "--dtype", "float32"))
+        assert r.returncode == 0, r.stderr
+        runs[every] = rewards_by_step(out)
+    assert runs[1] == runs[100]
+
+
+def test_eval_reward_is_on_one_scale_from_step_0(tmp_path, fn):
+    out = tmp_path / "same"
+    r = run_cli(*ppo_args(out, fn, "--max-steps", "4", "--eval-steps", "2", "--lr", "0", "--critic-lr", "0",
+                          "--missing-eos-penalty", "0.5", "--dtype", "float32"))
+    assert r.returncode == 0, r.stderr
+    evals = [m for m in read_metrics(out) if "eval/reward" in m]
+    assert [m["step"] for m in evals] == [0, 2, 4]
+    # the policy cannot move (learning rate 0): every evaluation must say the same, on the same scale
+    for m in evals[1:]:
+        assert m["eval/reward"] == pytest.approx(evals[0]["eval/reward"], abs=1e-6)
+        assert m["eval/fn_mean"] == pytest.approx(evals[0]["eval/fn_mean"], abs=1e-6)
+    assert evals[0]["eval/reward"] == pytest.approx(-0.5 * (1 - evals[0]["eval/eos_rate"]), abs=1e-6)
+    summary = json.loads((out / "chatrlhf.json").read_text())
+    assert summary["eval_start"]["eval/reward"] == pytest.approx(summary["eval_end"]["eval/reward"], abs=1e-6)
+
+
+def test_critic_warmup_does_not_advance_the_policy_schedule(tmp_path, fn):
+    out = tmp_path / "warm"
+    r = run_cli(*ppo_args(out, fn, "--max-steps", "4", "--critic-warmup-steps", "2", "--critic", "policy"))
+    assert r.returncode == 0, r.stderr
+    lrs = [m["train/lr"] for m in read_metrics(out) if "train/lr" in m]
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])   # the policy's linear decay spans the last two steps
+
+
+def test_sampling_temperature_must_be_positive(tmp_path, fn):
+    r = run_cli(*ppo_args(tmp_path / "t", fn, "--temperature", "0"))
+    assert r.returncode == 2 and "--temperature 0.0: PPO samples its replies, so it must be > 0" in r.stderr
+    r = run_cli("eval", "--model", "tiny-random-llama", "--temperature", "-1", "--output-dir", tmp_path / "e")
+    assert r.returncode == 2 and "must be > 0" in r.stderr
+
+
+def test_no_chat_template_trains_on_plain_prompts_and_is_saved(tmp_path, fn):
+    from chatrlhf.config import ModelArgs
+    from chatrlhf.data.template import PLAIN_TEMPLATE
+    from chatrlhf.models import load_model
+
+    out = tmp_path / "plain"
+    r = run_cli(*ppo_args(out, fn, "--max-steps", "1", "--no-chat-template", "--data", EXAMPLES / "prompts.txt"))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "chatrlhf.json").read_text())
+    assert summary["chat_template"] is False and summary["config"]["chat_template"] is False
+    _, tok = load_model(ModelArgs(model=str(out)))     # later commands take the saved template, no flag needed
+    assert tok.chat_template == PLAIN_TEMPLATE

@@ -52,9 +52,22 @@ def test_rating_pairs_from_different_scores_of_one_prompt():
                Rating(Q, "e", 1.0, scale="thumbs"), Rating(Q, "f", -1.0, scale="thumbs")]
     pairs = rating_pairs(ratings)
     got = sorted((p.chosen, p.rejected, p.weight) for p in pairs)
-    # stars: a>b, a>c (b=c makes no pair); the other prompt has one rating; thumbs: e>f, never mixed with stars
-    assert got == [("a", "b", 0.75), ("a", "c", 1.0), ("e", "f", 1.0)]
+    # stars: a>b, a>c (b=c makes no pair), each weight divided by C(3, 2) = 3 — three rated replies, one prompt;
+    # the other prompt has one rating; thumbs: e>f (C(2, 2) = 1), never mixed with stars
+    assert got == [("a", "b", pytest.approx(0.75 / 3)), ("a", "c", pytest.approx(1 / 3)), ("e", "f", 1.0)]
     assert all(p.source == "rating" for p in pairs)
+
+
+def test_a_prompt_with_many_ratings_counts_once():
+    # K = 5 distinct stars for one prompt: C(5, 2) = 10 pairs of weight 1/10 — the prompt weighs 1, like the
+    # single pair of a prompt with two ratings
+    many = [Rating(Q, f"r{i}", i + 1) for i in range(5)]
+    two = [Rating([{"role": "user", "content": "q2"}], "x", 5), Rating([{"role": "user", "content": "q2"}], "y", 1)]
+    pairs = rating_pairs(many + two)
+    by_prompt = {}
+    for p in pairs:
+        by_prompt[p.prompt[0]["content"]] = by_prompt.get(p.prompt[0]["content"], 0) + p.weight
+    assert len(pairs) == 11 and by_prompt == {"q": pytest.approx(1.0), "q2": pytest.approx(1.0)}
 
 
 def test_build_pairs_corrections_ties_both_bad_and_source_weights():
@@ -97,14 +110,23 @@ def test_head_init_and_last_token_score_matches_transformers():
 
 
 def test_reward_model_may_use_another_tokenizer_than_the_policy():
-    # the policy (tiny llama, ChatML) wrote replies; a GPT-2-style RM with its own template re-tokenises text
+    # The policy (tiny llama, ChatML) writes a reply as token ids; a reward model with another vocabulary and
+    # template (tiny gpt2) scores the decoded text through its own tokenizer, and the score is that of a plain
+    # transformers forward pass on the RM's own tokenisation of prompt + reply.
+    from chatrlhf.data.template import render
+
     policy_tok = load_reward_model(ModelArgs(model="tiny-random-llama"))[1]
     rm, rm_tok = load_reward_model(ModelArgs(model="tiny-random-gpt2"))
-    assert rm_tok.chat_template != policy_tok.chat_template
-    reply_ids = policy_tok("It ships today.")["input_ids"]
-    reply = policy_tok.decode(reply_ids)
-    s = reward_scores(rm, rm_tok, [Q, Q], [reply, "It ships today."])
-    assert s[0] == pytest.approx(s[1], abs=1e-6)
+    assert rm_tok.get_vocab() != policy_tok.get_vocab() and rm_tok.chat_template != policy_tok.chat_template
+    reply = "It ships today, sorry for the wait."
+    policy_ids = policy_tok(reply, add_special_tokens=False)["input_ids"]
+    rm_ids = rm_tok(reply, add_special_tokens=False)["input_ids"]
+    assert policy_ids != rm_ids                       # the two tokenizers really do cut the text differently
+    ours = reward_scores(rm, rm_tok, [Q], [policy_tok.decode(policy_ids)], normalise=False)[0]
+    text = render(rm_tok, Q + [{"role": "assistant", "content": reply}])
+    with torch.no_grad():
+        theirs = float(rm(**rm_tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0])
+    assert ours == pytest.approx(theirs, abs=1e-5)
 
 
 def train_tiny(tmp_path, *extra):
@@ -130,9 +152,8 @@ def test_reward_train_smoke_every_parameter_changes_and_norm_is_fitted(tmp_path)
     from chatrlhf.data import split_by_prompt
     from chatrlhf.trainers.reward import load_pairs
 
-    cfg = RewardTrainConfig(data=f"{EXAMPLES / 'preferences.jsonl'},{EXAMPLES / 'ratings.jsonl'},"
-                                 f"{EXAMPLES / 'corrections.jsonl'}")
-    train_pairs, _ = split_by_prompt(load_pairs(cfg)[0], cfg.eval_fraction, cfg.seed)
+    cfg = RewardTrainConfig(data=[str(EXAMPLES / f) for f in ("preferences.jsonl", "ratings.jsonl", "corrections.jsonl")])
+    train_pairs, _ = split_by_prompt(load_pairs(cfg.data, cfg)[0], cfg.eval_fraction, cfg.seed)
     model, tok = load_reward_model(ModelArgs(model=str(out)))
     s = np.array(reward_scores(model, tok, [p.prompt for p in train_pairs for _ in (0, 1)],
                                [x for p in train_pairs for x in (p.chosen, p.rejected)]))
@@ -161,7 +182,9 @@ def test_reward_score_and_eval_cli(tmp_path):
     got = [json.loads(x) for x in scored.read_text().splitlines()]
     assert len(got) == 2 and all(isinstance(x["score"], float) for x in got)
     r = run_cli("reward", "eval", "--model", out, "--data", EXAMPLES / "preferences.jsonl")
-    assert r.returncode == 0, r.stderr and "held-out accuracy" in r.stdout
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[1]
+    assert first.startswith("chatrlhf reward: accuracy ") and "whose prompts the model was not trained on" in first
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q"}\n')
     r = run_cli("reward", "score", "--model", out, "--data", bad, "--out", tmp_path / "x.jsonl")
@@ -187,7 +210,9 @@ def test_reward_bad_input_names_file_line_field(tmp_path):
     assert r.returncode == 2 and f"{data}:2: field 'chosen': empty reply" in r.stderr
     assert not (tmp_path / "rm").exists()
     r = run_cli("reward", "train", "--model", "tiny-random-gpt2", "--data", data, "--source-weights", "votes=2")
-    assert r.returncode == 2 and "--source-weights: bad entry 'votes=2'" in r.stderr
+    assert r.returncode == 2 and "--source-weights: unknown source 'votes'" in r.stderr
+    r = run_cli("reward", "train", "--model", "tiny-random-gpt2", "--data", data, "--source-weights", "rating=lots")
+    assert r.returncode == 2 and "--source-weights: 'rating=lots': 'lots' is not a float" in r.stderr
 
 
 def test_train_top_layers_freezes_embeddings_and_lower_blocks():
@@ -214,3 +239,128 @@ def test_distinct_n_bootstrap_and_win_rate_hand_computed():
     assert (mean, lo, hi) == (1.0, 1.0, 1.0)
     mean, lo, hi = bootstrap_ci([0.0, 1.0] * 50, seed=1)
     assert mean == 0.5 and 0.38 < lo < 0.5 < hi < 0.62  # ± ~1.96 · 0.05
+
+
+def test_ece_is_measured_on_the_raw_bradley_terry_probability():
+    # A perfectly calibrated scorer: raw scores with std 3, the human picks reply a with probability σ(a − b).
+    from chatrlhf.evaluate.reward_eval import pair_metrics
+
+    rng = np.random.default_rng(0)
+    n = 20000
+    a, b = rng.normal(0, 3, n), rng.normal(0, 3, n)
+    a_chosen = rng.random(n) < 1 / (1 + np.exp(-(a - b)))
+    chosen, rejected = np.where(a_chosen, a, b), np.where(a_chosen, b, a)
+    pairs = [Preference(Q, "c", "r")] * n
+    gain = 1 / np.concatenate([a, b]).std()                      # the stored normalisation: std 1
+    m = pair_metrics(chosen, rejected, pairs, [1] * (2 * n), gain=gain, bias=0.0)
+    assert m["ece"] < 0.02, m["ece"]
+    assert pairwise_ece(gain * (chosen - rejected)) > 0.1       # on the rescaled margins it looks miscalibrated
+    assert m["chosen_score"]["std"] == pytest.approx(gain * chosen.std())   # scores are reported normalised
+
+
+def test_ece_exact_ties_count_half_and_margins_shift_the_logit():
+    from chatrlhf.evaluate.reward_eval import pair_metrics
+
+    assert pairwise_ece(np.zeros(4)) == 0.0                      # confidence ½, counted half right: calibrated
+    same = pair_metrics(np.ones(4), np.ones(4), [Preference(Q, "c", "r")] * 4, [1] * 8)
+    assert same["accuracy"] == 0.5 and same["ece"] == 0.0
+    # raw difference 2 ln 3 on all four pairs, all right; margin ln 3. Trained with margins, the model's probability
+    # is σ(2 ln 3 − ln 3) = 0.75 → ECE |1 − 0.75| = 0.25; without, σ(2 ln 3) = 0.9 → ECE 0.1
+    pairs = [Preference(Q, "c", "r", margin=math.log(3))] * 4
+    d = np.full(4, 2 * math.log(3))
+    assert pair_metrics(d, np.zeros(4), pairs, [1] * 8, margin_loss=True)["ece"] == pytest.approx(0.25)
+    assert pair_metrics(d, np.zeros(4), pairs, [1] * 8, margin_loss=False)["ece"] == pytest.approx(0.1)
+
+
+def test_gate_comes_only_from_held_out_data_and_reward_eval_never_replaces_it_unasked(tmp_path):
+    fn = tmp_path / "rew.py"
+    fn.write_text("def f(prompts, responses):\n    return [0.0 for r in responses]\n")
+    out, r = train_tiny(tmp_path, "--max-steps", "1", "--lr", "0", "--min-accuracy", "0.99")
+    assert "gate: FAILED" in r.stdout
+    gate_before = (out / "eval.json").read_text()
+    # a user evaluates on the training file with the defaults: pairs it was trained on are dropped, the report
+    # goes beside the model, and the gate RL reads is unchanged
+    r = run_cli("reward", "eval", "--model", out, "--data", EXAMPLES / "preferences.jsonl", "--min-accuracy", "0")
+    assert r.returncode == 0, r.stderr
+    assert "have a prompt the model was trained on: not used" in r.stdout
+    assert (out / "reward-eval" / "eval.json").is_file() and (out / "eval.json").read_text() == gate_before
+    ppo = ["ppo", "--model", "tiny-random-llama", "--reward-model", out, "--reward-fn", f"{fn}:f", "--max-steps", "1",
+           "--output-dir", tmp_path / "ppo", "--quiet"]
+    r = run_cli(*ppo)
+    assert r.returncode == 2 and "did not pass the reward-model gate" in r.stderr
+    # with --replace-gate the held-out evaluation becomes the gate, and records the split it used
+    r = run_cli("reward", "eval", "--model", out, "--data", EXAMPLES / "preferences.jsonl", "--min-accuracy", "0",
+                "--max-length-corr", "1", "--replace-gate")
+    assert r.returncode == 0, r.stderr
+    gate = json.loads((out / "eval.json").read_text())["gate"]
+    assert gate["passed"] and gate["split"].startswith("held-out: ") and "not trained on" in gate["split"]
+
+
+def test_no_held_out_data_fails_the_gate_and_trained_pairs_are_refused(tmp_path):
+    out, r = train_tiny(tmp_path, "--max-steps", "1", "--eval-fraction", "0", "--min-accuracy", "0")
+    assert "gate: FAILED" in r.stdout and "no held-out pairs" in r.stdout
+    assert check_gate(out)
+    record = json.loads((out / "chatrlhf.json").read_text())["training"]
+    assert set(record["files"]) == {str(EXAMPLES / f) for f in ("preferences.jsonl", "ratings.jsonl", "corrections.jsonl")}
+    assert all(len(h) == 64 for h in record["files"].values()) and record["prompt_groups"]
+    r = run_cli("reward", "eval", "--model", out, "--data", EXAMPLES / "preferences.jsonl")
+    assert r.returncode == 2 and "every pair's prompt was in" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("reward", "eval", "--model", out)
+    assert r.returncode == 2 and "reward eval needs --data" in r.stderr
+
+
+def test_reward_train_eval_data_is_the_held_out_set(tmp_path, write):
+    held = write("held.jsonl", '{"prompt": "A brand new question?", "chosen": "A full answer.", "rejected": "No."}\n'
+                               '{"prompt": "Where is my order?", "chosen": "Let me check.", "rejected": "No idea."}\n')
+    out, r = train_tiny(tmp_path, "--max-steps", "1", "--eval-data", held)
+    assert "1 --eval-data pairs share a prompt with training: not used" in r.stdout
+    report = json.loads((out / "eval.json").read_text())
+    assert report["pairs"] == 1 and report["split"] == f"held-out: --eval-data {held}"
+
+
+def test_reward_train_sigkill_then_resume_gives_identical_losses(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from chatrlhf.logger import read_metrics
+    from chatrlhf.trainers.common import checkpoints
+
+    args = ["reward", "train", "--model", "tiny-random-llama", "--quiet", "--no-tensorboard", "--max-steps", "12",
+            "--batch-size", "4", "--grad-accum", "2", "--save-steps", "2", "--lr", "1e-3", "--seed", "5"]
+    ref = tmp_path / "ref"
+    r = run_cli(*args, "--output-dir", ref)
+    assert r.returncode == 0, r.stderr
+    want = {m["step"]: m["train/bt"] for m in read_metrics(ref) if "train/bt" in m}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", *map(str, args), "--output-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not checkpoints(out):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < 120
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoints(out)[-1][0]
+    assert killed_at < 12
+    r = run_cli(*args, "--output-dir", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert f"(step {killed_at})" in r.stdout
+    got = {m["step"]: m["train/bt"] for m in read_metrics(out) if "train/bt" in m}
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    assert json.loads((out / "eval.json").read_text())["accuracy"] == json.loads((ref / "eval.json").read_text())["accuracy"]
+
+
+def test_a_reply_cut_at_the_token_limit_is_scored_without_an_end_of_turn():
+    from chatrlhf.rewards import encode_reply
+
+    _, tok = load_reward_model(ModelArgs(model="tiny-random-llama"))
+    full = tok.decode(encode_reply(tok, Q, "It ships", 512))
+    cut = tok.decode(encode_reply(tok, Q, "It ships", 512, ended=False))
+    assert full.rstrip().endswith("It ships<|im_end|>") and cut.endswith("It ships") and full.startswith(cut)
+    _, gpt = load_reward_model(ModelArgs(model="tiny-random-gpt2"))       # the fallback User:/Assistant: template
+    assert gpt.decode(encode_reply(gpt, Q, "It ships", 512, ended=False)).endswith("Assistant: It ships")

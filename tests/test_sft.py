@@ -143,3 +143,47 @@ def test_bad_flag_and_bad_model(tmp_path):
     assert r.returncode == 2 and "invalid int value" in r.stderr
     r = run_cli(*tiny_sft_args(EXAMPLES / "dialogue_history.csv", tmp_path / "o", "--model", "nope"))
     assert r.returncode == 2 and "--model nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_step_plan_keeps_the_last_partial_step_of_every_epoch():
+    from chatrlhf.trainers.common import StepPlan, total_steps
+
+    plan = StepPlan([5] * 40, batch_size=4, grad_accum=4, seed=0)   # 10 micro-batches per epoch
+    assert plan.steps_per_epoch == 3 and total_steps(-1, 1.0, plan.steps_per_epoch) == 3
+    assert [len(plan[s]) for s in range(6)] == [4, 4, 2, 4, 4, 2]   # steps of 4, 4 and 2 micro-batches
+    for epoch in (0, 1):
+        seen = sorted(i for s in range(3 * epoch, 3 * epoch + 3) for b in plan[s] for i in b)
+        assert seen == list(range(40))                                 # every example once per epoch
+    assert total_steps(7, 1.0, 3) == 7 and total_steps(-1, 2.5, 3) == 8
+
+
+def test_sft_epoch_with_grad_accum_sees_every_example(tmp_path):
+    from chatrlhf.data import split_by_prompt
+
+    out = tmp_path / "ga"
+    r = run_cli(*tiny_sft_args(EXAMPLES / "dialogue_history.csv", out, "--epochs", "1", "--batch-size", "4",
+                               "--grad-accum", "3", "--eval-fraction", "0", "--save-steps", "1000"))
+    assert r.returncode == 0, r.stderr
+    _, tok = load_model(ModelArgs(model="tiny-random-llama"))
+    convs, _ = split_by_prompt(as_conversations(load_records(EXAMPLES / "dialogue_history.csv")), 0.0)
+    items = tokenize_all(tok, convs, SFTConfig(max_length=512))
+    train = [m for m in read_metrics(out) if "train/tokens" in m]
+    assert len(train) == math.ceil(math.ceil(len(items) / 4) / 3) == 6   # 16 micro-batches: 5 steps of 3, one of 1
+    assert sum(m["train/tokens"] for m in train) == sum(len(x.input_ids) for x in items)
+
+
+def test_no_chat_template_means_plain_text_and_is_saved_with_the_model(tmp_path):
+    from chatrlhf.data.template import PLAIN_TEMPLATE, tokenize_conversation
+
+    _, tok = load_model(ModelArgs(model="tiny-random-llama"), chat_template=False)
+    conv = [{"role": "user", "content": "The movie was"}, {"role": "assistant", "content": " a delight."}]
+    item, _ = tokenize_conversation(tok, conv, 512)
+    assert tok.decode(item.input_ids) == "The movie was a delight.<|im_end|>"
+    learned = tok.decode([t for t, lab in zip(item.input_ids, item.labels) if lab != -100])
+    assert learned == " a delight.<|im_end|>"                       # the reply and its EOS, nothing of the prompt
+    out = tmp_path / "plain"
+    r = run_cli(*tiny_sft_args(EXAMPLES / "dialogue_history.csv", out, "--max-steps", "1", "--no-chat-template"))
+    assert r.returncode == 0, r.stderr
+    assert AutoTokenizer.from_pretrained(out).chat_template == PLAIN_TEMPLATE
+    summary = json.loads((out / "chatrlhf.json").read_text())
+    assert summary["chat_template"] is False and summary["config"]["chat_template"] is False

@@ -1,6 +1,6 @@
 import pytest
 
-from chatrlhf.data.template import FALLBACK_TEMPLATE, IGNORE, tokenize_conversation
+from chatrlhf.data.template import FALLBACK_TEMPLATE, IGNORE, PLAIN_TEMPLATE, tokenize_conversation
 from chatrlhf.models import load_tokenizer
 
 CONV = [{"role": "system", "content": "Be brief."},
@@ -40,7 +40,8 @@ def test_loss_only_on_assistant_replies(name):
 def test_gpt2_gets_fallback_template_and_llama_keeps_its_own():
     assert load_tokenizer("tiny-random-gpt2").chat_template == FALLBACK_TEMPLATE
     assert "<|im_start|>" in load_tokenizer("tiny-random-llama").chat_template
-    assert load_tokenizer("tiny-random-llama", plain_template=True).chat_template == FALLBACK_TEMPLATE
+    assert load_tokenizer("tiny-random-llama", chat_template=False).chat_template == PLAIN_TEMPLATE
+    assert load_tokenizer("tiny-random-gpt2", chat_template=False).chat_template == PLAIN_TEMPLATE
 
 
 def test_overlong_truncate_and_drop():

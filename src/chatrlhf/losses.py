@@ -67,9 +67,10 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 def kl_estimates(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-token estimators of KL(π ‖ π_ref) for tokens sampled from π (Schulman 2020, "Approximating
     KL divergence"): with log r = log π_ref − log π,  k1 = −log r,  k2 = ½ (log r)²,  k3 = (r − 1) − log r.
-    k1 is unbiased but can be negative per token; k3 is unbiased and always ≥ 0."""
+    k1 is unbiased but can be negative per token; k3 is unbiased and always ≥ 0, but exponential in log r: it
+    is clamped to 10 per token (as verl's low_var_kl), so one far-off token cannot make it inf."""
     log_r = ref_logprobs - logprobs
-    return {"k1": -log_r, "k2": 0.5 * log_r ** 2, "k3": torch.expm1(log_r) - log_r}
+    return {"k1": -log_r, "k2": 0.5 * log_r ** 2, "k3": (torch.expm1(log_r.clamp(max=20.0)) - log_r).clamp(max=10.0)}
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -120,7 +121,9 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     loss = masked_mean(torch.max(unclipped, clipped), mask)
     with torch.no_grad():
         metrics = {"loss/policy": loss.detach(), "ppo/clipfrac": masked_mean((clipped > unclipped).float(), mask),
-                   "ppo/approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+                   # KL(π_old ‖ π) on tokens sampled from π_old, ratio ρ = π/π_old: k3 = (ρ − 1) − log ρ (as cleanrl), and k1
+                   "ppo/approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+                   "ppo/approx_kl_k1": masked_mean(-log_ratio, mask),
                    "ppo/ratio_mean": masked_mean(ratio, mask)}
     return loss, metrics
 

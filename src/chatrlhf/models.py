@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from chatrlhf.config import ModelArgs, chatrlhf_home
+from chatrlhf.config import LoraArgs, ModelArgs, chatrlhf_home
 from chatrlhf.data.template import ensure_chat_template
 from chatrlhf.errors import UsageError
 
@@ -163,7 +163,10 @@ def tiny_tokenizer(kind: str):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=640, special_tokens=specials, show_progress=False,
+    # the two tiny models get different vocabularies (fewer merges for GPT-2), so tests can tell a reward model
+    # with its own tokenizer from one that shares the policy's
+    trainer = trainers.BpeTrainer(vocab_size=640 if kind == "tiny-random-llama" else 480, special_tokens=specials,
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(TINY_CORPUS.splitlines(), trainer)
     eos = "<|im_end|>" if kind == "tiny-random-llama" else "<|endoftext|>"
@@ -193,50 +196,84 @@ def tiny_model(kind: str, tok, seed: int = 0):
 # --------------------------------------------------------------------------- public API
 
 
-def load_tokenizer(name: str, plain_template: bool = False):
+def load_tokenizer(name: str, chat_template: bool = True):
+    """The model's tokenizer with a distinct PAD and a chat template (``chat_template=False``: plain text)."""
     from transformers import AutoTokenizer
 
     where = resolve_model(name)
     tok = tiny_tokenizer(name) if where in TINY else AutoTokenizer.from_pretrained(where)
-    ensure_chat_template(tok, plain=plain_template)
+    ensure_chat_template(tok, chat_template)
     return tok
 
 
-def load_model(args: ModelArgs, trainable: bool = False, plain_template: bool = False):
-    """(model, tokenizer) on the chosen device, fp32 master weights, dropout off, optional LoRA."""
+DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                "summary_first_dropout", "classifier_dropout")
+
+
+def config_without_dropout(where, **overrides):
+    """The model's config with every dropout probability 0 (and ``overrides``), to build the model from: some
+    attention implementations (Llama's among them) copy the probability when built and ignore later changes."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(where, **overrides)
+    for key in DROPOUT_KEYS:
+        if isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, 0.0)
+    return cfg
+
+
+def load_model(args: ModelArgs, trainable: bool = False, chat_template: bool = True, lora: LoraArgs | None = None):
+    """(model, tokenizer) on the chosen device, fp32 master weights, dropout off, LoRA when ``lora.lora_r``."""
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(args.device)
     where = resolve_model(args.model)
-    tok = load_tokenizer(args.model, plain_template)
+    tok = load_tokenizer(args.model, chat_template)
     if where in TINY:
         model = tiny_model(where, tok)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(where, config=config_without_dropout(where), dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise UsageError(f"--model {args.model}: cannot load ({e})", "is it a causal language model?") from None
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         _distinct_pad(tok, model)
     _no_dropout(model)
     model.to(device)
-    if trainable and args.lora_r > 0:
+    if trainable and lora is not None and lora.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                 lora_dropout=args.lora_dropout, target_modules="all-linear",
+        model = get_peft_model(model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha,
+                                                 lora_dropout=lora.lora_dropout, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     model.train(trainable)
     return model, tok
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' own warnings and load reports off (our messages say what matters)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _no_dropout(model) -> None:
-    for key in ("dropout", "attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+    """Dropout off in every module (RL_DETAILS: policy, reference, reward model and critic alike); the config
+    says so too, so that a saved model keeps it."""
+    for key in DROPOUT_KEYS:
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):  # attention modules that copied the float
+            m.attention_dropout = 0.0
 
 
 def enable_checkpointing(model) -> None:
@@ -302,7 +339,9 @@ def load_reward_model(args: ModelArgs, trainable: bool = False):
         cfg = AutoConfig.from_pretrained(where)
         fresh = not any(a.endswith("ForSequenceClassification") for a in cfg.architectures or [])
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=1, dtype=torch.float32)
+            with quiet_transformers():  # a causal LM has no `score` head yet: its load report is expected
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    where, config=config_without_dropout(where, num_labels=1), dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise UsageError(f"--model {args.model}: cannot load as a reward model ({e})",
                              "use a causal LM or a chatrlhf reward model folder") from None

@@ -18,13 +18,16 @@ def run(sub: str, cfg) -> int:
         from chatrlhf.trainers.reward import train
 
         s = train(cfg)
-        _print_verdict(s["accuracy"], s["ece"], s["gate"], cfg.output_dir)
+        if s.get("interrupted"):
+            return 130
+        _print_verdict(s["accuracy"], s["ece"], s["gate"], s["split"])
+        print(f"chatrlhf reward: model, eval.json and eval.png in {cfg.output_dir}")
         return 0
     return evaluate(cfg) if sub == "eval" else score(cfg)
 
 
-def _print_verdict(acc, ece, gate, where) -> None:
-    print(f"chatrlhf reward: held-out accuracy {acc:.3f}, ECE {ece:.3f}; model, eval.json and eval.png in {where}")
+def _print_verdict(acc, ece, gate, on: str) -> None:
+    print(f"chatrlhf reward: accuracy {acc:.3f}, ECE {ece:.3f} ({on})")
     if gate["passed"]:
         print("gate: PASSED — this reward model may be used for RL")
     else:
@@ -33,25 +36,54 @@ def _print_verdict(acc, ece, gate, where) -> None:
             print(f"  - {r}")
 
 
-def evaluate(cfg: RewardEvalConfig) -> int:
-    from chatrlhf.evaluate.reward_eval import evaluate_pairs, verdict, write_report
-    from chatrlhf.models import load_reward_model
+def untrained_pairs(model_dir: str, pairs: list, log=print) -> list:
+    """The pairs whose prompt the reward model in ``model_dir`` was not trained on (its chatrlhf.json lists the
+    hashes of its training prompts); all of them for a model that records none."""
+    from chatrlhf.trainers.reward import prompt_hash
 
-    records = [r for p in cfg.data.split(",") if p.strip() for r in load_records(p.strip(), cfg.format).records]
+    record = Path(model_dir) / "chatrlhf.json"
+    trained = set(json.loads(record.read_text()).get("training", {}).get("prompt_groups", [])) if record.is_file() else set()
+    if not record.is_file():
+        log(f"chatrlhf reward eval: warning: {record} not found, so pairs the model was trained on cannot be told apart")
+    kept = [p for p in pairs if prompt_hash(p) not in trained]
+    if not kept:
+        raise UsageError(f"--data: every pair's prompt was in {model_dir}'s training data, so accuracy here would "
+                         "say nothing about new replies", "evaluate on pairs the model has not seen")
+    if len(kept) < len(pairs):
+        log(f"chatrlhf reward eval: {len(pairs) - len(kept)} of {len(pairs)} pairs have a prompt the model was "
+            f"trained on: not used")
+    return kept
+
+
+def evaluate(cfg: RewardEvalConfig) -> int:
+    from chatrlhf.evaluate.reward_eval import HELD_OUT, evaluate_pairs, verdict, write_report
+    from chatrlhf.models import autocast, load_reward_model
+
+    if not cfg.data:
+        raise UsageError("reward eval needs --data: held-out feedback files", "pairs the model was not trained on")
+    records = [r for p in cfg.data for r in load_records(p, cfg.format).records]
     pairs, _ = build_pairs(records)
     if not pairs:
-        raise UsageError(f"--data {cfg.data}: no preference pairs to evaluate on", "")
+        raise UsageError(f"--data {','.join(cfg.data)}: no preference pairs to evaluate on", "")
+    pairs = untrained_pairs(cfg.model, pairs)
     model, tok = load_reward_model(cfg)
-    metrics = evaluate_pairs(model, tok, pairs, cfg.batch_size, cfg.max_length)
+    with autocast(cfg.dtype, next(model.parameters()).device):
+        metrics = evaluate_pairs(model, tok, pairs, cfg.batch_size, cfg.max_length)
+    metrics["split"] = f"{HELD_OUT}: {','.join(cfg.data)} ({len(pairs)} pairs not trained on)"
     gate = verdict(metrics, cfg.min_accuracy, cfg.max_length_corr)
-    out = Path(cfg.model) if Path(cfg.model).is_dir() else Path(".")
+    model_dir = Path(cfg.model) if Path(cfg.model).is_dir() else Path(".")
+    out = model_dir if cfg.replace_gate else Path(cfg.output_dir) if cfg.output_dir else model_dir / "reward-eval"
     write_report(out, metrics, gate)
-    _print_verdict(metrics["accuracy"], metrics["ece"], gate, out)
+    _print_verdict(metrics["accuracy"], metrics["ece"], gate,
+                   f"on {len(pairs)} pairs of {','.join(cfg.data)} whose prompts the model was not trained on")
+    print(f"chatrlhf reward eval: eval.json and eval.png in {out}"
+          + (" (now the model's gate)" if cfg.replace_gate else " (the gate RL reads is unchanged; --replace-gate "
+                                                                "makes this evaluation the gate)"))
     return 0
 
 
 def score(cfg: RewardScoreConfig) -> int:
-    from chatrlhf.models import load_reward_model
+    from chatrlhf.models import autocast, load_reward_model
     from chatrlhf.rewards import reward_scores
 
     if not cfg.data or not cfg.out:
@@ -66,7 +98,8 @@ def score(cfg: RewardScoreConfig) -> int:
         replies.append(str(row["response"]))
         rows.append(row)
     model, tok = load_reward_model(cfg)
-    scores = reward_scores(model, tok, prompts, replies, cfg.batch_size, cfg.max_length)
+    with autocast(cfg.dtype, next(model.parameters()).device):
+        scores = reward_scores(model, tok, prompts, replies, cfg.batch_size, cfg.max_length)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

@@ -26,10 +26,15 @@ from chatrlhf.errors import UsageError
 from chatrlhf.models import reward_norm
 
 
-def encode_reply(tok, prompt: list[dict], response: str, max_length: int) -> list[int]:
+def encode_reply(tok, prompt: list[dict], response: str, max_length: int, ended: bool = True) -> list[int]:
     """Prompt + reply through the reward model's own chat template (it may differ from the policy's:
-    text is re-tokenised). Over-long inputs lose the start of the prompt; the reply is kept."""
+    text is re-tokenised). A reply that did not end (cut at the token limit) is scored as generated: the
+    text stops where the reply stops, without the end-of-turn tokens the template would append. Over-long
+    inputs lose the start of the prompt; the reply is kept."""
     text = render(tok, prompt + [{"role": "assistant", "content": response}])
+    if not ended:
+        cut = text.rfind(response) if response else -1
+        text = text[:cut + len(response)] if cut >= 0 else render(tok, prompt, add_generation_prompt=True) + response
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return ids[-max_length:]
 
@@ -54,11 +59,14 @@ def raw_scores(model, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def reward_scores(model, tok, prompts: list[list[dict]], responses: list[str], batch_size: int = 16,
-                  max_length: int = 512, normalise: bool = True) -> list[float]:
+                  max_length: int = 512, normalise: bool = True, ended: list[bool] | None = None) -> list[float]:
+    """Scores of complete replies (``ended``: which replies ended; the others are scored without an end of turn),
+    normalised with the model's stored gain and bias unless ``normalise=False``."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    seqs = [encode_reply(tok, p, r, max_length) for p, r in zip(prompts, responses)]
+    ended = ended if ended is not None else [True] * len(responses)
+    seqs = [encode_reply(tok, p, r, max_length, e) for p, r, e in zip(prompts, responses, ended)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # little padding
     out = [0.0] * len(seqs)
     gain, bias = reward_norm(model) if normalise else (1.0, 0.0)
@@ -97,21 +105,22 @@ class Schedule:
 SCHEDULE_HELP = "NAME=W (constant) or NAME=KIND:START:END:STEPS with KIND linear|cosine|step"
 
 
-def parse_schedules(text: str, flag: str = "--reward-weights") -> dict[str, Schedule]:
-    """``rm=1,human=cosine:1:0.1:20`` → {name: Schedule}."""
+def parse_schedules(specs: dict[str, str], flag: str = "--reward-weights") -> dict[str, Schedule]:
+    """{"rm": "1", "human": "cosine:1:0.1:20"} (as config.parse_map reads `rm=1,human=cosine:1:0.1:20`)
+    → {name: Schedule}."""
     out = {}
-    for part in filter(None, (x.strip() for x in text.split(","))):
-        name, _, spec = part.partition("=")
-        bits = spec.split(":")
+    for name, spec in specs.items():
+        bits = str(spec).split(":")
         try:
             if len(bits) == 1:
-                out[name.strip()] = Schedule("constant", float(bits[0]), float(bits[0]))
+                out[name] = Schedule("constant", float(bits[0]), float(bits[0]))
             elif len(bits) == 4 and bits[0] in ("linear", "cosine", "step"):
-                out[name.strip()] = Schedule(bits[0], float(bits[1]), float(bits[2]), int(bits[3]))
+                out[name] = Schedule(bits[0], float(bits[1]), float(bits[2]), int(bits[3]))
             else:
                 raise ValueError
         except ValueError:
-            raise UsageError(f"{flag}: cannot read '{part}'", f"write {SCHEDULE_HELP}, e.g. rm=1,human=linear:1:0.2:50") from None
+            raise UsageError(f"{flag}: cannot read '{name}={spec}'",
+                             f"write {SCHEDULE_HELP}, e.g. rm=1,human=linear:1:0.2:50") from None
     return out
 
 
@@ -190,11 +199,12 @@ class ModelReward:
         self.model.eval()
         self.batch_size, self.max_length, self.dtype = batch_size, max_length, dtype
 
-    def __call__(self, prompts, responses):
+    def __call__(self, prompts, responses, ended: list[bool] | None = None):
         from chatrlhf.models import autocast
 
         with autocast(self.dtype, next(self.model.parameters()).device):
-            return reward_scores(self.model, self.tok, prompts, responses, self.batch_size, self.max_length)
+            return reward_scores(self.model, self.tok, prompts, responses, self.batch_size, self.max_length,
+                                 ended=ended)
 
 
 class HumanReward:
@@ -203,19 +213,20 @@ class HumanReward:
     A new reply takes the rating of the most similar rated reply to the same prompt when their ROUGE-L
     F1 is at least ``threshold``; otherwise it has none (None)."""
 
-    def __init__(self, paths: str, threshold: float = 0.5):
+    def __init__(self, paths: list[str], threshold: float = 0.5):
         from chatrlhf.data import load_records
         from chatrlhf.data.records import Correction, Rating
 
         rated: list = []
-        for path in filter(None, (x.strip() for x in paths.split(","))):
+        for path in paths:
             for r in load_records(path).records:
                 if isinstance(r, Rating):
                     rated.append((r.prompt, (r.response, (r.score - 3) / 2 if r.scale == "stars" else float(r.score))))
                 elif isinstance(r, Correction):
                     rated += [(r.prompt, (r.corrected, 1.0)), (r.prompt, (r.response, -1.0))]
         if not rated:
-            raise UsageError(f"--human-feedback {paths}: no ratings or corrections found", "give a ratings or corrections file")
+            raise UsageError(f"--human-feedback {','.join(paths)}: no ratings or corrections found",
+                             "give a ratings or corrections file")
         self.table: dict[str, dict[str, list[float]]] = {}
         for key, items in _by_prompt(rated).items():
             for text, score in items:
@@ -238,14 +249,14 @@ class HumanReward:
         return out
 
 
-def prompts_with_references(paths: str) -> list[tuple[list[dict], list[str]]]:
+def prompts_with_references(paths: list[str]) -> list[tuple[list[dict], list[str]]]:
     """[(prompt, human replies)] in first-seen order, from conversations (the reply), preferences (the
     chosen one, unless both are bad) and corrections (the corrected one)."""
     from chatrlhf.data import load_records
     from chatrlhf.data.records import Conversation, Correction, Preference, prompt_key
 
     found: dict[str, tuple[list[dict], list[str]]] = {}
-    for path in filter(None, (x.strip() for x in paths.split(","))):
+    for path in paths:
         for r in load_records(path).records:
             reply = (r.messages[-1]["content"] if isinstance(r, Conversation) and r.messages[-1]["role"] == "assistant"
                      else r.chosen if isinstance(r, Preference) and not r.both_bad
@@ -253,11 +264,11 @@ def prompts_with_references(paths: str) -> list[tuple[list[dict], list[str]]]:
             if reply is not None:
                 found.setdefault(prompt_key(r.prompt), (r.prompt, []))[1].append(reply)
     if not found:
-        raise UsageError(f"{paths}: no human replies found", "give conversations, preferences or corrections")
+        raise UsageError(f"{','.join(paths)}: no human replies found", "give conversations, preferences or corrections")
     return list(found.values())
 
 
-def reference_replies(paths: str) -> dict[str, list[str]]:
+def reference_replies(paths: list[str]) -> dict[str, list[str]]:
     """Human reference replies per prompt key (see :func:`prompts_with_references`)."""
     from chatrlhf.data.records import prompt_key
 
@@ -331,22 +342,37 @@ class RewardMix:
         self.schedules = {name: schedules.get(name, Schedule()) for name in sources}
         self.moments = {name: RunningMoments() for name in sources}
 
-    def __call__(self, prompts, responses, ended: list[bool], step: int, update: bool = True):
-        """(rewards, metrics). ``update=False`` scores with the moments as they are (evaluation)."""
+    def raw(self, prompts, responses, ended: list[bool]) -> dict[str, list]:
+        """{source: its raw value per reply, None where it has no opinion}. The reward model sees which replies
+        ended, so that a reply cut at the token limit is scored as it was generated."""
+        out = {}
+        for name, source in self.sources.items():
+            values = list(source(prompts, responses, ended) if isinstance(source, ModelReward)
+                          else source(prompts, responses))
+            if len(values) != len(responses):
+                raise UsageError(f"reward source '{name}' returned {len(values)} values for {len(responses)} replies",
+                                 "return one float (or None) per reply")
+            out[name] = values
+        return out
+
+    def scale(self, name: str, step: int) -> float:
+        """d reward / d raw value of source ``name`` at ``step``: its weight over its running std (as normalised)."""
+        m = self.moments[name]
+        return self.schedules[name](step) / ((m.std if m.std >= 1e-3 else 1.0) if self.normalise else 1.0)
+
+    def __call__(self, prompts, responses, ended: list[bool], step: int):
+        """(rewards, metrics); the running moments are updated with this batch first."""
         total = [0.0] * len(responses)
         metrics: dict[str, float] = {}
-        for name, source in self.sources.items():
-            raw = list(source(prompts, responses))
-            if len(raw) != len(responses):
-                raise UsageError(f"reward source '{name}' returned {len(raw)} values for {len(responses)} replies", "")
+        for name, raw in self.raw(prompts, responses, ended).items():
             seen = [float(x) for x in raw if x is not None]
-            if update:
-                self.moments[name].update(seen)
+            self.moments[name].update(seen)
             w = self.schedules[name](step)
             for i, x in enumerate(raw):
                 if x is not None:
                     total[i] += w * (self.moments[name].normalise(float(x)) if self.normalise else float(x))
-            metrics[f"reward/{name}_mean"] = sum(seen) / len(seen) if seen else float("nan")
+            if seen:  # a source with no opinion on any reply has no mean (never a NaN in the logs)
+                metrics[f"reward/{name}_mean"] = sum(seen) / len(seen)
             metrics[f"reward/{name}_coverage"] = len(seen) / max(len(raw), 1)
             metrics[f"reward/{name}_weight"] = w
             metrics[f"_raw/{name}"] = raw

@@ -16,7 +16,7 @@ import torch
 
 from chatrlhf.data.template import render
 from chatrlhf.losses import entropy_from_logits
-from chatrlhf.models import autocast, unwrap, use_bf16
+from chatrlhf.models import autocast, save_model, unwrap, use_bf16
 
 
 @dataclass
@@ -54,15 +54,11 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def prompt_text(tok, prompt: list[dict], raw: bool = False) -> str:
-    """The chat template with the generation prompt, or (``raw``, for continuation tasks) the text itself."""
-    return "\n".join(m["content"] for m in prompt) if raw else render(tok, prompt, add_generation_prompt=True)
-
-
-def encode_prompts(tok, prompts: list[list[dict]], max_prompt_length: int, device,
-                   raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, Q) left-padded prompt ids and mask; over-long prompts lose their start."""
-    seqs = [tok(prompt_text(tok, p, raw), add_special_tokens=False)["input_ids"][-max_prompt_length:] for p in prompts]
+def encode_prompts(tok, prompts: list[list[dict]], max_prompt_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, Q) left-padded prompt ids and mask, rendered with the tokenizer's template and its generation prompt
+    (the plain-text template of --no-chat-template renders the text itself); over-long prompts lose their start."""
+    seqs = [tok(render(tok, p, add_generation_prompt=True), add_special_tokens=False)["input_ids"][-max_prompt_length:]
+            for p in prompts]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -72,12 +68,21 @@ def encode_prompts(tok, prompts: list[list[dict]], max_prompt_length: int, devic
     return ids.to(device), mask.to(device)
 
 
-def draw(logp: torch.Tensor) -> torch.Tensor:
+def sampling_cdf(logp: torch.Tensor) -> torch.Tensor:
+    """(B, V) cumulative probabilities that :func:`draw` searches, summed in float64: in float32 a probability below
+    half a unit in the last place of the running sum (3e-8 near 1) adds nothing or a whole unit, so on a peaked 49k
+    distribution thousands of tokens get no width (never drawn) or a wrong one — and the recorded log-probs would
+    not be those of the distribution sampled from. exp stays float32 (exact to 1e-7 relative); the float64 sum
+    costs ~4 ms per step for 64 rows of 49k here."""
+    return logp.exp().double().cumsum(-1)
+
+
+def draw(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row from log-probabilities (B, V), by the inverse CDF: one uniform draw per row and a
     binary search, where ``torch.multinomial`` draws V exponentials per row (74 ms of every decoding
     step on a 49k vocabulary for 64 rows, here on 2 cores)."""
-    cdf = logp.exp().cumsum(-1)
-    u = torch.rand(logp.shape[0], 1, device=logp.device, dtype=cdf.dtype) * cdf[:, -1:]
+    cdf = sampling_cdf(logp)
+    u = torch.rand(logp.shape[0], 1, device=logp.device, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logp.shape[1] - 1)
 
 
@@ -101,8 +106,11 @@ def low_precision_weights(model, dtype: str, device) -> dict | None:
 
 @torch.no_grad()
 def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
-           eos_id: int, pad_id: int, dtype: str = "auto", compact_fraction: float = 0.25):
+           eos_id: int, pad_id: int, dtype: str = "auto", compact_fraction: float = 0.25,
+           generator: torch.Generator | None = None):
     """Sample replies with a KV cache. Returns (response_ids, response_mask, sample_logprobs), (B, R).
+    ``generator``: the random stream to draw from (each caller owns one, so that evaluation never moves the
+    training stream, on CPU or CUDA).
 
     Rows that have produced EOS stop costing work: once at least ``compact_fraction`` of the live rows
     are finished, they are removed from the batch and from every layer of the cache."""
@@ -126,7 +134,7 @@ def sample(model, query_ids: torch.Tensor, query_mask: torch.Tensor, max_new_tok
     cache, logits = out.cache, out.logits[:, -1]  # the cache object is updated in place
     for t in range(R):
         logp = torch.log_softmax(logits.float() / temperature, -1)
-        token = draw(logp)
+        token = draw(logp, generator)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         keep = ~done
         out_ids[live[keep], t] = token[keep]
@@ -242,9 +250,29 @@ def policy_forward(model, r: Rollout, temperature: float, with_entropy: bool = F
     return lp, ent, values
 
 
-def critic_values(critic, r: Rollout) -> torch.Tensor:
-    """(B, R) V(s_t) of a separate critic (a sequence-classification model whose head reads every
-    position) on the same tokens as the policy."""
-    inner = unwrap(critic)  # through a peft wrapper: LoRA layers sit inside the trunk, the head is trainable
-    h = reply_hidden(inner.base_model, r.query_ids, r.query_mask, r.response_ids, r.response_mask)
-    return inner.score(h).squeeze(-1).float()
+class Critic(torch.nn.Module):
+    """A separate value network: a sequence-classification model (from the reward model or the policy, through a
+    peft wrapper with LoRA) whose head reads V(s_t) at every reply position, on the same tokens as the policy,
+    plus a learned offset (see trainers/ppo.calibrate_critic)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.offset = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, r: Rollout) -> torch.Tensor:
+        """(B, R) values."""
+        inner = unwrap(self.model)  # LoRA layers sit inside the trunk; the head is trainable
+        h = reply_hidden(inner.base_model, r.query_ids, r.query_mask, r.response_ids, r.response_mask)
+        return inner.score(h).squeeze(-1).float() + self.offset
+
+    @torch.no_grad()
+    def rescale(self, a: float, b: float) -> None:
+        """Values become a · head + b."""
+        for p in unwrap(self.model).score.parameters():
+            p.mul_(a)
+        self.offset.fill_(b)
+
+    def save(self, tok, out_dir) -> None:
+        unwrap(self.model).config.chatrlhf_value_offset = float(self.offset.detach())
+        save_model(self.model, tok, out_dir)

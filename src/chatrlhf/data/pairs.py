@@ -6,7 +6,9 @@
   counted, never silently lost.
 * Ratings become pairs: for one prompt and one scale (1–5 stars, or thumbs), every two replies with
   different scores make a pair, the higher-rated one chosen; equal scores make no pair. Pair weight
-  is the mean of the two ratings' weights. (We chose pairs over a regression on the normalised score:
+  is the mean of the two ratings' weights divided by C(K, 2) for the K ratings of that prompt, so that a
+  prompt counts once however many replies were rated (InstructGPT §3.5: the K(K−1)/2 comparisons of one
+  prompt as independent examples overfit). (We chose pairs over a regression on the normalised score:
   annotators' absolute levels drift, their orderings agree far better, and pairs share the
   Bradley–Terry loss with the other sources.)
 * Corrections: the corrected reply is preferred to the original.
@@ -27,11 +29,12 @@ def rating_pairs(ratings: list[Rating]) -> list[Preference]:
         groups.setdefault((prompt_key(r.prompt), r.scale), []).append(r)
     pairs = []
     for group in groups.values():
+        n_pairs = len(group) * (len(group) - 1) // 2  # C(K, 2)
         for a, b in combinations(group, 2):
             if a.score == b.score or a.response.strip() == b.response.strip():
                 continue
             hi, lo = (a, b) if a.score > b.score else (b, a)
-            pairs.append(Preference(hi.prompt, hi.response, lo.response, weight=(hi.weight + lo.weight) / 2,
+            pairs.append(Preference(hi.prompt, hi.response, lo.response, weight=(hi.weight + lo.weight) / 2 / n_pairs,
                                     annotator=hi.annotator if hi.annotator == lo.annotator else "",
                                     round=max(hi.round, lo.round), source="rating", where=f"{hi.where} + {lo.where}"))
     return pairs

@@ -21,11 +21,27 @@ FALLBACK_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
+# --no-chat-template: plain text for continuation tasks. The turns' text joined by newlines, a reply
+# continuing the text before it directly and ending with EOS; the generation prompt adds nothing. Rendered
+# prefix by prefix like any template, so SFT labels, rollouts, evaluation and generation share one meaning.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if not loop.first and m['role'] != 'assistant' %}{{ '\n' }}{% endif %}"
+    "{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
 
-def ensure_chat_template(tokenizer, plain: bool = False) -> None:
-    """Give the tokenizer a chat template if it has none (or if ``plain`` asks for the fallback)."""
-    if plain or not getattr(tokenizer, "chat_template", None):
+
+def ensure_chat_template(tokenizer, chat_template: bool = True) -> None:
+    """Give the tokenizer a chat template if it has none; ``chat_template=False`` sets the plain-text one."""
+    if not chat_template:
+        tokenizer.chat_template = PLAIN_TEMPLATE
+    elif not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = FALLBACK_TEMPLATE
+
+
+def is_plain(tokenizer) -> bool:
+    return getattr(tokenizer, "chat_template", None) == PLAIN_TEMPLATE
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -44,7 +60,7 @@ def assistant_spans(tokenizer, messages: list[dict], last_only: bool = False) ->
         end = len(render(tokenizer, messages[: i + 1]))
         if not text.startswith(render(tokenizer, messages[: i + 1])):
             raise ValueError("the chat template does not render conversations prefix by prefix; "
-                             "use --no-chat-template")
+                             "use --no-chat-template (plain text)")
         spans.append((start, end))
     return text, spans
 

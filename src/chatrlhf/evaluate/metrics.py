@@ -21,11 +21,14 @@ def expected_calibration_error(p: np.ndarray, correct: np.ndarray, n_bins: int =
     return float(ece)
 
 
-def pairwise_ece(margins: np.ndarray, n_bins: int = 10) -> float:
-    """ECE of a reward model on held-out pairs from r_chosen − r_rejected."""
-    p = 1 / (1 + np.exp(-np.asarray(margins, dtype=float)))
+def pairwise_ece(logits: np.ndarray, n_bins: int = 10) -> float:
+    """ECE of a reward model on held-out pairs, from the logit of its Bradley–Terry probability that the human
+    chose the chosen reply: r_chosen − r_rejected on the raw (unnormalised) scale, minus the margin if the model
+    was trained with margins. A logit of exactly 0 predicts nothing: confidence ½, counted half right."""
+    z = np.asarray(logits, dtype=float)
+    p = 1 / (1 + np.exp(-z))
     conf = np.maximum(p, 1 - p)
-    return expected_calibration_error(conf, (p > 0.5).astype(float), n_bins)
+    return expected_calibration_error(conf, (z > 0) + 0.5 * (z == 0), n_bins)
 
 
 def pearson(x, y) -> float:
@@ -55,3 +58,14 @@ def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0)
 def win_rate(a, b) -> list[float]:
     """Per-prompt outcome of a against b: 1 win, 0.5 tie, 0 loss."""
     return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+
+
+def shared_reply_fraction(prompt_keys: list[str], texts: list[str]) -> float:
+    """Share of the distinct (prompt, reply) pairs whose reply text is also given to another prompt — the sign of
+    a policy that answers everything alike. Replies repeated for the same prompt (several samples each) are not
+    counted: that is low entropy, which has its own warning."""
+    owners: dict[str, set] = {}
+    for key, text in zip(prompt_keys, texts):
+        owners.setdefault(text.strip(), set()).add(key)
+    pairs = {(key, text.strip()) for key, text in zip(prompt_keys, texts)}
+    return sum(len(owners[text]) > 1 for _, text in pairs) / len(pairs) if pairs else 0.0

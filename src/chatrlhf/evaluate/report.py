@@ -25,6 +25,7 @@ from chatrlhf.evaluate.metrics import bootstrap_ci, distinct_n, win_rate
 from chatrlhf.models import autocast, load_model
 from chatrlhf.rewards import ModelReward, SimilarityReward, prompts_with_references
 from chatrlhf.rollout import Rollout, decode_replies, encode_prompts, ended_with_eos, policy_forward, sample
+from chatrlhf.trainers.common import generator
 
 
 @torch.no_grad()
@@ -33,15 +34,14 @@ def replies_of(model, tok, prompts, cfg: EvalConfig) -> tuple[list[Rollout], lis
     device = next(model.parameters()).device
     model.eval()
     batches, texts = [], []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        for i in range(0, len(prompts), cfg.batch_size):
-            q, qm = encode_prompts(tok, prompts[i:i + cfg.batch_size], cfg.max_prompt_length, device)
-            ids, mask, _ = sample(model, q, qm, cfg.max_new_tokens, cfg.temperature, tok.eos_token_id,
-                                  tok.pad_token_id, cfg.dtype)
-            r = Rollout(q, qm, ids, mask, *[None] * 7, ended=ended_with_eos(ids, tok.eos_token_id))
-            batches.append(r)
-            texts += decode_replies(tok, ids, mask)
+    gen = generator(cfg.seed, device)  # a stream of its own: the global one is never touched
+    for i in range(0, len(prompts), cfg.batch_size):
+        q, qm = encode_prompts(tok, prompts[i:i + cfg.batch_size], cfg.max_prompt_length, device)
+        ids, mask, _ = sample(model, q, qm, cfg.max_new_tokens, cfg.temperature, tok.eos_token_id,
+                              tok.pad_token_id, cfg.dtype, generator=gen)
+        r = Rollout(q, qm, ids, mask, *[None] * 7, ended=ended_with_eos(ids, tok.eos_token_id))
+        batches.append(r)
+        texts += decode_replies(tok, ids, mask)
     return batches, texts
 
 
@@ -65,7 +65,7 @@ def describe(texts, batches, tok, prompts, refs, rm, embed) -> dict:
     if embed is not None:
         d["embedding_cosine"] = float(np.mean(embed(prompts, texts)))
     if rm is not None:
-        d["_scores"] = rm(prompts, texts)
+        d["_scores"] = rm(prompts, texts, torch.cat([r.ended for r in batches]).tolist())
         d["rm_score"] = float(np.mean(d["_scores"]))
     return d
 
@@ -73,20 +73,25 @@ def describe(texts, batches, tok, prompts, refs, rm, embed) -> dict:
 def run_eval(cfg: EvalConfig, log=print) -> dict:
     from chatrlhf.data.records import prompt_key
 
+    if cfg.temperature <= 0:
+        raise UsageError(f"--temperature {cfg.temperature}: eval samples its replies, so it must be > 0",
+                         "use e.g. --temperature 0.7")
     pairs = prompts_with_references(cfg.data)[:cfg.max_prompts]
     prompts = [p for p, _ in pairs]
     refs = {prompt_key(p): r for p, r in pairs}
-    rm = ModelReward(cfg.reward_model, force=True, log=lambda m: None) if cfg.reward_model else None
+    rm = ModelReward(cfg.reward_model, force=True, device=cfg.device, dtype=cfg.dtype,
+                     log=lambda m: None) if cfg.reward_model else None
     embed = SimilarityReward(refs, "embedding") if cfg.embedding else None
-    model, tok = load_model(cfg)
-    log(f"chatrlhf eval: {len(prompts)} held-out prompts with human replies from {cfg.data}")
+    model, tok = load_model(cfg, chat_template=cfg.chat_template)
+    log(f"chatrlhf eval: {len(prompts)} held-out prompts with human replies from {','.join(cfg.data)}")
     batches, texts = replies_of(model, tok, prompts, cfg)
-    report = {"model": cfg.model, "baseline": cfg.baseline or None, "prompts": len(prompts), "data": cfg.data,
+    report = {"model": cfg.model, "baseline": cfg.baseline or None, "prompts": len(prompts), "data": ",".join(cfg.data),
               "decoding": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
               "metrics": {"model": describe(texts, batches, tok, prompts, refs, rm, embed)}}
     samples = {"model": texts}
     if cfg.baseline:
-        base, base_tok = load_model(ModelArgs(model=cfg.baseline, device=cfg.device, dtype=cfg.dtype))
+        base, base_tok = load_model(ModelArgs(model=cfg.baseline, device=cfg.device, dtype=cfg.dtype),
+                                    chat_template=cfg.chat_template)
         base_batches, base_texts = replies_of(base, base_tok, prompts, cfg)
         report["metrics"]["baseline"] = describe(base_texts, base_batches, base_tok, prompts, refs, rm, embed)
         samples["baseline"] = base_texts

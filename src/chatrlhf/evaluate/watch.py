@@ -27,10 +27,10 @@ def entropy_collapse(history, **_):
 
 
 def identical_replies(history, **_):
-    u = _series(history, "rollout/unique_replies")
-    if u and u[-1] < 0.5:
-        return (f"only {u[-1]:.0%} of the replies in this batch are distinct: the policy gives the same "
-                "reply to different prompts (reward hacking)")
+    shared = _series(history, "rollout/cross_prompt_duplicates")
+    if shared and shared[-1] > 0.5:
+        return (f"{shared[-1]:.0%} of the replies in this batch are also given to another prompt: the policy gives "
+                "the same reply to different prompts (reward hacking)")
 
 
 def length_spike(history, **_):

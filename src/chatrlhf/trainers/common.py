@@ -6,7 +6,9 @@ renamed, so a run killed at any moment leaves either a whole checkpoint or none.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from chatrlhf.errors import UsageError
 
 
 def seed_everything(seed: int) -> None:
@@ -36,6 +40,17 @@ def make_optimizer(params: list, lr: float, weight_decay: float, eps: float = 1e
     return opt, make(opt, warmup_steps, total_steps)
 
 
+def optimizer_step(optimizer, scheduler, params: list, max_grad_norm: float) -> float:
+    """Clip (0 = no clipping, the norm still measured), step, advance the schedule (None: none), zero the
+    gradients; returns the gradient norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -53,9 +68,11 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, keep: int = 2,
+                    generators: dict[str, torch.Generator] | None = None) -> Path:
     """``parts`` = {name: (module, optimizer, scheduler)}: each module's trainable weights
-    (``name.safetensors``), every optimizer and scheduler, the RNG and the trainer's own ``state``."""
+    (``name.safetensors``), every optimizer and scheduler, the global RNG, the trainer's own random streams
+    (``generators``) and its ``state``."""
     from safetensors.torch import save_file
 
     root = Path(out_dir) / "checkpoints"
@@ -64,9 +81,10 @@ def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, ke
     for name, (module, _, _) in parts.items():
         save_file(trainable_state(module), tmp / f"{name}.safetensors")
     torch.save({"optimizers": {n: o.state_dict() for n, (_, o, _) in parts.items()},
-                "schedulers": {n: s.state_dict() for n, (_, _, s) in parts.items()}, "rng": rng_state()},
+                "schedulers": {n: s.state_dict() for n, (_, _, s) in parts.items()}, "rng": rng_state(),
+                "generators": {n: g.get_state() for n, g in (generators or {}).items()}},
                tmp / "state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     final = root / f"step-{step}"
     if final.exists():
         shutil.rmtree(final)
@@ -85,8 +103,9 @@ def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_checkpoint(path: Path, parts: dict) -> dict:
-    """Restore what :func:`save_checkpoint` wrote into the same ``parts``; returns the trainer state."""
+def load_checkpoint(path: Path, parts: dict, generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Restore what :func:`save_checkpoint` wrote into the same ``parts`` and ``generators``; returns the
+    trainer state (without the step, which the folder's name gives)."""
     from safetensors.torch import load_file
 
     blob = torch.load(path / "state.pt", weights_only=False)
@@ -98,7 +117,43 @@ def load_checkpoint(path: Path, parts: dict) -> dict:
         optimizer.load_state_dict(blob["optimizers"][name])
         scheduler.load_state_dict(blob["schedulers"][name])
     set_rng_state(blob["rng"])
-    return json.loads((path / "trainer_state.json").read_text())
+    for name, g in (generators or {}).items():
+        g.set_state(blob["generators"][name])
+    state = json.loads((path / "trainer_state.json").read_text())
+    state.pop("step", None)
+    return state
+
+
+def start_or_resume(out_dir: str | Path, parts: dict, resume: bool, generators: dict | None = None,
+                    name: str = "", log=print) -> tuple[int, dict]:
+    """(step, trainer state) of the latest checkpoint with ``resume``, else (0, {}) for a fresh run."""
+    if not resume:
+        return 0, {}
+    found = checkpoints(out_dir)
+    if not found:
+        raise UsageError(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}", "drop --resume to start afresh")
+    step, path = found[-1]
+    state = load_checkpoint(path, parts, generators)
+    log(f"chatrlhf {name}: resumed from {path} (step {step})")
+    return step, state
+
+
+def generator(seed: int, device="cpu") -> torch.Generator:
+    """A random stream of the trainer's own (sampling, shuffling), seeded and checkpointed apart from the
+    global one, so that nothing else — evaluation, a library — can move it."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def total_steps(max_steps: int, epochs: float, steps_per_epoch: int) -> int:
+    """Every trainer counts its optimizer steps this way: --max-steps, else --epochs × steps per epoch."""
+    return max_steps if max_steps > 0 else max(1, math.ceil(epochs * steps_per_epoch))
+
+
+def file_hashes(paths) -> dict[str, str | None]:
+    """{path: SHA-256 of the file's bytes} (None for a folder, such as a datasets directory)."""
+    return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() if Path(p).is_file() else None for p in paths}
 
 
 class StopFlag:
@@ -150,6 +205,23 @@ class EpochBatches:
         if epoch != self._epoch:
             self._epoch, self._plan = epoch, plan_batches(self.lengths, self.batch_size, self.seed + epoch)
         return self._plan[idx]
+
+
+class StepPlan:
+    """The micro-batches of optimizer step ``s`` (0-based), a pure function of ``s``: each epoch's length-bucketed
+    plan is cut into steps of ``grad_accum`` micro-batches, and the last step of an epoch takes what is left, so
+    every example is seen once per epoch (10 micro-batches, accumulation 4: steps of 4, 4 and 2)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, seed: int):
+        self.batches = EpochBatches(lengths, batch_size, seed)
+        self.grad_accum = grad_accum
+        self.steps_per_epoch = -(-self.batches.per_epoch // grad_accum)
+
+    def __getitem__(self, step: int) -> list[list[int]]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        first = epoch * self.batches.per_epoch + k * self.grad_accum
+        end = min(first + self.grad_accum, (epoch + 1) * self.batches.per_epoch)
+        return [self.batches[i] for i in range(first, end)]
 
 
 def progress_bar(quiet: bool):

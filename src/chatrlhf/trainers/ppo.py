@@ -13,6 +13,8 @@ Departures from the N+ recipe (Huang et al. 2024), and why:
   * with LoRA the reference is the base model with the adapters switched off: no second copy;
   * the LM head runs only at reply positions, in the sampler's prefill only at the last position;
   * β can be fixed (0.05) or adaptive (Ziegler et al. 2019);
+  * a critic from the reward model is put on the scale of the mixed reward before its first use
+    (N+ builds it from the normalised reward model; our rewards are normalised again, per source);
   * the failure signs of RL_DETAILS are checked every step and reported as warnings.
 """
 
@@ -20,27 +22,27 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from chatrlhf import losses
-from chatrlhf.config import ModelArgs, PPOConfig
+from chatrlhf.config import ModelArgs, PPOConfig, config_dict
 from chatrlhf.data import load_prompts
+from chatrlhf.data.records import prompt_key
 from chatrlhf.errors import UsageError
+from chatrlhf.evaluate.metrics import shared_reply_fraction
 from chatrlhf.evaluate.watch import failure_signs
-from chatrlhf.logger import MetricsLogger
+from chatrlhf.logger import MetricsLogger, read_metrics
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, load_reward_model, \
-    save_model, unwrap
+    reward_norm, save_model, unwrap
 from chatrlhf.rewards import HumanReward, ModelReward, RewardMix, SimilarityReward, load_callable, \
     parse_schedules, reference_replies
-from chatrlhf.rollout import Rollout, critic_values, decode_replies, encode_prompts, ended_with_eos, policy_forward, sample
-from chatrlhf.trainers.common import StopFlag, checkpoints, load_checkpoint, make_optimizer, progress_bar, \
-    save_checkpoint, seed_everything
+from chatrlhf.rollout import Critic, Rollout, decode_replies, encode_prompts, ended_with_eos, policy_forward, sample
+from chatrlhf.trainers.common import StopFlag, file_hashes, generator, make_optimizer, optimizer_step, progress_bar, \
+    save_checkpoint, seed_everything, start_or_resume, total_steps
 
 # --------------------------------------------------------------------------- set-up
 
@@ -63,7 +65,7 @@ def build_rewards(cfg: PPOConfig, log=print) -> RewardMix:
 
 
 def build_critic(cfg: PPOConfig, tok, hidden_size: int, log=print):
-    """(critic model or None, value head or None). See --critic."""
+    """(critic or None, value head or None, kind). See --critic."""
     kind = cfg.critic
     if kind == "auto":
         kind = "reward-model" if cfg.reward_model and _same_vocab(cfg.reward_model, tok) else "policy"
@@ -79,16 +81,16 @@ def build_critic(cfg: PPOConfig, tok, hidden_size: int, log=print):
             raise UsageError(f"--critic reward-model: {cfg.reward_model} has another tokenizer than the policy, so it "
                              "cannot value the policy's tokens", "use --critic policy or --critic shared")
     source = cfg.reward_model if kind == "reward-model" else cfg.model
-    critic, _ = load_reward_model(ModelArgs(model=source, device=cfg.device, dtype=cfg.dtype), trainable=True)
-    if kind == "policy":  # zero head: values start at 0 (RL_DETAILS item 12)
-        torch.nn.init.zeros_(critic.score.weight)
+    model, _ = load_reward_model(ModelArgs(model=source, device=cfg.device, dtype=cfg.dtype), trainable=True)
+    if kind == "policy":  # zero head: values start at 0
+        torch.nn.init.zeros_(model.score.weight)
     if cfg.lora_r > 0:  # LoRA on the critic too: its trunk's weights stay frozen, its head trains in full
         from peft import LoraConfig, get_peft_model
 
-        critic = get_peft_model(critic, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                   target_modules="all-linear", modules_to_save=["score"]))
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", modules_to_save=["score"]))
     log(f"chatrlhf ppo: critic = separate network from {source}" + (" (LoRA)" if cfg.lora_r > 0 else ""))
-    return critic, None, kind
+    return Critic(model), None, kind
 
 
 def _same_vocab(path: str, tok) -> bool:
@@ -110,50 +112,85 @@ def prompt_indices(n: int, batch: int, seed: int, step: int) -> list[int]:
 
 
 @torch.no_grad()
-def rollout(policy, ref_ctx, critic, vhead, tok, prompts, cfg: PPOConfig, mix: RewardMix, step: int, beta: float,
-            update_moments: bool = True) -> tuple[Rollout, dict]:
+def generate(policy, tok, prompts, cfg: PPOConfig, gen: torch.Generator) -> tuple[Rollout, torch.Tensor, float]:
+    """Sampled replies as a Rollout (log-probs, values and rewards still empty), the sampler's own log-probs
+    and the seconds it took."""
     device = next(policy.parameters()).device
     t0 = time.perf_counter()
-    q, qm = encode_prompts(tok, prompts, cfg.max_prompt_length, device, raw=cfg.no_chat_template)
+    q, qm = encode_prompts(tok, prompts, cfg.max_prompt_length, device)
     policy.eval()
     ids, mask, sample_lp = sample(policy, q, qm, cfg.max_new_tokens, cfg.temperature, tok.eos_token_id,
-                                  tok.pad_token_id, cfg.dtype)
-    gen_s = time.perf_counter() - t0
-    ended = ended_with_eos(ids, tok.eos_token_id)
-    texts = decode_replies(tok, ids, mask)
+                                  tok.pad_token_id, cfg.dtype, generator=gen)
     zeros = torch.zeros_like(sample_lp)
-    r = Rollout(q, qm, ids, mask, zeros, zeros, zeros, zeros[:, 0], zeros, zeros, zeros, prompts, texts, ended)
-    with autocast(cfg.dtype, device):
+    r = Rollout(q, qm, ids, mask, zeros, zeros, zeros, zeros[:, 0], zeros, zeros, zeros, prompts,
+                decode_replies(tok, ids, mask), ended_with_eos(ids, tok.eos_token_id))
+    return r, sample_lp, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def forward_passes(policy, ref_ctx, critic, vhead, r: Rollout, cfg: PPOConfig) -> None:
+    """Fill in log π and log π_ref at the sampling temperature and V(s_t), each in its own forward pass."""
+    with autocast(cfg.dtype, r.query_ids.device):
         r.logprobs, _, shared_values = policy_forward(policy, r, cfg.temperature, value_head=vhead)
         with ref_ctx() as ref:
             r.ref_logprobs, _, _ = policy_forward(ref, r, cfg.temperature)
         if critic is not None:
-            r.values = critic_values(critic, r) * mask
+            r.values = critic(r) * r.response_mask
         elif shared_values is not None:
-            r.values = shared_values * mask
-    scores, metrics = mix(prompts, texts, ended.tolist(), step, update=update_moments)
-    r.scores = torch.tensor(scores, dtype=torch.float32, device=device)
+            r.values = shared_values * r.response_mask
+
+
+@torch.no_grad()
+def rollout(policy, ref_ctx, critic, vhead, tok, prompts, cfg: PPOConfig, mix: RewardMix, step: int,
+            gen: torch.Generator) -> tuple[Rollout, dict]:
+    """Sample, recompute log-probs and values, score with the reward mix (its running moments updated)."""
+    r, sample_lp, gen_s = generate(policy, tok, prompts, cfg, gen)
+    forward_passes(policy, ref_ctx, critic, vhead, r, cfg)
+    scores, metrics = mix(prompts, r.texts, r.ended.tolist(), step)
+    r.scores = torch.tensor(scores, dtype=torch.float32, device=r.query_ids.device)
+    n_tokens = int(r.response_mask.sum())
+    metrics.update({
+        "rollout/length": n_tokens / len(r), "rollout/tokens_per_s": n_tokens / gen_s, "rollout/generate_s": gen_s,
+        "rollout/cross_prompt_duplicates": shared_reply_fraction([prompt_key(p) for p in prompts], r.texts),
+        "rollout/logprob_mismatch": float(losses.masked_mean((sample_lp - r.logprobs).abs(), r.response_mask)),
+        "reward/total_mean": float(r.scores.mean()), "reward/total_std": float(r.scores.std(unbiased=False))})
+    return r, metrics
+
+
+def advantages(r: Rollout, cfg: PPOConfig, beta: float) -> dict:
+    """Per-token rewards with the k1 KL penalty and the score at the last reply token, GAE, whitened advantages."""
+    mask = r.response_mask
     kl = losses.kl_estimates(r.logprobs, r.ref_logprobs)
     r.rewards = losses.token_rewards(r.scores, kl["k1"], mask, beta)
     if cfg.whiten_rewards:
         r.rewards = losses.masked_whiten(r.rewards, mask, shift_mean=False)
     adv, r.returns = losses.gae(r.rewards, r.values, mask, cfg.gamma, cfg.lam)
     r.advantages = losses.masked_whiten(adv, mask)
-    n_tokens = int(mask.sum())
-    metrics.update({
-        "objective/kl": float((kl["k1"] * mask).sum(1).mean()), "objective/kl_k3": float((kl["k3"] * mask).sum(1).mean()),
-        "objective/beta": beta, "reward/total_mean": float(r.scores.mean()), "reward/total_std": float(r.scores.std(unbiased=False)),
-        "rollout/length": n_tokens / len(ids), "rollout/tokens_per_s": n_tokens / gen_s, "rollout/generate_s": gen_s,
-        "rollout/unique_replies": len(set(texts)) / len(texts),
-        "rollout/logprob_mismatch": float(losses.masked_mean((sample_lp - r.logprobs).abs(), mask)),
-        "ppo/value_mean": float(losses.masked_mean(r.values, mask))})
-    return r, metrics
+    return {"objective/kl": float((kl["k1"] * mask).sum(1).mean()), "objective/kl_k3": float((kl["k3"] * mask).sum(1).mean()),
+            "objective/beta": beta, "ppo/value_mean": float(losses.masked_mean(r.values, mask)),
+            "ppo/return_mean": float(losses.masked_mean(r.returns, mask))}
+
+
+@torch.no_grad()
+def calibrate_critic(critic: Critic, r: Rollout, mix: RewardMix, step: int) -> None:
+    """Put a critic initialised from the reward model on the scale of the rewards PPO trains on, before its first
+    use: the mix turns the model's raw score x into w·(gain·x + bias − μ)/σ (its stored normalisation, then the
+    running moments), so the head is multiplied by a = w·gain/σ, and the offset makes the mean value the mean
+    score. Without this, step-0 values sit on the raw head's scale, off from the returns, and GAE pushes reply
+    length up or down in the first steps. ``r.values`` are rescaled to match."""
+    gain, _ = reward_norm(unwrap(critic.model))
+    a = gain * mix.scale("rm", step)
+    mask = r.response_mask
+    b = float(r.scores.mean()) - a * float(losses.masked_mean(r.values, mask))
+    critic.rescale(a, b)
+    r.values = (a * r.values + b) * mask
 
 
 # --------------------------------------------------------------------------- the PPO update
 
 
-def ppo_update(policy, critic, vhead, optimizer, critic_opt, r: Rollout, cfg: PPOConfig, train_policy: bool) -> dict:
+def ppo_update(policy, critic, vhead, optimizer, critic_opt, r: Rollout, cfg: PPOConfig, train_policy: bool,
+               shuffle: torch.Generator) -> dict:
     device = r.query_ids.device
     sums: dict[str, float] = {}
     n_mb = 0
@@ -162,8 +199,8 @@ def ppo_update(policy, critic, vhead, optimizer, critic_opt, r: Rollout, cfg: PP
         critic.train()
     policy_params = [p for g in optimizer.param_groups for p in g["params"]]
     for _ in range(cfg.ppo_epochs):
-        for idx in minibatches(len(r), cfg.samples_per_prompt, cfg.minibatch_size, device):
-            mb = r.select(idx)
+        for idx in minibatches(len(r), cfg.samples_per_prompt, cfg.minibatch_size, shuffle):
+            mb = r.select(idx.to(device))
             m: dict[str, float] = {}
             if train_policy or vhead is not None:
                 with autocast(cfg.dtype, device):
@@ -176,16 +213,16 @@ def ppo_update(policy, critic, vhead, optimizer, critic_opt, r: Rollout, cfg: PP
                     loss = loss + cfg.vf_coef * vl
                     m.update(vm)
                 loss.backward()
-                m["policy/grad_norm"] = _step(optimizer, policy_params, cfg.max_grad_norm)
+                m["policy/grad_norm"] = optimizer_step(optimizer, None, policy_params, cfg.max_grad_norm)
                 m.update(pm)
                 m["policy/entropy"] = losses.masked_mean(ent.detach(), mb.response_mask)
             if critic is not None:
                 with autocast(cfg.dtype, device):
-                    v = critic_values(critic, mb)
+                    v = critic(mb)
                 vl, vm = losses.value_loss(v, mb.values, mb.returns, mb.response_mask, cfg.cliprange_value)
                 vl.backward()
-                m["critic/grad_norm"] = _step(critic_opt, [p for g in critic_opt.param_groups for p in g["params"]],
-                                              cfg.max_grad_norm)
+                m["critic/grad_norm"] = optimizer_step(critic_opt, None, [p for g in critic_opt.param_groups
+                                                                          for p in g["params"]], cfg.max_grad_norm)
                 m.update(vm)
             for k, val in m.items():
                 sums[k] = sums.get(k, 0.0) + float(val)
@@ -195,37 +232,55 @@ def ppo_update(policy, critic, vhead, optimizer, critic_opt, r: Rollout, cfg: PP
     return out
 
 
-def minibatches(n: int, group: int, size: int, device=None) -> list[torch.Tensor]:
+def minibatches(n: int, group: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Shuffled minibatches of rollout rows. Rows come in groups of ``group`` replies to one prompt; when a
     minibatch holds whole groups, whole groups are shuffled, so that each prompt is computed once per
     minibatch (rollout.reply_hidden shares its KV cache) — 40% less work for 4 replies per prompt."""
     if group > 1 and size % group == 0 and n % group == 0:
-        rows = (torch.randperm(n // group, device=device)[:, None] * group + torch.arange(group, device=device)).flatten()
+        rows = (torch.randperm(n // group, generator=generator)[:, None] * group + torch.arange(group)).flatten()
     else:
-        rows = torch.randperm(n, device=device)
+        rows = torch.randperm(n, generator=generator)
     return list(rows.split(size))
 
 
-def _step(optimizer, params, max_norm: float) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(norm)
+# --------------------------------------------------------------------------- held-out evaluation
 
 
 @torch.no_grad()
-def evaluate(policy, ref_ctx, tok, prompts, cfg: PPOConfig, mix: RewardMix, step: int, beta: float) -> dict:
-    """Mean reward and KL on held-out prompts (``samples_per_prompt`` replies each), sampled with a fixed
-    seed so that evaluations compare like with like; the training RNG is untouched."""
+def evaluate(policy, ref_ctx, tok, prompts, cfg: PPOConfig, mix: RewardMix, state: dict, total: int) -> dict:
+    """Reward and KL on held-out prompts (``samples_per_prompt`` replies each, ``batch_size`` prompts at a time),
+    sampled from a stream of its own with a fixed seed, so evaluations compare like with like and the training
+    stream never moves. Per source the raw mean (``eval/NAME_mean``); ``eval/reward`` mixes them on one scale
+    from step 0: each source in units of its held-out mean and std at the first evaluation, weighted as at the
+    end of the run, minus the missing-EOS penalty — 0 at the start (up to that penalty)."""
     if not prompts:
         return {}
-    prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 7919)
-        r, m = rollout(policy, ref_ctx, None, None, tok, prompts, cfg, mix, step, beta, update_moments=False)
-    out = {"eval/reward": m["reward/total_mean"], "eval/kl": m["objective/kl"], "eval/length": m["rollout/length"]}
-    out.update({f"eval/{k.split('/')[1]}": v for k, v in m.items() if k.endswith("_mean") and k.startswith("reward/")
-                and k != "reward/total_mean"})
+    device = next(policy.parameters()).device
+    gen = generator(cfg.seed + 7919, device)
+    raw: dict[str, list] = {name: [] for name in mix.sources}
+    kl, lengths, ended = [], [], []
+    for i in range(0, len(prompts), cfg.batch_size):
+        chunk = [p for p in prompts[i:i + cfg.batch_size] for _ in range(cfg.samples_per_prompt)]
+        r, _, _ = generate(policy, tok, chunk, cfg, gen)
+        forward_passes(policy, ref_ctx, None, None, r, cfg)
+        for name, values in mix.raw(chunk, r.texts, r.ended.tolist()).items():
+            raw[name] += values
+        kl += (losses.kl_estimates(r.logprobs, r.ref_logprobs)["k1"] * r.response_mask).sum(1).tolist()
+        lengths += r.response_mask.sum(1).tolist()
+        ended += r.ended.tolist()
+    seen = {name: [float(x) for x in values if x is not None] for name, values in raw.items()}
+    if state.get("eval_norm") is None:  # the first evaluation fixes the scale
+        state["eval_norm"] = {n: (float(np.mean(v)), float(np.std(v)) or 1.0) if v else (0.0, 1.0) for n, v in seen.items()}
+    eos_rate = sum(ended) / len(ended)
+    out = {"eval/kl": float(np.mean(kl)), "eval/length": float(np.mean(lengths)), "eval/eos_rate": eos_rate}
+    total_reward = -mix.penalty * (1 - eos_rate)
+    for name, v in seen.items():
+        mu, sd = state["eval_norm"][name]
+        out[f"eval/{name}_coverage"] = len(v) / len(raw[name])
+        if v:  # no mean where the source had no opinion on any reply
+            out[f"eval/{name}_mean"] = float(np.mean(v))
+            total_reward += mix.schedules[name](total) * (float(np.mean(v)) - mu) / sd
+    out["eval/reward"] = total_reward
     return out
 
 
@@ -233,20 +288,22 @@ def evaluate(policy, ref_ctx, tok, prompts, cfg: PPOConfig, mix: RewardMix, step
 
 
 def split_prompts(cfg: PPOConfig) -> tuple[list, list]:
-    """Train and held-out prompts, split prompt-disjoint with the run's seed."""
+    """Train and held-out prompts: --eval-data, else a prompt-disjoint split with the run's seed."""
     from chatrlhf.data import split_by_prompt
     from chatrlhf.data.records import Conversation
 
-    prompts = load_prompts(cfg.data, cfg.format)
+    prompts = [p for path in cfg.data for p in load_prompts(path, cfg.format)]
     if not prompts:
-        raise UsageError(f"--data {cfg.data}: no prompts", "one prompt per line in a .txt, or any data format")
+        raise UsageError(f"--data {','.join(cfg.data)}: no prompts", "one prompt per line in a .txt, or any data format")
+    if cfg.eval_data:
+        return prompts, [p for path in cfg.eval_data for p in load_prompts(path, cfg.format)]
     train_part, held = split_by_prompt([Conversation(p) for p in prompts], cfg.eval_fraction, cfg.seed)
     return [c.messages for c in train_part], [c.messages for c in held]
 
 
 def load_networks(cfg: PPOConfig, log=print):
     """(policy, tokenizer, reference context, critic or None, value head or None, critic kind)."""
-    policy, tok = load_model(cfg, trainable=True)
+    policy, tok = load_model(cfg, trainable=True, chat_template=cfg.chat_template, lora=cfg)
     device = next(policy.parameters()).device
     lora = hasattr(policy, "disable_adapter")
     ref = None if lora else load_model(cfg)[0].eval().requires_grad_(False)
@@ -254,97 +311,123 @@ def load_networks(cfg: PPOConfig, log=print):
     critic, vhead, kind = build_critic(cfg, tok, unwrap(policy).config.hidden_size, log)
     if vhead is not None:
         vhead.to(device)
+    if critic is not None:
+        critic.to(device)
     if cfg.gradient_checkpointing:
-        for net in (policy, critic):
+        for net in (policy, critic.model if critic is not None else None):
             if net is not None:
                 enable_checkpointing(net)
     return policy, tok, ref_ctx, critic, vhead, kind
 
 
+def check(cfg: PPOConfig) -> None:
+    """Settings that cannot work, refused before anything is loaded."""
+    if cfg.temperature <= 0:
+        raise UsageError(f"--temperature {cfg.temperature}: PPO samples its replies, so it must be > 0",
+                         "use e.g. --temperature 0.7")
+    if cfg.critic_warmup_steps >= max(cfg.max_steps, 1) and cfg.max_steps > 0:
+        raise UsageError(f"--critic-warmup-steps {cfg.critic_warmup_steps} leaves no step of --max-steps "
+                         f"{cfg.max_steps} to train the policy", "lower --critic-warmup-steps")
+
+
 def train(cfg: PPOConfig, log=print) -> dict:
+    check(cfg)
     out = Path(cfg.output_dir)
     seed_everything(cfg.seed)
     train_prompts, eval_prompts = split_prompts(cfg)
     mix = build_rewards(cfg, log)
     policy, tok, ref_ctx, critic, vhead, critic_kind = load_networks(cfg, log)
-    per_epoch = max(1, len(train_prompts) // cfg.batch_size)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch))
-    holder = torch.nn.ModuleDict({"policy": policy, **({"value_head": vhead} if vhead is not None else {})})
-    optimizer, scheduler = _optimizer([p for p in holder.parameters() if p.requires_grad], cfg.lr, cfg, total_steps)
-    parts = {"policy": (holder, optimizer, scheduler)}
-    critic_opt = None
-    if critic is not None:
-        critic_opt, critic_sched = _optimizer([p for p in critic.parameters() if p.requires_grad], cfg.critic_lr, cfg,
-                                              total_steps)
-        parts["critic"] = (critic, critic_opt, critic_sched)
-    log(f"chatrlhf ppo: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts, {total_steps} steps × "
+    device = next(policy.parameters()).device
+    n_steps = total_steps(cfg.max_steps, cfg.epochs, max(1, len(train_prompts) // cfg.batch_size))
+    parts = optimisers(cfg, policy, vhead, critic, n_steps)
+    log(f"chatrlhf ppo: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts, {n_steps} steps × "
         f"{cfg.batch_size * cfg.samples_per_prompt} replies, reward sources {', '.join(mix.sources)}, critic "
-        f"{critic_kind}, {count_parameters(policy)[1]:,} trainable policy parameters, "
-        f"device {next(policy.parameters()).device}")
-
-    step, state = 0, {"beta": cfg.kl_coef, "moments": {}, "history": [], "eval_start": None}
-    if cfg.resume:
-        found = checkpoints(out)
-        if not found:
-            raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}", "drop --resume to start afresh")
-        step, path = found[-1]
-        state.update(load_checkpoint(path, parts))
-        mix.load_state(state["moments"])
-        log(f"chatrlhf ppo: resumed from {path} (step {step})")
+        f"{critic_kind}, {count_parameters(policy)[1]:,} trainable policy parameters, device {device}")
+    gens = {"sample": generator(cfg.seed, device), "shuffle": generator(cfg.seed + 1)}
+    step, resumed = start_or_resume(out, parts, cfg.resume, gens, name="ppo", log=log)
+    state = {"beta": cfg.kl_coef, "moments": {}, "history": [], "eval_start": None, "eval_norm": None, **resumed}
+    mix.load_state(state["moments"])
     logger = MetricsLogger(out, cfg.tensorboard, resume_step=step if cfg.resume else None)
     logger.config(cfg)
     if step == 0:
-        state["eval_start"] = evaluate(policy, ref_ctx, tok, eval_prompts, cfg, mix, 0, state["beta"])
+        state["eval_start"] = evaluate(policy, ref_ctx, tok, eval_prompts, cfg, mix, state, n_steps)
         logger.log(0, state["eval_start"])
     samples = _open_samples(out / "samples.jsonl", step if cfg.resume else None)
-    active_warnings: set[str] = set()
     with StopFlag() as stop, progress_bar(cfg.quiet) as bar:
-        task = bar.add_task("ppo", total=total_steps, completed=step, info="")
-        while step < total_steps:
-            t0 = time.perf_counter()
-            batch = [train_prompts[i] for i in prompt_indices(len(train_prompts), cfg.batch_size, cfg.seed, step)]
-            batch = [p for p in batch for _ in range(cfg.samples_per_prompt)]
-            r, metrics = rollout(policy, ref_ctx, critic, vhead, tok, batch, cfg, mix, step, state["beta"])
-            train_policy = step >= cfg.critic_warmup_steps
-            metrics.update(ppo_update(policy, critic, vhead, optimizer, critic_opt, r, cfg, train_policy))
-            metrics["train/lr"] = scheduler.get_last_lr()[0]
-            for _, _, sched in parts.values():
-                sched.step()
-            if cfg.adaptive_kl:
-                state["beta"] = losses.adaptive_kl_coef(state["beta"], metrics["objective/kl"], cfg.target_kl,
-                                                        cfg.kl_horizon, len(r))
+        task = bar.add_task("ppo", total=n_steps, completed=step, info="")
+        while step < n_steps:
+            raw = ppo_step(step, policy, ref_ctx, critic, vhead, tok, train_prompts, cfg, mix, parts, gens, state,
+                           calibrate=step == 0 and critic_kind == "reward-model", log=log)
             step += 1
-            metrics["time/step_s"] = time.perf_counter() - t0
-            rows = _samples(step, r, metrics, cfg.sample_rows)
+            rows = _samples(step, raw.pop("_rollout"), raw, cfg.sample_rows)
             samples.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
             samples.flush()
-            raw = {k: v for k, v in metrics.items() if not k.startswith("_")}
-            state["history"] = (state["history"] + [raw])[-12:]
-            state["moments"] = mix.state()
-            signs = failure_signs(state["history"], kl_bound=cfg.kl_bound)
-            for key, msg in signs.items():
-                raw[f"warning/{key}"] = msg
-                if key not in active_warnings:
-                    log(f"chatrlhf ppo: warning at step {step}: {msg}")
-            active_warnings = set(signs)
-            if step % cfg.eval_steps == 0 or step == total_steps:
-                raw.update(evaluate(policy, ref_ctx, tok, eval_prompts, cfg, mix, step, state["beta"]))
+            if step % cfg.eval_steps == 0 or step == n_steps:
+                raw.update(evaluate(policy, ref_ctx, tok, eval_prompts, cfg, mix, state, n_steps))
                 logger.table(step, "samples", rows)
                 if not cfg.quiet and rows:
                     _show(bar.console, rows)
-            logger.log(step, raw)
+            logger.log(step, {k: v for k, v in raw.items() if not k.startswith("_")})
             bar.update(task, completed=step, info=f"reward {raw['reward/total_mean']:+.3f}  kl {raw['objective/kl']:.3f}  "
                                                   f"{raw['time/step_s']:.1f} s/step")
-            if step % cfg.save_steps == 0 or step == total_steps or stop.stop:
-                save_checkpoint(out, step, parts, state)
+            if step % cfg.save_steps == 0 or step == n_steps or stop.stop:
+                save_checkpoint(out, step, parts, state, generators=gens)
             if stop.stop:
                 break
     samples.close()
     logger.close()
-    if step < total_steps:
+    if step < n_steps:
         log(f"chatrlhf ppo: stopped at step {step}; resume with the same command plus --resume")
         return {"interrupted": True, "step": step}
     return _finish(cfg, policy, critic, tok, out, state, step)
+
+
+def ppo_step(step: int, policy, ref_ctx, critic, vhead, tok, train_prompts, cfg: PPOConfig, mix: RewardMix,
+             parts: dict, gens: dict, state: dict, calibrate: bool, log=print) -> dict:
+    """One PPO step (``step`` 0-based): rollout, advantages, the update, β, warnings. Returns the step's metrics
+    (``_rollout`` holds the rollout for the samples file)."""
+    t0 = time.perf_counter()
+    batch = [train_prompts[i] for i in prompt_indices(len(train_prompts), cfg.batch_size, cfg.seed, step)]
+    batch = [p for p in batch for _ in range(cfg.samples_per_prompt)]
+    r, metrics = rollout(policy, ref_ctx, critic, vhead, tok, batch, cfg, mix, step, gens["sample"])
+    if calibrate:
+        calibrate_critic(critic, r, mix, step)
+    metrics.update(advantages(r, cfg, state["beta"]))
+    train_policy = step >= cfg.critic_warmup_steps
+    optimizer, scheduler = parts["policy"][1:]
+    critic_opt = parts["critic"][1] if "critic" in parts else None
+    metrics.update(ppo_update(policy, critic, vhead, optimizer, critic_opt, r, cfg, train_policy, gens["shuffle"]))
+    metrics["train/lr"] = scheduler.get_last_lr()[0]
+    if train_policy:  # the policy's schedule starts after the critic's warm-up
+        scheduler.step()
+    if "critic" in parts:
+        parts["critic"][2].step()
+    if cfg.adaptive_kl:
+        state["beta"] = losses.adaptive_kl_coef(state["beta"], metrics["objective/kl"], cfg.target_kl,
+                                                cfg.kl_horizon, len(r))
+    metrics["time/step_s"] = time.perf_counter() - t0
+    state["history"] = (state["history"] + [{k: v for k, v in metrics.items() if not k.startswith("_")}])[-12:]
+    state["moments"] = mix.state()
+    signs = failure_signs(state["history"], kl_bound=cfg.kl_bound)
+    for key, msg in signs.items():
+        metrics[f"warning/{key}"] = msg
+        if key not in state.get("warnings", []):
+            log(f"chatrlhf ppo: warning at step {step + 1}: {msg}")
+    state["warnings"] = sorted(signs)
+    metrics["_rollout"] = r
+    return metrics
+
+
+def optimisers(cfg: PPOConfig, policy, vhead, critic, n_steps: int) -> dict:
+    """{"policy": (policy + value head, AdamW, schedule), "critic": (...)}: Adam ε 1e-5 (N+), linear decay to 0.
+    The policy's schedule spans the steps after the critic's warm-up."""
+    holder = torch.nn.ModuleDict({"policy": policy, **({"value_head": vhead} if vhead is not None else {})})
+    parts = {"policy": (holder, *_optimizer([p for p in holder.parameters() if p.requires_grad], cfg.lr, cfg,
+                                            max(1, n_steps - cfg.critic_warmup_steps)))}
+    if critic is not None:
+        parts["critic"] = (critic, *_optimizer([p for p in critic.parameters() if p.requires_grad], cfg.critic_lr, cfg,
+                                               n_steps))
+    return parts
 
 
 def _adapters_off(policy):
@@ -356,9 +439,9 @@ def _adapters_off(policy):
     return ctx()
 
 
-def _optimizer(params, lr: float, cfg: PPOConfig, total_steps: int):
-    return make_optimizer(params, lr, cfg.weight_decay, eps=1e-5,  # Adam ε 1e-5 (item 17)
-                          warmup_steps=int(cfg.warmup_ratio * total_steps), total_steps=total_steps)
+def _optimizer(params, lr: float, cfg: PPOConfig, n_steps: int):
+    return make_optimizer(params, lr, cfg.weight_decay, eps=1e-5,  # Adam ε 1e-5 (N+)
+                          warmup_steps=int(cfg.warmup_ratio * n_steps), total_steps=n_steps)
 
 
 def _samples(step: int, r: Rollout, metrics: dict, n: int) -> list[dict]:
@@ -392,12 +475,11 @@ def _show(console, rows: list[dict]) -> None:
 def _finish(cfg: PPOConfig, policy, critic, tok, out: Path, state: dict, step: int) -> dict:
     save_model(policy, tok, out)
     if critic is not None:
-        save_model(critic, tok, out / "critic")
-    from chatrlhf.logger import read_metrics
-
+        critic.save(tok, out / "critic")
     final = [m for m in read_metrics(out) if "eval/reward" in m]
     summary = {"command": "ppo", "steps": step, "eval_start": state.get("eval_start"),
                "eval_end": {k: v for k, v in final[-1].items() if k.startswith("eval/")} if final else None,
-               "beta": state["beta"], "config": asdict(cfg)}
+               "beta": state["beta"], "chat_template": cfg.chat_template, "data": file_hashes(cfg.data),
+               "config": config_dict(cfg)}
     (out / "chatrlhf.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

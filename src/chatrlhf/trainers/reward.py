@@ -11,57 +11,72 @@ Departures from a textbook loop, and why:
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from chatrlhf import losses
-from chatrlhf.config import RewardTrainConfig
+from chatrlhf.config import RewardTrainConfig, config_dict
 from chatrlhf.data import load_records, split_by_prompt
 from chatrlhf.data.formats import parse_turns
 from chatrlhf.data.pairs import build_pairs
 from chatrlhf.data.readers import read_rows
+from chatrlhf.data.split import group_key
 from chatrlhf.errors import UsageError
-from chatrlhf.evaluate.reward_eval import evaluate_pairs, verdict, write_report
+from chatrlhf.evaluate.reward_eval import HELD_OUT, evaluate_pairs, verdict, write_report
 from chatrlhf.logger import MetricsLogger
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_reward_model, save_model, \
     train_top_layers
 from chatrlhf.rewards import encode_reply, pad_right, raw_scores, reward_scores
-from chatrlhf.trainers.common import EpochBatches, StopFlag, make_optimizer, progress_bar, seed_everything
+from chatrlhf.trainers.common import StepPlan, StopFlag, file_hashes, make_optimizer, optimizer_step, progress_bar, \
+    save_checkpoint, seed_everything, start_or_resume, total_steps
 
 
-def parse_weights(text: str) -> dict[str, float]:
-    out = {}
-    for part in filter(None, (x.strip() for x in text.split(","))):
-        key, _, val = part.partition("=")
-        if key not in ("preference", "rating", "correction") or not val:
-            raise UsageError(f"--source-weights: bad entry '{part}'", "write e.g. preference=1,rating=0.5,correction=2")
-        try:
-            out[key] = float(val)
-        except ValueError:
-            raise UsageError(f"--source-weights: '{val}' is not a number", "") from None
-    return out
+SOURCES = ("preference", "rating", "correction")
 
 
-def load_pairs(cfg: RewardTrainConfig, log=print):
-    weights = parse_weights(cfg.source_weights)  # flags are checked before any data is read
+def load_pairs(paths: list[str], cfg: RewardTrainConfig, log=print):
+    """Weighted pairs from every file (with the problems the readers found), and what was used or dropped."""
+    unknown = sorted(set(cfg.source_weights) - set(SOURCES))
+    if unknown:  # flags are checked before any data is read
+        raise UsageError(f"--source-weights: unknown source '{unknown[0]}'", f"sources are {', '.join(SOURCES)}")
     records = []
-    for path in filter(None, (x.strip() for x in cfg.data.split(","))):
+    for path in paths:
         loaded = load_records(path, cfg.format)
         records += loaded.records
         for p in loaded.problems[:10]:
             log(f"chatrlhf reward: {p.where}: {p.message}")
         if len(loaded.problems) > 10:
             log(f"chatrlhf reward: … and {len(loaded.problems) - 10} more problems in {path}")
-    pairs, counts = build_pairs(records, weights, cfg.ties, cfg.both_bad)
+    pairs, counts = build_pairs(records, cfg.source_weights, cfg.ties, cfg.both_bad)
     if not pairs:
-        raise UsageError(f"--data {cfg.data}: no preference pairs", "give preferences, ratings or corrections")
+        raise UsageError(f"--data {','.join(paths)}: no preference pairs", "give preferences, ratings or corrections")
     return pairs, counts
+
+
+def prompt_hash(pair) -> str:
+    """A short hash of a pair's prompt group (the key of prompt-disjoint splits), kept with the model so that
+    `reward eval` can refuse pairs the model was trained on."""
+    return hashlib.sha1(group_key(pair).encode()).hexdigest()[:16]
+
+
+def split_pairs(cfg: RewardTrainConfig, log=print) -> tuple[list, list, dict, str]:
+    """(train pairs, held-out pairs, counts, how the held-out pairs were chosen). Held-out pairs come from
+    --eval-data (minus any whose prompt is also in training), else a prompt-disjoint --eval-fraction split."""
+    pairs, counts = load_pairs(cfg.data, cfg, log)
+    if cfg.eval_data:
+        held, _ = load_pairs(cfg.eval_data, cfg, log)
+        trained = {prompt_hash(p) for p in pairs}
+        kept = [p for p in held if prompt_hash(p) not in trained]
+        if len(kept) < len(held):
+            log(f"chatrlhf reward: {len(held) - len(kept)} --eval-data pairs share a prompt with training: not used")
+        return pairs, kept, counts, f"{HELD_OUT}: --eval-data {','.join(cfg.eval_data)}"
+    train_pairs, held = split_by_prompt(pairs, cfg.eval_fraction, cfg.seed)
+    return train_pairs, held, counts, f"{HELD_OUT}: {cfg.eval_fraction:g} of the prompts (seed {cfg.seed})"
 
 
 def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs) -> dict:
@@ -104,60 +119,78 @@ def pair_batch(encoded, pairs, pad_id: int, device) -> dict:
 def train(cfg: RewardTrainConfig, log=print) -> dict:
     out = Path(cfg.output_dir)
     seed_everything(cfg.seed)
-    pairs, counts = load_pairs(cfg, log)
-    train_pairs, eval_pairs = split_by_prompt(pairs, cfg.eval_fraction, cfg.seed)
+    train_pairs, eval_pairs, counts, split = split_pairs(cfg, log)
     model, tok = load_reward_model(cfg, trainable=True)
     device = next(model.parameters()).device
     train_top_layers(model, cfg.train_layers)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
-    n_batches = math.ceil(len(train_pairs) / cfg.batch_size)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * n_batches / cfg.grad_accum))
+    encoded = encode_pairs(tok, train_pairs, cfg.max_length)
+    plan = StepPlan([max(len(c), len(r)) for c, r in encoded], cfg.batch_size, cfg.grad_accum, cfg.seed)
+    n_steps = total_steps(cfg.max_steps, cfg.epochs, plan.steps_per_epoch)
     log(f"chatrlhf reward: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({dict(counts)}), "
-        f"{total_steps} steps, {count_parameters(model)[1]:,} trainable parameters, device {device}")
+        f"{n_steps} steps, {count_parameters(model)[1]:,} trainable parameters, device {device}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay,
-                                          warmup_steps=int(cfg.warmup_ratio * total_steps), total_steps=total_steps)
-    logger = MetricsLogger(out, cfg.tensorboard)
+                                          warmup_steps=int(cfg.warmup_ratio * n_steps), total_steps=n_steps)
+    parts = {"model": (model, optimizer, scheduler)}
+    step, _ = start_or_resume(out, parts, cfg.resume, name="reward", log=log)
+    logger = MetricsLogger(out, cfg.tensorboard, resume_step=step if cfg.resume else None)
     logger.config(cfg)
-    encoded = encode_pairs(tok, train_pairs, cfg.max_length)
-    lengths = [max(len(c), len(r)) for c, r in encoded]
-    plan = EpochBatches(lengths, cfg.batch_size, cfg.seed)  # length-bucketed: little padding
     with StopFlag() as stop, progress_bar(cfg.quiet) as bar:
-        task = bar.add_task("reward", total=total_steps, info="")
-        for step in range(1, total_steps + 1):
+        task = bar.add_task("reward", total=n_steps, completed=step, info="")
+        while step < n_steps:
             t0 = time.perf_counter()
-            chunks = [plan[(step - 1) * cfg.grad_accum + k] for k in range(cfg.grad_accum)]
-            total_weight = sum(train_pairs[i].weight for c in chunks for i in c)
-            stats = {"loss/bt": 0.0, "reward/accuracy": 0.0, "reward/margin": 0.0}
-            for chunk in chunks:
-                batch = pair_batch([encoded[i] for i in chunk], [train_pairs[i] for i in chunk], tok.pad_token_id, device)
-                with autocast(cfg.dtype, device):
-                    scores = raw_scores(model, {k: batch[k] for k in ("input_ids", "attention_mask")})
-                n = len(chunk)
-                loss, m = losses.bradley_terry_loss(scores[:n], scores[n:], batch["margin"] if cfg.margin else None,
-                                                    batch["tie"], batch["weight"])
-                share = float(batch["weight"].sum()) / total_weight  # micro-batch × accumulation = one batch
-                (loss * share).backward()
-                for k in stats:
-                    stats[k] += float(m[k]) * share
-            lr = scheduler.get_last_lr()[0]
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            pairs_per_s = sum(len(c) for c in chunks) / (time.perf_counter() - t0)
-            logger.log(step, {**{f"train/{k.split('/')[-1]}": v for k, v in stats.items()}, "train/lr": lr,
-                              "train/pairs_per_s": pairs_per_s})
-            bar.update(task, completed=step, info=f"loss {stats['loss/bt']:.3f}  {pairs_per_s:.2f} pairs/s")
+            chunks = plan[step]
+            stats = train_step(model, tok, cfg, [[encoded[i] for i in c] for c in chunks],
+                               [[train_pairs[i] for i in c] for c in chunks], device)
+            stats["train/lr"] = scheduler.get_last_lr()[0]
+            stats["train/grad_norm"] = optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
+            step += 1
+            stats["train/pairs_per_s"] = sum(len(c) for c in chunks) / (time.perf_counter() - t0)
+            logger.log(step, stats)
+            bar.update(task, completed=step, info=f"loss {stats['train/bt']:.3f}  {stats['train/pairs_per_s']:.2f} pairs/s")
+            if step % cfg.save_steps == 0 or step == n_steps or stop.stop:
+                save_checkpoint(out, step, parts, {})
             if stop.stop:
-                log("chatrlhf reward: interrupted; saving the model trained so far")
                 break
+    if step < n_steps:
+        logger.close()
+        log(f"chatrlhf reward: stopped at step {step}; resume with the same command plus --resume")
+        return {"interrupted": True, "step": step}
+    return _finish(cfg, model, tok, out, logger, step, train_pairs, eval_pairs, counts, split)
+
+
+def train_step(model, tok, cfg: RewardTrainConfig, encoded: list[list], pairs: list[list], device) -> dict:
+    """Forward and backward of one optimizer step's micro-batches; each micro-batch's loss is weighted by its
+    share of the step's pair weight, so micro-batch × accumulation equals one big batch."""
+    total_weight = sum(p.weight for chunk in pairs for p in chunk)
+    stats = {"loss/bt": 0.0, "reward/accuracy": 0.0, "reward/margin": 0.0}
+    for enc, chunk in zip(encoded, pairs):
+        batch = pair_batch(enc, chunk, tok.pad_token_id, device)
+        with autocast(cfg.dtype, device):
+            scores = raw_scores(model, {k: batch[k] for k in ("input_ids", "attention_mask")})
+        n = len(chunk)
+        loss, m = losses.bradley_terry_loss(scores[:n], scores[n:], batch["margin"] if cfg.margin else None,
+                                            batch["tie"], batch["weight"])
+        share = float(batch["weight"].sum()) / total_weight
+        (loss * share).backward()
+        for k in stats:
+            stats[k] += float(m[k]) * share
+    return {f"train/{k.split('/')[-1]}": v for k, v in stats.items()}
+
+
+def _finish(cfg: RewardTrainConfig, model, tok, out: Path, logger, step: int, train_pairs, eval_pairs, counts,
+            split: str) -> dict:
+    """Normalise, measure on the held-out pairs, decide the gate, save the model with what it was trained on."""
     model.eval()
-    model.config.chatrlhf_reward_norm = fit_normalisation(model, tok, cfg, train_pairs)
-    metrics = evaluate_pairs(model, tok, eval_pairs or sample_pairs(train_pairs, 256, cfg.seed), cfg.batch_size,
-                             cfg.max_length)
-    metrics["split"] = "held-out (prompt-disjoint)" if eval_pairs else "training pairs: no held-out split"
+    model.config.chatrlhf_reward_norm = {**fit_normalisation(model, tok, cfg, train_pairs), "margin_loss": cfg.margin}
+    if not eval_pairs:
+        split = "training pairs: no held-out pairs"
+    with autocast(cfg.dtype, next(model.parameters()).device):
+        metrics = evaluate_pairs(model, tok, eval_pairs or sample_pairs(train_pairs, 256, cfg.seed), cfg.batch_size,
+                                 cfg.max_length)
+    metrics["split"] = split
     gate = verdict(metrics, cfg.min_accuracy, cfg.max_length_corr)
     logger.log(step, {"eval/accuracy": metrics["accuracy"], "eval/ece": metrics["ece"],
                       "eval/length_corr": metrics["length_corr"]})
@@ -165,6 +198,8 @@ def train(cfg: RewardTrainConfig, log=print) -> dict:
     save_model(model, tok, out)
     write_report(out, metrics, gate)
     summary = {"command": "reward train", "steps": step, "pairs": dict(counts), "held_out_pairs": len(eval_pairs),
-               "accuracy": metrics["accuracy"], "ece": metrics["ece"], "gate": gate, "config": asdict(cfg)}
+               "accuracy": metrics["accuracy"], "ece": metrics["ece"], "split": split, "gate": gate,
+               "training": {"files": file_hashes(cfg.data), "prompt_groups": sorted({prompt_hash(p) for p in train_pairs})},
+               "config": config_dict(cfg)}
     (out / "chatrlhf.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -12,24 +12,21 @@ Departures from a textbook SFT loop, and why:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from chatrlhf import losses
-from chatrlhf.config import SFTConfig
+from chatrlhf.config import SFTConfig, config_dict
 from chatrlhf.data import as_conversations, load_records, split_by_prompt
 from chatrlhf.data.template import IGNORE, Tokenized, tokenize_conversation
 from chatrlhf.errors import UsageError
 from chatrlhf.logger import MetricsLogger, read_metrics
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model, unwrap
-from chatrlhf.trainers.common import EpochBatches, StopFlag, checkpoints, load_checkpoint, make_optimizer, \
-    plan_batches, progress_bar, save_checkpoint, seed_everything
+from chatrlhf.trainers.common import StepPlan, StopFlag, file_hashes, make_optimizer, optimizer_step, plan_batches, \
+    progress_bar, save_checkpoint, seed_everything, start_or_resume, total_steps
 
 
 # --------------------------------------------------------------------------- data
@@ -41,7 +38,7 @@ def tokenize_all(tok, conversations, cfg: SFTConfig, log=print) -> list[Tokenize
         try:
             item, problem = tokenize_conversation(tok, conv.messages, cfg.max_length, cfg.overlong, conv.last_only)
         except ValueError as e:
-            raise UsageError(f"--model {cfg.model}: {e}", "pass --no-chat-template") from None
+            raise UsageError(f"--model {cfg.model}: {e}", "pass --no-chat-template for plain text") from None
         if problem:
             problems.append(f"{conv.where}: {problem}")
         if item is not None:
@@ -104,66 +101,53 @@ def evaluate(model, items: list[Tokenized], cfg: SFTConfig, pad_id: int, device)
 # --------------------------------------------------------------------------- the loop
 
 
+def load_conversations(paths: list[str], fmt: str) -> tuple[list, str]:
+    """Conversations from every file, and the formats found."""
+    if not paths:
+        raise UsageError("--data is empty", "give one or more data files, comma-separated")
+    loaded = [load_records(p, fmt) for p in paths]
+    return [c for x in loaded for c in as_conversations(x)], ",".join(sorted({x.format for x in loaded}))
+
+
 def train(cfg: SFTConfig, log=print) -> dict:
     out = Path(cfg.output_dir)
     seed_everything(cfg.seed)
-    loaded = load_records(cfg.data, cfg.format)
-    conversations = as_conversations(loaded)
+    conversations, formats = load_conversations(cfg.data, cfg.format)
     if cfg.eval_data:
-        train_convs, eval_convs = conversations, as_conversations(load_records(cfg.eval_data, cfg.format))
+        train_convs, eval_convs = conversations, load_conversations(cfg.eval_data, cfg.format)[0]
     else:
         train_convs, eval_convs = split_by_prompt(conversations, cfg.eval_fraction, cfg.seed)
 
-    model, tok = load_model(cfg, trainable=True, plain_template=cfg.no_chat_template)
+    model, tok = load_model(cfg, trainable=True, chat_template=cfg.chat_template, lora=cfg)
     device = next(model.parameters()).device
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     train_items = tokenize_all(tok, train_convs, cfg, log)
     eval_items = tokenize_all(tok, eval_convs, cfg, log)
     if not train_items:
-        raise UsageError(f"--data {cfg.data}: no usable training examples", "see the problems listed above")
-    lengths = [len(x.input_ids) for x in train_items]
-    n_batches = math.ceil(len(train_items) / cfg.batch_size)
-    steps_per_epoch = max(1, n_batches // cfg.grad_accum)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        raise UsageError(f"--data {','.join(cfg.data)}: no usable training examples", "see the problems listed above")
+    plan = StepPlan([len(x.input_ids) for x in train_items], cfg.batch_size, cfg.grad_accum, cfg.seed)
+    n_steps = total_steps(cfg.max_steps, cfg.epochs, plan.steps_per_epoch)
     total_params, trainable_params = count_parameters(model)
-    log(f"chatrlhf sft: {loaded.format} data, {len(train_items)} train / {len(eval_items)} eval examples, "
-        f"{total_steps} steps, {trainable_params:,} of {total_params:,} parameters trainable, device {device}")
+    log(f"chatrlhf sft: {formats} data, {len(train_items)} train / {len(eval_items)} eval examples, "
+        f"{n_steps} steps, {trainable_params:,} of {total_params:,} parameters trainable, device {device}")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, schedule="cosine",
-                                          warmup_steps=int(cfg.warmup_ratio * total_steps), total_steps=total_steps)
-
-    state = {"micro_batch": 0, "tokens": 0, "first_eval_loss": None}
-    step = 0
-    if cfg.resume:
-        found = checkpoints(out)
-        if not found:
-            raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}", "drop --resume to start afresh")
-        step, path = found[-1]
-        state.update(load_checkpoint(path, {"model": (model, optimizer, scheduler)}))
-        log(f"chatrlhf sft: resumed from {path} (step {step})")
+                                          warmup_steps=int(cfg.warmup_ratio * n_steps), total_steps=n_steps)
+    parts = {"model": (model, optimizer, scheduler)}
+    step, resumed = start_or_resume(out, parts, cfg.resume, name="sft", log=log)
+    state = {"tokens": 0, "first_eval_loss": None, **resumed}
     logger = MetricsLogger(out, cfg.tensorboard, resume_step=step if cfg.resume else None)
     logger.config(cfg)
-
-    plan = EpochBatches(lengths, cfg.batch_size, cfg.seed)
-
-    def next_batch():
-        state["micro_batch"] += 1
-        return collate([train_items[i] for i in plan[state["micro_batch"] - 1]], tok.pad_token_id, device)
-
-    def checkpoint():
-        save_checkpoint(out, step, {"model": (model, optimizer, scheduler)}, state)
-
     if step == 0:
         state["first_eval_loss"] = evaluate(model, eval_items, cfg, tok.pad_token_id, device)
         logger.log(0, {"eval/loss": state["first_eval_loss"]})
-    interrupted = False
     with StopFlag() as stop, progress_bar(cfg.quiet) as bar:
-        task = bar.add_task("sft", total=total_steps, completed=step, info="")
-        while step < total_steps:
+        task = bar.add_task("sft", total=n_steps, completed=step, info="")
+        while step < n_steps:
             t0 = time.perf_counter()
-            batches = [next_batch() for _ in range(cfg.grad_accum)]
+            batches = [collate([train_items[i] for i in b], tok.pad_token_id, device) for b in plan[step]]
             step_targets = sum(n_targets(b) for b in batches)
             loss_sum, tokens, padded = 0.0, 0, 0
             for batch in batches:
@@ -174,31 +158,24 @@ def train(cfg: SFTConfig, log=print) -> dict:
                 tokens += int(batch["attention_mask"].sum())
                 padded += batch["attention_mask"].numel()
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
             step += 1
             state["tokens"] += tokens
             dt = time.perf_counter() - t0
-            metrics = {"train/loss": loss_sum, "train/grad_norm": float(grad_norm),
-                       "train/lr": lr, "train/tokens": tokens, "train/step_s": dt,
-                       "train/tokens_per_s": tokens / dt,
-                       "train/pad_fraction": 1 - tokens / padded, "train/epoch": state["micro_batch"] / n_batches}
-            if step % cfg.eval_steps == 0 or step == total_steps:
+            metrics = {"train/loss": loss_sum, "train/grad_norm": grad_norm, "train/lr": lr, "train/tokens": tokens,
+                       "train/step_s": dt, "train/tokens_per_s": tokens / dt, "train/pad_fraction": 1 - tokens / padded,
+                       "train/epoch": step / plan.steps_per_epoch}
+            if step % cfg.eval_steps == 0 or step == n_steps:
                 metrics["eval/loss"] = evaluate(model, eval_items, cfg, tok.pad_token_id, device)
             if step % cfg.log_steps == 0 or "eval/loss" in metrics:
                 logger.log(step, metrics)
             bar.update(task, completed=step, info=f"loss {loss_sum:.3f}  {tokens / dt:,.0f} tok/s")
-            if step % cfg.save_steps == 0 or step == total_steps:
-                checkpoint()
+            if step % cfg.save_steps == 0 or step == n_steps or stop.stop:
+                save_checkpoint(out, step, parts, state)
             if stop.stop:
-                if step % cfg.save_steps and step != total_steps:
-                    checkpoint()
-                interrupted = True
                 break
     logger.close()
-    if interrupted:
+    if step < n_steps:
         log(f"chatrlhf sft: stopped at step {step}; resume with the same command plus --resume")
         return {"interrupted": True, "step": step}
     return _finish(cfg, model, tok, out, state, step)
@@ -209,7 +186,6 @@ def _finish(cfg: SFTConfig, model, tok, out: Path, state: dict, step: int) -> di
     final = [m for m in read_metrics(out) if "eval/loss" in m]
     summary = {"command": "sft", "steps": step, "tokens": state["tokens"],
                "eval_loss_start": state.get("first_eval_loss"), "eval_loss_end": final[-1]["eval/loss"] if final else None,
-               "data": cfg.data, "data_sha256": hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
-               if Path(cfg.data).is_file() else None, "config": asdict(cfg)}
+               "data": file_hashes(cfg.data), "chat_template": cfg.chat_template, "config": config_dict(cfg)}
     (out / "chatrlhf.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
