@@ -11,6 +11,7 @@ import pytest
 
 from chatrlhf import cli
 from chatrlhf.config import add_dataclass_args, arg, build_config, config_dict
+from chatrlhf.logger import read_metrics
 from conftest import EXAMPLES
 
 FEEDBACK_FILES = [EXAMPLES / f for f in ("preferences.jsonl", "ratings.jsonl", "corrections.jsonl")]
@@ -116,7 +117,9 @@ REWARD_FN = "def polite(prompts, responses):\n    return [float('thank' in r.low
 
 def cover(t, fn, rm, feedback_db):
     """{command: [argv, …]}: runs that together take every path on which a flag is read."""
-    prompts, dialogues = EXAMPLES / "prompts.txt", EXAMPLES / "dialogue_history.csv"
+    dialogues = EXAMPLES / "dialogue_history.csv"
+    prompts = t / "prompts.txt"
+    prompts.write_text("Where is my order?\nDo you ship to Canada?\nHow do I reset my password?\n")
     ppo = [*TINY, *RUN, "--data", dialogues, "--max-new-tokens", "4", "--batch-size", "2", "--minibatch-size", "2",
            "--max-steps", "2", "--ppo-epochs", "1", "--reward-fn", fn, "--eval-steps", "1", "--save-steps", "1",
            "--sample-rows", "1"]
@@ -175,4 +178,6 @@ def test_every_flag_of_every_command_is_read(tmp_path, write, monkeypatch, capsy
     for saved in (json.loads((tmp_path / "p1" / "run_config.json").read_text()),
                   json.loads((tmp_path / "p1" / "chatrlhf.json").read_text())["config"]):
         assert saved["chat_template"] is False and saved["lora_r"] == 2 and saved["critic"] == "shared"
-        assert saved["eval_data"] == [str(EXAMPLES / "prompts.txt")] and saved["reward_weights"] == {"fn": "1"}
+        assert saved["eval_data"] == [str(tmp_path / "prompts.txt")] and saved["reward_weights"] == {"fn": "1"}
+    first_eval = next(m for m in read_metrics(tmp_path / "p1") if "eval/reward" in m)
+    assert first_eval["eval/length"] > 0 and " / 3 held-out prompts" in capsys.readouterr().out

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from chatrlhf.logger import read_metrics
 from conftest import EXAMPLES, run_cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_sft_on_the_embedded_model_lowers_held_out_loss(tmp_path):

@@ -1,9 +1,8 @@
 import json
 
-from chatrlhf.config import ModelArgs
-from chatrlhf.generation import decoding_kwargs
 from chatrlhf.cli import parser
-from chatrlhf.config import GenerateConfig, build_config
+from chatrlhf.config import GenerateConfig, ModelArgs, build_config
+from chatrlhf.generation import decoding_kwargs
 from chatrlhf.models import load_model
 from conftest import EXAMPLES, run_cli
 

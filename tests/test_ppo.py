@@ -2,10 +2,6 @@
 SIGKILL + --resume reproduces the uninterrupted run, bad flags get clear errors."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +10,7 @@ from safetensors.torch import load_file
 from chatrlhf.logger import read_metrics
 from chatrlhf.trainers.common import checkpoints
 from chatrlhf.trainers.ppo import prompt_indices
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, kill_at_first_checkpoint, run_cli, tiny_reward_model
 
 REWARD_FN = "def polite(prompts, responses):\n    return [float(sum(w in r.lower() for w in ('thank', 'please', 'sorry', 'a'))) for r in responses]\n"
 
@@ -77,11 +73,9 @@ def test_lora_reference_is_the_base_and_kl_starts_at_zero(tmp_path, fn):
     assert (out / "adapter").is_dir()
 
 
+@pytest.mark.slow
 def test_reward_model_gate_is_enforced_unless_forced(tmp_path, fn):
-    rm = tmp_path / "rm"
-    r = run_cli("reward", "train", "--model", "tiny-random-llama", "--output-dir", rm, "--quiet", "--no-tensorboard",
-                "--max-steps", "1")
-    assert r.returncode == 0, r.stderr
+    rm = tiny_reward_model(tmp_path / "rm")
     gate = json.loads((rm / "eval.json").read_text())["gate"]
     if gate["passed"]:  # the random model must not pass; make sure the test can tell
         pytest.fail("a random reward model passed the gate")
@@ -112,6 +106,7 @@ def rewards_by_step(out):
             if "loss/policy" in m}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_metrics(tmp_path, fn):
     args = ["--max-steps", "8", "--save-steps", "2", "--eval-steps", "4", "--seed", "3", "--adaptive-kl",
             "--dtype", "float32"]
@@ -122,16 +117,7 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path, fn):
     assert sorted(want) == list(range(1, 9))
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", *map(str, ppo_args(out, fn, *args))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not checkpoints(out):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < 300
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = checkpoints(out)[-1][0]
+    killed_at = kill_at_first_checkpoint(ppo_args(out, fn, *args), out)
     assert killed_at < 8
     r = run_cli(*ppo_args(out, fn, *args, "--resume"))
     assert r.returncode == 0, r.stderr
@@ -160,11 +146,9 @@ def test_minibatches_shuffle_whole_prompt_groups():
     assert len(set((torch.cat(minibatches(12, 4, 6)) // 4).tolist())) == 3  # 6 % 4 ≠ 0: rows shuffled one by one
 
 
+@pytest.mark.slow
 def test_critic_from_the_reward_model_starts_on_the_reward_scale(tmp_path, fn):
-    rm = tmp_path / "rm"
-    r = run_cli("reward", "train", "--model", "tiny-random-llama", "--output-dir", rm, "--quiet", "--no-tensorboard",
-                "--max-steps", "1")
-    assert r.returncode == 0, r.stderr
+    rm = tiny_reward_model(tmp_path / "rm")
     config = json.loads((rm / "config.json").read_text())
     config["chatrlhf_reward_norm"].update(gain=3.0, bias=10.0)   # scores ≈ 10, far from the raw head's scale
     (rm / "config.json").write_text(json.dumps(config))
@@ -204,11 +188,12 @@ def test_evaluation_runs_in_batches_on_its_own_random_stream(monkeypatch, fn):
     assert ppo.evaluate(policy, ref_ctx, tok, prompts, cfg, mix, {}, 10) == first   # the same seed each time
 
 
+@pytest.mark.slow
 def test_training_is_the_same_with_or_without_evaluations_in_between(tmp_path, fn):
     runs = {}
     for every in (1, 100):
         out = tmp_path / f"e{every}"
-        r = run_cli(*ppo_args(out, fn, "--max-steps", "3", "--eval-steps", every, "--dtype", "float32"))
+        r = run_cli(*ppo_args(out, fn, "--max-steps", "2", "--eval-steps", every, "--dtype", "float32"))
         assert r.returncode == 0, r.stderr
         runs[every] = rewards_by_step(out)
     assert runs[1] == runs[100]

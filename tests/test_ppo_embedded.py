@@ -6,7 +6,7 @@ import pytest
 from chatrlhf.logger import read_metrics
 from conftest import EXAMPLES, run_cli
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SENTIMENT = """from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 _S = SentimentIntensityAnalyzer()
@@ -23,7 +23,7 @@ def test_twenty_ppo_steps_raise_heldout_reward_within_kl_bound(tmp_path, write):
                 "--output-dir", out, "--quiet", "--no-tensorboard", "--max-steps", "20", "--batch-size", "4",
                 "--samples-per-prompt", "2", "--minibatch-size", "8", "--max-new-tokens", "16", "--lr", "1.5e-5",
                 "--ppo-epochs", "2", "--kl-coef", "0.1",
-                "--critic", "shared", "--eval-steps", "20", "--save-steps", "100", "--kl-bound", KL_BOUND,
+                "--critic", "shared", "--eval-steps", "20", "--save-steps", "100", "--kl-bound", KL_BOUND, "--eval-fraction", "0.1",
                 "--missing-eos-penalty", "0", timeout=1500)
     assert r.returncode == 0, r.stderr
     evals = {m["step"]: m for m in read_metrics(out) if "eval/fn_mean" in m}

@@ -4,9 +4,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from chatrlhf.logger import read_metrics
 from chatrlhf.trainers.common import checkpoints
-from conftest import EXAMPLES, run_cli, tiny_sft_args
+from conftest import EXAMPLES, kill_at_first_checkpoint, run_cli, tiny_sft_args
 
 ARGS = ["--max-steps", "40", "--batch-size", "3", "--grad-accum", "2", "--save-steps", "5", "--eval-steps", "10",
         "--lr", "2e-3", "--seed", "7", "--model", "tiny-random-gpt2"]
@@ -21,14 +23,7 @@ def start(out, *extra):
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_checkpoint(proc, out, timeout=120):
-    t0 = time.time()
-    while not checkpoints(out):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout
-        time.sleep(0.005)
-
-
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_losses(tmp_path):
     ref = tmp_path / "ref"
     r = run_cli(*tiny_sft_args(EXAMPLES / "dialogue_history.csv", ref, *ARGS))
@@ -37,12 +32,7 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path):
     assert len(want) == 40
 
     out = tmp_path / "killed"
-    proc = start(out)
-    wait_for_checkpoint(proc, out)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    step_at_kill = checkpoints(out)[-1][0]
+    step_at_kill = kill_at_first_checkpoint(tiny_sft_args(EXAMPLES / "dialogue_history.csv", out, *ARGS), out)
     assert step_at_kill < 40, "the run finished before it was killed; the test proved nothing"
     assert not (out / "model.safetensors").exists()
 
@@ -57,6 +47,7 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path):
     assert len(evals) == 5    # 0, 10, 20, 30, 40: nothing logged twice
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out = tmp_path / "int"
     proc = start(out, "--save-steps", "1000")     # the only checkpoint will be the one Ctrl-C makes

@@ -15,7 +15,7 @@ from chatrlhf.evaluate.metrics import expected_calibration_error, pairwise_ece
 from chatrlhf.evaluate.reward_eval import check_gate
 from chatrlhf.models import load_reward_model, reward_norm
 from chatrlhf.rewards import pad_right, raw_scores, reward_scores
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, kill_at_first_checkpoint, run_cli
 
 Q = [{"role": "user", "content": "q"}]
 sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
@@ -138,8 +138,9 @@ def train_tiny(tmp_path, *extra):
     return out, r
 
 
+@pytest.mark.slow
 def test_reward_train_smoke_every_parameter_changes_and_norm_is_fitted(tmp_path):
-    out, r = train_tiny(tmp_path, "--epochs", "2", "--batch-size", "4", "--lr", "1e-3")
+    out, r = train_tiny(tmp_path, "--max-steps", "40", "--batch-size", "4", "--lr", "1e-3")
     trained = AutoModelForSequenceClassification.from_pretrained(out)   # plain transformers loads it
     init, _ = load_reward_model(ModelArgs(model="tiny-random-llama"))
     before = dict(init.named_parameters())
@@ -147,16 +148,18 @@ def test_reward_train_smoke_every_parameter_changes_and_norm_is_fitted(tmp_path)
         assert not torch.equal(p, before[name]), f"{name} did not change"
     gain, bias = reward_norm(trained)
     assert gain > 0 and gain != 1.0
-    # normalisation: the training replies (the default reference set) score mean 0, std 1
+    # normalisation: the reference set — by default 256 of the training pairs, both replies — scores mean 0, std 1
     from chatrlhf.config import RewardTrainConfig
     from chatrlhf.data import split_by_prompt
-    from chatrlhf.trainers.reward import load_pairs
+    from chatrlhf.trainers.reward import load_pairs, sample_pairs
 
     cfg = RewardTrainConfig(data=[str(EXAMPLES / f) for f in ("preferences.jsonl", "ratings.jsonl", "corrections.jsonl")])
     train_pairs, _ = split_by_prompt(load_pairs(cfg.data, cfg)[0], cfg.eval_fraction, cfg.seed)
+    reference = sample_pairs(train_pairs, 256, cfg.seed)
+    assert len(reference) == 256 < len(train_pairs)
     model, tok = load_reward_model(ModelArgs(model=str(out)))
-    s = np.array(reward_scores(model, tok, [p.prompt for p in train_pairs for _ in (0, 1)],
-                               [x for p in train_pairs for x in (p.chosen, p.rejected)]))
+    s = np.array(reward_scores(model, tok, [p.prompt for p in reference for _ in (0, 1)],
+                               [x for p in reference for x in (p.chosen, p.rejected)]))
     assert abs(s.mean()) < 1e-4 and abs(s.std() - 1) < 1e-4
     report = json.loads((out / "eval.json").read_text())
     assert {"accuracy", "ece", "length_corr", "per_source", "chosen_score", "gate"} <= set(report)
@@ -171,6 +174,7 @@ def test_gate_refuses_a_random_model(tmp_path):
     assert check_gate(tmp_path / "nowhere")[0].endswith("(run `chatrlhf reward eval`)")
 
 
+@pytest.mark.slow
 def test_reward_score_and_eval_cli(tmp_path):
     out, _ = train_tiny(tmp_path, "--max-steps", "2")
     rows = tmp_path / "rows.jsonl"
@@ -229,12 +233,14 @@ def test_train_top_layers_freezes_embeddings_and_lower_blocks():
 
 
 def test_distinct_n_bootstrap_and_win_rate_hand_computed():
-    from chatrlhf.evaluate.metrics import bootstrap_ci, distinct_n, win_rate
+    from chatrlhf.evaluate.metrics import bootstrap_ci, distinct_n, prompt_win_rates
 
     # "a b a b": bigrams (a b), (b a), (a b) → 2 unique of 3; unigrams 2 of 4
     assert distinct_n(["a b a b"], 2) == 2 / 3 and distinct_n(["a b", "a b"], 1) == 0.5
     assert distinct_n([""], 2) == 0.0
-    assert win_rate([3, 1, 2], [1, 1, 5]) == [1.0, 0.5, 0.0]
+    assert prompt_win_rates([3, 1, 2], [1, 1, 5], 1) == [1.0, 0.5, 0.0]
+    # two replies per prompt: prompt 1 (3, 1) vs (2, 1): pairs 3>2, 3>1, 1<2, 1=1 → (1 + 1 + 0 + 0.5) / 4
+    assert prompt_win_rates([3, 1, 0, 0], [2, 1, 5, 5], 2) == [0.625, 0.0]
     mean, lo, hi = bootstrap_ci([1.0] * 10)
     assert (mean, lo, hi) == (1.0, 1.0, 1.0)
     mean, lo, hi = bootstrap_ci([0.0, 1.0] * 50, seed=1)
@@ -272,6 +278,7 @@ def test_ece_exact_ties_count_half_and_margins_shift_the_logit():
     assert pair_metrics(d, np.zeros(4), pairs, [1] * 8, margin_loss=False)["ece"] == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_gate_comes_only_from_held_out_data_and_reward_eval_never_replaces_it_unasked(tmp_path):
     fn = tmp_path / "rew.py"
     fn.write_text("def f(prompts, responses):\n    return [0.0 for r in responses]\n")
@@ -318,39 +325,25 @@ def test_reward_train_eval_data_is_the_held_out_set(tmp_path, write):
     assert report["pairs"] == 1 and report["split"] == f"held-out: --eval-data {held}"
 
 
+@pytest.mark.slow
 def test_reward_train_sigkill_then_resume_gives_identical_losses(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from chatrlhf.logger import read_metrics
-    from chatrlhf.trainers.common import checkpoints
 
-    args = ["reward", "train", "--model", "tiny-random-llama", "--quiet", "--no-tensorboard", "--max-steps", "12",
+    args = ["reward", "train", "--model", "tiny-random-llama", "--quiet", "--no-tensorboard", "--max-steps", "8",
             "--batch-size", "4", "--grad-accum", "2", "--save-steps", "2", "--lr", "1e-3", "--seed", "5"]
     ref = tmp_path / "ref"
     r = run_cli(*args, "--output-dir", ref)
     assert r.returncode == 0, r.stderr
     want = {m["step"]: m["train/bt"] for m in read_metrics(ref) if "train/bt" in m}
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", *map(str, args), "--output-dir", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not checkpoints(out):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < 120
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = checkpoints(out)[-1][0]
-    assert killed_at < 12
+    killed_at = kill_at_first_checkpoint([*args, "--output-dir", out], out)
+    assert killed_at < 8
     r = run_cli(*args, "--output-dir", out, "--resume")
     assert r.returncode == 0, r.stderr
     assert f"(step {killed_at})" in r.stdout
     got = {m["step"]: m["train/bt"] for m in read_metrics(out) if "train/bt" in m}
-    assert sorted(got) == list(range(1, 13))
-    for step in range(1, 13):
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
     assert json.loads((out / "eval.json").read_text())["accuracy"] == json.loads((ref / "eval.json").read_text())["accuracy"]
 

@@ -5,7 +5,7 @@ from chatrlhf.data import as_conversations, load_records, split_by_prompt
 from chatrlhf.data.split import group_key
 from conftest import SHARED_DATA
 
-pytestmark = [pytest.mark.integration,
+pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")]
 
 

