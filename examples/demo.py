@@ -11,7 +11,7 @@ shop's customer service, written for this project):
 
 About 12 minutes on 2 CPU cores; README "What `make demo` shows" has the figures and what they mean.
 
-    .venv/bin/python examples/demo.py [--out out/demo] [--ppo-steps 12] [--eval-samples 3]
+    .venv/bin/python examples/demo.py [--out out/demo] [--ppo-steps 10] [--eval-samples 2]
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def main() -> None:
     p.add_argument("--out", default="out/demo")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sft-steps", type=int, default=12)
-    p.add_argument("--ppo-steps", type=int, default=12)
-    p.add_argument("--eval-samples", type=int, default=3, help="replies per held-out prompt in the final evaluation")
+    p.add_argument("--ppo-steps", type=int, default=10)
+    p.add_argument("--eval-samples", type=int, default=2, help="replies per held-out prompt in the final evaluation")
     a = p.parse_args()
 
     from rich.console import Console
@@ -57,7 +57,7 @@ def main() -> None:
 
     console.rule("[bold]2/4 reward model from preferences, ratings and corrections")
     with quiet_transformers():
-        rm = reward.train(RewardTrainConfig(model=a.model, data=FEEDBACK, output_dir=str(out / "reward"), max_steps=24,
+        rm = reward.train(RewardTrainConfig(model=a.model, data=FEEDBACK, output_dir=str(out / "reward"), max_steps=20,
                                             lr=1e-4, train_layers=2, eval_fraction=0.15), log=console.print)
     gate = rm["gate"]
     console.print(f"held-out accuracy {rm['accuracy']:.3f}, ECE {rm['ece']:.3f}; gate "

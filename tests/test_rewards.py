@@ -29,7 +29,7 @@ def test_parse_schedules_and_errors():
         with pytest.raises(UsageError, match="--reward-weights"):
             parse_schedules(parse_map(bad))
     with pytest.raises(UsageError, match="cannot read 'rm'"):
-        parse_map("rm", where="--reward-weights")
+        parse_map("rm", where="--reward-weights: ")
 
 
 def test_running_moments_equal_numpy_over_batches():

@@ -363,14 +363,15 @@ def _type_of(cls, f: dataclasses.Field):
 # The one place where `a,b` and `k=v,k2=v2` become lists and dicts, from flags and from YAML alike.
 
 
-def parse_list(value, where: str = "") -> list[str]:
+def parse_list(value) -> list[str]:
     """``"a, b,,c"`` or a YAML list → ["a", "b", "c"]."""
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     return [str(x).strip() for x in items if str(x).strip()]
 
 
 def parse_map(value, value_type=str, where: str = "") -> dict:
-    """``"k=v,k2=v2"`` or a YAML mapping → {k: value_type(v)}; names the entry it cannot read."""
+    """``"k=v,k2=v2"`` or a YAML mapping → {k: value_type(v)}; names the entry it cannot read (after ``where``,
+    e.g. "run.yaml: key 'x': ")."""
     if isinstance(value, dict):
         pairs = [(str(k), v) for k, v in value.items()]
     else:
@@ -378,14 +379,14 @@ def parse_map(value, value_type=str, where: str = "") -> dict:
         for part in parse_list(value):
             key, eq, val = part.partition("=")
             if not eq or not key.strip() or not val.strip():
-                raise UsageError(f"{where}: cannot read '{part}'", "write NAME=VALUE pairs, comma-separated")
+                raise UsageError(f"{where}cannot read '{part}'", "write NAME=VALUE pairs, comma-separated")
             pairs.append((key.strip(), val.strip()))
     out = {}
     for key, val in pairs:
         try:
             out[key] = value_type(val)
         except (TypeError, ValueError):
-            raise UsageError(f"{where}: '{key}={val}': {val!r} is not a {value_type.__name__}",
+            raise UsageError(f"{where}'{key}={val}': {val!r} is not a {value_type.__name__}",
                              "write NAME=VALUE pairs, comma-separated") from None
     return out
 
@@ -418,7 +419,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple =
                 kw["choices"] = f.metadata["choices"]
             else:
                 kw["metavar"] = _metavar(f.name, t)
-            parser.add_argument(flag(f.name), type=_flag_parser(t, flag(f.name)), **kw)
+            parser.add_argument(flag(f.name), type=_flag_parser(t), **kw)
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="YAML file with the same keys as the flags; flags win.")
 
@@ -428,13 +429,13 @@ def _metavar(name: str, t) -> str:
     return "A,B" if origin is list else "K=V,K=V" if origin is dict else name.upper()
 
 
-def _flag_parser(t, where: str):
+def _flag_parser(t):
     origin = typing.get_origin(t)
     if origin is list:
-        return lambda text: parse_list(text, where)
+        return parse_list
     if origin is dict:
         value_type = typing.get_args(t)[1]
-        return lambda text: _as_argparse_error(parse_map, text, value_type, where)
+        return lambda text: _as_argparse_error(parse_map, text, value_type)  # argparse names the flag itself
     return t
 
 
@@ -493,9 +494,9 @@ def _coerce(cls, f: dataclasses.Field, val, where: str):
     t = _type_of(cls, f)
     origin = typing.get_origin(t)
     if origin is list:
-        return parse_list(val, where)
+        return parse_list(val)
     if origin is dict:
-        return parse_map(val, typing.get_args(t)[1], where)
+        return parse_map(val, typing.get_args(t)[1], f"{where}: ")
     if t is float and isinstance(val, int) and not isinstance(val, bool):
         val = float(val)
     if t is float and isinstance(val, str):

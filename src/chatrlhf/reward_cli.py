@@ -10,6 +10,7 @@ from chatrlhf.data import load_records
 from chatrlhf.data.formats import parse_turns
 from chatrlhf.data.pairs import build_pairs
 from chatrlhf.data.readers import read_rows
+from chatrlhf.data.split import group_hash
 from chatrlhf.errors import DataError, UsageError
 
 
@@ -39,13 +40,11 @@ def _print_verdict(acc, ece, gate, on: str) -> None:
 def untrained_pairs(model_dir: str, pairs: list, log=print) -> list:
     """The pairs whose prompt the reward model in ``model_dir`` was not trained on (its chatrlhf.json lists the
     hashes of its training prompts); all of them for a model that records none."""
-    from chatrlhf.trainers.reward import prompt_hash
-
     record = Path(model_dir) / "chatrlhf.json"
     trained = set(json.loads(record.read_text()).get("training", {}).get("prompt_groups", [])) if record.is_file() else set()
     if not record.is_file():
         log(f"chatrlhf reward eval: warning: {record} not found, so pairs the model was trained on cannot be told apart")
-    kept = [p for p in pairs if prompt_hash(p) not in trained]
+    kept = [p for p in pairs if group_hash(p) not in trained]
     if not kept:
         raise UsageError(f"--data: every pair's prompt was in {model_dir}'s training data, so accuracy here would "
                          "say nothing about new replies", "evaluate on pairs the model has not seen")

@@ -68,6 +68,14 @@ def encode_prompts(tok, prompts: list[list[dict]], max_prompt_length: int, devic
     return ids.to(device), mask.to(device)
 
 
+def generator(seed: int, device="cpu") -> torch.Generator:
+    """A random stream of one's own (a trainer's sampling or shuffling, an evaluation's sampling), seeded and
+    checkpointed apart from the global one, so that nothing else — an evaluation, a library — can move it."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
 def sampling_cdf(logp: torch.Tensor) -> torch.Tensor:
     """(B, V) cumulative probabilities that :func:`draw` searches, summed in float64: in float32 a probability below
     half a unit in the last place of the running sum (3e-8 near 1) adds nothing or a whole unit, so on a peaked 49k

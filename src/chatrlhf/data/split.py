@@ -3,6 +3,7 @@ user turn, normalised), so no opening lands in both train and eval."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 from chatrlhf.data.records import prompt_key
@@ -11,6 +12,12 @@ from chatrlhf.data.records import prompt_key
 def group_key(record) -> str:
     users = [m for m in record.prompt if m["role"] == "user"]
     return prompt_key(users[:1] or record.prompt)
+
+
+def group_hash(record) -> str:
+    """A short hash of a record's prompt group, kept with a trained model so that later commands can tell the
+    prompts it was trained on (`reward eval` refuses them)."""
+    return hashlib.sha1(group_key(record).encode()).hexdigest()[:16]
 
 
 def split_by_prompt(records: list, eval_fraction: float, seed: int = 0) -> tuple[list, list]:

@@ -24,8 +24,7 @@ from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import bootstrap_ci, distinct_n, prompt_win_rates
 from chatrlhf.models import autocast, load_model
 from chatrlhf.rewards import ModelReward, SimilarityReward, prompts_with_references
-from chatrlhf.rollout import Rollout, decode_replies, encode_prompts, ended_with_eos, policy_forward, sample
-from chatrlhf.trainers.common import generator
+from chatrlhf.rollout import Rollout, decode_replies, encode_prompts, ended_with_eos, generator, policy_forward, sample
 
 
 @torch.no_grad()

@@ -138,14 +138,6 @@ def start_or_resume(out_dir: str | Path, parts: dict, resume: bool, generators: 
     return step, state
 
 
-def generator(seed: int, device="cpu") -> torch.Generator:
-    """A random stream of the trainer's own (sampling, shuffling), seeded and checkpointed apart from the
-    global one, so that nothing else — evaluation, a library — can move it."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
-
-
 def total_steps(max_steps: int, epochs: float, steps_per_epoch: int) -> int:
     """Every trainer counts its optimizer steps this way: --max-steps, else --epochs × steps per epoch."""
     return max_steps if max_steps > 0 else max(1, math.ceil(epochs * steps_per_epoch))

@@ -40,8 +40,9 @@ from chatrlhf.models import autocast, count_parameters, enable_checkpointing, lo
     reward_norm, save_model, unwrap
 from chatrlhf.rewards import HumanReward, ModelReward, RewardMix, SimilarityReward, load_callable, \
     parse_schedules, reference_replies
-from chatrlhf.rollout import Critic, Rollout, decode_replies, encode_prompts, ended_with_eos, policy_forward, sample
-from chatrlhf.trainers.common import StopFlag, file_hashes, generator, make_optimizer, optimizer_step, progress_bar, \
+from chatrlhf.rollout import Critic, Rollout, decode_replies, encode_prompts, ended_with_eos, generator, \
+    policy_forward, sample
+from chatrlhf.trainers.common import StopFlag, file_hashes, make_optimizer, optimizer_step, progress_bar, \
     save_checkpoint, seed_everything, start_or_resume, total_steps
 
 # --------------------------------------------------------------------------- set-up

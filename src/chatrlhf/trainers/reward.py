@@ -11,7 +11,6 @@ Departures from a textbook loop, and why:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from chatrlhf.data import load_records, split_by_prompt
 from chatrlhf.data.formats import parse_turns
 from chatrlhf.data.pairs import build_pairs
 from chatrlhf.data.readers import read_rows
-from chatrlhf.data.split import group_key
+from chatrlhf.data.split import group_hash
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.reward_eval import HELD_OUT, evaluate_pairs, verdict, write_report
 from chatrlhf.logger import MetricsLogger
@@ -58,20 +57,14 @@ def load_pairs(paths: list[str], cfg: RewardTrainConfig, log=print):
     return pairs, counts
 
 
-def prompt_hash(pair) -> str:
-    """A short hash of a pair's prompt group (the key of prompt-disjoint splits), kept with the model so that
-    `reward eval` can refuse pairs the model was trained on."""
-    return hashlib.sha1(group_key(pair).encode()).hexdigest()[:16]
-
-
 def split_pairs(cfg: RewardTrainConfig, log=print) -> tuple[list, list, dict, str]:
     """(train pairs, held-out pairs, counts, how the held-out pairs were chosen). Held-out pairs come from
     --eval-data (minus any whose prompt is also in training), else a prompt-disjoint --eval-fraction split."""
     pairs, counts = load_pairs(cfg.data, cfg, log)
     if cfg.eval_data:
         held, _ = load_pairs(cfg.eval_data, cfg, log)
-        trained = {prompt_hash(p) for p in pairs}
-        kept = [p for p in held if prompt_hash(p) not in trained]
+        trained = {group_hash(p) for p in pairs}
+        kept = [p for p in held if group_hash(p) not in trained]
         if len(kept) < len(held):
             log(f"chatrlhf reward: {len(held) - len(kept)} --eval-data pairs share a prompt with training: not used")
         return pairs, kept, counts, f"{HELD_OUT}: --eval-data {','.join(cfg.eval_data)}"
@@ -199,7 +192,7 @@ def _finish(cfg: RewardTrainConfig, model, tok, out: Path, logger, step: int, tr
     write_report(out, metrics, gate)
     summary = {"command": "reward train", "steps": step, "pairs": dict(counts), "held_out_pairs": len(eval_pairs),
                "accuracy": metrics["accuracy"], "ece": metrics["ece"], "split": split, "gate": gate,
-               "training": {"files": file_hashes(cfg.data), "prompt_groups": sorted({prompt_hash(p) for p in train_pairs})},
+               "training": {"files": file_hashes(cfg.data), "prompt_groups": sorted({group_hash(p) for p in train_pairs})},
                "config": config_dict(cfg)}
     (out / "chatrlhf.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
