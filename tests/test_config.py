@@ -39,3 +39,16 @@ def test_yaml_wrong_type_and_choice(write):
 def test_bad_yaml_names_line(write):
     with pytest.raises(UsageError, match=r"c.yaml:2: invalid YAML"):
         cfg_from(["sft"], str(write("c.yaml", "lr: 1\n  - : [\n")))
+
+
+def test_a_setting_decided_at_run_time_is_none_until_given(write):
+    from chatrlhf.config import PPOConfig
+
+    assert build_config(PPOConfig, parser().parse_args(["ppo"])).missing_eos_penalty is None
+    assert build_config(PPOConfig, parser().parse_args(["ppo", "--missing-eos-penalty", "2"])).missing_eos_penalty == 2.0
+    assert build_config(PPOConfig, {}, str(write("n.yaml", "missing_eos_penalty: null\n"))).missing_eos_penalty is None
+    assert build_config(PPOConfig, {}, str(write("v.yaml", "missing_eos_penalty: 0\n"))).missing_eos_penalty == 0.0
+    with pytest.raises(UsageError, match="key 'missing_eos_penalty' must be float"):
+        build_config(PPOConfig, {}, str(write("w.yaml", "missing_eos_penalty: lots\n")))
+    with pytest.raises(SystemExit):
+        parser().parse_args(["ppo", "--missing-eos-penalty", "lots"])

@@ -242,3 +242,24 @@ def test_no_chat_template_trains_on_plain_prompts_and_is_saved(tmp_path, fn):
     assert summary["chat_template"] is False and summary["config"]["chat_template"] is False
     _, tok = load_model(ModelArgs(model=str(out)))     # later commands take the saved template, no flag needed
     assert tok.chat_template == PLAIN_TEMPLATE
+
+
+def test_missing_eos_penalty_defaults_to_0_for_plain_continuations_and_1_for_chat(tmp_path, fn):
+    got = {}
+    for name, flags in (("chat", []), ("plain", ["--no-chat-template"]), ("given", ["--no-chat-template",
+                                                                                    "--missing-eos-penalty", "0.5"])):
+        r = run_cli(*ppo_args(tmp_path / name, fn, "--max-steps", "1", "--data", EXAMPLES / "prompts.txt", *flags))
+        assert r.returncode == 0, r.stderr
+        got[name] = json.loads((tmp_path / name / "chatrlhf.json").read_text())["missing_eos_penalty"]
+    assert got == {"chat": 1.0, "plain": 0.0, "given": 0.5}
+    recorded = json.loads((tmp_path / "plain" / "run_config.json").read_text())
+    assert recorded["missing_eos_penalty"] is None and recorded["chat_template"] is False
+
+
+def test_max_minutes_ends_the_run_evaluated_and_saved(tmp_path, fn):
+    out = tmp_path / "budget"
+    r = run_cli(*ppo_args(out, fn, "--max-steps", "50", "--max-minutes", "0.0001", "--eval-steps", "100"))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "chatrlhf.json").read_text())
+    assert summary["steps"] == 1 and summary["stopped_by_time"] is True and summary["eval_end"]
+    assert (out / "model.safetensors").is_file() and "--max-minutes 0.0001 reached at step 1 of 50" in r.stdout

@@ -117,11 +117,14 @@ def _eval(cfg) -> int:
     m = rep["metrics"]
     for name, d in m.items():
         print(f"chatrlhf eval: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items()))
-    if "win_rate" in rep:
-        w = rep["win_rate"]
-        print(f"chatrlhf eval: win rate {w['mean']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
+    for name, c in rep.get("rewards", {}).items():
+        g, w = c["gain"], c["win_rate"]
+        print(f"chatrlhf eval: {name}: baseline {c['baseline']['mean']:.3f} -> model {c['model']['mean']:.3f}, gain "
+              f"{g['mean']:+.3f} (95% CI {g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f}), win rate {w['mean']:.3f} "
+              f"({w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
     if "kl_to_baseline" in rep:
-        print(f"chatrlhf eval: KL to baseline {rep['kl_to_baseline']['mean']:.3f} nats/reply")
+        k = rep["kl_to_baseline"]
+        print(f"chatrlhf eval: KL to baseline {k['mean']:.3f} nats/reply (95% CI {k['ci95'][0]:.3f}-{k['ci95'][1]:.3f})")
     print(f"chatrlhf eval: report in {cfg.output_dir}/report.html")
     return 0
 

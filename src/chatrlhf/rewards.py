@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -249,30 +250,32 @@ class HumanReward:
         return out
 
 
-def prompts_with_references(paths: list[str]) -> list[tuple[list[dict], list[str]]]:
-    """[(prompt, human replies)] in first-seen order, from conversations (the reply), preferences (the
-    chosen one, unless both are bad) and corrections (the corrected one)."""
+def human_replies(paths: list[str]) -> dict[str, list[str]]:
+    """{prompt key: human replies} in first-seen order, from conversations (the reply), preferences (the chosen
+    one, unless both are bad) and corrections (the corrected one); empty when the data has none."""
     from chatrlhf.data import load_records
+    from chatrlhf.data.formats import prompts_only
     from chatrlhf.data.records import Conversation, Correction, Preference, prompt_key
 
-    found: dict[str, tuple[list[dict], list[str]]] = {}
+    found: dict[str, list[str]] = {}
     for path in paths:
+        if Path(path).is_file() and prompts_only(path):
+            continue
         for r in load_records(path).records:
             reply = (r.messages[-1]["content"] if isinstance(r, Conversation) and r.messages[-1]["role"] == "assistant"
                      else r.chosen if isinstance(r, Preference) and not r.both_bad
                      else r.corrected if isinstance(r, Correction) else None)
             if reply is not None:
-                found.setdefault(prompt_key(r.prompt), (r.prompt, []))[1].append(reply)
-    if not found:
-        raise UsageError(f"{','.join(paths)}: no human replies found", "give conversations, preferences or corrections")
-    return list(found.values())
+                found.setdefault(prompt_key(r.prompt), []).append(reply)
+    return found
 
 
 def reference_replies(paths: list[str]) -> dict[str, list[str]]:
-    """Human reference replies per prompt key (see :func:`prompts_with_references`)."""
-    from chatrlhf.data.records import prompt_key
-
-    return {prompt_key(p): refs for p, refs in prompts_with_references(paths)}
+    """Human reference replies per prompt key (see :func:`human_replies`); an error when there are none."""
+    found = human_replies(paths)
+    if not found:
+        raise UsageError(f"{','.join(paths)}: no human replies found", "give conversations, preferences or corrections")
+    return found
 
 
 class SimilarityReward:

@@ -283,10 +283,15 @@ PARSERS = {"dialogue_csv": _dialogue_csv, "conversation": _conversation, "self_i
 
 def load_prompts(path: str | Path, fmt: str = "auto") -> list[list[dict]]:
     """Prompts (as message lists) from any data file: for conversations, everything before the reply."""
-    path = Path(path)
-    if fmt == "auto" and (path.suffix == ".txt" or _looks_like_prompts(path)):
+    if fmt == "auto" and prompts_only(path):
         fmt = "prompts"
     return [r.prompt for r in load_records(path, fmt).records]
+
+
+def prompts_only(path: str | Path) -> bool:
+    """A file of bare prompts (a .txt, or rows without any record format's columns): no replies in it."""
+    path = Path(path)
+    return path.suffix == ".txt" or _looks_like_prompts(path)
 
 
 def _looks_like_prompts(path: Path) -> bool:

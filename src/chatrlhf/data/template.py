@@ -6,6 +6,7 @@ FALLBACK_TEMPLATE, which is written into the tokenizer so that saved models keep
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 IGNORE = -100
@@ -42,6 +43,13 @@ def ensure_chat_template(tokenizer, chat_template: bool = True) -> None:
 
 def is_plain(tokenizer) -> bool:
     return getattr(tokenizer, "chat_template", None) == PLAIN_TEMPLATE
+
+
+def prompt_format(tokenizer) -> dict:
+    """How prompts are formatted, as recorded in a trained model's chatrlhf.json and checked by the evaluator."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {"template": "plain" if template == PLAIN_TEMPLATE else "chat",
+            "sha256": hashlib.sha256(template.encode("utf-8")).hexdigest()}
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

@@ -1,10 +1,11 @@
-"""`chatrlhf eval`: a model against a baseline on held-out prompts with human reference replies.
+"""`chatrlhf eval`: a saved model against a baseline on held-out prompts, scored by the independent evaluator
+(evaluate/evaluator.py: plain transformers generation, the prompt format recorded in the model folder).
 
-Per model: reward-model score, similarity to the human replies (ROUGE-L, optionally embedding
-cosine), distinct-1/2, reply length and EOS rate; between them: the win rate judged by the reward
-model with a bootstrap confidence interval, and KL(model ‖ baseline) — the baseline is normally the
-reference policy (the SFT model). Writes eval.json and a one-page report.html with plots (the run's
-reward and KL curves when --run is given, score and length distributions, sample replies).
+Per reward source (reward model, Python function, ROUGE-L to the human replies): each side's mean, the gain and
+the win rate, each with a 95% bootstrap interval over prompts; KL(model ‖ baseline) with its interval — the
+baseline is normally the model training started from. Per model: the human replies' likelihood, distinct-1/2,
+reply length and EOS rate. Writes eval.json and a one-page report.html with plots (the run's reward and KL curves
+when --run is given, score and length distributions, sample replies).
 """
 
 from __future__ import annotations
@@ -16,114 +17,134 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from chatrlhf import losses
 from chatrlhf.config import EvalConfig, ModelArgs
+from chatrlhf.data import load_prompts
+from chatrlhf.data.records import prompt_key
+from chatrlhf.data.template import prompt_format
 from chatrlhf.errors import UsageError
-from chatrlhf.evaluate.metrics import bootstrap_ci, distinct_n, prompt_win_rates
-from chatrlhf.models import autocast, load_model
-from chatrlhf.rewards import ModelReward, SimilarityReward, prompts_with_references
-from chatrlhf.rollout import Rollout, decode_replies, encode_prompts, ended_with_eos, generator, policy_forward, sample
+from chatrlhf.evaluate.evaluator import check_prompt_format, compare, interval, kl_per_reply, per_prompt_means, \
+    reference_nll, sample_replies
+from chatrlhf.evaluate.metrics import distinct_n
+from chatrlhf.logger import read_metrics
+from chatrlhf.models import load_model
+from chatrlhf.rewards import ModelReward, SimilarityReward, human_replies, load_callable
+from chatrlhf.trainers.common import progress_bar
 
 
-@torch.no_grad()
-def replies_of(model, tok, prompts, cfg: EvalConfig) -> tuple[list[Rollout], list[str]]:
-    """Sampled replies (fixed seed, so model and baseline see the same random stream), in batches."""
-    device = next(model.parameters()).device
-    model.eval()
-    batches, texts = [], []
-    gen = generator(cfg.seed, device)  # a stream of its own: the global one is never touched
-    rows = cfg.batch_size * cfg.samples_per_prompt  # whole prompts per batch: each prompt's KV cache is shared
-    for i in range(0, len(prompts), rows):
-        q, qm = encode_prompts(tok, prompts[i:i + rows], cfg.max_prompt_length, device)
-        ids, mask, _ = sample(model, q, qm, cfg.max_new_tokens, cfg.temperature, tok.eos_token_id,
-                              tok.pad_token_id, cfg.dtype, generator=gen)
-        r = Rollout(q, qm, ids, mask, *[None] * 7, ended=ended_with_eos(ids, tok.eos_token_id))
-        batches.append(r)
-        texts += decode_replies(tok, ids, mask)
-    return batches, texts
+def held_out(paths: list[str]) -> list[tuple[list[dict], list[str]]]:
+    """[(prompt, its human replies — possibly none)] in first-seen order, without repeats."""
+    refs = human_replies(paths)
+    found: dict[str, list[dict]] = {}
+    for path in paths:
+        for p in load_prompts(path):
+            found.setdefault(prompt_key(p), p)
+    if not found:
+        raise UsageError(f"--data {','.join(paths)}: no prompts", "one prompt per line in a .txt, or any data format")
+    return [(p, refs.get(k, [])) for k, p in found.items()]
 
 
-@torch.no_grad()
-def kl_per_reply(model, ref, batches: list[Rollout], cfg: EvalConfig) -> list[float]:
-    """Σ_t k1 over each reply of ``model``: log π(y|x) − log π_ref(y|x) at the sampling temperature."""
-    out = []
-    for r in batches:
-        with autocast(cfg.dtype, r.query_ids.device):
-            lp, _, _ = policy_forward(model, r, cfg.temperature)
-            ref_lp, _, _ = policy_forward(ref, r, cfg.temperature)
-        out += (losses.kl_estimates(lp, ref_lp)["k1"] * r.response_mask).sum(1).tolist()
-    return out
+def reward_sources(cfg: EvalConfig, refs: dict) -> dict:
+    """{name: f(prompts, replies, ended) -> scores}: the judges this evaluation reports, each separately."""
+    sources = {}
+    if cfg.reward_model:
+        sources["rm"] = ModelReward(cfg.reward_model, force=True, max_length=cfg.max_prompt_length + cfg.max_new_tokens,
+                                    device=cfg.device, dtype=cfg.dtype, log=lambda m: None)
+    if cfg.reward_fn:
+        fn = load_callable(cfg.reward_fn)
+        sources["fn"] = lambda p, r, ended: fn(p, r)
+    if refs:
+        rouge = SimilarityReward(refs, "rouge")
+        sources["similarity"] = lambda p, r, ended: rouge(p, r)
+    return sources
 
 
-def describe(texts, batches, tok, prompts, refs, rm, embed) -> dict:
-    lengths = [int(m.sum()) for r in batches for m in r.response_mask]
-    d = {"length_tokens": float(np.mean(lengths)), "eos_rate": float(torch.cat([r.ended for r in batches]).float().mean()),
-         "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
-         "rouge_l": float(np.mean(SimilarityReward(refs, "rouge")(prompts, texts))), "_lengths": lengths}
+def side(model, tok, pairs, n: int, sources: dict, embed, cfg: EvalConfig, bar, label: str) -> dict:
+    """One model's replies, their scores by every source, and descriptive figures."""
+    prompts = [p for p, _ in pairs for _ in range(n)]
+    task = bar.add_task(f"eval {label}", total=len(prompts), info="")
+    replies = sample_replies(model, tok, prompts, max_prompt_length=cfg.max_prompt_length,
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                             batch_rows=cfg.batch_size * n, dtype=cfg.dtype, on_batch=lambda k: bar.advance(task, k))
+    scores = {}
+    for name, source in sources.items():
+        scores[name] = list(source(prompts, replies.texts, replies.ended))
+        if len(scores[name]) != len(prompts):
+            raise UsageError(f"reward source '{name}' returned {len(scores[name])} values for {len(prompts)} replies",
+                             "return one float (or None) per reply")
+    d = {"length_tokens": float(np.mean(replies.lengths)), "eos_rate": float(np.mean(replies.ended)),
+         "distinct_1": distinct_n(replies.texts, 1), "distinct_2": distinct_n(replies.texts, 2)}
+    for name, key in (("rm", "rm_score"), ("fn", "fn_reward"), ("similarity", "rouge_l")):
+        seen = [x for x in scores.get(name, []) if x is not None]
+        if seen:
+            d[key] = float(np.mean(seen))
+    with_refs = [(p, refs[0]) for p, refs in pairs if refs]
+    if with_refs:
+        d["human_reply_nll"] = reference_nll(model, tok, with_refs, cfg.max_prompt_length + cfg.max_new_tokens, cfg.dtype)
     if embed is not None:
-        d["embedding_cosine"] = float(np.mean(embed(prompts, texts)))
-    if rm is not None:
-        d["_scores"] = rm(prompts, texts, torch.cat([r.ended for r in batches]).tolist())
-        d["rm_score"] = float(np.mean(d["_scores"]))
-    return d
+        d["embedding_cosine"] = float(np.mean([x for x in embed(prompts, replies.texts) if x is not None]))
+    return {"replies": replies, "scores": scores, "metrics": d}
+
+
+def load_baseline(cfg: EvalConfig, tok, log):
+    """The baseline, prompted exactly as the model is (same template) when they share a vocabulary."""
+    base, base_tok = load_model(ModelArgs(model=cfg.baseline, device=cfg.device, dtype=cfg.dtype),
+                                chat_template=cfg.chat_template)
+    same_vocab = base_tok.get_vocab() == tok.get_vocab()
+    if same_vocab and base_tok.chat_template != tok.chat_template:
+        log(f"chatrlhf eval: the baseline is prompted with the model's {prompt_format(tok)['template']} format, "
+            "so both answer the same task")
+        base_tok.chat_template = tok.chat_template
+    return base, base_tok, same_vocab
 
 
 def run_eval(cfg: EvalConfig, log=print) -> dict:
-    from chatrlhf.data.records import prompt_key
-
     if cfg.temperature <= 0:
         raise UsageError(f"--temperature {cfg.temperature}: eval samples its replies, so it must be > 0",
                          "use e.g. --temperature 0.7")
     if cfg.samples_per_prompt < 1:
         raise UsageError(f"--samples-per-prompt {cfg.samples_per_prompt}: must be ≥ 1", "")
-    pairs = prompts_with_references(cfg.data)[:cfg.max_prompts]
+    pairs = held_out(cfg.data)[:cfg.max_prompts]
     n = cfg.samples_per_prompt
-    prompts = [p for p, _ in pairs for _ in range(n)]  # n replies to each prompt, side by side
-    refs = {prompt_key(p): r for p, r in pairs}
-    rm = ModelReward(cfg.reward_model, force=True, device=cfg.device, dtype=cfg.dtype,
-                     log=lambda m: None) if cfg.reward_model else None
-    embed = SimilarityReward(refs, "embedding") if cfg.embedding else None
+    refs = {prompt_key(p): r for p, r in pairs if r}
+    sources = reward_sources(cfg, refs)
+    embed = SimilarityReward(refs, "embedding") if cfg.embedding and refs else None
     model, tok = load_model(cfg, chat_template=cfg.chat_template)
-    log(f"chatrlhf eval: {len(pairs)} held-out prompts with human replies from {','.join(cfg.data)}, {n} "
-        f"repl{'y' if n == 1 else 'ies'} each")
-    batches, texts = replies_of(model, tok, prompts, cfg)
+    check_prompt_format(cfg.model, tok)
+    fmt = prompt_format(tok)
+    log(f"chatrlhf eval: {len(pairs)} held-out prompts from {','.join(cfg.data)} ({len(refs)} with human replies), "
+        f"{n} repl{'y' if n == 1 else 'ies'} each, {fmt['template']} prompts as recorded in the model folder, "
+        "transformers model.generate")
+    with progress_bar(quiet=False) as bar:
+        sides = {"model": side(model, tok, pairs, n, sources, embed, cfg, bar, "model")}
+        if cfg.baseline:
+            base, base_tok, same_vocab = load_baseline(cfg, tok, log)
+            sides["baseline"] = side(base, base_tok, pairs, n, sources, embed, cfg, bar, "baseline")
     report = {"model": cfg.model, "baseline": cfg.baseline or None, "prompts": len(pairs), "samples_per_prompt": n,
-              "data": ",".join(cfg.data),
-              "decoding": {"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
-              "metrics": {"model": describe(texts, batches, tok, prompts, refs, rm, embed)}}
-    samples = {"model": texts}
+              "data": ",".join(cfg.data), "prompt_format": fmt,
+              "decoding": {"engine": "transformers model.generate", "temperature": cfg.temperature, "top_k": 0,
+                           "top_p": 1.0, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+              "metrics": {k: v["metrics"] for k, v in sides.items()}}
     if cfg.baseline:
-        base, base_tok = load_model(ModelArgs(model=cfg.baseline, device=cfg.device, dtype=cfg.dtype),
-                                    chat_template=cfg.chat_template)
-        base_batches, base_texts = replies_of(base, base_tok, prompts, cfg)
-        report["metrics"]["baseline"] = describe(base_texts, base_batches, base_tok, prompts, refs, rm, embed)
-        samples["baseline"] = base_texts
-        if base_tok.get_vocab() == tok.get_vocab():
-            kl = kl_per_reply(model, base, batches, cfg)
-            report["kl_to_baseline"] = {"mean": float(np.mean(kl)), "median": float(np.median(kl))}
-        if rm is not None:
-            mean, lo, hi = bootstrap_ci(prompt_win_rates(report["metrics"]["model"]["_scores"],
-                                                         report["metrics"]["baseline"]["_scores"], n), seed=cfg.seed)
-            report["win_rate"] = {"mean": mean, "ci95": [lo, hi], "judge": cfg.reward_model,
+        report["rewards"] = {name: compare(sides["model"]["scores"][name], sides["baseline"]["scores"][name], n,
+                                           cfg.seed) for name in sources}
+        judge = next((j for j in ("rm", "fn", "similarity") if j in sources), None)
+        if judge:
+            report["win_rate"] = {**report["rewards"][judge]["win_rate"], "judge": cfg.reward_model if judge == "rm"
+                                  else cfg.reward_fn if judge == "fn" else "ROUGE-L to the human replies",
                                   "ci": "bootstrap over prompts"}
+        if same_vocab:
+            kl = kl_per_reply(model, base, sides["model"]["replies"], cfg.temperature, cfg.dtype)
+            report["kl_to_baseline"] = {**interval(per_prompt_means(kl, n), cfg.seed), "median": float(np.median(kl))}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     curves = _curves(cfg.run) if cfg.run else {}
-    public = json.loads(json.dumps(report, default=float))
-    for m in public["metrics"].values():
-        for k in [k for k in m if k.startswith("_")]:
-            del m[k]
-    (out / "eval.json").write_text(json.dumps(public, indent=2) + "\n")
-    (out / "report.html").write_text(render_html(public, report, curves, prompts[::n], refs,
-                                                 {k: v[::n] for k, v in samples.items()}), encoding="utf-8")
-    return public
+    (out / "eval.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (out / "report.html").write_text(render_html(report, sides, curves, pairs, n), encoding="utf-8")
+    return report
 
 
 def _curves(run_dir: str) -> dict[str, list]:
-    from chatrlhf.logger import read_metrics
-
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UsageError(f"--run {run_dir}: no metrics.jsonl there", "point at the output folder of a training run")
@@ -141,7 +162,7 @@ def _png(fig) -> str:
     return "<img src='data:image/png;base64," + base64.b64encode(buf.getvalue()).decode() + "'>"
 
 
-def _plots(report: dict, curves: dict) -> list[str]:
+def _plots(sides: dict, curves: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,11 +184,12 @@ def _plots(report: dict, curves: dict) -> list[str]:
         fig.tight_layout()
         imgs.append(_png(fig))
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
-    for name, m in report["metrics"].items():
-        if "_scores" in m:
-            ax[0].hist(m["_scores"], bins=20, alpha=0.55, label=name)
-        ax[1].hist(m["_lengths"], bins=20, alpha=0.55, label=name)
-    ax[0].set(title="reward-model scores", xlabel="score")
+    for name, d in sides.items():
+        judge = next((j for j in ("rm", "fn", "similarity") if j in d["scores"]), None)
+        if judge:
+            ax[0].hist([x for x in d["scores"][judge] if x is not None], bins=20, alpha=0.55, label=name)
+        ax[1].hist(d["replies"].lengths, bins=20, alpha=0.55, label=name)
+    ax[0].set(title="scores of the judge (rm, else fn, else ROUGE-L)", xlabel="score")
     ax[1].set(title="reply length", xlabel="tokens")
     for a in ax:
         if a.get_legend_handles_labels()[0]:
@@ -177,31 +199,36 @@ def _plots(report: dict, curves: dict) -> list[str]:
     return imgs
 
 
-def render_html(public: dict, report: dict, curves: dict, prompts, refs, samples) -> str:
-    from chatrlhf.data.records import prompt_key
-
+def render_html(report: dict, sides: dict, curves: dict, pairs, n: int) -> str:
     e = html.escape
-    names = list(public["metrics"])
-    keys = sorted({k for m in public["metrics"].values() for k in m})
-    rows = "".join(f"<tr><td>{e(k)}</td>" + "".join(f"<td>{public['metrics'][n].get(k, float('nan')):.4g}</td>"
-                                                      for n in names) + "</tr>" for k in keys)
-    extra = ""
-    if "win_rate" in public:
-        w = public["win_rate"]
-        extra += f"<p><b>Win rate</b> of the model against the baseline, judged by the reward model: {w['mean']:.3f} " \
+    names = list(report["metrics"])
+    keys = sorted({k for m in report["metrics"].values() for k in m})
+    rows = "".join(f"<tr><td>{e(k)}</td>" + "".join(f"<td>{report['metrics'][m].get(k, float('nan')):.4g}</td>"
+                                                      for m in names) + "</tr>" for k in keys)
+    extra = "".join(f"<p><b>{e(name)}</b>: model {c['model']['mean']:.4g}, baseline {c['baseline']['mean']:.4g}, gain "
+                    f"{c['gain']['mean']:+.4g} (95% CI {c['gain']['ci95'][0]:+.4g} to {c['gain']['ci95'][1]:+.4g}), "
+                    f"win rate {c['win_rate']['mean']:.3f} ({c['win_rate']['ci95'][0]:.3f}–{c['win_rate']['ci95'][1]:.3f})</p>"
+                    for name, c in report.get("rewards", {}).items())
+    if "win_rate" in report:
+        w = report["win_rate"]
+        extra += f"<p><b>Win rate</b> of the model against the baseline, judged by {e(str(w['judge']))}: {w['mean']:.3f} " \
                  f"(95% bootstrap CI {w['ci95'][0]:.3f}–{w['ci95'][1]:.3f})</p>"
-    if "kl_to_baseline" in public:
-        extra += f"<p><b>KL(model ‖ baseline)</b>: {public['kl_to_baseline']['mean']:.3f} nats per reply (mean)</p>"
+    if "kl_to_baseline" in report:
+        k = report["kl_to_baseline"]
+        extra += f"<p><b>KL(model ‖ baseline)</b>: {k['mean']:.3f} nats per reply (95% CI {k['ci95'][0]:.3f}–" \
+                 f"{k['ci95'][1]:.3f})</p>"
     sample_rows = "".join(
-        f"<tr><td>{e(p[-1]['content'])}</td><td>{e(refs[prompt_key(p)][0])}</td>"
-        + "".join(f"<td>{e(samples[n][i])}</td>" for n in names) + "</tr>" for i, p in enumerate(prompts[:12]))
+        f"<tr><td>{e(p[-1]['content'])}</td><td>{e(refs[0] if refs else '')}</td>"
+        + "".join(f"<td>{e(sides[m]['replies'].texts[i * n])}</td>" for m in names) + "</tr>"
+        for i, (p, refs) in enumerate(pairs[:12]))
+    d = report["decoding"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>chatrlhf eval report</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top;font-size:13px}}</style></head><body>
-<h1>chatrlhf eval</h1><p>model <code>{e(str(public['model']))}</code> · baseline <code>{e(str(public['baseline']))}</code>
-· {public['prompts']} held-out prompts from <code>{e(public['data'])}</code> · sampling T={public['decoding']['temperature']},
-{public['decoding']['max_new_tokens']} new tokens</p>{extra}
-<table><tr><th>metric</th>{''.join(f'<th>{e(n)}</th>' for n in names)}</tr>{rows}</table>
-{''.join(_plots(report, curves))}
-<h2>Samples</h2><table><tr><th>prompt</th><th>human reply</th>{''.join(f'<th>{e(n)}</th>' for n in names)}</tr>
+<h1>chatrlhf eval</h1><p>model <code>{e(str(report['model']))}</code> · baseline <code>{e(str(report['baseline']))}</code>
+· {report['prompts']} held-out prompts from <code>{e(report['data'])}</code> ({report['prompt_format']['template']} prompts)
+· {e(d['engine'])}, T={d['temperature']}, {d['max_new_tokens']} new tokens</p>{extra}
+<table><tr><th>metric</th>{''.join(f'<th>{e(m)}</th>' for m in names)}</tr>{rows}</table>
+{''.join(_plots(sides, curves))}
+<h2>Samples</h2><table><tr><th>prompt</th><th>human reply</th>{''.join(f'<th>{e(m)}</th>' for m in names)}</tr>
 {sample_rows}</table></body></html>"""

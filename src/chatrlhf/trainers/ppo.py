@@ -32,6 +32,7 @@ from chatrlhf import losses
 from chatrlhf.config import ModelArgs, PPOConfig, config_dict
 from chatrlhf.data import load_prompts
 from chatrlhf.data.records import prompt_key
+from chatrlhf.data.template import is_plain, prompt_format
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import shared_reply_fraction
 from chatrlhf.evaluate.watch import failure_signs
@@ -62,7 +63,15 @@ def build_rewards(cfg: PPOConfig, log=print) -> RewardMix:
     if not sources:
         raise UsageError("ppo needs at least one reward source",
                          "give --reward-model, --human-feedback, --references or --reward-fn")
-    return RewardMix(sources, parse_schedules(cfg.reward_weights), cfg.reward_norm, cfg.missing_eos_penalty)
+    return RewardMix(sources, parse_schedules(cfg.reward_weights), cfg.reward_norm)
+
+
+def missing_eos_penalty(cfg: PPOConfig, tok) -> float:
+    """--missing-eos-penalty, or by default 1 for chat replies and 0 for plain-text continuations (which need
+    not end within --max-new-tokens)."""
+    if cfg.missing_eos_penalty is not None:
+        return cfg.missing_eos_penalty
+    return 0.0 if is_plain(tok) else 1.0
 
 
 def build_critic(cfg: PPOConfig, tok, hidden_size: int, log=print):
@@ -338,12 +347,14 @@ def train(cfg: PPOConfig, log=print) -> dict:
     train_prompts, eval_prompts = split_prompts(cfg)
     mix = build_rewards(cfg, log)
     policy, tok, ref_ctx, critic, vhead, critic_kind = load_networks(cfg, log)
+    mix.penalty = missing_eos_penalty(cfg, tok)
     device = next(policy.parameters()).device
     n_steps = total_steps(cfg.max_steps, cfg.epochs, max(1, len(train_prompts) // cfg.batch_size))
     parts = optimisers(cfg, policy, vhead, critic, n_steps)
     log(f"chatrlhf ppo: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts, {n_steps} steps × "
         f"{cfg.batch_size * cfg.samples_per_prompt} replies, reward sources {', '.join(mix.sources)}, critic "
-        f"{critic_kind}, {count_parameters(policy)[1]:,} trainable policy parameters, device {device}")
+        f"{critic_kind}, {'plain-text' if is_plain(tok) else 'chat'} prompts, missing-EOS penalty {mix.penalty:g}, "
+        f"{count_parameters(policy)[1]:,} trainable policy parameters, device {device}")
     gens = {"sample": generator(cfg.seed, device), "shuffle": generator(cfg.seed + 1)}
     step, resumed = start_or_resume(out, parts, cfg.resume, gens, name="ppo", log=log)
     state = {"beta": cfg.kl_coef, "moments": {}, "history": [], "eval_start": None, "eval_norm": None, **resumed}
@@ -354,12 +365,16 @@ def train(cfg: PPOConfig, log=print) -> dict:
         state["eval_start"] = evaluate(policy, ref_ctx, tok, eval_prompts, cfg, mix, state, n_steps)
         logger.log(0, state["eval_start"])
     samples = _open_samples(out / "samples.jsonl", step if cfg.resume else None)
+    deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
     with StopFlag() as stop, progress_bar(cfg.quiet) as bar:
         task = bar.add_task("ppo", total=n_steps, completed=step, info="")
         while step < n_steps:
             raw = ppo_step(step, policy, ref_ctx, critic, vhead, tok, train_prompts, cfg, mix, parts, gens, state,
                            calibrate=step == 0 and critic_kind == "reward-model", log=log)
             step += 1
+            if time.perf_counter() > deadline and step < n_steps:
+                log(f"chatrlhf ppo: --max-minutes {cfg.max_minutes:g} reached at step {step} of {n_steps}")
+                n_steps = state["stopped_at"] = step  # this step is the last: evaluated and saved as an end
             rows = _samples(step, raw.pop("_rollout"), raw, cfg.sample_rows)
             samples.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
             samples.flush()
@@ -480,7 +495,8 @@ def _finish(cfg: PPOConfig, policy, critic, tok, out: Path, state: dict, step: i
     final = [m for m in read_metrics(out) if "eval/reward" in m]
     summary = {"command": "ppo", "steps": step, "eval_start": state.get("eval_start"),
                "eval_end": {k: v for k, v in final[-1].items() if k.startswith("eval/")} if final else None,
-               "beta": state["beta"], "chat_template": cfg.chat_template, "data": file_hashes(cfg.data),
+               "stopped_by_time": state.get("stopped_at") == step, "beta": state["beta"], "chat_template": cfg.chat_template, "prompt_format": prompt_format(tok),
+               "missing_eos_penalty": missing_eos_penalty(cfg, tok), "data": file_hashes(cfg.data),
                "config": config_dict(cfg)}
     (out / "chatrlhf.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -25,6 +25,7 @@ from chatrlhf.data.formats import parse_turns
 from chatrlhf.data.pairs import build_pairs
 from chatrlhf.data.readers import read_rows
 from chatrlhf.data.split import group_hash
+from chatrlhf.data.template import prompt_format
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.reward_eval import HELD_OUT, evaluate_pairs, verdict, write_report
 from chatrlhf.logger import MetricsLogger
@@ -193,6 +194,6 @@ def _finish(cfg: RewardTrainConfig, model, tok, out: Path, logger, step: int, tr
     summary = {"command": "reward train", "steps": step, "pairs": dict(counts), "held_out_pairs": len(eval_pairs),
                "accuracy": metrics["accuracy"], "ece": metrics["ece"], "split": split, "gate": gate,
                "training": {"files": file_hashes(cfg.data), "prompt_groups": sorted({group_hash(p) for p in train_pairs})},
-               "config": config_dict(cfg)}
+               "prompt_format": prompt_format(tok), "config": config_dict(cfg)}
     (out / "chatrlhf.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

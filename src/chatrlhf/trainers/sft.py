@@ -21,7 +21,7 @@ import torch
 from chatrlhf import losses
 from chatrlhf.config import SFTConfig, config_dict
 from chatrlhf.data import as_conversations, load_records, split_by_prompt
-from chatrlhf.data.template import IGNORE, Tokenized, tokenize_conversation
+from chatrlhf.data.template import IGNORE, Tokenized, prompt_format, tokenize_conversation
 from chatrlhf.errors import UsageError
 from chatrlhf.logger import MetricsLogger, read_metrics
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model, unwrap
@@ -186,6 +186,6 @@ def _finish(cfg: SFTConfig, model, tok, out: Path, state: dict, step: int) -> di
     final = [m for m in read_metrics(out) if "eval/loss" in m]
     summary = {"command": "sft", "steps": step, "tokens": state["tokens"],
                "eval_loss_start": state.get("first_eval_loss"), "eval_loss_end": final[-1]["eval/loss"] if final else None,
-               "data": file_hashes(cfg.data), "chat_template": cfg.chat_template, "config": config_dict(cfg)}
+               "data": file_hashes(cfg.data), "chat_template": cfg.chat_template, "prompt_format": prompt_format(tok), "config": config_dict(cfg)}
     (out / "chatrlhf.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
