@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
+	.ci/audit
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout 900 --durations=8 tests
 
 demo: $(STAMP)

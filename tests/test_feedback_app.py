@@ -72,7 +72,7 @@ def test_annotators_see_only_their_items_and_never_admin_pages(app_store):
     ann, bob, vic = client_for(app, "ann"), client_for(app, "bob"), client_for(app, "vic")
     item = ann.get("/next").headers["location"]
     assert ann.get(item).status_code == 200
-    assert bob.get(item).status_code == 403  # leased by ann, not by bob
+    assert bob.get(item).status_code == 404  # leased by ann, not by bob: as if it did not exist
     for c in (ann, vic):
         assert c.get("/admin").status_code == 403
         assert c.get("/admin/export.zip").status_code == 403
@@ -108,6 +108,8 @@ def test_bad_input_gets_4xx_and_double_submits_store_one_answer(app_store):
     token = csrf_of(ann.get(item).text)
     api = "/api" + item.replace("/item", "/items")
     h = {"x-csrf-token": token}
+    assert ann.post(api, content=b'{"choice": "a"}', headers=h).status_code == 415  # JSON writes only as JSON
+    h["content-type"] = "application/json"
     assert ann.post(api, content=b"{not json", headers=h).status_code == 400
     assert ann.post(api, content=b"[1, 2]", headers=h).status_code == 400
     assert ann.post(api, json={"choice": "maybe"}, headers=h).status_code == 400

@@ -104,3 +104,59 @@ def test_annotate_with_the_keyboard_then_export(server):
     assert [p["tie"] for p in prefs if p["source"] == "feedback"] == [True]
     assert [(p["chosen"], p["rejected"]) for p in prefs if p["source"] == "correction"] == \
         [("Hi! How can I help you today?", "Hullo")]
+
+
+HOSTILE = ["<script>window.__pwned = 1</script>", '<img src=x onerror="window.__pwned = 1">', "{{ 7 * 7 }} {% if 1 %}x{% endif %}",
+           "'; DROP TABLE users; --", "nul\x00byte", "rtl \u202eevil\u202c end", "javascript:window.__pwned=1",
+           "big " + "x" * 100_000]
+
+
+def test_hostile_strings_stay_inert_through_import_answer_admin_and_export(server):
+    """Script tags, template syntax, SQL, NUL, RTL override and a 100 kB string: uploaded through the admin's import,
+    answered in the item page, listed on the admin page and exported — rendered in Chromium under the CSP with no
+    script run, and stored and exported exactly."""
+    from playwright.sync_api import sync_playwright
+
+    url, store, tmp = server
+    records = "".join(json.dumps({"prompt": h, "response": h, "score": 3}) + "\n" for h in HOSTILE).encode()
+    store.add_user("<b>mallory</b> {{x}}", "correct horse")
+    ran = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        admin = browser.new_context(accept_downloads=True).new_page()
+        admin.on("dialog", lambda d: (ran.append(d.message), d.dismiss()))
+        admin.goto(url + "/login")
+        admin.fill("input[name=name]", "boss")
+        admin.fill("input[name=password]", "correct horse")
+        admin.click("input[type=submit]")
+        csrf = admin.locator("input[name=csrf]").first.get_attribute("value")
+        r = admin.request.post(url + "/admin/import", max_redirects=0, multipart={
+            "csrf": csrf, "kind": "correct", "records": {"name": "hostile.jsonl", "mimeType": "application/json",
+                                                          "buffer": records}})
+        assert r.status == 303 and "imported=8" in r.headers["location"], r.text()
+        admin.goto(url + "/admin")
+        assert "<b>mallory</b> {{x}}" in admin.locator("#users").inner_text()  # shown as text, not bold
+        assert "default-src 'none'" in admin.request.get(url + "/admin").headers["content-security-policy"]
+        seen = 0
+        while True:  # the admin answers every imported item, seeing each hostile prompt and reply
+            admin.goto(url + "/next?kind=correct")
+            if "/item/" not in admin.url:
+                break
+            seen += 1
+            assert admin.evaluate("window.__pwned") is None
+            box = admin.locator("#corrected")
+            box.fill(box.input_value() + " (checked)")
+            box.press("Control+Enter")
+        assert seen >= len(HOSTILE) and "49" not in admin.locator("main").inner_text()
+        admin.goto(url + "/admin")
+        with admin.expect_download() as dl:
+            admin.click("#export")
+        dl.value.save_as(tmp / "export.zip")
+        assert admin.evaluate("window.__pwned") is None
+        browser.close()
+    assert ran == []
+    rows = [json.loads(x) for x in zipfile.ZipFile(tmp / "export.zip").read("corrections.jsonl").decode().splitlines()]
+    rows = [r for r in rows if r["response"] != "Hullo"]  # the fixture's own item
+    assert sorted(r["response"] for r in rows) == sorted(HOSTILE)  # stored and exported exactly, NUL included
+    # (a browser's text box shows NUL as U+FFFD, so the typed corrections carry that instead)
+    assert sorted(r["corrected"] for r in rows) == sorted(h.replace("\x00", "\ufffd") + " (checked)" for h in HOSTILE)

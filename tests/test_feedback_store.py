@@ -23,12 +23,12 @@ def compare_item(store, k=1, prompt="Which is better?", gold=None):
 
 
 def test_schema_is_made_by_alembic_and_upgrade_is_idempotent(store):
-    assert current(store.engine) == "0003"
+    assert current(store.engine) == "0004"
     tables = set(inspect(store.engine).get_table_names())
     assert {"users", "prompts", "replies", "items", "assignments", "ratings", "comparisons", "corrections",
             "events", "alembic_version"} <= tables
     store.upgrade()
-    assert current(store.engine) == "0003"
+    assert current(store.engine) == "0004"
 
 
 def test_migrating_a_0001_database_keeps_its_answers_and_marks_filled_items(tmp_path):
@@ -49,7 +49,7 @@ def test_migrating_a_0001_database_keeps_its_answers_and_marks_filled_items(tmp_
         c.exec_driver_sql("INSERT INTO assignments (item_id, user_id, leased_at, expires_at, done) "
                           "VALUES (1, 1, '2026-01-01', '2026-01-01', 1)")
     store = Store(str(tmp_path / "old.db"))
-    assert current(store.engine) == "0003"
+    assert current(store.engine) == "0004"
     with store.session() as s:
         assert [(i.id, i.filled, i.held_until) for i in s.scalars(select(Item).order_by(Item.id))] == \
             [(1, True, None), (2, False, None)]
@@ -82,7 +82,7 @@ def test_each_item_gets_exactly_k_answers_and_double_submits_are_not_duplicated(
     assert store.lease(c) is None
     with pytest.raises(FeedbackError) as e:
         store.submit(c, item, choice="a")  # never leased it
-    assert e.value.status == 403
+    assert e.value.status == 404  # not yours: the same answer as for an id that does not exist
     with store.session() as s:
         assert s.scalar(select(func.count()).select_from(Comparison)) == 2
         assert s.scalar(select(Comparison.choice).where(Comparison.user_id == a)) == "a"
@@ -231,7 +231,7 @@ def test_lease_many_gives_held_items_first_then_the_oldest_open_ones_of_the_kind
     assert (views[0]["a"], views[0]["b"]) == ("reply A", "reply B")
     with pytest.raises(FeedbackError) as e:
         store.item_views(items[:3], a, "annotator")  # item 2 is b's
-    assert e.value.status == 403
+    assert e.value.status == 404  # not yours: the same answer as for an id that does not exist
 
 
 def test_the_background_checkpointer_moves_the_log_into_the_database_file(tmp_path):

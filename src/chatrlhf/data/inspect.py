@@ -19,7 +19,8 @@ def texts_of(rec) -> list[tuple[str, list[dict]]]:
                 ("rejected", rec.prompt + [{"role": "assistant", "content": rec.rejected}])]
     if isinstance(rec, Rating):
         return [("rated", rec.prompt + [{"role": "assistant", "content": rec.response}])]
-    assert isinstance(rec, Correction)
+    if not isinstance(rec, Correction):
+        raise TypeError(f"no views of a {type(rec).__name__}")
     return [("original", rec.prompt + [{"role": "assistant", "content": rec.response}]),
             ("corrected", rec.prompt + [{"role": "assistant", "content": rec.corrected}])]
 

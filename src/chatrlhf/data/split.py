@@ -17,7 +17,7 @@ def group_key(record) -> str:
 def group_hash(record) -> str:
     """A short hash of a record's prompt group, kept with a trained model so that later commands can tell the
     prompts it was trained on (`reward eval` refuses them)."""
-    return hashlib.sha1(group_key(record).encode()).hexdigest()[:16]
+    return hashlib.sha1(group_key(record).encode(), usedforsecurity=False).hexdigest()[:16]
 
 
 def split_by_prompt(records: list, eval_fraction: float, seed: int = 0) -> tuple[list, list]:
@@ -27,7 +27,8 @@ def split_by_prompt(records: list, eval_fraction: float, seed: int = 0) -> tuple
     for r in records:
         groups.setdefault(group_key(r), []).append(r)
     keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
+    # a reproducible data split, not a secret:
+    random.Random(seed).shuffle(keys)  # nosec B311
     n_eval = max(1, round(eval_fraction * len(keys))) if len(keys) > 1 else 0
     eval_keys = set(keys[:n_eval])
     train = [r for r in records if group_key(r) not in eval_keys]

@@ -15,7 +15,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from chatrlhf.data.template import prompt_format, render
@@ -47,9 +46,9 @@ def check_prompt_format(model_dir: str, tok, flag: str = "--model") -> None:
     if now["template"] != want["template"] or want.get("sha256", now["sha256"]) != now["sha256"]:
         hint = ("drop --no-chat-template" if want["template"] == "chat"
                 else "the folder's tokenizer should carry the plain template: re-save it from the trainer's output")
+        other = " with another chat template" if now["template"] == want["template"] else ""
         raise UsageError(f"{flag} {model_dir}: trained on {want['template']} prompts (its chatrlhf.json), but would be "
-                         f"evaluated on {now['template']} prompts{' with another chat template' * (now['template'] == want['template'])}"
-                         " — the figures would measure another task", hint)
+                         f"evaluated on {now['template']} prompts{other} — the figures would measure another task", hint)
 
 
 def encode(tok, prompts: list[list[dict]], max_prompt_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +103,7 @@ def reply_logprobs(model, q, qm, r, rm, temperature: float = 1.0, dtype: str = "
 
 @torch.no_grad()
 def kl_per_reply(model, base, replies: Replies, temperature: float, dtype: str = "auto") -> list[float]:
-    """Σ_t log π(y_t) − log π_base(y_t) over each of ``model``'s replies: an unbiased estimate of KL(π ‖ π_base)."""
+    """Σ_t log π(y_t) − log π_base(y_t) over each of ``model``'s replies: unbiased for KL(π ‖ π_base)."""
     out = []
     for q, qm, r, rm in replies.batches:
         out += (reply_logprobs(model, q, qm, r, rm, temperature, dtype)

@@ -80,7 +80,8 @@ def side(model, tok, pairs, n: int, sources: dict, embed, cfg: EvalConfig, bar, 
             d[key] = float(np.mean(seen))
     with_refs = [(p, refs[0]) for p, refs in pairs if refs]
     if with_refs:
-        d["human_reply_nll"] = reference_nll(model, tok, with_refs, cfg.max_prompt_length + cfg.max_new_tokens, cfg.dtype)
+        d["human_reply_nll"] = reference_nll(model, tok, with_refs, cfg.max_prompt_length + cfg.max_new_tokens,
+                                             cfg.dtype)
     if embed is not None:
         d["embedding_cosine"] = float(np.mean([x for x in embed(prompts, replies.texts) if x is not None]))
     return {"replies": replies, "scores": scores, "metrics": d}

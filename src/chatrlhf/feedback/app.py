@@ -4,10 +4,14 @@ Pages: log in; the next item (rate a reply 1–5 / thumbs, compare two replies s
 A / B / Tie / Both bad, correct a reply) with keyboard shortcuts; progress; the admin page (users,
 import, agreement and reliability, export). A JSON API (``/api/…``) does the same for scripts.
 
-Security: argon2 password hashes (store.py); a signed session cookie, HttpOnly and SameSite=Strict
-(Secure in production); a CSRF token on every form and API write; roles checked on the server for every
-route; annotators reach only the items assigned to them; login attempts rate-limited; request bodies
-capped; the store uses parameterised SQL only. Errors are 4xx pages or JSON, never tracebacks.
+Security: argon2 password hashes, checked in the same time for unknown names (store.py); a signed session cookie,
+HttpOnly and SameSite=Strict (Secure in production), carrying the user's session version, so that logging out or
+being switched off ends every session; a CSRF token on every form and API write, and JSON writes only as JSON
+from this origin; roles checked on the server for every route; annotators reach only the items assigned to them
+(others answer 404, like ids that do not exist); one log-in limiter on every log-in route (security.py); every
+body validated (pydantic models for JSON, text-only form fields), request bodies capped; CSP with a per-request
+script nonce and the other security headers on every response; the store uses parameterised SQL only. Errors
+are 4xx pages or JSON, never tracebacks.
 """
 
 from __future__ import annotations
@@ -18,26 +22,59 @@ import secrets
 import tempfile
 import time
 import zipfile
-from collections import defaultdict, deque
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Annotated, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
+from chatrlhf.feedback.security import DeviceCookies, LoginLimiter, SecurityHeaders, check_json_write
 from chatrlhf.feedback.store import FeedbackError, Store
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MAX_BODY = 256 * 1024          # bytes per request (imports included)
-LOGIN_LIMIT = (5, 60.0)        # failed log-ins per (address, name) per seconds
+MIN_SECRET = 32               # characters of CHATRLHF_SECRET in production (secrets.token_urlsafe(32) gives 43)
+MAX_ID = 2**63 - 1             # ids are 64-bit: larger path ids are a 400, not an overflow
+ItemId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 USER_TTL = 2.0                 # seconds a session's user record is reused before it is read again
 GUIDELINES = """Prefer the reply that is helpful, honest and harmless. Judge what the user asked for, not length.
 Tie: both equally good. Both bad: neither is acceptable. A correction should be the reply you would want."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class AnswerBody(Strict):
+    """An answer through the JSON API; the store checks it against the item's kind."""
+    score: float | None = Field(None, ge=1, le=5)
+    thumbs: Literal[-1, 1] | None = None
+    choice: Literal["a", "b", "tie", "both_bad"] | None = None
+    confidence: float | None = Field(None, ge=0, le=1)
+    corrected: str | None = Field(None, max_length=100_000)
+    reason: str | None = Field(None, max_length=4000)
+
+
+class LoginBody(Strict):
+    name: str = Field(max_length=64)
+    password: str = Field(max_length=1024)
+
+
+def parsed(model: type[BaseModel], data: dict):
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise FeedbackError("bad request: " + "; ".join(f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}"
+                                                         for x in e.errors()), status=400) from None
 
 
 class BodyLimit:
@@ -78,8 +115,10 @@ def from_env() -> FastAPI:
 
 def create_app(store: Store, secret: str | None = None, production: bool = False, k_default: int = 1,
                guidelines: str = GUIDELINES, models: list[str] | tuple = (), max_new_tokens: int = 128) -> FastAPI:
-    if production and not secret:
-        raise FeedbackError("production mode needs a session secret", "set CHATRLHF_SECRET")
+    if production and (not secret or len(secret) < MIN_SECRET):
+        raise FeedbackError(f"production mode needs a session secret of at least {MIN_SECRET} random characters",
+                            "set CHATRLHF_SECRET, e.g. to the output of "
+                            "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
     if production and not any(u.role == "admin" for u in store.users()):
         raise FeedbackError("production mode needs an admin and has no default password",
                             "create one first: chatrlhf feedback add-user --role admin --name …")
@@ -90,10 +129,12 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
             yield
 
     app = FastAPI(title="chatrlhf feedback", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.add_middleware(SessionMiddleware, secret_key=secret or secrets.token_urlsafe(32),
-                       session_cookie="chatrlhf_session", same_site="strict", https_only=production,
-                       max_age=12 * 3600)
+    secret = secret or secrets.token_urlsafe(32)
+    app.add_middleware(SessionMiddleware, secret_key=secret, session_cookie="chatrlhf_session", same_site="strict",
+                       https_only=production, max_age=12 * 3600)
     app.add_middleware(BodyLimit, limit=MAX_BODY)  # (FastAPI's max_body_size answers a bare "Content Too Large")
+    app.add_middleware(SecurityHeaders, production=production)
+    limiter, devices = LoginLimiter(), DeviceCookies(secret, production)
     pages = Jinja2Templates(directory=str(TEMPLATES))  # .html templates autoescape
     if len(models) > 2:
         raise FeedbackError("at most two --model (two models make compare items)")
@@ -102,7 +143,6 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         from chatrlhf.feedback.writers import ReplyWriter
 
         writers = [ReplyWriter(m, max_new_tokens) for m in models]
-    failures: dict[tuple, deque] = defaultdict(deque)
 
     # ------------------------------------------------------------------ helpers
 
@@ -137,34 +177,59 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
             if time.monotonic() - at > USER_TTL:
                 user = await blocking(store.user, uid)
                 users[uid] = (user, time.monotonic())
-        if user is None or not user.active:
-            raise FeedbackError("log in first", status=401)
+        if user is None or not user.active or request.session.get("sv") != user.session_version:
+            raise FeedbackError("log in first", status=401)  # (logged out, switched off, or a session from before)
         if roles and user.role not in roles:
             raise FeedbackError(f"this needs the {' or '.join(roles)} role", status=403)
         return user
 
-    async def form(request: Request) -> dict:
+    async def form(request: Request, files: tuple = ()) -> dict:
+        """The form's fields, each text (a file only in a field named in ``files``)."""
         try:
             data = await request.form()
         except Exception:  # noqa: BLE001 - malformed multipart or urlencoded body
             raise FeedbackError("malformed form", status=400) from None
+        for k, v in data.multi_items():
+            if isinstance(v, UploadFile) and k not in files:
+                raise FeedbackError(f"form field {k!r} must be text, not a file", status=400)
         return {k: v for k, v in data.items()}
 
     async def body_json(request: Request) -> dict:
+        """A JSON object body, sent as JSON from this origin (see security.check_json_write)."""
+        check_json_write(request)
         try:
             data = json.loads(await request.body() or b"{}")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise FeedbackError("malformed JSON body", status=400) from None
         if not isinstance(data, dict):
             raise FeedbackError("the JSON body must be an object", status=400)
         return data
 
+    async def log_in(request: Request, name: str, password: str):
+        """The one log-in path of every route: the limiter, one argon2 check (in a thread), a fresh session."""
+        trusted = devices.trusted(request, name)
+        limiter.check(name, trusted)
+        user = await run_in_threadpool(store.authenticate, name, password)  # ~0.1 s of argon2
+        if user is None:
+            limiter.failed(name, trusted)
+            return None
+        request.session.clear()
+        request.session.update(uid=user.id, sv=user.session_version, csrf=secrets.token_urlsafe(32))
+        return user
+
+    async def log_out(request: Request) -> None:
+        uid = request.session.get("uid")
+        if isinstance(uid, int):
+            await blocking(store.end_sessions, uid)
+            users.pop(uid, None)
+        request.session.clear()
+
     async def render(request: Request, name: str, user=None, status: int = 200, **ctx):
         progress = await blocking(store.progress, user.id) if user is not None else None
         overall = await blocking(store.progress)
         return pages.TemplateResponse(request, name, {"user": user, "csrf": csrf_token(request), "progress": progress,
-                                                      "overall": overall, "guidelines": guidelines, **ctx},
-                                      status_code=status)
+                                                      "overall": overall, "guidelines": guidelines,
+                                                      "csp_nonce": request.state.csp_nonce, **ctx}, status_code=status)
 
     # ------------------------------------------------------------------ errors: 4xx, never a traceback
 
@@ -195,25 +260,17 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
     async def login(request: Request):
         data = await form(request)
         check_csrf(request, data.get("csrf"))
-        name = str(data.get("name", ""))[:64]
-        key = (request.client.host if request.client else "", name)
-        recent = failures[key]
-        while recent and recent[0] < time.monotonic() - LOGIN_LIMIT[1]:
-            recent.popleft()
-        if len(recent) >= LOGIN_LIMIT[0]:
-            raise FeedbackError("too many failed log-ins; wait a minute", status=429)
-        user = await run_in_threadpool(store.authenticate, name, str(data.get("password", "")))  # ~0.1 s of argon2
+        user = await log_in(request, data.get("name", "")[:64], data.get("password", "")[:1024])
         if user is None:
-            recent.append(time.monotonic())
             return await render(request, "login.html", status=401, message="wrong name or password")
-        request.session.clear()
-        request.session.update(uid=user.id, csrf=secrets.token_urlsafe(32))
-        return RedirectResponse("/admin" if user.role == "admin" else "/next", 303)
+        response = RedirectResponse("/admin" if user.role == "admin" else "/next", 303)
+        devices.set(response, user.name)
+        return response
 
     @app.post("/logout")
     async def logout(request: Request):
         check_csrf(request, (await form(request)).get("csrf"))
-        request.session.clear()
+        await log_out(request)
         return RedirectResponse("/login", 303)
 
     # ------------------------------------------------------------------ annotation
@@ -225,7 +282,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
                                 else "/progress", 303)
 
     @app.get("/next")
-    async def next_item(request: Request, kind: str | None = None):
+    async def next_item(request: Request, kind: Literal["rate", "compare", "correct"] | None = None):
         user = await user_of(request, "annotator", "admin")
         item = await blocking(store.lease, user.id, kind)
         if item is None:
@@ -233,7 +290,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         return RedirectResponse(f"/item/{item}", 303)
 
     @app.get("/item/{item_id}", response_class=HTMLResponse)
-    async def item_page(request: Request, item_id: int):
+    async def item_page(request: Request, item_id: ItemId):
         user = await user_of(request, "annotator", "admin")
         view = await blocking(store.item_view, item_id, user.id, user.role)
         order = request.session.setdefault("order", {})
@@ -267,7 +324,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         return out
 
     @app.post("/item/{item_id}")
-    async def submit_form(request: Request, item_id: int):
+    async def submit_form(request: Request, item_id: ItemId):
         user = await user_of(request, "annotator", "admin")
         data = await form(request)
         check_csrf(request, data.get("csrf"))
@@ -318,12 +375,8 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         data = await form(request)
         check_csrf(request, data.get("csrf"))
         writer()
-        try:
-            k = int(data.get("k") or k_default)
-        except ValueError:
-            raise FeedbackError("k must be a whole number", status=400) from None
-        limit = str(data.get("limit") or "")
-        todo = store.prompts_without_replies(int(limit) if limit.isdigit() else 50)
+        k = whole(data.get("k"), k_default, "k", 1, 100)
+        todo = store.prompts_without_replies(whole(data.get("limit"), 50, "limit", 1, 10_000))
         outs = [await run_in_threadpool(w.write, [m for _, m in todo]) for w in writers] if todo else []
         for n, (pid, _) in enumerate(todo):
             ids = [store.add_reply(pid, **o[n]) for o in outs]
@@ -343,33 +396,41 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         return {"user": user.name, "role": user.role, "csrf": csrf_token(request)}
 
     @app.get("/api/next")
-    async def api_next(request: Request, kind: str | None = None, count: int = 1):
+    async def api_next(request: Request, kind: Literal["rate", "compare", "correct"] | None = None,
+                       count: Annotated[int, Query(ge=1, le=100)] = 1):
         """Lease up to ``count`` (≤ 100) items: {"items": [{id, kind, messages, a, b}, …]}."""
         user = await user_of(request, "annotator", "admin")
         items = await blocking(store.lease_many, user.id, count, kind)
         return JSONResponse({"items": await blocking(store.item_views, items, user.id, user.role) if items else []})
 
     @app.post("/api/items/{item_id}")
-    async def api_submit(request: Request, item_id: int):
+    async def api_submit(request: Request, item_id: ItemId):
         """Answer an item: {"score": 1–5, "thumbs": ±1} | {"choice": "a"|"b"|"tie"|"both_bad", "confidence": 0–1}
         | {"corrected": "…"}, plus an optional "reason". 201 when stored, 200 for a repeat (the first stands)."""
         user = await user_of(request, "annotator", "admin")
         check_csrf(request, request.headers.get("x-csrf-token"))
-        data = await body_json(request)
-        fields = {k: data[k] for k in ("score", "thumbs", "choice", "confidence", "corrected", "reason") if k in data}
-        answer_id, created = await blocking(store.submit, user.id, item_id, **fields)
+        answer = parsed(AnswerBody, await body_json(request))
+        answer_id, created = await blocking(store.submit, user.id, item_id, **answer.model_dump(exclude_unset=True))
         return JSONResponse({"answer": answer_id, "created": created}, 201 if created else 200)
 
     @app.post("/api/login")
     async def api_login(request: Request):
-        data = await body_json(request)
-        user = await run_in_threadpool(store.authenticate, str(data.get("name", ""))[:64],
-                                       str(data.get("password", "")))
+        body = parsed(LoginBody, await body_json(request))
+        user = await log_in(request, body.name, body.password)
         if user is None:
             raise FeedbackError("wrong name or password", status=401)
-        request.session.clear()
-        request.session.update(uid=user.id, csrf=secrets.token_urlsafe(32))
-        return {"user": user.name, "role": user.role, "csrf": request.session["csrf"]}
+        response = JSONResponse({"user": user.name, "role": user.role, "csrf": request.session["csrf"]})
+        devices.set(response, user.name)
+        return response
+
+    @app.post("/api/logout")
+    async def api_logout(request: Request):
+        """End every session of this user (the cookie and its CSRF token stop working everywhere)."""
+        await user_of(request)
+        check_csrf(request, request.headers.get("x-csrf-token"))
+        check_json_write(request)
+        await log_out(request)
+        return {"logged_out": True}
 
     # ------------------------------------------------------------------ admin
 
@@ -397,7 +458,7 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         return RedirectResponse("/admin", 303)
 
     @app.post("/admin/users/{user_id}")
-    async def change_user(request: Request, user_id: int):
+    async def change_user(request: Request, user_id: ItemId):
         admin_user = await user_of(request, "admin")
         data = await form(request)
         check_csrf(request, data.get("csrf"))
@@ -412,31 +473,34 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
     @app.post("/admin/import")
     async def import_items(request: Request):
         await user_of(request, "admin")
-        data = await form(request)
+        data = await form(request, files=("records",))
         check_csrf(request, data.get("csrf"))
         from types import SimpleNamespace
 
         from chatrlhf.errors import ChatRLHFError
         from chatrlhf.feedback.cli import import_file
 
-        text = data.get("records")
-        if hasattr(text, "read"):  # an uploaded file
-            text = (await text.read()).decode("utf-8", errors="replace")
+        text, source = data.get("records") or "", "web import (pasted)"
+        if isinstance(text, UploadFile):
+            source = f"web import: {(text.filename or 'upload')[:200]}"
+            try:
+                text = (await text.read()).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise FeedbackError(f"records: not UTF-8 text (byte {e.start})", status=400) from None
+        cfg = SimpleNamespace(kind=data.get("kind") or "auto", k=whole(data.get("k"), k_default, "k", 1, 100),
+                              round=whole(data.get("round"), 0, "round", 0, 1_000_000), model="imported")
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "import.jsonl"
-            path.write_text(str(text or ""), encoding="utf-8")
+            path.write_text(text, encoding="utf-8")
             try:
-                k = int(data.get("k") or k_default)
-                counts = import_file(store, SimpleNamespace(data=str(path), kind=data.get("kind") or "auto", k=k,
-                                                            round=int(data.get("round") or 0), model="imported"))
-            except ValueError:
-                raise FeedbackError("k and round must be whole numbers", status=400) from None
+                counts = import_file(store, SimpleNamespace(data=str(path), **vars(cfg)), source=source)
             except ChatRLHFError as e:
                 raise FeedbackError(str(e).replace(str(path), "records"), status=400) from None
         return RedirectResponse(f"/admin?imported={counts['items']}", 303)
 
     @app.get("/admin/export.zip")
-    async def export_zip(request: Request, rule: str = "all", eval_fraction: float = 0.0):
+    async def export_zip(request: Request, rule: Literal["all", "majority", "bt"] = "all",
+                         eval_fraction: Annotated[float, Query(ge=0, lt=1, allow_inf_nan=False)] = 0.0):
         await user_of(request, "admin")
         from chatrlhf.feedback.export import export
 
@@ -454,3 +518,11 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
                         headers={"Content-Disposition": 'attachment; filename="chatrlhf-feedback.zip"'})
 
     return app
+
+
+def whole(value, default: int, name: str, low: int, high: int) -> int:
+    """A whole-number form field within [low, high] (400 naming the field otherwise)."""
+    text = str(value if value not in (None, "") else default).strip()
+    if not text.lstrip("-").isdigit() or len(text) > 12 or not low <= int(text) <= high:
+        raise FeedbackError(f"{name} must be a whole number from {low} to {high:,}", status=400)
+    return int(text)

@@ -8,6 +8,8 @@ import os
 import secrets
 import sys
 
+from chatrlhf.data.formats import load_records
+from chatrlhf.data.records import Conversation, Correction, Preference, Rating
 from chatrlhf.errors import UsageError
 
 
@@ -70,22 +72,30 @@ def run(sub: str, cfg) -> int:
     return 0
 
 
-def import_file(store, cfg) -> dict:
-    """Records of any chatrlhf format → prompts, replies (with provenance) and items."""
-    from chatrlhf.data.formats import load_records
-    from chatrlhf.data.records import Conversation, Correction, Preference, Rating
+KINDS = ("auto", "rate", "compare", "correct")
+MAX_K, MAX_ROUND = 100, 1_000_000
 
+
+def import_file(store, cfg, source: str | None = None) -> dict:
+    """Records of any chatrlhf format → prompts, replies (with provenance) and items, in one transaction: a file
+    that fails half-way leaves nothing behind. ``source`` is recorded with each prompt (default: the path)."""
     if not cfg.data:
         raise UsageError("--data is required")
-    if cfg.k < 1:
-        raise UsageError(f"--k {cfg.k}: must be ≥ 1")
+    if cfg.kind not in KINDS:
+        raise UsageError(f"--kind {cfg.kind!r}: not one of {', '.join(KINDS)}")
+    if not 1 <= cfg.k <= MAX_K:
+        raise UsageError(f"--k {cfg.k}: must be 1–{MAX_K}")
+    if not 0 <= cfg.round <= MAX_ROUND:
+        raise UsageError(f"--round {cfg.round}: must be 0–{MAX_ROUND:,}")
+    records = load_records(cfg.data).records  # every record parsed before anything is written
+    source = source or cfg.data
     counts = {"prompts": 0, "replies": 0, "items": 0}
     prompt_ids: dict[str, int] = {}
 
     def prompt(messages):
         key = json.dumps(messages, sort_keys=True)
         if key not in prompt_ids:
-            prompt_ids[key] = store.add_prompt(messages, source=cfg.data, round=cfg.round)
+            prompt_ids[key] = store.add_prompt(messages, source=source, round=cfg.round)
             counts["prompts"] += 1
         return prompt_ids[key]
 
@@ -97,17 +107,22 @@ def import_file(store, cfg) -> dict:
         counts["items"] += 1
         return store.add_item(kind, a, b, k=cfg.k, round=cfg.round)
 
-    for rec in load_records(cfg.data).records:
-        if isinstance(rec, Preference) and cfg.kind in ("auto", "compare"):
-            pid = prompt(rec.prompt)
-            item("compare", reply(pid, rec.chosen), reply(pid, rec.rejected))
-        elif isinstance(rec, (Preference, Rating, Correction)):
-            pid = prompt(rec.prompt)
-            for text in ([rec.chosen, rec.rejected] if isinstance(rec, Preference) else [rec.response]):
-                item("correct" if cfg.kind == "correct" else "rate", reply(pid, text))
-        elif isinstance(rec, Conversation):
-            if rec.messages and rec.messages[-1]["role"] == "assistant":
-                item("correct" if cfg.kind == "correct" else "rate", reply(prompt(rec.prompt), rec.messages[-1]["content"]))
-            else:
-                prompt(rec.messages)
+    with store.transaction():
+        for rec in records:
+            _import_one(rec, cfg.kind, prompt, reply, item)
     return counts
+
+
+def _import_one(rec, kind: str, prompt, reply, item) -> None:
+    if isinstance(rec, Preference) and kind in ("auto", "compare"):
+        pid = prompt(rec.prompt)
+        item("compare", reply(pid, rec.chosen), reply(pid, rec.rejected))
+    elif isinstance(rec, (Preference, Rating, Correction)):
+        pid = prompt(rec.prompt)
+        for text in ([rec.chosen, rec.rejected] if isinstance(rec, Preference) else [rec.response]):
+            item("correct" if kind == "correct" else "rate", reply(pid, text))
+    elif isinstance(rec, Conversation):
+        if rec.messages and rec.messages[-1]["role"] == "assistant":
+            item("correct" if kind == "correct" else "rate", reply(prompt(rec.prompt), rec.messages[-1]["content"]))
+        else:
+            prompt(rec.messages)

@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -43,10 +44,25 @@ def export(store: Store, out_dir: str | Path, rule: str = "all", round: int | No
            seed: int = 0) -> dict:
     if rule not in RULES:
         raise FeedbackError(f"--rule {rule!r} is not one of {', '.join(RULES)}")
-    rows = _collect(store, rule, round)
+    if not (math.isfinite(eval_fraction) and 0 <= eval_fraction < 1):
+        raise FeedbackError(f"--eval-fraction {eval_fraction}: must be at least 0 and below 1", "e.g. 0.1")
     out = Path(out_dir)
+    if out.exists() and not (out / "manifest.json").is_file():
+        raise FeedbackError(f"--output-dir {out}: exists and is not an export (no manifest.json); it is left alone",
+                            "choose a new folder, or remove it")
+    rows = _collect(store, rule, round)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))  # written whole, then renamed
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))  # written whole, then swapped in
+    try:
+        manifest = _write(store, tmp, rows, rule, round, eval_fraction, seed)
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write(store: Store, tmp: Path, rows: dict, rule: str, round: int | None, eval_fraction: float, seed: int) -> dict:
     files = []
     splits = {"": rows} if eval_fraction <= 0 else _split(rows, eval_fraction, seed)
     for split, part in splits.items():
@@ -60,14 +76,35 @@ def export(store: Store, out_dir: str | Path, rule: str = "all", round: int | No
                 "counts": {(f"{s}/" if s else "") + n: len(v) for s, part in splits.items() for n, v in part.items()},
                 "sha256": content_hash(files)}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
     return manifest
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Put the folder ``new`` at ``out`` in one step: a reader sees the old export or the new one, never none.
+    On Linux renameat2(RENAME_EXCHANGE) swaps the two names atomically; elsewhere two renames leave a moment
+    with no export. The old export is removed afterwards."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    if _exchange(new, out):
+        shutil.rmtree(new)  # ``new`` now names the old export
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _safe_url(url: str) -> str:

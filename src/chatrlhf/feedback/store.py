@@ -12,6 +12,7 @@ instead of storing a second one.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import hashlib
 from contextlib import closing, contextmanager
@@ -53,6 +54,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+    # part of every session cookie: logging out or switching the user off bumps it, which ends every session
+    session_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Prompt(Base):
@@ -187,6 +190,33 @@ def hash_password(password: str) -> str:
     return PasswordHasher().hash(password)
 
 
+_DUMMY_HASH: list[str] = []
+
+
+def dummy_hash() -> str:
+    """A hash of a random password, checked for unknown names so that a log-in takes as long either way."""
+    if not _DUMMY_HASH:
+        import secrets
+
+        _DUMMY_HASH.append(hash_password(secrets.token_urlsafe(16)))
+    return _DUMMY_HASH[0]
+
+
+def check_name(name: str) -> str:
+    """A user name as stored: 1–64 printable characters — no control, format (bidi overrides, zero-width) or
+    line-separator characters, which would make one name look like another."""
+    import unicodedata
+
+    name = name.strip()
+    if not name or len(name) > 64:
+        raise FeedbackError("user name: 1–64 characters")
+    bad = [c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")]
+    if bad:
+        raise FeedbackError(f"user name: character U+{ord(bad[0]):04X} is not allowed",
+                            "use letters, digits, spaces and punctuation")
+    return name
+
+
 def check_password(hashed: str, password: str) -> bool:
     from argon2 import PasswordHasher
     from argon2.exceptions import InvalidHashError, VerificationError
@@ -206,6 +236,7 @@ class Store:
         self._reader = self.engine.execution_options(reading=True)  # see reading()
         self._readers = sessionmaker(self._reader, expire_on_commit=False)
         self._hot: dict | None = None  # the submit's statements, compiled for this database on first use
+        self._outer: contextvars.ContextVar = contextvars.ContextVar(f"store-{id(self)}", default=None)
         if upgrade:
             self.upgrade()
 
@@ -258,9 +289,25 @@ class Store:
 
     @contextmanager
     def session(self):
-        """One transaction: committed on success, rolled back on any error."""
+        """One transaction: committed on success, rolled back on any error — or, inside :meth:`transaction`, a part
+        of that one."""
+        outer = self._outer.get()
+        if outer is not None:
+            yield outer
+            return
         with self._sessions() as s, s.begin():
             yield s
+
+    @contextmanager
+    def transaction(self):
+        """The store calls made inside (in this thread or task) form one transaction: all kept, or none (an import
+        that fails half-way leaves nothing behind)."""
+        with self._sessions() as s, s.begin():
+            token = self._outer.set(s)
+            try:
+                yield
+            finally:
+                self._outer.reset(token)
 
     @contextmanager
     def reading(self):
@@ -274,13 +321,12 @@ class Store:
     def add_user(self, name: str, password: str, role: str = "annotator") -> User:
         if role not in ROLES:
             raise FeedbackError(f"role {role!r} is not one of {', '.join(ROLES)}")
-        if not name.strip() or len(name) > 64:
-            raise FeedbackError("user name: 1–64 characters")
+        name = check_name(name)
         if len(password) < 8:
             raise FeedbackError("password: at least 8 characters")
         try:
             with self.session() as s:
-                user = User(name=name.strip(), password_hash=hash_password(password), role=role)
+                user = User(name=name, password_hash=hash_password(password), role=role)
                 s.add(user)
                 s.flush()
                 s.add(Event(user_id=user.id, action="user.create", detail={"role": role}))
@@ -302,12 +348,25 @@ class Store:
                 user.role = role
             if active is not None:
                 user.active = active
+                if not active:
+                    user.session_version += 1  # switched off: every session ends, for good
             s.add(Event(user_id=by, action="user.update", detail={"user": user_id, "role": role, "active": active}))
 
     def authenticate(self, name: str, password: str) -> User | None:
+        """The active user with this name and password, else None — in the same time for a known name, an unknown
+        one or a switched-off user (one argon2 check each), so the timing tells nothing."""
         with self.reading() as s:
-            user = s.scalar(select(User).where(User.name == name, User.active.is_(True)))
-            return user if user is not None and check_password(user.password_hash, password) else None
+            user = s.scalar(select(User).where(User.name == name))
+        ok = check_password(user.password_hash if user is not None else dummy_hash(), password)
+        return user if ok and user is not None and user.active else None
+
+    def end_sessions(self, user_id: int) -> None:
+        """Log out: every session of this user ends (the version in their cookies no longer matches)."""
+        with self.session() as s:
+            user = s.get(User, user_id)
+            if user is not None:
+                user.session_version += 1
+                s.add(Event(user_id=user_id, action="user.logout", detail={}))
 
     def user(self, user_id: int) -> User | None:
         with self.reading() as s:
@@ -414,12 +473,13 @@ class Store:
         return views[0]
 
     def item_views(self, item_ids: list[int], user_id: int, role: str) -> list[dict]:
-        """Several items in one query (403 if any is not the user's, unless admin)."""
+        """Several items in one query (404 if any is not the user's, unless admin: the same answer as for an item
+        that does not exist, so ids tell nothing)."""
         with self._reader.begin() as c:
             rows = c.execute(_VIEWS, {"ids": list(item_ids), "user": user_id}).all()
         for row in rows:
             if not row.assigned and role != "admin":
-                raise FeedbackError(f"item {row.id} is not assigned to you", status=403)
+                raise FeedbackError(f"item {row.id} does not exist", status=404)
         return [{"id": r.id, "kind": r.kind, "messages": r.messages, "a": r.a, "b": r.b} for r in rows]
 
     # ------------------------------------------------------------------ answers
@@ -439,23 +499,24 @@ class Store:
                 if item is None:
                     raise FeedbackError(f"item {item_id} does not exist", status=404)
                 kind, k = item
+                fields = _answer_fields(kind, answer)  # a bad answer is a 400 even for an answered item
                 first, mine, others, answered = run(f"counts_{kind}", cur, params).fetchone()
                 if first is not None:
-                    return first, False
+                    return int(first), False
                 if not mine:
-                    raise FeedbackError(f"item {item_id} is not assigned to you", status=403)
+                    raise FeedbackError(f"item {item_id} does not exist", status=404)
                 if (others or 0) >= k:
                     raise FeedbackError(f"item {item_id} already has its {k} answer(s)",
                                         "your lease expired and others answered; take the next item", status=409)
-                (answer_id,) = run(f"insert_{kind}", cur, {**params, **_answer_fields(kind, answer)}).fetchone()
+                (answer_id,) = run(f"insert_{kind}", cur, {**params, **fields}).fetchone()
                 run("lease_done", cur, params)
                 if (answered or 0) + 1 >= k:  # every answer is a done lease
                     run("filled", cur, params)
-                return answer_id, True
+                return int(answer_id), True  # (SQLite's RETURNING can give 405.0 after a FLOAT column)
         except self.engine.dialect.loaded_dbapi.IntegrityError:  # a concurrent double submit by the same user
             with self.session() as s:                              # lost the race: return the first answer
                 table = ANSWERS[s.get(Item, item_id).kind]
-                return s.scalar(select(table.id).where(table.item_id == item_id, table.user_id == user_id)), False
+                return int(s.scalar(select(table.id).where(table.item_id == item_id, table.user_id == user_id))), False
 
     @contextmanager
     def _transaction(self):
@@ -586,8 +647,15 @@ _VIEWS = (select(_I.id, _I.kind, Prompt.__table__.c.messages, _RA.c.text.label("
 
 
 def _answer_fields(kind: str, a: dict) -> dict:
-    """Validated columns of one answer (400 with the field named on bad input)."""
-    reason = str(a.get("reason") or "")[:4000]
+    """Validated columns of one answer (400 with the field named on bad input): numbers must be numbers and texts
+    texts — never a list or a file stored as its Python repr."""
+    for key in ("reason", "corrected", "choice"):
+        if a.get(key) is not None and not isinstance(a[key], str):
+            raise FeedbackError(f"{key} must be text, got {type(a[key]).__name__}")
+    for key in ("score", "confidence", "thumbs"):
+        if isinstance(a.get(key), bool):
+            raise FeedbackError(f"{key} must be a number, got a boolean")
+    reason = (a.get("reason") or "")[:4000]
     if kind == "rate":
         score, thumbs = a.get("score"), a.get("thumbs")
         if score is None and thumbs is None:
@@ -605,7 +673,7 @@ def _answer_fields(kind: str, a: dict) -> dict:
             raise FeedbackError(f"comparison: confidence {conf!r} is out of range", "use 0–1")
         return {"choice": choice, "confidence": conf, "a_shown_first": bool(a.get("a_shown_first", True)),
                 "reason": reason}
-    corrected = str(a.get("corrected") or "").strip()
+    corrected = (a.get("corrected") or "").strip()
     if not corrected:
         raise FeedbackError("correction: the corrected reply is empty")
     return {"corrected": corrected, "reason": reason}

@@ -108,7 +108,8 @@ def load_checkpoint(path: Path, parts: dict, generators: dict[str, torch.Generat
     trainer state (without the step, which the folder's name gives)."""
     from safetensors.torch import load_file
 
-    blob = torch.load(path / "state.pt", weights_only=False)
+    # the run's own checkpoint, written by save_checkpoint (optimizer and RNG states need pickle)
+    blob = torch.load(path / "state.pt", weights_only=False)  # nosec B614
     for name, (module, optimizer, scheduler) in parts.items():
         params = dict(module.named_parameters())
         with torch.no_grad():
