@@ -349,7 +349,8 @@ class FeedbackServeConfig:
     model: list[str] = arg([], "Model(s) for the chat page and for generating replies: one, or two comma-separated "
                            "(compare items). Empty: imported replies only.")
     max_new_tokens: int = arg(128, "Longest reply the model(s) write.")
-    production: bool = arg(False, "Secure cookies, no start without CHATRLHF_SECRET and an admin user.")
+    production: bool = arg(False, "Secure cookies and HSTS; no start without an admin user and a CHATRLHF_SECRET of "
+                           "at least 32 characters.")
 
 
 @dataclass
