@@ -475,10 +475,8 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
         await user_of(request, "admin")
         data = await form(request, files=("records",))
         check_csrf(request, data.get("csrf"))
-        from types import SimpleNamespace
-
         from chatrlhf.errors import ChatRLHFError
-        from chatrlhf.feedback.cli import import_file
+        from chatrlhf.feedback.imports import import_file
 
         text, source = data.get("records") or "", "web import (pasted)"
         if isinstance(text, UploadFile):
@@ -487,13 +485,13 @@ def create_app(store: Store, secret: str | None = None, production: bool = False
                 text = (await text.read()).decode("utf-8")
             except UnicodeDecodeError as e:
                 raise FeedbackError(f"records: not UTF-8 text (byte {e.start})", status=400) from None
-        cfg = SimpleNamespace(kind=data.get("kind") or "auto", k=whole(data.get("k"), k_default, "k", 1, 100),
-                              round=whole(data.get("round"), 0, "round", 0, 1_000_000), model="imported")
+        kind, k = data.get("kind") or "auto", whole(data.get("k"), k_default, "k", 1, 100)
+        round_ = whole(data.get("round"), 0, "round", 0, 1_000_000)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "import.jsonl"
             path.write_text(text, encoding="utf-8")
             try:
-                counts = import_file(store, SimpleNamespace(data=str(path), **vars(cfg)), source=source)
+                counts = import_file(store, str(path), kind, k, round_, source=source)
             except ChatRLHFError as e:
                 raise FeedbackError(str(e).replace(str(path), "records"), status=400) from None
         return RedirectResponse(f"/admin?imported={counts['items']}", 303)

@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from chatrlhf.errors import UsageError
+from chatrlhf.feedback import migrations
 
 ROLES = ("admin", "annotator", "viewer")
 KINDS = ("rate", "compare", "correct")
@@ -242,9 +243,7 @@ class Store:
 
     def upgrade(self) -> None:
         """Create or migrate the schema to the latest Alembic revision."""
-        from chatrlhf.feedback.migrations import upgrade
-
-        upgrade(self.engine)
+        migrations.upgrade(self.engine)
 
     @contextmanager
     def checkpointing(self, every: float = 0.5):
