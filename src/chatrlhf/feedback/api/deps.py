@@ -19,7 +19,8 @@ from starlette.datastructures import UploadFile
 
 from chatrlhf.feedback.errors import Invalid, NotLoggedIn, PermissionDenied
 from chatrlhf.feedback.security import DeviceCookies, LoginLimiter, check_json_write
-from chatrlhf.feedback.store import Store, User
+from chatrlhf.feedback.store import Store
+from chatrlhf.feedback.tables import User
 
 MAX_ID = 2**63 - 1             # ids are 64-bit: larger path ids are a 400, not an overflow
 ItemId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
