@@ -7,6 +7,7 @@
   * ``tiny-random-gpt2`` / ``tiny-random-llama`` — random-weight models built here, with a real
     byte-level BPE tokenizer trained on a built-in text, for tests and quick tries.
 Master weights are fp32; ``--dtype auto`` runs bf16 autocast where the hardware supports it.
+The reward model (a sequence-classification head on these trunks) is loaded by reward_model.py.
 """
 
 from __future__ import annotations

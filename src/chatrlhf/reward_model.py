@@ -71,9 +71,10 @@ def load_reward_model(args: ModelArgs, trainable: bool = False):
 
 
 def reward_norm(model) -> tuple[float, float]:
+    """(gain, bias) that put the raw head's scores on the normalised scale: score = gain · raw + bias. The
+    reward trainer fits them after training (``config.chatrlhf_reward_norm``); (1, 0) for a fresh head."""
     norm = getattr(model.config, "chatrlhf_reward_norm", None) or {"gain": 1.0, "bias": 0.0}
     return float(norm["gain"]), float(norm["bias"])
-
 
 
 # --------------------------------------------------------------------------- encode and score

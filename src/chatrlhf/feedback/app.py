@@ -4,6 +4,10 @@ Pages: log in; the next item (rate a reply 1–5 / thumbs, compare two replies s
 A / B / Tie / Both bad, correct a reply) with keyboard shortcuts; progress; the admin page (users,
 import, agreement and reliability, export). A JSON API (``/api/…``) does the same for scripts.
 
+Layout (full-stack-fastapi-template): ``create_app`` only wires — settings checks, middleware, the app's state,
+one router per area from ``api/`` (auth, annotate, replies, admin; shared dependencies in ``api/deps.py``) and
+one error handler that maps the domain errors of ``errors.py`` (raised by the store and the routes) to HTTP.
+
 Security: argon2 password hashes, checked in the same time for unknown names (store.py); a signed session cookie,
 HttpOnly and SameSite=Strict (Secure in production), carrying the user's session version, so that logging out or
 being switched off ends every session; a CSRF token on every form and API write, and JSON writes only as JSON
