@@ -51,7 +51,7 @@ def bench_pairs(n_train: int, n_eval: int):
 
 
 def accuracy(model, tok, pairs) -> float:
-    from chatrlhf.evaluate.reward_eval import evaluate_pairs
+    from chatrlhf.reward_model import evaluate_pairs
 
     return evaluate_pairs(model, tok, pairs, 16, 512)["accuracy"]
 
@@ -79,7 +79,7 @@ def run_ours(a) -> dict:
     steps = [m for m in read_metrics(cfg.output_dir) if "train/pairs_per_s" in m][1:]
     pairs_per_s = len(steps) * 8 / sum(8 / m["train/pairs_per_s"] for m in steps)
     from chatrlhf.config import ModelArgs
-    from chatrlhf.models import load_reward_model
+    from chatrlhf.reward_model import load_reward_model
 
     model, tok = load_reward_model(ModelArgs(model=cfg.output_dir))
     return {"pairs_per_s": pairs_per_s, "peak_rss_gb": peak_rss_gb(), "peak_rss_train_gb": peak_train, "wall_s": wall,

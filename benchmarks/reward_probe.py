@@ -32,7 +32,7 @@ def features(model, tok, pairs, layers: list[int], max_length: int, batch_size: 
     from rich.progress import track
 
     from chatrlhf.models import autocast
-    from chatrlhf.rewards import pad_right
+    from chatrlhf.reward_model import pad_right
     from chatrlhf.trainers.reward import encode_pairs
 
     enc = encode_pairs(tok, pairs, max_length)

@@ -67,8 +67,8 @@ def main() -> None:
         sys.exit(f"{HH} not found: this benchmark needs ../shared/data")
 
     from chatrlhf.config import ModelArgs, RewardTrainConfig
-    from chatrlhf.evaluate.reward_eval import evaluate_pairs
-    from chatrlhf.models import load_reward_model
+    from chatrlhf.reward_model import evaluate_pairs
+    from chatrlhf.reward_model import load_reward_model
     from chatrlhf.trainers.reward import train
 
     train_pairs, eval_pairs, held = hh_split(a.eval_pairs, extra=not a.no_extra)

@@ -12,9 +12,7 @@ from chatrlhf.config import ModelArgs
 from chatrlhf.data.pairs import build_pairs, rating_pairs
 from chatrlhf.data.records import Correction, Preference, Rating
 from chatrlhf.evaluate.metrics import expected_calibration_error, pairwise_ece
-from chatrlhf.evaluate.reward_eval import check_gate
-from chatrlhf.models import load_reward_model, reward_norm
-from chatrlhf.rewards import pad_right, raw_scores, reward_scores
+from chatrlhf.reward_model import check_gate, load_reward_model, pad_right, raw_scores, reward_norm, reward_scores
 from conftest import EXAMPLES, kill_at_first_checkpoint, run_cli
 
 Q = [{"role": "user", "content": "q"}]
@@ -249,7 +247,7 @@ def test_distinct_n_bootstrap_and_win_rate_hand_computed():
 
 def test_ece_is_measured_on_the_raw_bradley_terry_probability():
     # A perfectly calibrated scorer: raw scores with std 3, the human picks reply a with probability σ(a − b).
-    from chatrlhf.evaluate.reward_eval import pair_metrics
+    from chatrlhf.reward_model import pair_metrics
 
     rng = np.random.default_rng(0)
     n = 20000
@@ -265,7 +263,7 @@ def test_ece_is_measured_on_the_raw_bradley_terry_probability():
 
 
 def test_ece_exact_ties_count_half_and_margins_shift_the_logit():
-    from chatrlhf.evaluate.reward_eval import pair_metrics
+    from chatrlhf.reward_model import pair_metrics
 
     assert pairwise_ece(np.zeros(4)) == 0.0                      # confidence ½, counted half right: calibrated
     same = pair_metrics(np.ones(4), np.ones(4), [Preference(Q, "c", "r")] * 4, [1] * 8)
@@ -349,7 +347,7 @@ def test_reward_train_sigkill_then_resume_gives_identical_losses(tmp_path):
 
 
 def test_a_reply_cut_at_the_token_limit_is_scored_without_an_end_of_turn():
-    from chatrlhf.rewards import encode_reply
+    from chatrlhf.reward_model import encode_reply
 
     _, tok = load_reward_model(ModelArgs(model="tiny-random-llama"))
     full = tok.decode(encode_reply(tok, Q, "It ships", 512))

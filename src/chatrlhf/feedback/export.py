@@ -33,9 +33,10 @@ from sqlalchemy.engine import make_url
 
 from chatrlhf.data.records import Conversation, prompt_key
 from chatrlhf.data.split import split_by_prompt
+from chatrlhf.feedback.errors import FeedbackError
 from chatrlhf.feedback.quality import reliability
-from chatrlhf.feedback.store import Comparison, Correction, FeedbackError, Item, Prompt, Rating, Reply, Store, User, \
-    content_hash, now
+from chatrlhf.feedback.store import Store, content_hash
+from chatrlhf.feedback.tables import Comparison, Correction, Item, Prompt, Rating, Reply, User, now
 
 RULES = ("all", "majority", "bt")
 

@@ -12,7 +12,7 @@ from itertools import combinations
 
 from sqlalchemy import select
 
-from chatrlhf.feedback.store import Comparison, Item, Rating
+from chatrlhf.feedback.tables import Comparison, Item, Rating
 
 
 def krippendorff_alpha(units: list[list], metric: str = "nominal") -> float | None:

@@ -16,7 +16,7 @@ from collections import OrderedDict, deque
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from chatrlhf.feedback.store import FeedbackError
+from chatrlhf.feedback.errors import PermissionDenied, TooManyAttempts, UnsupportedMediaType
 
 DEVICE_COOKIE = "chatrlhf_device"
 DEVICE_DAYS = 30
@@ -37,10 +37,10 @@ class LoginLimiter:
         """429 before any password is checked when this name (on this kind of device) or everyone is over limit."""
         now = time.monotonic()
         if len(self._recent(self.everyone, now)) >= self.global_cap:
-            raise FeedbackError("too many failed log-ins on this server; wait a minute", status=429)
+            raise TooManyAttempts("too many failed log-ins on this server; wait a minute")
         times = self.failures.get((name.casefold(), trusted))
         if times is not None and len(self._recent(times, now)) >= self.per_name:
-            raise FeedbackError("too many failed log-ins for this name; wait a minute", status=429)
+            raise TooManyAttempts("too many failed log-ins for this name; wait a minute")
 
     def failed(self, name: str, trusted: bool) -> None:
         now = time.monotonic()
@@ -115,7 +115,7 @@ def check_json_write(request) -> None:
     the browser says where it comes from."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json":
-        raise FeedbackError("send the body as JSON (Content-Type: application/json)", status=415)
+        raise UnsupportedMediaType("send the body as JSON (Content-Type: application/json)")
     origin = request.headers.get("origin")
     if origin and origin != f"{request.url.scheme}://{request.headers.get('host', '')}":
-        raise FeedbackError(f"cross-origin request from {origin} refused", status=403)
+        raise PermissionDenied(f"cross-origin request from {origin} refused")

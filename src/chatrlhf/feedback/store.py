@@ -1,4 +1,4 @@
-"""The human feedback store: SQLAlchemy 2 models and the operations the web app and the exporter use.
+"""The human feedback store: the operations the web app and the exporter use, on the tables of tables.py.
 
 SQLite (a file, WAL journal) by default; PostgreSQL by URL (``postgresql+psycopg://…``). The schema is
 created and upgraded by Alembic (``feedback/migrations``), never by ``create_all``.
@@ -18,140 +18,14 @@ import hashlib
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, \
-    bindparam, case, create_engine, event, func, or_, select
+from sqlalchemy import DateTime, bindparam, case, create_engine, event, func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
-from chatrlhf.errors import UsageError
-
-ROLES = ("admin", "annotator", "viewer")
-KINDS = ("rate", "compare", "correct")
-CHOICES = ("a", "b", "tie", "both_bad")
-
-
-class FeedbackError(UsageError):
-    """A request the store refuses; ``status`` is the HTTP status the web app answers with."""
-
-    def __init__(self, message: str, hint: str = "", status: int = 400):
-        super().__init__(message, hint)
-        self.status = status
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class User(Base):
-    __tablename__ = "users"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
-    password_hash: Mapped[str] = mapped_column(String(256))
-    role: Mapped[str] = mapped_column(String(16))
-    active: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
-    # part of every session cookie: logging out or switching the user off bumps it, which ends every session
-    session_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-
-
-class Prompt(Base):
-    __tablename__ = "prompts"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    messages: Mapped[list] = mapped_column(JSON)          # [{"role", "content"}, …] up to the reply
-    reference: Mapped[str | None] = mapped_column(Text)   # a human reply, if one came with the prompt
-    source: Mapped[str] = mapped_column(String(256), default="")
-    round: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
-
-
-class Reply(Base):
-    __tablename__ = "replies"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
-    text: Mapped[str] = mapped_column(Text)
-    model: Mapped[str] = mapped_column(String(256), default="")       # model name or "imported"
-    checkpoint: Mapped[str] = mapped_column(String(256), default="")  # checkpoint id / content hash
-    decoding: Mapped[dict] = mapped_column(JSON, default=dict)        # temperature, top_k, …
-    template: Mapped[str] = mapped_column(Text, default="")           # the prompt template used
-    round: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
-
-
-class Item(Base):
-    """One task: rate a reply, compare two, or correct one. ``gold`` holds the known answer of a gold item."""
-    __tablename__ = "items"
-    __table_args__ = (Index("ix_items_open", "filled", "id"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(16))
-    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
-    reply_a_id: Mapped[int] = mapped_column(ForeignKey("replies.id"))
-    reply_b_id: Mapped[int | None] = mapped_column(ForeignKey("replies.id"))
-    k: Mapped[int] = mapped_column(Integer, default=1)
-    filled: Mapped[bool] = mapped_column(Boolean, default=False)  # has its k answers: never offered again
-    # no lease of it ends before then (a lower bound, set when leases fill it): leasing skips it without counting
-    held_until: Mapped[dt.datetime | None] = mapped_column(DateTime)
-    gold: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))  # SQL NULL, not JSON null
-    round: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
-
-
-class Assignment(Base):
-    """A lease: ``user`` may answer ``item`` until ``expires_at``; ``done`` once answered."""
-    __tablename__ = "assignments"
-    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    leased_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
-    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
-    done: Mapped[bool] = mapped_column(Boolean, default=False)
-
-
-class _Answer:
-    id: Mapped[int] = mapped_column(primary_key=True)
-    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    reason: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
-
-
-class Rating(_Answer, Base):
-    __tablename__ = "ratings"
-    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
-    score: Mapped[float | None] = mapped_column(Float)     # 1–5 stars
-    thumbs: Mapped[int | None] = mapped_column(Integer)    # +1 / −1
-
-
-class Comparison(_Answer, Base):
-    __tablename__ = "comparisons"
-    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
-    choice: Mapped[str] = mapped_column(String(16))                   # a | b | tie | both_bad (item's a/b)
-    a_shown_first: Mapped[bool] = mapped_column(Boolean, default=True)  # the random screen order
-    confidence: Mapped[float | None] = mapped_column(Float)           # optional strength, 0–1
-
-
-class Correction(_Answer, Base):
-    __tablename__ = "corrections"
-    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
-    corrected: Mapped[str] = mapped_column(Text)
-
-
-class Event(Base):
-    """Audit trail: who did what, when."""
-    __tablename__ = "events"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
-    action: Mapped[str] = mapped_column(String(64))
-    detail: Mapped[dict] = mapped_column(JSON, default=dict)
-    at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
-
-
-ANSWERS = {"rate": Rating, "compare": Comparison, "correct": Correction}
-
+from chatrlhf.feedback import migrations
+from chatrlhf.feedback.errors import Conflict, FeedbackError, Invalid, NotFound  # noqa: F401 - callers catch it here
+from chatrlhf.feedback.tables import ANSWERS, CHOICES, KINDS, ROLES, Assignment, Base, Comparison, Correction, \
+    Event, Item, Prompt, Rating, Reply, User, now  # noqa: F401 - the store's callers take the tables from here
 
 def database_url(db: str) -> str:
     """A SQLAlchemy URL from ``--db``: a URL as given, or a file path for SQLite."""
@@ -209,10 +83,10 @@ def check_name(name: str) -> str:
 
     name = name.strip()
     if not name or len(name) > 64:
-        raise FeedbackError("user name: 1–64 characters")
+        raise Invalid("user name: 1–64 characters")
     bad = [c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")]
     if bad:
-        raise FeedbackError(f"user name: character U+{ord(bad[0]):04X} is not allowed",
+        raise Invalid(f"user name: character U+{ord(bad[0]):04X} is not allowed",
                             "use letters, digits, spaces and punctuation")
     return name
 
@@ -242,9 +116,7 @@ class Store:
 
     def upgrade(self) -> None:
         """Create or migrate the schema to the latest Alembic revision."""
-        from chatrlhf.feedback.migrations import upgrade
-
-        upgrade(self.engine)
+        migrations.upgrade(self.engine)
 
     @contextmanager
     def checkpointing(self, every: float = 0.5):
@@ -320,10 +192,10 @@ class Store:
 
     def add_user(self, name: str, password: str, role: str = "annotator") -> User:
         if role not in ROLES:
-            raise FeedbackError(f"role {role!r} is not one of {', '.join(ROLES)}")
+            raise Invalid(f"role {role!r} is not one of {', '.join(ROLES)}")
         name = check_name(name)
         if len(password) < 8:
-            raise FeedbackError("password: at least 8 characters")
+            raise Invalid("password: at least 8 characters")
         try:
             with self.session() as s:
                 user = User(name=name, password_hash=hash_password(password), role=role)
@@ -331,19 +203,19 @@ class Store:
                 s.flush()
                 s.add(Event(user_id=user.id, action="user.create", detail={"role": role}))
         except IntegrityError:
-            raise FeedbackError(f"user {name!r} exists", "choose another name", status=409) from None
+            raise Conflict(f"user {name!r} exists", "choose another name") from None
         return user
 
     def set_user(self, user_id: int, by: int, role: str | None = None, active: bool | None = None) -> None:
         """Change a user's role or switch them off (audited); an admin cannot lock themselves out."""
         if role is not None and role not in ROLES:
-            raise FeedbackError(f"role {role!r} is not one of {', '.join(ROLES)}")
+            raise Invalid(f"role {role!r} is not one of {', '.join(ROLES)}")
         if user_id == by and (active is False or (role is not None and role != "admin")):
-            raise FeedbackError("you cannot demote or deactivate yourself", "ask another admin", status=409)
+            raise Conflict("you cannot demote or deactivate yourself", "ask another admin")
         with self.session() as s:
             user = s.get(User, user_id)
             if user is None:
-                raise FeedbackError(f"user {user_id} does not exist", status=404)
+                raise NotFound(f"user {user_id} does not exist")
             if role is not None:
                 user.role = role
             if active is not None:
@@ -389,7 +261,7 @@ class Store:
                   decoding: dict | None = None, template: str = "", round: int = 0) -> int:
         with self.session() as s:
             if s.get(Prompt, prompt_id) is None:
-                raise FeedbackError(f"prompt {prompt_id} does not exist", status=404)
+                raise NotFound(f"prompt {prompt_id} does not exist")
             r = Reply(prompt_id=prompt_id, text=text, model=model, checkpoint=checkpoint, decoding=decoding or {},
                       template=template, round=round)
             s.add(r)
@@ -399,18 +271,18 @@ class Store:
     def add_item(self, kind: str, reply_a: int, reply_b: int | None = None, k: int = 1, gold: dict | None = None,
                  round: int = 0) -> int:
         if kind not in KINDS:
-            raise FeedbackError(f"item kind {kind!r} is not one of {', '.join(KINDS)}")
+            raise Invalid(f"item kind {kind!r} is not one of {', '.join(KINDS)}")
         if (kind == "compare") != (reply_b is not None):
-            raise FeedbackError("a compare item needs two replies; rate and correct items one")
+            raise Invalid("a compare item needs two replies; rate and correct items one")
         if k < 1:
-            raise FeedbackError("k (annotators per item) must be ≥ 1")
+            raise Invalid("k (annotators per item) must be ≥ 1")
         with self.session() as s:
             a = s.get(Reply, reply_a)
             b = s.get(Reply, reply_b) if reply_b is not None else None
             if a is None or (reply_b is not None and b is None):
-                raise FeedbackError("reply does not exist", status=404)
+                raise NotFound("reply does not exist")
             if b is not None and b.prompt_id != a.prompt_id:
-                raise FeedbackError("compared replies must answer the same prompt")
+                raise Invalid("compared replies must answer the same prompt")
             item = Item(kind=kind, prompt_id=a.prompt_id, reply_a_id=reply_a, reply_b_id=reply_b, k=k, gold=gold,
                         round=round)
             s.add(item)
@@ -469,7 +341,7 @@ class Store:
         """What the annotator sees of an item: only their own assigned items (admins see all)."""
         views = self.item_views([item_id], user_id, role)
         if not views:
-            raise FeedbackError(f"item {item_id} does not exist", status=404)
+            raise NotFound(f"item {item_id} does not exist")
         return views[0]
 
     def item_views(self, item_ids: list[int], user_id: int, role: str) -> list[dict]:
@@ -479,7 +351,7 @@ class Store:
             rows = c.execute(_VIEWS, {"ids": list(item_ids), "user": user_id}).all()
         for row in rows:
             if not row.assigned and role != "admin":
-                raise FeedbackError(f"item {row.id} does not exist", status=404)
+                raise NotFound(f"item {row.id} does not exist")
         return [{"id": r.id, "kind": r.kind, "messages": r.messages, "a": r.a, "b": r.b} for r in rows]
 
     # ------------------------------------------------------------------ answers
@@ -497,17 +369,17 @@ class Store:
             with self._transaction() as cur:
                 item = run("lock_item", cur, params).fetchone()
                 if item is None:
-                    raise FeedbackError(f"item {item_id} does not exist", status=404)
+                    raise NotFound(f"item {item_id} does not exist")
                 kind, k = item
                 fields = _answer_fields(kind, answer)  # a bad answer is a 400 even for an answered item
                 first, mine, others, answered = run(f"counts_{kind}", cur, params).fetchone()
                 if first is not None:
                     return int(first), False
                 if not mine:
-                    raise FeedbackError(f"item {item_id} does not exist", status=404)
+                    raise NotFound(f"item {item_id} does not exist")
                 if (others or 0) >= k:
-                    raise FeedbackError(f"item {item_id} already has its {k} answer(s)",
-                                        "your lease expired and others answered; take the next item", status=409)
+                    raise Conflict(f"item {item_id} already has its {k} answer(s)",
+                                        "your lease expired and others answered; take the next item")
                 (answer_id,) = run(f"insert_{kind}", cur, {**params, **fields}).fetchone()
                 run("lease_done", cur, params)
                 if (answered or 0) + 1 >= k:  # every answer is a done lease
@@ -651,31 +523,31 @@ def _answer_fields(kind: str, a: dict) -> dict:
     texts — never a list or a file stored as its Python repr."""
     for key in ("reason", "corrected", "choice"):
         if a.get(key) is not None and not isinstance(a[key], str):
-            raise FeedbackError(f"{key} must be text, got {type(a[key]).__name__}")
+            raise Invalid(f"{key} must be text, got {type(a[key]).__name__}")
     for key in ("score", "confidence", "thumbs"):
         if isinstance(a.get(key), bool):
-            raise FeedbackError(f"{key} must be a number, got a boolean")
+            raise Invalid(f"{key} must be a number, got a boolean")
     reason = (a.get("reason") or "")[:4000]
     if kind == "rate":
         score, thumbs = a.get("score"), a.get("thumbs")
         if score is None and thumbs is None:
-            raise FeedbackError("rating: give score (1–5) or thumbs (+1/−1)")
+            raise Invalid("rating: give score (1–5) or thumbs (+1/−1)")
         if score is not None and (not isinstance(score, (int, float)) or isinstance(score, bool) or not 1 <= score <= 5):
-            raise FeedbackError(f"rating: score {score!r} is out of range", "use 1–5")
+            raise Invalid(f"rating: score {score!r} is out of range", "use 1–5")
         if thumbs is not None and thumbs not in (1, -1):
-            raise FeedbackError(f"rating: thumbs {thumbs!r} is not +1 or −1")
+            raise Invalid(f"rating: thumbs {thumbs!r} is not +1 or −1")
         return {"score": score, "thumbs": thumbs, "reason": reason}
     if kind == "compare":
         choice, conf = a.get("choice"), a.get("confidence")
         if choice not in CHOICES:
-            raise FeedbackError(f"comparison: choice {choice!r} is not one of {', '.join(CHOICES)}")
+            raise Invalid(f"comparison: choice {choice!r} is not one of {', '.join(CHOICES)}")
         if conf is not None and (not isinstance(conf, (int, float)) or not 0 <= conf <= 1):
-            raise FeedbackError(f"comparison: confidence {conf!r} is out of range", "use 0–1")
+            raise Invalid(f"comparison: confidence {conf!r} is out of range", "use 0–1")
         return {"choice": choice, "confidence": conf, "a_shown_first": bool(a.get("a_shown_first", True)),
                 "reason": reason}
     corrected = (a.get("corrected") or "").strip()
     if not corrected:
-        raise FeedbackError("correction: the corrected reply is empty")
+        raise Invalid("correction: the corrected reply is empty")
     return {"corrected": corrected, "reason": reason}
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from chatrlhf.errors import UsageError
+from chatrlhf.logger import progress_bar  # noqa: F401 - moved to logger.py (evaluate/ uses it too); trainers import it here
 
 
 def seed_everything(seed: int) -> None:
@@ -215,12 +216,3 @@ class StepPlan:
         first = epoch * self.batches.per_epoch + k * self.grad_accum
         end = min(first + self.grad_accum, (epoch + 1) * self.batches.per_epoch)
         return [self.batches[i] for i in range(first, end)]
-
-
-def progress_bar(quiet: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), disable=quiet, transient=False)

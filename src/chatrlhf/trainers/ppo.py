@@ -37,8 +37,8 @@ from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import shared_reply_fraction
 from chatrlhf.evaluate.watch import failure_signs
 from chatrlhf.logger import MetricsLogger, read_metrics
-from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, load_reward_model, \
-    reward_norm, save_model, unwrap
+from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model, unwrap
+from chatrlhf.reward_model import load_reward_model, reward_norm
 from chatrlhf.rewards import HumanReward, ModelReward, RewardMix, SimilarityReward, load_callable, \
     parse_schedules, reference_replies
 from chatrlhf.rollout import Critic, Rollout, decode_replies, encode_prompts, ended_with_eos, generator, \

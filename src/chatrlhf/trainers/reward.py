@@ -27,11 +27,10 @@ from chatrlhf.data.readers import read_rows
 from chatrlhf.data.split import group_hash
 from chatrlhf.data.template import prompt_format
 from chatrlhf.errors import UsageError
-from chatrlhf.evaluate.reward_eval import HELD_OUT, evaluate_pairs, verdict, write_report
 from chatrlhf.logger import MetricsLogger
-from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_reward_model, save_model, \
-    train_top_layers
-from chatrlhf.rewards import encode_reply, pad_right, raw_scores, reward_scores
+from chatrlhf.models import autocast, count_parameters, enable_checkpointing, save_model, train_top_layers
+from chatrlhf.reward_model import HELD_OUT, encode_reply, evaluate_pairs, load_reward_model, pad_right, raw_scores, \
+    reward_scores, verdict, write_report
 from chatrlhf.trainers.common import StepPlan, StopFlag, file_hashes, make_optimizer, optimizer_step, progress_bar, \
     save_checkpoint, seed_everything, start_or_resume, total_steps
 

@@ -3,7 +3,7 @@
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from chatrlhf.feedback.store import Base
+from chatrlhf.feedback.tables import Base
 
 engine = context.config.attributes.get("engine")
 if engine is None:

@@ -1,30 +1,33 @@
-"""`chatrlhf reward train|eval|score`: wiring between the CLI and the reward-model pieces."""
+"""`chatrlhf reward train|eval|score`: wiring between the CLI, the reward trainer and reward_model.py."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from chatrlhf.config import RewardEvalConfig, RewardScoreConfig
+from chatrlhf.config import RewardEvalConfig, RewardScoreConfig, RewardTrainConfig
 from chatrlhf.data import load_records
 from chatrlhf.data.formats import parse_turns
 from chatrlhf.data.pairs import build_pairs
 from chatrlhf.data.readers import read_rows
 from chatrlhf.data.split import group_hash
 from chatrlhf.errors import DataError, UsageError
+from chatrlhf.models import autocast
+from chatrlhf.reward_model import HELD_OUT, evaluate_pairs, load_reward_model, reward_scores, verdict, write_report
+from chatrlhf.trainers import reward as reward_trainer
 
 
 def run(sub: str, cfg) -> int:
-    if sub == "train":
-        from chatrlhf.trainers.reward import train
+    return train(cfg) if sub == "train" else evaluate(cfg) if sub == "eval" else score(cfg)
 
-        s = train(cfg)
-        if s.get("interrupted"):
-            return 130
-        _print_verdict(s["accuracy"], s["ece"], s["gate"], s["split"])
-        print(f"chatrlhf reward: model, eval.json and eval.png in {cfg.output_dir}")
-        return 0
-    return evaluate(cfg) if sub == "eval" else score(cfg)
+
+def train(cfg: RewardTrainConfig) -> int:
+    s = reward_trainer.train(cfg)
+    if s.get("interrupted"):
+        return 130
+    _print_verdict(s["accuracy"], s["ece"], s["gate"], s["split"])
+    print(f"chatrlhf reward: model, eval.json and eval.png in {cfg.output_dir}")
+    return 0
 
 
 def _print_verdict(acc, ece, gate, on: str) -> None:
@@ -55,9 +58,6 @@ def untrained_pairs(model_dir: str, pairs: list, log=print) -> list:
 
 
 def evaluate(cfg: RewardEvalConfig) -> int:
-    from chatrlhf.evaluate.reward_eval import HELD_OUT, evaluate_pairs, verdict, write_report
-    from chatrlhf.models import autocast, load_reward_model
-
     if not cfg.data:
         raise UsageError("reward eval needs --data: held-out feedback files", "pairs the model was not trained on")
     records = [r for p in cfg.data for r in load_records(p, cfg.format).records]
@@ -82,9 +82,6 @@ def evaluate(cfg: RewardEvalConfig) -> int:
 
 
 def score(cfg: RewardScoreConfig) -> int:
-    from chatrlhf.models import autocast, load_reward_model
-    from chatrlhf.rewards import reward_scores
-
     if not cfg.data or not cfg.out:
         raise UsageError("reward score needs --data FILE and --out FILE", "rows need 'prompt' and 'response'")
     rows, prompts, replies = [], [], []

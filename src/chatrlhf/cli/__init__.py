@@ -1,0 +1,103 @@
+"""The `chatrlhf` command: one sub-command per stage; the flags of each are the fields of its config
+dataclass (see config.py). The parser, ``main`` and the one ``dispatch`` live here; each command group runs in
+its own module (train.py: sft, ppo; reward.py; feedback.py; data.py; eval.py; generate.py: chat, generate). The
+one place that wires stages together: nothing imports ``chatrlhf.cli``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from chatrlhf import __version__
+from chatrlhf.config import ChatConfig, EvalConfig, FeedbackExportConfig, FeedbackImportConfig, FeedbackInitConfig, \
+    FeedbackServeConfig, FeedbackStatsConfig, FeedbackUserConfig, GenerateConfig, InspectConfig, PPOConfig, RewardEvalConfig, \
+    RewardScoreConfig, RewardTrainConfig, SFTConfig, add_dataclass_args, build_config
+from chatrlhf.errors import ChatRLHFError
+
+COMMANDS = {"sft": SFTConfig, "ppo": PPOConfig, "eval": EvalConfig, "chat": ChatConfig, "generate": GenerateConfig,
+            "reward train": RewardTrainConfig, "reward eval": RewardEvalConfig, "reward score": RewardScoreConfig,
+            "feedback init": FeedbackInitConfig, "feedback add-user": FeedbackUserConfig,
+            "feedback import": FeedbackImportConfig, "feedback export": FeedbackExportConfig,
+            "feedback stats": FeedbackStatsConfig, "feedback serve": FeedbackServeConfig,
+            "data inspect": InspectConfig}
+GROUPS = {"reward": "Train, evaluate and use a reward model.",
+          "feedback": "The human feedback store: users, items, export.",
+          "data": "Look at data files."}
+POSITIONAL = {"data inspect": ("file",)}
+
+
+def _summary(cls) -> str:
+    return " ".join(cls.__doc__.split(":", 1)[1].split())
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chatrlhf", description="Make a chat model better with human feedback.")
+    p.add_argument("--version", action="version", version=f"chatrlhf {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    groups = {}
+    for name, cls in COMMANDS.items():
+        head, _, tail = name.partition(" ")
+        if not tail:
+            target = sub.add_parser(name, help=_summary(cls), description=cls.__doc__)
+        else:
+            if head not in groups:
+                groups[head] = sub.add_parser(head, help=GROUPS[head]).add_subparsers(
+                    dest="subcommand", required=True, metavar="SUBCOMMAND")
+            target = groups[head].add_parser(tail, help=_summary(cls), description=cls.__doc__)
+        add_dataclass_args(target, cls, positional=POSITIONAL.get(name, ()))
+    return p
+
+
+def command_name(ns: argparse.Namespace) -> str:
+    return f"{ns.command} {ns.subcommand}" if getattr(ns, "subcommand", None) else ns.command
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ns = parser().parse_args(argv)
+    name = command_name(ns)
+    try:
+        return dispatch(name, build_config(COMMANDS[name], ns, ns.config))
+    except ChatRLHFError as e:
+        print(f"chatrlhf {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nchatrlhf {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def dispatch(name: str, cfg) -> int:
+    """Run command ``name`` (e.g. ``"reward train"``) with its config: the one place a command reaches its code."""
+    head, _, sub = name.partition(" ")
+    if head not in ("data", "feedback"):
+        _threads()
+    return command_module(head).run(sub or head, cfg)
+
+
+def command_module(head: str):
+    """The module of command group ``head``, imported only when one of its commands runs: `chatrlhf --help` and
+    `chatrlhf feedback …` never import torch (see tests/test_layout.py, LAZY)."""
+    if head in ("sft", "ppo"):
+        from chatrlhf.cli import train as module
+    elif head in ("chat", "generate"):
+        from chatrlhf.cli import generate as module
+    elif head == "eval":
+        from chatrlhf.cli import eval as module
+    elif head == "reward":
+        from chatrlhf.cli import reward as module
+    elif head == "feedback":
+        from chatrlhf.cli import feedback as module
+    elif head == "data":
+        from chatrlhf.cli import data as module
+    else:
+        raise KeyError(head)
+    return module
+
+
+def _threads() -> None:
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))

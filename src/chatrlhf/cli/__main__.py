@@ -1,0 +1,7 @@
+"""`python -m chatrlhf.cli`."""
+
+import sys
+
+from chatrlhf.cli import main
+
+sys.exit(main())
