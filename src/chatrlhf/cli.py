@@ -85,7 +85,7 @@ def dispatch(name: str, cfg) -> int:
         from chatrlhf.trainers.sft import train
 
         summary = train(cfg)
-        if not summary.get("interrupted"):
+        if not summary.interrupted:
             print(f"chatrlhf sft: eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}; "
                   f"model saved to {cfg.output_dir}")
             return 0
@@ -94,7 +94,7 @@ def dispatch(name: str, cfg) -> int:
         from chatrlhf.trainers.ppo import train
 
         summary = train(cfg)
-        if summary.get("interrupted"):
+        if summary.interrupted:
             return 130
         start, end = summary["eval_start"] or {}, summary["eval_end"] or {}
         moved = [f"{k[5:-5]} {start[k]:+.3f} -> {end[k]:+.3f}" for k in end if k.endswith("_mean") and k in start]

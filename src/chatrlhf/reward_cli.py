@@ -19,7 +19,7 @@ def run(sub: str, cfg) -> int:
         from chatrlhf.trainers.reward import train
 
         s = train(cfg)
-        if s.get("interrupted"):
+        if s.interrupted:
             return 130
         _print_verdict(s["accuracy"], s["ece"], s["gate"], s["split"])
         print(f"chatrlhf reward: model, eval.json and eval.png in {cfg.output_dir}")
