@@ -101,7 +101,7 @@ def test_first_ctrl_c_asks_to_stop_the_second_aborts_and_the_old_handler_comes_b
     assert signal.getsignal(signal.SIGINT) == before
 
 
-def run_steps(out, total: int, resume: bool = False, stop_at: int | None = None):
+def run_steps(out, total: int, resume: bool = False, stop_at: int | None = None, late: bool = False):
     """A scaffolded loop like the trainers': (summary, losses by step)."""
     run = Run("toy", cfg(out, save_steps=2, resume=resume), log=lambda *a: None)
     net, opt, sched, g = parts_of(run.cfg.seed)
@@ -109,28 +109,30 @@ def run_steps(out, total: int, resume: bool = False, stop_at: int | None = None)
     rows = run.open_rows("rows.jsonl")
     step = run.step
     with run.loop(total):
-        while step < total:
+        while run.running(step, total):
             loss = train_step(net, opt, sched, g)
             step += 1
             state["seen"] += 5
             run.log(step, {"train/loss": loss})
             rows.write(json.dumps({"step": step}) + "\n")
-            if step == stop_at:
-                run._stop.handler()       # what a first Ctrl-C does
-            if run.end_step(step, total, info=f"loss {loss:.3f}"):
-                break
+            if step == stop_at and not late:
+                run._stop.handler()       # what a first Ctrl-C does, during the step
+            run.end_step(step, total, info=f"loss {loss:.3f}")
+            if step == stop_at and late:
+                run._stop.handler()       # ... or after the step's end
     rows.close()
     if step < total:
         return run.stopped(), None
     return run.finish({"seen": state["seen"]}), {m["step"]: m["train/loss"] for m in read_metrics(out)}
 
 
-def test_a_run_stopped_by_ctrl_c_resumes_to_the_uninterrupted_losses(tmp_path, capsys):
+@pytest.mark.parametrize("late", [False, True])
+def test_a_run_stopped_by_ctrl_c_resumes_to_the_uninterrupted_losses(tmp_path, capsys, late):
     ref, want = run_steps(tmp_path / "ref", 7)
     assert not ref.interrupted and ref["seen"] == 35 and ref["config"]["save_steps"] == 2
     assert json.loads((tmp_path / "ref" / "chatrlhf.json").read_text())["steps"] == 7
 
-    stopped, _ = run_steps(tmp_path / "cut", 7, stop_at=3)
+    stopped, _ = run_steps(tmp_path / "cut", 7, stop_at=3, late=late)
     assert stopped.interrupted and stopped.steps == 3 and [s for s, _ in checkpoints(tmp_path / "cut")] == [2, 3]
     assert not (tmp_path / "cut" / "chatrlhf.json").exists()
     # as after a SIGKILL: the log and the rows file ran past the last checkpoint

@@ -346,7 +346,7 @@ def train(cfg: PPOConfig, log=print) -> Summary:
     samples = run.open_rows("samples.jsonl")
     deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
     with run.loop(n_steps) as bar:
-        while step < n_steps:
+        while run.running(step, n_steps):
             raw = ppo_step(step, policy, ref_ctx, vf, tok, train_prompts, cfg, mix, parts["policy"], gens, state,
                            calibrate=step == 0 and critic_kind == "reward-model", log=log)
             step += 1
@@ -362,9 +362,8 @@ def train(cfg: PPOConfig, log=print) -> Summary:
                 if not cfg.quiet and rows:
                     _show(bar.console, rows)
             run.log(step, {k: v for k, v in raw.items() if not k.startswith("_")})
-            if run.end_step(step, n_steps, info=f"reward {raw['reward/total_mean']:+.3f}  kl {raw['objective/kl']:.3f}  "
-                                                f"{raw['time/step_s']:.1f} s/step"):
-                break
+            run.end_step(step, n_steps, info=f"reward {raw['reward/total_mean']:+.3f}  kl {raw['objective/kl']:.3f}  "
+                                                f"{raw['time/step_s']:.1f} s/step")
     samples.close()
     if step < n_steps:
         return run.stopped()

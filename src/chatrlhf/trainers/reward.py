@@ -125,7 +125,7 @@ def train(cfg: RewardTrainConfig, log=print) -> Summary:
     run.begin({"model": (model, optimizer, scheduler)})
     step = run.step
     with run.loop(n_steps):
-        while step < n_steps:
+        while run.running(step, n_steps):
             t0 = time.perf_counter()
             chunks = plan[step]
             stats = train_step(model, tok, run, [[encoded[i] for i in c] for c in chunks],
@@ -135,8 +135,7 @@ def train(cfg: RewardTrainConfig, log=print) -> Summary:
             step += 1
             stats["train/pairs_per_s"] = sum(len(c) for c in chunks) / (time.perf_counter() - t0)
             run.log(step, stats)
-            if run.end_step(step, n_steps, info=f"loss {stats['train/bt']:.3f}  {stats['train/pairs_per_s']:.2f} pairs/s"):
-                break
+            run.end_step(step, n_steps, info=f"loss {stats['train/bt']:.3f}  {stats['train/pairs_per_s']:.2f} pairs/s")
     if step < n_steps:
         return run.stopped()
     return _finish(run, model, tok, train_pairs, eval_pairs, counts, split)

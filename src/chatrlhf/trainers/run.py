@@ -10,14 +10,13 @@ normalisers' moments), Ctrl-C, the progress bar and the end-of-run :class:`Summa
     run = Run("sft", cfg, log)
     ...load data and model, build optimizer...
     state = run.begin({"model": (model, optimizer, scheduler)}, state={"tokens": 0})
+    step = run.step
     with run.loop(n_steps):
-        step = run.step
-        while step < n_steps:
+        while run.running(step, n_steps):
             ...forward, backward, optimizer_step...
             step += 1
             run.log(step, metrics)
-            if run.end_step(step, n_steps, info=f"loss {loss:.3f}"):
-                break
+            run.end_step(step, n_steps, info=f"loss {loss:.3f}")
     if step < n_steps:
         return run.stopped()
     return run.finish({...the command's figures...})
@@ -214,6 +213,7 @@ class Run:
         self.logger: MetricsLogger | None = None
         self._stop: StopFlag | None = None
         self._bar = self._task = None
+        self._saved_at: int | None = None  # the step of this process's latest checkpoint
         seed_everything(cfg.seed)
 
     @property
@@ -285,20 +285,23 @@ class Run:
             finally:
                 self._stop = self._bar = self._task = None
 
-    def end_step(self, step: int, total: int, info: str = "") -> bool:
+    def running(self, step: int, total: int) -> bool:
+        """The loop's condition: steps are left and Ctrl-C has not asked to stop."""
+        return step < total and not self._stop.stop
+
+    def end_step(self, step: int, total: int, info: str = "") -> None:
         """After optimizer step ``step`` (1-based) of ``total``: advance the progress bar, checkpoint every
-        --save-steps, at the last step and when Ctrl-C asked to stop. True when the loop must stop."""
+        --save-steps, at the last step and when Ctrl-C asked to stop (the loop then ends: see :meth:`running`)."""
         self.step = step
         self._bar.update(self._task, completed=step, info=info)
-        stop = self._stop.stop
-        if step % self.cfg.save_steps == 0 or step == total or stop:
+        if step % self.cfg.save_steps == 0 or step == total or self._stop.stop:
             self.save()
-        return stop
 
     def save(self) -> None:
         """A checkpoint of every registered part, the random streams and the state at ``self.step``."""
         if self.is_main:
             save_checkpoint(self.out, self.step, self.parts, self.state, generators=self.generators)
+        self._saved_at = self.step
 
     def last_logged(self, key: str) -> dict | None:
         """The latest metrics line that has ``key`` (e.g. the final evaluation), None if none has."""
@@ -306,7 +309,10 @@ class Run:
         return found[-1] if found else None
 
     def stopped(self) -> Summary:
-        """The summary of a run stopped by Ctrl-C (its checkpoint saved by :meth:`end_step`)."""
+        """The summary of a run stopped by Ctrl-C, with a checkpoint of its last step (made by :meth:`end_step`,
+        or here when Ctrl-C came after it)."""
+        if self._saved_at != self.step and self.step > 0:
+            self.save()
         self.logger.close()
         self.print(f"chatrlhf {self.name}: stopped at step {self.step}; resume with the same command plus --resume")
         return Summary(self.command, self.step, interrupted=True)

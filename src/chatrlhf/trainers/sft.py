@@ -137,7 +137,7 @@ def train(cfg: SFTConfig, log=print) -> Summary:
         state["first_eval_loss"] = evaluate(model, eval_items, cfg, tok.pad_token_id, device)
         run.log(0, {"eval/loss": state["first_eval_loss"]})
     with run.loop(n_steps):
-        while step < n_steps:
+        while run.running(step, n_steps):
             t0 = time.perf_counter()
             batches = [collate([train_items[i] for i in b], tok.pad_token_id, device) for b in plan[step]]
             step_targets = sum(n_targets(b) for b in batches)
@@ -161,8 +161,7 @@ def train(cfg: SFTConfig, log=print) -> Summary:
                 metrics["eval/loss"] = evaluate(model, eval_items, cfg, tok.pad_token_id, device)
             if step % cfg.log_steps == 0 or "eval/loss" in metrics:
                 run.log(step, metrics)
-            if run.end_step(step, n_steps, info=f"loss {loss_sum:.3f}  {tokens / dt:,.0f} tok/s"):
-                break
+            run.end_step(step, n_steps, info=f"loss {loss_sum:.3f}  {tokens / dt:,.0f} tok/s")
     if step < n_steps:
         return run.stopped()
     save_model(model, tok, run.out)
