@@ -96,7 +96,7 @@ def build_value_function(cfg: PPOConfig, tok, hidden_size: int, log=print):
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                  target_modules="all-linear", modules_to_save=["score"]))
     log(f"chatrlhf ppo: critic = separate network from {source}" + (" (LoRA)" if cfg.lora_r > 0 else ""))
-    return SeparateCritic(Critic(model), cfg.critic_lr), kind
+    return SeparateCritic(Critic(model), cfg.critic_lr, cfg.dtype), kind
 
 
 def _same_vocab(path: str, tok) -> bool:
@@ -209,17 +209,17 @@ def ppo_update(policy, vf, optimizer, r: Rollout, cfg: PPOConfig, train_policy: 
         for idx in minibatches(len(r), cfg.samples_per_prompt, cfg.minibatch_size, shuffle):
             mb = r.select(idx.to(device))
             m: dict[str, float] = {}
-            if train_policy or vf.reads_trunk:  # critic warm-up: the shared trunk still learns values
+            if train_policy or vf.reads_trunk:  # in a critic warm-up only a head on the trunk needs this pass
                 with autocast(cfg.dtype, device):
                     lp, ent, v = policy_forward(policy, mb, cfg.temperature, with_entropy=True, value_head=vf.head)
                 loss, pm = losses.ppo_policy_loss(lp, mb.logprobs, mb.advantages, mb.response_mask, cfg.cliprange)
                 vl, vm = vf.trunk_loss(v, mb, cfg.cliprange_value)
-                (loss * float(train_policy) + vl).backward()
+                (loss * float(train_policy) + vl).backward()  # warm-up: the trunk learns values alone
                 m["policy/grad_norm"] = optimizer_step(optimizer, None, policy_params, cfg.max_grad_norm)
                 m.update(vm)
                 m.update(pm)
                 m["policy/entropy"] = losses.masked_mean(ent.detach(), mb.response_mask)
-            m.update(vf.update(mb, lambda: autocast(cfg.dtype, device), cfg.cliprange_value, cfg.max_grad_norm))
+            m.update(vf.update(mb, cfg.cliprange_value, cfg.max_grad_norm))
             for k, val in m.items():
                 sums[k] = sums.get(k, 0.0) + float(val)
             n_mb += 1

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from chatrlhf import losses
+from chatrlhf.models import autocast
 from chatrlhf.rollout import Critic, Rollout
 from chatrlhf.trainers.common import optimizer_step
 
@@ -44,7 +45,7 @@ class SharedHead(torch.nn.Module):
         vl, metrics = losses.value_loss(v, mb.values, mb.returns, mb.response_mask, cliprange_value)
         return self.vf_coef * vl, metrics
 
-    def update(self, mb: Rollout, autocast, cliprange_value: float, max_grad_norm: float) -> dict:
+    def update(self, mb: Rollout, cliprange_value: float, max_grad_norm: float) -> dict:
         return {}  # trained by the policy's optimizer step
 
     def policy_modules(self) -> dict[str, torch.nn.Module]:
@@ -70,8 +71,8 @@ class SeparateCritic:
     reads_trunk = False
     head = None
 
-    def __init__(self, critic: Critic, lr: float):
-        self.critic, self.lr = critic, lr
+    def __init__(self, critic: Critic, lr: float, dtype: str):
+        self.critic, self.lr, self.dtype = critic, lr, dtype
         self.optimizer = self.scheduler = None
 
     def values(self, r: Rollout, trunk_values) -> torch.Tensor:
@@ -80,9 +81,9 @@ class SeparateCritic:
     def trunk_loss(self, v, mb: Rollout, cliprange_value: float) -> tuple[float, dict]:
         return 0.0, {}
 
-    def update(self, mb: Rollout, autocast, cliprange_value: float, max_grad_norm: float) -> dict:
+    def update(self, mb: Rollout, cliprange_value: float, max_grad_norm: float) -> dict:
         """One step of the critic on a minibatch: clipped value loss, backward, clip, AdamW."""
-        with autocast():
+        with autocast(self.dtype, mb.query_ids.device):
             v = self.critic(mb)
         vl, metrics = losses.value_loss(v, mb.values, mb.returns, mb.response_mask, cliprange_value)
         vl.backward()
