@@ -154,8 +154,8 @@ def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
     assert "drop --resume" in str(e.value.hint if hasattr(e.value, "hint") else e.value)
 
 
-def test_one_process_is_the_main_one_and_reduce_and_shard_are_identities(tmp_path):
+def test_one_process_is_the_main_one_and_reduce_is_the_identity(tmp_path):
     run = Run("toy", cfg(tmp_path), log=lambda *a: None)
     assert run.is_main and (run.rank, run.world_size) == (0, 1) and run.device == torch.device("cpu")
-    assert run.reduce({"a": 1.0}) == {"a": 1.0} and run.shard([1, 2, 3]) == [1, 2, 3]
+    assert run.reduce({"a": 1.0}) == {"a": 1.0}
     assert run.total_steps(10) == 10   # --epochs 1 × 10 steps per epoch (--max-steps -1)

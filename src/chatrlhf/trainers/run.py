@@ -26,8 +26,9 @@ renamed, so a run killed at any moment leaves either a whole checkpoint or none.
 
 Several processes (later): ``rank`` / ``world_size`` / ``is_main`` are where a launcher's ranks go;
 :meth:`Run.log`, :meth:`Run.save`, the progress bar and :meth:`Run.finish` already act on the main rank
-only, :meth:`Run.reduce` is where metrics are all-reduced (the identity in one process), and
-:meth:`Run.shard` is where each rank takes its share of a step's data (all of it in one process).
+only, and :meth:`Run.reduce` is where metrics are all-reduced (the identity in one process). Every trainer
+draws a step's data as a pure function of the step (``StepPlan``, ``prompt_indices``), so sharding is one
+more slice there by ``rank`` / ``world_size``.
 """
 
 from __future__ import annotations
@@ -228,10 +229,6 @@ class Run:
     def total_steps(self, steps_per_epoch: int) -> int:
         """--max-steps, else --epochs × ``steps_per_epoch``."""
         return total_steps(self.cfg.max_steps, self.cfg.epochs, steps_per_epoch)
-
-    def shard(self, items: list) -> list:
-        """This rank's share of a step's data: all of it in one process."""
-        return items
 
     def reduce(self, metrics: dict) -> dict:
         """Metrics averaged over ranks: the identity in one process."""
