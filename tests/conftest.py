@@ -43,7 +43,7 @@ def kill_at_first_checkpoint(args, out, timeout=300) -> int:
     import signal
     import time
 
-    from chatrlhf.trainers.common import checkpoints
+    from chatrlhf.trainers.run import checkpoints
 
     proc = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

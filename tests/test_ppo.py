@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from chatrlhf.logger import read_metrics
-from chatrlhf.trainers.common import checkpoints
+from chatrlhf.trainers.run import checkpoints
 from chatrlhf.trainers.ppo import prompt_indices
 from conftest import EXAMPLES, kill_at_first_checkpoint, run_cli, tiny_reward_model
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from chatrlhf.logger import read_metrics
-from chatrlhf.trainers.common import checkpoints
+from chatrlhf.trainers.run import checkpoints
 from conftest import EXAMPLES, kill_at_first_checkpoint, run_cli, tiny_sft_args
 
 ARGS = ["--max-steps", "40", "--batch-size", "3", "--grad-accum", "2", "--save-steps", "5", "--eval-steps", "10",

@@ -344,6 +344,20 @@ def test_reward_train_sigkill_then_resume_gives_identical_losses(tmp_path):
     for step in range(1, 9):
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
     assert json.loads((out / "eval.json").read_text())["accuracy"] == json.loads((ref / "eval.json").read_text())["accuracy"]
+    # the saved reward model is the uninterrupted run's: weights, fitted normalisation, summary
+    from safetensors.torch import load_file
+
+    want_w, got_w = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(got_w) == sorted(want_w)
+    for k in want_w:
+        assert torch.allclose(got_w[k], want_w[k], rtol=0, atol=1e-6), k
+    norm = [json.loads((d / "config.json").read_text())["chatrlhf_reward_norm"] for d in (ref, out)]
+    assert norm[1]["fitted_on"] == norm[0]["fitted_on"]
+    assert norm[1]["gain"] == pytest.approx(norm[0]["gain"], rel=1e-5)
+    assert norm[1]["bias"] == pytest.approx(norm[0]["bias"], abs=1e-5)
+    summaries = [json.loads((d / "chatrlhf.json").read_text()) for d in (ref, out)]
+    for key in ("command", "steps", "pairs", "held_out_pairs", "accuracy", "split", "gate"):
+        assert summaries[1][key] == summaries[0][key], key
 
 
 def test_a_reply_cut_at_the_token_limit_is_scored_without_an_end_of_turn():

@@ -6,6 +6,10 @@ import json
 import math
 from pathlib import Path
 
+# rich at the top, not inside progress_bar: importing it draws from Python's global RNG, which must not move after
+# a checkpoint's RNG state was restored (a resumed run would no longer repeat the uninterrupted one)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
 from chatrlhf.config import config_dict
 
 
@@ -15,7 +19,7 @@ class MetricsLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            self._truncate_after(resume_step)
+            truncate_jsonl(self.path, resume_step)  # what the interrupted run logged after its checkpoint
         elif resume_step is None and self.path.exists():
             self.path.unlink()  # a fresh run starts a fresh log
         self.tb = None
@@ -23,12 +27,6 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=resume_step)
-
-    def _truncate_after(self, step: int) -> None:
-        """A resumed run drops what the interrupted run logged after its last checkpoint."""
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
 
     def config(self, cfg) -> None:
         """The run's full config, written at start as run_config.json (config.json is the saved model's)."""
@@ -60,15 +58,21 @@ class MetricsLogger:
             self.tb.close()
 
 
+def truncate_jsonl(path: str | Path, step: int) -> None:
+    """Keep the lines of a JSON-lines log up to ``step`` (a resumed run drops what the interrupted run wrote
+    after its last checkpoint)."""
+    path = Path(path)
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
 def read_metrics(out_dir: str | Path) -> list[dict]:
     path = Path(out_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def progress_bar(quiet: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), disable=quiet, transient=False)

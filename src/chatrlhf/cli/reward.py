@@ -23,7 +23,7 @@ def run(sub: str, cfg) -> int:
 
 def train(cfg: RewardTrainConfig) -> int:
     s = reward_trainer.train(cfg)
-    if s.get("interrupted"):
+    if s.interrupted:
         return 130
     _print_verdict(s["accuracy"], s["ece"], s["gate"], s["split"])
     print(f"chatrlhf reward: model, eval.json and eval.png in {cfg.output_dir}")

@@ -12,7 +12,7 @@ def run(name: str, cfg) -> int:
 
 def train_sft(cfg: SFTConfig) -> int:
     summary = sft.train(cfg)
-    if summary.get("interrupted"):
+    if summary.interrupted:
         return 130
     print(f"chatrlhf sft: eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}; "
           f"model saved to {cfg.output_dir}")
@@ -21,7 +21,7 @@ def train_sft(cfg: SFTConfig) -> int:
 
 def train_ppo(cfg: PPOConfig) -> int:
     summary = ppo.train(cfg)
-    if summary.get("interrupted"):
+    if summary.interrupted:
         return 130
     start, end = summary["eval_start"] or {}, summary["eval_end"] or {}
     moved = [f"{k[5:-5]} {start[k]:+.3f} -> {end[k]:+.3f}" for k in end if k.endswith("_mean") and k in start]

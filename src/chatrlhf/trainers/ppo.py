@@ -23,28 +23,28 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from chatrlhf import losses
-from chatrlhf.config import ModelArgs, PPOConfig, config_dict
-from chatrlhf.data import load_prompts
-from chatrlhf.data.records import prompt_key
+from chatrlhf.config import ModelArgs, PPOConfig
+from chatrlhf.data import load_prompts, split_by_prompt
+from chatrlhf.data.records import Conversation, prompt_key
 from chatrlhf.data.template import is_plain, prompt_format
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import shared_reply_fraction
 from chatrlhf.evaluate.watch import failure_signs
-from chatrlhf.logger import MetricsLogger, read_metrics
-from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model, unwrap
+from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, load_tokenizer, save_model, \
+    unwrap
 from chatrlhf.reward_model import load_reward_model, reward_norm
 from chatrlhf.rewards import HumanReward, ModelReward, RewardMix, SimilarityReward, load_callable, \
     parse_schedules, reference_replies
 from chatrlhf.rollout import Critic, Rollout, decode_replies, encode_prompts, ended_with_eos, generator, \
     policy_forward, sample
-from chatrlhf.trainers.common import StopFlag, file_hashes, make_optimizer, optimizer_step, progress_bar, \
-    save_checkpoint, seed_everything, start_or_resume, total_steps
+from chatrlhf.trainers.common import file_hashes, make_optimizer, optimizer_step
+from chatrlhf.trainers.run import Run, Summary
+from chatrlhf.trainers.value import SeparateCritic, SharedHead
 
 # --------------------------------------------------------------------------- set-up
 
@@ -74,16 +74,13 @@ def missing_eos_penalty(cfg: PPOConfig, tok) -> float:
     return 0.0 if is_plain(tok) else 1.0
 
 
-def build_critic(cfg: PPOConfig, tok, hidden_size: int, log=print):
-    """(critic or None, value head or None, kind). See --critic."""
+def build_value_function(cfg: PPOConfig, tok, hidden_size: int, log=print):
+    """(value function, kind): a head on the policy's trunk or a separate critic network. See --critic."""
     kind = cfg.critic
     if kind == "auto":
         kind = "reward-model" if cfg.reward_model and _same_vocab(cfg.reward_model, tok) else "policy"
     if kind == "shared":
-        head = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
-        return None, head, kind
+        return SharedHead(hidden_size, cfg.vf_coef), kind
     if kind == "reward-model":
         if not cfg.reward_model:
             raise UsageError("--critic reward-model needs --reward-model", "or use --critic policy / shared")
@@ -100,11 +97,10 @@ def build_critic(cfg: PPOConfig, tok, hidden_size: int, log=print):
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                  target_modules="all-linear", modules_to_save=["score"]))
     log(f"chatrlhf ppo: critic = separate network from {source}" + (" (LoRA)" if cfg.lora_r > 0 else ""))
-    return Critic(model), None, kind
+    return SeparateCritic(Critic(model), cfg.critic_lr, cfg.dtype), kind
 
 
 def _same_vocab(path: str, tok) -> bool:
-    from chatrlhf.models import load_tokenizer
 
     return load_tokenizer(path).get_vocab() == tok.get_vocab()
 
@@ -138,24 +134,24 @@ def generate(policy, tok, prompts, cfg: PPOConfig, gen: torch.Generator) -> tupl
 
 
 @torch.no_grad()
-def forward_passes(policy, ref_ctx, critic, vhead, r: Rollout, cfg: PPOConfig) -> None:
-    """Fill in log π and log π_ref at the sampling temperature and V(s_t), each in its own forward pass."""
+def forward_passes(policy, ref_ctx, r: Rollout, cfg: PPOConfig, value_head=None):
+    """Fill in log π and log π_ref at the sampling temperature, each in its own forward pass; returns the values
+    that ``value_head`` reads off the policy's trunk pass (None without a head)."""
     with autocast(cfg.dtype, r.query_ids.device):
-        r.logprobs, _, shared_values = policy_forward(policy, r, cfg.temperature, value_head=vhead)
+        r.logprobs, _, trunk_values = policy_forward(policy, r, cfg.temperature, value_head=value_head)
         with ref_ctx() as ref:
             r.ref_logprobs, _, _ = policy_forward(ref, r, cfg.temperature)
-        if critic is not None:
-            r.values = critic(r) * r.response_mask
-        elif shared_values is not None:
-            r.values = shared_values * r.response_mask
+    return trunk_values
 
 
 @torch.no_grad()
-def rollout(policy, ref_ctx, critic, vhead, tok, prompts, cfg: PPOConfig, mix: RewardMix, step: int,
+def rollout(policy, ref_ctx, vf, tok, prompts, cfg: PPOConfig, mix: RewardMix, step: int,
             gen: torch.Generator) -> tuple[Rollout, dict]:
     """Sample, recompute log-probs and values, score with the reward mix (its running moments updated)."""
     r, sample_lp, gen_s = generate(policy, tok, prompts, cfg, gen)
-    forward_passes(policy, ref_ctx, critic, vhead, r, cfg)
+    trunk_values = forward_passes(policy, ref_ctx, r, cfg, vf.head)
+    with autocast(cfg.dtype, r.query_ids.device):
+        r.values = vf.values(r, trunk_values) * r.response_mask
     scores, metrics = mix(prompts, r.texts, r.ended.tolist(), step)
     r.scores = torch.tensor(scores, dtype=torch.float32, device=r.query_ids.device)
     n_tokens = int(r.response_mask.sum())
@@ -199,41 +195,31 @@ def calibrate_critic(critic: Critic, r: Rollout, mix: RewardMix, step: int) -> N
 # --------------------------------------------------------------------------- the PPO update
 
 
-def ppo_update(policy, critic, vhead, optimizer, critic_opt, r: Rollout, cfg: PPOConfig, train_policy: bool,
+def ppo_update(policy, vf, optimizer, r: Rollout, cfg: PPOConfig, train_policy: bool,
                shuffle: torch.Generator) -> dict:
+    """``ppo_epochs`` passes over shuffled minibatches: on each, the clipped policy loss (plus the value loss of a
+    head on the policy's trunk) and the policy's step, then the value function's own update, if it has one."""
     device = r.query_ids.device
     sums: dict[str, float] = {}
     n_mb = 0
     policy.train()
-    if critic is not None:
-        critic.train()
+    vf.train()
     policy_params = [p for g in optimizer.param_groups for p in g["params"]]
     for _ in range(cfg.ppo_epochs):
         for idx in minibatches(len(r), cfg.samples_per_prompt, cfg.minibatch_size, shuffle):
             mb = r.select(idx.to(device))
             m: dict[str, float] = {}
-            if train_policy or vhead is not None:
+            if train_policy or vf.reads_trunk:  # in a critic warm-up only a head on the trunk needs this pass
                 with autocast(cfg.dtype, device):
-                    lp, ent, v = policy_forward(policy, mb, cfg.temperature, with_entropy=True, value_head=vhead)
+                    lp, ent, v = policy_forward(policy, mb, cfg.temperature, with_entropy=True, value_head=vf.head)
                 loss, pm = losses.ppo_policy_loss(lp, mb.logprobs, mb.advantages, mb.response_mask, cfg.cliprange)
-                if not train_policy:
-                    loss = loss * 0.0  # critic warm-up: the shared trunk still learns values
-                if vhead is not None:
-                    vl, vm = losses.value_loss(v, mb.values, mb.returns, mb.response_mask, cfg.cliprange_value)
-                    loss = loss + cfg.vf_coef * vl
-                    m.update(vm)
-                loss.backward()
+                vl, vm = vf.trunk_loss(v, mb, cfg.cliprange_value)
+                (loss * float(train_policy) + vl).backward()  # warm-up: the trunk learns values alone
                 m["policy/grad_norm"] = optimizer_step(optimizer, None, policy_params, cfg.max_grad_norm)
+                m.update(vm)
                 m.update(pm)
                 m["policy/entropy"] = losses.masked_mean(ent.detach(), mb.response_mask)
-            if critic is not None:
-                with autocast(cfg.dtype, device):
-                    v = critic(mb)
-                vl, vm = losses.value_loss(v, mb.values, mb.returns, mb.response_mask, cfg.cliprange_value)
-                vl.backward()
-                m["critic/grad_norm"] = optimizer_step(critic_opt, None, [p for g in critic_opt.param_groups
-                                                                          for p in g["params"]], cfg.max_grad_norm)
-                m.update(vm)
+            m.update(vf.update(mb, cfg.cliprange_value, cfg.max_grad_norm))
             for k, val in m.items():
                 sums[k] = sums.get(k, 0.0) + float(val)
             n_mb += 1
@@ -272,7 +258,7 @@ def evaluate(policy, ref_ctx, tok, prompts, cfg: PPOConfig, mix: RewardMix, stat
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = [p for p in prompts[i:i + cfg.batch_size] for _ in range(cfg.samples_per_prompt)]
         r, _, _ = generate(policy, tok, chunk, cfg, gen)
-        forward_passes(policy, ref_ctx, None, None, r, cfg)
+        forward_passes(policy, ref_ctx, r, cfg)
         for name, values in mix.raw(chunk, r.texts, r.ended.tolist()).items():
             raw[name] += values
         kl += (losses.kl_estimates(r.logprobs, r.ref_logprobs)["k1"] * r.response_mask).sum(1).tolist()
@@ -299,8 +285,6 @@ def evaluate(policy, ref_ctx, tok, prompts, cfg: PPOConfig, mix: RewardMix, stat
 
 def split_prompts(cfg: PPOConfig) -> tuple[list, list]:
     """Train and held-out prompts: --eval-data, else a prompt-disjoint split with the run's seed."""
-    from chatrlhf.data import split_by_prompt
-    from chatrlhf.data.records import Conversation
 
     prompts = [p for path in cfg.data for p in load_prompts(path, cfg.format)]
     if not prompts:
@@ -312,22 +296,18 @@ def split_prompts(cfg: PPOConfig) -> tuple[list, list]:
 
 
 def load_networks(cfg: PPOConfig, log=print):
-    """(policy, tokenizer, reference context, critic or None, value head or None, critic kind)."""
+    """(policy, tokenizer, reference context, value function, critic kind)."""
     policy, tok = load_model(cfg, trainable=True, chat_template=cfg.chat_template, lora=cfg)
     device = next(policy.parameters()).device
     lora = hasattr(policy, "disable_adapter")
     ref = None if lora else load_model(cfg)[0].eval().requires_grad_(False)
     ref_ctx = (lambda: _adapters_off(policy)) if lora else (lambda: contextlib.nullcontext(ref))
-    critic, vhead, kind = build_critic(cfg, tok, unwrap(policy).config.hidden_size, log)
-    if vhead is not None:
-        vhead.to(device)
-    if critic is not None:
-        critic.to(device)
+    vf, kind = build_value_function(cfg, tok, unwrap(policy).config.hidden_size, log)
+    vf.to(device)
     if cfg.gradient_checkpointing:
-        for net in (policy, critic.model if critic is not None else None):
-            if net is not None:
-                enable_checkpointing(net)
-    return policy, tok, ref_ctx, critic, vhead, kind
+        for net in (policy, *vf.networks()):
+            enable_checkpointing(net)
+    return policy, tok, ref_ctx, vf, kind
 
 
 def check(cfg: PPOConfig) -> None:
@@ -340,36 +320,32 @@ def check(cfg: PPOConfig) -> None:
                          f"{cfg.max_steps} to train the policy", "lower --critic-warmup-steps")
 
 
-def train(cfg: PPOConfig, log=print) -> dict:
+def train(cfg: PPOConfig, log=print) -> Summary:
     check(cfg)
-    out = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
+    run = Run("ppo", cfg, log)
     train_prompts, eval_prompts = split_prompts(cfg)
     mix = build_rewards(cfg, log)
-    policy, tok, ref_ctx, critic, vhead, critic_kind = load_networks(cfg, log)
+    policy, tok, ref_ctx, vf, critic_kind = load_networks(cfg, log)
     mix.penalty = missing_eos_penalty(cfg, tok)
-    device = next(policy.parameters()).device
-    n_steps = total_steps(cfg.max_steps, cfg.epochs, max(1, len(train_prompts) // cfg.batch_size))
-    parts = optimisers(cfg, policy, vhead, critic, n_steps)
+    n_steps = run.total_steps(max(1, len(train_prompts) // cfg.batch_size))
+    parts = optimisers(cfg, policy, vf, n_steps)
     log(f"chatrlhf ppo: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts, {n_steps} steps × "
         f"{cfg.batch_size * cfg.samples_per_prompt} replies, reward sources {', '.join(mix.sources)}, critic "
         f"{critic_kind}, {'plain-text' if is_plain(tok) else 'chat'} prompts, missing-EOS penalty {mix.penalty:g}, "
-        f"{count_parameters(policy)[1]:,} trainable policy parameters, device {device}")
-    gens = {"sample": generator(cfg.seed, device), "shuffle": generator(cfg.seed + 1)}
-    step, resumed = start_or_resume(out, parts, cfg.resume, gens, name="ppo", log=log)
-    state = {"beta": cfg.kl_coef, "moments": {}, "history": [], "eval_start": None, "eval_norm": None, **resumed}
+        f"{count_parameters(policy)[1]:,} trainable policy parameters, device {run.device}")
+    gens = {"sample": generator(cfg.seed, run.device), "shuffle": generator(cfg.seed + 1)}
+    state = run.begin(parts, gens, {"beta": cfg.kl_coef, "moments": {}, "history": [], "eval_start": None,
+                                    "eval_norm": None})
     mix.load_state(state["moments"])
-    logger = MetricsLogger(out, cfg.tensorboard, resume_step=step if cfg.resume else None)
-    logger.config(cfg)
+    step = run.step
     if step == 0:
         state["eval_start"] = evaluate(policy, ref_ctx, tok, eval_prompts, cfg, mix, state, n_steps)
-        logger.log(0, state["eval_start"])
-    samples = _open_samples(out / "samples.jsonl", step if cfg.resume else None)
+        run.log(0, state["eval_start"])
+    samples = run.open_rows("samples.jsonl")
     deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
-    with StopFlag() as stop, progress_bar(cfg.quiet) as bar:
-        task = bar.add_task("ppo", total=n_steps, completed=step, info="")
-        while step < n_steps:
-            raw = ppo_step(step, policy, ref_ctx, critic, vhead, tok, train_prompts, cfg, mix, parts, gens, state,
+    with run.loop(n_steps) as bar:
+        while run.running(step, n_steps):
+            raw = ppo_step(step, policy, ref_ctx, vf, tok, train_prompts, cfg, mix, parts["policy"], gens, state,
                            calibrate=step == 0 and critic_kind == "reward-model", log=log)
             step += 1
             if time.perf_counter() > deadline and step < n_steps:
@@ -380,44 +356,36 @@ def train(cfg: PPOConfig, log=print) -> dict:
             samples.flush()
             if step % cfg.eval_steps == 0 or step == n_steps:
                 raw.update(evaluate(policy, ref_ctx, tok, eval_prompts, cfg, mix, state, n_steps))
-                logger.table(step, "samples", rows)
+                run.table(step, "samples", rows)
                 if not cfg.quiet and rows:
                     _show(bar.console, rows)
-            logger.log(step, {k: v for k, v in raw.items() if not k.startswith("_")})
-            bar.update(task, completed=step, info=f"reward {raw['reward/total_mean']:+.3f}  kl {raw['objective/kl']:.3f}  "
-                                                  f"{raw['time/step_s']:.1f} s/step")
-            if step % cfg.save_steps == 0 or step == n_steps or stop.stop:
-                save_checkpoint(out, step, parts, state, generators=gens)
-            if stop.stop:
-                break
+            run.log(step, {k: v for k, v in raw.items() if not k.startswith("_")})
+            run.end_step(step, n_steps, info=f"reward {raw['reward/total_mean']:+.3f}  kl {raw['objective/kl']:.3f}  "
+                                                f"{raw['time/step_s']:.1f} s/step")
     samples.close()
-    logger.close()
     if step < n_steps:
-        log(f"chatrlhf ppo: stopped at step {step}; resume with the same command plus --resume")
-        return {"interrupted": True, "step": step}
-    return _finish(cfg, policy, critic, tok, out, state, step)
+        return run.stopped()
+    return _finish(run, policy, vf, tok, state)
 
 
-def ppo_step(step: int, policy, ref_ctx, critic, vhead, tok, train_prompts, cfg: PPOConfig, mix: RewardMix,
-             parts: dict, gens: dict, state: dict, calibrate: bool, log=print) -> dict:
+def ppo_step(step: int, policy, ref_ctx, vf, tok, train_prompts, cfg: PPOConfig, mix: RewardMix,
+             policy_part: tuple, gens: dict, state: dict, calibrate: bool, log=print) -> dict:
     """One PPO step (``step`` 0-based): rollout, advantages, the update, β, warnings. Returns the step's metrics
     (``_rollout`` holds the rollout for the samples file)."""
     t0 = time.perf_counter()
     batch = [train_prompts[i] for i in prompt_indices(len(train_prompts), cfg.batch_size, cfg.seed, step)]
     batch = [p for p in batch for _ in range(cfg.samples_per_prompt)]
-    r, metrics = rollout(policy, ref_ctx, critic, vhead, tok, batch, cfg, mix, step, gens["sample"])
+    r, metrics = rollout(policy, ref_ctx, vf, tok, batch, cfg, mix, step, gens["sample"])
     if calibrate:
-        calibrate_critic(critic, r, mix, step)
+        calibrate_critic(vf.critic, r, mix, step)
     metrics.update(advantages(r, cfg, state["beta"]))
     train_policy = step >= cfg.critic_warmup_steps
-    optimizer, scheduler = parts["policy"][1:]
-    critic_opt = parts["critic"][1] if "critic" in parts else None
-    metrics.update(ppo_update(policy, critic, vhead, optimizer, critic_opt, r, cfg, train_policy, gens["shuffle"]))
+    _, optimizer, scheduler = policy_part
+    metrics.update(ppo_update(policy, vf, optimizer, r, cfg, train_policy, gens["shuffle"]))
     metrics["train/lr"] = scheduler.get_last_lr()[0]
     if train_policy:  # the policy's schedule starts after the critic's warm-up
         scheduler.step()
-    if "critic" in parts:
-        parts["critic"][2].step()
+    vf.schedule_step()
     if cfg.adaptive_kl:
         state["beta"] = losses.adaptive_kl_coef(state["beta"], metrics["objective/kl"], cfg.target_kl,
                                                 cfg.kl_horizon, len(r))
@@ -434,16 +402,13 @@ def ppo_step(step: int, policy, ref_ctx, critic, vhead, tok, train_prompts, cfg:
     return metrics
 
 
-def optimisers(cfg: PPOConfig, policy, vhead, critic, n_steps: int) -> dict:
+def optimisers(cfg: PPOConfig, policy, vf, n_steps: int) -> dict:
     """{"policy": (policy + value head, AdamW, schedule), "critic": (...)}: Adam ε 1e-5 (N+), linear decay to 0.
     The policy's schedule spans the steps after the critic's warm-up."""
-    holder = torch.nn.ModuleDict({"policy": policy, **({"value_head": vhead} if vhead is not None else {})})
+    holder = torch.nn.ModuleDict({"policy": policy, **vf.policy_modules()})
     parts = {"policy": (holder, *_optimizer([p for p in holder.parameters() if p.requires_grad], cfg.lr, cfg,
                                             max(1, n_steps - cfg.critic_warmup_steps)))}
-    if critic is not None:
-        parts["critic"] = (critic, *_optimizer([p for p in critic.parameters() if p.requires_grad], cfg.critic_lr, cfg,
-                                               n_steps))
-    return parts
+    return {**parts, **vf.parts(lambda params, lr, n: _optimizer(params, lr, cfg, n), n_steps)}
 
 
 def _adapters_off(policy):
@@ -467,15 +432,6 @@ def _samples(step: int, r: Rollout, metrics: dict, n: int) -> list[dict]:
              "ended": bool(r.ended[i]), **{f"reward_{k}": v[i] for k, v in raws.items()}} for i in range(min(n, len(r)))]
 
 
-def _open_samples(path: Path, resume_step: int | None):
-    """samples.jsonl for appending; a resumed run first drops what the killed run wrote after its checkpoint."""
-    if resume_step is not None and path.exists():
-        keep = [x for x in path.read_text(encoding="utf-8").splitlines() if x and json.loads(x)["step"] <= resume_step]
-        path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-        return path.open("a", encoding="utf-8")
-    return path.open("w", encoding="utf-8")
-
-
 def _show(console, rows: list[dict]) -> None:
     from rich.table import Table
 
@@ -488,15 +444,13 @@ def _show(console, rows: list[dict]) -> None:
     console.print(table)
 
 
-def _finish(cfg: PPOConfig, policy, critic, tok, out: Path, state: dict, step: int) -> dict:
-    save_model(policy, tok, out)
-    if critic is not None:
-        critic.save(tok, out / "critic")
-    final = [m for m in read_metrics(out) if "eval/reward" in m]
-    summary = {"command": "ppo", "steps": step, "eval_start": state.get("eval_start"),
-               "eval_end": {k: v for k, v in final[-1].items() if k.startswith("eval/")} if final else None,
-               "stopped_by_time": state.get("stopped_at") == step, "beta": state["beta"], "chat_template": cfg.chat_template, "prompt_format": prompt_format(tok),
-               "missing_eos_penalty": missing_eos_penalty(cfg, tok), "data": file_hashes(cfg.data),
-               "config": config_dict(cfg)}
-    (out / "chatrlhf.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+def _finish(run: Run, policy, vf, tok, state: dict) -> Summary:
+    cfg = run.cfg
+    save_model(policy, tok, run.out)
+    vf.save(tok, run.out)
+    final = run.last_logged("eval/reward")
+    return run.finish({"eval_start": state.get("eval_start"),
+                       "eval_end": {k: v for k, v in final.items() if k.startswith("eval/")} if final else None,
+                       "stopped_by_time": state.get("stopped_at") == run.step, "beta": state["beta"],
+                       "chat_template": cfg.chat_template, "prompt_format": prompt_format(tok),
+                       "missing_eos_penalty": missing_eos_penalty(cfg, tok), "data": file_hashes(cfg.data)})

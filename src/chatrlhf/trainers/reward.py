@@ -11,15 +11,13 @@ Departures from a textbook loop, and why:
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from chatrlhf import losses
-from chatrlhf.config import RewardTrainConfig, config_dict
+from chatrlhf.config import RewardTrainConfig
 from chatrlhf.data import load_records, split_by_prompt
 from chatrlhf.data.formats import parse_turns
 from chatrlhf.data.pairs import build_pairs
@@ -27,12 +25,11 @@ from chatrlhf.data.readers import read_rows
 from chatrlhf.data.split import group_hash
 from chatrlhf.data.template import prompt_format
 from chatrlhf.errors import UsageError
-from chatrlhf.logger import MetricsLogger
-from chatrlhf.models import autocast, count_parameters, enable_checkpointing, save_model, train_top_layers
+from chatrlhf.models import count_parameters, enable_checkpointing, save_model, train_top_layers
 from chatrlhf.reward_model import HELD_OUT, encode_reply, evaluate_pairs, load_reward_model, pad_right, raw_scores, \
     reward_scores, verdict, write_report
-from chatrlhf.trainers.common import StepPlan, StopFlag, file_hashes, make_optimizer, optimizer_step, progress_bar, \
-    save_checkpoint, seed_everything, start_or_resume, total_steps
+from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
+from chatrlhf.trainers.run import Run, Summary
 
 
 SOURCES = ("preference", "rating", "correction")
@@ -109,62 +106,51 @@ def pair_batch(encoded, pairs, pad_id: int, device) -> dict:
     return batch
 
 
-def train(cfg: RewardTrainConfig, log=print) -> dict:
-    out = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
+def train(cfg: RewardTrainConfig, log=print) -> Summary:
+    run = Run("reward train", cfg, log)
     train_pairs, eval_pairs, counts, split = split_pairs(cfg, log)
     model, tok = load_reward_model(cfg, trainable=True)
-    device = next(model.parameters()).device
     train_top_layers(model, cfg.train_layers)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     encoded = encode_pairs(tok, train_pairs, cfg.max_length)
     plan = StepPlan([max(len(c), len(r)) for c, r in encoded], cfg.batch_size, cfg.grad_accum, cfg.seed)
-    n_steps = total_steps(cfg.max_steps, cfg.epochs, plan.steps_per_epoch)
+    n_steps = run.total_steps(plan.steps_per_epoch)
     log(f"chatrlhf reward: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({dict(counts)}), "
-        f"{n_steps} steps, {count_parameters(model)[1]:,} trainable parameters, device {device}")
+        f"{n_steps} steps, {count_parameters(model)[1]:,} trainable parameters, device {run.device}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay,
                                           warmup_steps=int(cfg.warmup_ratio * n_steps), total_steps=n_steps)
-    parts = {"model": (model, optimizer, scheduler)}
-    step, _ = start_or_resume(out, parts, cfg.resume, name="reward", log=log)
-    logger = MetricsLogger(out, cfg.tensorboard, resume_step=step if cfg.resume else None)
-    logger.config(cfg)
-    with StopFlag() as stop, progress_bar(cfg.quiet) as bar:
-        task = bar.add_task("reward", total=n_steps, completed=step, info="")
-        while step < n_steps:
+    run.begin({"model": (model, optimizer, scheduler)})
+    step = run.step
+    with run.loop(n_steps):
+        while run.running(step, n_steps):
             t0 = time.perf_counter()
             chunks = plan[step]
-            stats = train_step(model, tok, cfg, [[encoded[i] for i in c] for c in chunks],
-                               [[train_pairs[i] for i in c] for c in chunks], device)
+            stats = train_step(model, tok, run, [[encoded[i] for i in c] for c in chunks],
+                               [[train_pairs[i] for i in c] for c in chunks])
             stats["train/lr"] = scheduler.get_last_lr()[0]
             stats["train/grad_norm"] = optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
             step += 1
             stats["train/pairs_per_s"] = sum(len(c) for c in chunks) / (time.perf_counter() - t0)
-            logger.log(step, stats)
-            bar.update(task, completed=step, info=f"loss {stats['train/bt']:.3f}  {stats['train/pairs_per_s']:.2f} pairs/s")
-            if step % cfg.save_steps == 0 or step == n_steps or stop.stop:
-                save_checkpoint(out, step, parts, {})
-            if stop.stop:
-                break
+            run.log(step, stats)
+            run.end_step(step, n_steps, info=f"loss {stats['train/bt']:.3f}  {stats['train/pairs_per_s']:.2f} pairs/s")
     if step < n_steps:
-        logger.close()
-        log(f"chatrlhf reward: stopped at step {step}; resume with the same command plus --resume")
-        return {"interrupted": True, "step": step}
-    return _finish(cfg, model, tok, out, logger, step, train_pairs, eval_pairs, counts, split)
+        return run.stopped()
+    return _finish(run, model, tok, train_pairs, eval_pairs, counts, split)
 
 
-def train_step(model, tok, cfg: RewardTrainConfig, encoded: list[list], pairs: list[list], device) -> dict:
+def train_step(model, tok, run: Run, encoded: list[list], pairs: list[list]) -> dict:
     """Forward and backward of one optimizer step's micro-batches; each micro-batch's loss is weighted by its
     share of the step's pair weight, so micro-batch × accumulation equals one big batch."""
     total_weight = sum(p.weight for chunk in pairs for p in chunk)
     stats = {"loss/bt": 0.0, "reward/accuracy": 0.0, "reward/margin": 0.0}
     for enc, chunk in zip(encoded, pairs):
-        batch = pair_batch(enc, chunk, tok.pad_token_id, device)
-        with autocast(cfg.dtype, device):
+        batch = pair_batch(enc, chunk, tok.pad_token_id, run.device)
+        with run.autocast():
             scores = raw_scores(model, {k: batch[k] for k in ("input_ids", "attention_mask")})
         n = len(chunk)
-        loss, m = losses.bradley_terry_loss(scores[:n], scores[n:], batch["margin"] if cfg.margin else None,
+        loss, m = losses.bradley_terry_loss(scores[:n], scores[n:], batch["margin"] if run.cfg.margin else None,
                                             batch["tie"], batch["weight"])
         share = float(batch["weight"].sum()) / total_weight
         (loss * share).backward()
@@ -173,26 +159,24 @@ def train_step(model, tok, cfg: RewardTrainConfig, encoded: list[list], pairs: l
     return {f"train/{k.split('/')[-1]}": v for k, v in stats.items()}
 
 
-def _finish(cfg: RewardTrainConfig, model, tok, out: Path, logger, step: int, train_pairs, eval_pairs, counts,
-            split: str) -> dict:
+def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str) -> Summary:
     """Normalise, measure on the held-out pairs, decide the gate, save the model with what it was trained on."""
+    cfg = run.cfg
     model.eval()
     model.config.chatrlhf_reward_norm = {**fit_normalisation(model, tok, cfg, train_pairs), "margin_loss": cfg.margin}
     if not eval_pairs:
         split = "training pairs: no held-out pairs"
-    with autocast(cfg.dtype, next(model.parameters()).device):
+    with run.autocast():
         metrics = evaluate_pairs(model, tok, eval_pairs or sample_pairs(train_pairs, 256, cfg.seed), cfg.batch_size,
                                  cfg.max_length)
     metrics["split"] = split
     gate = verdict(metrics, cfg.min_accuracy, cfg.max_length_corr)
-    logger.log(step, {"eval/accuracy": metrics["accuracy"], "eval/ece": metrics["ece"],
-                      "eval/length_corr": metrics["length_corr"]})
-    logger.close()
-    save_model(model, tok, out)
-    write_report(out, metrics, gate)
-    summary = {"command": "reward train", "steps": step, "pairs": dict(counts), "held_out_pairs": len(eval_pairs),
-               "accuracy": metrics["accuracy"], "ece": metrics["ece"], "split": split, "gate": gate,
-               "training": {"files": file_hashes(cfg.data), "prompt_groups": sorted({group_hash(p) for p in train_pairs})},
-               "prompt_format": prompt_format(tok), "config": config_dict(cfg)}
-    (out / "chatrlhf.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    run.log(run.step, {"eval/accuracy": metrics["accuracy"], "eval/ece": metrics["ece"],
+                       "eval/length_corr": metrics["length_corr"]})
+    save_model(model, tok, run.out)
+    write_report(run.out, metrics, gate)
+    return run.finish({"pairs": dict(counts), "held_out_pairs": len(eval_pairs), "accuracy": metrics["accuracy"],
+                       "ece": metrics["ece"], "split": split, "gate": gate,
+                       "training": {"files": file_hashes(cfg.data),
+                                    "prompt_groups": sorted({group_hash(p) for p in train_pairs})},
+                       "prompt_format": prompt_format(tok)})

@@ -12,21 +12,18 @@ Departures from a textbook SFT loop, and why:
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 
 from chatrlhf import losses
-from chatrlhf.config import SFTConfig, config_dict
+from chatrlhf.config import SFTConfig
 from chatrlhf.data import as_conversations, load_records, split_by_prompt
 from chatrlhf.data.template import IGNORE, Tokenized, prompt_format, tokenize_conversation
 from chatrlhf.errors import UsageError
-from chatrlhf.logger import MetricsLogger, read_metrics
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model, unwrap
-from chatrlhf.trainers.common import StepPlan, StopFlag, file_hashes, make_optimizer, optimizer_step, plan_batches, \
-    progress_bar, save_checkpoint, seed_everything, start_or_resume, total_steps
+from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step, plan_batches
+from chatrlhf.trainers.run import Run, Summary
 
 
 # --------------------------------------------------------------------------- data
@@ -109,9 +106,8 @@ def load_conversations(paths: list[str], fmt: str) -> tuple[list, str]:
     return [c for x in loaded for c in as_conversations(x)], ",".join(sorted({x.format for x in loaded}))
 
 
-def train(cfg: SFTConfig, log=print) -> dict:
-    out = Path(cfg.output_dir)
-    seed_everything(cfg.seed)
+def train(cfg: SFTConfig, log=print) -> Summary:
+    run = Run("sft", cfg, log)
     conversations, formats = load_conversations(cfg.data, cfg.format)
     if cfg.eval_data:
         train_convs, eval_convs = conversations, load_conversations(cfg.eval_data, cfg.format)[0]
@@ -119,7 +115,7 @@ def train(cfg: SFTConfig, log=print) -> dict:
         train_convs, eval_convs = split_by_prompt(conversations, cfg.eval_fraction, cfg.seed)
 
     model, tok = load_model(cfg, trainable=True, chat_template=cfg.chat_template, lora=cfg)
-    device = next(model.parameters()).device
+    device = run.device
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     train_items = tokenize_all(tok, train_convs, cfg, log)
@@ -127,7 +123,7 @@ def train(cfg: SFTConfig, log=print) -> dict:
     if not train_items:
         raise UsageError(f"--data {','.join(cfg.data)}: no usable training examples", "see the problems listed above")
     plan = StepPlan([len(x.input_ids) for x in train_items], cfg.batch_size, cfg.grad_accum, cfg.seed)
-    n_steps = total_steps(cfg.max_steps, cfg.epochs, plan.steps_per_epoch)
+    n_steps = run.total_steps(plan.steps_per_epoch)
     total_params, trainable_params = count_parameters(model)
     log(f"chatrlhf sft: {formats} data, {len(train_items)} train / {len(eval_items)} eval examples, "
         f"{n_steps} steps, {trainable_params:,} of {total_params:,} parameters trainable, device {device}")
@@ -135,23 +131,19 @@ def train(cfg: SFTConfig, log=print) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, schedule="cosine",
                                           warmup_steps=int(cfg.warmup_ratio * n_steps), total_steps=n_steps)
-    parts = {"model": (model, optimizer, scheduler)}
-    step, resumed = start_or_resume(out, parts, cfg.resume, name="sft", log=log)
-    state = {"tokens": 0, "first_eval_loss": None, **resumed}
-    logger = MetricsLogger(out, cfg.tensorboard, resume_step=step if cfg.resume else None)
-    logger.config(cfg)
+    state = run.begin({"model": (model, optimizer, scheduler)}, state={"tokens": 0, "first_eval_loss": None})
+    step = run.step
     if step == 0:
         state["first_eval_loss"] = evaluate(model, eval_items, cfg, tok.pad_token_id, device)
-        logger.log(0, {"eval/loss": state["first_eval_loss"]})
-    with StopFlag() as stop, progress_bar(cfg.quiet) as bar:
-        task = bar.add_task("sft", total=n_steps, completed=step, info="")
-        while step < n_steps:
+        run.log(0, {"eval/loss": state["first_eval_loss"]})
+    with run.loop(n_steps):
+        while run.running(step, n_steps):
             t0 = time.perf_counter()
             batches = [collate([train_items[i] for i in b], tok.pad_token_id, device) for b in plan[step]]
             step_targets = sum(n_targets(b) for b in batches)
             loss_sum, tokens, padded = 0.0, 0, 0
             for batch in batches:
-                with autocast(cfg.dtype, device):
+                with run.autocast():
                     loss, _ = sft_forward(model, batch, step_targets)
                 loss.backward()
                 loss_sum += float(loss.detach())
@@ -168,24 +160,12 @@ def train(cfg: SFTConfig, log=print) -> dict:
             if step % cfg.eval_steps == 0 or step == n_steps:
                 metrics["eval/loss"] = evaluate(model, eval_items, cfg, tok.pad_token_id, device)
             if step % cfg.log_steps == 0 or "eval/loss" in metrics:
-                logger.log(step, metrics)
-            bar.update(task, completed=step, info=f"loss {loss_sum:.3f}  {tokens / dt:,.0f} tok/s")
-            if step % cfg.save_steps == 0 or step == n_steps or stop.stop:
-                save_checkpoint(out, step, parts, state)
-            if stop.stop:
-                break
-    logger.close()
+                run.log(step, metrics)
+            run.end_step(step, n_steps, info=f"loss {loss_sum:.3f}  {tokens / dt:,.0f} tok/s")
     if step < n_steps:
-        log(f"chatrlhf sft: stopped at step {step}; resume with the same command plus --resume")
-        return {"interrupted": True, "step": step}
-    return _finish(cfg, model, tok, out, state, step)
-
-
-def _finish(cfg: SFTConfig, model, tok, out: Path, state: dict, step: int) -> dict:
-    save_model(model, tok, out)
-    final = [m for m in read_metrics(out) if "eval/loss" in m]
-    summary = {"command": "sft", "steps": step, "tokens": state["tokens"],
-               "eval_loss_start": state.get("first_eval_loss"), "eval_loss_end": final[-1]["eval/loss"] if final else None,
-               "data": file_hashes(cfg.data), "chat_template": cfg.chat_template, "prompt_format": prompt_format(tok), "config": config_dict(cfg)}
-    (out / "chatrlhf.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        return run.stopped()
+    save_model(model, tok, run.out)
+    final = run.last_logged("eval/loss")
+    return run.finish({"tokens": state["tokens"], "eval_loss_start": state.get("first_eval_loss"),
+                       "eval_loss_end": final["eval/loss"] if final else None, "data": file_hashes(cfg.data),
+                       "chat_template": cfg.chat_template, "prompt_format": prompt_format(tok)})

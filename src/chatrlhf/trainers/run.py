@@ -1,0 +1,323 @@
+"""The run scaffold: the plumbing every trainer shares, in one place (nanochat's ``compute_init`` and
+``checkpoint_manager``); each trainer's loop stays in plain view in its own file.
+
+A :class:`Run` owns the output folder, the device and autocast, the metrics logger, checkpoints that
+resume exactly (named parts: trainable weights, optimizers and schedulers; the global RNG; the
+trainer's own ``torch.Generator`` streams; the data position, which is the step number because every
+trainer draws its data as a pure function of the step; and a JSON state such as PPO's β or the reward
+normalisers' moments), Ctrl-C, the progress bar and the end-of-run :class:`Summary`. A loop reads::
+
+    run = Run("sft", cfg, log)
+    ...load data and model, build optimizer...
+    state = run.begin({"model": (model, optimizer, scheduler)}, state={"tokens": 0})
+    step = run.step
+    with run.loop(n_steps):
+        while run.running(step, n_steps):
+            ...forward, backward, optimizer_step...
+            step += 1
+            run.log(step, metrics)
+            run.end_step(step, n_steps, info=f"loss {loss:.3f}")
+    if step < n_steps:
+        return run.stopped()
+    return run.finish({...the command's figures...})
+
+Checkpoints live in OUTPUT_DIR/checkpoints/step-N and are written to a temporary folder first and
+renamed, so a run killed at any moment leaves either a whole checkpoint or none.
+
+Several processes (later): ``rank`` / ``world_size`` / ``is_main`` are where a launcher's ranks go;
+:meth:`Run.log`, :meth:`Run.save`, the progress bar and :meth:`Run.finish` already act on the main rank
+only, and :meth:`Run.reduce` is where metrics are all-reduced (the identity in one process). Every trainer
+draws a step's data as a pure function of the step (``StepPlan``, ``prompt_indices``), so sharding is one
+more slice there by ``rank`` / ``world_size``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatrlhf.config import config_dict
+from chatrlhf.errors import UsageError
+from chatrlhf.logger import MetricsLogger, progress_bar, read_metrics, truncate_jsonl
+from chatrlhf.models import autocast, resolve_device
+from chatrlhf.trainers.common import seed_everything, total_steps
+
+KEEP_CHECKPOINTS = 2  # the latest two: one may be half-way through a copy elsewhere
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+@dataclass
+class Summary:
+    """How a run ended. ``interrupted``: stopped by Ctrl-C before its last step (a checkpoint was saved;
+    the same command plus --resume continues). ``results``: the command's own figures, which a finished
+    run writes with ``command`` and ``steps`` to OUTPUT_DIR/chatrlhf.json."""
+    command: str
+    steps: int
+    interrupted: bool = False
+    results: dict = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        """The chatrlhf.json record: ``command``, ``steps``, then the results."""
+        return {"command": self.command, "steps": self.steps, **self.results}
+
+    def __getitem__(self, key: str):
+        """A figure of the record (``summary["eval_loss_end"]``)."""
+        return self.as_json()[key]
+
+    def write(self, out_dir: str | Path) -> Path:
+        path = Path(out_dir) / "chatrlhf.json"
+        path.write_text(json.dumps(self.as_json(), indent=2) + "\n")
+        return path
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to save a checkpoint and stop after the current step; a second one
+    interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.stop = False
+        self._old = None
+
+    def handler(self, signum=None, frame=None) -> None:
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nchatrlhf: Ctrl-C — saving a checkpoint after this step (Ctrl-C again to abort)", flush=True)
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGINT, self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, keep: int = KEEP_CHECKPOINTS,
+                    generators: dict[str, torch.Generator] | None = None) -> Path:
+    """``parts`` = {name: (module, optimizer, scheduler)}: each module's trainable weights
+    (``name.safetensors``), every optimizer and scheduler, the global RNG, the trainer's own random streams
+    (``generators``) and its ``state`` (JSON)."""
+    from safetensors.torch import save_file
+
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
+    for name, (module, _, _) in parts.items():
+        save_file(trainable_state(module), tmp / f"{name}.safetensors")
+    torch.save({"optimizers": {n: o.state_dict() for n, (_, o, _) in parts.items()},
+                "schedulers": {n: s.state_dict() for n, (_, _, s) in parts.items()}, "rng": rng_state(),
+                "generators": {n: g.get_state() for n, g in (generators or {}).items()}},
+               tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    final = root / f"step-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(checkpoints(out_dir))[:-keep]:
+        shutil.rmtree(old[1], ignore_errors=True)
+    return final
+
+
+def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every whole checkpoint in OUTPUT_DIR/checkpoints, oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    found = []
+    for p in root.glob("step-*") if root.is_dir() else []:
+        if (p / "trainer_state.json").is_file():
+            found.append((int(p.name.split("-")[1]), p))
+    return sorted(found)
+
+
+def load_checkpoint(path: Path, parts: dict, generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Restore what :func:`save_checkpoint` wrote into the same ``parts`` and ``generators``; returns the
+    trainer state (without the step, which the folder's name gives)."""
+    from safetensors.torch import load_file
+
+    # the run's own checkpoint, written by save_checkpoint (optimizer and RNG states need pickle)
+    blob = torch.load(path / "state.pt", weights_only=False)  # nosec B614
+    for name, (module, optimizer, scheduler) in parts.items():
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for key, value in load_file(path / f"{name}.safetensors").items():
+                params[key].copy_(value)
+        optimizer.load_state_dict(blob["optimizers"][name])
+        scheduler.load_state_dict(blob["schedulers"][name])
+    set_rng_state(blob["rng"])
+    for name, g in (generators or {}).items():
+        g.set_state(blob["generators"][name])
+    state = json.loads((path / "trainer_state.json").read_text())
+    state.pop("step", None)
+    return state
+
+
+def latest_checkpoint(out_dir: str | Path) -> tuple[int, Path]:
+    """(step, folder) of the newest checkpoint, or a UsageError saying there is none to resume from."""
+    found = checkpoints(out_dir)
+    if not found:
+        raise UsageError(f"--resume: no checkpoint in {Path(out_dir) / 'checkpoints'}", "drop --resume to start afresh")
+    return found[-1]
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Run:
+    """One training run of ``command`` (``"sft"``, ``"reward train"``, ``"ppo"``) with its config ``cfg``
+    (a RunArgs + ModelArgs composition): seeds every generator and picks the device on creation."""
+
+    def __init__(self, command: str, cfg, log=print):
+        self.command, self.cfg, self.print = command, cfg, log
+        self.name = command.split(" ")[0]
+        self.out = Path(cfg.output_dir)
+        self.device = resolve_device(cfg.device)
+        self.rank, self.world_size = 0, 1  # one process today; a launcher sets these later
+        self.step = 0                      # optimizer steps done (the data position)
+        self.parts: dict = {}
+        self.generators: dict[str, torch.Generator] = {}
+        self.state: dict = {}
+        self.logger: MetricsLogger | None = None
+        self._stop: StopFlag | None = None
+        self._bar = self._task = None
+        self._saved_at: int | None = None  # the step of this process's latest checkpoint
+        seed_everything(cfg.seed)
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs, saves and prints (rank 0)."""
+        return self.rank == 0
+
+    def autocast(self):
+        """bf16 autocast on this run's device where --dtype and the hardware allow, else nothing."""
+        return autocast(self.cfg.dtype, self.device)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """--max-steps, else --epochs × ``steps_per_epoch``."""
+        return total_steps(self.cfg.max_steps, self.cfg.epochs, steps_per_epoch)
+
+    def reduce(self, metrics: dict) -> dict:
+        """Metrics averaged over ranks: the identity in one process."""
+        return metrics
+
+    def begin(self, parts: dict, generators: dict[str, torch.Generator] | None = None,
+              state: dict | None = None) -> dict:
+        """Register the named ``parts`` ({name: (module, optimizer, scheduler)}), the trainer's own random
+        ``generators`` and its ``state`` (defaults), restore them all from the latest checkpoint with --resume,
+        then open the metrics log (a resumed run's log loses what was written after its checkpoint) and write
+        the run's config. Returns the state dict, which the trainer updates in place and every checkpoint saves."""
+        self.parts, self.generators, self.state = parts, generators or {}, dict(state or {})
+        if self.cfg.resume:
+            self.step, path = latest_checkpoint(self.out)
+            self.state.update(load_checkpoint(path, parts, self.generators))
+            self.print(f"chatrlhf {self.name}: resumed from {path} (step {self.step})")
+        self.logger = MetricsLogger(self.out, self.cfg.tensorboard and self.is_main,
+                                    resume_step=self.step if self.cfg.resume else None)
+        if self.is_main:
+            self.logger.config(self.cfg)
+        return self.state
+
+    def log(self, step: int, metrics: dict) -> None:
+        """Metrics of ``step`` to metrics.jsonl and TensorBoard (reduced over ranks, written by the main one)."""
+        metrics = self.reduce(metrics)
+        if self.is_main:
+            self.logger.log(step, metrics)
+
+    def table(self, step: int, name: str, rows: list[dict]) -> None:
+        """A table (sample replies with their rewards) in TensorBoard, from the main rank."""
+        if self.is_main:
+            self.logger.table(step, name, rows)
+
+    def open_rows(self, name: str):
+        """OUTPUT_DIR/``name`` (JSON lines with a ``step``) for appending: a fresh run starts it empty, a resumed
+        run first drops the lines that the interrupted run wrote after its checkpoint."""
+        path = self.out / name
+        if self.cfg.resume and path.exists():
+            truncate_jsonl(path, self.step)
+            return path.open("a", encoding="utf-8")
+        return path.open("w", encoding="utf-8")
+
+    @contextlib.contextmanager
+    def loop(self, total: int):
+        """Around the training loop: Ctrl-C handling and the progress bar (from the resumed step to ``total``)."""
+        with StopFlag() as stop, progress_bar(self.cfg.quiet or not self.is_main) as bar:
+            self._stop, self._bar = stop, bar
+            self._task = bar.add_task(self.name, total=total, completed=self.step, info="")
+            try:
+                yield bar
+            finally:
+                self._stop = self._bar = self._task = None
+
+    def running(self, step: int, total: int) -> bool:
+        """The loop's condition: steps are left and Ctrl-C has not asked to stop."""
+        return step < total and not self._stop.stop
+
+    def end_step(self, step: int, total: int, info: str = "") -> None:
+        """After optimizer step ``step`` (1-based) of ``total``: advance the progress bar, checkpoint every
+        --save-steps, at the last step and when Ctrl-C asked to stop (the loop then ends: see :meth:`running`)."""
+        self.step = step
+        self._bar.update(self._task, completed=step, info=info)
+        if step % self.cfg.save_steps == 0 or step == total or self._stop.stop:
+            self.save()
+
+    def save(self) -> None:
+        """A checkpoint of every registered part, the random streams and the state at ``self.step``."""
+        if self.is_main:
+            save_checkpoint(self.out, self.step, self.parts, self.state, generators=self.generators)
+        self._saved_at = self.step
+
+    def last_logged(self, key: str) -> dict | None:
+        """The latest metrics line that has ``key`` (e.g. the final evaluation), None if none has."""
+        found = [m for m in read_metrics(self.out) if key in m]
+        return found[-1] if found else None
+
+    def stopped(self) -> Summary:
+        """The summary of a run stopped by Ctrl-C, with a checkpoint of its last step (made by :meth:`end_step`,
+        or here when Ctrl-C came after it)."""
+        if self._saved_at != self.step and self.step > 0:
+            self.save()
+        self.logger.close()
+        self.print(f"chatrlhf {self.name}: stopped at step {self.step}; resume with the same command plus --resume")
+        return Summary(self.command, self.step, interrupted=True)
+
+    def finish(self, results: dict) -> Summary:
+        """Close the log and write chatrlhf.json: command, steps, ``results`` and the run's full config."""
+        self.logger.close()
+        summary = Summary(self.command, self.step, results={**results, "config": config_dict(self.cfg)})
+        if self.is_main:
+            summary.write(self.out)
+        return summary
