@@ -5,7 +5,7 @@ import torch
 
 from chatrlhf import losses
 from chatrlhf.config import ModelArgs
-from chatrlhf.models import load_reward_model
+from chatrlhf.reward_model import load_reward_model
 from chatrlhf.rollout import Critic, Rollout
 from chatrlhf.trainers.common import make_optimizer
 from chatrlhf.trainers.value import SeparateCritic, SharedHead
