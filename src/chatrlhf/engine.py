@@ -342,14 +342,15 @@ class Engine:
             self._cv.notify()
         return r
 
-    def generate(self, prompts: list, params: SamplingParams | None = None,
-                 generator: torch.Generator | None = None) -> list[Completion]:
-        """``params.n`` completions of each prompt, in prompt order."""
+    def generate(self, prompts: list, params: SamplingParams | None = None, generator: torch.Generator | None = None,
+                 on_finish=None) -> list[Completion]:
+        """``params.n`` completions of each prompt, in prompt order. ``on_finish(n)`` is called after each step in
+        which n of them finished (a progress bar)."""
         params = params or SamplingParams()
         if generator is None and params.seed is not None:
             generator = torch.Generator(self.device).manual_seed(params.seed)
         requests = [self.submit(p, params, i) for i, p in enumerate(prompts) for _ in range(params.n)]
-        self._finish(requests, generator)
+        self._finish(requests, generator, on_finish)
         return [r.completion() for r in requests]
 
     @torch.no_grad()
@@ -365,17 +366,23 @@ class Engine:
         self._finish(requests, generator)
         return pack(requests, params.max_tokens, self.pad_id, self.device)
 
-    def _finish(self, requests: list[Request], generator) -> None:
+    def _finish(self, requests: list[Request], generator, on_finish=None) -> None:
+        """Step until every request in ``requests`` has finished (or wait, when the background loop steps)."""
         if self._thread is not None:
             if generator is not None:
                 raise RuntimeError("the background loop draws from the engine's generator: set Engine.generator")
             for r in requests:
                 r.wait()
+                if on_finish:
+                    on_finish(1)
             return
         self.generator, previous = generator, self.generator
+        mine = {id(r) for r in requests}
         try:
             while not all(r.finished for r in requests):
-                self.step()
+                n = sum(id(r) in mine for r in self.step())
+                if n and on_finish:
+                    on_finish(n)
         finally:
             self.generator = previous
 

@@ -25,10 +25,11 @@ class ReplyWriter:
         with self._lock:
             if self._loaded is None:
                 from chatrlhf.config import ModelArgs
+                from chatrlhf.engine import Engine
                 from chatrlhf.models import load_model, resolve_model
 
                 model, tok = load_model(ModelArgs(model=self.name))
-                self._loaded = (model.eval(), tok, checkpoint_id(resolve_model(self.name)))
+                self._loaded = (Engine(model.eval(), tok, max_batch=8), tok, checkpoint_id(resolve_model(self.name)))
         return self._loaded
 
     def write(self, conversations: list[list[dict]]) -> list[dict]:
@@ -36,9 +37,9 @@ class ReplyWriter:
         from chatrlhf.data.template import render
         from chatrlhf.generation import generate_replies
 
-        model, tok, checkpoint = self._load()
+        engine, tok, checkpoint = self._load()
         with self._lock:  # one generation at a time per model
-            texts = generate_replies(model, tok, conversations, self.decoding)
+            texts = generate_replies(engine, conversations, self.decoding)
         return [{"text": t, "model": self.name, "checkpoint": checkpoint, "decoding": asdict(self.decoding),
                  "template": render(tok, c, add_generation_prompt=True)} for t, c in zip(texts, conversations)]
 
