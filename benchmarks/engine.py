@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/engine.py [--tokens 32] [--batches 1,8,64] [--requests 32] [--repeats 2]
 
-For each batch size: `model.generate` (pure sampling, temperature 1, top-k 0, top-p 1, the same max new tokens;
-only tokens up to each row's EOS are counted, as for the engine), then `Engine.generate` with the same settings,
+For each batch size: `model.generate` (pure sampling, temperature 1, top-k 0, top-p 1, every reply ``--tokens``
+long: min_new_tokens there, ignore_eos here, so both make the same number of tokens), then `Engine.generate`,
 each `--repeats` times, alternating; the best of each and the spread of the ratio are printed. The hardware limit
 is a matmul measured in the same run (bf16 where the CPU has a bf16 fast path, else fp32; printed) over the
 model's FLOPs per token (2 × parameters + attention over the mean context; the prompt's tokens count as work), or,
@@ -28,6 +28,7 @@ import torch
 
 from chatrlhf.config import ModelArgs
 from chatrlhf.data import load_prompts
+from chatrlhf.data.template import render
 from chatrlhf.engine import Engine, SamplingParams
 from chatrlhf.models import autocast, count_parameters, cpu_has_bf16, load_model, use_bf16
 
@@ -74,30 +75,23 @@ def flops_per_token(model, context: float) -> float:
     return 2 * count_parameters(model)[0] + 4 * c.num_hidden_layers * c.hidden_size * context
 
 
-def useful_tokens(new: torch.Tensor, eos: int) -> int:
-    """Tokens up to and including each row's first EOS."""
-    is_eos = (new == eos).long()
-    return int(((is_eos.cumsum(1) - is_eos) == 0).sum())
-
-
 def hf_generate(model, tok, prompts, tokens: int, dtype: str) -> tuple[int, float]:
     tok.padding_side = "left"
-    from chatrlhf.data.template import render
-
     enc = tok([render(tok, p, add_generation_prompt=True) for p in prompts], return_tensors="pt", padding=True,
               add_special_tokens=False)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.no_grad(), autocast(dtype, torch.device("cpu")):
         ids = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=tokens,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return useful_tokens(ids[:, enc["input_ids"].shape[1]:], tok.eos_token_id), time.perf_counter() - t0
+                             min_new_tokens=tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    seconds = time.perf_counter() - t0
+    return ids[:, enc["input_ids"].shape[1]:].numel(), seconds
 
 
 def engine_generate(model, tok, prompts, tokens: int, dtype: str) -> tuple[int, float]:
     engine = Engine(model, tok, dtype)
     t0 = time.perf_counter()
-    out = engine.generate(prompts, SamplingParams(max_tokens=tokens, temperature=1.0),
+    out = engine.generate(prompts, SamplingParams(max_tokens=tokens, temperature=1.0, ignore_eos=True),
                           generator=torch.Generator().manual_seed(0))
     return sum(len(c.token_ids) for c in out), time.perf_counter() - t0
 
@@ -122,7 +116,7 @@ def continuous(model, tok, prompts, a, gap: float) -> dict:
     """``a.requests`` requests, one every ``gap`` seconds, at an engine stepping in the background."""
     engine = Engine(model, tok, a.dtype).start()
     engine.generator = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=a.tokens, temperature=1.0)
+    params = SamplingParams(max_tokens=a.tokens, temperature=1.0, ignore_eos=True)
     done, lock = [], threading.Lock()
 
     def ask(prompt, arrival):

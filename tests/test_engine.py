@@ -255,3 +255,25 @@ def test_rollout_tensors_are_bit_for_bit_those_of_the_pre_engine_sampler(name, c
     after = torch.Generator().manual_seed(5)
     pre_engine_sample(model, q, qm, 16, 0.7, tok.eos_token_id, tok.pad_token_id, compact, after)
     assert torch.equal(gen.get_state(), after.get_state())   # the stream moved by exactly as many draws
+
+
+def test_a_failing_step_reaches_every_waiting_caller():
+    model, tok = opinionated("tiny-random-llama")
+    engine = Engine(model, tok, "float32").start()
+    try:
+        engine._forward = lambda **kw: (_ for _ in ()).throw(ValueError("out of memory, say"))
+        with pytest.raises(RuntimeError, match="step loop failed: out of memory, say"):
+            engine.submit(PROMPTS[0], GREEDY).wait(timeout=60)
+        assert engine.running == 0
+    finally:
+        engine.stop()
+
+
+def test_ignore_eos_keeps_going_to_max_tokens():
+    model, tok = opinionated("tiny-random-llama", varied=True)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    ended = Engine(model, tok, "float32").generate(PROMPTS, params)
+    assert any(c.finish_reason == "stop" and c.token_ids[-1] == tok.eos_token_id for c in ended)
+    params.ignore_eos = True
+    assert all(len(c.token_ids) == 8 and c.finish_reason == "length"
+               for c in Engine(model, tok, "float32").generate(PROMPTS, params))

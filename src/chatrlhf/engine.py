@@ -40,6 +40,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)   # the reply ends before the first of these strings
     n: int = 1                                      # completions per prompt (its prefill is shared)
     seed: int | None = None                         # a generator of its own for generate() when none is given
+    ignore_eos: bool = False                        # keep going after EOS (benchmarks: every reply max_tokens long)
 
     def __post_init__(self):
         for name, ok in (("max_tokens", self.max_tokens >= 1), ("temperature", self.temperature >= 0),
@@ -75,6 +76,7 @@ class Request:
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.text = ""
+        self.error: BaseException | None = None   # what stopped the background loop, if it failed
         self._done = threading.Event()
 
     @property
@@ -84,6 +86,8 @@ class Request:
     def wait(self, timeout: float | None = None) -> Completion:
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.index} did not finish within {timeout} s")
+        if self.error is not None:
+            raise RuntimeError(f"request {self.index}: the engine's step loop failed: {self.error}") from self.error
         return self.completion()
 
     def completion(self) -> Completion:
@@ -453,7 +457,12 @@ class Engine:
             room = len(self._waiting) if self.max_batch is None else self.max_batch - self.running
             new, self._waiting = self._waiting[:max(room, 0)], self._waiting[max(room, 0):]
         if new:
-            self._admit(new)
+            try:
+                self._admit(new)
+            except Exception:
+                with self._cv:   # back in the queue, so that whoever handles the error finds them
+                    self._waiting = new + self._waiting
+                raise
         b = self._batch
         if b is None:
             return []
@@ -490,7 +499,8 @@ class Engine:
                 continue
             r.token_ids.append(t)
             r.logprobs.append(p)
-            reason = "stop" if t == self.eos_id else "length" if len(r.token_ids) >= r.params.max_tokens else None
+            eos = t == self.eos_id and not r.params.ignore_eos
+            reason = "stop" if eos else "length" if len(r.token_ids) >= r.params.max_tokens else None
             text = self.tok.decode(r.token_ids, skip_special_tokens=True) if r.params.stop or reason else ""
             cut = min((j for j in (text.find(s) for s in r.params.stop) if j >= 0), default=-1)
             if cut >= 0:
@@ -558,4 +568,17 @@ class Engine:
                     self._cv.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 - every waiting caller gets the error instead of hanging
+                self._fail(e)
+
+    def _fail(self, error: Exception) -> None:
+        """End every running and waiting request with ``error`` and empty the batch."""
+        with self._cv:
+            requests = self._waiting + ([] if self._batch is None else self._batch.requests)
+            self._waiting, self._batch = [], None
+        for r in requests:
+            if not r.finished:
+                r.error, r.finish_reason = error, "error"
+                r._done.set()
