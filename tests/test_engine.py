@@ -277,3 +277,24 @@ def test_ignore_eos_keeps_going_to_max_tokens():
     params.ignore_eos = True
     assert all(len(c.token_ids) == 8 and c.finish_reason == "length"
                for c in Engine(model, tok, "float32").generate(PROMPTS, params))
+
+
+def test_a_batch_that_never_empties_does_not_keep_growing():
+    """Requests joining and leaving a running batch: once the first rows have left, the columns only they used
+    leave the cache too, and the later requests still decode as alone."""
+    model, tok = opinionated("tiny-random-llama")
+    short, long = SamplingParams(max_tokens=3, temperature=0), SamplingParams(max_tokens=12, temperature=0)
+    alone = Engine(model, tok, "float32").generate(PROMPTS[3:4], long)[0].token_ids
+    engine = Engine(model, tok, "float32", compact_fraction=0.5)
+    first = engine.submit(PROMPTS[1], short)    # the longest prompt
+    engine.step()
+    later = engine.submit(PROMPTS[3], long)
+    while len(first.token_ids) < 2:
+        engine.step()
+    width = engine._batch.mask.shape[1]
+    engine.step()                                # first ends and leaves the batch: its prompt's columns with it
+    assert first.finished and engine.running == 1 and engine._batch.mask.shape[1] < width
+    assert engine._batch.mask.shape[1] == engine._batch.cache.layers[0].keys.shape[2]
+    while not later.finished:
+        engine.step()
+    assert later.token_ids == alone

@@ -309,13 +309,23 @@ class Batch:
     done: torch.Tensor             # (B,) finished rows still carried (dropped when it pays)
     seen: torch.Tensor | None      # (B, V) tokens in prompt or reply, when some row has a repetition penalty
     rows: RowParams
+    merged: bool = False           # rows joined while others ran (then the cache is also trimmed on the left)
 
     def select(self, idx: torch.Tensor) -> "Batch":
+        """The rows ``idx``. In a batch that requests joined while it ran, the columns that are padding in every
+        remaining row go too: else the cache of a batch that never empties would only grow. (A batch admitted at
+        once keeps its width, so that a rollout's attention sees exactly what it saw before the engine.)"""
         self.cache.batch_select_indices(idx)
+        mask = self.mask[idx]
+        start = int(mask.any(0).long().argmax()) if self.merged else 0
+        if start:
+            mask = mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
         requests = [self.requests[i] for i in idx.tolist()]
-        return Batch(requests, self.cache, self.mask[idx], self.pos[idx], self.logits[idx], self.done[idx],
+        return Batch(requests, self.cache, mask, self.pos[idx], self.logits[idx], self.done[idx],
                      None if self.seen is None else self.seen[idx],
-                     RowParams.of([r.params for r in requests], self.mask.device))
+                     RowParams.of([r.params for r in requests], self.mask.device), self.merged)
 
     def merge(self, new: "Batch") -> "Batch":
         """The two batches as one: the shorter cache and mask left-padded to the longer (mask 0 there)."""
@@ -332,7 +342,8 @@ class Batch:
             seen = seen_tokens(requests, self.logits.shape[1], self.mask.device)
         return Batch(requests, self.cache, torch.cat([left_pad(self.mask, width, 1), left_pad(new.mask, width, 1)]),
                      torch.cat([self.pos, new.pos]), torch.cat([self.logits, new.logits]),
-                     torch.cat([self.done, new.done]), seen, RowParams.of([r.params for r in requests], self.mask.device))
+                     torch.cat([self.done, new.done]), seen, RowParams.of([r.params for r in requests], self.mask.device),
+                     merged=True)
 
 
 def seen_tokens(requests: list[Request], vocab: int, device) -> torch.Tensor:
@@ -396,8 +407,9 @@ class Engine:
 
     def submit(self, prompt, params: SamplingParams, index: int | None = None) -> Request:
         """Queue one completion of ``prompt``; it joins the running batch at the next step. Thread-safe."""
+        ids = self.encode(prompt)
         with self._cv:
-            r = Request(self.encode(prompt), params, self._submitted if index is None else index)
+            r = Request(ids, params, self._submitted if index is None else index)
             self._submitted += 1
             self._waiting.append(r)
             self._cv.notify()
