@@ -39,13 +39,13 @@ def opinionated(name, varied=False):
     return model.eval(), tok
 
 
-def hf_greedy(model, tok, prompts, max_new_tokens):
+def hf_greedy(model, tok, prompts, max_new_tokens, **kw):
     """model.generate's greedy tokens per prompt, cut after the first EOS."""
     tok.padding_side = "left"
     enc = tok([render(tok, p, add_generation_prompt=True) for p in prompts], return_tensors="pt", padding=True,
               add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, temperature=None, top_k=None, top_p=None)
+                         eos_token_id=tok.eos_token_id, temperature=None, top_k=None, top_p=None, **kw)
     rows = out[:, enc["input_ids"].shape[1]:].tolist()
     return [r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r for r in rows]
 
@@ -59,6 +59,19 @@ def test_greedy_equals_model_generate_batched_and_alone(name):
     assert len({tuple(t) for t in batched}) > 3 and any(len(set(t)) > 3 for t in batched)  # not a degenerate model
     for p in PROMPTS[:2]:
         assert [c.token_ids for c in engine.generate([p], GREEDY)] == hf_greedy(model, tok, [p], 12)
+
+
+def test_greedy_with_a_repetition_penalty_equals_model_generate():
+    """The penalty covers prompt and reply tokens, as transformers' (one prompt at a time: transformers would also
+    penalise the padding token of a left-padded batch)."""
+    model, tok = opinionated("tiny-random-llama")
+    params = SamplingParams(max_tokens=12, temperature=0, repetition_penalty=3.0)
+    changed = 0
+    for p in PROMPTS:
+        got = Engine(model, tok, "float32").generate([p], params)[0].token_ids
+        assert got == hf_greedy(model, tok, [p], 12, repetition_penalty=3.0)[0]
+        changed += got != Engine(model, tok, "float32").generate([p], GREEDY)[0].token_ids
+    assert changed >= 2   # the penalty mattered
 
 
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gpt2"])
