@@ -1,17 +1,20 @@
 """The generation engine against `model.generate` and against the hardware, in one run on the same prompts.
 
-    .venv/bin/python benchmarks/engine.py [--tokens 32] [--batches 1,8,64] [--requests 32] [--repeats 2]
+    .venv/bin/python benchmarks/engine.py [--tokens 32] [--batches 1,8,64] [--requests 32] [--repeats 2] [--threads 1]
 
 For each batch size: `model.generate` (pure sampling, temperature 1, top-k 0, top-p 1, every reply ``--tokens``
 long: min_new_tokens there, ignore_eos here, so both make the same number of tokens), then `Engine.generate`,
-each `--repeats` times, alternating; the best of each and the spread of the ratio are printed. The hardware limit
-is a matmul measured in the same run (bf16 where the CPU has a bf16 fast path, else fp32; printed) over the
-model's FLOPs per token (2 × parameters + attention over the mean context; the prompt's tokens count as work), or,
-where less, the copy bandwidth measured in the same run over the weight bytes read once per decoding step of B
-rows (batch 1 is memory-bound); the fraction of it shows what is left. Continuous batching: ``--requests`` requests arrive over the run (one every quarter of a batch-1 request's
-time) at an engine running its step loop in the background; throughput and mean latency (arrival → last token)
-are set against the same requests served one at a time by `model.generate` (its batch-1 service time measured
-above, the queue computed). The model is the embedded SmolLM2-135M-Instruct. Writes
+each `--repeats` times, alternating; the best of each and the spread of the ratio are printed.
+
+The hardware limit is the lesser of a matmul rate measured in the same run (bf16 where the CPU has a bf16 fast
+path, else fp32; printed) over the model's FLOPs per token (2 × parameters + attention over the mean context; the
+prompt's tokens count as work) and the copy bandwidth measured in the same run over the weight bytes read once per
+decoding step of B rows (batch 1 is memory-bound); the fraction of it shows what is left.
+
+Continuous batching: ``--requests`` requests arrive over the run (one every quarter of a batch-1 request's time)
+at an engine running its step loop in the background; throughput and mean latency (arrival → last token) are set
+against the same requests served one at a time by `model.generate` (its batch-1 service time measured above, the
+queue computed). The model is the embedded SmolLM2-135M-Instruct. About 4 minutes on 2 cores. Writes
 benchmarks/results/engine.json.
 """
 

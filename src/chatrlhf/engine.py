@@ -340,10 +340,10 @@ class Batch:
         seen = None
         if self.seen is not None or new.seen is not None:
             seen = seen_tokens(requests, self.logits.shape[1], self.mask.device)
+        rows = RowParams.of([r.params for r in requests], self.mask.device)
         return Batch(requests, self.cache, torch.cat([left_pad(self.mask, width, 1), left_pad(new.mask, width, 1)]),
                      torch.cat([self.pos, new.pos]), torch.cat([self.logits, new.logits]),
-                     torch.cat([self.done, new.done]), seen, RowParams.of([r.params for r in requests], self.mask.device),
-                     merged=True)
+                     torch.cat([self.done, new.done]), seen, rows, merged=True)
 
 
 def seen_tokens(requests: list[Request], vocab: int, device) -> torch.Tensor:
