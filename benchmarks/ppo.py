@@ -85,7 +85,8 @@ def run_sampler(a) -> dict:
 
     from chatrlhf.config import ModelArgs
     from chatrlhf.models import autocast, load_model
-    from chatrlhf.rollout import encode_prompts, sample
+    from chatrlhf.engine import Engine, SamplingParams
+    from chatrlhf.rollout import encode_prompts
 
     model, tok = load_model(ModelArgs(model="smollm2-135m", dtype=a.dtype))
     model.eval()
@@ -103,7 +104,7 @@ def run_sampler(a) -> dict:
             eos = (new == tok.eos_token_id).long()
             n = int(((eos.cumsum(1) - eos) == 0).sum())
         else:
-            _, mask, _ = sample(model, q, qm, NEW_TOKENS, 1.0, tok.eos_token_id, tok.pad_token_id, a.dtype)
+            _, mask, _ = Engine(model, tok, a.dtype).sample_tensors(q, qm, SamplingParams(NEW_TOKENS, 1.0))
             n = int(mask.sum())
         out.setdefault(name, []).append(n / (time.perf_counter() - t0))
     return {k: max(v) for k, v in out.items() if k != "warmup"}

@@ -2,7 +2,8 @@ import json
 
 from chatrlhf.cli import parser
 from chatrlhf.config import GenerateConfig, ModelArgs, build_config
-from chatrlhf.generation import decoding_kwargs
+from chatrlhf.engine import Engine
+from chatrlhf.generation import sampling_params
 from chatrlhf.models import load_model
 from conftest import EXAMPLES, run_cli
 
@@ -11,9 +12,10 @@ def test_deployment_defaults_are_the_seeds():
     cfg = build_config(GenerateConfig, parser().parse_args(["generate"]))
     assert (cfg.temperature, cfg.top_k, cfg.repetition_penalty, cfg.sample) == (0.7, 100, 1.2, True)
     model, tok = load_model(ModelArgs(model="tiny-random-llama"))
-    kw = decoding_kwargs(cfg, tok)
-    assert kw["do_sample"] and kw["temperature"] == 0.7 and kw["top_k"] == 100 and kw["repetition_penalty"] == 1.2
-    assert kw["pad_token_id"] == tok.pad_token_id != kw["eos_token_id"]
+    p = sampling_params(cfg)   # the engine's parameters (decoding_kwargs for model.generate before the engine)
+    assert p.temperature > 0 and p.temperature == 0.7 and p.top_k == 100 and p.repetition_penalty == 1.2
+    engine = Engine(model, tok)
+    assert engine.pad_id == tok.pad_token_id != engine.eos_id
 
 
 def test_left_padded_batch_gives_each_prompt_its_own_logits():

@@ -23,8 +23,6 @@ LAZY = {
     ("chatrlhf.feedback.api.replies", "chatrlhf.feedback.writers"):
         "ARCHITECTURE: the feedback app reaches a model only through the reply writer, imported when a --model is "
         "given, so the store and the app start and run without torch",
-    ("chatrlhf.feedback.writers", "*"):
-        "ARCHITECTURE: the reply writer is the lazy edge from the feedback app to the model code",
 }
 
 ENTRY_POINTS = ("chatrlhf.__main__",)  # `python -m chatrlhf` runs the CLI

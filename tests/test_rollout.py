@@ -7,9 +7,9 @@ import torch
 
 from chatrlhf import losses
 from chatrlhf.config import ModelArgs
+from chatrlhf.engine import Engine, SamplingParams, draw, shared_prompts
 from chatrlhf.models import load_model
-from chatrlhf.rollout import Rollout, draw, encode_prompts, policy_forward, reply_hidden, reply_mask, sample, \
-    shared_prompts, trunk_and_head
+from chatrlhf.rollout import Rollout, encode_prompts, policy_forward, reply_hidden, reply_mask, trunk_and_head
 
 PROMPTS = [[{"role": "user", "content": c}] for c in
            ("Hi", "Where is my order? It was due on Monday and nothing came.", "Reset my password please",
@@ -22,6 +22,12 @@ def eos_happy(name):
     with torch.no_grad():
         model.get_output_embeddings().weight[tok.eos_token_id] *= 25
     return model.eval(), tok
+
+
+def sample(model, tok, q, qm, max_new_tokens, temperature, dtype, compact_fraction=0.25):
+    """The rollout through the engine (rollout.sample before the engine)."""
+    engine = Engine(model, tok, dtype, compact_fraction=compact_fraction)
+    return engine.sample_tensors(q, qm, SamplingParams(max_new_tokens, temperature))
 
 
 def test_reply_mask_hand_computed():
@@ -39,7 +45,7 @@ def test_sampled_logprobs_equal_recomputed_ones(name, compact):
     model, tok = eos_happy(name)
     q, qm = encode_prompts(tok, PROMPTS * 3, 64, "cpu")
     assert (qm[:, 0] == 0).any() and (qm[:, -1] == 1).all()  # left-padded
-    ids, mask, sample_lp = sample(model, q, qm, 24, 0.7, tok.eos_token_id, tok.pad_token_id, "float32", compact)
+    ids, mask, sample_lp = sample(model, tok, q, qm, 24, 0.7, "float32", compact)
     lengths = mask.sum(1)
     assert len(set(lengths.tolist())) > 3, "rows should end at different lengths"
     ended = (ids == tok.eos_token_id).any(1)
@@ -61,7 +67,7 @@ def test_kl_to_reference_is_zero_at_step_zero_with_temperature():
     policy, tok = eos_happy("tiny-random-llama")
     ref = copy.deepcopy(policy)
     q, qm = encode_prompts(tok, PROMPTS, 64, "cpu")
-    ids, mask, sample_lp = sample(policy, q, qm, 16, 0.7, tok.eos_token_id, tok.pad_token_id, "float32")
+    ids, mask, sample_lp = sample(policy, tok, q, qm, 16, 0.7, "float32")
     r = Rollout(q, qm, ids, mask, *[None] * 7)
     with torch.no_grad():
         ref_lp, _, _ = policy_forward(ref, r, 0.7)
@@ -130,7 +136,7 @@ def test_bf16_sampling_with_weight_copies_matches_the_autocast_forward(name):
     """The bf16 decoding path (bf16 copies of the matrices, fp32 norms and input embedding, a bf16 copy of a
     tied LM head) samples from the same distribution the training forward computes, up to bf16 noise."""
     from chatrlhf.models import autocast
-    from chatrlhf.rollout import low_precision_weights
+    from chatrlhf.engine import low_precision_weights
 
     torch.manual_seed(0)
     model, tok = eos_happy(name)
@@ -141,7 +147,7 @@ def test_bf16_sampling_with_weight_copies_matches_the_autocast_forward(name):
     if model.get_output_embeddings().weight is emb:  # tied: the head gets its own bf16 copy
         assert any(k.endswith("lm_head.weight") and v.dtype == torch.bfloat16 for k, v in weights.items())
     q, qm = encode_prompts(tok, PROMPTS * 2, 64, "cpu")
-    ids, mask, sample_lp = sample(model, q, qm, 12, 0.7, tok.eos_token_id, tok.pad_token_id, "bfloat16")
+    ids, mask, sample_lp = sample(model, tok, q, qm, 12, 0.7, "bfloat16")
     r = Rollout(q, qm, ids, mask, *([torch.zeros_like(sample_lp)] * 3), torch.zeros(len(q)),
                 *([torch.zeros_like(sample_lp)] * 3))
     with torch.no_grad(), autocast("bfloat16", torch.device("cpu")):
@@ -160,7 +166,7 @@ def peaked_49k(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_every_token_of_a_peaked_49k_vocabulary_gets_its_own_probability():
-    from chatrlhf.rollout import sampling_cdf
+    from chatrlhf.engine import sampling_cdf
 
     logp, p = peaked_49k(1)
     cdf = sampling_cdf(logp)[0]

@@ -1,5 +1,5 @@
-"""Deployment-style generation for `chatrlhf chat` and `chatrlhf generate` (batched, KV cache, left
-padding). Training rollouts have their own sampler in rollout.py (top_k 0, top_p 1, see RL_DETAILS)."""
+"""`chatrlhf chat` and `chatrlhf generate` on the engine (engine.py) with the deployment decoding defaults of
+GenerateArgs (temperature 0.7, top-k 100, repetition penalty 1.2)."""
 
 from __future__ import annotations
 
@@ -11,41 +11,27 @@ import torch
 
 from chatrlhf.config import ChatConfig, GenerateArgs, GenerateConfig
 from chatrlhf.data import load_prompts
-from chatrlhf.data.template import render
+from chatrlhf.engine import Engine, SamplingParams
 from chatrlhf.errors import UsageError
-from chatrlhf.models import autocast, load_model
+from chatrlhf.logger import progress_bar
+from chatrlhf.models import load_model
 
 
-def decoding_kwargs(g: GenerateArgs, tok) -> dict:
+def sampling_params(g: GenerateArgs) -> SamplingParams:
+    """The engine's parameters for the decoding flags (greedy when --no-sample or temperature 0)."""
     sample = g.sample and g.temperature > 0
-    kw = dict(max_new_tokens=g.max_new_tokens, do_sample=sample, pad_token_id=tok.pad_token_id,
-              eos_token_id=tok.eos_token_id, repetition_penalty=g.repetition_penalty)
-    if sample:
-        kw.update(temperature=g.temperature, top_k=g.top_k or None, top_p=g.top_p)
-    else:
-        kw.update(temperature=None, top_k=None, top_p=None)
-    return kw
+    return SamplingParams(max_tokens=g.max_new_tokens, temperature=g.temperature if sample else 0.0,
+                          top_k=g.top_k if sample else 0, top_p=g.top_p if sample else 1.0,
+                          repetition_penalty=g.repetition_penalty)
 
 
-@torch.no_grad()
-def generate_replies(model, tok, conversations: list[list[dict]], g: GenerateArgs, dtype: str = "auto",
-                     batch_size: int = 8, on_batch=None) -> list[str]:
-    device = next(model.parameters()).device
-    tok.padding_side = "left"
-    replies: list[str] = []
-    for i in range(0, len(conversations), batch_size):
-        chunk = conversations[i:i + batch_size]
-        if g.system:
-            chunk = [[{"role": "system", "content": g.system}] + c for c in chunk]
-        texts = [render(tok, c, add_generation_prompt=True) for c in chunk]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with autocast(dtype, device):
-            out = model.generate(**enc, **decoding_kwargs(g, tok))
-        for row in out[:, enc["input_ids"].shape[1]:]:
-            replies.append(tok.decode(row, skip_special_tokens=True).strip())
-        if on_batch:
-            on_batch(len(chunk))
-    return replies
+def generate_replies(engine: Engine, conversations: list[list[dict]], g: GenerateArgs, on_reply=None) -> list[str]:
+    """One reply per conversation (the system message of ``g`` put first), in order; ``on_reply(n)`` is called as
+    replies finish."""
+    if g.system:
+        conversations = [[{"role": "system", "content": g.system}] + c for c in conversations]
+    completions = engine.generate(conversations, sampling_params(g), on_finish=on_reply)
+    return [c.text.strip() for c in completions]
 
 
 def run_generate(cfg: GenerateConfig) -> int:
@@ -55,12 +41,10 @@ def run_generate(cfg: GenerateConfig) -> int:
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg, chat_template=cfg.chat_template)
     model.eval()
-    from chatrlhf.trainers.common import progress_bar
-
     with progress_bar(False) as bar:
         task = bar.add_task("generate", total=len(prompts), info="")
-        replies = generate_replies(model, tok, prompts, cfg, cfg.dtype, cfg.batch_size,
-                                   on_batch=lambda n: bar.advance(task, n))
+        engine = Engine(model, tok, cfg.dtype, max_batch=cfg.batch_size)
+        replies = generate_replies(engine, prompts, cfg, on_reply=lambda n: bar.advance(task, n))
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
@@ -76,7 +60,7 @@ def run_chat(cfg: ChatConfig, stdin=None, stdout=None) -> int:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     torch.manual_seed(cfg.seed)
     model, tok = load_model(cfg, chat_template=cfg.chat_template)
-    model.eval()
+    engine = Engine(model.eval(), tok, cfg.dtype)
     history: list[dict] = []
     print(f"chatrlhf chat with {cfg.model} — /reset clears the conversation, /quit (or Ctrl-D) leaves.",
           file=stdout, flush=True)
@@ -94,6 +78,6 @@ def run_chat(cfg: ChatConfig, stdin=None, stdout=None) -> int:
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        reply = generate_replies(model, tok, [history], cfg, cfg.dtype, 1)[0]
+        reply = generate_replies(engine, [history], cfg)[0]
         history.append({"role": "assistant", "content": reply})
         print(f"bot> {reply}", file=stdout, flush=True)

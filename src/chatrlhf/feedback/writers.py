@@ -1,5 +1,6 @@
-"""The one place where the feedback app reaches a model: reply writers, loaded on first use, so that the
-store, the exporter and a server without --model never import torch or transformers."""
+"""The one place where the feedback app reaches a model: reply writers. The app imports this module only when
+it writes a reply (feedback/api/replies.py), so that the store, the exporter and a server without --model never
+import torch or transformers."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
+from chatrlhf.config import GenerateArgs, ModelArgs
+from chatrlhf.data.template import render
+from chatrlhf.engine import Engine
+from chatrlhf.generation import generate_replies
+from chatrlhf.models import load_model, resolve_model
+
 
 class ReplyWriter:
     """A model that writes replies (the deployment decoding defaults of `chatrlhf chat`), with the
     provenance the store keeps: model name, checkpoint id, decoding parameters, the rendered prompt."""
 
     def __init__(self, model: str, max_new_tokens: int = 128):
-        from chatrlhf.config import GenerateArgs
-
         self.name = model
         self.decoding = GenerateArgs(max_new_tokens=max_new_tokens)
         self._loaded = None
@@ -24,21 +29,15 @@ class ReplyWriter:
     def _load(self):
         with self._lock:
             if self._loaded is None:
-                from chatrlhf.config import ModelArgs
-                from chatrlhf.models import load_model, resolve_model
-
                 model, tok = load_model(ModelArgs(model=self.name))
-                self._loaded = (model.eval(), tok, checkpoint_id(resolve_model(self.name)))
+                self._loaded = (Engine(model.eval(), tok, max_batch=8), tok, checkpoint_id(resolve_model(self.name)))
         return self._loaded
 
     def write(self, conversations: list[list[dict]]) -> list[dict]:
         """One reply per conversation: [{"text", "model", "checkpoint", "decoding", "template"}, …]."""
-        from chatrlhf.data.template import render
-        from chatrlhf.generation import generate_replies
-
-        model, tok, checkpoint = self._load()
+        engine, tok, checkpoint = self._load()
         with self._lock:  # one generation at a time per model
-            texts = generate_replies(model, tok, conversations, self.decoding)
+            texts = generate_replies(engine, conversations, self.decoding)
         return [{"text": t, "model": self.name, "checkpoint": checkpoint, "decoding": asdict(self.decoding),
                  "template": render(tok, c, add_generation_prompt=True)} for t, c in zip(texts, conversations)]
 

@@ -32,6 +32,7 @@ from chatrlhf.config import ModelArgs, PPOConfig
 from chatrlhf.data import load_prompts, split_by_prompt
 from chatrlhf.data.records import Conversation, prompt_key
 from chatrlhf.data.template import is_plain, prompt_format
+from chatrlhf.engine import Engine, SamplingParams
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import shared_reply_fraction
 from chatrlhf.evaluate.watch import failure_signs
@@ -41,7 +42,7 @@ from chatrlhf.reward_model import load_reward_model, reward_norm
 from chatrlhf.rewards import HumanReward, ModelReward, RewardMix, SimilarityReward, load_callable, \
     parse_schedules, reference_replies
 from chatrlhf.rollout import Critic, Rollout, decode_replies, encode_prompts, ended_with_eos, generator, \
-    policy_forward, sample
+    policy_forward
 from chatrlhf.trainers.common import file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary
 from chatrlhf.trainers.value import SeparateCritic, SharedHead
@@ -125,8 +126,8 @@ def generate(policy, tok, prompts, cfg: PPOConfig, gen: torch.Generator) -> tupl
     t0 = time.perf_counter()
     q, qm = encode_prompts(tok, prompts, cfg.max_prompt_length, device)
     policy.eval()
-    ids, mask, sample_lp = sample(policy, q, qm, cfg.max_new_tokens, cfg.temperature, tok.eos_token_id,
-                                  tok.pad_token_id, cfg.dtype, generator=gen)
+    ids, mask, sample_lp = Engine(policy, tok, cfg.dtype).sample_tensors(
+        q, qm, SamplingParams(cfg.max_new_tokens, cfg.temperature), gen)
     zeros = torch.zeros_like(sample_lp)
     r = Rollout(q, qm, ids, mask, zeros, zeros, zeros, zeros[:, 0], zeros, zeros, zeros, prompts,
                 decode_replies(tok, ids, mask), ended_with_eos(ids, tok.eos_token_id))
