@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sft import machine, peak_rss_gb  # noqa: E402
+from sft import machine, peak_rss_gb, step_times  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
@@ -113,7 +113,7 @@ def run_sampler(a) -> dict:
 def run_trl(a) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from chatrlhf.models import resolve_model
@@ -129,16 +129,7 @@ def run_trl(a) -> dict:
                       save_strategy="no", report_to=[], use_cpu=True, seed=0, bf16=bf16_on(a.dtype),
                       temperature=1.0)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok)
-    times = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            times.append(time.perf_counter() - self.t)
-
-    trainer.add_callback(Timer())
+    times = step_times(trainer)
     trainer.train()
     return {"step_s": sum(times[1:]) / len(times[1:]), "peak_rss_gb": peak_rss_gb()}
 

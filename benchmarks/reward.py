@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ppo import bf16_on  # noqa: E402
-from sft import machine, peak_rss_gb  # noqa: E402
+from sft import machine, peak_rss_gb, step_times  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
@@ -89,7 +89,7 @@ def run_ours(a) -> dict:
 def run_trl(a) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     from chatrlhf.models import resolve_model
@@ -106,16 +106,7 @@ def run_trl(a) -> dict:
                         num_train_epochs=1, learning_rate=1e-5, lr_scheduler_type="linear", logging_steps=1,
                         save_strategy="no", report_to=[], use_cpu=True, seed=0, max_length=512, bf16=bf16_on(a.dtype))
     trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    times = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            times.append(time.perf_counter() - self.t)
-
-    trainer.add_callback(Timer())
+    times = step_times(trainer)
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0

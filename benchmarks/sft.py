@@ -26,6 +26,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def step_times(trainer) -> list[float]:
+    """The wall time of each optimizer step of a transformers Trainer, appended while it trains."""
+    from transformers import TrainerCallback
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            times.append(time.perf_counter() - self.t)
+
+    trainer.add_callback(Timer())
+    return times
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
@@ -58,7 +75,7 @@ def tokens_and_time(steps: list[dict]) -> tuple[float, float]:
 def run_trl(a) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from chatrlhf.data import as_conversations, load_records
@@ -85,16 +102,7 @@ def run_trl(a) -> dict:
         return batch
 
     trainer.data_collator = counting
-    times = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            times.append(time.perf_counter() - self.t)
-
-    trainer.add_callback(Timer())
+    times = step_times(trainer)
     t0 = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - t0
