@@ -50,7 +50,7 @@ def read_text(path: Path) -> str:
 def read_rows(path: str | Path) -> Iterator[Row]:
     path = Path(path)
     if not path.exists():
-        raise DataError(path, None, None, "file not found", "check the path given to --data")
+        raise DataError(path, None, None, "file not found", f"check the path (relative to {Path.cwd()})")
     kind = file_kind(path)
     if kind == "csv":
         yield from _csv_rows(path)
