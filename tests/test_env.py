@@ -8,7 +8,8 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from chatrlhf.data import load_records
-from chatrlhf.env import DialogueEnv, merge_prefixes, mixed_reward, turn_references, user_turns_key
+from chatrlhf.env import CandidateWrapper, DialogueEnv, dedupe, merge_prefixes, mixed_reward, turn_references, \
+    user_turns_key
 from chatrlhf.errors import UsageError
 from chatrlhf.rewards import RewardMix, Schedule, SimilarityReward
 
@@ -120,3 +121,39 @@ def test_bad_dialogues_are_named():
         DialogueEnv(DIALOGUES, SIMILARITY, max_turns=0)
     with pytest.raises(UsageError, match="dialogue_index 99"):
         make().reset(options={"dialogue_index": 99})
+
+
+# ----------------------------------------------------------------------------- candidate replies (tiny random model)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from chatrlhf.config import ModelArgs
+    from chatrlhf.engine import Engine
+    from chatrlhf.models import load_model
+
+    model, tok = load_model(ModelArgs(model="tiny-random-llama", dtype="float32"))
+    return Engine(model.eval(), tok, "float32")
+
+
+def test_candidates_are_policy_samples_plus_the_human_reply(engine):
+    from chatrlhf.engine import SamplingParams
+
+    env = CandidateWrapper(make(max_turns=8), engine, n=4, params=SamplingParams(max_tokens=6))
+    _, info = env.reset(seed=0, options={"dialogue_index": 0})
+    cands, logps = info["candidates"], info["candidate_logprobs"]
+    assert 2 <= len(cands) <= 5 and len(logps) == len(cands)
+    assert cands[-1] == info["human_reply"] and logps[-1] is None  # a random model never writes the human reply
+    assert all(isinstance(lp, float) and lp <= 0 for lp in logps[:-1])
+    assert len({" ".join(c.split()) for c in cands}) == len(cands)  # de-duplicated
+    _, again = env.reset(seed=0, options={"dialogue_index": 0})
+    assert again["candidates"] == cands  # the seed fixes the samples too
+    terminated = False
+    while not terminated:
+        _, _, terminated, _, info = env.step(info["candidates"][0])
+        assert terminated or info["candidates"][-1] == info["human_reply"]
+    assert info["candidates"] == [] and info["candidate_logprobs"] == []
+
+
+def test_dedupe_keeps_the_first_of_equal_texts():
+    assert dedupe(["a b", "c", " a  b ", "c", "d"]) == [0, 1, 4]

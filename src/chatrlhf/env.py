@@ -19,10 +19,12 @@ import unicodedata
 from collections.abc import Callable, Sequence
 
 import gymnasium as gym
+import torch
 from gymnasium import spaces
 
 from chatrlhf.data import as_conversations, load_records
 from chatrlhf.data.records import Conversation, Message, prompt_key
+from chatrlhf.engine import Engine, SamplingParams
 from chatrlhf.errors import UsageError
 
 REPLACEMENT = "\ufffd"  # what any character outside the charset becomes, so every observation is in the space
@@ -182,7 +184,8 @@ class DialogueEnv(gym.Env):
             raise TypeError(f"DialogueEnv.step expects the reply as a str, got {type(action).__name__}")
         raw = list(self.reward_fn([[dict(m) for m in self._messages]], [action]))
         if len(raw) != 1:
-            raise UsageError(f"the reward returned {len(raw)} values for 1 reply", "return one float (or None) per reply")
+            raise UsageError(f"the reward returned {len(raw)} values for 1 reply",
+                             "return one float (or None) per reply")
         self._messages.append({"role": "assistant", "content": action})
         self._turn += 1
         self._advance(self._pos + 1)
@@ -193,6 +196,61 @@ class DialogueEnv(gym.Env):
 
     def render(self) -> str | None:
         return render(self._messages) if self.render_mode == "ansi" else None
+
+
+
+# --------------------------------------------------------------------------- candidate replies
+
+
+def dedupe(texts: list[str]) -> list[int]:
+    """Indices of the first of each distinct text (whitespace-insensitive)."""
+    seen, keep = set(), []
+    for i, t in enumerate(texts):
+        key = " ".join(t.split())
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
+class CandidateWrapper(gym.Wrapper):
+    """Puts the candidate replies of each new state in ``info["candidates"]`` (QLEARN §2.3): ``n`` samples of
+    the policy through the generation engine (one prefill shared by the n rows), then the human reply of that
+    turn when the data has one, de-duplicated (the first of equal texts kept). ``info["candidate_logprobs"]``:
+    each candidate's log π_β (sum over its tokens; None for the human reply), for CQL's importance weights.
+    A terminated state has no candidates. ``reset(seed=…)`` seeds the sampling too, so candidates repeat."""
+
+    def __init__(self, env: gym.Env, engine: Engine, n: int = 5, params: SamplingParams | None = None):
+        super().__init__(env)
+        if n < 0:
+            raise UsageError(f"CandidateWrapper: n must be ≥ 0, got {n}", "e.g. --candidates 5")
+        self.engine, self.n = engine, n
+        # T = 1, no top-k/top-p: diverse candidates whose log-probs are those of π_β (QLEARN §2.3)
+        self.params = params or SamplingParams(max_tokens=64, temperature=1.0, top_k=0, top_p=1.0)
+        self.generator: torch.Generator | None = None
+
+    def candidates(self, info: dict, done: bool) -> dict:
+        texts, logps = [], []
+        if not done and self.n:
+            params = SamplingParams(**{**self.params.__dict__, "n": self.n})
+            for c in self.engine.generate([info["messages"]], params, generator=self.generator):
+                texts.append(c.text)
+                logps.append(float(sum(c.logprobs)))
+        if not done and info.get("human_reply") is not None:
+            texts.append(info["human_reply"])
+            logps.append(None)
+        keep = dedupe(texts)
+        return {**info, "candidates": [texts[i] for i in keep], "candidate_logprobs": [logps[i] for i in keep]}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        if seed is not None:
+            self.generator = torch.Generator(self.engine.device).manual_seed(seed)
+        return obs, self.candidates(info, done=False)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, reward, terminated, truncated, self.candidates(info, done=terminated)
 
 
 # gymnasium.make("chatrlhf/Dialogue-v0", dialogues=..., reward=...) — gives the env a spec (render checks, wrappers)
