@@ -57,6 +57,8 @@ FORBIDDEN = [
     ("chatrlhf.rollout", "chatrlhf.trainers", "the trainers use rollouts, not the other way"),
     ("chatrlhf.rewards", "chatrlhf.trainers", "the trainers use the reward sources, not the other way"),
     ("chatrlhf.logger", "chatrlhf.trainers", "the logger is below the trainers"),
+    ("chatrlhf.env", "chatrlhf.trainers", "the trainers use the dialogue environment, not the other way"),
+    ("chatrlhf.env", "chatrlhf.cli", "the CLI wires the environment to a trainer"),
     ("chatrlhf.evaluate", "chatrlhf.feedback", "evaluation reads feedback only as exported files"),
 ]
 # feedback/ reaches model code only through the reply writer, which the app imports lazily (see LAZY).

