@@ -2,6 +2,8 @@
 embeds each pair once), the Q heads and their targets, the replay buffer (exact resume, wrap-around) and q_update
 learning a bandit and a 3-state chain whose Q-values are worked out by hand."""
 
+import copy
+
 import pytest
 import torch
 
@@ -37,6 +39,22 @@ def test_features_in_a_batch_equal_features_alone(tiny, pooling):
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(together[0], together[2])  # the reply matters
     assert not torch.allclose(reply_features(model, tok, [H2], [REPLIES[0]], pooling=pooling), alone[:1])  # so does h
+
+
+def test_features_are_the_trunk_state_at_the_reply_end_of_one_plain_forward_pass(tiny):
+    """By hand: history rendered with the generation prompt, reply tokens + EOS appended, one trunk pass; φ_last
+    is the state at EOS, φ_mean the mean over the reply's tokens (EOS included)."""
+    from chatrlhf.data.template import render
+
+    model, tok = tiny
+    prompt = tok(render(tok, H2, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    reply = tok(REPLIES[3], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=torch.tensor([prompt + reply])).last_hidden_state[0]
+    phi = reply_features(model, tok, [H2, H1], [REPLIES[3], REPLIES[0]])
+    torch.testing.assert_close(phi[0], hidden[-1], atol=1e-4, rtol=1e-4)
+    mean = reply_features(model, tok, [H2], [REPLIES[3]], pooling="mean")
+    torch.testing.assert_close(mean[0], hidden[len(prompt):].mean(0), atol=1e-4, rtol=1e-4)
 
 
 def test_a_shared_history_is_prefilled_once_and_gives_the_same_features(tiny, monkeypatch):
@@ -254,3 +272,35 @@ def test_truncation_still_bootstraps_and_termination_does_not():
     m = q_update(heads, opt, batch, gamma=0.5)
     # y = [1 + 0.5·min(5, 3), 1] = [2.5, 1]
     assert m["q/target_mean"] == pytest.approx(1.75)
+
+
+def test_q_learning_resumes_exactly_from_state_dicts():
+    """Heads (targets included), optimizer, buffer and sampling stream saved mid-run and restored into fresh
+    objects: the next updates give bit-identical weights — what the qlearn trainer's --resume rests on."""
+    def make():
+        torch.manual_seed(0)
+        heads = QHeads(4, hidden=8)
+        return heads, torch.optim.Adam(heads.online.parameters(), lr=1e-2), ReplayBuffer(32, d=4, k=3)
+
+    def steps(heads, opt, buffer, g, n):
+        for _ in range(n):
+            q_update(heads, opt, buffer.sample(8, g), gamma=0.9)
+            heads.soft_update(0.1)
+
+    heads, opt, buffer = make()
+    fill(buffer, 20)
+    g = generator(3)
+    steps(heads, opt, buffer, g, 5)
+    saved = {"heads": copy.deepcopy(heads.state_dict()), "opt": copy.deepcopy(opt.state_dict()),
+             "buffer": buffer.state_dict(), "g": g.get_state()}
+    steps(heads, opt, buffer, g, 5)
+
+    heads2, opt2, buffer2 = make()
+    heads2.load_state_dict(saved["heads"])
+    opt2.load_state_dict(saved["opt"])
+    buffer2.load_state_dict(saved["buffer"])
+    g2 = torch.Generator()
+    g2.set_state(saved["g"])
+    steps(heads2, opt2, buffer2, g2, 5)
+    for (name, a), b in zip(heads.state_dict().items(), heads2.state_dict().values()):
+        assert torch.equal(a, b), name
