@@ -219,7 +219,7 @@ class ReplayBuffer:
             log_behavior: torch.Tensor | None = None) -> None:
         """Store one transition. next_phi (k′ ≤ K, d): the candidates at h′ (None or empty at a terminal h′).
         With candidates=True: cand_phi (k ≤ K, d) the candidate set at h, taken its index of the reply taken,
-        log_behavior (k,) log π_β(c|h) (0 when omitted)."""
+        log_behavior (k,) log π_β(c|h) (0 when omitted: uniform, the same gradient as plain CQL(H))."""
         i, row = self.pos, self.data
         row["phi"][i] = phi
         row["reward"][i], row["terminated"][i], row["truncated"][i] = float(reward), bool(terminated), bool(truncated)
@@ -271,6 +271,8 @@ def q_update(heads: QHeads, optimizer: torch.optim.Optimizer, batch: dict[str, t
         L  = Σ_i Huber(Q_i(h, a) − y)  + cql_alpha·CQL(H) over C(h) when the batch carries it
     then grad-norm clipping and the optimizer step. The target heads are not moved here: the caller calls
     heads.soft_update(τ) (Polyak) or hard_update() every n steps. Returns float metrics."""
+    device = next(heads.parameters()).device
+    batch = {name: t.to(device) for name, t in batch.items()}
     B, K, d = batch["next_phi"].shape
     with torch.no_grad():
         next_flat = batch["next_phi"].reshape(B * K, d).float()
