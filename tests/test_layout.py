@@ -59,12 +59,13 @@ FORBIDDEN = [
     ("chatrlhf.logger", "chatrlhf.trainers", "the logger is below the trainers"),
     ("chatrlhf.env", "chatrlhf.trainers", "the trainers use the dialogue environment, not the other way"),
     ("chatrlhf.env", "chatrlhf.cli", "the CLI wires the environment to a trainer"),
+    ("chatrlhf.qnet", "chatrlhf.trainers", "the Q-network serves trainers and reranking alike: trainers use it"),
     ("chatrlhf.evaluate", "chatrlhf.feedback", "evaluation reads feedback only as exported files"),
 ]
 # feedback/ reaches model code only through the reply writer, which the app imports lazily (see LAZY).
 REPLY_WRITER = "chatrlhf.feedback.writers"
 MODEL_CODE = ("chatrlhf.models", "chatrlhf.reward_model", "chatrlhf.rewards", "chatrlhf.rollout", "chatrlhf.engine",
-              "chatrlhf.generation", "chatrlhf.trainers", "chatrlhf.evaluate")
+              "chatrlhf.generation", "chatrlhf.trainers", "chatrlhf.evaluate", "chatrlhf.qnet")
 FORBIDDEN += [("chatrlhf.feedback", m, "feedback/ starts and runs without torch (ARCHITECTURE)") for m in MODEL_CODE]
 # trainers never import each other; what they share lives in these modules (value.py: the value function, PPO's
 # today, Q-learning's next).

@@ -1,0 +1,294 @@
+"""The Q-network over candidate replies, tier A of QLEARN.md §2.2: Q_i(h, y) = head_i(φ(h, y)) with φ the frozen
+trunk's hidden state at the reply's last token (or mean-pooled over the reply), plus the replay buffer and one DQN
+update (§2.4). Training touches only the small MLP heads (CHAI's recipe), so it runs on 2 CPU cores.
+
+    phi = reply_features(model, tok, histories, replies)        # (N, d), no grad
+    heads = QHeads(phi.shape[1])                                 # H = 2 heads + their target copies
+    buffer.add(phi[taken], reward, terminated, next_phi)         # features, not text: what tier A needs
+    metrics = q_update(heads, optimizer, buffer.sample(512, g), gamma=0.9)
+    heads.soft_update(0.005)                                     # θ̂ ← (1−τ)θ̂ + τθ
+
+A top-level module, not trainers/value.py: reranking (`generate|chat --rerank q:DIR`) and the server load the
+heads and embed candidates without any trainer, and trainers/value.py is the PPO critic's.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import torch
+
+from chatrlhf.data.template import render
+from chatrlhf.losses import cql_loss, double_q_next_value, huber_td_loss, td_target
+from chatrlhf.rollout import encode_prompts, reply_hidden, trunk_and_head
+
+POOLINGS = ("last", "mean")
+
+
+# ----------------------------------------------------------------------------- φ(h, y): frozen trunk features
+
+
+def encode_replies(tok, replies: list[str], max_reply_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, R + 1) right-padded reply ids and mask, each reply as the engine generates it: its tokens, then EOS
+    (the end of a finished reply). One pad column more than the longest reply, so that reply_hidden — which
+    returns the states that *predict* each token — also returns the state *at* the last reply token."""
+    eos = tok.eos_token_id
+    seqs = [tok(y, add_special_tokens=False)["input_ids"][:max_reply_length - 1] + [eos] for y in replies]
+    width = max(len(s) for s in seqs) + 1
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def _features_batch(trunk, tok, histories, replies, pooling, max_prompt_length, max_reply_length, device):
+    query_ids, query_mask = encode_prompts(tok, histories, max_prompt_length, device)
+    response_ids, response_mask = encode_replies(tok, replies, max_reply_length, device)
+    hidden = reply_hidden(trunk, query_ids, query_mask, response_ids, response_mask)  # (B, R+1, d)
+    # hidden[:, t] is the state at reply token t − 1 (hidden[:, 0] is the prompt's last token's)
+    at_reply = hidden[:, 1:].float()
+    lengths = response_mask.sum(1)
+    if pooling == "last":
+        return at_reply[torch.arange(len(replies), device=device), lengths - 1]
+    m = response_mask[:, :-1].unsqueeze(-1).to(at_reply.dtype)
+    return (at_reply * m).sum(1) / m.sum(1)
+
+
+@torch.no_grad()
+def reply_features(model, tok, histories: list[list[dict]], replies: list[str], pooling: str = "last",
+                   batch_size: int = 16, max_prompt_length: int = 1024, max_reply_length: int = 256) -> torch.Tensor:
+    """(N, d) float32 φ(h_i, y_i): the frozen trunk's last hidden state at the reply's last token (EOS), or the
+    mean over the reply's tokens (``pooling="mean"``). The history is rendered as the engine renders prompts
+    (the tokenizer's template + generation prompt, keeping its end past ``max_prompt_length`` tokens), the
+    reply's tokens appended. Pairs are batched history by history, so that where several replies share one
+    history its KV cache is computed once (rollout.reply_hidden). Eval mode, no grad; the model's mode is
+    restored after."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if len(histories) != len(replies):
+        raise ValueError(f"{len(histories)} histories but {len(replies)} replies")
+    if not replies:
+        return torch.zeros(0, model.config.hidden_size)
+    trunk, _ = trunk_and_head(model)
+    device = next(model.parameters()).device
+    keys = [json.dumps(h, sort_keys=True) for h in histories]
+    order = sorted(range(len(replies)), key=lambda i: keys[i])  # candidates of one history side by side
+    was_training = model.training
+    model.eval()
+    try:
+        out = [None] * len(replies)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            phi = _features_batch(trunk, tok, [histories[i] for i in idx], [replies[i] for i in idx], pooling,
+                                  max_prompt_length, max_reply_length, device)
+            for i, row in zip(idx, phi.cpu()):
+                out[i] = row
+    finally:
+        model.train(was_training)
+    return torch.stack(out)
+
+
+class FeatureCache:
+    """φ per (rendered history, reply, pooling, model id), keyed by sha256, so that each candidate goes through
+    the trunk once however often it is drawn as a candidate, a next-state candidate or a rerank option.
+    Re-embed (a new cache) when the trunk changes: ``model_id`` names it."""
+
+    def __init__(self, model_id: str, pooling: str = "last"):
+        self.model_id, self.pooling = model_id, pooling
+        self.store: dict[str, torch.Tensor] = {}
+
+    def key(self, tok, history: list[dict], reply: str) -> str:
+        rendered = render(tok, history, add_generation_prompt=True)
+        blob = json.dumps([rendered, reply, self.pooling, self.model_id], ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def features(self, model, tok, histories: list[list[dict]], replies: list[str], **kw) -> torch.Tensor:
+        """(N, d) φ, embedding only the pairs not seen before (each distinct missing pair once)."""
+        keys = [self.key(tok, h, y) for h, y in zip(histories, replies)]
+        first: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k not in self.store:
+                first.setdefault(k, i)
+        missing = list(first.values())
+        if missing:
+            phi = reply_features(model, tok, [histories[i] for i in missing], [replies[i] for i in missing],
+                                 pooling=self.pooling, **kw)
+            for i, row in zip(missing, phi):
+                self.store[keys[i]] = row.clone()
+        return torch.stack([self.store[k] for k in keys])
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def state_dict(self) -> dict:
+        keys = list(self.store)
+        return {"model_id": self.model_id, "pooling": self.pooling, "keys": keys,
+                "features": torch.stack([self.store[k] for k in keys]) if keys else torch.zeros(0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["model_id"], state["pooling"]) != (self.model_id, self.pooling):
+            raise ValueError(f"this feature cache holds {state['model_id']!r} ({state['pooling']}) features, not "
+                             f"{self.model_id!r} ({self.pooling}): re-embed with a new cache")
+        self.store = {k: row.clone() for k, row in zip(state["keys"], state["features"])}
+
+
+# ----------------------------------------------------------------------------- the heads and their targets
+
+
+class QHeads(torch.nn.Module):
+    """H MLP heads d → hidden → 1 on φ (clipped double Q, Fujimoto et al. 2018), each initialised apart, and
+    their target copies θ̂ (no grad; in the state dict, so a checkpoint restores them). Give the optimizer
+    ``heads.online.parameters()``: the targets move only by soft_update / hard_update."""
+
+    def __init__(self, d: int, n_heads: int = 2, hidden: int = 256):
+        super().__init__()
+        self.online = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+            for _ in range(n_heads))
+        self.targets = copy.deepcopy(self.online)
+        self.targets.requires_grad_(False)
+
+    def forward(self, phi: torch.Tensor) -> torch.Tensor:
+        """(H, N) Q_i(h, y) of the online heads; phi (N, d)."""
+        return torch.stack([h(phi).squeeze(-1) for h in self.online])
+
+    @torch.no_grad()
+    def target(self, phi: torch.Tensor) -> torch.Tensor:
+        """(H, N) Q̂_i(h, y) of the target heads, without a graph."""
+        return torch.stack([h(phi).squeeze(-1) for h in self.targets])
+
+    @torch.no_grad()
+    def soft_update(self, tau: float) -> None:
+        """Polyak averaging θ̂ ← (1 − τ)θ̂ + τθ (DDPG, Lillicrap et al. 2015; CHAI τ = 0.005); τ = 1 is a copy."""
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"tau must be in [0, 1], got {tau}")
+        for t, p in zip(self.targets.parameters(), self.online.parameters()):
+            t.mul_(1.0 - tau).add_(p, alpha=tau)
+
+    @torch.no_grad()
+    def hard_update(self) -> None:
+        """θ̂ ← θ (Nature DQN's periodic target copy)."""
+        for t, p in zip(self.targets.parameters(), self.online.parameters()):
+            t.copy_(p)
+
+
+# ----------------------------------------------------------------------------- replay buffer
+
+
+class ReplayBuffer:
+    """A fixed-capacity ring of feature transitions (h, a, r, h′): φ(h, a) (d), r, terminated, truncated, the
+    next state's candidate features (K, d) zero-padded with a valid mask (K) — none valid at a terminal h′ —
+    and, with ``candidates=True``, the current state's candidate set (K, d), its mask, the taken index in it and
+    log π_β per candidate, for the CQL term. The oldest transition is overwritten when full. Sampling draws
+    with replacement from a caller's torch.Generator (SB3 DQN), so the run scaffold checkpoints the stream and
+    a resumed run draws the same batches."""
+
+    def __init__(self, capacity: int, d: int, k: int, candidates: bool = False, dtype=torch.float32):
+        if capacity < 1 or k < 1:
+            raise ValueError(f"capacity and k must be >= 1, got {capacity}, {k}")
+        self.capacity, self.d, self.k, self.candidates = capacity, d, k, candidates
+        self.pos = self.size = 0
+        self.data = {"phi": torch.zeros(capacity, d, dtype=dtype), "reward": torch.zeros(capacity),
+                     "terminated": torch.zeros(capacity, dtype=torch.bool),
+                     "truncated": torch.zeros(capacity, dtype=torch.bool),
+                     "next_phi": torch.zeros(capacity, k, d, dtype=dtype),
+                     "next_valid": torch.zeros(capacity, k, dtype=torch.bool)}
+        if candidates:
+            self.data.update(cand_phi=torch.zeros(capacity, k, d, dtype=dtype),
+                             cand_valid=torch.zeros(capacity, k, dtype=torch.bool),
+                             taken=torch.zeros(capacity, dtype=torch.long), log_behavior=torch.zeros(capacity, k))
+
+    def _padded(self, rows: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = rows.reshape(-1, self.d)
+        if len(rows) > self.k:
+            raise ValueError(f"{name}: {len(rows)} candidates, the buffer holds at most k = {self.k}")
+        out = torch.zeros(self.k, self.d)
+        out[:len(rows)] = rows
+        valid = torch.zeros(self.k, dtype=torch.bool)
+        valid[:len(rows)] = True
+        return out, valid
+
+    def add(self, phi: torch.Tensor, reward: float, terminated: bool, next_phi: torch.Tensor | None = None,
+            truncated: bool = False, cand_phi: torch.Tensor | None = None, taken: int | None = None,
+            log_behavior: torch.Tensor | None = None) -> None:
+        """Store one transition. next_phi (k′ ≤ K, d): the candidates at h′ (None or empty at a terminal h′).
+        With candidates=True: cand_phi (k ≤ K, d) the candidate set at h, taken its index of the reply taken,
+        log_behavior (k,) log π_β(c|h) (0 when omitted: uniform, the same gradient as plain CQL(H))."""
+        i, row = self.pos, self.data
+        row["phi"][i] = phi
+        row["reward"][i], row["terminated"][i], row["truncated"][i] = float(reward), bool(terminated), bool(truncated)
+        row["next_phi"][i], row["next_valid"][i] = self._padded(
+            torch.zeros(0, self.d) if next_phi is None else next_phi, "next_phi")
+        if self.candidates:
+            if cand_phi is None or taken is None:
+                raise ValueError("this buffer stores candidate sets (for CQL): give cand_phi and taken")
+            row["cand_phi"][i], row["cand_valid"][i] = self._padded(cand_phi, "cand_phi")
+            row["taken"][i] = int(taken)
+            row["log_behavior"][i] = 0.0
+            if log_behavior is not None:
+                row["log_behavior"][i, :len(log_behavior)] = log_behavior
+        self.pos = (self.pos + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """A batch of ``batch_size`` transitions drawn uniformly with replacement: a dict of (B, …) tensors."""
+        if self.size == 0:
+            raise ValueError("cannot sample from an empty replay buffer")
+        idx = torch.randint(self.size, (batch_size,), generator=generator, device=generator.device).cpu()
+        return {name: t[idx] for name, t in self.data.items()}
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "d": self.d, "k": self.k, "candidates": self.candidates,
+                "pos": self.pos, "size": self.size, "data": {n: t[:self.size].clone() for n, t in self.data.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = (self.capacity, self.d, self.k, self.candidates)
+        theirs = (state["capacity"], state["d"], state["k"], state["candidates"])
+        if mine != theirs:
+            raise ValueError(f"replay buffer (capacity, d, k, candidates) {theirs} in the checkpoint, {mine} here")
+        self.pos, self.size = state["pos"], state["size"]
+        for name, t in state["data"].items():
+            self.data[name][:self.size] = t
+
+
+# ----------------------------------------------------------------------------- one DQN update
+
+
+def q_update(heads: QHeads, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], gamma: float,
+             cql_alpha: float = 0.0, max_grad_norm: float = 1.0,
+             reward_range: tuple[float, float] | None = None) -> dict[str, float]:
+    """One gradient step of QLEARN §2.4 on a replay batch:
+        a* = argmax_{c valid} Q_1(h′, c);  y = r + γ(1 − terminated)·min_i Q̂_i(h′, a*)  [clipped to the range]
+        L  = Σ_i Huber(Q_i(h, a) − y)  + cql_alpha·CQL(H) over C(h) when the batch carries it
+    then grad-norm clipping and the optimizer step. The target heads are not moved here: the caller calls
+    heads.soft_update(τ) (Polyak) or hard_update() every n steps. Returns float metrics."""
+    device = next(heads.parameters()).device
+    batch = {name: t.to(device) for name, t in batch.items()}
+    B, K, d = batch["next_phi"].shape
+    with torch.no_grad():
+        next_flat = batch["next_phi"].reshape(B * K, d).float()
+        online_next = heads(next_flat)[0].reshape(B, K)
+        target_next = heads.target(next_flat).reshape(-1, B, K)
+        next_value, _ = double_q_next_value(online_next, target_next, batch["next_valid"])
+        y = td_target(batch["reward"], next_value, batch["terminated"], gamma, reward_range)
+    loss, metrics = huber_td_loss(heads(batch["phi"].float()), y)
+    if cql_alpha > 0 and "cand_phi" in batch:
+        q_cand = heads(batch["cand_phi"].reshape(B * K, d).float()).reshape(-1, B, K)
+        cql, cql_metrics = cql_loss(q_cand, batch["cand_valid"], batch["taken"], batch.get("log_behavior"))
+        loss = loss + cql_alpha * cql
+        metrics.update(cql_metrics)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(heads.online.parameters(), max_grad_norm)
+    optimizer.step()
+    metrics.update({"loss/total": loss.detach(), "q/grad_norm": grad_norm, "q/next_value_mean": next_value.mean()})
+    return {k: float(v) for k, v in metrics.items()}
