@@ -134,6 +134,14 @@ def cover(t, fn, rm, feedback_db):
                  prompts, "--reward-model", rm, "--force", "--human-feedback", FEEDBACK_FILES[1], "--references",
                  dialogues, "--reward-weights", "fn=1", "--no-chat-template"],
                 [*ppo, "--output-dir", t / "p2", "--critic", "policy", "--whiten-rewards"]],
+        "qlearn": [[*TINY, *RUN, "--data", dialogues, "--output-dir", t / "q1", "--max-steps", "2", "--max-new-tokens", "4",
+                    "--eval-data", dialogues, "--eval-dialogues", "1", "--eval-steps", "1", "--save-steps", "1",
+                    "--reward-model", rm, "--force", "--human-feedback", FEEDBACK_FILES[1], "--references", dialogues,
+                    "--reward-fn", fn, "--reward-weights", "fn=1", "--q-model", "tiny-random-llama", "--pooling", "mean",
+                    "--candidates", "2", "--max-turns", "1", "--learning-starts", "1", "--batch-size", "2",
+                    "--updates-per-step", "2", "--cql-alpha", "0.1", "--heads", "3", "--hidden", "8"],
+                   [*TINY, *RUN, "--data", dialogues, "--output-dir", t / "q2", "--max-steps", "1", "--max-new-tokens", "4",
+                    "--eval-dialogues", "1", "--references", dialogues, "--candidates", "1"]],
         "eval": [[*TINY, "--baseline", "tiny-random-llama", "--reward-model", rm, "--run", t / "p2", "--max-prompts", "2",
                   "--max-new-tokens", "3", "--output-dir", t / "e", "--embedding"]],
         "chat": [[*TINY, "--max-new-tokens", "3"]],
@@ -150,7 +158,7 @@ def cover(t, fn, rm, feedback_db):
     }
 
 
-ORDER = ["reward train", "ppo", "sft", "eval", "chat", "generate", "reward eval", "reward score", "feedback init",
+ORDER = ["reward train", "ppo", "qlearn", "sft", "eval", "chat", "generate", "reward eval", "reward score", "feedback init",
          "feedback add-user", "feedback import", "feedback export", "feedback stats", "feedback serve", "data inspect"]
 
 

@@ -159,3 +159,39 @@ def test_one_process_is_the_main_one_and_reduce_is_the_identity(tmp_path):
     assert run.is_main and (run.rank, run.world_size) == (0, 1) and run.device == torch.device("cpu")
     assert run.reduce({"a": 1.0}) == {"a": 1.0}
     assert run.total_steps(10) == 10   # --epochs 1 × 10 steps per epoch (--max-steps -1)
+
+
+def test_objects_are_saved_whole_and_restored_exactly_on_resume(tmp_path):
+    """Objects with state_dict/load_state_dict that are no (module, optimizer, scheduler) part — a replay buffer,
+    frozen target copies — go into the checkpoint whole and come back on --resume."""
+    from chatrlhf.qnet import QHeads, ReplayBuffer
+
+    def build(seed):
+        torch.manual_seed(seed)
+        heads, buffer = QHeads(4, n_heads=2, hidden=8), ReplayBuffer(5, 4, 3)
+        opt, sched = make_optimizer(list(heads.online.parameters()), 1e-2, 0.0, warmup_steps=0, total_steps=10)
+        return heads, buffer, opt, sched
+
+    heads, buffer, opt, sched = build(0)
+    for i in range(7):  # wraps the ring
+        buffer.add(torch.randn(4), float(i), i % 2 == 0, torch.randn(2, 4))
+    with torch.no_grad():
+        heads.targets[0][0].weight.add_(1.0)   # targets differ from the online heads
+    run = Run("toy", cfg(tmp_path), log=lambda *a: None)
+    run.begin({"q": (heads, opt, sched)}, objects={"buffer": buffer, "q_targets": heads.targets})
+    run.step = 4
+    run.save()
+    run.logger.close()
+
+    heads2, buffer2, opt2, sched2 = build(1)
+    run2 = Run("toy", cfg(tmp_path, resume=True), log=lambda *a: None)
+    run2.begin({"q": (heads2, opt2, sched2)}, objects={"buffer": buffer2, "q_targets": heads2.targets})
+    run2.logger.close()
+    assert run2.step == 4
+    for k, v in heads.state_dict().items():      # online (a part) and targets (an object) alike
+        assert torch.equal(v, heads2.state_dict()[k]), k
+    a, b = buffer.state_dict(), buffer2.state_dict()
+    assert (a["pos"], a["size"]) == (b["pos"], b["size"]) == (2, 5)
+    assert all(torch.equal(a["data"][n], b["data"][n]) for n in a["data"])
+    with pytest.raises(UsageError, match="has no 'cache'"):
+        load_checkpoint(checkpoints(tmp_path)[-1][1], {}, objects={"cache": buffer2})

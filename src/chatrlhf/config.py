@@ -234,6 +234,55 @@ class PPOConfig(RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs
 
 
 @dataclass
+class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
+    """`chatrlhf qlearn`: online DQN over candidate replies on replayed dialogues (QLEARN.md tier A, frozen features)."""
+    model: str = arg("smollm2-135m", "Policy that proposes the candidate replies (usually the SFT output); it is "
+                     "not trained.")
+    data: list[str] = arg(["examples/dialogue_history.csv"], "Dialogues, comma-separated: the seed CSV (per-turn rows "
+                          "are merged into whole dialogues) or any conversation format.")
+    eval_data: list[str] = arg([], "Held-out dialogues; empty = split --eval-fraction of the dialogues off --data "
+                               "(by first prompt).")
+    eval_fraction: float = arg(0.2, "Fraction of dialogues held out for the evaluations (prompt-disjoint).")
+    output_dir: str = arg("out/qlearn", "Where the Q-heads, qlearn.json, checkpoints and metrics go.")
+    max_steps: int = arg(100, "Episodes (one training dialogue each); -1 = --epochs passes over the dialogues.")
+    save_steps: int = arg(10, "Checkpoint every N episodes (and at the end); checkpoints fall between episodes.")
+    references: list[str] = arg([], "Dialogue files whose human replies are the references (source `similarity`): a "
+                                "reply is scored by its similarity to the data's reply at that turn (e.g. the --data "
+                                "file itself).")
+    reward_norm: bool = arg(False, "Normalise each source with its running mean and std before mixing (off: raw "
+                            "values keep the TD targets still; turn on to mix sources on different scales).")
+    missing_eos_penalty: float | None = arg(None, "Subtracted from a reply that never emits EOS; qlearn scores "
+                                            "candidates as whole replies, so the default is 0.")
+    q_model: str = arg("", "Frozen trunk whose hidden state φ(h, y) the Q-heads read (QLEARN §2.2 tier A); empty = "
+                       "the policy (--model).")
+    pooling: str = arg("last", "φ: the trunk state at the reply's last token (EOS), or the mean over the reply.",
+                       ("last", "mean"))
+    candidates: int = arg(5, "Policy samples per state (T = 1, top-k 0, top-p 1); the human reply of the turn is added "
+                          "and duplicates dropped (CHAI, ArCHer: 5).")
+    max_new_tokens: int = arg(48, "Tokens per candidate reply.")
+    max_prompt_length: int = arg(512, "History tokens kept for φ (the start of longer histories is cut).")
+    max_turns: int = arg(0, "Replies per episode before it is truncated (then still bootstrapped); 0 = whole dialogues.")
+    gamma: float = arg(0.9, "Discount γ. On replayed user turns the next state does not react to the reply, so γ = 0 "
+                       "(a per-turn contextual bandit) is the honest baseline; γ > 0 pays off with a reactive user.")
+    tau: float = arg(0.005, "Polyak rate of the target heads per update, θ̂ ← (1−τ)θ̂ + τθ (CHAI).")
+    buffer_size: int = arg(10000, "Replay buffer capacity in transitions (ArCHer).")
+    learning_starts: int = arg(32, "Transitions collected before the first update.")
+    batch_size: int = arg(64, "Transitions per update (QLEARN §2.9: 512 on a full buffer).")
+    updates_per_step: int = arg(1, "Q-updates per environment step (reply).")
+    lr: float = arg(3e-4, "Learning rate of the heads on frozen features (AdamW, constant; CHAI).")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm of the heads.")
+    epsilon_start: float = arg(1.0, "ε-greedy: the chance of a uniform candidate at the start ...")
+    epsilon_end: float = arg(0.1, "... and after the decay (0.1: the candidates are already policy samples).")
+    epsilon_fraction: float = arg(0.1, "Fraction of the episodes over which ε decays linearly (SB3).")
+    cql_alpha: float = arg(0.0, "Weight of CQL(H) over each state's candidate set (0 = off; 0.1 offline, CHAI); "
+                           "stores the candidate sets in the buffer.")
+    heads: int = arg(2, "Q-heads (clipped double Q: the target is the min over the target heads).")
+    hidden: int = arg(256, "Hidden width of each head's MLP (d → hidden → 1).")
+    eval_steps: int = arg(50, "Held-out evaluation every N episodes (and at the end).")
+    eval_dialogues: int = arg(16, "Held-out dialogues per evaluation (the first N).")
+
+
+@dataclass
 class EvalConfig(TemplateArgs, ModelArgs):
     """`chatrlhf eval`: the independent evaluator — a saved model against a baseline on held-out prompts, with plain
     transformers generation and the prompt format recorded in the model folder; JSON + HTML report."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
@@ -292,3 +293,37 @@ def q_update(heads: QHeads, optimizer: torch.optim.Optimizer, batch: dict[str, t
     optimizer.step()
     metrics.update({"loss/total": loss.detach(), "q/grad_norm": grad_norm, "q/next_value_mean": next_value.mean()})
     return {k: float(v) for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------- saved heads
+
+
+QHEADS_FILE, QLEARN_JSON = "qheads.safetensors", "qlearn.json"
+
+
+def save_qheads(heads: QHeads, out_dir, q_model: str, pooling: str) -> None:
+    """OUTPUT_DIR/qheads.safetensors (online heads and targets) and qlearn.json: what :func:`load_qheads` needs,
+    and which frozen trunk and pooling φ must be computed with."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, out / QHEADS_FILE)
+    first = heads.online[0]
+    meta = {"q_model": q_model, "pooling": pooling, "heads": len(heads.online), "hidden": first[0].out_features,
+            "dims": first[0].in_features}
+    (out / QLEARN_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_qheads(out_dir, device="cpu") -> tuple[QHeads, dict]:
+    """(heads in eval mode, qlearn.json) from a `chatrlhf qlearn` output folder: embed candidates with
+    ``reply_features(load_model(meta["q_model"]), …, pooling=meta["pooling"])`` and rank them by ``heads(φ)[0]``."""
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    if not (out / QLEARN_JSON).is_file():
+        raise FileNotFoundError(f"{out / QLEARN_JSON} not found: not a `chatrlhf qlearn` output folder")
+    meta = json.loads((out / QLEARN_JSON).read_text())
+    heads = QHeads(meta["dims"], meta["heads"], meta["hidden"])
+    heads.load_state_dict(load_file(out / QHEADS_FILE))
+    return heads.to(device).eval(), meta

@@ -1,13 +1,13 @@
-"""`chatrlhf sft` and `chatrlhf ppo`: run the trainer, print what moved."""
+"""`chatrlhf sft`, `chatrlhf ppo` and `chatrlhf qlearn`: run the trainer, print what moved."""
 
 from __future__ import annotations
 
-from chatrlhf.config import PPOConfig, SFTConfig
-from chatrlhf.trainers import ppo, sft
+from chatrlhf.config import PPOConfig, QLearnConfig, SFTConfig
+from chatrlhf.trainers import ppo, qlearn, sft
 
 
 def run(name: str, cfg) -> int:
-    return train_sft(cfg) if name == "sft" else train_ppo(cfg)
+    return {"sft": train_sft, "ppo": train_ppo, "qlearn": train_qlearn}[name](cfg)
 
 
 def train_sft(cfg: SFTConfig) -> int:
@@ -29,4 +29,17 @@ def train_ppo(cfg: PPOConfig) -> int:
         print(f"chatrlhf ppo: held-out reward by source: {', '.join(moved)}; KL to reference "
               f"{end['eval/kl']:.3f} nats/reply")
     print(f"chatrlhf ppo: policy saved to {cfg.output_dir}")
+    return 0
+
+
+def train_qlearn(cfg: QLearnConfig) -> int:
+    summary = qlearn.train(cfg)
+    if summary.interrupted:
+        return 130
+    end = summary["eval_end"] or {}
+    if "eval/q" in end:
+        capture = f"; capture {end['eval/capture']:.2f}" if "eval/capture" in end else ""
+        print(f"chatrlhf qlearn: held-out reward per state: Q-argmax {end['eval/q']:+.3f}, random "
+              f"{end['eval/random']:+.3f}, oracle {end['eval/oracle']:+.3f}, human {end['eval/human']:+.3f}{capture}")
+    print(f"chatrlhf qlearn: Q-heads and qlearn.json saved to {cfg.output_dir}")
     return 0

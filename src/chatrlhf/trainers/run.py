@@ -2,7 +2,9 @@
 ``checkpoint_manager``); each trainer's loop stays in plain view in its own file.
 
 A :class:`Run` owns the output folder, the device and autocast, the metrics logger, checkpoints that
-resume exactly (named parts: trainable weights, optimizers and schedulers; the global RNG; the
+resume exactly (named parts: trainable weights, optimizers and schedulers; named objects with
+``state_dict()`` / ``load_state_dict()`` that are no such part, e.g. a replay buffer, a feature cache or
+Q-heads' target copies, saved whole; the global RNG; the
 trainer's own ``torch.Generator`` streams; the data position, which is the step number because every
 trainer draws its data as a pure function of the step; and a JSON state such as PPO's β or the reward
 normalisers' moments), Ctrl-C, the progress bar and the end-of-run :class:`Summary`. A loop reads::
@@ -129,10 +131,11 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, keep: int = KEEP_CHECKPOINTS,
-                    generators: dict[str, torch.Generator] | None = None) -> Path:
+                    generators: dict[str, torch.Generator] | None = None, objects: dict | None = None) -> Path:
     """``parts`` = {name: (module, optimizer, scheduler)}: each module's trainable weights
     (``name.safetensors``), every optimizer and scheduler, the global RNG, the trainer's own random streams
-    (``generators``) and its ``state`` (JSON)."""
+    (``generators``), the whole ``state_dict()`` of each of ``objects`` ({name: object}: a replay buffer, a
+    feature cache, frozen target networks — anything a part's trainable weights leave out) and its ``state`` (JSON)."""
     from safetensors.torch import save_file
 
     root = Path(out_dir) / "checkpoints"
@@ -142,7 +145,8 @@ def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, ke
         save_file(trainable_state(module), tmp / f"{name}.safetensors")
     torch.save({"optimizers": {n: o.state_dict() for n, (_, o, _) in parts.items()},
                 "schedulers": {n: s.state_dict() for n, (_, _, s) in parts.items()}, "rng": rng_state(),
-                "generators": {n: g.get_state() for n, g in (generators or {}).items()}},
+                "generators": {n: g.get_state() for n, g in (generators or {}).items()},
+                "objects": {n: o.state_dict() for n, o in (objects or {}).items()}},
                tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     final = root / f"step-{step}"
@@ -164,9 +168,10 @@ def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_checkpoint(path: Path, parts: dict, generators: dict[str, torch.Generator] | None = None) -> dict:
-    """Restore what :func:`save_checkpoint` wrote into the same ``parts`` and ``generators``; returns the
-    trainer state (without the step, which the folder's name gives)."""
+def load_checkpoint(path: Path, parts: dict, generators: dict[str, torch.Generator] | None = None,
+                    objects: dict | None = None) -> dict:
+    """Restore what :func:`save_checkpoint` wrote into the same ``parts``, ``generators`` and ``objects``;
+    returns the trainer state (without the step, which the folder's name gives)."""
     from safetensors.torch import load_file
 
     # the run's own checkpoint, written by save_checkpoint (optimizer and RNG states need pickle)
@@ -181,6 +186,10 @@ def load_checkpoint(path: Path, parts: dict, generators: dict[str, torch.Generat
     set_rng_state(blob["rng"])
     for name, g in (generators or {}).items():
         g.set_state(blob["generators"][name])
+    for name, obj in (objects or {}).items():
+        if name not in blob.get("objects", {}):
+            raise UsageError(f"--resume: the checkpoint {path} has no '{name}'", "resume with the command that wrote it")
+        obj.load_state_dict(blob["objects"][name])
     state = json.loads((path / "trainer_state.json").read_text())
     state.pop("step", None)
     return state
@@ -210,6 +219,7 @@ class Run:
         self.step = 0                      # optimizer steps done (the data position)
         self.parts: dict = {}
         self.generators: dict[str, torch.Generator] = {}
+        self.objects: dict = {}
         self.state: dict = {}
         self.logger: MetricsLogger | None = None
         self._stop: StopFlag | None = None
@@ -235,15 +245,17 @@ class Run:
         return metrics
 
     def begin(self, parts: dict, generators: dict[str, torch.Generator] | None = None,
-              state: dict | None = None) -> dict:
+              state: dict | None = None, objects: dict | None = None) -> dict:
         """Register the named ``parts`` ({name: (module, optimizer, scheduler)}), the trainer's own random
-        ``generators`` and its ``state`` (defaults), restore them all from the latest checkpoint with --resume,
+        ``generators``, its ``state`` (defaults) and ``objects`` ({name: anything with ``state_dict()`` /
+        ``load_state_dict()``, saved whole}), restore them all from the latest checkpoint with --resume,
         then open the metrics log (a resumed run's log loses what was written after its checkpoint) and write
         the run's config. Returns the state dict, which the trainer updates in place and every checkpoint saves."""
         self.parts, self.generators, self.state = parts, generators or {}, dict(state or {})
+        self.objects = objects or {}
         if self.cfg.resume:
             self.step, path = latest_checkpoint(self.out)
-            self.state.update(load_checkpoint(path, parts, self.generators))
+            self.state.update(load_checkpoint(path, parts, self.generators, self.objects))
             self.print(f"chatrlhf {self.name}: resumed from {path} (step {self.step})")
         self.logger = MetricsLogger(self.out, self.cfg.tensorboard and self.is_main,
                                     resume_step=self.step if self.cfg.resume else None)
@@ -297,7 +309,8 @@ class Run:
     def save(self) -> None:
         """A checkpoint of every registered part, the random streams and the state at ``self.step``."""
         if self.is_main:
-            save_checkpoint(self.out, self.step, self.parts, self.state, generators=self.generators)
+            save_checkpoint(self.out, self.step, self.parts, self.state, generators=self.generators,
+                            objects=self.objects)
         self._saved_at = self.step
 
     def last_logged(self, key: str) -> dict | None:
