@@ -179,9 +179,6 @@ class RewardArgs:
                                          "linear|cosine|step, e.g. `rm=linear:0.2:1:30,human=cosine:1:0.1:30`. "
                                          "Unlisted = 1.")
     reward_norm: bool = arg(True, "Normalise each source with its running mean and std before mixing.")
-    missing_eos_penalty: float | None = arg(None, "Subtracted from the reward of a reply that never emits EOS within "
-                                            "--max-new-tokens (TRL's missing_eos_penalty); auto = 1 with a chat "
-                                            "template, 0 for plain-text continuations (they need not end).")
 
 
 @dataclass
@@ -192,6 +189,9 @@ class PPOConfig(RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs
     data: list[str] = arg(["examples/prompts.txt"], "Prompts: .txt (one per line) or any data format with prompts, "
                           "comma-separated.")
     eval_data: list[str] = arg([], "Held-out prompts for the evaluations; empty = split --eval-fraction off --data.")
+    missing_eos_penalty: float | None = arg(None, "Subtracted from the reward of a reply that never emits EOS within "
+                                            "--max-new-tokens (TRL's missing_eos_penalty); auto = 1 with a chat "
+                                            "template, 0 for plain-text continuations (they need not end).")
     output_dir: str = arg("out/ppo", "Where the policy, checkpoints, metrics and samples go.")
     max_steps: int = arg(20, "PPO steps (one rollout batch each); -1 = --epochs passes over the prompts.")
     batch_size: int = arg(8, "Prompts per PPO step.")
@@ -251,8 +251,6 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
                                 "file itself).")
     reward_norm: bool = arg(False, "Normalise each source with its running mean and std before mixing (off: raw "
                             "values keep the TD targets still; turn on to mix sources on different scales).")
-    missing_eos_penalty: float | None = arg(None, "Subtracted from a reply that never emits EOS; qlearn scores "
-                                            "candidates as whole replies, so the default is 0.")
     q_model: str = arg("", "Frozen trunk whose hidden state φ(h, y) the Q-heads read (QLEARN §2.2 tier A); empty = "
                        "the policy (--model).")
     pooling: str = arg("last", "φ: the trunk state at the reply's last token (EOS), or the mean over the reply.",

@@ -80,8 +80,8 @@ def build_rewards(cfg: QLearnConfig, log=print) -> RewardMix:
     if not sources:
         raise UsageError("qlearn needs at least one reward source",
                          "give --reward-model, --human-feedback, --references (e.g. the --data file) or --reward-fn")
-    penalty = cfg.missing_eos_penalty if cfg.missing_eos_penalty is not None else 0.0
-    return RewardMix(sources, parse_schedules(cfg.reward_weights), cfg.reward_norm, penalty)
+    # candidates are scored as whole replies (no missing-EOS penalty: that is PPO's, for its cut-off rollouts)
+    return RewardMix(sources, parse_schedules(cfg.reward_weights), cfg.reward_norm, 0.0)
 
 
 def check(cfg: QLearnConfig) -> None:
