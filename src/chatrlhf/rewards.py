@@ -326,3 +326,24 @@ class RewardMix:
         for name, s in state.items():
             if name in self.moments:
                 self.moments[name] = RunningMoments(**s)
+
+
+def reward_mix(cfg, command: str, references=reference_replies, key=prompt_key, missing_eos_penalty: float = 1.0,
+               hint: str = "", log=print) -> RewardMix:
+    """The reward mix of a command's reward flags (RewardArgs): `rm` from --reward-model, `human` from
+    --human-feedback, `similarity` to ``references(--references)`` looked up by ``key``, `fn` from --reward-fn,
+    weighted by --reward-weights. ``hint``: what else to say about --references in the error when none is given."""
+    sources = {}
+    if cfg.reward_model:
+        sources["rm"] = ModelReward(cfg.reward_model, cfg.force, max_length=cfg.max_prompt_length + cfg.max_new_tokens,
+                                    device=cfg.device, dtype=cfg.dtype, log=log)
+    if cfg.human_feedback:
+        sources["human"] = HumanReward(cfg.human_feedback, cfg.human_threshold)
+    if cfg.references:
+        sources["similarity"] = SimilarityReward(references(cfg.references), cfg.similarity, key=key)
+    if cfg.reward_fn:
+        sources["fn"] = load_callable(cfg.reward_fn)
+    if not sources:
+        raise UsageError(f"{command} needs at least one reward source",
+                         f"give --reward-model, --human-feedback, --references{hint} or --reward-fn")
+    return RewardMix(sources, parse_schedules(cfg.reward_weights), cfg.reward_norm, missing_eos_penalty)

@@ -39,8 +39,7 @@ from chatrlhf.evaluate.watch import failure_signs
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, load_tokenizer, save_model, \
     unwrap
 from chatrlhf.reward_model import load_reward_model, reward_norm
-from chatrlhf.rewards import HumanReward, ModelReward, RewardMix, SimilarityReward, load_callable, \
-    parse_schedules, reference_replies
+from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import Critic, Rollout, decode_replies, encode_prompts, ended_with_eos, generator, \
     policy_forward
 from chatrlhf.trainers.common import file_hashes, make_optimizer, optimizer_step
@@ -51,20 +50,8 @@ from chatrlhf.trainers.value import SeparateCritic, SharedHead
 
 
 def build_rewards(cfg: PPOConfig, log=print) -> RewardMix:
-    sources = {}
-    if cfg.reward_model:
-        sources["rm"] = ModelReward(cfg.reward_model, cfg.force, max_length=cfg.max_prompt_length + cfg.max_new_tokens,
-                                    device=cfg.device, dtype=cfg.dtype, log=log)
-    if cfg.human_feedback:
-        sources["human"] = HumanReward(cfg.human_feedback, cfg.human_threshold)
-    if cfg.references:
-        sources["similarity"] = SimilarityReward(reference_replies(cfg.references), cfg.similarity)
-    if cfg.reward_fn:
-        sources["fn"] = load_callable(cfg.reward_fn)
-    if not sources:
-        raise UsageError("ppo needs at least one reward source",
-                         "give --reward-model, --human-feedback, --references or --reward-fn")
-    return RewardMix(sources, parse_schedules(cfg.reward_weights), cfg.reward_norm)
+    """The reward mix of the reward flags (its missing-EOS penalty is set once the tokenizer is known)."""
+    return reward_mix(cfg, "ppo", log=log)
 
 
 def missing_eos_penalty(cfg: PPOConfig, tok) -> float:

@@ -33,7 +33,7 @@ from chatrlhf.env import CandidateWrapper, DialogueEnv, merge_prefixes, mixed_re
 from chatrlhf.errors import UsageError
 from chatrlhf.models import load_model, unwrap
 from chatrlhf.qnet import FeatureCache, QHeads, ReplayBuffer, q_update, save_qheads
-from chatrlhf.rewards import HumanReward, ModelReward, RewardMix, SimilarityReward, load_callable, parse_schedules
+from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import generator
 from chatrlhf.trainers.common import file_hashes
 from chatrlhf.trainers.run import Run, Summary
@@ -65,23 +65,10 @@ def split_dialogues(cfg: QLearnConfig) -> tuple[list, list]:
 
 
 def build_rewards(cfg: QLearnConfig, log=print) -> RewardMix:
-    """The reward mix, as PPO builds it; similarity is to the data's human reply at that turn (user_turns_key)."""
-    sources = {}
-    if cfg.reward_model:
-        sources["rm"] = ModelReward(cfg.reward_model, cfg.force, max_length=cfg.max_prompt_length + cfg.max_new_tokens,
-                                    device=cfg.device, dtype=cfg.dtype, log=log)
-    if cfg.human_feedback:
-        sources["human"] = HumanReward(cfg.human_feedback, cfg.human_threshold)
-    if cfg.references:
-        refs = turn_references(load_dialogues(cfg.references, cfg.format))
-        sources["similarity"] = SimilarityReward(refs, cfg.similarity, key=user_turns_key)
-    if cfg.reward_fn:
-        sources["fn"] = load_callable(cfg.reward_fn)
-    if not sources:
-        raise UsageError("qlearn needs at least one reward source",
-                         "give --reward-model, --human-feedback, --references (e.g. the --data file) or --reward-fn")
-    # candidates are scored as whole replies (no missing-EOS penalty: that is PPO's, for its cut-off rollouts)
-    return RewardMix(sources, parse_schedules(cfg.reward_weights), cfg.reward_norm, 0.0)
+    """The reward mix, as PPO builds it; similarity is to the data's human reply at that turn (user_turns_key), and
+    candidates are scored as whole replies (no missing-EOS penalty: that is PPO's, for its cut-off rollouts)."""
+    return reward_mix(cfg, "qlearn", lambda paths: turn_references(load_dialogues(paths, cfg.format)), user_turns_key,
+                      missing_eos_penalty=0.0, hint=" (e.g. the --data file)", log=log)
 
 
 def check(cfg: QLearnConfig) -> None:
