@@ -16,7 +16,7 @@ from chatrlhf.models import load_model, save_model
 from chatrlhf.qnet import QHeads, reply_features, save_qheads
 from chatrlhf.rerank import QReranker, Reranker, RMReranker, load_reranker
 from chatrlhf.reward_model import load_reward_model, reward_scores
-from conftest import run_cli, tiny_reward_model
+from conftest import EXAMPLES, run_cli, tiny_reward_model
 
 MODEL = "tiny-random-llama"
 H1 = [{"role": "user", "content": "my order never arrived"}]
@@ -44,7 +44,11 @@ def qdir(tmp_path_factory, tiny):
 
 @pytest.fixture(scope="module")
 def rmdir(tmp_path_factory):
-    return tiny_reward_model(tmp_path_factory.mktemp("rm") / "rm")
+    """A tiny reward model folder made by `chatrlhf reward train` (as tests/test_reward.py makes one), on 16 pairs."""
+    where = tmp_path_factory.mktemp("rm")
+    lines = (EXAMPLES / "preferences.jsonl").read_text().splitlines()
+    (where / "pairs.jsonl").write_text("\n".join(lines[::len(lines) // 16][:16]) + "\n")
+    return tiny_reward_model(where / "rm", "--data", where / "pairs.jsonl", "--eval-fraction", "0.25")
 
 
 def phi_by_hand(model, tok, history, reply):
