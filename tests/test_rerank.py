@@ -5,6 +5,7 @@ CLI end to end: bad specs and folders of the wrong kind are refused by name, --c
 records the score."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from chatrlhf.config import ModelArgs
 from chatrlhf.data.template import render
 from chatrlhf.errors import UsageError
 from chatrlhf.models import load_model, save_model
-from chatrlhf.qnet import QHeads, reply_features, save_qheads
+from chatrlhf.qnet import QHeads, save_qheads
 from chatrlhf.rerank import QReranker, Reranker, RMReranker, load_reranker
 from chatrlhf.reward_model import load_reward_model, reward_scores
 from conftest import EXAMPLES, run_cli, tiny_reward_model
@@ -128,6 +129,19 @@ def test_q_trunk_not_the_served_model_is_loaded_and_scores_the_same(tiny, qdir):
     served = load_reranker(f"q:{qdir}", model, tok, policy_name=MODEL)
     histories = [H1] * 3 + [H2] * 2
     assert alone.scores(histories, CANDIDATES) == pytest.approx(served.scores(histories, CANDIDATES), abs=1e-4)
+
+
+def test_q_trunk_rendered_otherwise_than_served_is_loaded_as_qlearn_rendered_it(tiny, qdir, tmp_path):
+    """qlearn's recorded config (chatrlhf.json) says how φ was computed: a policy served with another chat template
+    is not reused as the trunk, and the recorded max_prompt_length is kept."""
+    model, tok = tiny
+    shutil.copytree(qdir, tmp_path / "q")
+    (tmp_path / "q" / "chatrlhf.json").write_text(json.dumps(
+        {"command": "qlearn", "config": {"chat_template": False, "max_prompt_length": 77, "max_new_tokens": 300}}))
+    r = load_reranker(f"q:{tmp_path / 'q'}", model, tok, policy_name=MODEL, chat_template=True)
+    assert r.trunk is not model and r.max_prompt_length == 77 and r.max_reply_length == 301
+    same = load_reranker(f"q:{tmp_path / 'q'}", model, tok, policy_name=MODEL, chat_template=False)
+    assert same.trunk is model
 
 
 def test_rm_pick_is_the_argmax_of_reward_model_scores(rmdir):
