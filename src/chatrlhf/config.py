@@ -318,15 +318,27 @@ class GenerateArgs:
 
 
 @dataclass
-class ChatConfig(GenerateArgs, TemplateArgs, ModelArgs):
+class RerankArgs:
+    """Reranking at generation time (rerank.py): sample several replies, keep the best by a Q-network or a reward
+    model. A piece of its own so that the chat server can take the same flags."""
+    rerank: str = arg("", "Sample --candidates replies and keep the best: q:DIR = the highest Q_1(h, y) of a `chatrlhf "
+                      "qlearn` output folder (its φ trunk is the served model itself when qlearn.json names it), "
+                      "rm:DIR = best-of-N by a `chatrlhf reward train` folder. Empty = one plain sample.")
+    candidates: int | None = arg(None, "Replies sampled per prompt (per turn in chat) for --rerank, from one shared "
+                                 "prefill; only with --rerank. auto = 8 (issue 19's N).")
+
+
+@dataclass
+class ChatConfig(RerankArgs, GenerateArgs, TemplateArgs, ModelArgs):
     """`chatrlhf chat`: multi-turn chat in the terminal."""
 
 
 @dataclass
-class GenerateConfig(GenerateArgs, TemplateArgs, ModelArgs):
+class GenerateConfig(RerankArgs, GenerateArgs, TemplateArgs, ModelArgs):
     """`chatrlhf generate`: batched replies to a file of prompts."""
     prompts: str = arg("", "Prompts file: .txt (one per line) or any data format with prompts.")
-    out: str = arg("", "Output JSONL: one {prompt, response} per line.")
+    out: str = arg("", "Output JSONL: one {prompt, response} per line (with --rerank also the reply's score and the "
+                   "number of candidates).")
     batch_size: int = arg(8, "Prompts per generation batch.")
     format: str = arg("auto", "Force the record format of --prompts instead of detecting it.", FORMATS)
 
