@@ -176,6 +176,9 @@ class UserSimulator:
     def prompt(self, messages: list[Message]) -> list[Message]:
         return simulator_messages(messages, self.instruction)
 
+    def __deepcopy__(self, memo) -> UserSimulator:
+        return self  # gymnasium.make deep-copies its kwargs: share the model (and its engine's lock), never copy it
+
     def __call__(self, messages: list[Message], seed: int) -> tuple[str, bool]:
         generator = torch.Generator(self.engine.device).manual_seed(seed)
         done = self.engine.generate([self.prompt(messages)], self.params, generator=generator)[0]
