@@ -3,6 +3,7 @@ data turns while the agent follows the data and simulated ones after, human repl
 data's exact history, termination at the marker and truncation at max_turns, and on a tiny random model:
 check_env, determinism under a seed, reactivity to the reply."""
 
+import json
 import warnings
 
 import gymnasium as gym
@@ -42,8 +43,9 @@ def make(user, reward=SIMILARITY, **kwargs):
 
 
 def test_the_simulator_sees_the_conversation_with_roles_swapped_and_the_opening_turn_as_its_goal():
-    got = simulator_messages([{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi, my tap leaks."},
-                              {"role": "assistant", "content": "Where?"}], instruction="Goal: {goal}.")
+    conversation = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi, my tap leaks."},
+                    {"role": "assistant", "content": "Where?"}]
+    got = simulator_messages(conversation, instruction="Goal: {goal}.")
     assert got == [{"role": "system", "content": "Goal: Hi, my tap leaks.."},
                    {"role": "user", "content": USER_OPENER},
                    {"role": "assistant", "content": "Hi, my tap leaks."},
@@ -109,7 +111,8 @@ def test_the_episode_ends_at_the_stop_marker_or_at_max_turns():
     env = make(ScriptedUser(("Thanks, bye", True)))
     env.reset(seed=0, options={"dialogue_index": 0})
     obs, _, terminated, truncated, info = env.step("Please hold on.")
-    assert (terminated, truncated) == (True, False) and obs.endswith("User: Thanks, bye") and info["human_reply"] is None
+    assert (terminated, truncated) == (True, False) and obs.endswith("User: Thanks, bye")
+    assert info["human_reply"] is None
     with pytest.raises(RuntimeError, match="reset"):
         env.step("again")
     env = make(ScriptedUser(("", True)))  # the marker alone: no empty user turn
@@ -200,3 +203,47 @@ def test_the_next_user_turn_is_generated_from_the_reply(engine):
         assert turn == split_stop(engine.tok.decode(done.token_ids, skip_special_tokens=True))[0]
     first_token_logps = [done.logprobs[0] for _, done in calls]
     assert len(set(first_token_logps)) == len(replies)  # each reply gives its own next-token distribution
+
+
+# ----------------------------------------------------------------------------- chatrlhf qlearn --user-model
+
+
+@pytest.mark.slow  # ~30 s on 2 shared cores
+def test_qlearn_trains_and_evaluates_against_the_simulated_user(tmp_path):
+    from chatrlhf.logger import read_metrics
+    from conftest import run_cli
+
+    out = tmp_path / "q"
+    data = EXAMPLES / "dialogue_history.csv"
+    r = run_cli("qlearn", "--model", "tiny-random-llama", "--user-model", "tiny-random-gpt2", "--data", data,
+                "--references", data, "--output-dir", out, "--quiet", "--no-tensorboard", "--max-new-tokens", "4",
+                "--max-steps", "2", "--max-turns", "2", "--candidates", "2", "--learning-starts", "1", "--batch-size",
+                "2", "--eval-steps", "2", "--eval-dialogues", "1", "--hidden", "8")
+    assert r.returncode == 0, r.stderr
+    assert "user turns after the data's by the simulator tiny-random-gpt2" in r.stdout
+    assert json.loads((out / "run_config.json").read_text())["user_model"] == "tiny-random-gpt2"
+    metrics = read_metrics(out)
+    # a random policy leaves the data at once and a random user never writes [done]: every episode runs max_turns,
+    # in training and in the held-out walk alike (1 dialogue × 2 turns)
+    assert [m["train/turns"] for m in metrics if "train/turns" in m] == [2, 2]
+    assert [m["eval/states"] for m in metrics if "eval/states" in m] == [2, 2]
+    assert metrics[-1]["eval/human"] == pytest.approx(1.0)  # the first turn is still the data's
+
+
+def test_qlearn_user_model_settings(tmp_path):
+    from chatrlhf.config import QLearnConfig
+    from chatrlhf.models import load_model
+    from chatrlhf.trainers.qlearn import candidate_env, load_user
+    from conftest import run_cli
+
+    r = run_cli("qlearn", "--model", "tiny-random-llama", "--user-model", "tiny-random-llama", "--candidates", "0",
+                "--output-dir", tmp_path / "q", "--reward-fn", "x:y")
+    assert r.returncode != 0 and "--candidates 0" in r.stderr and "give --candidates 1" in r.stderr
+    cfg = QLearnConfig(model="tiny-random-llama", user_model="tiny-random-llama", dtype="float32")
+    policy, tok = load_model(cfg)
+    user = load_user(cfg, policy, tok, log=lambda *_: None)
+    assert user.engine.model is policy and user.name == "tiny-random-llama"  # --user-model = --model: one copy
+    env = candidate_env(DIALOGUES, SIMILARITY, user.engine, cfg, user)
+    assert env.unwrapped.max_turns == 4 and env.unwrapped.user is user  # --max-turns 0 → 4 with a simulated user
+    assert candidate_env(DIALOGUES, SIMILARITY, user.engine, cfg).unwrapped.max_turns is None
+    assert load_user(QLearnConfig(), policy, tok, log=lambda *_: None) is None
