@@ -259,7 +259,12 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
                           "and duplicates dropped (CHAI, ArCHer: 5).")
     max_new_tokens: int = arg(48, "Tokens per candidate reply.")
     max_prompt_length: int = arg(512, "History tokens kept for φ (the start of longer histories is cut).")
-    max_turns: int = arg(0, "Replies per episode before it is truncated (then still bootstrapped); 0 = whole dialogues.")
+    max_turns: int = arg(0, "Replies per episode before it is truncated (then still bootstrapped); 0 = whole dialogues "
+                         "(with --user-model: 4, since a simulated user may never end the conversation).")
+    user_model: str = arg("", "A chat model that plays the user (env.UserSimulator; may be --model): once the chosen "
+                          "reply differs from the data's it writes the next user turns, reacting to the replies, in "
+                          "training and held-out evaluation alike; it ends a dialogue by writing [done]. Empty = user "
+                          "turns replayed from the data (then γ = 0 is the honest baseline).")
     gamma: float = arg(0.9, "Discount γ. On replayed user turns the next state does not react to the reply, so γ = 0 "
                        "(a per-turn contextual bandit) is the honest baseline; γ > 0 pays off with a reactive user.")
     tau: float = arg(0.005, "Polyak rate of the target heads per update, θ̂ ← (1−τ)θ̂ + τθ (CHAI).")

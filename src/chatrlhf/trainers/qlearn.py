@@ -6,6 +6,9 @@ chosen ε-greedy by Q_1, the environment scores it and moves to the next replaye
 (φ(h, a), r, terminated, truncated, φ of the next state's candidates) goes into the replay buffer. After
 ``--learning-starts`` transitions every reply is followed by ``--updates-per-step`` q_update batches (double
 DQN, clipped double Q, Huber) and a Polyak step of the target heads. Only the small MLP heads train.
+With ``--user-model`` the user reacts: once the chosen reply differs from the data's, a chat model playing the
+user (env.UserSimulator, seeded by each reset) writes the next user turns, in training and evaluation alike —
+where γ > 0 has something to credit (QLEARN §2.6).
 
 Exact resume: checkpoints fall between episodes; the dialogue of episode e and the seed of its candidate
 sampling are pure functions of e, and the heads, their targets, the optimizer, the buffer, the feature cache
@@ -28,8 +31,8 @@ from chatrlhf.config import ModelArgs, QLearnConfig
 from chatrlhf.data import as_conversations, load_records, split_by_prompt
 from chatrlhf.data.records import Conversation
 from chatrlhf.engine import Engine, SamplingParams
-from chatrlhf.env import CandidateWrapper, DialogueEnv, merge_prefixes, mixed_reward, turn_references, \
-    user_turns_key
+from chatrlhf.env import STOP_MARKER, CandidateWrapper, DialogueEnv, UserSimulator, merge_prefixes, mixed_reward, \
+    reference_key, turn_references
 from chatrlhf.errors import UsageError
 from chatrlhf.models import load_model, unwrap
 from chatrlhf.qnet import FeatureCache, QHeads, ReplayBuffer, q_update, save_qheads
@@ -39,6 +42,7 @@ from chatrlhf.trainers.common import file_hashes
 from chatrlhf.trainers.run import Run, Summary
 
 EVAL_SEED = 104729  # held-out candidates are sampled from a stream of their own, the same at every evaluation
+USER_MAX_TURNS = 4  # --max-turns 0 with --user-model: the seed CSV's dialogues have up to 3 replies, one more reacts
 
 # --------------------------------------------------------------------------- set-up
 
@@ -65,9 +69,12 @@ def split_dialogues(cfg: QLearnConfig) -> tuple[list, list]:
 
 
 def build_rewards(cfg: QLearnConfig, log=print) -> RewardMix:
-    """The reward mix, as PPO builds it; similarity is to the data's human reply at that turn (user_turns_key), and
-    candidates are scored as whole replies (no missing-EOS penalty: that is PPO's, for its cut-off rollouts)."""
-    return reward_mix(cfg, "qlearn", lambda paths: turn_references(load_dialogues(paths, cfg.format)), user_turns_key,
+    """The reward mix, as PPO builds it; similarity is to the data's human reply at that turn (env.reference_key: by
+    the user turns on replayed data, by the whole history with --user-model, so that a conversation that left the
+    data gets None, not another history's reference), and candidates are scored as whole replies (no missing-EOS
+    penalty: that is PPO's, for its cut-off rollouts)."""
+    key = reference_key(bool(cfg.user_model))
+    return reward_mix(cfg, "qlearn", lambda paths: turn_references(load_dialogues(paths, cfg.format), key), key,
                       missing_eos_penalty=0.0, hint=" (e.g. the --data file)", log=log)
 
 
@@ -79,6 +86,9 @@ def check(cfg: QLearnConfig) -> None:
             raise UsageError(f"{name} {value}: must be ≥ 0", f"e.g. {name} 1")
     if cfg.batch_size < 1 or cfg.buffer_size < 1 or cfg.heads < 1 or cfg.hidden < 1:
         raise UsageError("--batch-size, --buffer-size, --heads and --hidden must be ≥ 1", "e.g. the defaults")
+    if cfg.user_model and cfg.candidates < 1:
+        raise UsageError(f"--user-model {cfg.user_model} with --candidates 0: once the simulated user takes over there "
+                         "is no human reply, so no candidate to choose", "give --candidates 1 or more")
     if not 0 <= cfg.gamma < 1 or not 0 <= cfg.tau <= 1:
         raise UsageError(f"--gamma {cfg.gamma} must be in [0, 1) and --tau {cfg.tau} in [0, 1]", "e.g. 0.9 and 0.005")
 
@@ -105,9 +115,28 @@ def load_networks(cfg: QLearnConfig):
     return policy, tok, trunk.eval().requires_grad_(False), qtok, cfg.q_model
 
 
-def candidate_env(dialogues, reward, engine: Engine, cfg: QLearnConfig) -> CandidateWrapper:
+def load_user(cfg: QLearnConfig, policy, tok, log=print) -> UserSimulator | None:
+    """The user simulator of --user-model (the policy's own weights when it names --model), None without one."""
+    if not cfg.user_model:
+        log("chatrlhf qlearn: user turns replayed from the data (they do not react to the replies)")
+        return None
+    if cfg.user_model == cfg.model and cfg.chat_template:
+        model, utok = policy, tok
+    else:  # a chat template always: the simulator reads the conversation with the roles swapped
+        model, utok = load_model(ModelArgs(model=cfg.user_model, dtype=cfg.dtype, device=cfg.device))
+        model.eval().requires_grad_(False)
+    log(f"chatrlhf qlearn: user turns after the data's by the simulator {cfg.user_model} (ends a dialogue with "
+        f"{STOP_MARKER}, or at {cfg.max_turns or USER_MAX_TURNS} turns); similarity scores only the data's histories")
+    params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.7, top_k=0, top_p=1.0)
+    return UserSimulator(Engine(model, utok, cfg.dtype), params, name=cfg.user_model)
+
+
+def candidate_env(dialogues, reward, engine: Engine, cfg: QLearnConfig, user: UserSimulator | None = None) \
+        -> CandidateWrapper:
+    """The candidate environment of training and of evaluation (the same simulator, seeded by each reset)."""
     params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
-    return CandidateWrapper(DialogueEnv(dialogues, reward, max_turns=cfg.max_turns or None), engine,
+    max_turns = cfg.max_turns or (USER_MAX_TURNS if user is not None else None)
+    return CandidateWrapper(DialogueEnv(dialogues, reward, max_turns=max_turns, user=user), engine,
                             n=cfg.candidates, params=params)
 
 
@@ -198,7 +227,7 @@ def evaluate(p: Parts, engine: Engine, held: list, mix: RewardMix, cfg: QLearnCo
     if not dialogues:
         return {}
     score = weighted_raw(mix, step)
-    env = candidate_env(dialogues, score, engine, cfg)
+    env = candidate_env(dialogues, score, engine, cfg, p.env.unwrapped.user)
     got = {"q": [], "random": [], "oracle": [], "human": []}
     for i in range(len(dialogues)):
         _, info = env.reset(seed=cfg.seed + EVAL_SEED + i, options={"dialogue_index": i})
@@ -207,15 +236,16 @@ def evaluate(p: Parts, engine: Engine, held: list, mix: RewardMix, cfg: QLearnCo
             keep = [j for j, lp in enumerate(info["candidate_logprobs"]) if lp is not None]
             keep = keep or list(range(len(info["candidates"])))  # --candidates 0: only the human reply
             texts = [info["candidates"][j] for j in keep]
-            r = score([info["messages"]] * (len(texts) + 1), texts + [info["human_reply"]])
+            human = [] if info["human_reply"] is None else [info["human_reply"]]  # none once the user is simulated
+            r = score([info["messages"]] * (len(texts) + len(human)), texts + human)
             a = int(q1(p.heads, embed(p, info, cfg, keep)).argmax())
             got["q"].append(r[a])
-            got["random"].append(float(np.mean(r[:-1])))
-            got["oracle"].append(max(r[:-1]))
-            got["human"].append(r[-1])
+            got["random"].append(float(np.mean(r[:len(texts)])))
+            got["oracle"].append(max(r[:len(texts)]))
+            got["human"] += r[len(texts):]
             _, _, terminated, truncated, info = env.step(texts[a])
             done = terminated or truncated
-    out = {f"eval/{k}": float(np.mean(v)) for k, v in got.items()}
+    out = {f"eval/{k}": float(np.mean(v)) for k, v in got.items() if v}
     out["eval/states"] = len(got["q"])
     gap = out["eval/oracle"] - out["eval/random"]
     if gap > 1e-9:
@@ -233,7 +263,8 @@ def train(cfg: QLearnConfig, log=print) -> Summary:
     mix = build_rewards(cfg, log)
     policy, tok, trunk, qtok, q_model = load_networks(cfg)
     engine = Engine(policy, tok, cfg.dtype)
-    env = candidate_env(train_dialogues, mixed_reward(mix, lambda: run.step), engine, cfg)
+    user = load_user(cfg, policy, tok, log)
+    env = candidate_env(train_dialogues, mixed_reward(mix, lambda: run.step), engine, cfg, user)
     d = unwrap(trunk).config.hidden_size
     heads = QHeads(d, cfg.heads, cfg.hidden).to(run.device)
     optimizer = torch.optim.AdamW(heads.online.parameters(), lr=cfg.lr)
