@@ -55,6 +55,6 @@ def train_qoffline(cfg: QOfflineConfig) -> int:
         capture = f"; capture {end['eval/capture']:.2f}{ci}" if "eval/capture" in end else ""
         print(f"chatrlhf qlearn-offline: held-out logged replies ranked by Q: pairwise accuracy "
               f"{start.get('eval/pair_accuracy', float('nan')):.2f} -> {end['eval/pair_accuracy']:.2f}, Kendall τ "
-              f"{end.get('eval/kendall_tau', float('nan')):+.2f}{capture} ({int(end["eval/states"])} states)")
+              f"{end.get('eval/kendall_tau', float('nan')):+.2f}{capture} ({int(end['eval/states'])} states)")
     print(f"chatrlhf qlearn-offline: Q- and V-heads and qlearn.json saved to {cfg.output_dir}")
     return 0
