@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from chatrlhf.config import ModelArgs
 from chatrlhf.data.template import render
 from chatrlhf.losses import cql_loss, double_q_next_value, huber_td_loss, iql_loss, td_target
+from chatrlhf.models import load_model
 from chatrlhf.rollout import encode_prompts, logprobs_from_hidden, reply_hidden, trunk_and_head
 
 POOLINGS = ("last", "mean")
@@ -124,6 +126,19 @@ def reply_logprobs(model, tok, histories: list[list[dict]], replies: list[str], 
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def load_policy_and_trunk(cfg):
+    """(policy, its tokenizer, φ trunk, its tokenizer, the trunk's name), all frozen and in eval mode, from a
+    config with ModelArgs, ``chat_template`` and ``q_model``: the policy proposes candidates, the trunk embeds
+    them (the policy itself when ``q_model`` is empty or the same)."""
+    policy, tok = load_model(cfg, chat_template=cfg.chat_template)
+    policy.eval().requires_grad_(False)
+    if not cfg.q_model or cfg.q_model == cfg.model:
+        return policy, tok, policy, tok, cfg.model
+    trunk, qtok = load_model(ModelArgs(model=cfg.q_model, dtype=cfg.dtype, device=cfg.device),
+                             chat_template=cfg.chat_template)
+    return policy, tok, trunk.eval().requires_grad_(False), qtok, cfg.q_model
 
 
 class FeatureCache:

@@ -24,16 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from chatrlhf.config import ModelArgs, QLearnConfig
+from chatrlhf.config import QLearnConfig
 from chatrlhf.data import as_conversations, load_records, split_by_prompt
 from chatrlhf.data.records import Conversation
 from chatrlhf.engine import Engine, SamplingParams
 from chatrlhf.env import CandidateWrapper, DialogueEnv, merge_prefixes, mixed_reward, turn_references, \
     user_turns_key
 from chatrlhf.errors import UsageError
-from chatrlhf.models import load_model, unwrap
+from chatrlhf.models import unwrap
 from chatrlhf.qeval import ScoredSet, set_statistics
-from chatrlhf.qnet import FeatureCache, QHeads, ReplayBuffer, q_update, save_qheads
+from chatrlhf.qnet import FeatureCache, QHeads, ReplayBuffer, load_policy_and_trunk, q_update, save_qheads
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import generator
 from chatrlhf.trainers.common import file_hashes
@@ -93,17 +93,6 @@ class Parts:
     cache: FeatureCache
     heads: QHeads
     buffer: ReplayBuffer
-
-
-def load_networks(cfg: QLearnConfig):
-    """(policy, its tokenizer, φ trunk, its tokenizer, trunk name): the policy proposes, the trunk embeds."""
-    policy, tok = load_model(cfg, chat_template=cfg.chat_template)
-    policy.eval().requires_grad_(False)
-    if not cfg.q_model or cfg.q_model == cfg.model:
-        return policy, tok, policy, tok, cfg.model
-    trunk, qtok = load_model(ModelArgs(model=cfg.q_model, dtype=cfg.dtype, device=cfg.device),
-                             chat_template=cfg.chat_template)
-    return policy, tok, trunk.eval().requires_grad_(False), qtok, cfg.q_model
 
 
 def candidate_env(dialogues, reward, engine: Engine, cfg: QLearnConfig) -> CandidateWrapper:
@@ -228,7 +217,7 @@ def train(cfg: QLearnConfig, log=print) -> Summary:
     run = Run("qlearn", cfg, log)
     train_dialogues, held = split_dialogues(cfg)
     mix = build_rewards(cfg, log)
-    policy, tok, trunk, qtok, q_model = load_networks(cfg)
+    policy, tok, trunk, qtok, q_model = load_policy_and_trunk(cfg)
     engine = Engine(policy, tok, cfg.dtype)
     env = candidate_env(train_dialogues, mixed_reward(mix, lambda: run.step), engine, cfg)
     d = unwrap(trunk).config.hidden_size

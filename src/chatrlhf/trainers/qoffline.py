@@ -32,15 +32,15 @@ from dataclasses import dataclass
 
 import torch
 
-from chatrlhf.config import ModelArgs, QOfflineConfig
-from chatrlhf.data import Conversation, Correction, Preference, Rating, load_records, split_by_prompt
+from chatrlhf.config import QOfflineConfig
+from chatrlhf.data import Conversation, Correction, Rating, load_records, split_by_prompt
 from chatrlhf.data.records import Message, prompt_key
 from chatrlhf.engine import Engine, SamplingParams
 from chatrlhf.env import dedupe, merge_prefixes
 from chatrlhf.errors import UsageError
-from chatrlhf.models import load_model, unwrap
+from chatrlhf.models import unwrap
 from chatrlhf.qeval import ScoredSet, set_statistics
-from chatrlhf.qnet import HISTORY, FeatureCache, QHeads, iql_update, reply_logprobs, save_qheads
+from chatrlhf.qnet import HISTORY, FeatureCache, QHeads, iql_update, load_policy_and_trunk, reply_logprobs, save_qheads
 from chatrlhf.rewards import reward_mix
 from chatrlhf.rollout import generator
 from chatrlhf.trainers.common import file_hashes
@@ -168,17 +168,6 @@ class Parts:
     d: int
 
 
-def load_networks(cfg: QOfflineConfig):
-    """(policy and its tokenizer, or None without CQL candidates; φ trunk, its tokenizer, its name)."""
-    policy, tok = load_model(cfg, chat_template=cfg.chat_template)
-    policy.eval().requires_grad_(False)
-    if not cfg.q_model or cfg.q_model == cfg.model:
-        return policy, tok, policy, tok, cfg.model
-    trunk, qtok = load_model(ModelArgs(model=cfg.q_model, dtype=cfg.dtype, device=cfg.device),
-                             chat_template=cfg.chat_template)
-    return policy, tok, trunk.eval().requires_grad_(False), qtok, cfg.q_model
-
-
 def pair_features(p: Parts, histories: list, replies: list[str], cfg: QOfflineConfig) -> torch.Tensor:
     return p.pairs.features(p.trunk, p.tok, histories, replies, max_prompt_length=cfg.max_prompt_length,
                             max_reply_length=cfg.max_new_tokens + 1)
@@ -268,7 +257,7 @@ def evaluate(p: Parts, heads: QHeads, sets: list, cfg: QOfflineConfig) -> dict:
 
 def build(cfg: QOfflineConfig, train_data: list[Logged], log=print):
     """(Parts, the training tensors, the φ trunk's name): features of every transition, CQL candidate sets."""
-    policy, tok, trunk, qtok, q_model = load_networks(cfg)
+    policy, tok, trunk, qtok, q_model = load_policy_and_trunk(cfg)
     d = unwrap(trunk).config.hidden_size
     p = Parts(trunk, qtok, FeatureCache(q_model, cfg.pooling), FeatureCache(q_model, HISTORY), d)
     tensors = transition_tensors(p, train_data, cfg)
