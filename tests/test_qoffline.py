@@ -12,8 +12,7 @@ from chatrlhf.logger import read_metrics
 from chatrlhf.losses import iql_loss
 from chatrlhf.qnet import QHeads, iql_update, load_qheads, save_qheads
 from chatrlhf.trainers.qoffline import Logged, dialogue_transitions, feedback_transitions, held_out_sets, rating_reward
-from chatrlhf.trainers.run import checkpoints
-from conftest import EXAMPLES, kill_at_first_checkpoint, run_cli
+from conftest import EXAMPLES, assert_sigkill_resume_matches, run_cli
 
 RATINGS, CORRECTIONS, DIALOGUES = EXAMPLES / "ratings.jsonl", EXAMPLES / "corrections.jsonl", EXAMPLES / "dialogue_history.csv"
 U = [{"role": "user", "content": "hi"}]
@@ -148,26 +147,7 @@ def test_q_learns_to_rank_held_out_logged_replies(tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_metrics_and_heads(tmp_path):
     args = ["--data", f"{RATINGS},{CORRECTIONS}", "--max-steps", "8", "--save-steps", "2", "--eval-steps", "4"]
-    ref = tmp_path / "ref"
-    r = run_cli(*offline_args(ref, *args))
-    assert r.returncode == 0, r.stderr
-    out = tmp_path / "killed"
-    killed_at = kill_at_first_checkpoint(offline_args(out, *args), out)
-    assert killed_at < 8
-    r = run_cli(*offline_args(out, *args, "--resume"))
-    assert r.returncode == 0, r.stderr
-    assert f"(step {killed_at})" in r.stdout
-    want = {m["step"]: m for m in read_metrics(ref)}
-    got = {m["step"]: m for m in read_metrics(out)}
-    assert sorted(got) == sorted(want) == list(range(9))
-    for step, m in want.items():
-        assert got[step].keys() == m.keys(), step
-        for k, v in m.items():
-            assert got[step][k] == pytest.approx(v, abs=1e-6), (step, k)
-    a, b = load_file(ref / "qheads.safetensors"), load_file(out / "qheads.safetensors")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    for n, path in checkpoints(out):
-        assert json.loads((path / "trainer_state.json").read_text())["step"] == n
+    assert_sigkill_resume_matches(lambda out, *resume: offline_args(out, *args, *resume), tmp_path, 8)
 
 
 def test_bad_input_is_a_clear_usage_error(tmp_path, write):
