@@ -38,6 +38,39 @@ def run_cli(*args, timeout=600, env=None, input=None, process=False):  # noqa: A
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
+def assert_sigkill_resume_matches(argv, tmp_path, steps: int, heads_file: str = "qheads.safetensors") -> None:
+    """Run ``argv(out)`` uninterrupted in tmp_path/ref; run it in tmp_path/killed, SIGKILL it at its first checkpoint
+    and resume it with ``argv(out, "--resume")``: the resumed run logs the uninterrupted run's metrics at steps
+    0…``steps``, saves the same ``heads_file`` tensors, and every checkpoint's trainer_state names its step."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from chatrlhf.logger import read_metrics
+    from chatrlhf.trainers.run import checkpoints
+
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    r = run_cli(*argv(ref))
+    assert r.returncode == 0, r.stderr
+    killed_at = kill_at_first_checkpoint(argv(out), out)
+    assert killed_at < steps
+    r = run_cli(*argv(out, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert f"(step {killed_at})" in r.stdout
+    want = {m["step"]: m for m in read_metrics(ref)}
+    got = {m["step"]: m for m in read_metrics(out)}
+    assert sorted(got) == sorted(want) == list(range(steps + 1))
+    for step, m in want.items():
+        assert got[step].keys() == m.keys(), step
+        for k, v in m.items():
+            assert got[step][k] == pytest.approx(v, abs=1e-6), (step, k)
+    a, b = load_file(ref / heads_file), load_file(out / heads_file)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    for n, path in checkpoints(out):
+        assert json.loads((path / "trainer_state.json").read_text())["step"] == n
+
+
 def kill_at_first_checkpoint(args, out, timeout=300) -> int:
     """Start `chatrlhf ARGS`, SIGKILL it as soon as a checkpoint is in ``out``; the step it was killed at."""
     import signal

@@ -142,6 +142,14 @@ def cover(t, fn, rm, feedback_db):
                     "--batch-size", "2", "--updates-per-step", "2", "--cql-alpha", "0.1", "--heads", "3", "--hidden", "8"],
                    [*TINY, *RUN, "--data", dialogues, "--output-dir", t / "q2", "--max-steps", "1", "--max-new-tokens", "4",
                     "--eval-dialogues", "1", "--references", dialogues, "--candidates", "1"]],
+        "qlearn-offline": [[*TINY, *RUN, "--data", f"{dialogues},{FEEDBACK_FILES[2]}", "--eval-data", FEEDBACK_FILES[1],
+                            "--output-dir", t / "qo1", "--max-steps", "2", "--max-new-tokens", "4", "--eval-steps", "1",
+                            "--save-steps", "1", "--reward-model", rm, "--force", "--human-feedback", FEEDBACK_FILES[1],
+                            "--references", dialogues, "--reward-fn", fn, "--reward-weights", "fn=1", "--q-model",
+                            "tiny-random-llama", "--pooling", "mean", "--candidates", "2", "--cql-alpha", "0.1",
+                            "--heads", "3", "--hidden", "8", "--batch-size", "4", "--gamma", "0.5", "--expectile", "0.8"],
+                           [*TINY, *RUN, "--data", FEEDBACK_FILES[1], "--output-dir", t / "qo2", "--max-steps", "1",
+                            "--hidden", "8"]],
         "eval": [[*TINY, "--baseline", "tiny-random-llama", "--reward-model", rm, "--run", t / "p2", "--max-prompts", "2",
                   "--max-new-tokens", "3", "--output-dir", t / "e", "--embedding"]],
         "chat": [[*TINY, "--max-new-tokens", "3", "--rerank", f"q:{t / 'q1'}", "--candidates", "2"]],
@@ -159,7 +167,7 @@ def cover(t, fn, rm, feedback_db):
     }
 
 
-ORDER = ["reward train", "ppo", "qlearn", "sft", "eval", "chat", "generate", "reward eval", "reward score", "feedback init",
+ORDER = ["reward train", "ppo", "qlearn", "qlearn-offline", "sft", "eval", "chat", "generate", "reward eval", "reward score", "feedback init",
          "feedback add-user", "feedback import", "feedback export", "feedback stats", "feedback serve", "data inspect"]
 
 

@@ -32,6 +32,7 @@ FORBIDDEN = [
     ("*", "chatrlhf.cli", "nothing imports the CLI: it is where stages are wired together"),
     ("chatrlhf.losses", "*", "losses.py is pure tensor math and imports torch alone"),
     ("chatrlhf.evaluate.metrics", "*", "metrics are pure numpy functions"),
+    ("chatrlhf.qeval", "*", "the Q-ranking statistics are pure numpy functions, shared by qlearn and qlearn-offline"),
     ("chatrlhf.errors", "*", "errors are the bottom layer"),
     ("chatrlhf.config", "chatrlhf.models", "configs are plain dataclasses"),
     ("chatrlhf.data", "chatrlhf.models", "data/ never imports model code"),

@@ -10,8 +10,7 @@ from chatrlhf.config import QLearnConfig
 from chatrlhf.logger import read_metrics
 from chatrlhf.qnet import QHeads, ReplayBuffer, load_qheads, q_update
 from chatrlhf.trainers.qlearn import dialogue_index, epsilon
-from chatrlhf.trainers.run import checkpoints
-from conftest import EXAMPLES, kill_at_first_checkpoint, run_cli
+from conftest import EXAMPLES, assert_sigkill_resume_matches, run_cli
 
 DIALOGUES = EXAMPLES / "dialogue_history.csv"
 SHORT = "def short(prompts, responses):\n    return [-len(r) / 50 for r in responses]\n"
@@ -86,26 +85,7 @@ def test_q_learns_a_reward_that_prefers_short_replies(tmp_path, write):
 def test_sigkill_then_resume_gives_the_uninterrupted_metrics_and_heads(tmp_path):
     args = ["--references", DIALOGUES, "--max-steps", "8", "--save-steps", "2", "--learning-starts", "2",
             "--batch-size", "4", "--eval-steps", "4", "--hidden", "16", "--eval-dialogues", "2", "--cql-alpha", "0.1"]
-    ref = tmp_path / "ref"
-    r = run_cli(*qlearn_args(ref, *args))
-    assert r.returncode == 0, r.stderr
-    out = tmp_path / "killed"
-    killed_at = kill_at_first_checkpoint(qlearn_args(out, *args), out)
-    assert killed_at < 8
-    r = run_cli(*qlearn_args(out, *args, "--resume"))
-    assert r.returncode == 0, r.stderr
-    assert f"(step {killed_at})" in r.stdout
-    want = {m["step"]: m for m in read_metrics(ref)}
-    got = {m["step"]: m for m in read_metrics(out)}
-    assert sorted(got) == sorted(want) == list(range(9))
-    for step, m in want.items():
-        assert got[step].keys() == m.keys(), step
-        for k, v in m.items():
-            assert got[step][k] == pytest.approx(v, abs=1e-6), (step, k)
-    a, b = load_file(ref / "qheads.safetensors"), load_file(out / "qheads.safetensors")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    for n, path in checkpoints(out):
-        assert json.loads((path / "trainer_state.json").read_text())["step"] == n
+    assert_sigkill_resume_matches(lambda out, *resume: qlearn_args(out, *args, *resume), tmp_path, 8)
 
 
 def test_bad_input_is_a_clear_usage_error(tmp_path):

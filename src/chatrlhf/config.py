@@ -286,6 +286,45 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
 
 
 @dataclass
+class QOfflineConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
+    """`chatrlhf qlearn-offline`: Q-heads learnt from logged feedback only (ratings, corrections, conversations):
+    utterance-level IQL, optionally with CQL over candidate sets (QLEARN.md §2.5, tier A frozen features)."""
+    model: str = arg("smollm2-135m", "Policy π_β that proposes the CQL candidates (--candidates), and the trunk for φ "
+                     "unless --q-model; it is not trained.")
+    data: list[str] = arg(["examples/ratings.jsonl", "examples/corrections.jsonl"], "Logged feedback, comma-separated: "
+                          "ratings (stars → (s−3)/2, thumbs ±1) and corrections (corrected +1, original −1) as `chatrlhf "
+                          "feedback export` writes them, and conversation files (their replies scored by the reward "
+                          "flags).")
+    eval_data: list[str] = arg([], "Held-out logged feedback; empty = split --eval-fraction off --data (by first "
+                               "prompt).")
+    eval_fraction: float = arg(0.2, "Fraction of prompts held out for the evaluations (prompt-disjoint).")
+    output_dir: str = arg("out/qlearn-offline", "Where the Q- and V-heads, qlearn.json, checkpoints and metrics go.")
+    max_steps: int = arg(500, "Gradient updates (one batch of logged transitions each); -1 = --epochs passes.")
+    save_steps: int = arg(100, "Checkpoint every N updates (and at the end).")
+    reward_norm: bool = arg(False, "Normalise each reward source over the conversations' replies before mixing (off: "
+                            "raw values; ratings and corrections are never normalised).")
+    q_model: str = arg("", "Frozen trunk whose hidden states φ(h, y) and φ(h) the heads read; empty = --model.")
+    pooling: str = arg("last", "φ(h, y): the trunk state at the reply's last token (EOS), or the mean over the reply.",
+                       ("last", "mean"))
+    max_new_tokens: int = arg(48, "Tokens per CQL candidate; logged replies are cut to this length for φ too.")
+    max_prompt_length: int = arg(512, "History tokens kept for φ (the start of longer histories is cut).")
+    gamma: float = arg(0.9, "Discount γ across the turns of conversation files (ratings and corrections are single "
+                       "terminal replies: Q = r there).")
+    expectile: float = arg(0.7, "Expectile τ of V(h) over min_i Q̂_i(h, a) of the logged replies (IQL; trlx, LMRL-Gym).")
+    tau: float = arg(0.005, "Polyak rate of the target Q-heads per update (CHAI, LMRL-Gym).")
+    batch_size: int = arg(64, "Logged transitions per update, drawn with replacement.")
+    lr: float = arg(3e-4, "Learning rate of the heads on frozen features (AdamW, constant; CHAI).")
+    max_grad_norm: float = arg(1.0, "Gradient clipping norm of the heads.")
+    candidates: int = arg(0, "Policy samples per training state for the CQL term (T = 1, top-k 0, top-p 1); needs "
+                          "--cql-alpha > 0. 0 = IQL alone (no generation).")
+    cql_alpha: float = arg(0.0, "Weight of CQL(H) over {samples} ∪ {the logged reply}, log π_β subtracted "
+                           "(QLEARN §2.5: 0.1); needs --candidates > 0.")
+    heads: int = arg(2, "Q-heads (the V target is the min over the target heads).")
+    hidden: int = arg(256, "Hidden width of each head's MLP (d → hidden → 1), the V head's too.")
+    eval_steps: int = arg(100, "Held-out evaluation every N updates (and at the start and end).")
+
+
+@dataclass
 class EvalConfig(TemplateArgs, ModelArgs):
     """`chatrlhf eval`: the independent evaluator — a saved model against a baseline on held-out prompts, with plain
     transformers generation and the prompt format recorded in the model folder; JSON + HTML report."""

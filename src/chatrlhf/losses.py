@@ -225,3 +225,17 @@ def expectile_loss(diff: torch.Tensor, tau: float = 0.7, mask: torch.Tensor | No
     weight = torch.where(diff < 0, 1.0 - tau, tau)
     loss = masked_mean(weight * diff ** 2, mask)
     return loss, {"loss/expectile": loss.detach(), "q/advantage_mean": masked_mean(diff.detach(), mask)}
+
+
+def iql_loss(q: torch.Tensor, q_hat: torch.Tensor, v: torch.Tensor, next_v: torch.Tensor, rewards: torch.Tensor,
+             terminated: torch.Tensor, gamma: float, tau: float = 0.7):
+    """Utterance-level IQL (Kostrikov et al. 2021, arXiv 2110.06169, eqs. 5–6; ILQL's L_Q + L_V, QLEARN §2.5):
+        L_Q = Σ_i Huber(Q_i(h, a) − [r + γ(1 − terminated)·V(h′)])      V(h′) detached: no max over replies
+        L_V = expectile_τ(min_i Q̂_i(h, a) − V(h))                       Q̂: the target heads, no graph
+    q (H, B) online Q of the logged reply; q_hat (H, B) target Q; v (B,) V(h); next_v (B,) V(h′)."""
+    y = td_target(rewards, next_v.detach(), terminated, gamma)
+    loss_q, metrics = huber_td_loss(q, y)
+    loss_v, v_metrics = expectile_loss(q_hat.detach().min(0).values - v, tau)
+    metrics.update(v_metrics)
+    metrics["q/value_mean"] = v.detach().mean()
+    return loss_q + loss_v, metrics

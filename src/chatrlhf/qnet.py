@@ -21,11 +21,14 @@ from pathlib import Path
 
 import torch
 
+from chatrlhf.config import ModelArgs
 from chatrlhf.data.template import render
-from chatrlhf.losses import cql_loss, double_q_next_value, huber_td_loss, td_target
-from chatrlhf.rollout import encode_prompts, reply_hidden, trunk_and_head
+from chatrlhf.losses import cql_loss, double_q_next_value, huber_td_loss, iql_loss, td_target
+from chatrlhf.models import load_model
+from chatrlhf.rollout import encode_prompts, logprobs_from_hidden, reply_hidden, trunk_and_head
 
 POOLINGS = ("last", "mean")
+HISTORY = "history"  # φ(h) for V(h): the trunk state at the history's last token (the generation prompt's end)
 
 
 # ----------------------------------------------------------------------------- φ(h, y): frozen trunk features
@@ -53,6 +56,8 @@ def _features_batch(trunk, tok, histories, replies, pooling, max_prompt_length, 
     response_ids, response_mask = encode_replies(tok, replies, max_reply_length, device)
     hidden = reply_hidden(trunk, query_ids, query_mask, response_ids, response_mask)  # (B, R+1, d)
     # hidden[:, t] is the state at reply token t − 1 (hidden[:, 0] is the prompt's last token's)
+    if pooling == HISTORY:
+        return hidden[:, 0].float()
     at_reply = hidden[:, 1:].float()
     lengths = response_mask.sum(1)
     if pooling == "last":
@@ -69,8 +74,9 @@ def reply_features(model, tok, histories: list[list[dict]], replies: list[str], 
     (the tokenizer's template + generation prompt, keeping its end past ``max_prompt_length`` tokens), the
     reply's tokens appended. Pairs are batched history by history, so that where several replies share one
     history its KV cache is computed once (rollout.reply_hidden). Eval mode, no grad; the model's mode is
-    restored after."""
-    if pooling not in POOLINGS:
+    restored after. ``pooling="history"`` gives φ(h) instead, the state at the history's last token, for V(h)
+    (see :func:`history_features`)."""
+    if pooling not in POOLINGS + (HISTORY,):
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if len(histories) != len(replies):
         raise ValueError(f"{len(histories)} histories but {len(replies)} replies")
@@ -93,6 +99,46 @@ def reply_features(model, tok, histories: list[list[dict]], replies: list[str], 
     finally:
         model.train(was_training)
     return torch.stack(out)
+
+
+def history_features(model, tok, histories: list[list[dict]], **kw) -> torch.Tensor:
+    """(N, d) φ(h): the frozen trunk's state at the end of the rendered history (where the reply would start),
+    what the V head reads; a ``FeatureCache(model_id, pooling="history")`` caches it with reply ""."""
+    return reply_features(model, tok, histories, [""] * len(histories), pooling=HISTORY, **kw)
+
+
+@torch.no_grad()
+def reply_logprobs(model, tok, histories: list[list[dict]], replies: list[str], max_prompt_length: int = 1024,
+                   max_reply_length: int = 256, batch_size: int = 16) -> torch.Tensor:
+    """(N,) log π(y|h) of whole replies (their tokens and EOS, as encode_replies writes them) under ``model`` at
+    T = 1: the behaviour log-likelihood of a logged reply, for CQL's importance weights beside sampled candidates."""
+    trunk, head = trunk_and_head(model)
+    device = next(model.parameters()).device
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(replies), batch_size):
+            query_ids, query_mask = encode_prompts(tok, histories[s:s + batch_size], max_prompt_length, device)
+            ids, mask = encode_replies(tok, replies[s:s + batch_size], max_reply_length, device)
+            lps, _ = logprobs_from_hidden(head, reply_hidden(trunk, query_ids, query_mask, ids, mask), ids, 1.0)
+            out.append((lps.float() * mask).sum(1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def load_policy_and_trunk(cfg):
+    """(policy, its tokenizer, φ trunk, its tokenizer, the trunk's name), all frozen and in eval mode, from a
+    config with ModelArgs, ``chat_template`` and ``q_model``: the policy proposes candidates, the trunk embeds
+    them (the policy itself when ``q_model`` is empty or the same)."""
+    policy, tok = load_model(cfg, chat_template=cfg.chat_template)
+    policy.eval().requires_grad_(False)
+    if not cfg.q_model or cfg.q_model == cfg.model:
+        return policy, tok, policy, tok, cfg.model
+    trunk, qtok = load_model(ModelArgs(model=cfg.q_model, dtype=cfg.dtype, device=cfg.device),
+                             chat_template=cfg.chat_template)
+    return policy, tok, trunk.eval().requires_grad_(False), qtok, cfg.q_model
 
 
 class FeatureCache:
@@ -142,18 +188,32 @@ class FeatureCache:
 # ----------------------------------------------------------------------------- the heads and their targets
 
 
+def mlp(d: int, hidden: int) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+
+
 class QHeads(torch.nn.Module):
     """H MLP heads d → hidden → 1 on φ (clipped double Q, Fujimoto et al. 2018), each initialised apart, and
-    their target copies θ̂ (no grad; in the state dict, so a checkpoint restores them). Give the optimizer
-    ``heads.online.parameters()``: the targets move only by soft_update / hard_update."""
+    their target copies θ̂ (no grad; in the state dict, so a checkpoint restores them); with ``value=True`` also a
+    V head on φ(h) (offline IQL, QLEARN §2.5; no target copy: ILQL reads V(h′) from the online head). Give the
+    optimizer ``heads.trainable_parameters()``: the targets move only by soft_update / hard_update."""
 
-    def __init__(self, d: int, n_heads: int = 2, hidden: int = 256):
+    def __init__(self, d: int, n_heads: int = 2, hidden: int = 256, value: bool = False):
         super().__init__()
-        self.online = torch.nn.ModuleList(
-            torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
-            for _ in range(n_heads))
+        self.online = torch.nn.ModuleList(mlp(d, hidden) for _ in range(n_heads))
         self.targets = copy.deepcopy(self.online)
         self.targets.requires_grad_(False)
+        self.value = mlp(d, hidden) if value else None
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The online Q heads' parameters and the V head's (not the targets')."""
+        return [*self.online.parameters(), *(self.value.parameters() if self.value is not None else ())]
+
+    def v(self, phi_h: torch.Tensor) -> torch.Tensor:
+        """(N,) V(h) on φ(h) (history_features); only with ``value=True``."""
+        if self.value is None:
+            raise ValueError("these Q-heads have no V head: build them with value=True")
+        return self.value(phi_h).squeeze(-1)
 
     def forward(self, phi: torch.Tensor) -> torch.Tensor:
         """(H, N) Q_i(h, y) of the online heads; phi (N, d)."""
@@ -295,6 +355,33 @@ def q_update(heads: QHeads, optimizer: torch.optim.Optimizer, batch: dict[str, t
     return {k: float(v) for k, v in metrics.items()}
 
 
+def iql_update(heads: QHeads, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], gamma: float,
+               expectile: float = 0.7, cql_alpha: float = 0.0, max_grad_norm: float = 1.0) -> dict[str, float]:
+    """One gradient step of offline IQL (QLEARN §2.5, losses.iql_loss) on a batch of logged transitions:
+    ``phi`` φ(h, a) (B, d), ``phi_h`` φ(h) and ``next_phi_h`` φ(h′) (B, d), ``reward``, ``terminated`` (B,); with
+    cql_alpha > 0 also the candidate sets at h (``cand_phi`` (B, K, d), ``cand_valid``, ``taken``,
+    ``log_behavior``) for α·CQL(H) with log π_β subtracted. The caller moves the targets (soft_update)."""
+    device = next(heads.parameters()).device
+    batch = {name: t.to(device) for name, t in batch.items()}
+    with torch.no_grad():
+        next_v = heads.v(batch["next_phi_h"].float())
+    phi = batch["phi"].float()
+    loss, metrics = iql_loss(heads(phi), heads.target(phi), heads.v(batch["phi_h"].float()), next_v,
+                             batch["reward"], batch["terminated"], gamma, expectile)
+    if cql_alpha > 0:
+        B, K, d = batch["cand_phi"].shape
+        q_cand = heads(batch["cand_phi"].reshape(B * K, d).float()).reshape(-1, B, K)
+        cql, cql_metrics = cql_loss(q_cand, batch["cand_valid"], batch["taken"], batch["log_behavior"])
+        loss = loss + cql_alpha * cql
+        metrics.update(cql_metrics)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(heads.trainable_parameters(), max_grad_norm)
+    optimizer.step()
+    metrics.update({"loss/total": loss.detach(), "q/grad_norm": grad_norm})
+    return {k: float(v) for k, v in metrics.items()}
+
+
 # ----------------------------------------------------------------------------- saved heads
 
 
@@ -312,6 +399,8 @@ def save_qheads(heads: QHeads, out_dir, q_model: str, pooling: str) -> None:
     first = heads.online[0]
     meta = {"q_model": q_model, "pooling": pooling, "heads": len(heads.online), "hidden": first[0].out_features,
             "dims": first[0].in_features}
+    if heads.value is not None:  # only then: folders without a V head keep their qlearn.json as it was
+        meta["value"] = True
     (out / QLEARN_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -324,6 +413,6 @@ def load_qheads(out_dir, device="cpu") -> tuple[QHeads, dict]:
     if not (out / QLEARN_JSON).is_file():
         raise FileNotFoundError(f"{out / QLEARN_JSON} not found: not a `chatrlhf qlearn` output folder")
     meta = json.loads((out / QLEARN_JSON).read_text())
-    heads = QHeads(meta["dims"], meta["heads"], meta["hidden"])
+    heads = QHeads(meta["dims"], meta["heads"], meta["hidden"], value=meta.get("value", False))
     heads.load_state_dict(load_file(out / QHEADS_FILE))
     return heads.to(device).eval(), meta

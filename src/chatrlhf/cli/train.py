@@ -1,13 +1,13 @@
-"""`chatrlhf sft`, `chatrlhf ppo` and `chatrlhf qlearn`: run the trainer, print what moved."""
+"""`chatrlhf sft`, `chatrlhf ppo`, `chatrlhf qlearn` and `chatrlhf qlearn-offline`: run the trainer, print what moved."""
 
 from __future__ import annotations
 
-from chatrlhf.config import PPOConfig, QLearnConfig, SFTConfig
-from chatrlhf.trainers import ppo, qlearn, sft
+from chatrlhf.config import PPOConfig, QLearnConfig, QOfflineConfig, SFTConfig
+from chatrlhf.trainers import ppo, qlearn, qoffline, sft
 
 
 def run(name: str, cfg) -> int:
-    return {"sft": train_sft, "ppo": train_ppo, "qlearn": train_qlearn}[name](cfg)
+    return {"sft": train_sft, "ppo": train_ppo, "qlearn": train_qlearn, "qlearn-offline": train_qoffline}[name](cfg)
 
 
 def train_sft(cfg: SFTConfig) -> int:
@@ -42,4 +42,19 @@ def train_qlearn(cfg: QLearnConfig) -> int:
         print(f"chatrlhf qlearn: held-out reward per state: Q-argmax {end['eval/q']:+.3f}, random "
               f"{end['eval/random']:+.3f}, oracle {end['eval/oracle']:+.3f}, human {end['eval/human']:+.3f}{capture}")
     print(f"chatrlhf qlearn: Q-heads and qlearn.json saved to {cfg.output_dir}")
+    return 0
+
+
+def train_qoffline(cfg: QOfflineConfig) -> int:
+    summary = qoffline.train(cfg)
+    if summary.interrupted:
+        return 130
+    start, end = summary["eval_start"] or {}, summary["eval_end"] or {}
+    if "eval/pair_accuracy" in end:
+        ci = f" [{end['eval/capture_lo']:.2f}, {end['eval/capture_hi']:.2f}]" if "eval/capture_lo" in end else ""
+        capture = f"; capture {end['eval/capture']:.2f}{ci}" if "eval/capture" in end else ""
+        print(f"chatrlhf qlearn-offline: held-out logged replies ranked by Q: pairwise accuracy "
+              f"{start.get('eval/pair_accuracy', float('nan')):.2f} -> {end['eval/pair_accuracy']:.2f}, Kendall τ "
+              f"{end.get('eval/kendall_tau', float('nan')):+.2f}{capture} ({int(end['eval/states'])} states)")
+    print(f"chatrlhf qlearn-offline: Q- and V-heads and qlearn.json saved to {cfg.output_dir}")
     return 0
