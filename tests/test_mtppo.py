@@ -175,7 +175,8 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path, fn):
     killed_at = kill_at_first_checkpoint(mt_args(out, fn, *args), out)
     assert killed_at < 4
     r = run_cli(*mt_args(out, fn, *args, "--resume"))
-    assert r.returncode == 0, r.stderr and f"(step {killed_at})" in r.stdout
+    assert r.returncode == 0, r.stderr
+    assert f"(step {killed_at})" in r.stdout
     got = by_step(out)
     assert sorted(got) == [1, 2, 3, 4]
     for step in want:
