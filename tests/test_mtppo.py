@@ -125,6 +125,7 @@ def test_dialogue_ppo_runs_end_to_end_and_logs_returns(tmp_path, fn):
                          "--references", EXAMPLES / "dialogue_history.csv", "--turn-gamma", "0.5"))
     assert r.returncode == 0, r.stderr
     assert "held-out dialogues" in r.stdout and "turn γ 0.5, max turns 2" in r.stdout
+    assert "held-out return per episode" in r.stdout
     steps = [m for m in read_metrics(out) if "loss/policy" in m]
     assert len(steps) == 2
     for m in steps:
