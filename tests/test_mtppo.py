@@ -184,3 +184,19 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path, fn):
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
     for n, path in checkpoints(out):
         assert json.loads((path / "trainer_state.json").read_text())["step"] == n
+
+
+@pytest.mark.slow
+def test_a_learnable_turn_reward_raises_the_episode_return(tmp_path, write):
+    fn = write("letters.py", "def letters(prompts, responses):\n    return [r.lower().count('e') / 4 for r in responses]\n")
+    out = tmp_path / "learn"
+    r = run_cli(*mt_args(out, fn, "--reward-fn", f"{fn}:letters", "--no-reward-norm", "--samples-per-prompt", "4",
+                         "--batch-size", "4", "--minibatch-size", "8", "--ppo-epochs", "4", "--max-steps", "6",
+                         "--max-turns", "2", "--eval-steps", "100", "--lr", "1e-2", "--critic", "shared",
+                         "--missing-eos-penalty", "0", "--kl-coef", "0.01"))
+    assert r.returncode == 0, r.stderr
+    returns = [m["train/return"] for m in read_metrics(out) if "train/return" in m]
+    assert len(returns) == 6 and (returns[-1] + returns[-2]) / 2 > 2 * returns[0], returns
+    evals = [m for m in read_metrics(out) if "eval/fn_mean" in m]
+    assert evals[-1]["eval/fn_mean"] > evals[0]["eval/fn_mean"] + 0.3, evals
+    assert evals[-1]["eval/return"] > evals[0]["eval/return"]
