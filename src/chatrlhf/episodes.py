@@ -39,9 +39,10 @@ def no_reward(prompts, responses) -> list[None]:
     return [None] * len(responses)
 
 
-def make_envs(dialogues: list[list[Message]], n: int, max_turns: int | None) -> list[DialogueEnv]:
-    """``n`` environments on the same dialogues, one per episode played in lockstep."""
-    return [DialogueEnv(dialogues, no_reward, max_turns=max_turns) for _ in range(n)]
+def make_envs(dialogues: list[list[Message]], n: int, max_turns: int | None, **env_args) -> list[DialogueEnv]:
+    """``n`` environments on the same dialogues, one per episode played in lockstep (``env_args``: more of
+    DialogueEnv's keyword arguments)."""
+    return [DialogueEnv(dialogues, no_reward, max_turns=max_turns, **env_args) for _ in range(n)]
 
 
 @dataclass
