@@ -59,6 +59,7 @@ FORBIDDEN = [
     ("chatrlhf.rewards", "chatrlhf.trainers", "the trainers use the reward sources, not the other way"),
     ("chatrlhf.logger", "chatrlhf.trainers", "the logger is below the trainers"),
     ("chatrlhf.env", "chatrlhf.trainers", "the trainers use the dialogue environment, not the other way"),
+    ("chatrlhf.episodes", "chatrlhf.trainers", "the trainers play multi-turn episodes, not the other way"),
     ("chatrlhf.env", "chatrlhf.cli", "the CLI wires the environment to a trainer"),
     ("chatrlhf.qnet", "chatrlhf.trainers", "the Q-network serves trainers and reranking alike: trainers use it"),
     ("chatrlhf.evaluate", "chatrlhf.feedback", "evaluation reads feedback only as exported files"),

@@ -187,15 +187,28 @@ class PPOConfig(RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs
     model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the frozen reference starts as "
                      "the same model (with LoRA: the base with adapters off).")
     data: list[str] = arg(["examples/prompts.txt"], "Prompts: .txt (one per line) or any data format with prompts, "
-                          "comma-separated.")
-    eval_data: list[str] = arg([], "Held-out prompts for the evaluations; empty = split --eval-fraction off --data.")
+                          "comma-separated; with --env dialogue, conversations (e.g. examples/dialogue_history.csv: "
+                          "its per-turn rows are merged into whole dialogues).")
+    eval_data: list[str] = arg([], "Held-out prompts (dialogues with --env dialogue) for the evaluations; empty = split "
+                               "--eval-fraction off --data.")
+    env: str = arg("prompts", "What one rollout is: `prompts` = a reply to each prompt (single-turn PPO); `dialogue` = "
+                   "whole episodes of the dialogue environment (replayed user turns of --data, as `chatrlhf qlearn`), "
+                   "one PPO row per assistant turn with the conversation so far as its context, each turn scored by "
+                   "the reward mix and discounted by --turn-gamma.", ("prompts", "dialogue"))
+    turn_gamma: float | None = arg(None, "--env dialogue: discount γ across turns; the end of turn t adds γ·V(start "
+                                   "of turn t+1) (0 after the last turn, kept at a --max-turns cut), so PPO maximises "
+                                   "Σ_t γ^t r_t as qlearn does. auto = 0.9, qlearn's --gamma; on replayed user turns "
+                                   "γ = 0 is the honest baseline.")
+    max_turns: int | None = arg(None, "--env dialogue: replies per episode before it is cut (its last state still "
+                                "bootstrapped); auto = whole dialogues.")
     missing_eos_penalty: float | None = arg(None, "Subtracted from the reward of a reply that never emits EOS within "
                                             "--max-new-tokens (TRL's missing_eos_penalty); auto = 1 with a chat "
                                             "template, 0 for plain-text continuations (they need not end).")
     output_dir: str = arg("out/ppo", "Where the policy, checkpoints, metrics and samples go.")
     max_steps: int = arg(20, "PPO steps (one rollout batch each); -1 = --epochs passes over the prompts.")
-    batch_size: int = arg(8, "Prompts per PPO step.")
-    samples_per_prompt: int = arg(2, "Replies sampled per prompt (rollout batch = batch_size × this).")
+    batch_size: int = arg(8, "Prompts (dialogues with --env dialogue) per PPO step.")
+    samples_per_prompt: int = arg(2, "Replies sampled per prompt (rollout batch = batch_size × this); with --env "
+                                  "dialogue, episodes played per dialogue.")
     minibatch_size: int = arg(8, "Replies per gradient step inside the PPO epochs.")
     ppo_epochs: int = arg(4, "Passes over each rollout batch (N+ default).")
     lr: float = arg(3e-6, "Policy learning rate, linearly annealed (N+ default); LoRA wants ~1e-4.")

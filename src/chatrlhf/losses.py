@@ -76,10 +76,26 @@ def kl_estimates(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> dict[str
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """(B, R) per-token rewards: −β·KL at every reply token and the sequence score added at the last
     reply token (Ziegler et al. 2019; RL_DETAILS item 13). ``kl`` is the per-token k1 estimate."""
-    rewards = -beta * kl * mask
+    return at_last_token(-beta * kl * mask, mask, scores)
+
+
+def at_last_token(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(B, R) ``x`` with ``values`` (B,) added at each row's last masked position (a copy)."""
+    out = x.clone()
     last = (mask.sum(1) - 1).clamp(min=0).long()
-    rewards[torch.arange(len(scores)), last] += scores
-    return rewards
+    out[torch.arange(len(values)), last] += values
+    return out
+
+
+def turn_bootstrap(start_values: torch.Tensor, next_row: torch.Tensor, end_values: torch.Tensor,
+                   turn_gamma: float) -> torch.Tensor:
+    """(B,) γ_turn·V(s_{t+1}) for the rows of multi-turn episodes, one row per assistant turn: what the end of turn
+    t adds to its reward so that GAE within the turn sees the discounted value of the rest of the episode. V(s_{t+1})
+    is the value read at the first reply token of the episode's next turn (``start_values[next_row]``), or
+    ``end_values`` where ``next_row`` is −1: 0 after a terminal turn, V of the state the episode was cut in at a
+    time limit (bootstrapped, Pardo et al. 2018). start_values, end_values (B,); next_row (B,) long."""
+    following = start_values[next_row.clamp(min=0)]
+    return turn_gamma * torch.where(next_row >= 0, following, end_values)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,

@@ -28,6 +28,9 @@ def train_ppo(cfg: PPOConfig) -> int:
     if moved:  # raw source means: comparable across steps
         print(f"chatrlhf ppo: held-out reward by source: {', '.join(moved)}; KL to reference "
               f"{end['eval/kl']:.3f} nats/reply")
+    if "eval/return" in end and "eval/return" in start:  # --env dialogue
+        print(f"chatrlhf ppo: held-out return per episode {start['eval/return']:+.3f} -> {end['eval/return']:+.3f} "
+              f"({end['eval/turns']:.1f} turns)")
     print(f"chatrlhf ppo: policy saved to {cfg.output_dir}")
     return 0
 

@@ -27,12 +27,13 @@ import time
 import numpy as np
 import torch
 
-from chatrlhf import losses
+from chatrlhf import episodes, losses
 from chatrlhf.config import ModelArgs, PPOConfig
 from chatrlhf.data import load_prompts, split_by_prompt
 from chatrlhf.data.records import Conversation, prompt_key
 from chatrlhf.data.template import is_plain, prompt_format
 from chatrlhf.engine import Engine, SamplingParams
+from chatrlhf.env import turn_references, user_turns_key
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import shared_reply_fraction
 from chatrlhf.evaluate.watch import failure_signs
@@ -49,9 +50,21 @@ from chatrlhf.trainers.value import SeparateCritic, SharedHead
 # --------------------------------------------------------------------------- set-up
 
 
+DEFAULT_TURN_GAMMA = 0.9  # qlearn's --gamma: both trainers maximise the same Σ_t γ^t r_t by default
+
+
 def build_rewards(cfg: PPOConfig, log=print) -> RewardMix:
-    """The reward mix of the reward flags (its missing-EOS penalty is set once the tokenizer is known)."""
+    """The reward mix of the reward flags (its missing-EOS penalty is set once the tokenizer is known). With --env
+    dialogue, as qlearn: similarity is to the data's human reply at that turn of that dialogue (user_turns_key)."""
+    if cfg.env == "dialogue":
+        return reward_mix(cfg, "ppo", lambda paths: turn_references(episodes.load_dialogues(paths, cfg.format)),
+                          user_turns_key, hint=" (e.g. the --data file)", log=log)
     return reward_mix(cfg, "ppo", log=log)
+
+
+def turn_gamma(cfg: PPOConfig) -> float:
+    """--turn-gamma, by default qlearn's γ."""
+    return DEFAULT_TURN_GAMMA if cfg.turn_gamma is None else cfg.turn_gamma
 
 
 def missing_eos_penalty(cfg: PPOConfig, tok) -> float:
@@ -137,6 +150,14 @@ def rollout(policy, ref_ctx, vf, tok, prompts, cfg: PPOConfig, mix: RewardMix, s
             gen: torch.Generator) -> tuple[Rollout, dict]:
     """Sample, recompute log-probs and values, score with the reward mix (its running moments updated)."""
     r, sample_lp, gen_s = generate(policy, tok, prompts, cfg, gen)
+    return r, score(policy, ref_ctx, vf, r, sample_lp, gen_s, cfg, mix, step)
+
+
+@torch.no_grad()
+def score(policy, ref_ctx, vf, r: Rollout, sample_lp: torch.Tensor, gen_s: float, cfg: PPOConfig, mix: RewardMix,
+          step: int) -> dict:
+    """Fill in a sampled rollout's log-probs, values and scores (the mix's running moments updated); its metrics."""
+    prompts = r.prompts
     trunk_values = forward_passes(policy, ref_ctx, r, cfg, vf.head)
     with autocast(cfg.dtype, r.query_ids.device):
         r.values = vf.values(r, trunk_values) * r.response_mask
@@ -148,16 +169,53 @@ def rollout(policy, ref_ctx, vf, tok, prompts, cfg: PPOConfig, mix: RewardMix, s
         "rollout/cross_prompt_duplicates": shared_reply_fraction([prompt_key(p) for p in prompts], r.texts),
         "rollout/logprob_mismatch": float(losses.masked_mean((sample_lp - r.logprobs).abs(), r.response_mask)),
         "reward/total_mean": float(r.scores.mean()), "reward/total_std": float(r.scores.std(unbiased=False))})
-    return r, metrics
+    return metrics
 
 
-def advantages(r: Rollout, cfg: PPOConfig, beta: float) -> dict:
-    """Per-token rewards with the k1 KL penalty and the score at the last reply token, GAE, whitened advantages."""
+@torch.no_grad()
+def dialogue_rollout(policy, ref_ctx, vf, tok, envs: list, cfg: PPOConfig, mix: RewardMix, step: int,
+                     gen: torch.Generator) -> tuple[Rollout, episodes.Episodes, dict]:
+    """--env dialogue: whole episodes of the step's dialogues (--samples-per-prompt each, in lockstep), one row per
+    assistant turn, each turn scored by the mix; the episodes' returns in the metrics."""
+    t0 = time.perf_counter()
+    picks = prompt_indices(len(envs[0].dialogues), cfg.batch_size, cfg.seed, step)
+    starts = [(i, cfg.seed + step * len(envs) + k)
+              for k, i in enumerate(i for i in picks for _ in range(cfg.samples_per_prompt))]
+    turns = episodes.play(policy, tok, envs[:len(starts)], starts, SamplingParams(cfg.max_new_tokens, cfg.temperature),
+                          cfg.max_prompt_length, cfg.dtype, gen)
+    r, links, sample_lp = episodes.to_rollout(turns, tok, cfg.max_prompt_length, next(policy.parameters()).device)
+    metrics = score(policy, ref_ctx, vf, r, sample_lp, time.perf_counter() - t0, cfg, mix, step)
+    metrics.update({"train/return": float(episodes.episode_sums(r.scores, links).mean()),
+                    "train/discounted_return": float(episodes.episode_sums(r.scores, links, turn_gamma(cfg)).mean()),
+                    "train/turns": len(r) / links.n, "train/episodes": links.n})
+    return r, links, metrics
+
+
+@torch.no_grad()
+def turn_values(policy, vf, tok, r: Rollout, links: episodes.Episodes, cfg: PPOConfig) -> torch.Tensor:
+    """(B,) γ_turn·V(s_{t+1}) of each turn row (losses.turn_bootstrap): V at the next turn's first reply token, 0
+    after a terminal turn, and for an episode cut at --max-turns V of the state it was cut in (one more pass)."""
+    device = r.query_ids.device
+    end = torch.zeros(len(r), device=device)
+    if links.cut_states:
+        cut = episodes.state_rollout(tok, links.cut_states, cfg.max_prompt_length, device)
+        with autocast(cfg.dtype, device):
+            trunk_values = policy_forward(policy, cut, cfg.temperature, value_head=vf.head)[2] if vf.reads_trunk else None
+            end[links.truncated.to(device)] = vf.values(cut, trunk_values)[:, 0].float()
+    return losses.turn_bootstrap(r.values[:, 0], links.next_row.to(device), end, turn_gamma(cfg))
+
+
+def advantages(r: Rollout, cfg: PPOConfig, beta: float, bootstrap: torch.Tensor | None = None) -> dict:
+    """Per-token rewards with the k1 KL penalty and the score at the last reply token, GAE, whitened advantages.
+    ``bootstrap`` (B,), multi-turn rows only: γ_turn·V(s_{t+1}) added at the turn's last token after any whitening
+    (it is on the values' scale already), so the turn's returns carry the rest of the episode."""
     mask = r.response_mask
     kl = losses.kl_estimates(r.logprobs, r.ref_logprobs)
     r.rewards = losses.token_rewards(r.scores, kl["k1"], mask, beta)
     if cfg.whiten_rewards:
         r.rewards = losses.masked_whiten(r.rewards, mask, shift_mean=False)
+    if bootstrap is not None:
+        r.rewards = losses.at_last_token(r.rewards, mask, bootstrap)
     adv, r.returns = losses.gae(r.rewards, r.values, mask, cfg.gamma, cfg.lam)
     r.advantages = losses.masked_whiten(adv, mask)
     return {"objective/kl": float((kl["k1"] * mask).sum(1).mean()), "objective/kl_k3": float((kl["k3"] * mask).sum(1).mean()),
@@ -193,8 +251,9 @@ def ppo_update(policy, vf, optimizer, r: Rollout, cfg: PPOConfig, train_policy: 
     policy.train()
     vf.train()
     policy_params = [p for g in optimizer.param_groups for p in g["params"]]
+    group = 1 if cfg.env == "dialogue" else cfg.samples_per_prompt  # turn rows share no prompt
     for _ in range(cfg.ppo_epochs):
-        for idx in minibatches(len(r), cfg.samples_per_prompt, cfg.minibatch_size, shuffle):
+        for idx in minibatches(len(r), group, cfg.minibatch_size, shuffle):
             mb = r.select(idx.to(device))
             m: dict[str, float] = {}
             if train_policy or vf.reads_trunk:  # in a critic warm-up only a head on the trunk needs this pass
@@ -241,17 +300,52 @@ def evaluate(policy, ref_ctx, tok, prompts, cfg: PPOConfig, mix: RewardMix, stat
         return {}
     device = next(policy.parameters()).device
     gen = generator(cfg.seed + 7919, device)
-    raw: dict[str, list] = {name: [] for name in mix.sources}
-    kl, lengths, ended = [], [], []
+    got = {"raw": {name: [] for name in mix.sources}, "kl": [], "lengths": [], "ended": []}
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = [p for p in prompts[i:i + cfg.batch_size] for _ in range(cfg.samples_per_prompt)]
         r, _, _ = generate(policy, tok, chunk, cfg, gen)
         forward_passes(policy, ref_ctx, r, cfg)
-        for name, values in mix.raw(chunk, r.texts, r.ended.tolist()).items():
-            raw[name] += values
-        kl += (losses.kl_estimates(r.logprobs, r.ref_logprobs)["k1"] * r.response_mask).sum(1).tolist()
-        lengths += r.response_mask.sum(1).tolist()
-        ended += r.ended.tolist()
+        _eval_collect(got, r, mix)
+    return _eval_summary(got, mix, state, total)
+
+
+@torch.no_grad()
+def evaluate_dialogues(policy, ref_ctx, tok, envs: list, cfg: PPOConfig, mix: RewardMix, state: dict,
+                       total: int) -> dict:
+    """:func:`evaluate` on held-out dialogues (--env dialogue): whole episodes, --samples-per-prompt per dialogue, as
+    many in lockstep as there are ``envs``, on the fixed evaluation stream; every turn's reply counts as one reply.
+    ``eval/return`` = eval/reward × eval/turns, the mean undiscounted return of an episode on that scale."""
+    if not envs:
+        return {}
+    device = next(policy.parameters()).device
+    gen = generator(cfg.seed + 7919, device)
+    got = {"raw": {name: [] for name in mix.sources}, "kl": [], "lengths": [], "ended": []}
+    picks = [i for i in range(len(envs[0].dialogues)) for _ in range(cfg.samples_per_prompt)]
+    for i in range(0, len(picks), len(envs)):
+        starts = [(d, cfg.seed + 7919 + i + k) for k, d in enumerate(picks[i:i + len(envs)])]
+        turns = episodes.play(policy, tok, envs[:len(starts)], starts,
+                              SamplingParams(cfg.max_new_tokens, cfg.temperature), cfg.max_prompt_length, cfg.dtype, gen)
+        r, _, _ = episodes.to_rollout(turns, tok, cfg.max_prompt_length, device)
+        forward_passes(policy, ref_ctx, r, cfg)
+        _eval_collect(got, r, mix)
+    out = _eval_summary(got, mix, state, total)
+    out["eval/turns"] = len(got["ended"]) / len(picks)
+    out["eval/return"] = out["eval/reward"] * out["eval/turns"]
+    return out
+
+
+def _eval_collect(got: dict, r: Rollout, mix: RewardMix) -> None:
+    """Add an evaluation batch's raw source values, KL, lengths and EOS flags to ``got``."""
+    for name, values in mix.raw(r.prompts, r.texts, r.ended.tolist()).items():
+        got["raw"][name] += values
+    got["kl"] += (losses.kl_estimates(r.logprobs, r.ref_logprobs)["k1"] * r.response_mask).sum(1).tolist()
+    got["lengths"] += r.response_mask.sum(1).tolist()
+    got["ended"] += r.ended.tolist()
+
+
+def _eval_summary(got: dict, mix: RewardMix, state: dict, total: int) -> dict:
+    """The evaluation's metrics (see :func:`evaluate`); the first evaluation fixes the scale in ``state``."""
+    raw, kl, lengths, ended = got["raw"], got["kl"], got["lengths"], got["ended"]
     seen = {name: [float(x) for x in values if x is not None] for name, values in raw.items()}
     if state.get("eval_norm") is None:  # the first evaluation fixes the scale
         state["eval_norm"] = {n: (float(np.mean(v)), float(np.std(v)) or 1.0) if v else (0.0, 1.0) for n, v in seen.items()}
@@ -269,6 +363,13 @@ def evaluate(policy, ref_ctx, tok, prompts, cfg: PPOConfig, mix: RewardMix, stat
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+def split_data(cfg: PPOConfig) -> tuple[list, list]:
+    """Train and held-out prompts, or with --env dialogue whole dialogues (split by first prompt)."""
+    if cfg.env == "dialogue":
+        return episodes.split_dialogues(cfg.data, cfg.eval_data, cfg.format, cfg.eval_fraction, cfg.seed)
+    return split_prompts(cfg)
 
 
 def split_prompts(cfg: PPOConfig) -> tuple[list, list]:
@@ -306,34 +407,63 @@ def check(cfg: PPOConfig) -> None:
     if cfg.critic_warmup_steps >= max(cfg.max_steps, 1) and cfg.max_steps > 0:
         raise UsageError(f"--critic-warmup-steps {cfg.critic_warmup_steps} leaves no step of --max-steps "
                          f"{cfg.max_steps} to train the policy", "lower --critic-warmup-steps")
+    check_env(cfg)
+
+
+def check_env(cfg: PPOConfig) -> None:
+    """The --env dialogue flags: refused without it, checked with it."""
+    if cfg.env == "prompts":
+        given = [name for name, v in (("--turn-gamma", cfg.turn_gamma), ("--max-turns", cfg.max_turns)) if v is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} only work with --env dialogue: a prompt gets one reply",
+                             "add --env dialogue (with conversations in --data), or drop the flag")
+        return
+    if cfg.turn_gamma is not None and not 0 <= cfg.turn_gamma <= 1:
+        raise UsageError(f"--turn-gamma {cfg.turn_gamma}: must be in [0, 1]", "e.g. --turn-gamma 0.9 (0: each turn "
+                         "on its own)")
+    if cfg.max_turns is not None and cfg.max_turns < 1:
+        raise UsageError(f"--max-turns {cfg.max_turns}: must be at least 1", "e.g. --max-turns 4, or leave it out for "
+                         "whole dialogues")
+    for path in cfg.data:
+        if path.endswith(".txt"):
+            raise UsageError(f"--data {path}: --env dialogue plays whole dialogues, and a .txt file holds prompts only",
+                             "give conversations, e.g. --data examples/dialogue_history.csv")
 
 
 def train(cfg: PPOConfig, log=print) -> Summary:
     check(cfg)
     run = Run("ppo", cfg, log)
-    train_prompts, eval_prompts = split_prompts(cfg)
+    train_data, eval_data = split_data(cfg)
     mix = build_rewards(cfg, log)
     policy, tok, ref_ctx, vf, critic_kind = load_networks(cfg, log)
     mix.penalty = missing_eos_penalty(cfg, tok)
-    n_steps = run.total_steps(max(1, len(train_prompts) // cfg.batch_size))
+    n_steps = run.total_steps(max(1, len(train_data) // cfg.batch_size))
     parts = optimisers(cfg, policy, vf, n_steps)
-    log(f"chatrlhf ppo: {len(train_prompts)} train / {len(eval_prompts)} held-out prompts, {n_steps} steps × "
-        f"{cfg.batch_size * cfg.samples_per_prompt} replies, reward sources {', '.join(mix.sources)}, critic "
+    dialogue = cfg.env == "dialogue"
+    log(f"chatrlhf ppo: {len(train_data)} train / {len(eval_data)} held-out {'dialogues' if dialogue else 'prompts'}, "
+        f"{n_steps} steps × {cfg.batch_size * cfg.samples_per_prompt} {'episodes' if dialogue else 'replies'}"
+        + (f" (turn γ {turn_gamma(cfg):g}, max turns {cfg.max_turns or 'all'})" if dialogue else "")
+        + f", reward sources {', '.join(mix.sources)}, critic "
         f"{critic_kind}, {'plain-text' if is_plain(tok) else 'chat'} prompts, missing-EOS penalty {mix.penalty:g}, "
         f"{count_parameters(policy)[1]:,} trainable policy parameters, device {run.device}")
+    if dialogue:  # the dialogues become environments, one per episode played in lockstep
+        n_envs = cfg.batch_size * cfg.samples_per_prompt
+        train_data = episodes.make_envs(train_data, n_envs, cfg.max_turns)
+        eval_data = episodes.make_envs(eval_data, n_envs, cfg.max_turns) if eval_data else []
+    held_out = evaluate_dialogues if dialogue else evaluate
     gens = {"sample": generator(cfg.seed, run.device), "shuffle": generator(cfg.seed + 1)}
     state = run.begin(parts, gens, {"beta": cfg.kl_coef, "moments": {}, "history": [], "eval_start": None,
                                     "eval_norm": None})
     mix.load_state(state["moments"])
     step = run.step
     if step == 0:
-        state["eval_start"] = evaluate(policy, ref_ctx, tok, eval_prompts, cfg, mix, state, n_steps)
+        state["eval_start"] = held_out(policy, ref_ctx, tok, eval_data, cfg, mix, state, n_steps)
         run.log(0, state["eval_start"])
     samples = run.open_rows("samples.jsonl")
     deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
     with run.loop(n_steps) as bar:
         while run.running(step, n_steps):
-            raw = ppo_step(step, policy, ref_ctx, vf, tok, train_prompts, cfg, mix, parts["policy"], gens, state,
+            raw = ppo_step(step, policy, ref_ctx, vf, tok, train_data, cfg, mix, parts["policy"], gens, state,
                            calibrate=step == 0 and critic_kind == "reward-model", log=log)
             step += 1
             if time.perf_counter() > deadline and step < n_steps:
@@ -343,7 +473,7 @@ def train(cfg: PPOConfig, log=print) -> Summary:
             samples.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
             samples.flush()
             if step % cfg.eval_steps == 0 or step == n_steps:
-                raw.update(evaluate(policy, ref_ctx, tok, eval_prompts, cfg, mix, state, n_steps))
+                raw.update(held_out(policy, ref_ctx, tok, eval_data, cfg, mix, state, n_steps))
                 run.table(step, "samples", rows)
                 if not cfg.quiet and rows:
                     _show(bar.console, rows)
@@ -356,17 +486,23 @@ def train(cfg: PPOConfig, log=print) -> Summary:
     return _finish(run, policy, vf, tok, state)
 
 
-def ppo_step(step: int, policy, ref_ctx, vf, tok, train_prompts, cfg: PPOConfig, mix: RewardMix,
+def ppo_step(step: int, policy, ref_ctx, vf, tok, train_data: list, cfg: PPOConfig, mix: RewardMix,
              policy_part: tuple, gens: dict, state: dict, calibrate: bool, log=print) -> dict:
-    """One PPO step (``step`` 0-based): rollout, advantages, the update, β, warnings. Returns the step's metrics
-    (``_rollout`` holds the rollout for the samples file)."""
+    """One PPO step (``step`` 0-based): rollout, advantages, the update, β, warnings. ``train_data``: the prompts,
+    or with --env dialogue the environments. Returns the step's metrics (``_rollout`` holds the rollout for the
+    samples file)."""
     t0 = time.perf_counter()
-    batch = [train_prompts[i] for i in prompt_indices(len(train_prompts), cfg.batch_size, cfg.seed, step)]
-    batch = [p for p in batch for _ in range(cfg.samples_per_prompt)]
-    r, metrics = rollout(policy, ref_ctx, vf, tok, batch, cfg, mix, step, gens["sample"])
+    links = None
+    if cfg.env == "dialogue":
+        r, links, metrics = dialogue_rollout(policy, ref_ctx, vf, tok, train_data, cfg, mix, step, gens["sample"])
+    else:
+        batch = [train_data[i] for i in prompt_indices(len(train_data), cfg.batch_size, cfg.seed, step)]
+        batch = [p for p in batch for _ in range(cfg.samples_per_prompt)]
+        r, metrics = rollout(policy, ref_ctx, vf, tok, batch, cfg, mix, step, gens["sample"])
     if calibrate:
         calibrate_critic(vf.critic, r, mix, step)
-    metrics.update(advantages(r, cfg, state["beta"]))
+    bootstrap = None if links is None else turn_values(policy, vf, tok, r, links, cfg)
+    metrics.update(advantages(r, cfg, state["beta"], bootstrap))
     train_policy = step >= cfg.critic_warmup_steps
     _, optimizer, scheduler = policy_part
     metrics.update(ppo_update(policy, vf, optimizer, r, cfg, train_policy, gens["shuffle"]))
