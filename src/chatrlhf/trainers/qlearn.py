@@ -27,11 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from chatrlhf import episodes
 from chatrlhf.config import ModelArgs, QLearnConfig
-from chatrlhf.data import as_conversations, load_records, split_by_prompt
-from chatrlhf.data.records import Conversation
 from chatrlhf.engine import Engine, SamplingParams
-from chatrlhf.env import STOP_MARKER, CandidateWrapper, DialogueEnv, UserSimulator, merge_prefixes, mixed_reward, \
+from chatrlhf.env import STOP_MARKER, CandidateWrapper, DialogueEnv, UserSimulator, mixed_reward, \
     reference_key, turn_references
 from chatrlhf.errors import UsageError
 from chatrlhf.models import load_model, unwrap
@@ -48,25 +47,11 @@ USER_MAX_TURNS = 4  # --max-turns 0 with --user-model: the seed CSV's dialogues 
 # --------------------------------------------------------------------------- set-up
 
 
-def load_dialogues(paths: list[str], fmt: str) -> list[list[dict]]:
-    """Whole dialogues from conversation files (the seed CSV's per-turn rows merged)."""
-    return merge_prefixes([c for path in paths for c in as_conversations(load_records(path, fmt))])
-
-
 def split_dialogues(cfg: QLearnConfig) -> tuple[list, list]:
     """Train and held-out dialogues: --eval-data, else a split by first prompt with the run's seed."""
     if not cfg.data:
         raise UsageError("qlearn needs dialogues", "give --data, e.g. --data examples/dialogue_history.csv")
-    dialogues = load_dialogues(cfg.data, cfg.format)
-    if cfg.eval_data:
-        train_part, held = dialogues, load_dialogues(cfg.eval_data, cfg.format)
-    else:
-        a, b = split_by_prompt([Conversation(d) for d in dialogues], cfg.eval_fraction, cfg.seed)
-        train_part, held = [c.messages for c in a], [c.messages for c in b]
-    if not train_part:
-        raise UsageError(f"--data {','.join(cfg.data)}: no training dialogues left", "give more dialogues or a lower "
-                         "--eval-fraction")
-    return train_part, held
+    return episodes.split_dialogues(cfg.data, cfg.eval_data, cfg.format, cfg.eval_fraction, cfg.seed)
 
 
 def build_rewards(cfg: QLearnConfig, log=print) -> RewardMix:
@@ -75,7 +60,7 @@ def build_rewards(cfg: QLearnConfig, log=print) -> RewardMix:
     data gets None, not another history's reference), and candidates are scored as whole replies (no missing-EOS
     penalty: that is PPO's, for its cut-off rollouts)."""
     key = reference_key(bool(cfg.user_model))
-    return reward_mix(cfg, "qlearn", lambda paths: turn_references(load_dialogues(paths, cfg.format), key), key,
+    return reward_mix(cfg, "qlearn", lambda paths: turn_references(episodes.load_dialogues(paths, cfg.format), key), key,
                       missing_eos_penalty=0.0, hint=" (e.g. the --data file)", log=log)
 
 
