@@ -6,10 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatrlhf.config import QLearnConfig
+from chatrlhf.config import ModelArgs, QLearnConfig
+from chatrlhf.engine import Engine, SamplingParams
+from chatrlhf.env import CandidateWrapper, DialogueEnv
 from chatrlhf.logger import read_metrics
-from chatrlhf.qnet import QHeads, ReplayBuffer, load_qheads, q_update
-from chatrlhf.trainers.qlearn import dialogue_index, epsilon
+from chatrlhf.models import load_model
+from chatrlhf.qnet import QHeads, ReplayBuffer, load_qheads, q_update, reply_logprobs
+from chatrlhf.trainers.qlearn import behavior_logprobs, dialogue_index, epsilon
 from conftest import EXAMPLES, assert_sigkill_resume_matches, run_cli
 
 DIALOGUES = EXAMPLES / "dialogue_history.csv"
@@ -97,3 +100,21 @@ def test_bad_input_is_a_clear_usage_error(tmp_path):
     assert r.returncode == 2 and "--gamma" in r.stderr
     r = run_cli(*qlearn_args(tmp_path / "d", "--references", tmp_path / "missing.csv"))
     assert r.returncode == 2 and "missing.csv" in r.stderr
+
+
+def test_cql_behaviour_logprobs_are_the_engines_for_samples_and_the_policys_for_the_human_reply():
+    model, tok = load_model(ModelArgs(model="tiny-random-llama", dtype="float32"))
+    dialogues = [[{"role": "user", "content": "Where is my order?"}, {"role": "assistant", "content": "Let me check."}]]
+    env = CandidateWrapper(DialogueEnv(dialogues, lambda p, r: [0.0] * len(r)), Engine(model, tok, "float32"), n=3,
+                           params=SamplingParams(max_tokens=6, temperature=1.0, top_k=0, top_p=1.0))
+    _, info = env.reset(seed=0, options={"dialogue_index": 0})
+    cfg = QLearnConfig(max_new_tokens=6, max_prompt_length=64)
+    got = behavior_logprobs(env, info, cfg)
+    assert got.shape == (len(info["candidates"]),)
+    human = info["candidates"].index("Let me check.")
+    for i, lp in enumerate(info["candidate_logprobs"]):
+        if i != human:
+            assert got[i].item() == pytest.approx(lp)
+    want = reply_logprobs(model, tok, [info["messages"]], ["Let me check."], 64, 7)[0]
+    assert info["candidate_logprobs"][human] is None
+    assert got[human].item() == pytest.approx(want.item()) and got[human].item() < 0

@@ -35,7 +35,8 @@ from chatrlhf.env import STOP_MARKER, CandidateWrapper, DialogueEnv, UserSimulat
 from chatrlhf.errors import UsageError
 from chatrlhf.models import load_model, unwrap
 from chatrlhf.qeval import ScoredSet, set_statistics
-from chatrlhf.qnet import FeatureCache, QHeads, ReplayBuffer, load_policy_and_trunk, q_update, save_qheads
+from chatrlhf.qnet import FeatureCache, QHeads, ReplayBuffer, load_policy_and_trunk, q_update, \
+    reply_logprobs, save_qheads
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import generator
 from chatrlhf.trainers.common import file_hashes
@@ -133,6 +134,19 @@ def q1(heads: QHeads, phi: torch.Tensor) -> torch.Tensor:
     return heads(phi.to(next(heads.parameters()).device))[0].cpu()
 
 
+def behavior_logprobs(env: CandidateWrapper, info: dict, cfg: QLearnConfig) -> torch.Tensor:
+    """(K,) log π_β(c|h) of the state's candidates for CQL's importance weights (QLEARN §2.5): the engine's sum
+    for each policy sample, the policy's likelihood for the data's human reply (which the engine did not sample)."""
+    lps = info["candidate_logprobs"]
+    out = torch.tensor([0.0 if lp is None else lp for lp in lps])
+    missing = [i for i, lp in enumerate(lps) if lp is None]
+    if missing:
+        out[missing] = reply_logprobs(env.engine.model, env.engine.tok, [info["messages"]] * len(missing),
+                                      [info["candidates"][i] for i in missing], cfg.max_prompt_length,
+                                      cfg.max_new_tokens + 1)
+    return out
+
+
 def epsilon(cfg: QLearnConfig, episode: int, total: int) -> float:
     """ε of episode ``episode``: linear from --epsilon-start to --epsilon-end over --epsilon-fraction of the run."""
     frac = min(1.0, episode / max(1.0, cfg.epsilon_fraction * total))
@@ -158,7 +172,8 @@ def run_episode(episode: int, total: int, p: Parts, cfg: QLearnConfig, optimizer
         a = int(torch.randint(len(q), (1,), generator=gens["explore"])) if explore else int(q.argmax())
         _, r, terminated, truncated, next_info = p.env.step(info["candidates"][a])
         next_phi = torch.zeros(0, p.buffer.d) if terminated else embed(p, next_info, cfg)
-        extra = {"cand_phi": phi, "taken": a} if p.buffer.candidates else {}
+        extra = {"cand_phi": phi, "taken": a, "log_behavior": behavior_logprobs(p.env, info, cfg)} \
+            if p.buffer.candidates else {}
         p.buffer.add(phi[a], r, terminated, next_phi, truncated=truncated, **extra)
         state["transitions"] += 1
         rewards.append(r)
