@@ -146,7 +146,7 @@ def test_dialogue_flags_are_refused_where_they_would_do_nothing(tmp_path, fn):
     prompts = ["ppo", "--model", "tiny-random-llama", "--reward-fn", f"{fn}:polite", "--output-dir", tmp_path / "p",
                "--quiet"]
     r = run_cli(*prompts, "--turn-gamma", "0.5")
-    assert r.returncode == 2 and "--turn-gamma only work with --env dialogue" in r.stderr
+    assert r.returncode == 2 and "--turn-gamma only works with --env dialogue" in r.stderr
     r = run_cli(*prompts, "--max-turns", "2", "--turn-gamma", "0")
     assert r.returncode == 2 and "--turn-gamma and --max-turns only work with --env dialogue" in r.stderr
     r = run_cli(*prompts, "--env", "dialogue")   # the default --data is a .txt of prompts

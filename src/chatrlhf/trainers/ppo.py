@@ -415,7 +415,8 @@ def check_env(cfg: PPOConfig) -> None:
     if cfg.env == "prompts":
         given = [name for name, v in (("--turn-gamma", cfg.turn_gamma), ("--max-turns", cfg.max_turns)) if v is not None]
         if given:
-            raise UsageError(f"{' and '.join(given)} only work with --env dialogue: a prompt gets one reply",
+            verb = "works" if len(given) == 1 else "work"
+            raise UsageError(f"{' and '.join(given)} only {verb} with --env dialogue: a prompt gets one reply",
                              "add --env dialogue (with conversations in --data), or drop the flag")
         return
     if cfg.turn_gamma is not None and not 0 <= cfg.turn_gamma <= 1:
