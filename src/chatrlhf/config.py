@@ -255,6 +255,8 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
                        "the policy (--model).")
     pooling: str = arg("last", "φ: the trunk state at the reply's last token (EOS), or the mean over the reply.",
                        ("last", "mean"))
+    phi_norm: bool = arg(True, "Standardise φ per dimension with running moments of the training candidates' features "
+                         "(saved with the heads): LM hidden states have outlier dimensions that swamp the heads.")
     candidates: int = arg(5, "Policy samples per state (T = 1, top-k 0, top-p 1); the human reply of the turn is added "
                           "and duplicates dropped (CHAI, ArCHer: 5).")
     max_new_tokens: int = arg(48, "Tokens per candidate reply.")

@@ -123,6 +123,14 @@ def embed(p: Parts, info: dict, cfg: QLearnConfig, keep: list[int] | None = None
                             max_prompt_length=cfg.max_prompt_length, max_reply_length=cfg.max_new_tokens + 1)
 
 
+def observed(p: Parts, phi: torch.Tensor, cfg: QLearnConfig) -> torch.Tensor:
+    """``phi``, its rows folded into the heads' φ standardiser first (--phi-norm): each training state's
+    candidates once, as they are embedded; held-out ones never."""
+    if cfg.phi_norm:
+        p.heads.observe(phi)
+    return phi
+
+
 @torch.no_grad()
 def q1(heads: QHeads, phi: torch.Tensor) -> torch.Tensor:
     """Q_1(h, c) per candidate (the online head that acts, QLEARN §2.4)."""
@@ -146,14 +154,14 @@ def run_episode(episode: int, total: int, p: Parts, cfg: QLearnConfig, optimizer
     n = len(p.env.unwrapped.dialogues)
     _, info = p.env.reset(seed=cfg.seed + episode, options={"dialogue_index": dialogue_index(episode, n, cfg.seed)})
     eps = epsilon(cfg, episode, total)
-    phi, done = embed(p, info, cfg), False
+    phi, done = observed(p, embed(p, info, cfg), cfg), False
     rewards, chosen_q, sums, n_updates = [], [], {}, 0
     while not done:
         q = q1(p.heads, phi)
         explore = float(torch.rand(1, generator=gens["explore"])) < eps
         a = int(torch.randint(len(q), (1,), generator=gens["explore"])) if explore else int(q.argmax())
         _, r, terminated, truncated, next_info = p.env.step(info["candidates"][a])
-        next_phi = torch.zeros(0, p.buffer.d) if terminated else embed(p, next_info, cfg)
+        next_phi = torch.zeros(0, p.buffer.d) if terminated else observed(p, embed(p, next_info, cfg), cfg)
         extra = {"cand_phi": phi, "taken": a} if p.buffer.candidates else {}
         p.buffer.add(phi[a], r, terminated, next_phi, truncated=truncated, **extra)
         state["transitions"] += 1
