@@ -117,3 +117,24 @@ def test_bad_input_is_a_clear_usage_error(tmp_path):
     assert r.returncode == 2 and "--gamma" in r.stderr
     r = run_cli(*qlearn_args(tmp_path / "d", "--references", tmp_path / "missing.csv"))
     assert r.returncode == 2 and "missing.csv" in r.stderr
+
+
+def test_all_candidates_stores_every_scored_candidate_and_phi_norm_saves_the_moments(tmp_path, write):
+    """--all-candidates: each state gives one transition per candidate (the taken one + the others, all scored by
+    the reward function) instead of one; --phi-norm: the standardiser saw the training candidates and is saved."""
+    fn = write("short.py", SHORT)
+    got = {}
+    for flag in ("--no-all-candidates", "--all-candidates"):
+        out = tmp_path / flag
+        r = run_cli(*qlearn_args(out, "--reward-fn", f"{fn}:short", "--max-steps", "3", "--learning-starts", "4",
+                                 "--batch-size", "4", "--eval-steps", "3", "--eval-dialogues", "1", "--hidden", "8",
+                                 "--candidates", "3", "--phi-norm", flag))
+        assert r.returncode == 0, r.stderr
+        metrics = [m for m in read_metrics(out) if "train/turns" in m]
+        got[flag] = (sum(m["train/turns"] for m in metrics), metrics[-1]["train/transitions"])
+        heads, _ = load_qheads(out)
+        assert float(heads.phi_count) >= 4  # at least the first state's candidates were observed
+    turns, transitions = got["--no-all-candidates"]
+    assert transitions == turns
+    turns, transitions = got["--all-candidates"]  # 3 samples + the human reply, fewer where two are equal
+    assert 2 * turns <= transitions <= 4 * turns

@@ -255,8 +255,12 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
                        "the policy (--model).")
     pooling: str = arg("last", "φ: the trunk state at the reply's last token (EOS), or the mean over the reply.",
                        ("last", "mean"))
-    phi_norm: bool = arg(True, "Standardise φ per dimension with running moments of the training candidates' features "
-                         "(saved with the heads): LM hidden states have outlier dimensions that swamp the heads.")
+    phi_norm: bool = arg(False, "Standardise φ per dimension with the moments of the training candidates' features up "
+                         "to --learning-starts (saved with the heads): LM hidden states have outlier dimensions.")
+    all_candidates: bool = arg(False, "Also store a transition for every other candidate of each state, with its reward "
+                               "(the reward is a function of the reply, so every candidate can be scored): N + 1 "
+                               "labelled replies per state instead of the taken one's; candidates a source has no "
+                               "opinion on are not stored.")
     candidates: int = arg(5, "Policy samples per state (T = 1, top-k 0, top-p 1); the human reply of the turn is added "
                           "and duplicates dropped (CHAI, ArCHer: 5).")
     max_new_tokens: int = arg(48, "Tokens per candidate reply.")
