@@ -25,7 +25,8 @@ def qlearn_args(out, *extra):
 def test_a_short_run_saves_heads_and_qlearn_json_and_logs_q_and_eval_metrics(tmp_path):
     out = tmp_path / "q"
     r = run_cli(*qlearn_args(out, "--references", DIALOGUES, "--max-steps", "4", "--learning-starts", "2",
-                             "--batch-size", "4", "--eval-steps", "2", "--hidden", "16", "--eval-dialogues", "2"))
+                             "--batch-size", "4", "--eval-steps", "2", "--hidden", "16", "--eval-dialogues", "2",
+                             "--pooling", "last"))
     assert r.returncode == 0, r.stderr
     assert "held-out reward per state: Q-argmax" in r.stdout and "saved to" in r.stdout
     meta = json.loads((out / "qlearn.json").read_text())
