@@ -22,7 +22,7 @@ without one). Learners, each trained on the train states' candidates with that r
            (the replayed-data baseline) and γ = 0.9.
   - ridge: closed-form ridge regression of the reward on standardised φ (λ by 3-fold CV over train states) —
            the reference for what a head on these features can reach.
-  - rm-bon (rouge only): best-of-N by the reward model.
+  - rm-bon (rouge only): best-of-N by the reward model; longest: the longest candidate (a trivial heuristic).
 
 TODO(multi-turn PPO, engineer wt-mtppo): `chatrlhf ppo --env dialogue` vs single-turn PPO vs Q-rerank on these
 held-out states — train both on the train states, sample one reply per held-out state, score it with the same
@@ -326,19 +326,22 @@ def ppo_rows(train: list[dict], held: list[dict], reward: str) -> dict:
 # --------------------------------------------------------------------------- main
 
 
-RECIPES = {"dqn-default": {"normalise": False, "all": False, "updates": 1, "epochs": 1},
-           "dqn": {"normalise": True, "all": True, "updates": 8, "epochs": 3},
-           "dqn-no-norm": {"normalise": False, "all": True, "updates": 8, "epochs": 3},
-           "dqn-taken-only": {"normalise": True, "all": False, "updates": 8, "epochs": 3}}
+RECIPES = {"dqn-default": {"normalise": False, "all": False, "updates": 1, "epochs": 1},  # the trainer's defaults
+           "dqn+norm": {"normalise": True, "all": False, "updates": 1, "epochs": 1},
+           "dqn+all": {"normalise": False, "all": True, "updates": 1, "epochs": 1},
+           "dqn+updates": {"normalise": False, "all": False, "updates": 8, "epochs": 3},
+           "dqn+all+updates": {"normalise": False, "all": True, "updates": 8, "epochs": 3},
+           "dqn+norm+all+updates": {"normalise": True, "all": True, "updates": 8, "epochs": 3}}
 
 
 def learners(a) -> list[tuple[str, str, float | None, dict | None]]:
     """(row name, pooling, γ, DQN recipe | None for ridge) of every learner reported."""
     rows = [(f"ridge/{p}", p, None, None) for p in ("last", "mean")]
     for name, recipe in RECIPES.items():
-        rows.append((f"{name}/last/γ=0", "last", 0.0, recipe))
-        if name in ("dqn-default", "dqn"):
-            rows += [(f"{name}/last/γ=0.9", "last", 0.9, recipe), (f"{name}/mean/γ=0", "mean", 0.0, recipe)]
+        rows.append((f"{name}/mean/γ=0", "mean", 0.0, recipe))
+    rows += [("dqn-default/mean/γ=0.9", "mean", 0.9, RECIPES["dqn-default"]),
+             ("dqn-default/last/γ=0", "last", 0.0, RECIPES["dqn-default"]),
+             ("dqn-default/last/γ=0.9", "last", 0.9, RECIPES["dqn-default"])]
     return rows
 
 
@@ -355,6 +358,9 @@ def run_learners(train, held, reward, a, log) -> dict:
         results[name] = res
         log(f"  {reward:6} {name:26} Q {res['q']:.4f}  random {res['random']:.4f}  oracle {res['oracle']:.4f}  "
             f"capture {res['capture']:+.2f} [{res['capture_ci95'][0]:+.2f}, {res['capture_ci95'][1]:+.2f}]")
+    lengths = lambda st: torch.tensor([float(len(c)) for c in st["candidates"]])  # noqa: E731
+    results["longest"] = summarise(evaluate(held, reward, lengths))  # a trivial heuristic, for honesty
+    log(f"  {reward:6} {'longest':26} capture {results['longest']['capture']:+.2f}")
     if reward == "rouge" and "r_rm" in held[0]:
         results["rm-bon"] = summarise(evaluate(held, reward, lambda st: torch.tensor(st["r_rm"][:-1])))
     return results
