@@ -247,7 +247,8 @@ def capture_of(terms: list[tuple]) -> float:
 def dqn(train: list[dict], reward: str, pooling: str, gamma: float, a, recipe: dict, seed: int = 0):
     """The trainer's update loop (trainers/qlearn.run_episode) over the cached candidate sets; returns a scorer.
     recipe: normalise (standardised φ), all (store every candidate's transition, not only the taken one's),
-    updates (q_update calls per reply), epochs (passes over the train dialogues)."""
+    updates (q_update calls per reply), epochs (passes over the train dialogues), hidden (head width; optional),
+    human (False: leave the human reply out of the candidate sets; it scores ROUGE 1 against itself)."""
     from chatrlhf.config import QLearnConfig
     from chatrlhf.qnet import QHeads, ReplayBuffer, q_update
     from chatrlhf.trainers.qlearn import dialogue_index, epsilon
@@ -255,9 +256,10 @@ def dqn(train: list[dict], reward: str, pooling: str, gamma: float, a, recipe: d
     cfg = QLearnConfig()
     torch.manual_seed(seed)
     mu, sd = standardiser(train, pooling) if recipe["normalise"] else (0.0, 1.0)
-    phi = lambda st: (st[f"phi_{pooling}"].float() - mu) / sd  # noqa: E731  policy samples + the human reply
+    cut = None if recipe.get("human", True) else -1  # the human reply is the trainer's extra candidate
+    phi = lambda st: ((st[f"phi_{pooling}"].float() - mu) / sd)[:cut]  # noqa: E731  policy samples (+ the human reply)
     d, k = train[0][f"phi_{pooling}"].shape[1], max(len(st["candidates"]) for st in train) + 1
-    heads = QHeads(d, cfg.heads, cfg.hidden)
+    heads = QHeads(d, cfg.heads, recipe.get("hidden", cfg.hidden))
     opt = torch.optim.AdamW(heads.online.parameters(), lr=cfg.lr)
     buf = ReplayBuffer(cfg.buffer_size, d, k)
     by_dialogue: dict[int, list[dict]] = {}
@@ -270,7 +272,7 @@ def dqn(train: list[dict], reward: str, pooling: str, gamma: float, a, recipe: d
         sts = dialogues[dialogue_index(episode, len(dialogues), seed)]
         eps = epsilon(cfg, episode, total)
         for t, st in enumerate(sts):
-            x, r = phi(st), st[f"r_{reward}"]
+            x, r = phi(st), st[f"r_{reward}"][:cut]
             nxt = phi(sts[t + 1]) if t + 1 < len(sts) else None
             with torch.no_grad():
                 q = heads(x)[0]
@@ -349,15 +351,19 @@ def run_learners(train, held, reward, a, log) -> dict:
     results = {}
     for name, pooling, gamma, recipe in learners(a):
         t = time.perf_counter()
-        if recipe is None:
-            scorer, info = ridge(train, reward, pooling)
-        else:
-            scorer, info = dqn(train, reward, pooling, gamma, a, recipe, a.seed)
-        res = summarise(evaluate(held, reward, lambda st, s=scorer, p=pooling: s(st[f"phi_{p}"][:-1])))
-        res.update(info, train_s=time.perf_counter() - t)
+        seeds = [a.seed] if recipe is None else [a.seed + k for k in range(a.seeds)]
+        runs = []
+        for seed in seeds:  # ridge is deterministic; the DQN's init, exploration and replay depend on the seed
+            scorer, info = ridge(train, reward, pooling) if recipe is None else \
+                dqn(train, reward, pooling, gamma, a, recipe, seed)
+            runs.append(summarise(evaluate(held, reward, lambda st, s=scorer, p=pooling: s(st[f"phi_{p}"][:-1]))))
+        res = {**runs[0], **info, "train_s": time.perf_counter() - t}
+        caps = [r["capture"] for r in runs]
+        res.update(seed_captures=caps, capture_seed_mean=float(np.mean(caps)), capture_seed_sd=float(np.std(caps)))
         results[name] = res
-        log(f"  {reward:6} {name:26} Q {res['q']:.4f}  random {res['random']:.4f}  oracle {res['oracle']:.4f}  "
-            f"capture {res['capture']:+.2f} [{res['capture_ci95'][0]:+.2f}, {res['capture_ci95'][1]:+.2f}]")
+        log(f"  {reward:6} {name:30} Q {res['q']:.4f}  random {res['random']:.4f}  oracle {res['oracle']:.4f}  "
+            f"capture {res['capture']:+.2f} [{res['capture_ci95'][0]:+.2f}, {res['capture_ci95'][1]:+.2f}]  "
+            f"over {len(seeds)} seeds {np.mean(caps):+.2f} ± {np.std(caps):.2f}")
     lengths = lambda st: torch.tensor([float(len(c)) for c in st["candidates"]])  # noqa: E731
     results["longest"] = summarise(evaluate(held, reward, lengths))  # a trivial heuristic, for honesty
     log(f"  {reward:6} {'longest':26} capture {results['longest']['capture']:+.2f}")
@@ -393,6 +399,7 @@ def main() -> None:
     p.add_argument("--max-prompt-length", type=int, default=512)
     p.add_argument("--reward-model", default="", help="reward-model folder for the `rm` reward (skipped if empty)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=3, help="DQN learners: seeds per row (capture mean ± sd)")
     p.add_argument("--quick", action="store_true", help="8 + 6 dialogues, N = 4: a smoke run")
     a = p.parse_args()
     if not (TOP1.is_file() and FLAT.is_file()):
