@@ -27,7 +27,8 @@ def qlearn_args(out, *extra):
 def test_a_short_run_saves_heads_and_qlearn_json_and_logs_q_and_eval_metrics(tmp_path):
     out = tmp_path / "q"
     r = run_cli(*qlearn_args(out, "--references", DIALOGUES, "--max-steps", "4", "--learning-starts", "2",
-                             "--batch-size", "4", "--eval-steps", "2", "--hidden", "16", "--eval-dialogues", "2"))
+                             "--batch-size", "4", "--eval-steps", "2", "--hidden", "16", "--eval-dialogues", "2",
+                             "--pooling", "last"))
     assert r.returncode == 0, r.stderr
     assert "held-out reward per state: Q-argmax" in r.stdout and "saved to" in r.stdout
     meta = json.loads((out / "qlearn.json").read_text())
@@ -118,3 +119,24 @@ def test_cql_behaviour_logprobs_are_the_engines_for_samples_and_the_policys_for_
     want = reply_logprobs(model, tok, [info["messages"]], ["Let me check."], 64, 7)[0]
     assert info["candidate_logprobs"][human] is None
     assert got[human].item() == pytest.approx(want.item()) and got[human].item() < 0
+
+
+def test_all_candidates_stores_every_scored_candidate_and_phi_norm_saves_the_moments(tmp_path, write):
+    """--all-candidates: each state gives one transition per candidate (the taken one + the others, all scored by
+    the reward function) instead of one; --phi-norm: the standardiser saw the training candidates and is saved."""
+    fn = write("short.py", SHORT)
+    got = {}
+    for flag in ("--no-all-candidates", "--all-candidates"):
+        out = tmp_path / flag
+        r = run_cli(*qlearn_args(out, "--reward-fn", f"{fn}:short", "--max-steps", "3", "--learning-starts", "4",
+                                 "--batch-size", "4", "--eval-steps", "3", "--eval-dialogues", "1", "--hidden", "8",
+                                 "--candidates", "3", "--phi-norm", flag))
+        assert r.returncode == 0, r.stderr
+        metrics = [m for m in read_metrics(out) if "train/turns" in m]
+        got[flag] = (sum(m["train/turns"] for m in metrics), metrics[-1]["train/transitions"])
+        heads, _ = load_qheads(out)
+        assert float(heads.phi_count) >= 4  # at least the first state's candidates were observed
+    turns, transitions = got["--no-all-candidates"]
+    assert transitions == turns
+    turns, transitions = got["--all-candidates"]  # 3 samples + the human reply, fewer where two are equal
+    assert 2 * turns <= transitions <= 4 * turns

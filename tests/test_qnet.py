@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from chatrlhf.qnet import FeatureCache, QHeads, ReplayBuffer, q_update, reply_features
+from chatrlhf.qnet import NORM_KEYS, FeatureCache, QHeads, ReplayBuffer, load_qheads, q_update, reply_features, \
+    save_qheads
 from chatrlhf.rollout import generator
 
 H1 = [{"role": "user", "content": "my order never arrived"}]
@@ -133,7 +134,42 @@ def test_targets_have_no_grad_and_heads_start_apart():
     assert not any(p.requires_grad for p in heads.targets.parameters())
     assert not torch.allclose(q[0], q[1])  # two heads initialised apart (clipped double Q needs two opinions)
     torch.testing.assert_close(qt, q.detach())  # targets start as copies
-    assert {k.split(".")[0] for k in heads.state_dict()} == {"online", "targets"}  # a checkpoint holds both
+    # a checkpoint holds both, and the φ standardiser's moments
+    assert {k.split(".")[0] for k in heads.state_dict()} == {"online", "targets", *NORM_KEYS}
+
+
+def test_the_phi_standardiser_uses_the_running_moments_of_what_it_observed():
+    heads = QHeads(2, hidden=4)
+    phi = torch.tensor([[5.0, 10.0]])
+    torch.testing.assert_close(heads.standardise(phi), phi)  # identity before anything is observed
+    heads.observe(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+    heads.observe(torch.tensor([[5.0, 10.0]]))  # all rows: 1, 3, 5 → mean 3, std 2; 2, 6, 10 → mean 6, std 4
+    torch.testing.assert_close(heads.phi_mean, torch.tensor([3.0, 6.0], dtype=torch.float64))
+    torch.testing.assert_close(heads.standardise(phi), torch.tensor([[1.0, 1.0]]))
+    heads.observe(torch.zeros(0, 2))  # nothing to fold in
+    assert float(heads.phi_count) == 3
+    # the heads read standardised φ: a head that is the identity on dim 0 returns (φ_0 − 3) / 2
+    with torch.no_grad():
+        for h in heads.online:
+            h[0].weight.zero_(), h[0].bias.zero_(), h[2].weight.fill_(1.0), h[2].bias.zero_()
+            h[0].weight[0, 0] = 1.0
+    torch.testing.assert_close(heads(torch.tensor([[9.0, 0.0]])), torch.tensor([[3.0], [3.0]]))
+
+
+def test_saved_heads_keep_their_standardiser_and_older_files_load_as_identity(tmp_path):
+    torch.manual_seed(0)
+    heads = QHeads(3, hidden=4)
+    heads.observe(torch.randn(10, 3) * 50 + 7)
+    save_qheads(heads, tmp_path / "a", "tiny", "last")
+    back, meta = load_qheads(tmp_path / "a")
+    phi = torch.randn(4, 3)
+    torch.testing.assert_close(back(phi), heads(phi).detach())
+    from safetensors.torch import load_file, save_file  # an older file: no standardiser buffers
+
+    old = {k: v for k, v in load_file(tmp_path / "a" / "qheads.safetensors").items() if k not in NORM_KEYS}
+    save_file(old, tmp_path / "a" / "qheads.safetensors")
+    back, _ = load_qheads(tmp_path / "a")
+    torch.testing.assert_close(back.standardise(phi), phi)
 
 
 # ----------------------------------------------------------------------------- replay buffer

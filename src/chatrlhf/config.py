@@ -266,8 +266,15 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
                             "values keep the TD targets still; turn on to mix sources on different scales).")
     q_model: str = arg("", "Frozen trunk whose hidden state φ(h, y) the Q-heads read (QLEARN §2.2 tier A); empty = "
                        "the policy (--model).")
-    pooling: str = arg("last", "φ: the trunk state at the reply's last token (EOS), or the mean over the reply.",
-                       ("last", "mean"))
+    pooling: str = arg("mean", "φ: the mean of the trunk states over the reply, or the state at its last token (EOS) "
+                       "(benchmarks/qlearn.py: a ridge probe on last-token φ captures 0.07 of the oracle's ROUGE gain "
+                       "on held-out OASST, on mean-pooled φ 0.60).", ("mean", "last"))
+    phi_norm: bool = arg(False, "Standardise φ per dimension with the moments of the training candidates' features up "
+                         "to --learning-starts (saved with the heads): LM hidden states have outlier dimensions.")
+    all_candidates: bool = arg(False, "Also store a transition for every other candidate of each state, with its reward "
+                               "(the reward is a function of the reply, so every candidate can be scored): N + 1 "
+                               "labelled replies per state instead of the taken one's; candidates a source has no "
+                               "opinion on are not stored.")
     candidates: int = arg(5, "Policy samples per state (T = 1, top-k 0, top-p 1); the human reply of the turn is added "
                           "and duplicates dropped (CHAI, ArCHer: 5).")
     max_new_tokens: int = arg(48, "Tokens per candidate reply.")

@@ -192,11 +192,19 @@ def mlp(d: int, hidden: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
 
 
+NORM_KEYS = ("phi_count", "phi_mean", "phi_m2")  # the φ standardiser's buffers (absent from older saved heads)
+
+
 class QHeads(torch.nn.Module):
     """H MLP heads d → hidden → 1 on φ (clipped double Q, Fujimoto et al. 2018), each initialised apart, and
     their target copies θ̂ (no grad; in the state dict, so a checkpoint restores them); with ``value=True`` also a
     V head on φ(h) (offline IQL, QLEARN §2.5; no target copy: ILQL reads V(h′) from the online head). Give the
-    optimizer ``heads.trainable_parameters()``: the targets move only by soft_update / hard_update."""
+    optimizer ``heads.trainable_parameters()``: the targets move only by soft_update / hard_update.
+
+    Online and target Q heads read φ standardised per dimension, (φ − mean) / std, with running moments of the
+    features passed to :meth:`observe` (Chan et al.'s parallel update; buffers, so saved with the heads):
+    LM hidden states have a few dimensions hundreds of times larger than the rest, which swamp the first
+    layer. Before any observe() (or below 2 rows) the standardiser is the identity."""
 
     def __init__(self, d: int, n_heads: int = 2, hidden: int = 256, value: bool = False):
         super().__init__()
@@ -204,6 +212,9 @@ class QHeads(torch.nn.Module):
         self.targets = copy.deepcopy(self.online)
         self.targets.requires_grad_(False)
         self.value = mlp(d, hidden) if value else None
+        self.register_buffer("phi_count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("phi_mean", torch.zeros(d, dtype=torch.float64))
+        self.register_buffer("phi_m2", torch.zeros(d, dtype=torch.float64))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The online Q heads' parameters and the V head's (not the targets')."""
@@ -215,14 +226,37 @@ class QHeads(torch.nn.Module):
             raise ValueError("these Q-heads have no V head: build them with value=True")
         return self.value(phi_h).squeeze(-1)
 
+    @torch.no_grad()
+    def observe(self, phi: torch.Tensor) -> None:
+        """Fold the rows of ``phi`` (N, d) into the running mean and sum of squared deviations."""
+        x = phi.detach().to(self.phi_mean.device, torch.float64).reshape(-1, self.phi_mean.shape[0])
+        n = x.shape[0]
+        if n == 0:
+            return
+        mean_b, m2_b = x.mean(0), ((x - x.mean(0)) ** 2).sum(0)
+        total = self.phi_count + n
+        delta = mean_b - self.phi_mean
+        self.phi_mean += delta * n / total
+        self.phi_m2 += m2_b + delta ** 2 * self.phi_count * n / total
+        self.phi_count.fill_(float(total))
+
+    def standardise(self, phi: torch.Tensor) -> torch.Tensor:
+        """(φ − mean) / std with the running moments (std floored at 1e-4); φ unchanged before 2 observed rows."""
+        if self.phi_count < 2:
+            return phi
+        std = (self.phi_m2 / (self.phi_count - 1)).sqrt().clamp_min(1e-4)
+        return (phi - self.phi_mean.to(phi.dtype)) / std.to(phi.dtype)
+
     def forward(self, phi: torch.Tensor) -> torch.Tensor:
         """(H, N) Q_i(h, y) of the online heads; phi (N, d)."""
-        return torch.stack([h(phi).squeeze(-1) for h in self.online])
+        x = self.standardise(phi)
+        return torch.stack([h(x).squeeze(-1) for h in self.online])
 
     @torch.no_grad()
     def target(self, phi: torch.Tensor) -> torch.Tensor:
         """(H, N) Q̂_i(h, y) of the target heads, without a graph."""
-        return torch.stack([h(phi).squeeze(-1) for h in self.targets])
+        x = self.standardise(phi)
+        return torch.stack([h(x).squeeze(-1) for h in self.targets])
 
     @torch.no_grad()
     def soft_update(self, tau: float) -> None:
@@ -414,5 +448,7 @@ def load_qheads(out_dir, device="cpu") -> tuple[QHeads, dict]:
         raise FileNotFoundError(f"{out / QLEARN_JSON} not found: not a `chatrlhf qlearn` output folder")
     meta = json.loads((out / QLEARN_JSON).read_text())
     heads = QHeads(meta["dims"], meta["heads"], meta["hidden"], value=meta.get("value", False))
-    heads.load_state_dict(load_file(out / QHEADS_FILE))
+    missing, unexpected = heads.load_state_dict(load_file(out / QHEADS_FILE), strict=False)
+    if unexpected or set(missing) - set(NORM_KEYS):
+        raise ValueError(f"{out / QHEADS_FILE}: missing {missing}, unexpected {unexpected}: not saved by save_qheads")
     return heads.to(device).eval(), meta

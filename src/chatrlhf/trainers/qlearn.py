@@ -89,6 +89,7 @@ class Parts:
     cache: FeatureCache
     heads: QHeads
     buffer: ReplayBuffer
+    score: object = None  # --all-candidates: (prompts, replies) -> reward or None (no opinion) per reply
 
 
 def load_user(cfg: QLearnConfig, policy, tok, log=print) -> UserSimulator | None:
@@ -128,6 +129,15 @@ def embed(p: Parts, info: dict, cfg: QLearnConfig, keep: list[int] | None = None
                             max_prompt_length=cfg.max_prompt_length, max_reply_length=cfg.max_new_tokens + 1)
 
 
+def observed(p: Parts, phi: torch.Tensor, cfg: QLearnConfig) -> torch.Tensor:
+    """``phi``, its rows folded into the heads' φ standardiser first (--phi-norm): each training state's
+    candidates once, as they are embedded, until the first update (--learning-starts); then the standardiser
+    stays fixed, so the heads do not chase moving inputs. Held-out candidates are never observed."""
+    if cfg.phi_norm and len(p.buffer) < max(cfg.learning_starts, 1):
+        p.heads.observe(phi)
+    return phi
+
+
 @torch.no_grad()
 def q1(heads: QHeads, phi: torch.Tensor) -> torch.Tensor:
     """Q_1(h, c) per candidate (the online head that acts, QLEARN §2.4)."""
@@ -159,22 +169,45 @@ def dialogue_index(episode: int, n: int, seed: int) -> int:
     return int(np.random.default_rng(seed + epoch).permutation(n)[k])
 
 
+def other_rewards(p: Parts, info: dict, taken: int) -> list[tuple[int, float]]:
+    """(index, reward) of every candidate but the taken one that the reward sources have an opinion on
+    (--all-candidates; none without it): the same history, the same next state."""
+    if p.score is None:
+        return []
+    others = [c for c in range(len(info["candidates"])) if c != taken]
+    got = p.score([info["messages"]] * len(others), [info["candidates"][c] for c in others]) if others else []
+    return [(c, float(r)) for c, r in zip(others, got) if r is not None]
+
+
+def all_candidates_reward(mix: RewardMix, step):
+    """The environment's reward (mixed, at ``step()``) for a batch of replies, None where a source has no opinion."""
+    def score(prompts, responses):
+        total, metrics = mix(prompts, responses, [True] * len(responses), step())
+        raw = [v for k, v in metrics.items() if k.startswith("_raw/")]
+        return [t if all(v[i] is not None for v in raw) else None for i, t in enumerate(total)]
+    return score
+
+
 def run_episode(episode: int, total: int, p: Parts, cfg: QLearnConfig, optimizer, gens: dict, state: dict) -> dict:
     """One training dialogue: act ε-greedy by Q_1, store each transition, update after --learning-starts."""
     n = len(p.env.unwrapped.dialogues)
     _, info = p.env.reset(seed=cfg.seed + episode, options={"dialogue_index": dialogue_index(episode, n, cfg.seed)})
     eps = epsilon(cfg, episode, total)
-    phi, done = embed(p, info, cfg), False
+    phi, done = observed(p, embed(p, info, cfg), cfg), False
     rewards, chosen_q, sums, n_updates = [], [], {}, 0
     while not done:
         q = q1(p.heads, phi)
         explore = float(torch.rand(1, generator=gens["explore"])) < eps
         a = int(torch.randint(len(q), (1,), generator=gens["explore"])) if explore else int(q.argmax())
         _, r, terminated, truncated, next_info = p.env.step(info["candidates"][a])
-        next_phi = torch.zeros(0, p.buffer.d) if terminated else embed(p, next_info, cfg)
-        extra = {"cand_phi": phi, "taken": a, "log_behavior": behavior_logprobs(p.env, info, cfg)} \
-            if p.buffer.candidates else {}
+        next_phi = torch.zeros(0, p.buffer.d) if terminated else observed(p, embed(p, next_info, cfg), cfg)
+        cands = {"cand_phi": phi, "log_behavior": behavior_logprobs(p.env, info, cfg)} if p.buffer.candidates else {}
+        extra = {**cands, "taken": a} if cands else {}
         p.buffer.add(phi[a], r, terminated, next_phi, truncated=truncated, **extra)
+        for c, rc in other_rewards(p, info, a):
+            p.buffer.add(phi[c], rc, terminated, next_phi, truncated=truncated,
+                         **({**cands, "taken": c} if cands else {}))
+            state["transitions"] += 1
         state["transitions"] += 1
         rewards.append(r)
         chosen_q.append(float(q[a]))
@@ -256,7 +289,8 @@ def train(cfg: QLearnConfig, log=print) -> Summary:
     optimizer = torch.optim.AdamW(heads.online.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     p = Parts(env, trunk, qtok, FeatureCache(q_model, cfg.pooling), heads,
-              ReplayBuffer(cfg.buffer_size, d, cfg.candidates + 1, candidates=cfg.cql_alpha > 0))
+              ReplayBuffer(cfg.buffer_size, d, cfg.candidates + 1, candidates=cfg.cql_alpha > 0),
+              all_candidates_reward(mix, lambda: run.step) if cfg.all_candidates else None)
     n_steps = run.total_steps(len(train_dialogues))
     log(f"chatrlhf qlearn: {len(train_dialogues)} train / {len(held)} held-out dialogues, {n_steps} episodes, "
         f"{cfg.candidates} candidates + the human reply per state, reward sources {', '.join(mix.sources)}, "
