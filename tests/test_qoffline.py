@@ -95,7 +95,7 @@ def test_a_short_run_on_ratings_and_corrections_saves_q_and_v_heads_and_logs_the
     assert r.returncode == 0, r.stderr
     assert "ranked by Q: pairwise accuracy" in r.stdout and "saved to" in r.stdout
     heads, meta = load_qheads(out)
-    assert meta == {"q_model": "tiny-random-llama", "pooling": "last", "heads": 2, "hidden": 16, "dims": 64,
+    assert meta == {"q_model": "tiny-random-llama", "pooling": "mean", "heads": 2, "hidden": 16, "dims": 64,
                     "value": True}
     assert heads(torch.randn(2, 64)).shape == (2, 2) and heads.v(torch.randn(2, 64)).shape == (2,)
     assert any(k.startswith("value.") for k in load_file(out / "qheads.safetensors"))

@@ -324,8 +324,9 @@ class QOfflineConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
     reward_norm: bool = arg(False, "Normalise each reward source over the conversations' replies before mixing (off: "
                             "raw values; ratings and corrections are never normalised).")
     q_model: str = arg("", "Frozen trunk whose hidden states φ(h, y) and φ(h) the heads read; empty = --model.")
-    pooling: str = arg("last", "φ(h, y): the trunk state at the reply's last token (EOS), or the mean over the reply.",
-                       ("last", "mean"))
+    pooling: str = arg("mean", "φ(h, y): the mean of the trunk states over the reply, or the state at its last token "
+                       "(EOS); mean as in qlearn (benchmarks/qlearn.py: far more of the reward is readable from it).",
+                       ("mean", "last"))
     max_new_tokens: int = arg(48, "Tokens per CQL candidate; logged replies are cut to this length for φ too.")
     max_prompt_length: int = arg(512, "History tokens kept for φ (the start of longer histories is cut).")
     gamma: float = arg(0.9, "Discount γ across the turns of conversation files (ratings and corrections are single "
