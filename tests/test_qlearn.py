@@ -140,3 +140,36 @@ def test_all_candidates_stores_every_scored_candidate_and_phi_norm_saves_the_mom
     assert transitions == turns
     turns, transitions = got["--all-candidates"]  # 3 samples + the human reply, fewer where two are equal
     assert 2 * turns <= transitions <= 4 * turns
+
+
+def test_fqi_learns_the_short_reply_reward_with_linear_heads_and_no_human_candidate(tmp_path, write):
+    """--solver fqi: one ridge fit of the TD targets over the whole buffer per episode (γ = 0: the reward); on the
+    reward −len/50 the held-out Q-argmax pick beats a random candidate; the heads are linear (hidden 0 in
+    qlearn.json), the metrics carry the CV's λ, and --no-human-candidate keeps the data's reply out of the sets.
+    tiny-random-gpt2: its absolute position embeddings make length linear in φ (the tiny Llama's rotary ones do not)."""
+    fn = write("short.py", SHORT)
+    out = tmp_path / "q"
+    r = run_cli(*qlearn_args(out, "--model", "tiny-random-gpt2", "--reward-fn", f"{fn}:short", "--max-steps", "20",
+                             "--learning-starts", "8", "--gamma", "0", "--eval-steps", "20", "--max-new-tokens", "16",
+                             "--solver", "fqi",
+                             "--all-candidates", "--no-human-candidate", "--candidates", "4"))
+    assert r.returncode == 0, r.stderr
+    assert "4 candidates per state" in r.stdout and "solver fqi" in r.stdout
+    metrics = read_metrics(out)
+    fits = [m for m in metrics if "fqi/lambda" in m]
+    assert fits and all(m["fqi/lambda"] in (1.0, 10.0, 100.0, 1000.0, 10000.0) for m in fits)
+    assert max(m["train/transitions"] for m in metrics if "train/turns" in m) <= 4 * sum(
+        m["train/turns"] for m in metrics if "train/turns" in m)  # no fifth (human) candidate
+    end = json.loads((out / "chatrlhf.json").read_text())["eval_end"]
+    assert end["eval/q"] > end["eval/random"] and end["eval/capture"] > 0.2
+    assert json.loads((out / "qlearn.json").read_text())["hidden"] == 0
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["solver"] == "fqi" and saved["human_candidate"] is False
+
+
+def test_fqi_refuses_flags_it_would_ignore(tmp_path):
+    for flag in (["--cql-alpha", "0.1"], ["--phi-norm"]):
+        r = run_cli(*qlearn_args(tmp_path / flag[0], "--references", DIALOGUES, "--solver", "fqi", *flag))
+        assert r.returncode == 2 and "--solver fqi" in r.stderr and flag[0] in r.stderr
+    r = run_cli(*qlearn_args(tmp_path / "h", "--references", DIALOGUES, "--no-human-candidate", "--candidates", "0"))
+    assert r.returncode == 2 and "--no-human-candidate" in r.stderr

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from chatrlhf.qnet import NORM_KEYS, FeatureCache, QHeads, ReplayBuffer, load_qheads, q_update, reply_features, \
-    save_qheads
+from chatrlhf.qnet import NORM_KEYS, FeatureCache, QHeads, ReplayBuffer, fqi_update, load_qheads, q_update, \
+    reply_features, ridge_cv, ridge_solve, save_qheads
 from chatrlhf.rollout import generator
 
 H1 = [{"role": "user", "content": "my order never arrived"}]
@@ -340,3 +340,59 @@ def test_q_learning_resumes_exactly_from_state_dicts():
     steps(heads2, opt2, buffer2, g2, 5)
     for (name, a), b in zip(heads.state_dict().items(), heads2.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# ----------------------------------------------------------------------------- fitted Q iteration
+
+
+def test_ridge_solve_matches_the_hand_computed_line():
+    """x = 0, 1, 2 and y = 1, 3, 5. Centred: x − 1 = (−1, 0, 1), y − 3 = (−2, 0, 2), so w = Σxy / (Σx² + λ) = 4 / (2 + λ):
+    λ = 0 → w = 2, b = 3 − 2·1 = 1;  λ = 2 → w = 1, b = 3 − 1·1 = 2 (the bias is not shrunk)."""
+    x, y = torch.tensor([[0.0], [1.0], [2.0]]), torch.tensor([1.0, 3.0, 5.0])
+    for lam, (w_hand, b_hand) in ((0.0, (2.0, 1.0)), (2.0, (1.0, 2.0))):
+        w, b = ridge_solve(x, y, lam)
+        assert float(w[0]) == pytest.approx(w_hand) and b == pytest.approx(b_hand)
+
+
+def test_ridge_cv_shrinks_little_on_a_clean_signal_and_much_on_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 8, generator=g)
+    clean = x @ torch.arange(1.0, 9.0)
+    lam, errors = ridge_cv(x, clean, (0.01, 100.0, 1e4))
+    assert lam == 0.01 and errors[0.01] < errors[100.0] < errors[1e4]
+    lam, _ = ridge_cv(x, torch.randn(120, generator=g), (0.01, 100.0, 1e4))
+    assert lam == 1e4  # y independent of x: predicting the mean is best
+    assert ridge_cv(x[:2], clean[:2], (5.0, 7.0)) == (5.0, {})  # too few rows to hold any out
+
+
+def test_fqi_solves_the_three_state_chain_in_two_iterations():
+    """The chain of test_a_three_state_chain_learns_r_plus_gamma_r_next, by fitted Q iteration with (almost) no
+    shrinkage: iteration 1 fits Q = r + γ·Q_0(s1, ·) with Q_0 the random initial heads, so only the terminal rewards
+    are right; iteration 2 reads Q_1(s1, C) = 2, so Q(s0, A) = 1 + 0.9·2 = 2.8 exactly, Q(s0, B) = 0."""
+    torch.manual_seed(0)
+    A, B, C, D = torch.eye(4)
+    buffer = ReplayBuffer(16, d=4, k=2)
+    buffer.add(A, 1.0, terminated=False, next_phi=torch.stack([C, D]))
+    buffer.add(B, 0.0, terminated=True)
+    buffer.add(C, 2.0, terminated=True)
+    buffer.add(D, 0.5, terminated=True)
+    heads = QHeads(4, n_heads=2, hidden=0)
+    m = fqi_update(heads, buffer, gamma=0.9, lambdas=(1e-9,))
+    q = heads(torch.stack([A, B, C, D])).detach()
+    torch.testing.assert_close(q[:, 1:], torch.tensor([0.0, 2.0, 0.5]).expand(2, 3), atol=1e-4, rtol=0)
+    fqi_update(heads, buffer, gamma=0.9, lambdas=(1e-9,))
+    q = heads(torch.stack([A, B, C, D])).detach()
+    torch.testing.assert_close(q, torch.tensor([2.8, 0.0, 2.0, 0.5]).expand(2, 4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(heads.target(torch.stack([A, B, C, D])), q)  # the targets hold the new iterate
+    assert m["fqi/rows"] == 4 and m["fqi/lambda"] == 1e-9
+
+
+def test_fqi_needs_linear_heads_and_linear_heads_save_and_load(tmp_path):
+    buffer = ReplayBuffer(4, d=3, k=1)
+    buffer.add(torch.ones(3), 1.0, terminated=True)
+    with pytest.raises(ValueError, match="hidden=0"):
+        fqi_update(QHeads(3, hidden=4), buffer, gamma=0.0)
+    heads = QHeads(3, hidden=0)
+    save_qheads(heads, tmp_path, "m", "mean")
+    loaded, meta = load_qheads(tmp_path)
+    assert meta["hidden"] == 0 and torch.equal(loaded(torch.ones(2, 3)), heads(torch.ones(2, 3)).detach())

@@ -300,7 +300,15 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
     cql_alpha: float = arg(0.0, "Weight of CQL(H) over each state's candidate set (0 = off; 0.1 offline, CHAI); "
                            "stores the candidate sets in the buffer.")
     heads: int = arg(2, "Q-heads (clipped double Q: the target is the min over the target heads).")
-    hidden: int = arg(256, "Hidden width of each head's MLP (d → hidden → 1).")
+    hidden: int = arg(256, "Hidden width of each head's MLP (d → hidden → 1); dqn only (fqi's heads are linear).")
+    solver: str = arg("dqn", "How the heads learn: `dqn`, gradient steps (Huber, double DQN, Polyak targets) on replay "
+                      "batches after every reply; `fqi`, fitted Q iteration: after every episode, linear heads solved "
+                      "in closed form by ridge regression of the TD targets over the whole buffer on standardised φ, "
+                      "λ by 3-fold CV (at γ = 0 the ridge probe of benchmarks/qlearn.py). fqi ignores --hidden, --lr, "
+                      "--batch-size, --updates-per-step, --tau, --max-grad-norm.", ("dqn", "fqi"))
+    human_candidate: bool = arg(True, "Add the data's human reply of the turn to each training state's candidates "
+                                "(with reward `similarity` it scores 1 against itself, an outlier label for fqi; "
+                                "the held-out choice never includes it).")
     eval_steps: int = arg(50, "Held-out evaluation every N episodes (and at the end).")
     eval_dialogues: int = arg(16, "Held-out dialogues per evaluation (the first N).")
 

@@ -315,15 +315,17 @@ def dedupe(texts: list[str]) -> list[int]:
 class CandidateWrapper(gym.Wrapper):
     """Puts the candidate replies of each new state in ``info["candidates"]`` (QLEARN §2.3): ``n`` samples of
     the policy through the generation engine (one prefill shared by the n rows), then the human reply of that
-    turn when the data has one, de-duplicated (the first of equal texts kept). ``info["candidate_logprobs"]``:
-    each candidate's log π_β (sum over its tokens; None for the human reply), for CQL's importance weights.
-    A terminated state has no candidates. ``reset(seed=…)`` seeds the sampling too, so candidates repeat."""
+    turn when the data has one (unless ``human=False``), de-duplicated (the first of equal texts kept).
+    ``info["candidate_logprobs"]``: each candidate's log π_β (sum over its tokens; None for the human reply), for
+    CQL's importance weights. A terminated state has no candidates. ``reset(seed=…)`` seeds the sampling too, so
+    candidates repeat."""
 
-    def __init__(self, env: gym.Env, engine: Engine, n: int = 5, params: SamplingParams | None = None):
+    def __init__(self, env: gym.Env, engine: Engine, n: int = 5, params: SamplingParams | None = None,
+                 human: bool = True):
         super().__init__(env)
         if n < 0:
             raise UsageError(f"CandidateWrapper: n must be ≥ 0, got {n}", "e.g. --candidates 5")
-        self.engine, self.n = engine, n
+        self.engine, self.n, self.human = engine, n, human
         # T = 1, no top-k/top-p: diverse candidates whose log-probs are those of π_β (QLEARN §2.3)
         self.params = params or SamplingParams(max_tokens=64, temperature=1.0, top_k=0, top_p=1.0)
         self.generator: torch.Generator | None = None
@@ -335,7 +337,7 @@ class CandidateWrapper(gym.Wrapper):
             for c in self.engine.generate([info["messages"]], params, generator=self.generator):
                 texts.append(c.text)
                 logps.append(float(sum(c.logprobs)))
-        if not done and info.get("human_reply") is not None:
+        if not done and self.human and info.get("human_reply") is not None:
             texts.append(info["human_reply"])
             logps.append(None)
         keep = dedupe(texts)

@@ -189,6 +189,9 @@ class FeatureCache:
 
 
 def mlp(d: int, hidden: int) -> torch.nn.Sequential:
+    """d → hidden → 1 with a ReLU; hidden = 0: a linear head d → 1 (what fitted Q iteration solves in closed form)."""
+    if hidden == 0:
+        return torch.nn.Sequential(torch.nn.Linear(d, 1))
     return torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
 
 
@@ -416,6 +419,77 @@ def iql_update(heads: QHeads, optimizer: torch.optim.Optimizer, batch: dict[str,
     return {k: float(v) for k, v in metrics.items()}
 
 
+# ----------------------------------------------------------------------------- fitted Q iteration (ridge heads)
+
+
+RIDGE_LAMBDAS = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+
+
+def ridge_solve(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
+    """(w, b) = argmin ‖x·w + b − y‖² + λ‖w‖² (the bias not penalised: x and y centred first), in float64."""
+    x, y = x.double(), y.double()
+    xm, ym = x.mean(0), y.mean()
+    xc = x - xm
+    w = torch.linalg.solve(xc.T @ xc + lam * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ (y - ym))
+    return w, float(ym - xm @ w)
+
+
+def ridge_cv(x: torch.Tensor, y: torch.Tensor, lambdas=RIDGE_LAMBDAS, folds: int = 3) -> tuple[float, dict]:
+    """(λ with the lowest held-out mean squared error, {λ: that error}) over ``folds`` contiguous blocks of rows:
+    the rows of one state sit side by side (the replay buffer stores a state's transitions in a row), so a block
+    holds out whole states, bar the ones at its edges. Fewer rows than folds: the first λ, no errors."""
+    n = len(y)
+    if n < max(folds, 2):
+        return float(lambdas[0]), {}
+    edges = [n * k // folds for k in range(folds + 1)]
+    errors = {}
+    for lam in lambdas:
+        se = 0.0
+        for a, b in zip(edges, edges[1:]):
+            keep = torch.cat([torch.arange(0, a), torch.arange(b, n)])
+            w, c = ridge_solve(x[keep], y[keep], lam)
+            se += float(((x[a:b].double() @ w + c - y[a:b].double()) ** 2).sum())
+        errors[float(lam)] = se / n
+    return min(errors, key=errors.get), errors
+
+
+@torch.no_grad()
+def fqi_update(heads: QHeads, buffer: ReplayBuffer, gamma: float, lambdas=RIDGE_LAMBDAS,
+               reward_range: tuple[float, float] | None = None) -> dict[str, float]:
+    """One iteration of fitted Q iteration (Ernst et al. 2005; Riedmiller's NFQ) with linear heads solved in closed
+    form by ridge regression over the whole buffer, instead of q_update's gradient steps on sampled batches:
+        Q̂ ← Q (hard_update: the previous iterate is the target)
+        y = r + γ(1 − terminated)·min_i Q̂_i(h′, argmax_c Q_1(h′, c))       (q_update's double-DQN target)
+        φ standardiser ← the moments of the buffer's φ(h, a)
+        (w, b) = argmin Σ (z·w + b − y)² + λ‖w‖² on z = standardised φ, λ by ridge_cv; every head ← (w, b)
+    At γ = 0 one iteration is the ridge regression of the reward on standardised φ. Needs linear heads
+    (QHeads(d, H, hidden=0)); all heads get the same solution, so the min over them is the one head."""
+    if any(len(h) != 1 for h in heads.online):
+        raise ValueError("fitted Q iteration solves linear heads: build them with QHeads(d, n_heads, hidden=0)")
+    data = {name: t[:len(buffer)] for name, t in buffer.data.items()}
+    n, k, d = data["next_phi"].shape
+    heads.hard_update()
+    next_flat = data["next_phi"].reshape(n * k, d).float()
+    online_next, target_next = heads(next_flat)[0].reshape(n, k), heads.target(next_flat).reshape(-1, n, k)
+    next_value, _ = double_q_next_value(online_next, target_next, data["next_valid"])
+    y = td_target(data["reward"], next_value, data["terminated"], gamma, reward_range)
+    phi = data["phi"].float()
+    for name in NORM_KEYS:
+        getattr(heads, name).zero_()
+    heads.observe(phi)
+    z = heads.standardise(phi)
+    lam, errors = ridge_cv(z, y, lambdas)
+    w, b = ridge_solve(z, y, lam)
+    for h in heads.online:
+        h[0].weight.copy_(w.to(h[0].weight.dtype).unsqueeze(0))
+        h[0].bias.fill_(b)
+    heads.hard_update()
+    fit = heads(phi)[0]
+    return {"fqi/lambda": lam, "fqi/cv_mse": errors.get(lam, float("nan")), "fqi/rows": float(n),
+            "fqi/train_mse": float(((fit - y) ** 2).mean()), "q/target_mean": float(y.mean()),
+            "q/next_value_mean": float(next_value.mean())}
+
+
 # ----------------------------------------------------------------------------- saved heads
 
 
@@ -431,8 +505,8 @@ def save_qheads(heads: QHeads, out_dir, q_model: str, pooling: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}, out / QHEADS_FILE)
     first = heads.online[0]
-    meta = {"q_model": q_model, "pooling": pooling, "heads": len(heads.online), "hidden": first[0].out_features,
-            "dims": first[0].in_features}
+    meta = {"q_model": q_model, "pooling": pooling, "heads": len(heads.online),
+            "hidden": 0 if len(first) == 1 else first[0].out_features, "dims": first[0].in_features}
     if heads.value is not None:  # only then: folders without a V head keep their qlearn.json as it was
         meta["value"] = True
     (out / QLEARN_JSON).write_text(json.dumps(meta, indent=2) + "\n")

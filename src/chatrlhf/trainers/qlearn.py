@@ -1,11 +1,13 @@
 """Online DQN over candidate replies on replayed dialogues — QLEARN.md §2.2–2.4, tier A (frozen features).
 
 One run step is one episode (a training dialogue). At each state the policy proposes ``--candidates`` replies
-(plus the data's human reply), φ(h, c) of each comes from a frozen trunk through the FeatureCache, the reply is
+(plus the data's human reply unless --no-human-candidate), φ(h, c) of each comes from a frozen trunk through the FeatureCache, the reply is
 chosen ε-greedy by Q_1, the environment scores it and moves to the next replayed user turn, and the transition
 (φ(h, a), r, terminated, truncated, φ of the next state's candidates) goes into the replay buffer. After
 ``--learning-starts`` transitions every reply is followed by ``--updates-per-step`` q_update batches (double
-DQN, clipped double Q, Huber) and a Polyak step of the target heads. Only the small MLP heads train.
+DQN, clipped double Q, Huber) and a Polyak step of the target heads. Only the small MLP heads train. With
+``--solver fqi`` the heads are linear and, after every episode, set to the ridge solution of the TD targets over the
+whole buffer (fitted Q iteration, qnet.fqi_update) instead.
 With ``--user-model`` the user reacts: once the chosen reply differs from the data's, a chat model playing the
 user (env.UserSimulator, seeded by each reset) writes the next user turns, in training and evaluation alike —
 where γ > 0 has something to credit (QLEARN §2.6).
@@ -35,7 +37,7 @@ from chatrlhf.env import STOP_MARKER, CandidateWrapper, DialogueEnv, UserSimulat
 from chatrlhf.errors import UsageError
 from chatrlhf.models import load_model, unwrap
 from chatrlhf.qeval import ScoredSet, set_statistics
-from chatrlhf.qnet import FeatureCache, QHeads, ReplayBuffer, load_policy_and_trunk, q_update, \
+from chatrlhf.qnet import FeatureCache, QHeads, ReplayBuffer, fqi_update, load_policy_and_trunk, q_update, \
     reply_logprobs, save_qheads
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import generator
@@ -76,6 +78,13 @@ def check(cfg: QLearnConfig) -> None:
     if cfg.user_model and cfg.candidates < 1:
         raise UsageError(f"--user-model {cfg.user_model} with --candidates 0: once the simulated user takes over there "
                          "is no human reply, so no candidate to choose", "give --candidates 1 or more")
+    if cfg.solver == "fqi" and (cfg.cql_alpha > 0 or cfg.phi_norm):
+        raise UsageError(f"--solver fqi with {'--cql-alpha' if cfg.cql_alpha > 0 else '--phi-norm'}: fitted Q "
+                         "iteration has no CQL term and always standardises φ with the buffer's moments",
+                         "drop the flag, or use --solver dqn")
+    if not cfg.human_candidate and cfg.candidates < 1:
+        raise UsageError("--no-human-candidate with --candidates 0 leaves no candidate to choose",
+                         "give --candidates 1 or more")
     if not 0 <= cfg.gamma < 1 or not 0 <= cfg.tau <= 1:
         raise UsageError(f"--gamma {cfg.gamma} must be in [0, 1) and --tau {cfg.tau} in [0, 1]", "e.g. 0.9 and 0.005")
 
@@ -108,13 +117,14 @@ def load_user(cfg: QLearnConfig, policy, tok, log=print) -> UserSimulator | None
     return UserSimulator(Engine(model, utok, cfg.dtype), params, name=cfg.user_model)
 
 
-def candidate_env(dialogues, reward, engine: Engine, cfg: QLearnConfig, user: UserSimulator | None = None) \
-        -> CandidateWrapper:
-    """The candidate environment of training and of evaluation (the same simulator, seeded by each reset)."""
+def candidate_env(dialogues, reward, engine: Engine, cfg: QLearnConfig, user: UserSimulator | None = None,
+                  human: bool = True) -> CandidateWrapper:
+    """The candidate environment of training (with the human reply as a candidate unless --no-human-candidate) and
+    of evaluation (which leaves the human reply out of the choice itself); the same simulator, seeded by each reset."""
     params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
     max_turns = cfg.max_turns or (USER_MAX_TURNS if user is not None else None)
     return CandidateWrapper(DialogueEnv(dialogues, reward, max_turns=max_turns, user=user), engine,
-                            n=cfg.candidates, params=params)
+                            n=cfg.candidates, params=params, human=human)
 
 
 # --------------------------------------------------------------------------- acting
@@ -211,7 +221,7 @@ def run_episode(episode: int, total: int, p: Parts, cfg: QLearnConfig, optimizer
         state["transitions"] += 1
         rewards.append(r)
         chosen_q.append(float(q[a]))
-        if len(p.buffer) >= max(cfg.learning_starts, 1):
+        if cfg.solver == "dqn" and len(p.buffer) >= max(cfg.learning_starts, 1):
             for _ in range(cfg.updates_per_step):
                 m = q_update(p.heads, optimizer, p.buffer.sample(cfg.batch_size, gens["replay"]), cfg.gamma,
                              cfg.cql_alpha, cfg.max_grad_norm)
@@ -221,6 +231,8 @@ def run_episode(episode: int, total: int, p: Parts, cfg: QLearnConfig, optimizer
                 n_updates += 1
         done = terminated or truncated
         phi, info = next_phi, next_info
+    if cfg.solver == "fqi" and len(p.buffer) >= max(cfg.learning_starts, 1):
+        sums, n_updates = fqi_update(p.heads, p.buffer, cfg.gamma), 1  # one iteration per episode
     state["updates"] += n_updates
     metrics = {k if "/" in k else f"q/{k}": v / n_updates for k, v in sums.items()} if n_updates else {}
     metrics.update({"train/return": float(sum(rewards)), "train/reward_mean": float(np.mean(rewards)),
@@ -283,9 +295,9 @@ def train(cfg: QLearnConfig, log=print) -> Summary:
     policy, tok, trunk, qtok, q_model = load_policy_and_trunk(cfg)
     engine = Engine(policy, tok, cfg.dtype)
     user = load_user(cfg, policy, tok, log)
-    env = candidate_env(train_dialogues, mixed_reward(mix, lambda: run.step), engine, cfg, user)
+    env = candidate_env(train_dialogues, mixed_reward(mix, lambda: run.step), engine, cfg, user, cfg.human_candidate)
     d = unwrap(trunk).config.hidden_size
-    heads = QHeads(d, cfg.heads, cfg.hidden).to(run.device)
+    heads = QHeads(d, cfg.heads, 0 if cfg.solver == "fqi" else cfg.hidden).to(run.device)
     optimizer = torch.optim.AdamW(heads.online.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     p = Parts(env, trunk, qtok, FeatureCache(q_model, cfg.pooling), heads,
@@ -293,8 +305,9 @@ def train(cfg: QLearnConfig, log=print) -> Summary:
               all_candidates_reward(mix, lambda: run.step) if cfg.all_candidates else None)
     n_steps = run.total_steps(len(train_dialogues))
     log(f"chatrlhf qlearn: {len(train_dialogues)} train / {len(held)} held-out dialogues, {n_steps} episodes, "
-        f"{cfg.candidates} candidates + the human reply per state, reward sources {', '.join(mix.sources)}, "
-        f"φ from {q_model} ({cfg.pooling}, d = {d}), {cfg.heads} heads, γ {cfg.gamma:g}, device {run.device}")
+        f"{cfg.candidates} candidates{' + the human reply' if cfg.human_candidate else ''} per state, reward sources {', '.join(mix.sources)}, "
+        f"φ from {q_model} ({cfg.pooling}, d = {d}), {cfg.heads} heads, solver {cfg.solver}, γ {cfg.gamma:g}, "
+        f"device {run.device}")
     gens = {"explore": generator(cfg.seed + 1), "replay": generator(cfg.seed + 2)}
     state = run.begin({"q": (heads, optimizer, scheduler)}, gens,
                       {"transitions": 0, "updates": 0, "moments": {}, "eval_start": None},
