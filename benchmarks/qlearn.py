@@ -248,9 +248,10 @@ def dqn(train: list[dict], reward: str, pooling: str, gamma: float, a, recipe: d
     """The trainer's update loop (trainers/qlearn.run_episode) over the cached candidate sets; returns a scorer.
     recipe: normalise (standardised φ), all (store every candidate's transition, not only the taken one's),
     updates (q_update calls per reply), epochs (passes over the train dialogues), hidden (head width; optional),
-    human (False: leave the human reply out of the candidate sets; it scores ROUGE 1 against itself)."""
+    human (False: leave the human reply out of the candidate sets; it scores ROUGE 1 against itself), solver
+    ("fqi": linear heads set by qnet.fqi_update after every episode, as `chatrlhf qlearn --solver fqi`)."""
     from chatrlhf.config import QLearnConfig
-    from chatrlhf.qnet import QHeads, ReplayBuffer, q_update
+    from chatrlhf.qnet import QHeads, ReplayBuffer, fqi_update, q_update
     from chatrlhf.trainers.qlearn import dialogue_index, epsilon
 
     cfg = QLearnConfig()
@@ -259,7 +260,8 @@ def dqn(train: list[dict], reward: str, pooling: str, gamma: float, a, recipe: d
     cut = None if recipe.get("human", True) else -1  # the human reply is the trainer's extra candidate
     phi = lambda st: ((st[f"phi_{pooling}"].float() - mu) / sd)[:cut]  # noqa: E731  policy samples (+ the human reply)
     d, k = train[0][f"phi_{pooling}"].shape[1], max(len(st["candidates"]) for st in train) + 1
-    heads = QHeads(d, cfg.heads, recipe.get("hidden", cfg.hidden))
+    fqi = recipe.get("solver") == "fqi"
+    heads = QHeads(d, cfg.heads, 0 if fqi else recipe.get("hidden", cfg.hidden), value=fqi)
     opt = torch.optim.AdamW(heads.online.parameters(), lr=cfg.lr)
     buf = ReplayBuffer(cfg.buffer_size, d, k)
     by_dialogue: dict[int, list[dict]] = {}
@@ -279,11 +281,13 @@ def dqn(train: list[dict], reward: str, pooling: str, gamma: float, a, recipe: d
             explore = float(torch.rand(1, generator=g_explore)) < eps
             act = int(torch.randint(len(q), (1,), generator=g_explore)) if explore else int(q.argmax())
             for c in (range(len(r)) if recipe["all"] else [act]):
-                buf.add(x[c], r[c], nxt is None, nxt)
-            if len(buf) >= max(cfg.learning_starts, 1):
+                buf.add(x[c], r[c], nxt is None, nxt, state=id(st))
+            if not fqi and len(buf) >= max(cfg.learning_starts, 1):
                 for _ in range(recipe["updates"]):
                     q_update(heads, opt, buf.sample(cfg.batch_size, g_replay), gamma, 0.0, cfg.max_grad_norm)
                     heads.soft_update(cfg.tau)
+        if fqi and len(buf) >= max(cfg.learning_starts, 1):
+            fqi_update(heads, buf, gamma)
     heads.eval()
     return (lambda p: heads(((p.float() - mu) / sd))[0].detach()), {"updates": recipe["updates"], "episodes": total}
 
@@ -333,7 +337,11 @@ RECIPES = {"dqn-default": {"normalise": False, "all": False, "updates": 1, "epoc
            "dqn+all": {"normalise": False, "all": True, "updates": 1, "epochs": 1},
            "dqn+updates": {"normalise": False, "all": False, "updates": 8, "epochs": 3},
            "dqn+all+updates": {"normalise": False, "all": True, "updates": 8, "epochs": 3},
-           "dqn+norm+all+updates": {"normalise": True, "all": True, "updates": 8, "epochs": 3}}
+           "dqn+norm+all+updates": {"normalise": True, "all": True, "updates": 8, "epochs": 3},
+           # `chatrlhf qlearn --solver fqi --all-candidates` (FQI standardises φ itself), with / without the human reply
+           "fqi+all": {"normalise": False, "all": True, "updates": 0, "epochs": 1, "solver": "fqi"},
+           "fqi+all-human": {"normalise": False, "all": True, "updates": 0, "epochs": 1, "solver": "fqi",
+                             "human": False}}
 
 
 def learners(a) -> list[tuple[str, str, float | None, dict | None]]:
@@ -341,7 +349,9 @@ def learners(a) -> list[tuple[str, str, float | None, dict | None]]:
     rows = [(f"ridge/{p}", p, None, None) for p in ("last", "mean")]
     for name, recipe in RECIPES.items():
         rows.append((f"{name}/mean/γ=0", "mean", 0.0, recipe))
-    rows += [("dqn-default/mean/γ=0.9", "mean", 0.9, RECIPES["dqn-default"]),
+    rows += [("fqi+all-human/mean/γ=0.9", "mean", 0.9, RECIPES["fqi+all-human"]),
+             ("fqi+all-human/last/γ=0", "last", 0.0, RECIPES["fqi+all-human"]),
+             ("dqn-default/mean/γ=0.9", "mean", 0.9, RECIPES["dqn-default"]),
              ("dqn-default/last/γ=0", "last", 0.0, RECIPES["dqn-default"]),
              ("dqn-default/last/γ=0.9", "last", 0.9, RECIPES["dqn-default"])]
     return rows
@@ -350,6 +360,8 @@ def learners(a) -> list[tuple[str, str, float | None, dict | None]]:
 def run_learners(train, held, reward, a, log) -> dict:
     results = {}
     for name, pooling, gamma, recipe in learners(a):
+        if a.only not in name:
+            continue
         t = time.perf_counter()
         seeds = [a.seed] if recipe is None else [a.seed + k for k in range(a.seeds)]
         runs = []
@@ -401,6 +413,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3, help="DQN learners: seeds per row (capture mean ± sd)")
     p.add_argument("--quick", action="store_true", help="8 + 6 dialogues, N = 4: a smoke run")
+    p.add_argument("--only", default="", help="run only the learner rows whose name contains this (e.g. fqi)")
     a = p.parse_args()
     if not (TOP1.is_file() and FLAT.is_file()):
         sys.exit(f"{SFT} (OpenAssistant files) not found: this benchmark needs ../shared/data — skipped")
@@ -421,7 +434,7 @@ def main() -> None:
         f"scoring = {c['score_over_generate']:.2f}× generation (goal ≤ 0.5×), total {c['total_over_generate']:.2f}×")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    name = "qlearn-quick.json" if a.quick else "qlearn.json"
+    name = "qlearn-quick.json" if a.quick else f"qlearn-{a.only}.json" if a.only else "qlearn.json"
     (out / name).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     log(f"wrote {out / name} ({result['wall_s'] / 60:.1f} min)")
 

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from chatrlhf.qnet import NORM_KEYS, FeatureCache, QHeads, ReplayBuffer, fqi_update, load_qheads, q_update, \
-    reply_features, ridge_cv, ridge_solve, save_qheads
+from chatrlhf.qnet import NORM_KEYS, FeatureCache, QHeads, ReplayBuffer, dueling_q, fqi_update, load_qheads, \
+    q_update, reply_features, ridge_cv, ridge_solve, save_qheads
 from chatrlhf.rollout import generator
 
 H1 = [{"role": "user", "content": "my order never arrived"}]
@@ -366,33 +366,37 @@ def test_ridge_cv_shrinks_little_on_a_clean_signal_and_much_on_noise():
 
 
 def test_fqi_solves_the_three_state_chain_in_two_iterations():
-    """The chain of test_a_three_state_chain_learns_r_plus_gamma_r_next, by fitted Q iteration with (almost) no
-    shrinkage: iteration 1 fits Q = r + γ·Q_0(s1, ·) with Q_0 the random initial heads, so only the terminal rewards
-    are right; iteration 2 reads Q_1(s1, C) = 2, so Q(s0, A) = 1 + 0.9·2 = 2.8 exactly, Q(s0, B) = 0."""
+    """The chain of test_a_three_state_chain_learns_r_plus_gamma_r_next (state 0 offers A, B; state 1 offers C, D),
+    by fitted Q iteration with (almost) no shrinkage: iteration 1 fits Q = r + γ·Q_0(s1, ·) with Q_0 the random
+    initial heads, so only the terminal rewards are right; iteration 2 reads Q_1(s1, C) = 2, so Q(s0, A) =
+    1 + 0.9·2 = 2.8 exactly, Q(s0, B) = 0. Q of a set is V(its mean φ) + A − mean A (dueling_q); A alone ranks."""
     torch.manual_seed(0)
     A, B, C, D = torch.eye(4)
     buffer = ReplayBuffer(16, d=4, k=2)
-    buffer.add(A, 1.0, terminated=False, next_phi=torch.stack([C, D]))
-    buffer.add(B, 0.0, terminated=True)
-    buffer.add(C, 2.0, terminated=True)
-    buffer.add(D, 0.5, terminated=True)
-    heads = QHeads(4, n_heads=2, hidden=0)
+    buffer.add(A, 1.0, terminated=False, next_phi=torch.stack([C, D]), state=0)
+    buffer.add(B, 0.0, terminated=True, state=0)
+    buffer.add(C, 2.0, terminated=True, state=1)
+    buffer.add(D, 0.5, terminated=True, state=1)
+    sets, valid = torch.stack([torch.stack([A, B]), torch.stack([C, D])]), torch.ones(2, 2, dtype=torch.bool)
+    heads = QHeads(4, n_heads=2, hidden=0, value=True)
     m = fqi_update(heads, buffer, gamma=0.9, lambdas=(1e-9,))
-    q = heads(torch.stack([A, B, C, D])).detach()
-    torch.testing.assert_close(q[:, 1:], torch.tensor([0.0, 2.0, 0.5]).expand(2, 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(dueling_q(heads, sets, valid)[:, 1:], torch.tensor([[0.0], [0.5]]), atol=1e-4, rtol=0)
+    assert float(dueling_q(heads, sets, valid)[1, 0]) == pytest.approx(2.0, abs=1e-4)
     fqi_update(heads, buffer, gamma=0.9, lambdas=(1e-9,))
-    q = heads(torch.stack([A, B, C, D])).detach()
-    torch.testing.assert_close(q, torch.tensor([2.8, 0.0, 2.0, 0.5]).expand(2, 4), atol=1e-4, rtol=0)
-    torch.testing.assert_close(heads.target(torch.stack([A, B, C, D])), q)  # the targets hold the new iterate
-    assert m["fqi/rows"] == 4 and m["fqi/lambda"] == 1e-9
+    q = dueling_q(heads, sets, valid)
+    torch.testing.assert_close(q, torch.tensor([[2.8, 0.0], [2.0, 0.5]]), atol=1e-4, rtol=0)
+    a = heads(torch.stack([A, B, C, D])).detach()
+    assert (a[:, 0] > a[:, 1]).all() and (a[:, 2] > a[:, 3]).all()  # the heads alone rank within a state
+    assert m["fqi/rows"] == 4 and m["fqi/states"] == 2 and m["fqi/lambda"] == 1e-9
 
 
 def test_fqi_needs_linear_heads_and_linear_heads_save_and_load(tmp_path):
     buffer = ReplayBuffer(4, d=3, k=1)
     buffer.add(torch.ones(3), 1.0, terminated=True)
-    with pytest.raises(ValueError, match="hidden=0"):
-        fqi_update(QHeads(3, hidden=4), buffer, gamma=0.0)
-    heads = QHeads(3, hidden=0)
+    for bad in (QHeads(3, hidden=4, value=True), QHeads(3, hidden=0)):
+        with pytest.raises(ValueError, match="hidden=0, value=True"):
+            fqi_update(bad, buffer, gamma=0.0)
+    heads = QHeads(3, hidden=0, value=True)
     save_qheads(heads, tmp_path, "m", "mean")
     loaded, meta = load_qheads(tmp_path)
     assert meta["hidden"] == 0 and torch.equal(loaded(torch.ones(2, 3)), heads(torch.ones(2, 3)).detach())

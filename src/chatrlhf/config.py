@@ -302,10 +302,11 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
     heads: int = arg(2, "Q-heads (clipped double Q: the target is the min over the target heads).")
     hidden: int = arg(256, "Hidden width of each head's MLP (d → hidden → 1); dqn only (fqi's heads are linear).")
     solver: str = arg("dqn", "How the heads learn: `dqn`, gradient steps (Huber, double DQN, Polyak targets) on replay "
-                      "batches after every reply; `fqi`, fitted Q iteration: after every episode, linear heads solved "
-                      "in closed form by ridge regression of the TD targets over the whole buffer on standardised φ, "
-                      "λ by 3-fold CV (at γ = 0 the ridge probe of benchmarks/qlearn.py). fqi ignores --hidden, --lr, "
-                      "--batch-size, --updates-per-step, --tau, --max-grad-norm.", ("dqn", "fqi"))
+                      "batches after every reply; `fqi`, fitted Q iteration: after every episode, linear dueling heads "
+                      "Q = V(h) + A(h, c) solved in closed form by ridge regression of the TD targets over the whole "
+                      "buffer on standardised φ (A on the within-state deviations, V on the states' means; λ by "
+                      "3-fold CV). fqi ignores --hidden, --lr, --batch-size, --updates-per-step, --tau, "
+                      "--max-grad-norm.", ("dqn", "fqi"))
     human_candidate: bool = arg(True, "Add the data's human reply of the turn to each training state's candidates "
                                 "(with reward `similarity` it scores 1 against itself, an outlier label for fqi; "
                                 "the held-out choice never includes it).")

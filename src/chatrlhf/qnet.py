@@ -296,7 +296,8 @@ class ReplayBuffer:
                      "terminated": torch.zeros(capacity, dtype=torch.bool),
                      "truncated": torch.zeros(capacity, dtype=torch.bool),
                      "next_phi": torch.zeros(capacity, k, d, dtype=dtype),
-                     "next_valid": torch.zeros(capacity, k, dtype=torch.bool)}
+                     "next_valid": torch.zeros(capacity, k, dtype=torch.bool),
+                     "state": torch.zeros(capacity, dtype=torch.long)}
         if candidates:
             self.data.update(cand_phi=torch.zeros(capacity, k, d, dtype=dtype),
                              cand_valid=torch.zeros(capacity, k, dtype=torch.bool),
@@ -314,13 +315,15 @@ class ReplayBuffer:
 
     def add(self, phi: torch.Tensor, reward: float, terminated: bool, next_phi: torch.Tensor | None = None,
             truncated: bool = False, cand_phi: torch.Tensor | None = None, taken: int | None = None,
-            log_behavior: torch.Tensor | None = None) -> None:
-        """Store one transition. next_phi (k′ ≤ K, d): the candidates at h′ (None or empty at a terminal h′).
+            log_behavior: torch.Tensor | None = None, state: int = 0) -> None:
+        """Store one transition. next_phi (k′ ≤ K, d): the candidates at h′ (None or empty at a terminal h′);
+        ``state`` numbers the state h, so that transitions of one state can be grouped (fqi_update's advantage).
         With candidates=True: cand_phi (k ≤ K, d) the candidate set at h, taken its index of the reply taken,
         log_behavior (k,) log π_β(c|h) (0 when omitted: uniform, the same gradient as plain CQL(H))."""
         i, row = self.pos, self.data
         row["phi"][i] = phi
         row["reward"][i], row["terminated"][i], row["truncated"][i] = float(reward), bool(terminated), bool(truncated)
+        row["state"][i] = int(state)
         row["next_phi"][i], row["next_valid"][i] = self._padded(
             torch.zeros(0, self.d) if next_phi is None else next_phi, "next_phi")
         if self.candidates:
@@ -453,41 +456,68 @@ def ridge_cv(x: torch.Tensor, y: torch.Tensor, lambdas=RIDGE_LAMBDAS, folds: int
     return min(errors, key=errors.get), errors
 
 
+def group_means(x: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-group means (G, …), each row's group index (N,)) of ``x`` (N, …) grouped by the labels ``groups``."""
+    labels, index = torch.unique(groups, return_inverse=True)
+    sums = torch.zeros((len(labels),) + x.shape[1:], dtype=x.dtype).index_add_(0, index, x)
+    counts = torch.zeros(len(labels), dtype=x.dtype).index_add_(0, index, torch.ones(len(x), dtype=x.dtype))
+    return sums / counts.reshape(-1, *([1] * (x.dim() - 1))), index
+
+
+@torch.no_grad()
+def dueling_q(heads: QHeads, phi: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, K) Q(h, c) = V(φ̄_h) + A(h, c) − mean_c A(h, c) of candidate sets ``phi`` (B, K, d) with a ``valid`` mask,
+    for linear heads fitted by fqi_update: A is online head 1, V the value head on the set's mean φ̄_h."""
+    B, K, d = phi.shape
+    m = valid.float()
+    n = m.sum(1).clamp_min(1.0)
+    a = heads(phi.reshape(B * K, d).float())[0].reshape(B, K)
+    bar = (phi.float() * m.unsqueeze(-1)).sum(1) / n.unsqueeze(-1)
+    return heads.v(heads.standardise(bar)).unsqueeze(1) + a - ((a * m).sum(1) / n).unsqueeze(1)
+
+
 @torch.no_grad()
 def fqi_update(heads: QHeads, buffer: ReplayBuffer, gamma: float, lambdas=RIDGE_LAMBDAS,
                reward_range: tuple[float, float] | None = None) -> dict[str, float]:
-    """One iteration of fitted Q iteration (Ernst et al. 2005; Riedmiller's NFQ) with linear heads solved in closed
-    form by ridge regression over the whole buffer, instead of q_update's gradient steps on sampled batches:
-        Q̂ ← Q (hard_update: the previous iterate is the target)
-        y = r + γ(1 − terminated)·min_i Q̂_i(h′, argmax_c Q_1(h′, c))       (q_update's double-DQN target)
-        φ standardiser ← the moments of the buffer's φ(h, a)
-        (w, b) = argmin Σ (z·w + b − y)² + λ‖w‖² on z = standardised φ, λ by ridge_cv; every head ← (w, b)
-    At γ = 0 one iteration is the ridge regression of the reward on standardised φ. Needs linear heads
-    (QHeads(d, H, hidden=0)); all heads get the same solution, so the min over them is the one head."""
-    if any(len(h) != 1 for h in heads.online):
-        raise ValueError("fitted Q iteration solves linear heads: build them with QHeads(d, n_heads, hidden=0)")
+    """One iteration of fitted Q iteration (Ernst et al. 2005; Riedmiller's NFQ) with linear dueling heads
+    (Wang et al. 2016) solved in closed form by ridge regression over the whole buffer, instead of q_update's
+    gradient steps on sampled batches. With z = standardised φ and, per state h (the buffer's ``state``), z̄_h and
+    ȳ_h the means over its stored transitions:
+        y = r + γ(1 − terminated)·max_c′ Q_k(h′, c′),   Q_k(h, c) = V_k(z̄_h) + A_k(z_c) − mean_c A_k   (dueling_q)
+        A: w = ridge(z − z̄_h → y − ȳ_h)           the advantage: what ranks the candidates of one state
+        V: (v, b) = ridge(z̄_h → ȳ_h), a row per state
+    λ of each by ridge_cv. The split is exact: within-state deviations are orthogonal to per-state means, so the
+    least-squares fit of y on [z − z̄_h, z̄_h] is these two fits. The online heads get A (every head the same
+    solution: argmax is all reranking needs), the value head V; at γ = 0 A is the within-state ridge regression
+    of the reward. Needs QHeads(d, H, hidden=0, value=True)."""
+    if any(len(h) != 1 for h in heads.online) or heads.value is None or len(heads.value) != 1:
+        raise ValueError("fitted Q iteration solves linear dueling heads: build them with QHeads(d, n_heads, "
+                         "hidden=0, value=True)")
     data = {name: t[:len(buffer)] for name, t in buffer.data.items()}
-    n, k, d = data["next_phi"].shape
-    heads.hard_update()
-    next_flat = data["next_phi"].reshape(n * k, d).float()
-    online_next, target_next = heads(next_flat)[0].reshape(n, k), heads.target(next_flat).reshape(-1, n, k)
-    next_value, _ = double_q_next_value(online_next, target_next, data["next_valid"])
+    next_q = dueling_q(heads, data["next_phi"], data["next_valid"]).masked_fill(~data["next_valid"], -torch.inf)
+    next_value = next_q.max(1).values.masked_fill(~data["next_valid"].any(1), 0.0)
     y = td_target(data["reward"], next_value, data["terminated"], gamma, reward_range)
     phi = data["phi"].float()
     for name in NORM_KEYS:
         getattr(heads, name).zero_()
     heads.observe(phi)
     z = heads.standardise(phi)
-    lam, errors = ridge_cv(z, y, lambdas)
-    w, b = ridge_solve(z, y, lam)
+    z_bar, index = group_means(z, data["state"])
+    y_bar, _ = group_means(y, data["state"])
+    lam_a, err_a = ridge_cv(z - z_bar[index], y - y_bar[index], lambdas)
+    w, _ = ridge_solve(z - z_bar[index], y - y_bar[index], lam_a)
+    lam_v, err_v = ridge_cv(z_bar, y_bar, lambdas)
+    v, b = ridge_solve(z_bar, y_bar, lam_v)
     for h in heads.online:
         h[0].weight.copy_(w.to(h[0].weight.dtype).unsqueeze(0))
-        h[0].bias.fill_(b)
+        h[0].bias.zero_()
+    heads.value[0].weight.copy_(v.to(heads.value[0].weight.dtype).unsqueeze(0))
+    heads.value[0].bias.fill_(b)
     heads.hard_update()
-    fit = heads(phi)[0]
-    return {"fqi/lambda": lam, "fqi/cv_mse": errors.get(lam, float("nan")), "fqi/rows": float(n),
-            "fqi/train_mse": float(((fit - y) ** 2).mean()), "q/target_mean": float(y.mean()),
-            "q/next_value_mean": float(next_value.mean())}
+    fit = heads.v(z_bar)[index] + heads(phi)[0] - group_means(heads(phi)[0], data["state"])[0][index]
+    return {"fqi/lambda": lam_a, "fqi/lambda_v": lam_v, "fqi/cv_mse": err_a.get(lam_a, float("nan")),
+            "fqi/rows": float(len(y)), "fqi/states": float(len(z_bar)), "fqi/train_mse": float(((fit - y) ** 2).mean()),
+            "q/target_mean": float(y.mean()), "q/next_value_mean": float(next_value.mean())}
 
 
 # ----------------------------------------------------------------------------- saved heads

@@ -6,8 +6,8 @@ chosen ε-greedy by Q_1, the environment scores it and moves to the next replaye
 (φ(h, a), r, terminated, truncated, φ of the next state's candidates) goes into the replay buffer. After
 ``--learning-starts`` transitions every reply is followed by ``--updates-per-step`` q_update batches (double
 DQN, clipped double Q, Huber) and a Polyak step of the target heads. Only the small MLP heads train. With
-``--solver fqi`` the heads are linear and, after every episode, set to the ridge solution of the TD targets over the
-whole buffer (fitted Q iteration, qnet.fqi_update) instead.
+``--solver fqi`` the heads are linear, Q = V(h) + A(h, c) (dueling), and after every episode they are set to the
+ridge solution of the TD targets over the whole buffer (fitted Q iteration, qnet.fqi_update) instead.
 With ``--user-model`` the user reacts: once the chosen reply differs from the data's, a chat model playing the
 user (env.UserSimulator, seeded by each reset) writes the next user turns, in training and evaluation alike —
 where γ > 0 has something to credit (QLEARN §2.6).
@@ -213,12 +213,14 @@ def run_episode(episode: int, total: int, p: Parts, cfg: QLearnConfig, optimizer
         next_phi = torch.zeros(0, p.buffer.d) if terminated else observed(p, embed(p, next_info, cfg), cfg)
         cands = {"cand_phi": phi, "log_behavior": behavior_logprobs(p.env, info, cfg)} if p.buffer.candidates else {}
         extra = {**cands, "taken": a} if cands else {}
-        p.buffer.add(phi[a], r, terminated, next_phi, truncated=truncated, **extra)
+        sid = state.setdefault("states", 0)  # numbers the state: fqi groups its transitions
+        p.buffer.add(phi[a], r, terminated, next_phi, truncated=truncated, state=sid, **extra)
         for c, rc in other_rewards(p, info, a):
-            p.buffer.add(phi[c], rc, terminated, next_phi, truncated=truncated,
+            p.buffer.add(phi[c], rc, terminated, next_phi, truncated=truncated, state=sid,
                          **({**cands, "taken": c} if cands else {}))
             state["transitions"] += 1
         state["transitions"] += 1
+        state["states"] = sid + 1
         rewards.append(r)
         chosen_q.append(float(q[a]))
         if cfg.solver == "dqn" and len(p.buffer) >= max(cfg.learning_starts, 1):
@@ -297,7 +299,8 @@ def train(cfg: QLearnConfig, log=print) -> Summary:
     user = load_user(cfg, policy, tok, log)
     env = candidate_env(train_dialogues, mixed_reward(mix, lambda: run.step), engine, cfg, user, cfg.human_candidate)
     d = unwrap(trunk).config.hidden_size
-    heads = QHeads(d, cfg.heads, 0 if cfg.solver == "fqi" else cfg.hidden).to(run.device)
+    fqi = cfg.solver == "fqi"  # linear dueling heads: A on φ(h, c), V on the candidate set's mean φ
+    heads = QHeads(d, cfg.heads, 0 if fqi else cfg.hidden, value=fqi).to(run.device)
     optimizer = torch.optim.AdamW(heads.online.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     p = Parts(env, trunk, qtok, FeatureCache(q_model, cfg.pooling), heads,
@@ -310,7 +313,7 @@ def train(cfg: QLearnConfig, log=print) -> Summary:
         f"device {run.device}")
     gens = {"explore": generator(cfg.seed + 1), "replay": generator(cfg.seed + 2)}
     state = run.begin({"q": (heads, optimizer, scheduler)}, gens,
-                      {"transitions": 0, "updates": 0, "moments": {}, "eval_start": None},
+                      {"transitions": 0, "updates": 0, "states": 0, "moments": {}, "eval_start": None},
                       objects={"q_targets": heads.targets, "buffer": p.buffer, "features": p.cache})
     mix.load_state(state["moments"])
     step = run.step
