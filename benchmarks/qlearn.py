@@ -324,9 +324,74 @@ def summarise(got: dict, n_boot: int = 2000, seed: int = 0) -> dict:
             "states": int(len(arr["q"])), "dialogues": int(len(ids))}
 
 
-def ppo_rows(train: list[dict], held: list[dict], reward: str) -> dict:
-    """TODO(wt-mtppo): multi-turn PPO (`chatrlhf ppo --env dialogue`) vs single-turn PPO on these states."""
-    return {}
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def train_ppo(name: str, data: Path, extra: list[str], a, log) -> Path:
+    """`chatrlhf ppo` on the embedded model with reward = ROUGE-L to the data's human reply, --ppo-minutes of wall
+    time; the output folder is reused when a finished run with these settings is there."""
+    import subprocess
+
+    out = CACHE / f"ppo-{name}-{a.ppo_minutes:g}min"
+    if (out / "chatrlhf.json").is_file():
+        log(f"  {name} PPO policy from {out}")
+        return out
+    cmd = [sys.executable, "-m", "chatrlhf.cli", "ppo", "--model", "smollm2-135m", "--data", str(data),
+           "--references", str(data), "--similarity", "rouge", "--output-dir", str(out), "--max-steps", "1000",
+           "--max-minutes", str(a.ppo_minutes), "--max-new-tokens", str(a.max_new_tokens), "--batch-size", "8",
+           "--eval-steps", "1000", "--save-steps", "1000", "--quiet", "--no-tensorboard", *extra]
+    log(f"  {name} PPO: {' '.join(cmd[3:])}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run(cmd, check=True, env=env)
+    return out
+
+
+def policy_reward(folder: Path, held: list[dict], a) -> list[float]:
+    """Per held-out state: the mean ROUGE-L to the human reply of --ppo-samples replies of the policy in ``folder``
+    (sampled as the candidates are: T = 1, a seeded stream per state) — the policy's expected reward there."""
+    from chatrlhf.config import ModelArgs
+    from chatrlhf.engine import Engine, SamplingParams
+    from chatrlhf.models import load_model
+    from chatrlhf.rewards import rouge_l
+
+    model, tok = load_model(ModelArgs(model=str(folder)))
+    model.eval().requires_grad_(False)
+    engine = Engine(model, tok, "auto")
+    params = SamplingParams(max_tokens=a.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, n=a.ppo_samples)
+    out = []
+    for i, st in enumerate(held):
+        outs = engine.generate([st["history"]], params, generator=torch.Generator().manual_seed(a.seed + 7919 + i))
+        out.append(float(np.mean([rouge_l(st["human"], c.text) for c in outs])))
+    return out
+
+
+def ppo_rows(train_ids: list[str], held: list[dict], a, log) -> dict:
+    """Single-turn PPO (`chatrlhf ppo`, each train state's history as a prompt) and multi-turn PPO (`--env dialogue`
+    on the train dialogues, --turn-gamma 0.9) from the same policy for the same wall time, reward = ROUGE-L to the
+    human reply; each policy's mean reward on the held-out states, beside the base policy's (the candidates' mean)."""
+    by_id = {d["id"]: d for d in load_dialogues()}
+    dialogues = [by_id[i] for i in train_ids]
+    convs, cut = [], []
+    for d in dialogues:
+        turns = [k for k, m in enumerate(d["messages"]) if m["role"] == "assistant"][:a.max_turns]
+        cut.append({"messages": d["messages"][:turns[-1] + 1]})
+        convs += [{"messages": d["messages"][:k + 1]} for k in turns]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    single = write_jsonl(CACHE / "ppo-single-turn.jsonl", convs)
+    multi = write_jsonl(CACHE / "ppo-dialogues.jsonl", cut)
+    rows = {}
+    for name, data, extra in (("single-turn", single, []),
+                              ("multi-turn", multi, ["--env", "dialogue", "--turn-gamma", "0.9", "--max-turns",
+                                                     str(a.max_turns)])):
+        folder = train_ppo(name, data, extra, a, log)
+        got = policy_reward(folder, held, a)
+        summary = json.loads((folder / "chatrlhf.json").read_text())
+        rows[f"ppo-{name}"] = {"reward": float(np.mean(got)), "per_state": got, "steps": summary.get("steps"),
+                               "minutes": a.ppo_minutes}
+        log(f"  rouge  ppo-{name:13} mean reward {np.mean(got):.4f} after {summary.get('steps')} steps")
+    return rows
 
 
 # --------------------------------------------------------------------------- main
@@ -413,6 +478,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3, help="DQN learners: seeds per row (capture mean ± sd)")
     p.add_argument("--quick", action="store_true", help="8 + 6 dialogues, N = 4: a smoke run")
+    p.add_argument("--ppo-minutes", type=float, default=0.0,
+                   help="> 0: also train single-turn and multi-turn PPO for this many minutes each and compare")
+    p.add_argument("--ppo-samples", type=int, default=4, help="replies per held-out state to score each PPO policy")
     p.add_argument("--only", default="", help="run only the learner rows whose name contains this (e.g. fqi)")
     a = p.parse_args()
     if not (TOP1.is_file() and FLAT.is_file()):
@@ -427,7 +495,8 @@ def main() -> None:
               "train_states": len(train), "held_out_states": len(held), "prepare": meta, "cost": cost(held, a)}
     for reward in rewards:
         result[reward] = run_learners(train, held, reward, a, log)
-        result[reward].update(ppo_rows(train, held, reward))
+        if reward == "rouge" and a.ppo_minutes > 0:
+            result[reward].update(ppo_rows(meta["train_ids"], held, a, log))
     result["wall_s"] = time.perf_counter() - t0
     c = result["cost"]
     log(f"cost per state: generate {c['generate_s']:.2f} s, φ {c['phi_s']:.2f} s, heads {c['heads_s'] * 1e3:.2f} ms → "
