@@ -179,7 +179,7 @@ def _text(row, key, path, loc) -> str:
     val = row.get(key)
     if val is None or not str(val).strip():
         raise DataError(path, loc, key, "empty reply" if key in ("responses", "response", "chosen", "rejected",
-                                                                  "corrected") else "empty value",
+                                                                  "corrected", "completion") else "empty value",
                         "fill it in or remove the row")
     return str(val)
 
