@@ -2,6 +2,7 @@
 conversational preference rows, and the OpenAssistant flat message export (trees rebuilt from parent_id) — each
 read into the exact records expected, by every command that takes prompts, conversations or pairs."""
 import gzip
+import io
 import json
 
 import pytest
@@ -53,7 +54,7 @@ def test_prompt_only_rows_are_prompts(write):
         as_conversations(loaded)  # SFT says why, instead of "ends on a user turn"
 
 
-@pytest.mark.parametrize("name", ["p.csv", "p.json", "p.parquet", "p.jsonl.gz", "p.txt"])
+@pytest.mark.parametrize("name", ["p.csv", "p.json", "p.parquet", "p.parquet.gz", "p.jsonl.gz", "p.txt"])
 def test_prompt_only_in_every_file_type(tmp_path, name):
     import pandas as pd
 
@@ -61,11 +62,12 @@ def test_prompt_only_in_every_file_type(tmp_path, name):
     path = tmp_path / name
     if name.endswith(".csv"):
         pd.DataFrame(rows).to_csv(path, index=False)
-    elif name.endswith(".parquet"):
-        pd.DataFrame(rows).to_parquet(path)
+    elif ".parquet" in name:
+        pd.DataFrame(rows).to_parquet(buf := io.BytesIO())
+        path.write_bytes(gzip.compress(buf.getvalue()) if name.endswith(".gz") else buf.getvalue())
     elif name.endswith(".json"):
         path.write_text(json.dumps(rows))
-    elif name.endswith(".gz"):
+    elif name.endswith(".jsonl.gz"):
         path.write_bytes(gzip.compress(jsonl(rows).encode()))
     else:
         path.write_text("Where is my order?\nDo you ship to Canada?\n")
