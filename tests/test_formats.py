@@ -96,6 +96,12 @@ def test_prompt_completion_string_and_conversational(write, tmp_path):
         assert load_prompts(p) == [w[:-1] for w in want]
 
 
+def test_conversational_cells_in_csv(write):
+    cell = lambda x: '"' + json.dumps(x).replace('"', '""') + '"'  # noqa: E731
+    p = write("pc.csv", f"prompt,completion\n{cell([U('Hi')])},{cell([A('Hello!')])}\nHi,[1] is a footnote\n")
+    assert [r.messages for r in load_records(p).records] == [[U("Hi"), A("Hello!")], [U("Hi"), A("[1] is a footnote")]]
+
+
 def test_unpaired_preference_is_thumbs_ratings(write):
     rows = [{"prompt": "Where is my order?", "completion": "It ships today.", "label": True},
             {"prompt": [U("Where is my order?")], "completion": [A("No idea.")], "label": False},
@@ -177,7 +183,7 @@ def test_flat_export_rebuilds_trees_into_pairs_conversations_and_prompts(flat):
     # ranked usable siblings, lower rank chosen; the deleted (rank 2) and failed-review (rank 2) replies are out
     assert [(r.prompt, r.chosen, r.rejected) for r in loaded.records] == [
         ([U("Q1")], "A-best", "A-second"), ([U("Q2")], "B-best", "B-worse")]
-    assert loaded.records[0].where == f"{flat}:1 + {flat}:3" and loaded.records[0].source == "oasst"
+    assert loaded.records[0].where == f"{flat}:1 + 3" and loaded.records[0].source == "oasst"
     # top-1 path of each tree: best rank at each step, unranked after ranked
     assert [c.messages for c in as_conversations(loaded)] == [[U("Q1"), A("A-best"), U("follow"), A("A-deep")],
                                                               [U("Q2"), A("B-best")]]
@@ -185,7 +191,7 @@ def test_flat_export_rebuilds_trees_into_pairs_conversations_and_prompts(flat):
     assert load_prompts(flat) == [[U("Q1")], [U("Q1"), A("A-best"), U("follow")], [U("Q2")]]
     # the orphan and its reply: skipped, one problem naming its line and field
     assert [(p.where, p.message) for p in loaded.problems] == [
-        (f"{flat}:13", "field 'parent_id': gone is not in the file: this message and its 1 replies skipped")]
+        (f"{flat}:13", "field 'parent_id': gone is not in the file: this message and the 1 reply under it skipped")]
 
 
 def test_flat_export_every_reply_view(flat):

@@ -296,8 +296,9 @@ def ends_on_user(prompt: list[dict], path, loc, key: str) -> list[dict]:
 
 
 def _reply(row, key, path, loc) -> str:
-    """A reply cell: text, or (TRL's conversational form) a list holding one assistant message."""
-    val = row.get(key)
+    """A reply cell: text, or (TRL's conversational form) a list holding one assistant message — also as JSON text
+    in a CSV cell."""
+    val = _json_messages(row.get(key))
     if not isinstance(val, list):
         return _text(row, key, path, loc)
     turns = check_messages(val, path, loc, key)
@@ -305,6 +306,18 @@ def _reply(row, key, path, loc) -> str:
         raise DataError(path, loc, key, f"expected one assistant message, got {[t['role'] for t in turns]}",
                         "earlier turns belong in 'prompt'; one reply per record")
     return turns[0]["content"]
+
+
+def _json_messages(val):
+    """A JSON list of {role, content} written as text (a CSV cell) as that list; anything else as it is."""
+    if isinstance(val, str) and val.lstrip().startswith("[{"):
+        try:
+            parsed = json.loads(val)
+        except json.JSONDecodeError:
+            return val
+        if isinstance(parsed, list) and all(isinstance(m, dict) and "role" in m for m in parsed):
+            return parsed
+    return val
 
 
 def _preference(row, path, loc):

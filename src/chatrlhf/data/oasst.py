@@ -170,8 +170,9 @@ def _link(nodes: dict, path, problems: list[Problem], collect: bool) -> Forest:
             nodes[parent][0].children.append(node)
     for node, parent in orphans:
         n = sum(1 for _ in _descendants(node)) - 1
-        problems.append(Problem(node.where, f"field 'parent_id': {parent} is not in the file: this message and "
-                                f"its {n} replies skipped"))
+        under = "" if n == 0 else f" and the {n} repl{'y' if n == 1 else 'ies'} under it"
+        problems.append(Problem(node.where, f"field 'parent_id': {parent} is not in the file: this message{under} "
+                                "skipped"))
     reached = sum(1 for top in roots + [o for o, _ in orphans] + rejected for _ in _descendants(top))
     if reached < len(nodes):
         problems.append(Problem(str(path), f"{len(nodes) - reached} messages are not connected to a root prompt "
@@ -230,7 +231,7 @@ def rank_pairs(roots: list[Node]) -> tuple[list[Preference], list[Problem]]:
         for a, b in combinations(sorted(ranked, key=lambda c: c.rank), 2):  # stable: file order within a rank
             if a.rank == b.rank:
                 continue
-            where = a.where if a.where == b.where else f"{a.where} + {b.where}"
+            where = a.where if a.where == b.where else f"{a.where} + {b.where.rpartition(':')[2]}"  # file:3 + 5
             if a.text.strip() == b.text.strip():
                 problems.append(Problem(where, "chosen and rejected are identical: skipped"))
                 continue
