@@ -17,8 +17,8 @@ def as_conversations(loaded: Loaded) -> list[Conversation]:
     if loaded.kind == "prompt":
         where = loaded.records[0].where.rpartition(":")[0] if loaded.records else ""
         raise DataError(where, None, None, f"prompts only (format {loaded.format}): no replies to learn from",
-                        "give conversations, prompt-completion rows, preferences or corrections; prompt files are "
-                        "for ppo, generate and eval")
+                        "give conversations (messages), prompt-completion rows (prompt, completion), preferences or "
+                        "corrections; prompt files are for ppo, generate and eval")
     out = []
     for r in loaded.of("conversation"):
         if isinstance(r, Conversation):

@@ -6,6 +6,12 @@ the reply to learn. ``history`` may be
   * a JSON list of messages: ``[{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]``, or
   * prefixed lines: ``User: Hi`` / ``Assistant: Hello!`` (``Human:`` and ``System:`` work too);
     a line without a prefix continues the turn above it. Text with no prefix at all is one user turn.
+
+TRL's dataset types are read too: prompt-only (prompts), prompt-completion (a conversation whose completion is
+the one target), unpaired preference (``label`` true/false: thumbs-up/down ratings, KTO's data) and preference
+with conversational or implicit prompts. OpenAssistant exports, nested or flat (``message_id`` / ``parent_id``
+rows), are whole trees: data/oasst.py rebuilds them and gives conversations, rank pairs and prompts
+(``Loaded.of``). docs/formats.md has the rules.
 """
 
 from __future__ import annotations
