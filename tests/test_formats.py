@@ -273,7 +273,6 @@ def test_every_command_reads_the_new_formats(flat, write):
     assert [(t.reply, t.reward) for t in feedback] == [("Hello!", 1.0), ("Go away.", -1.0)]
 
 
-@pytest.mark.slow
 def test_sft_cli_trains_on_the_flat_export(flat, tmp_path):
     r = run_cli(*tiny_sft_args(flat, tmp_path / "out", "--max-steps", "1", "--eval-fraction", "0",
                                "--batch-size", "2"))
