@@ -248,7 +248,8 @@ def test_data_inspect_on_each_format(flat, write):
              "unpaired_preference": write("k.jsonl", jsonl([{"prompt": "Hi", "completion": "Yo", "label": False}]))}
     for fmt, path in files.items():
         report = inspect_file(path, "auto", tok, 512)
-        assert report["format"] == fmt and not report["problems"], report
+        assert report["format"] == fmt and report["records"] == 1 + (fmt == "prompt_only") and not report["problems"]
+    assert report["ratings"] == {"thumbs_up": 0, "thumbs_down": 1, "stars": 0}
     report = inspect_file(flat, "auto", tok, 512)
     assert (report["format"], report["kind"], report["records"], report["trees"]) == ("oasst_flat", "preference", 2, 2)
     assert list(report["views"].values()) == [2, 2, 3]

@@ -50,6 +50,10 @@ def inspect_file(path, fmt: str, tokenizer, max_length: int) -> dict:
         report["both_bad"] = sum(r.both_bad for r in loaded.records)
     if loaded.kind == "conversation":
         report["turns_mean"] = round(float(np.mean([len(r.messages) for r in loaded.records] or [0])), 2)
+    if loaded.kind == "rating":  # KTO weighs the two classes by their counts
+        report["ratings"] = {"thumbs_up": sum(r.scale == "thumbs" and r.score > 0 for r in loaded.records),
+                             "thumbs_down": sum(r.scale == "thumbs" and r.score < 0 for r in loaded.records),
+                             "stars": sum(r.scale == "stars" for r in loaded.records)}
     if loaded.views:  # OpenAssistant trees: what each command reads from the file
         report["trees"] = sum(len(p.messages) == 1 for p in loaded.views["prompt"])
         report["views"] = {"conversation (sft, qlearn)": len(loaded.views["conversation"]),
