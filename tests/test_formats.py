@@ -8,7 +8,7 @@ import json
 import pytest
 
 from chatrlhf.config import PPOConfig, RewardTrainConfig
-from chatrlhf.data import Conversation, Preference, Rating, as_conversations, load_prompts, load_records
+from chatrlhf.data import Preference, Rating, as_conversations, load_prompts, load_records
 from chatrlhf.data.inspect import inspect_file
 from chatrlhf.episodes import load_dialogues
 from chatrlhf.errors import DataError
@@ -218,6 +218,15 @@ def test_flat_export_bad_rows(write):
             load_records(p)
         assert_names(e.value, p, line, field)
         assert any(pr.where == f"{p}:{line}" for pr in load_records(p, collect=True).problems)
+
+
+def test_flat_export_parent_cycle_is_skipped_and_reported(write):
+    rows = [msg("a0", None, "prompter", "Q1"), msg("a1", "a0", "assistant", "A", 0),
+            msg("c1", "c2", "prompter", "x"), msg("c2", "c1", "assistant", "y")]
+    loaded = load_records(write("cycle.jsonl", jsonl(rows)), "oasst_flat")
+    assert [c.messages for c in as_conversations(loaded)] == [[U("Q1"), A("A")]]
+    assert [p.message for p in loaded.problems] == ["2 messages are not connected to a root prompt (their parent_ids "
+                                                    "form a cycle): skipped"]
 
 
 def test_nested_tree_gives_the_same_views(write):

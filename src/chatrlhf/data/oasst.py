@@ -245,7 +245,8 @@ def views(forest: Forest, paths: str = "top1") -> tuple[dict[str, list], list[Pr
     if paths == "top1":
         conversations = [Conversation(m, root.where) for root, m in top1_paths(forest.roots)]
     else:
-        conversations = [Conversation(h, n.where, last_only=True) for n, h in walk(forest.roots) if n.role == "assistant"]
+        conversations = [Conversation(h, n.where, last_only=True) for n, h in walk(forest.roots)
+                         if n.role == "assistant"]
     pairs, problems = rank_pairs(forest.roots)
     prompts = [Conversation(h, n.where) for n, h in walk(forest.roots) if n.role == "user"]
     return {"conversation": conversations, "preference": pairs, "prompt": prompts}, forest.problems + problems
