@@ -6,11 +6,12 @@ random) with a bootstrap 95% CI over dialogues, and the cost of scoring the N ca
                                           [--reward-model DIR] [--quick]
 
 Data: OpenAssistant top-1 paths, prompt-disjoint split by opening prompt (seed 0): oasst_en100_top1_messages
-(95 conversations) + the oasst1 English validation flat export (191 trees, rebuilt from parent_id here, top-1
-reply at every step; the 6 trees in both are kept once). A state is a dialogue's history up to one of its first
---max-turns assistant turns (the data's own history: replayed turns, QLEARN §2.6); its human reply is the
-reference. Policy = trunk = the embedded SmolLM2-135M; candidates are sampled once (T = 1, top-k 0, top-p 1,
---max-new-tokens) with a per-state seed and cached under out/bench-qlearn/, with φ (last and mean pooling).
+(95 conversations) + the oasst1 English validation flat export (191 trees, rebuilt from parent_id by
+chatrlhf.data.oasst, top-1 reply at every step; the 6 trees in both are kept once). A state is a dialogue's
+history up to one of its first --max-turns assistant turns (the data's own history: replayed turns, QLEARN
+§2.6); its human reply is the reference. Policy = trunk = the embedded SmolLM2-135M; candidates are sampled
+once (T = 1, top-k 0, top-p 1, --max-new-tokens) with a per-state seed and cached under out/bench-qlearn/, with φ
+(last and mean pooling).
 
 Rewards, each reported: `rouge` = ROUGE-L F1 to the human reply of that turn (source `similarity`); `rm` = a
 reward model's normalised score (--reward-model DIR, e.g. `chatrlhf reward train` on HH-RLHF pairs; skipped
@@ -58,34 +59,16 @@ CACHE = ROOT / "out" / "bench-qlearn"
 # --------------------------------------------------------------------------- data
 
 
-def flat_top1(rows: list[dict]) -> list[dict]:
-    """Top-1 paths of oasst1 flat-export messages: from each root prompt, the usable reply (not deleted, not
-    synthetic, review not failed) of lowest rank (unranked after ranked, ties in file order), until none is
-    left; a trailing user turn is dropped; paths of ≥ 2 turns are kept. [{"id": tree id, "messages": …}]."""
-    ok = [r for r in rows if not r.get("deleted") and not r.get("synthetic") and r.get("review_result") is not False]
-    children: dict[str, list[dict]] = {}
-    for r in ok:
-        if r.get("parent_id"):
-            children.setdefault(r["parent_id"], []).append(r)
-    out = []
-    for root in (r for r in ok if not r.get("parent_id")):
-        path, node = [], root
-        while node is not None:
-            path.append({"role": "user" if node["role"] == "prompter" else "assistant", "content": node["text"]})
-            kids = children.get(node["message_id"], [])
-            node = min(kids, key=lambda k: (k.get("rank") is None, k.get("rank") or 0)) if kids else None
-        if path and path[-1]["role"] == "user":
-            path.pop()
-        if len(path) >= 2:
-            out.append({"id": root["message_tree_id"], "messages": path})
-    return out
-
-
 def load_dialogues() -> list[dict]:
-    """The OASST top-1 dialogues of both files, each tree once."""
+    """The OASST top-1 dialogues of both files, each tree once (the flat export's trees rebuilt by data.oasst)."""
+    from chatrlhf.data import oasst
+    from chatrlhf.data.readers import read_rows
+
     read = lambda p: [json.loads(line) for line in gzip.open(p, "rt", encoding="utf-8")]  # noqa: E731
+    flat = [{"id": root.tree, "messages": m}
+            for root, m in oasst.top1_paths(oasst.read_forest(FLAT, read_rows(FLAT), nested=False).roots)]
     seen, out = set(), []
-    for d in read(TOP1) + flat_top1(read(FLAT)):
+    for d in read(TOP1) + flat:
         if d["id"] not in seen:
             seen.add(d["id"])
             out.append({"id": d["id"], "messages": d["messages"]})

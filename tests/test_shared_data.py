@@ -34,3 +34,30 @@ def test_oasst_trees_and_rank_pairs():
 def test_self_instruct_tasks():
     tasks = load_records(SHARED_DATA / "sft" / "self_instruct_seed_tasks.jsonl.gz")
     assert tasks.format == "self_instruct" and len(tasks.records) >= 175
+
+
+def test_oasst_trees_give_the_rank_pairs_of_the_derived_file():
+    trees = load_records(SHARED_DATA / "sft" / "oasst_en100_trees.jsonl.gz")
+    derived = load_records(SHARED_DATA / "sft" / "oasst_en100_rank_pairs.jsonl.gz")
+    key = lambda p: (str(p.prompt), p.chosen, p.rejected)  # noqa: E731
+    assert sorted(map(key, trees.of("preference"))) == sorted(map(key, derived.records))  # 732, same rule
+
+
+def test_oasst1_flat_export():
+    path = SHARED_DATA / "sft" / "oasst1_en_validation_messages.jsonl.gz"
+    loaded = load_records(path)
+    assert (loaded.format, loaded.kind) == ("oasst_flat", "preference")
+    # README: 191 trees, 1,026 ranked-sibling pairs before filtering; 3 replies whose parent (root) is not in the
+    # split are skipped, 4 pairs involve a deleted or failed-review reply, 1 pair has identical texts
+    orphans = [p for p in loaded.problems if "is not in the file" in p.message]
+    identical = [p for p in loaded.problems if "identical" in p.message]
+    assert (len(orphans), len(identical), len(loaded.problems)) == (3, 1, 4)
+    assert len(loaded.records) == 1021
+    convs, prompts = as_conversations(loaded), loaded.of("prompt")
+    assert len(convs) == 188 and sum(len(p.messages) == 1 for p in prompts) == 188 and len(prompts) == 751
+    assert len(as_conversations(load_records(path, "oasst_flat_all"))) == 1185
+    first = convs[0].messages  # the export's first tree (line 1)
+    assert first[0] == {"role": "user", "content": "What do you think about ChatGPT?"}
+    assert convs[0].where == f"{path}:1" and first[1]["role"] == "assistant"
+    for p in loaded.records[:100]:
+        assert p.prompt[-1]["role"] == "user" and p.chosen != p.rejected

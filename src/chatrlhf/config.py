@@ -15,8 +15,9 @@ from pathlib import Path
 from chatrlhf.errors import UsageError
 
 
-FORMATS = ("auto", "dialogue_csv", "conversation", "hh", "oasst_tree", "oasst_pairs",
-           "self_instruct", "preference", "rating", "correction")
+FORMATS = ("auto", "dialogue_csv", "conversation", "hh", "oasst_tree", "oasst_tree_all", "oasst_flat",
+           "oasst_flat_all", "oasst_pairs", "self_instruct", "preference", "rating", "correction",
+           "prompt_only", "prompt_completion", "unpaired_preference")
 
 
 def arg(default, help: str, choices: tuple | None = None):  # noqa: A002 - mirrors argparse

@@ -60,7 +60,7 @@ def untrained_pairs(model_dir: str, pairs: list, log=print) -> list:
 def evaluate(cfg: RewardEvalConfig) -> int:
     if not cfg.data:
         raise UsageError("reward eval needs --data: held-out feedback files", "pairs the model was not trained on")
-    records = [r for p in cfg.data for r in load_records(p, cfg.format).records]
+    records = [r for p in cfg.data for r in load_records(p, cfg.format).of("preference")]
     pairs, _ = build_pairs(records)
     if not pairs:
         raise UsageError(f"--data {','.join(cfg.data)}: no preference pairs to evaluate on", "")

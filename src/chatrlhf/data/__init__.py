@@ -12,9 +12,15 @@ __all__ = ["Conversation", "Correction", "Loaded", "Preference", "Problem", "Rat
 
 def as_conversations(loaded: Loaded) -> list[Conversation]:
     """Records for SFT: conversations as they are, corrections as (prompt, corrected), preferences as
-    (prompt, chosen) unless both replies are bad. A conversation must end on an assistant turn."""
+    (prompt, chosen) unless both replies are bad; OpenAssistant trees as their conversation view. A conversation
+    must end on an assistant turn."""
+    if loaded.kind == "prompt":
+        where = loaded.records[0].where.rpartition(":")[0] if loaded.records else ""
+        raise DataError(where, None, None, f"prompts only (format {loaded.format}): no replies to learn from",
+                        "give conversations (messages), prompt-completion rows (prompt, completion), preferences or "
+                        "corrections; prompt files are for ppo, generate and eval")
     out = []
-    for r in loaded.records:
+    for r in loaded.of("conversation"):
         if isinstance(r, Conversation):
             if r.messages[-1]["role"] != "assistant":
                 path, _, line = r.where.rpartition(":")

@@ -30,7 +30,9 @@ def inspect_file(path, fmt: str, tokenizer, max_length: int) -> dict:
     lengths, problems = [], [f"{p.where}: {p.message}" for p in loaded.problems]
     for rec in loaded.records:
         for label, messages in texts_of(rec):
-            if isinstance(rec, Conversation) and messages[-1]["role"] != "assistant":
+            if loaded.kind == "prompt":
+                label = "prompt"
+            elif isinstance(rec, Conversation) and messages[-1]["role"] != "assistant":
                 problems.append(f"{rec.where}: conversation ends on a user turn (unusable for SFT)")
             n = len(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"])
             lengths.append(n)
@@ -48,4 +50,13 @@ def inspect_file(path, fmt: str, tokenizer, max_length: int) -> dict:
         report["both_bad"] = sum(r.both_bad for r in loaded.records)
     if loaded.kind == "conversation":
         report["turns_mean"] = round(float(np.mean([len(r.messages) for r in loaded.records] or [0])), 2)
+    if loaded.kind == "rating":  # KTO weighs the two classes by their counts
+        report["ratings"] = {"thumbs_up": sum(r.scale == "thumbs" and r.score > 0 for r in loaded.records),
+                             "thumbs_down": sum(r.scale == "thumbs" and r.score < 0 for r in loaded.records),
+                             "stars": sum(r.scale == "stars" for r in loaded.records)}
+    if loaded.views:  # OpenAssistant trees: what each command reads from the file
+        report["trees"] = sum(len(p.messages) == 1 for p in loaded.views["prompt"])
+        report["views"] = {"conversation (sft, qlearn)": len(loaded.views["conversation"]),
+                           "preference (reward train, dpo)": len(loaded.views["preference"]),
+                           "prompt (ppo, generate, eval)": len(loaded.views["prompt"])}
     return report

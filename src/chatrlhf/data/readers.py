@@ -66,7 +66,7 @@ def read_rows(path: str | Path) -> Iterator[Row]:
         import pyarrow.parquet as pq
 
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(io.BytesIO(gzip.decompress(path.read_bytes())) if path.name.endswith(".gz") else path)
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(path, None, None, f"cannot read parquet ({e})", "check the file") from None
         for n, row in enumerate(table.to_pylist(), 1):

@@ -89,5 +89,11 @@ class Loaded:
     """What a reader returns: the records, the detected format and the non-fatal problems."""
     records: list
     format: str
-    kind: str  # conversation | preference | rating | correction
+    kind: str  # conversation | preference | rating | correction | prompt
     problems: list[Problem] = field(default_factory=list)
+    views: dict[str, list] = field(default_factory=dict)  # other readings of the same file (OpenAssistant trees)
+
+    def of(self, kind: str) -> list:
+        """The records as ``kind`` (conversation | preference | prompt) where the format has that view (OASST
+        trees hold conversations, rank pairs and prompts), else the records as they are."""
+        return self.views.get(kind, self.records)

@@ -99,12 +99,13 @@ def load_logged(paths: list[str], fmt: str) -> tuple[list[Logged], list[list[Mes
     feedback, conversations = [], []
     for path in paths:
         loaded = load_records(path, fmt)
-        if loaded.kind == "preference":
+        if loaded.kind == "preference" and "conversation" not in loaded.views:
             raise UsageError(f"{path}: preference pairs carry no reward of their own for offline Q-learning",
                              "give the export's ratings.jsonl and corrections.jsonl (corrections are in "
                              "preferences.jsonl too, as pairs), or conversations with reward flags")
-        feedback += feedback_transitions(loaded.records)
-        conversations += [r for r in loaded.records if isinstance(r, Conversation)]
+        records = loaded.of("conversation")  # OpenAssistant trees: their dialogues
+        feedback += feedback_transitions(records)
+        conversations += [r for r in records if isinstance(r, Conversation)]
     return feedback, merge_prefixes(conversations)
 
 

@@ -43,7 +43,7 @@ def load_pairs(paths: list[str], cfg: RewardTrainConfig, log=print):
     records = []
     for path in paths:
         loaded = load_records(path, cfg.format)
-        records += loaded.records
+        records += loaded.of("preference")  # OpenAssistant trees: their rank pairs
         for p in loaded.problems[:10]:
             log(f"chatrlhf reward: {p.where}: {p.message}")
         if len(loaded.problems) > 10:
