@@ -313,21 +313,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def train_ppo(name: str, data: Path, extra: list[str], a, log) -> Path:
-    """`chatrlhf ppo` on the embedded model with reward = ROUGE-L to the data's human reply, --ppo-minutes of wall
-    time; the output folder is reused when a finished run with these settings is there."""
+    """`chatrlhf ppo` on the embedded model with reward = ROUGE-L to the data's human reply for --ppo-steps steps;
+    the output folder is reused when a finished run with these settings is there."""
     import subprocess
 
-    out = CACHE / f"ppo-{name}-{a.ppo_minutes:g}min"
+    out = CACHE / f"ppo-{name}-{a.ppo_steps}steps-{a.train_dialogues}"
     if (out / "chatrlhf.json").is_file():
         log(f"  {name} PPO policy from {out}")
         return out
     cmd = [sys.executable, "-m", "chatrlhf.cli", "ppo", "--model", "smollm2-135m", "--data", str(data),
-           "--references", str(data), "--similarity", "rouge", "--output-dir", str(out), "--max-steps", "1000",
-           "--max-minutes", str(a.ppo_minutes), "--max-new-tokens", str(a.max_new_tokens), "--batch-size", "8",
-           "--eval-steps", "1000", "--save-steps", "1000", "--quiet", "--no-tensorboard", *extra]
+           "--references", str(data), "--similarity", "rouge", "--output-dir", str(out), "--max-steps", str(a.ppo_steps),
+           "--max-new-tokens", str(a.max_new_tokens), "--batch-size", "8", "--eval-steps", str(a.ppo_steps),
+           "--save-steps", str(a.ppo_steps), "--missing-eos-penalty", "0", "--quiet", "--no-tensorboard", *extra]
     log(f"  {name} PPO: {' '.join(cmd[3:])}")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    t = time.perf_counter()
     subprocess.run(cmd, check=True, env=env)
+    (out / "bench_wall.json").write_text(json.dumps({"train_s": time.perf_counter() - t}) + "\n")
     return out
 
 
@@ -352,7 +354,7 @@ def policy_reward(folder: Path, held: list[dict], a) -> list[float]:
 
 def ppo_rows(train_ids: list[str], held: list[dict], a, log) -> dict:
     """Single-turn PPO (`chatrlhf ppo`, each train state's history as a prompt) and multi-turn PPO (`--env dialogue`
-    on the train dialogues, --turn-gamma 0.9) from the same policy for the same wall time, reward = ROUGE-L to the
+    on the train dialogues, --turn-gamma 0.9) from the same policy for the same number of steps, reward = ROUGE-L to the
     human reply; each policy's mean reward on the held-out states, beside the base policy's (the candidates' mean)."""
     by_id = {d["id"]: d for d in load_dialogues()}
     dialogues = [by_id[i] for i in train_ids]
@@ -372,7 +374,7 @@ def ppo_rows(train_ids: list[str], held: list[dict], a, log) -> dict:
         got = policy_reward(folder, held, a)
         summary = json.loads((folder / "chatrlhf.json").read_text())
         rows[f"ppo-{name}"] = {"reward": float(np.mean(got)), "per_state": got, "steps": summary.get("steps"),
-                               "minutes": a.ppo_minutes}
+                               "train_minutes": json.loads((folder / "bench_wall.json").read_text())["train_s"] / 60}
         log(f"  rouge  ppo-{name:13} mean reward {np.mean(got):.4f} after {summary.get('steps')} steps")
     return rows
 
@@ -461,8 +463,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=3, help="DQN learners: seeds per row (capture mean ± sd)")
     p.add_argument("--quick", action="store_true", help="8 + 6 dialogues, N = 4: a smoke run")
-    p.add_argument("--ppo-minutes", type=float, default=0.0,
-                   help="> 0: also train single-turn and multi-turn PPO for this many minutes each and compare")
+    p.add_argument("--ppo-steps", type=int, default=0,
+                   help="> 0: also train single-turn and multi-turn PPO for this many steps each and compare")
     p.add_argument("--ppo-samples", type=int, default=4, help="replies per held-out state to score each PPO policy")
     p.add_argument("--only", default="", help="run only the learner rows whose name contains this (e.g. fqi)")
     a = p.parse_args()
@@ -478,7 +480,7 @@ def main() -> None:
               "train_states": len(train), "held_out_states": len(held), "prepare": meta, "cost": cost(held, a)}
     for reward in rewards:
         result[reward] = run_learners(train, held, reward, a, log)
-        if reward == "rouge" and a.ppo_minutes > 0:
+        if reward == "rouge" and a.ppo_steps > 0:
             result[reward].update(ppo_rows(meta["train_ids"], held, a, log))
     result["wall_s"] = time.perf_counter() - t0
     c = result["cost"]
