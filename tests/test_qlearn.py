@@ -26,7 +26,7 @@ def qlearn_args(out, *extra):
 
 def test_a_short_run_saves_heads_and_qlearn_json_and_logs_q_and_eval_metrics(tmp_path):
     out = tmp_path / "q"
-    r = run_cli(*qlearn_args(out, "--references", DIALOGUES, "--max-steps", "4", "--learning-starts", "2",
+    r = run_cli(*qlearn_args(out, "--references", DIALOGUES, "--max-steps", "4", "--learning-starts", "2", "--solver", "dqn",
                              "--batch-size", "4", "--eval-steps", "2", "--hidden", "16", "--eval-dialogues", "2",
                              "--pooling", "last"))
     assert r.returncode == 0, r.stderr
@@ -76,7 +76,8 @@ def test_q_learns_a_reward_that_prefers_short_replies(tmp_path, write):
     candidates beats a random one. (Seeded: on this tiny random trunk the margin depends on the seed.)"""
     fn = write("short.py", SHORT)
     out = tmp_path / "q"
-    r = run_cli(*qlearn_args(out, "--reward-fn", f"{fn}:short", "--max-steps", "40", "--learning-starts", "16",
+    r = run_cli(*qlearn_args(out, "--reward-fn", f"{fn}:short", "--max-steps", "40", "--learning-starts", "16", "--solver", "dqn",
+                             "--no-all-candidates", "--human-candidate",
                              "--batch-size", "32", "--updates-per-step", "4", "--lr", "1e-3", "--gamma", "0", "--tau",
                              "0.05", "--pooling", "mean", "--eval-steps", "40", "--max-new-tokens", "16", "--hidden", "64"))
     assert r.returncode == 0, r.stderr
@@ -86,9 +87,11 @@ def test_q_learns_a_reward_that_prefers_short_replies(tmp_path, write):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_metrics_and_heads(tmp_path):
+@pytest.mark.parametrize("solver", [["--solver", "dqn", "--hidden", "16", "--cql-alpha", "0.1", "--human-candidate"],
+                                    ["--solver", "fqi", "--all-candidates"]], ids=["dqn", "fqi"])
+def test_sigkill_then_resume_gives_the_uninterrupted_metrics_and_heads(tmp_path, solver):
     args = ["--references", DIALOGUES, "--max-steps", "8", "--save-steps", "2", "--learning-starts", "2",
-            "--batch-size", "4", "--eval-steps", "4", "--hidden", "16", "--eval-dialogues", "2", "--cql-alpha", "0.1"]
+            "--batch-size", "4", "--eval-steps", "4", "--eval-dialogues", "2", *solver]
     assert_sigkill_resume_matches(lambda out, *resume: qlearn_args(out, *args, *resume), tmp_path, 8)
 
 
@@ -130,7 +133,7 @@ def test_all_candidates_stores_every_scored_candidate_and_phi_norm_saves_the_mom
         out = tmp_path / flag
         r = run_cli(*qlearn_args(out, "--reward-fn", f"{fn}:short", "--max-steps", "3", "--learning-starts", "4",
                                  "--batch-size", "4", "--eval-steps", "3", "--eval-dialogues", "1", "--hidden", "8",
-                                 "--candidates", "3", "--phi-norm", flag))
+                                 "--candidates", "3", "--phi-norm", "--solver", "dqn", "--human-candidate", flag))
         assert r.returncode == 0, r.stderr
         metrics = [m for m in read_metrics(out) if "train/turns" in m]
         got[flag] = (sum(m["train/turns"] for m in metrics), metrics[-1]["train/transitions"])
@@ -168,7 +171,7 @@ def test_fqi_learns_the_short_reply_reward_with_linear_heads_and_no_human_candid
 
 
 def test_fqi_refuses_flags_it_would_ignore(tmp_path):
-    for flag in (["--cql-alpha", "0.1"], ["--phi-norm"]):
+    for flag in (["--cql-alpha", "0.1"], ["--phi-norm"], ["--no-all-candidates"]):
         r = run_cli(*qlearn_args(tmp_path / flag[0], "--references", DIALOGUES, "--solver", "fqi", *flag))
         assert r.returncode == 2 and "--solver fqi" in r.stderr and flag[0] in r.stderr
     r = run_cli(*qlearn_args(tmp_path / "h", "--references", DIALOGUES, "--no-human-candidate", "--candidates", "0"))

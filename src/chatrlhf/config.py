@@ -272,7 +272,7 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
                        "on held-out OASST, on mean-pooled φ 0.60).", ("mean", "last"))
     phi_norm: bool = arg(False, "Standardise φ per dimension with the moments of the training candidates' features up "
                          "to --learning-starts (saved with the heads): LM hidden states have outlier dimensions.")
-    all_candidates: bool = arg(False, "Also store a transition for every other candidate of each state, with its reward "
+    all_candidates: bool = arg(True, "Also store a transition for every other candidate of each state, with its reward "
                                "(the reward is a function of the reply, so every candidate can be scored): N + 1 "
                                "labelled replies per state instead of the taken one's; candidates a source has no "
                                "opinion on are not stored.")
@@ -302,15 +302,16 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
                            "stores the candidate sets in the buffer.")
     heads: int = arg(2, "Q-heads (clipped double Q: the target is the min over the target heads).")
     hidden: int = arg(256, "Hidden width of each head's MLP (d → hidden → 1); dqn only (fqi's heads are linear).")
-    solver: str = arg("dqn", "How the heads learn: `dqn`, gradient steps (Huber, double DQN, Polyak targets) on replay "
+    solver: str = arg("fqi", "How the heads learn: `dqn`, gradient steps (Huber, double DQN, Polyak targets) on replay "
                       "batches after every reply; `fqi`, fitted Q iteration: after every episode, linear dueling heads "
                       "Q = V(h) + A(h, c) solved in closed form by ridge regression of the TD targets over the whole "
                       "buffer on standardised φ (A on the within-state deviations, V on the states' means; λ by "
                       "3-fold CV). fqi ignores --hidden, --lr, --batch-size, --updates-per-step, --tau, "
                       "--max-grad-norm.", ("dqn", "fqi"))
-    human_candidate: bool = arg(True, "Add the data's human reply of the turn to each training state's candidates "
-                                "(with reward `similarity` it scores 1 against itself, an outlier label for fqi; "
-                                "the held-out choice never includes it).")
+    human_candidate: bool = arg(False, "Add the data's human reply of the turn to each training state's candidates "
+                                "(off: with reward `similarity` it scores 1 against itself, an outlier label — fqi "
+                                "captures 0.44 with it, 0.67 without on benchmarks/qlearn.py; the held-out choice "
+                                "never includes it; the dqn solver uses it as an anchor).")
     eval_steps: int = arg(50, "Held-out evaluation every N episodes (and at the end).")
     eval_dialogues: int = arg(16, "Held-out dialogues per evaluation (the first N).")
 

@@ -261,6 +261,10 @@ class QHeads(torch.nn.Module):
         x = self.standardise(phi)
         return torch.stack([h(x).squeeze(-1) for h in self.targets])
 
+    def standardiser_state(self) -> "StandardiserState":
+        """The φ standardiser's buffers as a checkpoint object (the run scaffold saves trainable parameters only)."""
+        return StandardiserState(self)
+
     @torch.no_grad()
     def soft_update(self, tau: float) -> None:
         """Polyak averaging θ̂ ← (1 − τ)θ̂ + τθ (DDPG, Lillicrap et al. 2015; CHAI τ = 0.005); τ = 1 is a copy."""
@@ -274,6 +278,21 @@ class QHeads(torch.nn.Module):
         """θ̂ ← θ (Nature DQN's periodic target copy)."""
         for t, p in zip(self.targets.parameters(), self.online.parameters()):
             t.copy_(p)
+
+
+class StandardiserState:
+    """state_dict / load_state_dict of a QHeads' φ standardiser (NORM_KEYS), for Run.begin's ``objects``."""
+
+    def __init__(self, heads: QHeads):
+        self.heads = heads
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self.heads, k).detach().clone() for k in NORM_KEYS}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for k in NORM_KEYS:
+            getattr(self.heads, k).copy_(state[k])
 
 
 # ----------------------------------------------------------------------------- replay buffer

@@ -82,6 +82,10 @@ def check(cfg: QLearnConfig) -> None:
         raise UsageError(f"--solver fqi with {'--cql-alpha' if cfg.cql_alpha > 0 else '--phi-norm'}: fitted Q "
                          "iteration has no CQL term and always standardises φ with the buffer's moments",
                          "drop the flag, or use --solver dqn")
+    if cfg.solver == "fqi" and not cfg.all_candidates:
+        raise UsageError("--solver fqi with --no-all-candidates: fitted Q iteration learns which reply of a state is "
+                         "better from the scored candidates of that state, one taken reply per state teaches it nothing",
+                         "drop --no-all-candidates, or use --solver dqn")
     if not cfg.human_candidate and cfg.candidates < 1:
         raise UsageError("--no-human-candidate with --candidates 0 leaves no candidate to choose",
                          "give --candidates 1 or more")
@@ -314,7 +318,8 @@ def train(cfg: QLearnConfig, log=print) -> Summary:
     gens = {"explore": generator(cfg.seed + 1), "replay": generator(cfg.seed + 2)}
     state = run.begin({"q": (heads, optimizer, scheduler)}, gens,
                       {"transitions": 0, "updates": 0, "states": 0, "moments": {}, "eval_start": None},
-                      objects={"q_targets": heads.targets, "buffer": p.buffer, "features": p.cache})
+                      objects={"q_targets": heads.targets, "phi_norm": heads.standardiser_state(), "buffer": p.buffer,
+                               "features": p.cache})
     mix.load_state(state["moments"])
     step = run.step
     if step == 0:
