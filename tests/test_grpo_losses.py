@@ -92,7 +92,7 @@ def test_k3_kl_term_value_and_gradient():
     lp = torch.log(T([[0.5]])).requires_grad_(True)
     loss, m = losses.grpo_policy_loss(lp, lp.detach(), T([0.0]), T([[1.0]]), "dapo", 1, 1, 1,
                                       ref_logprobs=torch.log(T([[0.25]])), beta=0.1)
-    assert close(loss, 0.1 * (-0.5 + math.log(2))) and close(m["grpo/kl_k3"], -0.5 + math.log(2))
+    assert close(loss, 0.1 * (-0.5 + math.log(2))) and close(m["loss/kl_k3"], -0.5 + math.log(2))
     loss.backward()
     assert close(lp.grad, [[0.1 * 0.5]])
 

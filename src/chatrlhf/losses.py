@@ -348,7 +348,7 @@ def grpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advanta
     if ref_logprobs is not None and beta != 0.0:
         kl = kl_estimates(logprobs, ref_logprobs)["k3"]
         per_token = per_token + beta * kl
-        metrics["grpo/kl_k3"] = masked_mean(kl.detach(), mask)
+        metrics["loss/kl_k3"] = masked_mean(kl.detach(), mask)
     loss = LOSS_AGGREGATIONS[loss_type](per_token, mask, n_sequences=n_sequences, n_tokens=n_tokens,
                                         max_tokens=max_tokens)
     metrics["loss/policy"] = loss.detach()
