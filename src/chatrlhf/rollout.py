@@ -12,6 +12,7 @@ passes with the logits divided by the same T; the sampler's own log-probs are ke
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field, fields
 
@@ -351,6 +352,38 @@ def eval_summary(got: dict, mix: RewardMix, state: dict, total: int) -> dict:
             total_reward += mix.schedules[name](total) * (float(np.mean(v)) - mu) / sd
     out["eval/reward"] = total_reward
     return out
+
+
+# --------------------------------------------------------------------------- the end of a step
+
+
+def end_of_step(command: str, run, step: int, n_steps: int, raw: dict, samples, bar, held_out, deadline: float,
+                log=print) -> int:
+    """After on-policy step ``step`` (1-based) of ``n_steps``: past the --max-minutes ``deadline`` this step becomes
+    the last one (evaluated and saved as an end; ``run.state["stopped_at"]``); its sample rows go to samples.jsonl;
+    every --eval-steps and at the end ``held_out(total)`` runs and the rows are shown; then the metrics, the progress
+    bar and the checkpoint (run.end_step). ``raw``: the step's metrics, with ``_rollout``. Returns ``n_steps``."""
+    cfg = run.cfg
+    if time.perf_counter() > deadline and step < n_steps:
+        log(f"chatrlhf {command}: --max-minutes {cfg.max_minutes:g} reached at step {step} of {n_steps}")
+        n_steps = run.state["stopped_at"] = step
+    rows = sample_rows(step, raw.pop("_rollout"), raw, cfg.sample_rows)
+    samples.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
+    samples.flush()
+    if step % cfg.eval_steps == 0 or step == n_steps:
+        raw.update(held_out(n_steps))
+        run.table(step, "samples", rows)
+        if not cfg.quiet and rows:
+            show_samples(bar.console, rows)
+    run.log(step, {k: v for k, v in raw.items() if not k.startswith("_")})
+    kl = f"  kl {raw['objective/kl']:.3f}" if "objective/kl" in raw else ""
+    run.end_step(step, n_steps, info=f"reward {raw['reward/total_mean']:+.3f}{kl}  {raw['time/step_s']:.1f} s/step")
+    return n_steps
+
+
+def deadline_of(cfg) -> float:
+    """The perf_counter time at which --max-minutes runs out (inf without a budget)."""
+    return time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
 
 
 # --------------------------------------------------------------------------- sample replies

@@ -24,7 +24,6 @@ Departures from the papers and from TRL, and why:
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -35,9 +34,8 @@ from chatrlhf.data.template import is_plain, prompt_format
 from chatrlhf.errors import UsageError
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model
 from chatrlhf.rewards import RewardMix, reward_mix
-from chatrlhf.rollout import Rollout, evaluate, generate, generator, minibatches, missing_eos_penalty, \
-    policy_forward, prompt_indices, reference_context, rollout_metrics, sample_rows, show_samples, split_prompts, \
-    watch
+from chatrlhf.rollout import Rollout, deadline_of, end_of_step, evaluate, generate, generator, minibatches, \
+    missing_eos_penalty, policy_forward, prompt_indices, reference_context, rollout_metrics, split_prompts, watch
 from chatrlhf.trainers.common import file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary
 
@@ -243,32 +241,19 @@ def train(cfg: GRPOConfig, log=print) -> Summary:
     state = run.begin({"policy": (policy, optimizer, scheduler)}, gens,
                       {"moments": {}, "history": [], "eval_start": None, "eval_norm": None})
     mix.load_state(state["moments"])
-    held_out = lambda: evaluate(policy, ref_ctx, tok, eval_data, cfg, mix, state, n_steps,  # noqa: E731
-                                per_prompt=cfg.num_generations)
+    held_out = lambda total: evaluate(policy, ref_ctx, tok, eval_data, cfg, mix, state, total,  # noqa: E731
+                                      per_prompt=cfg.num_generations)
     step = run.step
     if step == 0:
-        state["eval_start"] = held_out()
+        state["eval_start"] = held_out(n_steps)
         run.log(0, state["eval_start"])
     samples = run.open_rows("samples.jsonl")
-    deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
+    deadline = deadline_of(cfg)
     with run.loop(n_steps) as bar:
         while run.running(step, n_steps):
             raw = grpo_step(step, policy, ref_ctx, tok, train_data, cfg, mix, (optimizer, scheduler), gens, state, log)
             step += 1
-            if time.perf_counter() > deadline and step < n_steps:
-                log(f"chatrlhf grpo: --max-minutes {cfg.max_minutes:g} reached at step {step} of {n_steps}")
-                n_steps = state["stopped_at"] = step  # this step is the last: evaluated and saved as an end
-            rows = sample_rows(step, raw.pop("_rollout"), raw, cfg.sample_rows)
-            samples.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
-            samples.flush()
-            if step % cfg.eval_steps == 0 or step == n_steps:
-                raw.update(held_out())
-                run.table(step, "samples", rows)
-                if not cfg.quiet and rows:
-                    show_samples(bar.console, rows)
-            run.log(step, {k: v for k, v in raw.items() if not k.startswith("_")})
-            run.end_step(step, n_steps, info=f"reward {raw['reward/total_mean']:+.3f}  "
-                                                f"kl {raw.get('objective/kl', 0.0):.3f}  {raw['time/step_s']:.1f} s/step")
+            n_steps = end_of_step("grpo", run, step, n_steps, raw, samples, bar, held_out, deadline, log)
     samples.close()
     if step < n_steps:
         return run.stopped()

@@ -20,7 +20,6 @@ Departures from the N+ recipe (Huang et al. 2024), and why:
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -35,9 +34,9 @@ from chatrlhf.models import autocast, count_parameters, enable_checkpointing, lo
     unwrap
 from chatrlhf.reward_model import load_reward_model, reward_norm
 from chatrlhf.rewards import RewardMix, reward_mix
-from chatrlhf.rollout import Critic, Rollout, eval_collect, eval_summary, evaluate, forward_passes, generate, generator, \
-    minibatches, missing_eos_penalty, policy_forward, prompt_indices, reference_context, rollout_metrics, sample_rows, \
-    show_samples, split_prompts, watch
+from chatrlhf.rollout import Critic, Rollout, deadline_of, end_of_step, eval_collect, eval_summary, evaluate, \
+    forward_passes, generate, generator, minibatches, missing_eos_penalty, policy_forward, prompt_indices, \
+    reference_context, rollout_metrics, split_prompts, watch
 from chatrlhf.trainers.common import file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary
 from chatrlhf.trainers.value import SeparateCritic, SharedHead
@@ -335,26 +334,14 @@ def train(cfg: PPOConfig, log=print) -> Summary:
         state["eval_start"] = held_out(policy, ref_ctx, tok, eval_data, cfg, mix, state, n_steps)
         run.log(0, state["eval_start"])
     samples = run.open_rows("samples.jsonl")
-    deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
+    deadline = deadline_of(cfg)
     with run.loop(n_steps) as bar:
         while run.running(step, n_steps):
             raw = ppo_step(step, policy, ref_ctx, vf, tok, train_data, cfg, mix, parts["policy"], gens, state,
                            calibrate=step == 0 and critic_kind == "reward-model", log=log)
             step += 1
-            if time.perf_counter() > deadline and step < n_steps:
-                log(f"chatrlhf ppo: --max-minutes {cfg.max_minutes:g} reached at step {step} of {n_steps}")
-                n_steps = state["stopped_at"] = step  # this step is the last: evaluated and saved as an end
-            rows = sample_rows(step, raw.pop("_rollout"), raw, cfg.sample_rows)
-            samples.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
-            samples.flush()
-            if step % cfg.eval_steps == 0 or step == n_steps:
-                raw.update(held_out(policy, ref_ctx, tok, eval_data, cfg, mix, state, n_steps))
-                run.table(step, "samples", rows)
-                if not cfg.quiet and rows:
-                    show_samples(bar.console, rows)
-            run.log(step, {k: v for k, v in raw.items() if not k.startswith("_")})
-            run.end_step(step, n_steps, info=f"reward {raw['reward/total_mean']:+.3f}  kl {raw['objective/kl']:.3f}  "
-                                                f"{raw['time/step_s']:.1f} s/step")
+            n_steps = end_of_step("ppo", run, step, n_steps, raw, samples, bar, deadline=deadline, log=log,
+                                  held_out=lambda total: held_out(policy, ref_ctx, tok, eval_data, cfg, mix, state, total))
     samples.close()
     if step < n_steps:
         return run.stopped()
