@@ -41,9 +41,11 @@ def test_smoke_every_trainable_parameter_changes_and_the_output_loads(tmp_path, 
 
     out = tmp_path / "grpo"
     r = run_cli(*grpo_args(out, fn, held, "--max-steps", "2", "--num-iterations", "2", "--minibatch-size", "4",
-                           "--epsilon-high", "0.28", "--loss-type", "grpo"))
+                           "--epsilon-high", "0.28", "--loss-type", "grpo", "--kl-bound", "-1"))
     assert r.returncode == 0, r.stderr
     assert "held-out reward by source: fn " in r.stdout and "4 optimizer step(s) per batch (ε 0.2/0.28)" in r.stdout
+    # PPO's failure signs, read off GRPO's metrics (a bound below any KL makes one show at once, printed once)
+    assert r.stdout.count("chatrlhf grpo: warning at step 1: KL to the reference per reply is 0.00, above --kl-bound") == 1
     metrics = [m for m in read_metrics(out) if "loss/policy" in m]
     assert len(metrics) == 2
     for m in metrics:
@@ -51,7 +53,7 @@ def test_smoke_every_trainable_parameter_changes_and_the_output_loads(tmp_path, 
                   "grpo/clip_high", "grpo/ratio_mean", "group/reward_mean", "group/reward_std", "group/zero_std_fraction",
                   "reward/fn_mean", "rollout/length", "rollout/logprob_mismatch", "reward/eos_rate"):
             assert isinstance(m[k], float) and m[k] == m[k], k
-        assert m["train/optimizer_steps"] == 4
+        assert m["train/optimizer_steps"] == 4 and "warning/kl_over_bound" in m
     start, _ = load_model(ModelArgs(model="tiny-random-llama"))
     before = dict(start.named_parameters())
     trained = load_file(checkpoints(out)[-1][1] / "policy.safetensors")
