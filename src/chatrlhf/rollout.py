@@ -284,6 +284,18 @@ def minibatches(n: int, group: int, size: int, generator: torch.Generator | None
     return list(rows.split(size))
 
 
+def step_metrics(command: str, step: int, t0: float, r: Rollout, mix: RewardMix, state: dict, metrics: dict,
+                 kl_bound: float, log=print) -> dict:
+    """Close step ``step``'s metrics: its time since ``t0``, the mix's running moments into the state (a resumed run
+    normalises as the uninterrupted one), the failure signs (:func:`watch`), and the rollout under ``_rollout`` for
+    the samples file."""
+    metrics["time/step_s"] = time.perf_counter() - t0
+    state["moments"] = mix.state()
+    watch(command, step, state, metrics, kl_bound, log)
+    metrics["_rollout"] = r
+    return metrics
+
+
 def watch(command: str, step: int, state: dict, metrics: dict, kl_bound: float, log=print) -> None:
     """RL_DETAILS' failure signs on the run's recent history (kept in ``state``, so a resumed run warns as the
     uninterrupted one): each sign as a ``warning/NAME`` metric, and printed once when it first shows."""

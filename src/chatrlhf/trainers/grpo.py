@@ -35,7 +35,7 @@ from chatrlhf.errors import UsageError
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import Rollout, deadline_of, end_of_step, evaluate, generate, generator, minibatches, \
-    missing_eos_penalty, policy_forward, prompt_indices, reference_context, rollout_metrics, split_prompts, watch
+    missing_eos_penalty, policy_forward, prompt_indices, reference_context, rollout_metrics, split_prompts, step_metrics
 from chatrlhf.trainers.common import file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary
 
@@ -272,11 +272,7 @@ def grpo_step(step: int, policy, ref_ctx, tok, prompts: list, cfg: GRPOConfig, m
     metrics.update(grpo_update(policy, optimizer, r, sample_lp, cfg, ref_ctx is not None, gens["shuffle"]))
     metrics["train/lr"] = scheduler.get_last_lr()[0]
     scheduler.step()
-    metrics["time/step_s"] = time.perf_counter() - t0
-    state["moments"] = mix.state()
-    watch("grpo", step, state, metrics, cfg.kl_bound, log)
-    metrics["_rollout"] = r
-    return metrics
+    return step_metrics("grpo", step, t0, r, mix, state, metrics, cfg.kl_bound, log)
 
 
 def _finish(run: Run, policy, tok, state: dict) -> Summary:

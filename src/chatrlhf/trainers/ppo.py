@@ -36,7 +36,7 @@ from chatrlhf.reward_model import load_reward_model, reward_norm
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import Critic, Rollout, deadline_of, end_of_step, eval_collect, eval_summary, evaluate, \
     forward_passes, generate, generator, minibatches, missing_eos_penalty, policy_forward, prompt_indices, \
-    reference_context, rollout_metrics, split_prompts, watch
+    reference_context, rollout_metrics, split_prompts, step_metrics
 from chatrlhf.trainers.common import file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary
 from chatrlhf.trainers.value import SeparateCritic, SharedHead
@@ -375,11 +375,7 @@ def ppo_step(step: int, policy, ref_ctx, vf, tok, train_data: list, cfg: PPOConf
     if cfg.adaptive_kl:
         state["beta"] = losses.adaptive_kl_coef(state["beta"], metrics["objective/kl"], cfg.target_kl,
                                                 cfg.kl_horizon, len(r))
-    metrics["time/step_s"] = time.perf_counter() - t0
-    state["moments"] = mix.state()
-    watch("ppo", step, state, metrics, cfg.kl_bound, log)
-    metrics["_rollout"] = r
-    return metrics
+    return step_metrics("ppo", step, t0, r, mix, state, metrics, cfg.kl_bound, log)
 
 
 def optimisers(cfg: PPOConfig, policy, vf, n_steps: int) -> dict:
