@@ -115,4 +115,4 @@ def test_micro_batches_accumulate_to_one_big_batch(loss_type):
                                           **norm, **kw)
         part.backward()
         parts += float(part.detach())
-    assert math.isclose(parts, float(full), rel_tol=1e-5) and close(lp.grad, g_full)
+    assert math.isclose(parts, float(full.detach()), rel_tol=1e-5) and close(lp.grad, g_full)
