@@ -123,6 +123,9 @@ def cover(t, fn, rm, feedback_db):
     ppo = [*TINY, *RUN, "--data", dialogues, "--max-new-tokens", "4", "--batch-size", "2", "--minibatch-size", "2",
            "--max-steps", "2", "--ppo-epochs", "1", "--reward-fn", fn, "--eval-steps", "1", "--save-steps", "1",
            "--sample-rows", "1"]
+    grpo = [*TINY, *RUN, "--data", dialogues, "--max-new-tokens", "4", "--batch-size", "2", "--num-generations", "2",
+            "--micro-batch-size", "2", "--max-steps", "2", "--reward-fn", fn, "--eval-steps", "1", "--save-steps", "1",
+            "--sample-rows", "1"]
     return {
         "sft": [[*TINY, *RUN, "--max-steps", "1", "--output-dir", t / "s1", "--lora-r", "2", "--eval-data", dialogues,
                  "--no-chat-template", "--max-length", "64", "--overlong", "drop", "--log-steps", "1", "--eval-steps", "1"],
@@ -136,6 +139,12 @@ def cover(t, fn, rm, feedback_db):
                 [*ppo, "--output-dir", t / "p2", "--critic", "policy", "--whiten-rewards"],
                 [*ppo, "--output-dir", t / "p3", "--env", "dialogue", "--turn-gamma", "0.5", "--max-turns", "1",
                  "--critic", "shared", "--samples-per-prompt", "1"]],
+        "grpo": [[*grpo, "--output-dir", t / "g1", "--lora-r", "2", "--eval-data", prompts, "--reward-model", rm, "--force",
+                  "--human-feedback", FEEDBACK_FILES[1], "--references", dialogues, "--reward-weights", "fn=1",
+                  "--no-chat-template", "--num-iterations", "2", "--minibatch-size", "2", "--epsilon", "0.2",
+                  "--epsilon-high", "0.28", "--loss-type", "dr_grpo", "--max-minutes", "10"],
+                 [*grpo, "--output-dir", t / "g2", "--advantage", "rloo", "--kl-in-reward", "--scale-rewards",
+                  "--beta", "0.1"]],
         "qlearn": [[*TINY, *RUN, "--data", dialogues, "--output-dir", t / "q1", "--max-steps", "2", "--max-new-tokens", "4",
                     "--eval-data", dialogues, "--eval-dialogues", "1", "--eval-steps", "1", "--save-steps", "1",
                     "--reward-model", rm, "--force", "--human-feedback", FEEDBACK_FILES[1], "--references", dialogues,
@@ -170,7 +179,7 @@ def cover(t, fn, rm, feedback_db):
     }
 
 
-ORDER = ["reward train", "ppo", "qlearn", "qlearn-offline", "sft", "eval", "chat", "generate", "reward eval", "reward score", "feedback init",
+ORDER = ["reward train", "ppo", "grpo", "qlearn", "qlearn-offline", "sft", "eval", "chat", "generate", "reward eval", "reward score", "feedback init",
          "feedback add-user", "feedback import", "feedback export", "feedback stats", "feedback serve", "data inspect"]
 
 

@@ -170,6 +170,7 @@ def small_cfg(fn, **kw):
 
 
 def test_evaluation_runs_in_batches_on_its_own_random_stream(monkeypatch, fn):
+    from chatrlhf import rollout
     from chatrlhf.trainers import ppo
 
     cfg = small_cfg(fn)
@@ -177,8 +178,8 @@ def test_evaluation_runs_in_batches_on_its_own_random_stream(monkeypatch, fn):
     policy, tok, ref_ctx, *_ = ppo.load_networks(cfg, log=lambda *a: None)
     prompts = ppo.split_prompts(cfg)[1][:7]
     rows, seeds = [], []
-    generate = ppo.generate
-    monkeypatch.setattr(ppo, "generate", lambda pol, t, p, c, g: rows.append(len(p)) or generate(pol, t, p, c, g))
+    generate = rollout.generate  # the evaluation PPO runs (rollout.evaluate) samples through rollout.generate
+    monkeypatch.setattr(rollout, "generate", lambda pol, t, p, c, g: rows.append(len(p)) or generate(pol, t, p, c, g))
     monkeypatch.setattr(torch, "manual_seed", lambda *a: seeds.append(a))
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda *a: seeds.append(a))   # what CUDA would re-seed
     before = torch.get_rng_state()

@@ -183,7 +183,25 @@ class RewardArgs:
 
 
 @dataclass
-class PPOConfig(RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class RolloutArgs:
+    """What the on-policy trainers (ppo, grpo) share: reply sampling limits, the missing-EOS penalty, the KL warning,
+    evaluation, checkpoint and sample cadence, the time budget."""
+    max_prompt_length: int = arg(256, "Prompt tokens kept (the start of longer prompts is cut).")
+    max_new_tokens: int = arg(48, "Reply tokens sampled per rollout (also Dr.GRPO's constant in grpo).")
+    missing_eos_penalty: float | None = arg(None, "Subtracted from the reward of a reply that never emits EOS within "
+                                            "--max-new-tokens (TRL's missing_eos_penalty); auto = 1 with a chat "
+                                            "template, 0 for plain-text continuations (they need not end).")
+    gradient_checkpointing: bool = arg(False, "Recompute activations in backward (less memory, ~20% slower).")
+    kl_bound: float = arg(20.0, "Warn when the KL to the reference per reply exceeds this (nats).")
+    eval_steps: int = arg(10, "Held-out evaluation every N steps (and at start and end).")
+    save_steps: int = arg(10, "Checkpoint every N steps (and at the end).")
+    sample_rows: int = arg(4, "Sample replies per step written to samples.jsonl (and shown every --eval-steps).")
+    max_minutes: float = arg(0.0, "Wall-clock budget in minutes (0 = none): the run ends after the step that passes "
+                             "it — evaluated and saved as at a normal end. A --resume'd run's budget starts again.")
+
+
+@dataclass
+class PPOConfig(RolloutArgs, RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf ppo`: PPO with a policy network and a value network against the mixed reward."""
     model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the frozen reference starts as "
                      "the same model (with LoRA: the base with adapters off).")
@@ -202,9 +220,6 @@ class PPOConfig(RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs
                                    "γ = 0 is the honest baseline.")
     max_turns: int | None = arg(None, "--env dialogue: replies per episode before it is cut (its last state still "
                                 "bootstrapped); auto = whole dialogues.")
-    missing_eos_penalty: float | None = arg(None, "Subtracted from the reward of a reply that never emits EOS within "
-                                            "--max-new-tokens (TRL's missing_eos_penalty); auto = 1 with a chat "
-                                            "template, 0 for plain-text continuations (they need not end).")
     output_dir: str = arg("out/ppo", "Where the policy, checkpoints, metrics and samples go.")
     max_steps: int = arg(20, "PPO steps (one rollout batch each); -1 = --epochs passes over the prompts.")
     batch_size: int = arg(8, "Prompts (dialogues with --env dialogue) per PPO step.")
@@ -215,9 +230,6 @@ class PPOConfig(RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs
     lr: float = arg(3e-6, "Policy learning rate, linearly annealed (N+ default); LoRA wants ~1e-4.")
     critic_lr: float = arg(1e-5, "Critic learning rate (separate critic only).")
     warmup_ratio: float = arg(0.0, "Fraction of steps of linear warm-up.")
-    gradient_checkpointing: bool = arg(False, "Recompute activations in backward (less memory, ~20% slower).")
-    max_prompt_length: int = arg(256, "Prompt tokens kept (the start of longer prompts is cut).")
-    max_new_tokens: int = arg(48, "Reply tokens sampled per rollout.")
     temperature: float = arg(0.7, "Sampling temperature (> 0); log-probs are recomputed at the same temperature, "
                              "top-k 0 and top-p 1, so that KL is exact.")
     critic: str = arg("auto", "Value network: `reward-model` = a separate critic initialised from the reward model "
@@ -232,7 +244,6 @@ class PPOConfig(RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs
     adaptive_kl: bool = arg(False, "Adapt β toward --target-kl (Ziegler et al. 2019).")
     target_kl: float = arg(6.0, "Target KL per reply (nats) for --adaptive-kl.")
     kl_horizon: int = arg(10000, "Horizon of the adaptive KL controller.")
-    kl_bound: float = arg(20.0, "Warn when the KL to the reference per reply exceeds this (nats).")
     gamma: float = arg(1.0, "Discount of GAE (1: the reward arrives at the end of the reply).")
     lam: float = arg(0.95, "GAE λ (N+ default).")
     cliprange: float = arg(0.2, "Policy ratio clip ε.")
@@ -240,11 +251,52 @@ class PPOConfig(RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs
     vf_coef: float = arg(0.1, "Value-loss weight when the value head shares the policy trunk.")
     whiten_rewards: bool = arg(False, "Whiten per-token rewards before GAE (off in N+; try it for noisy rewards).")
     eval_fraction: float = arg(0.2, "Fraction of prompts held out to measure reward and KL before/after.")
-    eval_steps: int = arg(10, "Held-out evaluation every N steps (and at start and end).")
-    save_steps: int = arg(10, "Checkpoint every N steps (and at the end).")
-    sample_rows: int = arg(4, "Sample replies per step written to samples.jsonl (and shown every --eval-steps).")
-    max_minutes: float = arg(0.0, "Wall-clock budget in minutes (0 = none): the run ends after the step that passes "
-                             "it — evaluated and saved as at a normal end. A --resume'd run's budget starts again.")
+
+
+@dataclass
+class GRPOConfig(RolloutArgs, RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+    """`chatrlhf grpo`: critic-free policy gradient — GRPO, Dr.GRPO, DAPO or RLOO — against the mixed reward, with
+    --num-generations replies per prompt as each other's baseline."""
+    model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the frozen reference starts as "
+                     "the same model (with LoRA: the base with adapters off; none at all with --beta 0).")
+    data: list[str] = arg(["examples/prompts.txt"], "Prompts: .txt (one per line) or any data format with prompts, "
+                          "comma-separated.")
+    eval_data: list[str] = arg([], "Held-out prompts for the evaluations; empty = split --eval-fraction off --data.")
+    eval_fraction: float = arg(0.2, "Fraction of prompts held out to measure reward and KL before/after.")
+    output_dir: str = arg("out/grpo", "Where the policy, checkpoints, metrics and samples go.")
+    max_steps: int = arg(20, "Steps (one rollout batch each); -1 = --epochs passes over the prompts.")
+    batch_size: int = arg(8, "Prompts per step (rollout batch = batch_size × --num-generations replies).")
+    num_generations: int = arg(4, "G, replies sampled per prompt: the group whose rewards are each other's baseline "
+                               "(at least 2; TRL's default 8, DeepSeekMath 64). Held-out prompts get G replies too.")
+    advantage: str = arg("grpo", "Baseline of a reply's reward: `grpo` = the group's mean (divided by its std unless "
+                         "--no-scale-rewards; Shao et al. 2024); `rloo` = the mean of the other G−1 replies (REINFORCE "
+                         "leave-one-out, Ahmadian et al. 2024; usually with --kl-in-reward).", ("grpo", "rloo"))
+    scale_rewards: bool | None = arg(None, "Divide advantages by the group's reward std (+1e-4). auto = on for "
+                                     "--advantage grpo, off for rloo; --no-scale-rewards with grpo is Dr.GRPO's "
+                                     "advantage (Liu et al. 2025).")
+    loss_type: str = arg("dapo", "How token losses become the step's loss: `grpo` = each reply's token mean, then the "
+                         "mean over replies (long replies' tokens weigh less); `dr_grpo` = token sum / (replies × "
+                         "--max-new-tokens); `dapo` = mean over every token of the step (TRL's default).",
+                         ("grpo", "dr_grpo", "dapo"))
+    beta: float = arg(0.04, "β of the KL to the reference (DeepSeekMath's 0.04): a k3 term in the loss, or with "
+                      "--kl-in-reward a penalty β·Σ_t (log π_old − log π_ref) on each reply's reward. 0 = no "
+                      "reference model at all (TRL's default).")
+    kl_in_reward: bool = arg(False, "Put the KL in the reward (as RLOO and PPO do: k1 summed over the reply, before "
+                             "the advantages) instead of a k3 loss term.")
+    epsilon: float | None = arg(None, "Lower clip ε_low of the ratio π/π_old; auto = 0.2. Acts only when a batch "
+                                "takes several optimizer steps (--num-iterations > 1 or --minibatch-size).")
+    epsilon_high: float | None = arg(None, "Upper clip ε_high (DAPO's clip-higher: 0.28); auto = --epsilon.")
+    num_iterations: int = arg(1, "Optimisation passes over each rollout batch (μ in DeepSeekMath; TRL's default 1); "
+                              "log π_old is kept from sampling time for the ratio.")
+    minibatch_size: int | None = arg(None, "Replies per optimizer step; auto = the whole rollout batch (one step per "
+                                     "pass, as TRL's steps_per_generation = gradient accumulation).")
+    micro_batch_size: int = arg(8, "Replies per forward/backward pass inside an optimizer step (gradients "
+                                "accumulated; the loss is normalised over the whole step, so this changes memory, "
+                                "not the result). Whole groups keep their shared prompt's KV cache.")
+    lr: float = arg(1e-6, "Policy learning rate, linearly annealed (TRL's GRPO default); LoRA wants ~1e-4.")
+    warmup_ratio: float = arg(0.0, "Fraction of steps of linear warm-up.")
+    temperature: float = arg(1.0, "Sampling temperature (> 0; TRL's GRPO default 1: the group needs diverse replies); "
+                             "log-probs are recomputed at the same temperature, top-k 0 and top-p 1.")
 
 
 @dataclass

@@ -255,3 +255,101 @@ def iql_loss(q: torch.Tensor, q_hat: torch.Tensor, v: torch.Tensor, next_v: torc
     metrics.update(v_metrics)
     metrics["q/value_mean"] = v.detach().mean()
     return loss_q + loss_v, metrics
+
+
+# --------------------------------------------------------------------------- critic-free policy gradient (GRPO, RLOO)
+# B = P prompts × G replies, the G replies to a prompt in consecutive rows (rows p·G … p·G + G − 1). One scalar
+# advantage per reply, the same at every one of its tokens; no critic. TRL's conventions (grpo_trainer.py
+# _compute_loss, rloo_trainer.py) unless a docstring says otherwise.
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """(B,) GRPO advantages (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision): Â_i = (r_i − mean_g r) /
+    (std_g r + ε) over the G replies of the same prompt, std unbiased and ε = 1e-4 as TRL. ``scale=False``: mean-
+    centred only — Dr.GRPO (Liu et al. 2025 §3.1) drops the std, which over-weights groups that nearly agree."""
+    grouped = scores.float().view(-1, group_size)
+    adv = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (grouped.std(1, keepdim=True) + eps)
+    return adv.flatten()
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int, scale: bool = False, eps: float = 1e-4) -> torch.Tensor:
+    """(B,) REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024 eq. 6): Â_i = r_i − 1/(G−1)
+    Σ_{j≠i} r_j, the mean of the *other* replies as baseline, so Â_i does not depend on r_i through its baseline.
+    Equals G/(G−1)·(r_i − mean_g r). ``scale``: also divided by the group's std + ε (off in RLOO and TRL)."""
+    grouped = scores.float().view(-1, group_size)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+    adv = grouped - baseline
+    if scale:
+        adv = adv / (grouped.std(1, keepdim=True) + eps)
+    return adv.flatten()
+
+
+def group_stats(scores: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """Per-group reward statistics for logging: mean of the groups' means and stds (unbiased), and the fraction of
+    groups whose G rewards are all equal (std 0: their advantages are 0, so they teach nothing)."""
+    grouped = scores.float().view(-1, group_size)
+    std = grouped.std(1)
+    return {"group/reward_mean": grouped.mean(1).mean(), "group/reward_std": std.mean(),
+            "group/zero_std_fraction": torch.isclose(std, torch.zeros_like(std)).float().mean()}
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2):
+    """(B, R) per-token clipped surrogate −min(ρ·Â, clip(ρ, 1 − ε_low, 1 + ε_high)·Â), ρ = π/π_old (Schulman et al.
+    2017 eq. 7 with DAPO's decoupled "clip-higher" ε_high, Yu et al. 2025 eq. 10); ``advantages`` (B,) one per reply.
+    Metrics (token means): clipped fractions below (ρ < 1 − ε_low with Â < 0) and above (ρ > 1 + ε_high with Â > 0),
+    as TRL counts them, and the mean ratio."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages[:, None]
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+    with torch.no_grad():
+        low, high = (ratio < 1.0 - eps_low) & (adv < 0), (ratio > 1.0 + eps_high) & (adv > 0)
+        metrics = {"grpo/clip_low": masked_mean(low.float(), mask), "grpo/clip_high": masked_mean(high.float(), mask),
+                   "grpo/clipfrac": masked_mean((low | high).float(), mask), "grpo/ratio_mean": masked_mean(ratio, mask)}
+    return per_token, metrics
+
+
+# Loss aggregations: per-token losses (B, R) of a micro-batch → its share of the optimizer step's loss. The
+# denominators count the whole optimizer step (all its micro-batches), so that accumulating micro-batches gives
+# exactly the loss of one big batch (as sft_loss's n_targets).
+
+
+def grpo_aggregate(per_token: torch.Tensor, mask: torch.Tensor, n_sequences: int, **_) -> torch.Tensor:
+    """GRPO (Shao et al. 2024 eq. 3): each reply's token mean, then the mean over the step's ``n_sequences`` replies.
+    A long reply's tokens each weigh less than a short one's (the length bias Dr.GRPO removes)."""
+    return (masked_mean(per_token, mask, dim=1)).sum() / n_sequences
+
+
+def dr_grpo_aggregate(per_token: torch.Tensor, mask: torch.Tensor, n_sequences: int, max_tokens: int,
+                      **_) -> torch.Tensor:
+    """Dr.GRPO (Liu et al. 2025 §3.1): the sum over all tokens divided by a constant, replies × the generation budget
+    ``max_tokens`` (TRL: max_completion_length), so every token weighs the same whatever the reply's length."""
+    return (per_token * mask).sum() / (n_sequences * max_tokens)
+
+
+def dapo_aggregate(per_token: torch.Tensor, mask: torch.Tensor, n_tokens: int, **_) -> torch.Tensor:
+    """DAPO (Yu et al. 2025 eq. 8, token-level policy gradient): the mean over every reply token of the step."""
+    return (per_token * mask).sum() / n_tokens
+
+
+LOSS_AGGREGATIONS = {"grpo": grpo_aggregate, "dr_grpo": dr_grpo_aggregate, "dapo": dapo_aggregate}
+
+
+def grpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     loss_type: str, n_sequences: int, n_tokens: int, max_tokens: int, eps_low: float = 0.2,
+                     eps_high: float = 0.2, ref_logprobs: torch.Tensor | None = None, beta: float = 0.0):
+    """The GRPO / Dr.GRPO / DAPO / RLOO policy loss of a micro-batch: the clipped surrogate plus β·k3 KL to the
+    reference at every token (DeepSeekMath eq. 3–4; k3 = π_ref/π − log(π_ref/π) − 1, clamped at 10 per token as
+    :func:`kl_estimates`), aggregated by ``loss_type`` (see LOSS_AGGREGATIONS) with the optimizer step's
+    ``n_sequences``, ``n_tokens`` and ``max_tokens``. logprobs, old_logprobs, ref_logprobs, mask (B, R); advantages (B,)."""
+    per_token, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, eps_low, eps_high)
+    if ref_logprobs is not None and beta != 0.0:
+        kl = kl_estimates(logprobs, ref_logprobs)["k3"]
+        per_token = per_token + beta * kl
+        metrics["loss/kl_k3"] = masked_mean(kl.detach(), mask)
+    loss = LOSS_AGGREGATIONS[loss_type](per_token, mask, n_sequences=n_sequences, n_tokens=n_tokens,
+                                        max_tokens=max_tokens)
+    metrics["loss/policy"] = loss.detach()
+    return loss, metrics

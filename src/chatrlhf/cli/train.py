@@ -1,13 +1,13 @@
-"""`chatrlhf sft`, `chatrlhf ppo`, `chatrlhf qlearn` and `chatrlhf qlearn-offline`: run the trainer, print what moved."""
+"""`chatrlhf sft`, `chatrlhf ppo`, `chatrlhf grpo`, `chatrlhf qlearn` and `chatrlhf qlearn-offline`: run the trainer, print what moved."""
 
 from __future__ import annotations
 
-from chatrlhf.config import PPOConfig, QLearnConfig, QOfflineConfig, SFTConfig
-from chatrlhf.trainers import ppo, qlearn, qoffline, sft
+from chatrlhf.config import GRPOConfig, PPOConfig, QLearnConfig, QOfflineConfig, SFTConfig
+from chatrlhf.trainers import grpo, ppo, qlearn, qoffline, sft
 
 
 def run(name: str, cfg) -> int:
-    return {"sft": train_sft, "ppo": train_ppo, "qlearn": train_qlearn, "qlearn-offline": train_qoffline}[name](cfg)
+    return {"sft": train_sft, "ppo": train_ppo, "grpo": train_grpo, "qlearn": train_qlearn, "qlearn-offline": train_qoffline}[name](cfg)
 
 
 def train_sft(cfg: SFTConfig) -> int:
@@ -24,15 +24,30 @@ def train_ppo(cfg: PPOConfig) -> int:
     if summary.interrupted:
         return 130
     start, end = summary["eval_start"] or {}, summary["eval_end"] or {}
-    moved = [f"{k[5:-5]} {start[k]:+.3f} -> {end[k]:+.3f}" for k in end if k.endswith("_mean") and k in start]
-    if moved:  # raw source means: comparable across steps
-        print(f"chatrlhf ppo: held-out reward by source: {', '.join(moved)}; KL to reference "
-              f"{end['eval/kl']:.3f} nats/reply")
+    print_heldout_reward("ppo", start, end)
     if "eval/return" in end and "eval/return" in start:  # --env dialogue
         print(f"chatrlhf ppo: held-out return per episode {start['eval/return']:+.3f} -> {end['eval/return']:+.3f} "
               f"({end['eval/turns']:.1f} turns)")
     print(f"chatrlhf ppo: policy saved to {cfg.output_dir}")
     return 0
+
+
+def train_grpo(cfg: GRPOConfig) -> int:
+    summary = grpo.train(cfg)
+    if summary.interrupted:
+        return 130
+    print_heldout_reward("grpo", summary["eval_start"] or {}, summary["eval_end"] or {})
+    print(f"chatrlhf grpo: policy saved to {cfg.output_dir}")
+    return 0
+
+
+def print_heldout_reward(command: str, start: dict, end: dict) -> None:
+    """The raw mean of each reward source on the held-out prompts (comparable across steps), first and last
+    evaluation, and the final KL to the reference (none without one)."""
+    moved = [f"{k[5:-5]} {start[k]:+.3f} -> {end[k]:+.3f}" for k in end if k.endswith("_mean") and k in start]
+    if moved:
+        kl = f"; KL to reference {end['eval/kl']:.3f} nats/reply" if "eval/kl" in end else ""
+        print(f"chatrlhf {command}: held-out reward by source: {', '.join(moved)}{kl}")
 
 
 def train_qlearn(cfg: QLearnConfig) -> int:

@@ -20,29 +20,23 @@ Departures from the N+ recipe (Huang et al. 2024), and why:
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
 
-import numpy as np
 import torch
 
 from chatrlhf import episodes, losses
 from chatrlhf.config import ModelArgs, PPOConfig
-from chatrlhf.data import load_prompts, split_by_prompt
-from chatrlhf.data.records import Conversation, prompt_key
 from chatrlhf.data.template import is_plain, prompt_format
-from chatrlhf.engine import Engine, SamplingParams
+from chatrlhf.engine import SamplingParams
 from chatrlhf.env import turn_references, user_turns_key
 from chatrlhf.errors import UsageError
-from chatrlhf.evaluate.metrics import shared_reply_fraction
-from chatrlhf.evaluate.watch import failure_signs
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, load_tokenizer, save_model, \
     unwrap
 from chatrlhf.reward_model import load_reward_model, reward_norm
 from chatrlhf.rewards import RewardMix, reward_mix
-from chatrlhf.rollout import Critic, Rollout, decode_replies, encode_prompts, ended_with_eos, generator, \
-    policy_forward
+from chatrlhf.rollout import Critic, Rollout, deadline_of, end_of_step, eval_collect, eval_summary, evaluate, \
+    forward_passes, generate, generator, minibatches, missing_eos_penalty, policy_forward, prompt_indices, \
+    reference_context, rollout_metrics, split_prompts, step_metrics
 from chatrlhf.trainers.common import file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary
 from chatrlhf.trainers.value import SeparateCritic, SharedHead
@@ -65,14 +59,6 @@ def build_rewards(cfg: PPOConfig, log=print) -> RewardMix:
 def turn_gamma(cfg: PPOConfig) -> float:
     """--turn-gamma, by default qlearn's γ."""
     return DEFAULT_TURN_GAMMA if cfg.turn_gamma is None else cfg.turn_gamma
-
-
-def missing_eos_penalty(cfg: PPOConfig, tok) -> float:
-    """--missing-eos-penalty, or by default 1 for chat replies and 0 for plain-text continuations (which need
-    not end within --max-new-tokens)."""
-    if cfg.missing_eos_penalty is not None:
-        return cfg.missing_eos_penalty
-    return 0.0 if is_plain(tok) else 1.0
 
 
 def build_value_function(cfg: PPOConfig, tok, hidden_size: int, log=print):
@@ -106,43 +92,7 @@ def _same_vocab(path: str, tok) -> bool:
     return load_tokenizer(path).get_vocab() == tok.get_vocab()
 
 
-def prompt_indices(n: int, batch: int, seed: int, step: int) -> list[int]:
-    """The prompts of step ``step`` (0-based): epochs of seeded permutations, a pure function of the step
-    so that a resumed run needs only the step number."""
-    per_epoch = max(1, n // batch)
-    epoch, k = divmod(step, per_epoch)
-    order = np.random.default_rng(seed + epoch).permutation(n)
-    return [int(i) for i in order[k * batch:(k + 1) * batch]]
-
-
 # --------------------------------------------------------------------------- rollout and rewards
-
-
-@torch.no_grad()
-def generate(policy, tok, prompts, cfg: PPOConfig, gen: torch.Generator) -> tuple[Rollout, torch.Tensor, float]:
-    """Sampled replies as a Rollout (log-probs, values and rewards still empty), the sampler's own log-probs
-    and the seconds it took."""
-    device = next(policy.parameters()).device
-    t0 = time.perf_counter()
-    q, qm = encode_prompts(tok, prompts, cfg.max_prompt_length, device)
-    policy.eval()
-    ids, mask, sample_lp = Engine(policy, tok, cfg.dtype).sample_tensors(
-        q, qm, SamplingParams(cfg.max_new_tokens, cfg.temperature), gen)
-    zeros = torch.zeros_like(sample_lp)
-    r = Rollout(q, qm, ids, mask, zeros, zeros, zeros, zeros[:, 0], zeros, zeros, zeros, prompts,
-                decode_replies(tok, ids, mask), ended_with_eos(ids, tok.eos_token_id))
-    return r, sample_lp, time.perf_counter() - t0
-
-
-@torch.no_grad()
-def forward_passes(policy, ref_ctx, r: Rollout, cfg: PPOConfig, value_head=None):
-    """Fill in log π and log π_ref at the sampling temperature, each in its own forward pass; returns the values
-    that ``value_head`` reads off the policy's trunk pass (None without a head)."""
-    with autocast(cfg.dtype, r.query_ids.device):
-        r.logprobs, _, trunk_values = policy_forward(policy, r, cfg.temperature, value_head=value_head)
-        with ref_ctx() as ref:
-            r.ref_logprobs, _, _ = policy_forward(ref, r, cfg.temperature)
-    return trunk_values
 
 
 @torch.no_grad()
@@ -163,12 +113,8 @@ def score(policy, ref_ctx, vf, r: Rollout, sample_lp: torch.Tensor, gen_s: float
         r.values = vf.values(r, trunk_values) * r.response_mask
     scores, metrics = mix(prompts, r.texts, r.ended.tolist(), step)
     r.scores = torch.tensor(scores, dtype=torch.float32, device=r.query_ids.device)
-    n_tokens = int(r.response_mask.sum())
-    metrics.update({
-        "rollout/length": n_tokens / len(r), "rollout/tokens_per_s": n_tokens / gen_s, "rollout/generate_s": gen_s,
-        "rollout/cross_prompt_duplicates": shared_reply_fraction([prompt_key(p) for p in prompts], r.texts),
-        "rollout/logprob_mismatch": float(losses.masked_mean((sample_lp - r.logprobs).abs(), r.response_mask)),
-        "reward/total_mean": float(r.scores.mean()), "reward/total_std": float(r.scores.std(unbiased=False))})
+    metrics.update(rollout_metrics(r, gen_s))
+    metrics["rollout/logprob_mismatch"] = float(losses.masked_mean((sample_lp - r.logprobs).abs(), r.response_mask))
     return metrics
 
 
@@ -275,38 +221,7 @@ def ppo_update(policy, vf, optimizer, r: Rollout, cfg: PPOConfig, train_policy: 
     return out
 
 
-def minibatches(n: int, group: int, size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """Shuffled minibatches of rollout rows. Rows come in groups of ``group`` replies to one prompt; when a
-    minibatch holds whole groups, whole groups are shuffled, so that each prompt is computed once per
-    minibatch (rollout.reply_hidden shares its KV cache) — 40% less work for 4 replies per prompt."""
-    if group > 1 and size % group == 0 and n % group == 0:
-        rows = (torch.randperm(n // group, generator=generator)[:, None] * group + torch.arange(group)).flatten()
-    else:
-        rows = torch.randperm(n, generator=generator)
-    return list(rows.split(size))
-
-
 # --------------------------------------------------------------------------- held-out evaluation
-
-
-@torch.no_grad()
-def evaluate(policy, ref_ctx, tok, prompts, cfg: PPOConfig, mix: RewardMix, state: dict, total: int) -> dict:
-    """Reward and KL on held-out prompts (``samples_per_prompt`` replies each, ``batch_size`` prompts at a time),
-    sampled from a stream of its own with a fixed seed, so evaluations compare like with like and the training
-    stream never moves. Per source the raw mean (``eval/NAME_mean``); ``eval/reward`` mixes them on one scale
-    from step 0: each source in units of its held-out mean and std at the first evaluation, weighted as at the
-    end of the run, minus the missing-EOS penalty — 0 at the start (up to that penalty)."""
-    if not prompts:
-        return {}
-    device = next(policy.parameters()).device
-    gen = generator(cfg.seed + 7919, device)
-    got = {"raw": {name: [] for name in mix.sources}, "kl": [], "lengths": [], "ended": []}
-    for i in range(0, len(prompts), cfg.batch_size):
-        chunk = [p for p in prompts[i:i + cfg.batch_size] for _ in range(cfg.samples_per_prompt)]
-        r, _, _ = generate(policy, tok, chunk, cfg, gen)
-        forward_passes(policy, ref_ctx, r, cfg)
-        _eval_collect(got, r, mix)
-    return _eval_summary(got, mix, state, total)
 
 
 @torch.no_grad()
@@ -327,38 +242,10 @@ def evaluate_dialogues(policy, ref_ctx, tok, envs: list, cfg: PPOConfig, mix: Re
                               SamplingParams(cfg.max_new_tokens, cfg.temperature), cfg.max_prompt_length, cfg.dtype, gen)
         r, _, _ = episodes.to_rollout(turns, tok, cfg.max_prompt_length, device)
         forward_passes(policy, ref_ctx, r, cfg)
-        _eval_collect(got, r, mix)
-    out = _eval_summary(got, mix, state, total)
+        eval_collect(got, r, mix)
+    out = eval_summary(got, mix, state, total)
     out["eval/turns"] = len(got["ended"]) / len(picks)
     out["eval/return"] = out["eval/reward"] * out["eval/turns"]
-    return out
-
-
-def _eval_collect(got: dict, r: Rollout, mix: RewardMix) -> None:
-    """Add an evaluation batch's raw source values, KL, lengths and EOS flags to ``got``."""
-    for name, values in mix.raw(r.prompts, r.texts, r.ended.tolist()).items():
-        got["raw"][name] += values
-    got["kl"] += (losses.kl_estimates(r.logprobs, r.ref_logprobs)["k1"] * r.response_mask).sum(1).tolist()
-    got["lengths"] += r.response_mask.sum(1).tolist()
-    got["ended"] += r.ended.tolist()
-
-
-def _eval_summary(got: dict, mix: RewardMix, state: dict, total: int) -> dict:
-    """The evaluation's metrics (see :func:`evaluate`); the first evaluation fixes the scale in ``state``."""
-    raw, kl, lengths, ended = got["raw"], got["kl"], got["lengths"], got["ended"]
-    seen = {name: [float(x) for x in values if x is not None] for name, values in raw.items()}
-    if state.get("eval_norm") is None:  # the first evaluation fixes the scale
-        state["eval_norm"] = {n: (float(np.mean(v)), float(np.std(v)) or 1.0) if v else (0.0, 1.0) for n, v in seen.items()}
-    eos_rate = sum(ended) / len(ended)
-    out = {"eval/kl": float(np.mean(kl)), "eval/length": float(np.mean(lengths)), "eval/eos_rate": eos_rate}
-    total_reward = -mix.penalty * (1 - eos_rate)
-    for name, v in seen.items():
-        mu, sd = state["eval_norm"][name]
-        out[f"eval/{name}_coverage"] = len(v) / len(raw[name])
-        if v:  # no mean where the source had no opinion on any reply
-            out[f"eval/{name}_mean"] = float(np.mean(v))
-            total_reward += mix.schedules[name](total) * (float(np.mean(v)) - mu) / sd
-    out["eval/reward"] = total_reward
     return out
 
 
@@ -372,25 +259,11 @@ def split_data(cfg: PPOConfig) -> tuple[list, list]:
     return split_prompts(cfg)
 
 
-def split_prompts(cfg: PPOConfig) -> tuple[list, list]:
-    """Train and held-out prompts: --eval-data, else a prompt-disjoint split with the run's seed."""
-
-    prompts = [p for path in cfg.data for p in load_prompts(path, cfg.format)]
-    if not prompts:
-        raise UsageError(f"--data {','.join(cfg.data)}: no prompts", "one prompt per line in a .txt, or any data format")
-    if cfg.eval_data:
-        return prompts, [p for path in cfg.eval_data for p in load_prompts(path, cfg.format)]
-    train_part, held = split_by_prompt([Conversation(p) for p in prompts], cfg.eval_fraction, cfg.seed)
-    return [c.messages for c in train_part], [c.messages for c in held]
-
-
 def load_networks(cfg: PPOConfig, log=print):
     """(policy, tokenizer, reference context, value function, critic kind)."""
     policy, tok = load_model(cfg, trainable=True, chat_template=cfg.chat_template, lora=cfg)
     device = next(policy.parameters()).device
-    lora = hasattr(policy, "disable_adapter")
-    ref = None if lora else load_model(cfg)[0].eval().requires_grad_(False)
-    ref_ctx = (lambda: _adapters_off(policy)) if lora else (lambda: contextlib.nullcontext(ref))
+    ref_ctx = reference_context(cfg, policy)
     vf, kind = build_value_function(cfg, tok, unwrap(policy).config.hidden_size, log)
     vf.to(device)
     if cfg.gradient_checkpointing:
@@ -461,26 +334,14 @@ def train(cfg: PPOConfig, log=print) -> Summary:
         state["eval_start"] = held_out(policy, ref_ctx, tok, eval_data, cfg, mix, state, n_steps)
         run.log(0, state["eval_start"])
     samples = run.open_rows("samples.jsonl")
-    deadline = time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
+    deadline = deadline_of(cfg)
     with run.loop(n_steps) as bar:
         while run.running(step, n_steps):
             raw = ppo_step(step, policy, ref_ctx, vf, tok, train_data, cfg, mix, parts["policy"], gens, state,
                            calibrate=step == 0 and critic_kind == "reward-model", log=log)
             step += 1
-            if time.perf_counter() > deadline and step < n_steps:
-                log(f"chatrlhf ppo: --max-minutes {cfg.max_minutes:g} reached at step {step} of {n_steps}")
-                n_steps = state["stopped_at"] = step  # this step is the last: evaluated and saved as an end
-            rows = _samples(step, raw.pop("_rollout"), raw, cfg.sample_rows)
-            samples.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
-            samples.flush()
-            if step % cfg.eval_steps == 0 or step == n_steps:
-                raw.update(held_out(policy, ref_ctx, tok, eval_data, cfg, mix, state, n_steps))
-                run.table(step, "samples", rows)
-                if not cfg.quiet and rows:
-                    _show(bar.console, rows)
-            run.log(step, {k: v for k, v in raw.items() if not k.startswith("_")})
-            run.end_step(step, n_steps, info=f"reward {raw['reward/total_mean']:+.3f}  kl {raw['objective/kl']:.3f}  "
-                                                f"{raw['time/step_s']:.1f} s/step")
+            n_steps = end_of_step("ppo", run, step, n_steps, raw, samples, bar, deadline=deadline, log=log,
+                                  held_out=lambda total: held_out(policy, ref_ctx, tok, eval_data, cfg, mix, state, total))
     samples.close()
     if step < n_steps:
         return run.stopped()
@@ -514,17 +375,7 @@ def ppo_step(step: int, policy, ref_ctx, vf, tok, train_data: list, cfg: PPOConf
     if cfg.adaptive_kl:
         state["beta"] = losses.adaptive_kl_coef(state["beta"], metrics["objective/kl"], cfg.target_kl,
                                                 cfg.kl_horizon, len(r))
-    metrics["time/step_s"] = time.perf_counter() - t0
-    state["history"] = (state["history"] + [{k: v for k, v in metrics.items() if not k.startswith("_")}])[-12:]
-    state["moments"] = mix.state()
-    signs = failure_signs(state["history"], kl_bound=cfg.kl_bound)
-    for key, msg in signs.items():
-        metrics[f"warning/{key}"] = msg
-        if key not in state.get("warnings", []):
-            log(f"chatrlhf ppo: warning at step {step + 1}: {msg}")
-    state["warnings"] = sorted(signs)
-    metrics["_rollout"] = r
-    return metrics
+    return step_metrics("ppo", step, t0, r, mix, state, metrics, cfg.kl_bound, log)
 
 
 def optimisers(cfg: PPOConfig, policy, vf, n_steps: int) -> dict:
@@ -536,37 +387,9 @@ def optimisers(cfg: PPOConfig, policy, vf, n_steps: int) -> dict:
     return {**parts, **vf.parts(lambda params, lr, n: _optimizer(params, lr, cfg, n), n_steps)}
 
 
-def _adapters_off(policy):
-    """The reference under LoRA: the same network with its adapters disabled."""
-    @contextlib.contextmanager
-    def ctx():
-        with policy.disable_adapter():
-            yield policy
-    return ctx()
-
-
 def _optimizer(params, lr: float, cfg: PPOConfig, n_steps: int):
     return make_optimizer(params, lr, cfg.weight_decay, eps=1e-5,  # Adam ε 1e-5 (N+)
                           warmup_steps=int(cfg.warmup_ratio * n_steps), total_steps=n_steps)
-
-
-def _samples(step: int, r: Rollout, metrics: dict, n: int) -> list[dict]:
-    """The first ``n`` replies of the batch with their total and per-source rewards."""
-    raws = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("_raw/")}
-    return [{"step": step, "prompt": r.prompts[i][-1]["content"], "reply": r.texts[i], "reward": round(float(r.scores[i]), 4),
-             "ended": bool(r.ended[i]), **{f"reward_{k}": v[i] for k, v in raws.items()}} for i in range(min(n, len(r)))]
-
-
-def _show(console, rows: list[dict]) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"sample replies, step {rows[0]['step']}", show_lines=True)
-    cols = [c for c in rows[0] if c != "step"]
-    for c in cols:
-        table.add_column(c, ratio=3 if c in ("prompt", "reply") else 1)
-    for row in rows:
-        table.add_row(*[f"{row[c]:+.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols])
-    console.print(table)
 
 
 def _finish(run: Run, policy, vf, tok, state: dict) -> Summary:
