@@ -112,6 +112,14 @@ def test_per_pair_weights_give_a_weighted_mean():
     assert float(c.grad[1]) == pytest.approx(-1 / 4 * 0.5 * S1, abs=1e-5)
 
 
+def test_accuracy_counts_decided_pairs_and_an_exact_tie_of_rewards_as_half():
+    # rewards margins: +1 (right), −1 (wrong), 0 (the untrained policy: half), and a tie pair that is not counted
+    c, r = T([-1.0, -3.0, -2.0, -1.0]), T([-3.0, -1.0, -2.0, -3.0])
+    ref = T([-2.0, -2.0, -2.0, -2.0])
+    _, m = losses.dpo_loss(c, r, ref, ref, beta=0.5, tie=T([False, False, False, True]))
+    assert float(m["rewards/accuracies"]) == pytest.approx(1.5 / 3)
+
+
 def test_micro_batches_with_the_step_weight_equal_one_big_batch():
     c, r, rc, rr = two_pairs()
     w = T([3.0, 1.0])

@@ -301,7 +301,8 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     """Weighted mean over pairs of a DPO variant (:data:`DPO_LOSSES`) on Δ = (log π − log π_ref)(chosen) −
     (log π − log π_ref)(rejected), plus the RPO term (Pang et al. 2024, eq. 1): ``rpo_alpha`` × the chosen reply's
     NLL per token, on decided pairs only (a tie or a both-bad pair has no reply to imitate). All (B,); the token
-    counts (B,) are needed for ipo and the RPO term. Metrics as TRL's: rewards = β·log-ratio."""
+    counts (B,) are needed for ipo and the RPO term. Metrics as TRL's (rewards = β·log-ratio), but the accuracy over
+    decided pairs counts an exact tie of rewards as half, as the reward model's (so the untrained policy reads ½)."""
     tie = torch.zeros_like(chosen_logps, dtype=torch.bool) if tie is None else tie
     weight = torch.ones_like(chosen_logps) if weight is None else weight
     total = weight.sum() if total_weight is None else total_weight
@@ -318,10 +319,11 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     with torch.no_grad():
         c, r = beta * chosen_ratio, beta * rejected_ratio
         decided = ~tie
-        metrics = {"loss/dpo": (per_pair * weight).sum() / total, "loss/nll": (nll * weight).sum() / total,
-                   "rewards/chosen": c.mean(), "rewards/rejected": r.mean(), "rewards/margins": (c - r).mean(),
-                   "rewards/accuracies": ((c > r) & decided).sum() / decided.sum().clamp(min=1),
+        metrics = {"loss/dpo": (per_pair * weight).sum() / total, "rewards/chosen": c.mean(), "rewards/rejected": r.mean(), "rewards/margins": (c - r).mean(),
+                   "rewards/accuracies": (((c > r) + 0.5 * (c == r)) * decided).sum() / decided.sum().clamp(min=1),
                    "logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean()}
+        if rpo_alpha:
+            metrics["loss/nll"] = (nll * weight).sum() / total
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 

@@ -1,13 +1,13 @@
-"""`chatrlhf sft`, `chatrlhf ppo`, `chatrlhf qlearn` and `chatrlhf qlearn-offline`: run the trainer, print what moved."""
+"""`chatrlhf sft`, `chatrlhf ppo`, `chatrlhf dpo`, `chatrlhf qlearn` and `chatrlhf qlearn-offline`: run the trainer, print what moved."""
 
 from __future__ import annotations
 
-from chatrlhf.config import PPOConfig, QLearnConfig, QOfflineConfig, SFTConfig
-from chatrlhf.trainers import ppo, qlearn, qoffline, sft
+from chatrlhf.config import DPOConfig, PPOConfig, QLearnConfig, QOfflineConfig, SFTConfig
+from chatrlhf.trainers import dpo, ppo, qlearn, qoffline, sft
 
 
 def run(name: str, cfg) -> int:
-    return {"sft": train_sft, "ppo": train_ppo, "qlearn": train_qlearn, "qlearn-offline": train_qoffline}[name](cfg)
+    return {"sft": train_sft, "ppo": train_ppo, "dpo": train_dpo, "qlearn": train_qlearn, "qlearn-offline": train_qoffline}[name](cfg)
 
 
 def train_sft(cfg: SFTConfig) -> int:
@@ -60,4 +60,17 @@ def train_qoffline(cfg: QOfflineConfig) -> int:
               f"{start.get('eval/pair_accuracy', float('nan')):.2f} -> {end['eval/pair_accuracy']:.2f}, Kendall τ "
               f"{end.get('eval/kendall_tau', float('nan')):+.2f}{capture} ({int(end['eval/states'])} states)")
     print(f"chatrlhf qlearn-offline: Q- and V-heads and qlearn.json saved to {cfg.output_dir}")
+    return 0
+
+
+def train_dpo(cfg: DPOConfig) -> int:
+    summary = dpo.train(cfg)
+    if summary.interrupted:
+        return 130
+    start, end = summary["eval_start"] or {}, summary["eval_end"] or {}
+    if "eval/accuracy" in end:
+        print(f"chatrlhf dpo: held-out margin accuracy {start.get('eval/accuracy', float('nan')):.3f} -> "
+              f"{end['eval/accuracy']:.3f}, mean margin β·Δ {start.get('eval/margin', float('nan')):+.3f} -> "
+              f"{end['eval/margin']:+.3f} ({summary['held_out_pairs']} pairs)")
+    print(f"chatrlhf dpo: policy saved to {cfg.output_dir}")
     return 0

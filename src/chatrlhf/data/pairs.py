@@ -20,7 +20,13 @@ from collections import Counter
 from dataclasses import replace
 from itertools import combinations
 
+from chatrlhf.data.formats import load_records
 from chatrlhf.data.records import Correction, Preference, Rating, prompt_key
+from chatrlhf.data.split import group_hash, split_by_prompt
+from chatrlhf.errors import UsageError
+
+SOURCES = ("preference", "rating", "correction")
+HELD_OUT = "held-out"  # how a measurement on pairs no model trained on is labelled (the reward gate checks it)
 
 
 def rating_pairs(ratings: list[Rating]) -> list[Preference]:
@@ -78,3 +84,42 @@ def build_pairs(records: list, source_weights: dict[str, float] | None = None, t
 
 def source_of(p: Preference) -> str:
     return "correction" if p.source == "correction" else "rating" if p.source == "rating" else "preference"
+
+
+# --------------------------------------------------------------------------- the pairs a trainer reads
+# `reward train` and `dpo` read their --data / --eval-data the same way: every record format, ties and both-bad
+# pairs per --ties / --both-bad, pair weights times --source-weights. ``cfg`` has those fields and --format.
+
+
+def load_pairs(paths: list[str], cfg, log=print, command: str = "reward"):
+    """Weighted pairs from every file (with the problems the readers found), and what was used or dropped."""
+    unknown = sorted(set(cfg.source_weights) - set(SOURCES))
+    if unknown:  # flags are checked before any data is read
+        raise UsageError(f"--source-weights: unknown source '{unknown[0]}'", f"sources are {', '.join(SOURCES)}")
+    records = []
+    for path in paths:
+        loaded = load_records(path, cfg.format)
+        records += loaded.records
+        for p in loaded.problems[:10]:
+            log(f"chatrlhf {command}: {p.where}: {p.message}")
+        if len(loaded.problems) > 10:
+            log(f"chatrlhf {command}: … and {len(loaded.problems) - 10} more problems in {path}")
+    pairs, counts = build_pairs(records, cfg.source_weights, cfg.ties, cfg.both_bad)
+    if not pairs:
+        raise UsageError(f"--data {','.join(paths)}: no preference pairs", "give preferences, ratings or corrections")
+    return pairs, counts
+
+
+def split_pairs(cfg, command: str = "reward", log=print) -> tuple[list, list, Counter, str]:
+    """(train pairs, held-out pairs, counts, how the held-out pairs were chosen). Held-out pairs come from
+    --eval-data (minus any whose prompt is also in training), else a prompt-disjoint --eval-fraction split."""
+    pairs, counts = load_pairs(cfg.data, cfg, log, command)
+    if cfg.eval_data:
+        held, _ = load_pairs(cfg.eval_data, cfg, log, command)
+        trained = {group_hash(p) for p in pairs}
+        kept = [p for p in held if group_hash(p) not in trained]
+        if len(kept) < len(held):
+            log(f"chatrlhf {command}: {len(held) - len(kept)} --eval-data pairs share a prompt with training: not used")
+        return pairs, kept, counts, f"{HELD_OUT}: --eval-data {','.join(cfg.eval_data)}"
+    train_pairs, held = split_by_prompt(pairs, cfg.eval_fraction, cfg.seed)
+    return train_pairs, held, counts, f"{HELD_OUT}: {cfg.eval_fraction:g} of the prompts (seed {cfg.seed})"
