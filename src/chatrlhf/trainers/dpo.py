@@ -65,6 +65,11 @@ def encode_pairs(tok, pairs: list, max_length: int, log=print) -> tuple[list, li
     return kept, encoded
 
 
+def sides(encoded: list) -> list:
+    """Every chosen reply, then every rejected one."""
+    return [c for c, _ in encoded] + [r for _, r in encoded]
+
+
 def pair_tensors(pairs: list, device) -> dict:
     return {"tie": torch.tensor([p.tie for p in pairs], dtype=torch.bool, device=device),
             "weight": torch.tensor([float(p.weight) for p in pairs], dtype=torch.float32, device=device)}
@@ -76,7 +81,7 @@ def pair_tensors(pairs: list, device) -> dict:
 def dpo_batch_loss(model, run: Run, pad_id: int, encoded: list, pairs: list, ref: torch.Tensor, total_weight: float):
     """Loss and metrics of one micro-batch: chosen then rejected replies in one forward pass. ``ref`` (B, 2)."""
     cfg, n = run.cfg, len(pairs)
-    batch = collate([c for c, _ in encoded] + [r for _, r in encoded], pad_id, run.device)
+    batch = collate(sides(encoded), pad_id, run.device)
     with run.autocast():
         logps, tokens = sequence_logps(model, batch)
     ref = ref.to(run.device)
@@ -107,7 +112,7 @@ def evaluate(model, run: Run, pad_id: int, encoded: list, pairs: list, ref: torc
     if not pairs:
         return {}
     cfg = run.cfg
-    items = [c for c, _ in encoded] + [r for _, r in encoded]
+    items = sides(encoded)
     logps = all_logps(model, items, cfg.batch_size * 2, pad_id, run.device, cfg.dtype)
     tokens = torch.tensor([float(x.n_targets) for x in items])
     n = len(pairs)
@@ -132,12 +137,13 @@ def prepare(cfg: DPOConfig, run: Run, log=print):
     eval_pairs, eval_enc = encode_pairs(tok, eval_pairs, cfg.max_length, log)
     if not train_pairs:
         raise UsageError(f"--data {','.join(cfg.data)}: no pair left to train on", "see the problems listed above")
-    groups = {f"{name}_{side}": [e[k] for e in enc] for name, enc in (("train", train_enc), ("eval", eval_enc))
-              for k, side in ((0, "chosen"), (1, "rejected"))}
+    # chosen replies then rejected ones, batched as evaluate() batches them: the untrained policy's held-out margins
+    # are then exactly 0
+    groups = {"train": sides(train_enc), "eval": sides(eval_enc)}
     t0 = time.perf_counter()
     flat = reference_logps(model, groups, run.out, cfg.model, cfg.dtype, cfg.batch_size * 2, tok.pad_token_id,
                            run.device, log)
-    ref = {name: torch.stack([flat[f"{name}_chosen"], flat[f"{name}_rejected"]], 1) for name in ("train", "eval")}
+    ref = {name: flat[name].view(2, -1).T for name in groups}  # (N, 2): chosen, rejected
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     log(f"chatrlhf dpo: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({dict(counts)}), reference "
