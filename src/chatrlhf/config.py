@@ -174,6 +174,29 @@ class DPOConfig(RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, TemplateArgs,
 
 
 @dataclass
+class KTOConfig(RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+    """`chatrlhf kto`: Kahneman–Tversky optimisation of the policy on unpaired feedback — replies marked desirable or
+    undesirable (thumbs, star ratings, corrections, either side of a preference) — against the policy before training."""
+    model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the reference is the same model "
+                     "before training (with LoRA: the base with adapters off), its log-probs computed once.")
+    data: list[str] = arg(["examples/ratings.jsonl"], "Feedback files, comma-separated: ratings (4–5 stars desirable, "
+                          "1–2 undesirable, 3 dropped; thumbs up / down), corrections (corrected desirable, original "
+                          "undesirable), preferences (chosen desirable, rejected undesirable; both-bad: both undesirable; "
+                          "ties dropped).")
+    eval_data: list[str] = arg([], "Held-out feedback files; empty = split --eval-fraction of the prompts off --data "
+                               "(prompt-disjoint).")
+    output_dir: str = arg("out/kto", "Where the policy, the cached reference log-probs, checkpoints and metrics go.")
+    max_length: int = arg(512, "Maximum tokens per prompt + reply (the end is cut; a reply with no token left is "
+                          "dropped and reported).")
+    lr: float = arg(1e-6, "Peak learning rate, linear warm-up then decay to 0 (TRL's KTO default); LoRA wants ~1e-5.")
+    beta: float = arg(0.1, "β: the strength of the KL tie to the reference (KTO paper and TRL: 0.1).")
+    desirable_weight: float | None = arg(None, "λ_D, the weight of desirable replies' losses; auto = the class balance "
+                                         "of the paper (λ_D·n_D / λ_U·n_U = 1: the rarer class up-weighted).")
+    undesirable_weight: float | None = arg(None, "λ_U, the weight of undesirable replies' losses; auto as λ_D.")
+    eval_steps: int = arg(20, "Held-out evaluation every N steps (and at start and end).")
+
+
+@dataclass
 class RewardEvalConfig(GateArgs, ModelArgs):
     """`chatrlhf reward eval`: accuracy, calibration and length bias on held-out pairs, with plots; pairs whose
     prompts the model was trained on are refused."""

@@ -1,13 +1,13 @@
-"""`chatrlhf sft`, `chatrlhf ppo`, `chatrlhf dpo`, `chatrlhf qlearn` and `chatrlhf qlearn-offline`: run the trainer, print what moved."""
+"""`chatrlhf sft`, `chatrlhf ppo`, `chatrlhf dpo`, `chatrlhf kto`, `chatrlhf qlearn` and `chatrlhf qlearn-offline`: run the trainer, print what moved."""
 
 from __future__ import annotations
 
-from chatrlhf.config import DPOConfig, PPOConfig, QLearnConfig, QOfflineConfig, SFTConfig
-from chatrlhf.trainers import dpo, ppo, qlearn, qoffline, sft
+from chatrlhf.config import DPOConfig, KTOConfig, PPOConfig, QLearnConfig, QOfflineConfig, SFTConfig
+from chatrlhf.trainers import dpo, kto, ppo, qlearn, qoffline, sft
 
 
 def run(name: str, cfg) -> int:
-    return {"sft": train_sft, "ppo": train_ppo, "dpo": train_dpo, "qlearn": train_qlearn, "qlearn-offline": train_qoffline}[name](cfg)
+    return {"sft": train_sft, "ppo": train_ppo, "dpo": train_dpo, "kto": train_kto, "qlearn": train_qlearn, "qlearn-offline": train_qoffline}[name](cfg)
 
 
 def train_sft(cfg: SFTConfig) -> int:
@@ -73,4 +73,18 @@ def train_dpo(cfg: DPOConfig) -> int:
               f"{end['eval/accuracy']:.3f}, mean margin β·Δ {start.get('eval/margin', float('nan')):+.3f} -> "
               f"{end['eval/margin']:+.3f} ({summary['held_out_pairs']} pairs)")
     print(f"chatrlhf dpo: policy saved to {cfg.output_dir}")
+    return 0
+
+
+def train_kto(cfg: KTOConfig) -> int:
+    summary = kto.train(cfg)
+    if summary.interrupted:
+        return 130
+    start, end = summary["eval_start"] or {}, summary["eval_end"] or {}
+    if "eval/auc" in end:
+        print(f"chatrlhf kto: held-out AUC of the implicit reward (desirable above undesirable) "
+              f"{start.get('eval/auc', float('nan')):.3f} -> {end['eval/auc']:.3f}, margin "
+              f"{start.get('eval/margin', float('nan')):+.3f} -> {end['eval/margin']:+.3f} "
+              f"({summary['held_out_replies']} replies)")
+    print(f"chatrlhf kto: policy saved to {cfg.output_dir}")
     return 0
