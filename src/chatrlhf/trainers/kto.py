@@ -77,14 +77,18 @@ def kl_partners(n: int, seed: int) -> list[int]:
 
 
 def encode_examples(tok, rows: list, max_length: int, seed: int, log=print) -> Examples:
-    kept, items = [], []
+    kept, items, dropped = [], [], []
     for r in rows:
         item, why = encode_reply(tok, r.prompt, r.response, max_length)
         if item is None:
-            log(f"chatrlhf kto: {r.where}: {why}")
+            dropped.append(f"{r.where}: {why}")
             continue
         kept.append(r)
         items.append(item)
+    if dropped:
+        log(f"chatrlhf kto: {len(dropped)} repl(ies) dropped, no token left under --max-length {max_length}:")
+        for d in dropped[:5]:
+            log(f"  {d}")
     partner = kl_partners(len(kept), seed)
     kl_items = [encode_reply(tok, r.prompt, kept[j].response, max_length)[0] for r, j in zip(kept, partner)]
     return Examples(kept, items, kl_items, torch.tensor([r.score > 0 for r in kept], dtype=torch.bool),
