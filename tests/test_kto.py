@@ -16,7 +16,7 @@ from chatrlhf.models import load_model
 from chatrlhf.preference import all_logps
 from chatrlhf.trainers import kto
 from chatrlhf.trainers.run import Run
-from conftest import EXAMPLES, kill_at_first_checkpoint, run_cli
+from conftest import EXAMPLES, assert_sigkill_resume_matches, run_cli
 
 P = [{"role": "user", "content": "Where is my order?"}]
 
@@ -116,22 +116,10 @@ def test_flags_that_cannot_work_are_refused(tmp_path, flags, message):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_gives_the_uninterrupted_metrics(tmp_path):
+def test_sigkill_then_resume_gives_the_uninterrupted_metrics_and_policy(tmp_path):
     data = thumbs(tmp_path / "t.jsonl", 40, 3)
     args = ["--max-steps", "6", "--batch-size", "4", "--grad-accum", "2", "--save-steps", "2", "--eval-steps", "3",
             "--lr", "1e-3", "--seed", "3"]
-    ref, out = tmp_path / "ref", tmp_path / "killed"
-    r = run_cli(*kto_args(ref, *args, data=data))
-    assert r.returncode == 0, r.stderr
-    killed_at = kill_at_first_checkpoint(kto_args(out, *args, data=data), out)
-    assert killed_at < 6
-    r = run_cli(*kto_args(out, *args, "--resume", data=data))
-    assert r.returncode == 0, r.stderr
-    assert f"(step {killed_at})" in r.stdout and "computing the reference" not in r.stdout
-    want = {m["step"]: m for m in read_metrics(ref)}
-    got = {m["step"]: m for m in read_metrics(out)}
-    assert sorted(got) == sorted(want) == list(range(7))
-    for step, m in want.items():
-        for k, v in m.items():
-            if k != "train/replies_per_s":
-                assert got[step][k] == pytest.approx(v, abs=1e-6), (step, k)
+    stdout = assert_sigkill_resume_matches(lambda out, *resume: kto_args(out, *args, *resume, data=data), tmp_path, 6,
+                                           "model.safetensors", ignore=("train/replies_per_s",))
+    assert "computing the reference" not in stdout

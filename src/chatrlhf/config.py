@@ -148,20 +148,27 @@ class RewardTrainConfig(GateArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataA
 
 
 @dataclass
-class DPOConfig(RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
-    """`chatrlhf dpo`: direct preference optimisation of the policy on preference pairs (DPO, cDPO, robust DPO,
-    IPO, hinge; optional RPO NLL term), against the policy's own log-probs before training as the reference."""
+class PreferenceArgs:
+    """What `dpo` and `kto` share: the policy is its own reference, and a held-out evaluation."""
     model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the reference is the same model "
                      "before training (with LoRA: the base with adapters off), its log-probs computed once.")
+    max_length: int = arg(512, "Maximum tokens per prompt + reply (the end is cut; a pair or reply with no reply token "
+                          "left is dropped and reported).")
+    lr: float = arg(1e-6, "Peak learning rate, linear warm-up then decay to 0 (TRL's DPO and KTO default); LoRA wants "
+                    "~1e-5.")
+    eval_steps: int = arg(20, "Held-out evaluation (DPO: margin accuracy; KTO: AUC) every N steps (and at start and end).")
+
+
+@dataclass
+class DPOConfig(PreferenceArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+    """`chatrlhf dpo`: direct preference optimisation of the policy on preference pairs (DPO, cDPO, robust DPO,
+    IPO, hinge; optional RPO NLL term), against the policy's own log-probs before training as the reference."""
     data: list[str] = arg(FEEDBACK_FILES, "Feedback files, comma-separated, in any format `reward train` reads: "
                           "preferences (HH-RLHF, TRL prompt/chosen/rejected, OASST pairs, the store's export), ratings "
                           "(pairs of differently rated replies to one prompt) and corrections (corrected ≻ original).")
     eval_data: list[str] = arg([], "Held-out feedback files for the margin accuracy; empty = split --eval-fraction of "
                                "the prompts off --data (prompt-disjoint).")
     output_dir: str = arg("out/dpo", "Where the policy, the cached reference log-probs, checkpoints and metrics go.")
-    max_length: int = arg(512, "Maximum tokens per prompt + reply (the end is cut; a pair with no reply token left "
-                          "is dropped and reported).")
-    lr: float = arg(1e-6, "Peak learning rate, linear warm-up then decay to 0 (TRL's DPO default); LoRA wants ~1e-5.")
     beta: float = arg(0.1, "β: the strength of the KL tie to the reference (DPO paper and TRL: 0.1); IPO's τ.")
     loss_type: str = arg("sigmoid", "sigmoid = DPO (with --label-smoothing: cDPO); robust = robust DPO (Chowdhury et "
                          "al. 2024, unbiased under label noise --label-smoothing); hinge = SLiC; ipo = IPO (log-ratios "
@@ -170,15 +177,12 @@ class DPOConfig(RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, TemplateArgs,
                                  "DPO with robust; no meaning for hinge and ipo (refused there).")
     rpo_alpha: float = arg(0.0, "α of the RPO term (Pang et al. 2024): α × the chosen reply's NLL per token, added on "
                            "decided pairs (not ties or both-bad pairs); 0 = off; the paper uses 1.")
-    eval_steps: int = arg(20, "Held-out margin accuracy every N steps (and at start and end).")
 
 
 @dataclass
-class KTOConfig(RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class KTOConfig(PreferenceArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf kto`: Kahneman–Tversky optimisation of the policy on unpaired feedback — replies marked desirable or
     undesirable (thumbs, star ratings, corrections, either side of a preference) — against the policy before training."""
-    model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the reference is the same model "
-                     "before training (with LoRA: the base with adapters off), its log-probs computed once.")
     data: list[str] = arg(["examples/ratings.jsonl"], "Feedback files, comma-separated: ratings (4–5 stars desirable, "
                           "1–2 undesirable, 3 dropped; thumbs up / down), corrections (corrected desirable, original "
                           "undesirable), preferences (chosen desirable, rejected undesirable; both-bad: both undesirable; "
@@ -186,14 +190,10 @@ class KTOConfig(RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs,
     eval_data: list[str] = arg([], "Held-out feedback files; empty = split --eval-fraction of the prompts off --data "
                                "(prompt-disjoint).")
     output_dir: str = arg("out/kto", "Where the policy, the cached reference log-probs, checkpoints and metrics go.")
-    max_length: int = arg(512, "Maximum tokens per prompt + reply (the end is cut; a reply with no token left is "
-                          "dropped and reported).")
-    lr: float = arg(1e-6, "Peak learning rate, linear warm-up then decay to 0 (TRL's KTO default); LoRA wants ~1e-5.")
     beta: float = arg(0.1, "β: the strength of the KL tie to the reference (KTO paper and TRL: 0.1).")
     desirable_weight: float | None = arg(None, "λ_D, the weight of desirable replies' losses; auto = the class balance "
                                          "of the paper (λ_D·n_D / λ_U·n_U = 1: the rarer class up-weighted).")
     undesirable_weight: float | None = arg(None, "λ_U, the weight of undesirable replies' losses; auto as λ_D.")
-    eval_steps: int = arg(20, "Held-out evaluation every N steps (and at start and end).")
 
 
 @dataclass

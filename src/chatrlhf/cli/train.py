@@ -64,27 +64,22 @@ def train_qoffline(cfg: QOfflineConfig) -> int:
 
 
 def train_dpo(cfg: DPOConfig) -> int:
-    summary = dpo.train(cfg)
-    if summary.interrupted:
-        return 130
-    start, end = summary["eval_start"] or {}, summary["eval_end"] or {}
-    if "eval/accuracy" in end:
-        print(f"chatrlhf dpo: held-out margin accuracy {start.get('eval/accuracy', float('nan')):.3f} -> "
-              f"{end['eval/accuracy']:.3f}, mean margin β·Δ {start.get('eval/margin', float('nan')):+.3f} -> "
-              f"{end['eval/margin']:+.3f} ({summary['held_out_pairs']} pairs)")
-    print(f"chatrlhf dpo: policy saved to {cfg.output_dir}")
-    return 0
+    return _preference("dpo", dpo.train(cfg), "eval/accuracy", "margin accuracy", "held_out_pairs", cfg.output_dir)
 
 
 def train_kto(cfg: KTOConfig) -> int:
-    summary = kto.train(cfg)
+    return _preference("kto", kto.train(cfg), "eval/auc", "AUC of the implicit reward (desirable above undesirable)",
+                       "held_out_replies", cfg.output_dir)
+
+
+def _preference(name: str, summary, key: str, what: str, count: str, output_dir: str) -> int:
+    """What `dpo` or `kto` moved on the held-out data: ``key`` and the mean margin of implicit rewards."""
     if summary.interrupted:
         return 130
     start, end = summary["eval_start"] or {}, summary["eval_end"] or {}
-    if "eval/auc" in end:
-        print(f"chatrlhf kto: held-out AUC of the implicit reward (desirable above undesirable) "
-              f"{start.get('eval/auc', float('nan')):.3f} -> {end['eval/auc']:.3f}, margin "
-              f"{start.get('eval/margin', float('nan')):+.3f} -> {end['eval/margin']:+.3f} "
-              f"({summary['held_out_replies']} replies)")
-    print(f"chatrlhf kto: policy saved to {cfg.output_dir}")
+    if key in end:
+        print(f"chatrlhf {name}: held-out {what} {start.get(key, float('nan')):.3f} -> {end[key]:.3f}, mean margin "
+              f"{start.get('eval/margin', float('nan')):+.3f} -> {end['eval/margin']:+.3f} ({summary[count]} "
+              f"{count.split('_')[-1]})")
+    print(f"chatrlhf {name}: policy saved to {output_dir}")
     return 0
