@@ -140,6 +140,8 @@ def test_dpo_smoke_every_parameter_moves_and_the_policy_loads_with_transformers(
 
 
 def test_every_feedback_format_is_read_and_ties_and_both_bad_are_counted(tmp_path):
+    from safetensors.torch import load_file
+
     ratings = tmp_path / "ratings.jsonl"  # the first 30 example ratings
     ratings.write_text("".join((EXAMPLES / "ratings.jsonl").read_text().splitlines(keepends=True)[:30]))
     hh = tmp_path / "hh.jsonl"
@@ -155,8 +157,12 @@ def test_every_feedback_format_is_read_and_ties_and_both_bad_are_counted(tmp_pat
                                            ("No clue.", {"both_bad": True}))))
     data = ",".join(map(str, (hh, oasst, store, ratings, EXAMPLES / "corrections.jsonl")))
     out = tmp_path / "all"
-    r = run_cli(*dpo_args(out, "--max-steps", "1", "--eval-fraction", "0", data=data))
+    r = run_cli(*dpo_args(out, "--max-steps", "1", "--eval-fraction", "0", "--train-layers", "1", "--lr", "1e-3",
+                          data=data))
     assert r.returncode == 0, r.stderr
+    trained, init = load_file(out / "model.safetensors"), dict(load_model(tiny())[0].named_parameters())
+    for name, p in init.items():  # --train-layers 1: the tied embeddings and block 0 frozen, the top block and norm not
+        assert torch.equal(p.detach(), trained[name]) == ("embed_tokens" in name or "layers.0." in name), name
     pairs = json.loads((out / "chatrlhf.json").read_text())["pairs"]
     assert pairs["preference"] == 5 and pairs["ties"] == 1 and pairs["both_bad"] == 1
     assert pairs["rating"] > 0 and pairs["correction"] == 5

@@ -157,6 +157,10 @@ class PreferenceArgs:
     lr: float = arg(1e-6, "Peak learning rate, linear warm-up then decay to 0 (TRL's DPO and KTO default); LoRA wants "
                     "~1e-5.")
     eval_steps: int = arg(20, "Held-out evaluation (DPO: margin accuracy; KTO: AUC) every N steps (and at start and end).")
+    train_layers: int = arg(-1, "Train only the top N transformer blocks (the embeddings — tied to the LM head in "
+                            "SmolLM2 — and lower blocks frozen: no gradients, no optimizer state, no backward through "
+                            "them); -1 = all. Less memory and time for full fine-tuning; LoRA (--lora-r) is the other "
+                            "way.")
 
 
 @dataclass

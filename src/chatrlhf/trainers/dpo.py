@@ -25,7 +25,7 @@ from chatrlhf.config import DPOConfig
 from chatrlhf.data.pairs import split_pairs
 from chatrlhf.data.template import prompt_format
 from chatrlhf.errors import UsageError
-from chatrlhf.models import count_parameters, enable_checkpointing, load_model, save_model
+from chatrlhf.models import count_parameters, enable_checkpointing, load_model, save_model, train_top_layers
 from chatrlhf.preference import all_logps, collate, encode_reply, reference_logps, sequence_logps
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary
@@ -144,6 +144,7 @@ def prepare(cfg: DPOConfig, run: Run, log=print):
     flat = reference_logps(model, groups, run.out, cfg.model, cfg.dtype, cfg.batch_size * 2, tok.pad_token_id,
                            run.device, log)
     ref = {name: flat[name].view(2, -1).T for name in groups}  # (N, 2): chosen, rejected
+    train_top_layers(model, cfg.train_layers)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     log(f"chatrlhf dpo: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({dict(counts)}), reference "

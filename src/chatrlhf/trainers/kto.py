@@ -27,7 +27,7 @@ from chatrlhf.config import KTOConfig
 from chatrlhf.data.pairs import load_feedback, split_held_out, unpaired_feedback
 from chatrlhf.data.template import Tokenized, prompt_format
 from chatrlhf.errors import UsageError
-from chatrlhf.models import count_parameters, enable_checkpointing, load_model, save_model
+from chatrlhf.models import count_parameters, enable_checkpointing, load_model, save_model, train_top_layers
 from chatrlhf.preference import all_logps, collate, encode_reply, reference_logps, sequence_logps
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary
@@ -176,6 +176,7 @@ def prepare(cfg: KTOConfig, run: Run, log=print):
                            tok.pad_token_id, run.device, log)
     ref = {name: {"main": flat[name], "kl": flat[f"{name}_kl"]} for name in ("train", "eval")}
     lam = class_weights(cfg, train, log)
+    train_top_layers(model, cfg.train_layers)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     log(f"chatrlhf kto: {len(train)} train ({int(train.desirable.sum())} desirable) / {len(held)} held-out replies "
