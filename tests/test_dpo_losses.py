@@ -105,7 +105,7 @@ def two_pairs():
 def test_per_pair_weights_give_a_weighted_mean():
     c, r, rc, rr = two_pairs()
     loss, m = losses.dpo_loss(c, r, rc, rr, beta=0.5, weight=T([3.0, 1.0]))
-    assert float(loss) == pytest.approx((3 * LS1 + LSM1) / 4, abs=1e-5)  # 0.563262
+    assert float(loss.detach()) == pytest.approx((3 * LS1 + LSM1) / 4, abs=1e-5)  # 0.563262
     assert float(m["rewards/accuracies"]) == 0.5 and float(m["rewards/margins"]) == 0.0
     loss.backward()
     assert float(c.grad[0]) == pytest.approx(-3 / 4 * 0.5 * SM1, abs=1e-5)
@@ -127,7 +127,7 @@ def test_micro_batches_with_the_step_weight_equal_one_big_batch():
     parts = sum(losses.dpo_loss(c[i:i + 1], r[i:i + 1], rc[i:i + 1], rr[i:i + 1], beta=0.5, weight=w[i:i + 1],
                                 total_weight=w.sum(), rpo_alpha=0.3, chosen_tokens=T([2.0, 5.0])[i:i + 1])[0]
                 for i in range(2))
-    assert float(parts) == pytest.approx(float(whole), abs=1e-6)
+    assert float(parts.detach()) == pytest.approx(float(whole.detach()), abs=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
@@ -172,7 +172,7 @@ def test_kto_weights_and_micro_batches():
     whole, _ = losses.kto_loss(logps, ref, des, T(0.2), beta=0.5, undesirable_weight=1.5, weight=w)
     parts = sum(losses.kto_loss(logps[i:i + 1], ref[i:i + 1], des[i:i + 1], T(0.2), beta=0.5, undesirable_weight=1.5,
                                 weight=w[i:i + 1], total_weight=w.sum())[0] for i in range(3))
-    assert float(parts) == pytest.approx(float(whole), abs=1e-6)
+    assert float(parts.detach()) == pytest.approx(float(whole.detach()), abs=1e-6)
     # by hand: r = (0.5, −1, 0); terms 1−σ(0.15), 1.5(1−σ(0.6)), 1−σ(−0.1), weights 1, 2, 0.5
     s = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
     want = (1 * (1 - s(0.15)) + 2 * 1.5 * (1 - s(0.6)) + 0.5 * (1 - s(-0.1))) / 3.5
