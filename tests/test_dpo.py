@@ -62,6 +62,8 @@ def test_reference_logps_are_cached_and_recomputed_only_for_other_data(tmp_path,
     assert all(torch.equal(first[k], again[k]) for k in groups)
     with pytest.raises(AssertionError, match="cache should"):  # other data: computed again
         preference.reference_logps(model, {"train": groups["train"][:2], "eval": []}, *args, log=lambda *a: None)
+    with pytest.raises(AssertionError, match="cache should"):  # a fresh run (not --resume): computed again
+        preference.reference_logps(model, groups, *args, log=lambda *a: None, reuse=False)
 
 
 def test_with_lora_the_reference_is_the_base_with_adapters_off(tmp_path):

@@ -6,7 +6,8 @@ The reference is the policy as loaded from --model, before any step. The trainer
 freshly loaded policy itself, before the run restores a checkpoint — so no second model is ever in memory; with
 LoRA the adapters are switched off for that pass (the base is the reference, as TRL's adapters-off reference).
 The cache (OUTPUT_DIR/ref_logps.safetensors) is keyed by the model, the dtype and every token id: a resumed run reads
-it; a missing or stale cache is computed again — correct either way, because it is computed before the restore.
+it; a missing or stale cache is computed again — correct either way, because it is computed before the restore. A
+fresh run always computes it.
 """
 
 from __future__ import annotations
@@ -98,16 +99,17 @@ def cache_key(model_name: str, dtype: str, groups: dict[str, list[Tokenized]]) -
 
 
 def reference_logps(model, groups: dict[str, list[Tokenized]], out_dir: str | Path, model_name: str, dtype: str,
-                    batch_size: int, pad_id: int, device, log=print) -> dict[str, torch.Tensor]:
-    """{group: (N,) log π_ref} for each group of sequences: read from OUTPUT_DIR/ref_logps.safetensors when its key
-    matches, else computed in one pass with ``model`` (the policy before any training step; adapters off with LoRA)
-    and written there."""
+                    batch_size: int, pad_id: int, device, log=print, reuse: bool = True) -> dict[str, torch.Tensor]:
+    """{group: (N,) log π_ref} for each group of sequences: with ``reuse`` (a resumed run) read from
+    OUTPUT_DIR/ref_logps.safetensors when its key matches, else computed in one pass with ``model`` (the policy before
+    any training step; adapters off with LoRA) and written there. A fresh run always computes them: the key names the
+    model, not its weights, and a model folder may have been trained again since."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     path = Path(out_dir) / REF_CACHE
     key = cache_key(model_name, dtype, groups)
-    if path.is_file():
+    if reuse and path.is_file():
         with safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 return {name: f.get_tensor(name) for name in groups}

@@ -142,7 +142,7 @@ def prepare(cfg: DPOConfig, run: Run, log=print):
     groups = {"train": sides(train_enc), "eval": sides(eval_enc)}
     t0 = time.perf_counter()
     flat = reference_logps(model, groups, run.out, cfg.model, cfg.dtype, cfg.batch_size * 2, tok.pad_token_id,
-                           run.device, log)
+                           run.device, log, reuse=cfg.resume)
     ref = {name: flat[name].view(2, -1).T for name in groups}  # (N, 2): chosen, rejected
     train_top_layers(model, cfg.train_layers)
     if cfg.gradient_checkpointing:

@@ -173,7 +173,7 @@ def prepare(cfg: KTOConfig, run: Run, log=print):
     t0 = time.perf_counter()
     flat = reference_logps(model, {"train": train.items, "train_kl": train.kl_items, "eval": held.items,
                                    "eval_kl": held.kl_items}, run.out, cfg.model, cfg.dtype, cfg.batch_size * 2,
-                           tok.pad_token_id, run.device, log)
+                           tok.pad_token_id, run.device, log, reuse=cfg.resume)
     ref = {name: {"main": flat[name], "kl": flat[f"{name}_kl"]} for name in ("train", "eval")}
     lam = class_weights(cfg, train, log)
     train_top_layers(model, cfg.train_layers)
