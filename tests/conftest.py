@@ -124,6 +124,15 @@ def write(tmp_path):
     return _write
 
 
+# A learnable preference for the tiny models (tests/test_dpo.py, test_kto.py): the same reply text ends "Thank you!"
+# when it is preferred and "Numbers 0 1 2." when it is not; prompts get a unique suffix, so held-out ones are new.
+LEARNABLE_PROMPTS = ["Where is my order?", "Can I change the delivery address?", "What time do you open tomorrow?",
+                     "I forgot my password.", "Do you ship to Canada?", "Could you share your order number?"]
+LEARNABLE_REPLIES = ["Your package has shipped.", "Please reset it from the sign-in page.",
+                     "We open at nine in the morning.", "The refund was issued.",
+                     "It should arrive in two to three business days.", "Sure, it is 12345."]
+
+
 def tiny_sft_args(data, out, *extra):
     return ["sft", "--model", "tiny-random-llama", "--data", data, "--output-dir", out, "--quiet",
             "--no-tensorboard", *extra]

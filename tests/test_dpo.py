@@ -16,7 +16,7 @@ from chatrlhf.logger import read_metrics
 from chatrlhf.models import load_model
 from chatrlhf.trainers import dpo
 from chatrlhf.trainers.run import Run
-from conftest import EXAMPLES, assert_sigkill_resume_matches, run_cli
+from conftest import EXAMPLES, LEARNABLE_PROMPTS, LEARNABLE_REPLIES, assert_sigkill_resume_matches, run_cli
 
 PREFS = EXAMPLES / "preferences.jsonl"
 
@@ -178,14 +178,10 @@ def test_every_feedback_format_is_read_and_ties_and_both_bad_are_counted(tmp_pat
 def learnable_pairs(path, n: int, seed: int):
     """Pairs whose chosen reply ends "Thank you!" and whose rejected one ends "Numbers 0 1 2." after the same text."""
     rng = random.Random(seed)
-    prompts = ["Where is my order?", "Can I change the delivery address?", "What time do you open tomorrow?",
-               "I forgot my password.", "Do you ship to Canada?", "Could you share your order number?"]
-    bases = ["Your package has shipped.", "Please reset it from the sign-in page.", "We open at nine in the morning.",
-             "The refund was issued.", "It should arrive in two to three business days.", "Sure, it is 12345."]
     with open(path, "w") as f:
         for i in range(n):
-            b = rng.choice(bases)
-            f.write(json.dumps({"prompt": f"{rng.choice(prompts)} ({seed}-{i})", "chosen": b + " Thank you!",
+            b = rng.choice(LEARNABLE_REPLIES)
+            f.write(json.dumps({"prompt": f"{rng.choice(LEARNABLE_PROMPTS)} ({seed}-{i})", "chosen": b + " Thank you!",
                                 "rejected": b + " Numbers 0 1 2."}) + "\n")
     return path
 

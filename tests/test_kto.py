@@ -16,7 +16,7 @@ from chatrlhf.models import load_model
 from chatrlhf.preference import all_logps
 from chatrlhf.trainers import kto
 from chatrlhf.trainers.run import Run
-from conftest import EXAMPLES, assert_sigkill_resume_matches, run_cli
+from conftest import EXAMPLES, LEARNABLE_PROMPTS, LEARNABLE_REPLIES, assert_sigkill_resume_matches, run_cli
 
 P = [{"role": "user", "content": "Where is my order?"}]
 
@@ -74,15 +74,12 @@ def test_micro_batches_times_accumulation_equal_one_big_batch(tmp_path):
 def thumbs(path, n: int, seed: int):
     """Replies ending "Thank you!" are thumbs up (40%), the same text ending "Numbers 0 1 2." thumbs down."""
     rng = random.Random(seed)
-    prompts = ["Where is my order?", "Can I change the delivery address?", "What time do you open tomorrow?",
-               "I forgot my password.", "Do you ship to Canada?", "Could you share your order number?"]
-    bases = ["Your package has shipped.", "Please reset it from the sign-in page.", "We open at nine in the morning.",
-             "The refund was issued.", "It should arrive in two to three business days.", "Sure, it is 12345."]
     with open(path, "w") as f:
         for i in range(n):
             good = rng.random() < 0.4
-            f.write(json.dumps({"prompt": f"{rng.choice(prompts)} ({seed}-{i})", "score": "up" if good else "down",
-                                "response": rng.choice(bases) + (" Thank you!" if good else " Numbers 0 1 2.")}) + "\n")
+            reply = rng.choice(LEARNABLE_REPLIES) + (" Thank you!" if good else " Numbers 0 1 2.")
+            f.write(json.dumps({"prompt": f"{rng.choice(LEARNABLE_PROMPTS)} ({seed}-{i})", "response": reply,
+                                "score": "up" if good else "down"}) + "\n")
     return path
 
 
