@@ -114,9 +114,10 @@ def test_flags_that_cannot_work_are_refused(tmp_path, flags, message):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_metrics_and_policy(tmp_path):
-    data = thumbs(tmp_path / "t.jsonl", 40, 3)
+    data, held = thumbs(tmp_path / "t.jsonl", 40, 3), thumbs(tmp_path / "h.jsonl", 12, 4)
     args = ["--max-steps", "6", "--batch-size", "4", "--grad-accum", "2", "--save-steps", "2", "--eval-steps", "3",
-            "--lr", "1e-3", "--seed", "3"]
+            "--lr", "1e-3", "--seed", "3", "--eval-data", held]
     stdout = assert_sigkill_resume_matches(lambda out, *resume: kto_args(out, *args, *resume, data=data), tmp_path, 6,
                                            "model.safetensors", ignore=("train/replies_per_s",))
     assert "computing the reference" not in stdout
+    assert "eval/auc" in read_metrics(tmp_path / "killed")[-1]  # both classes held out: the AUC was compared too

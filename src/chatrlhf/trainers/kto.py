@@ -151,9 +151,10 @@ def evaluate(model, run: Run, pad_id: int, data: Examples, ref: dict, lam) -> di
     z0 = losses.kto_reference_point(kl, ref["kl"])
     loss, m = losses.kto_loss(logps, ref["main"], data.desirable, z0, cfg.beta, *lam, weight=data.weight)
     out = {"eval/loss": float(loss), "eval/kl": float(z0), "eval/rewards_desirable": float(m["rewards/desirable"]),
-           "eval/rewards_undesirable": float(m["rewards/undesirable"]),
-           "eval/auc": pairwise_auc(cfg.beta * (logps - ref["main"]), data.desirable)}
-    out["eval/margin"] = out["eval/rewards_desirable"] - out["eval/rewards_undesirable"]
+           "eval/rewards_undesirable": float(m["rewards/undesirable"])}
+    if data.desirable.any() and not data.desirable.all():  # the AUC and the margin need both classes
+        out["eval/auc"] = pairwise_auc(cfg.beta * (logps - ref["main"]), data.desirable)
+        out["eval/margin"] = out["eval/rewards_desirable"] - out["eval/rewards_undesirable"]
     return out
 
 
