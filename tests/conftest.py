@@ -38,10 +38,12 @@ def run_cli(*args, timeout=600, env=None, input=None, process=False):  # noqa: A
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
-def assert_sigkill_resume_matches(argv, tmp_path, steps: int, heads_file: str = "qheads.safetensors") -> None:
+def assert_sigkill_resume_matches(argv, tmp_path, steps: int, heads_file: str = "qheads.safetensors",
+                                  ignore: tuple[str, ...] = ()) -> str:
     """Run ``argv(out)`` uninterrupted in tmp_path/ref; run it in tmp_path/killed, SIGKILL it at its first checkpoint
     and resume it with ``argv(out, "--resume")``: the resumed run logs the uninterrupted run's metrics at steps
-    0…``steps``, saves the same ``heads_file`` tensors, and every checkpoint's trainer_state names its step."""
+    0…``steps`` (the values of the keys in ``ignore``, such as a throughput, are not compared), saves the same
+    ``heads_file`` tensors, and every checkpoint's trainer_state names its step. Returns the resumed run's stdout."""
     import json
 
     import torch
@@ -64,11 +66,13 @@ def assert_sigkill_resume_matches(argv, tmp_path, steps: int, heads_file: str = 
     for step, m in want.items():
         assert got[step].keys() == m.keys(), step
         for k, v in m.items():
-            assert got[step][k] == pytest.approx(v, abs=1e-6), (step, k)
+            if k not in ignore:
+                assert got[step][k] == pytest.approx(v, abs=1e-6), (step, k)
     a, b = load_file(ref / heads_file), load_file(out / heads_file)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     for n, path in checkpoints(out):
         assert json.loads((path / "trainer_state.json").read_text())["step"] == n
+    return r.stdout
 
 
 def kill_at_first_checkpoint(args, out, timeout=300) -> int:
@@ -118,6 +122,15 @@ def write(tmp_path):
             p.write_text(content, encoding="utf-8")
         return p
     return _write
+
+
+# A learnable preference for the tiny models (tests/test_dpo.py, test_kto.py): the same reply text ends "Thank you!"
+# when it is preferred and "Numbers 0 1 2." when it is not; prompts get a unique suffix, so held-out ones are new.
+LEARNABLE_PROMPTS = ["Where is my order?", "Can I change the delivery address?", "What time do you open tomorrow?",
+                     "I forgot my password.", "Do you ship to Canada?", "Could you share your order number?"]
+LEARNABLE_REPLIES = ["Your package has shipped.", "Please reset it from the sign-in page.",
+                     "We open at nine in the morning.", "The refund was issued.",
+                     "It should arrive in two to three business days.", "Sure, it is 12345."]
 
 
 def tiny_sft_args(data, out, *extra):

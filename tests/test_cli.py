@@ -145,6 +145,15 @@ def cover(t, fn, rm, feedback_db):
                   "--epsilon-high", "0.28", "--loss-type", "dr_grpo", "--max-minutes", "10"],
                  [*grpo, "--output-dir", t / "g2", "--advantage", "rloo", "--kl-in-reward", "--scale-rewards",
                   "--beta", "0.1"]],
+        "dpo": [[*TINY, *RUN, "--max-steps", "1", "--output-dir", t / "d1", "--data", FEEDBACK_FILES[2], "--eval-data",
+                 FEEDBACK_FILES[0], "--lora-r", "2", "--no-chat-template", "--max-length", "64", "--beta", "0.2",
+                 "--loss-type", "sigmoid", "--label-smoothing", "0.1", "--rpo-alpha", "0.5", "--eval-steps", "1",
+                 "--source-weights", "correction=2", "--ties", "drop", "--both-bad", "drop"],
+                [*TINY, *RUN, "--max-steps", "1", "--output-dir", t / "d2", "--data", FEEDBACK_FILES[2]]],
+        "kto": [[*TINY, *RUN, "--max-steps", "1", "--output-dir", t / "k1", "--data", FEEDBACK_FILES[2], "--eval-data",
+                 FEEDBACK_FILES[0], "--lora-r", "2", "--no-chat-template", "--max-length", "64", "--beta", "0.2",
+                 "--desirable-weight", "1.2", "--undesirable-weight", "1", "--eval-steps", "1"],
+                [*TINY, *RUN, "--max-steps", "1", "--output-dir", t / "k2", "--data", FEEDBACK_FILES[2]]],
         "qlearn": [[*TINY, *RUN, "--data", dialogues, "--output-dir", t / "q1", "--max-steps", "2", "--max-new-tokens", "4",
                     "--eval-data", dialogues, "--eval-dialogues", "1", "--eval-steps", "1", "--save-steps", "1",
                     "--reward-model", rm, "--force", "--human-feedback", FEEDBACK_FILES[1], "--references", dialogues,
@@ -179,7 +188,7 @@ def cover(t, fn, rm, feedback_db):
     }
 
 
-ORDER = ["reward train", "ppo", "grpo", "qlearn", "qlearn-offline", "sft", "eval", "chat", "generate", "reward eval", "reward score", "feedback init",
+ORDER = ["reward train", "ppo", "grpo", "dpo", "kto", "qlearn", "qlearn-offline", "sft", "eval", "chat", "generate", "reward eval", "reward score", "feedback init",
          "feedback add-user", "feedback import", "feedback export", "feedback stats", "feedback serve", "data inspect"]
 
 

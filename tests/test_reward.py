@@ -149,7 +149,8 @@ def test_reward_train_smoke_every_parameter_changes_and_norm_is_fitted(tmp_path)
     # normalisation: the reference set — by default 256 of the training pairs, both replies — scores mean 0, std 1
     from chatrlhf.config import RewardTrainConfig
     from chatrlhf.data import split_by_prompt
-    from chatrlhf.trainers.reward import load_pairs, sample_pairs
+    from chatrlhf.data.pairs import load_pairs
+    from chatrlhf.trainers.reward import sample_pairs
 
     cfg = RewardTrainConfig(data=[str(EXAMPLES / f) for f in ("preferences.jsonl", "ratings.jsonl", "corrections.jsonl")])
     train_pairs, _ = split_by_prompt(load_pairs(cfg.data, cfg)[0], cfg.eval_fraction, cfg.seed)

@@ -115,10 +115,23 @@ class SFTConfig(RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs,
 
 
 @dataclass
-class RewardTrainConfig(GateArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, ModelArgs):
+class PairArgs:
+    """How feedback becomes weighted preference pairs (data/pairs.py), the same for `reward train` and `dpo`."""
+    source_weights: dict[str, float] = arg({"preference": 1.0, "rating": 1.0, "correction": 1.0},
+                                           "Per-source weight multiplied into each pair's own weight, KIND=W "
+                                           "comma-separated (preference, rating, correction); 0 drops a source.")
+    ties: str = arg("train", "Tie pairs: train toward equal scores, or drop.", ("train", "drop"))
+    both_bad: str = arg("tie", "Both-bad pairs: train as ties, or drop (counted either way).", ("tie", "drop"))
+
+
+FEEDBACK_FILES = ["examples/preferences.jsonl", "examples/ratings.jsonl", "examples/corrections.jsonl"]
+
+
+@dataclass
+class RewardTrainConfig(GateArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, ModelArgs):
     """`chatrlhf reward train`: a reward model from preferences, ratings and corrections."""
-    data: list[str] = arg(["examples/preferences.jsonl", "examples/ratings.jsonl", "examples/corrections.jsonl"],
-                          "Feedback files, comma-separated: preferences, ratings and corrections mix freely.")
+    data: list[str] = arg(FEEDBACK_FILES, "Feedback files, comma-separated: preferences, ratings and corrections mix "
+                          "freely.")
     eval_data: list[str] = arg([], "Held-out feedback files for the gate; empty = split --eval-fraction of the "
                                "prompts off --data (prompt-disjoint). With neither, the gate fails.")
     output_dir: str = arg("out/reward", "Where the reward model, eval.json and plots go.")
@@ -126,11 +139,6 @@ class RewardTrainConfig(GateArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, Model
     lr: float = arg(1e-5, "Peak learning rate, annealed linearly to 0 (one epoch annealed to 0 is usually best: "
                     "Ouyang et al. 2022).")
     warmup_ratio: float = arg(0.0, "Fraction of steps of linear warm-up.")
-    source_weights: dict[str, float] = arg({"preference": 1.0, "rating": 1.0, "correction": 1.0},
-                                           "Per-source weight multiplied into each pair's own weight, KIND=W "
-                                           "comma-separated (preference, rating, correction); 0 drops a source.")
-    ties: str = arg("train", "Tie pairs: train toward equal scores, or drop.", ("train", "drop"))
-    both_bad: str = arg("tie", "Both-bad pairs: train as ties, or drop (counted either way).", ("tie", "drop"))
     margin: bool = arg(True, "Use each pair's margin field in the loss (Llama 2 margin loss).")
     norm_data: str = arg("", "Replies to fit the score normalisation on (mean 0, std 1): a file of "
                          "{prompt, response} rows such as `chatrlhf generate` output from the SFT policy. "
@@ -138,6 +146,59 @@ class RewardTrainConfig(GateArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, Model
     train_layers: int = arg(-1, "Train only the top N transformer blocks and the head (embeddings and lower "
                             "blocks frozen, so they cost no backward and no activation memory); -1 = all. "
                             "Faster and lighter (see benchmarks/reward.py), but check quality with the gate.")
+
+
+@dataclass
+class PreferenceArgs:
+    """What `dpo` and `kto` share: the policy is its own reference, and a held-out evaluation."""
+    model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the reference is the same model "
+                     "before training (with LoRA: the base with adapters off), its log-probs computed once.")
+    max_length: int = arg(512, "Maximum tokens per prompt + reply (the end is cut; a pair or reply with no reply token "
+                          "left is dropped and reported).")
+    lr: float = arg(1e-6, "Peak learning rate, linear warm-up then decay to 0 (TRL's DPO and KTO default); LoRA wants "
+                    "~1e-5.")
+    eval_steps: int = arg(20, "Held-out evaluation (DPO: margin accuracy; KTO: AUC) every N steps (and at start and end).")
+    train_layers: int = arg(-1, "Train only the top N transformer blocks (the embeddings — tied to the LM head in "
+                            "SmolLM2 — and lower blocks frozen: no gradients, no optimizer state, no backward through "
+                            "them); -1 = all. Less memory and time for full fine-tuning; LoRA (--lora-r) is the other "
+                            "way.")
+
+
+@dataclass
+class DPOConfig(PreferenceArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+    """`chatrlhf dpo`: direct preference optimisation of the policy on preference pairs (DPO, cDPO, robust DPO,
+    IPO, hinge; optional RPO NLL term), against the policy's own log-probs before training as the reference."""
+    data: list[str] = arg(FEEDBACK_FILES, "Feedback files, comma-separated, in any format `reward train` reads: "
+                          "preferences (HH-RLHF, TRL prompt/chosen/rejected, OASST pairs, the store's export), ratings "
+                          "(pairs of differently rated replies to one prompt) and corrections (corrected ≻ original).")
+    eval_data: list[str] = arg([], "Held-out feedback files for the margin accuracy; empty = split --eval-fraction of "
+                               "the prompts off --data (prompt-disjoint).")
+    output_dir: str = arg("out/dpo", "Where the policy, the cached reference log-probs, checkpoints and metrics go.")
+    beta: float = arg(0.1, "β: the strength of the KL tie to the reference (DPO paper and TRL: 0.1); IPO's τ.")
+    loss_type: str = arg("sigmoid", "sigmoid = DPO (with --label-smoothing: cDPO); robust = robust DPO (Chowdhury et "
+                         "al. 2024, unbiased under label noise --label-smoothing); hinge = SLiC; ipo = IPO (log-ratios "
+                         "per token, as TRL).", ("sigmoid", "robust", "hinge", "ipo"))
+    label_smoothing: float = arg(0.0, "ε, the share of pairs believed flipped, in [0, 0.5): cDPO with sigmoid, robust "
+                                 "DPO with robust; no meaning for hinge and ipo (refused there).")
+    rpo_alpha: float = arg(0.0, "α of the RPO term (Pang et al. 2024): α × the chosen reply's NLL per token, added on "
+                           "decided pairs (not ties or both-bad pairs); 0 = off; the paper uses 1.")
+
+
+@dataclass
+class KTOConfig(PreferenceArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+    """`chatrlhf kto`: Kahneman–Tversky optimisation of the policy on unpaired feedback — replies marked desirable or
+    undesirable (thumbs, star ratings, corrections, either side of a preference) — against the policy before training."""
+    data: list[str] = arg(["examples/ratings.jsonl"], "Feedback files, comma-separated: ratings (4–5 stars desirable, "
+                          "1–2 undesirable, 3 dropped; thumbs up / down), corrections (corrected desirable, original "
+                          "undesirable), preferences (chosen desirable, rejected undesirable; both-bad: both undesirable; "
+                          "ties dropped).")
+    eval_data: list[str] = arg([], "Held-out feedback files; empty = split --eval-fraction of the prompts off --data "
+                               "(prompt-disjoint).")
+    output_dir: str = arg("out/kto", "Where the policy, the cached reference log-probs, checkpoints and metrics go.")
+    beta: float = arg(0.1, "β: the strength of the KL tie to the reference (KTO paper and TRL: 0.1).")
+    desirable_weight: float | None = arg(None, "λ_D, the weight of desirable replies' losses; auto = the class balance "
+                                         "of the paper (λ_D·n_D / λ_U·n_U = 1: the rarer class up-weighted).")
+    undesirable_weight: float | None = arg(None, "λ_U, the weight of undesirable replies' losses; auto as λ_D.")
 
 
 @dataclass

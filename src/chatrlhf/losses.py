@@ -353,3 +353,110 @@ def grpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advanta
                                         max_tokens=max_tokens)
     metrics["loss/policy"] = loss.detach()
     return loss, metrics
+
+
+# --------------------------------------------------------------------------- preference optimisation
+# DPO and its variants on (B,) sequence log-probs of B pairs (sums over the reply tokens), KTO on (N,) unpaired
+# replies. ``weight`` (B,) is each pair's weight (annotator reliability, source weight); ``total_weight`` the weight
+# of the whole optimizer step, so that micro-batch × accumulation equals one big batch (default: this batch's).
+# ``tie`` (B,) marks pairs with no preference (ties and both-bad pairs, as the reward model takes them).
+
+
+def dpo_sigmoid(x: torch.Tensor, tie: torch.Tensor, label_smoothing: float = 0.0, **_):
+    """DPO (Rafailov et al. 2023, eq. 7) on x = β·Δ: −log σ(x); with label smoothing ε, conservative DPO (cDPO,
+    Mitchell 2023): −(1 − ε) log σ(x) − ε log σ(−x), the loss when a fraction ε of the labels are flipped. A tie is
+    the Bradley–Terry likelihood of a 50/50 outcome (ε = ½), minimal at x = 0, as in the reward model."""
+    eps = torch.where(tie, 0.5, label_smoothing)
+    return -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+
+
+def dpo_robust(x: torch.Tensor, tie: torch.Tensor, label_smoothing: float = 0.0, **_):
+    """Robust DPO (Chowdhury et al. 2024, eq. 8): the unbiased loss under label flips with rate ε,
+    (−(1 − ε) log σ(x) + ε log σ(−x)) / (1 − 2ε) (TRL's `robust`). A tie as in :func:`dpo_sigmoid`."""
+    robust = (-(1 - label_smoothing) * F.logsigmoid(x) + label_smoothing * F.logsigmoid(-x)) / (1 - 2 * label_smoothing)
+    return torch.where(tie, -0.5 * (F.logsigmoid(x) + F.logsigmoid(-x)), robust)
+
+
+def dpo_hinge(x: torch.Tensor, tie: torch.Tensor, **_):
+    """SLiC hinge (Zhao et al. 2023; TRL's `hinge`): max(0, 1 − x). A tie: ½[max(0, 1 − x) + max(0, 1 + x)],
+    flat (= 1) inside the band |x| ≤ 1 and pushed back into it from either side."""
+    return torch.where(tie, 0.5 * (F.relu(1 - x) + F.relu(1 + x)), F.relu(1 - x))
+
+
+def dpo_ipo(h: torch.Tensor, tie: torch.Tensor, beta: float = 0.1, **_):
+    """IPO (Azar et al. 2023, eq. 17) with τ = β: (h − 1/(2β))², h = Δ with each reply's log-ratio divided by its
+    token count (as TRL, confirmed with the IPO authors). The population form is (h − (p − ½)/β)², so a tie
+    (p = ½) targets h = 0."""
+    return (h - torch.where(tie, 0.0, 1 / (2 * beta))) ** 2
+
+
+DPO_LOSSES = {"sigmoid": dpo_sigmoid, "robust": dpo_robust, "hinge": dpo_hinge, "ipo": dpo_ipo}
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0, rpo_alpha: float = 0.0, tie=None, weight=None,
+             chosen_tokens=None, rejected_tokens=None, total_weight=None):
+    """Weighted mean over pairs of a DPO variant (:data:`DPO_LOSSES`) on Δ = (log π − log π_ref)(chosen) −
+    (log π − log π_ref)(rejected), plus the RPO term (Pang et al. 2024, eq. 1): ``rpo_alpha`` × the chosen reply's
+    NLL per token, on decided pairs only (a tie or a both-bad pair has no reply to imitate). All (B,); the token
+    counts (B,) are needed for ipo and the RPO term. Metrics as TRL's (rewards = β·log-ratio), but the accuracy over
+    decided pairs counts an exact tie of rewards as half, as the reward model's (so the untrained policy reads ½)."""
+    tie = torch.zeros_like(chosen_logps, dtype=torch.bool) if tie is None else tie
+    weight = torch.ones_like(chosen_logps) if weight is None else weight
+    total = weight.sum() if total_weight is None else total_weight
+    chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    if loss_type == "ipo":
+        x = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+    else:
+        x = beta * (chosen_ratio - rejected_ratio)
+    per_pair = DPO_LOSSES[loss_type](x, tie, label_smoothing=label_smoothing, beta=beta)
+    nll = torch.zeros_like(per_pair)
+    if rpo_alpha:
+        nll = torch.where(tie, 0.0, -chosen_logps / chosen_tokens.clamp(min=1))
+    loss = ((per_pair + rpo_alpha * nll) * weight).sum() / total
+    with torch.no_grad():
+        c, r = beta * chosen_ratio, beta * rejected_ratio
+        decided = ~tie
+        metrics = {"loss/dpo": (per_pair * weight).sum() / total, "rewards/chosen": c.mean(), "rewards/rejected": r.mean(), "rewards/margins": (c - r).mean(),
+                   "rewards/accuracies": (((c > r) + 0.5 * (c == r)) * decided).sum() / decided.sum().clamp(min=1),
+                   "logps/chosen": chosen_logps.mean(), "logps/rejected": rejected_logps.mean()}
+        if rpo_alpha:
+            metrics["loss/nll"] = (nll * weight).sum() / total
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def kto_reference_point(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z₀ (Ethayarajh et al. 2024, eq. 7): the batch estimate of KL(π ‖ π_ref),
+    mean(log π(y'|x) − log π_ref(y'|x)) over mismatched pairs (x, y') — each prompt with another example's reply,
+    as TRL builds them — detached (no gradient flows through z₀) and clamped ≥ 0."""
+    return (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+def kto_loss(logps, ref_logps, desirable, z0, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0, weight=None, total_weight=None):
+    """KTO (Ethayarajh et al. 2024, eq. 7; TRL's `kto`) on (N,) unpaired replies with r = log π − log π_ref:
+    desirable λ_D (1 − σ(β(r − z₀))), undesirable λ_U (1 − σ(β(z₀ − r))); weighted mean over the replies
+    (divided by the weights, not by the λ, as TRL's mean). z₀ from :func:`kto_reference_point`."""
+    weight = torch.ones_like(logps) if weight is None else weight
+    total = weight.sum() if total_weight is None else total_weight
+    r = logps - ref_logps
+    per = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                      undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    loss = (per * weight).sum() / total
+    with torch.no_grad():
+        rewards = beta * r
+        n_d, n_u = desirable.sum(), (~desirable).sum()
+        metrics = {"loss/kto": loss, "kto/kl": z0,
+                   "rewards/desirable": torch.where(desirable, rewards, 0.0).sum() / n_d.clamp(min=1),
+                   "rewards/undesirable": torch.where(desirable, 0.0, rewards).sum() / n_u.clamp(min=1)}
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def kto_class_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
+    """(λ_D, λ_U) that put λ_D·n_D / (λ_U·n_U) at 1, the low end of the paper's range [1, 4/3] (Ethayarajh et al.
+    2024, eq. 8): the rarer class is up-weighted, the other keeps weight 1."""
+    if n_desirable <= 0 or n_undesirable <= 0:
+        return 1.0, 1.0
+    if n_desirable < n_undesirable:
+        return n_undesirable / n_desirable, 1.0
+    return 1.0, n_desirable / n_undesirable

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from chatrlhf.config import ModelArgs
-from chatrlhf.data.pairs import source_of
+from chatrlhf.data.pairs import HELD_OUT, source_of
 from chatrlhf.data.template import render
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import pairwise_ece, pearson
@@ -180,8 +180,6 @@ def pair_metrics(raw_chosen: np.ndarray, raw_rejected: np.ndarray, pairs, length
             "per_source": per_source,
             "_margins": d.tolist(), "_scores": scores.tolist(), "_lengths": lengths}
 
-
-HELD_OUT = "held-out"
 
 
 def verdict(metrics: dict, min_accuracy: float, max_length_corr: float) -> dict:

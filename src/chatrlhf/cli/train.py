@@ -1,13 +1,13 @@
-"""`chatrlhf sft`, `chatrlhf ppo`, `chatrlhf grpo`, `chatrlhf qlearn` and `chatrlhf qlearn-offline`: run the trainer, print what moved."""
+"""`chatrlhf sft`, `chatrlhf ppo`, `chatrlhf grpo`, `chatrlhf dpo`, `chatrlhf kto`, `chatrlhf qlearn` and `chatrlhf qlearn-offline`: run the trainer, print what moved."""
 
 from __future__ import annotations
 
-from chatrlhf.config import GRPOConfig, PPOConfig, QLearnConfig, QOfflineConfig, SFTConfig
-from chatrlhf.trainers import grpo, ppo, qlearn, qoffline, sft
+from chatrlhf.config import DPOConfig, GRPOConfig, KTOConfig, PPOConfig, QLearnConfig, QOfflineConfig, SFTConfig
+from chatrlhf.trainers import dpo, grpo, kto, ppo, qlearn, qoffline, sft
 
 
 def run(name: str, cfg) -> int:
-    return {"sft": train_sft, "ppo": train_ppo, "grpo": train_grpo, "qlearn": train_qlearn, "qlearn-offline": train_qoffline}[name](cfg)
+    return {"sft": train_sft, "ppo": train_ppo, "grpo": train_grpo, "dpo": train_dpo, "kto": train_kto, "qlearn": train_qlearn, "qlearn-offline": train_qoffline}[name](cfg)
 
 
 def train_sft(cfg: SFTConfig) -> int:
@@ -75,4 +75,26 @@ def train_qoffline(cfg: QOfflineConfig) -> int:
               f"{start.get('eval/pair_accuracy', float('nan')):.2f} -> {end['eval/pair_accuracy']:.2f}, Kendall τ "
               f"{end.get('eval/kendall_tau', float('nan')):+.2f}{capture} ({int(end['eval/states'])} states)")
     print(f"chatrlhf qlearn-offline: Q- and V-heads and qlearn.json saved to {cfg.output_dir}")
+    return 0
+
+
+def train_dpo(cfg: DPOConfig) -> int:
+    return _preference("dpo", dpo.train(cfg), "eval/accuracy", "margin accuracy", "held_out_pairs", cfg.output_dir)
+
+
+def train_kto(cfg: KTOConfig) -> int:
+    return _preference("kto", kto.train(cfg), "eval/auc", "AUC of the implicit reward (desirable above undesirable)",
+                       "held_out_replies", cfg.output_dir)
+
+
+def _preference(name: str, summary, key: str, what: str, count: str, output_dir: str) -> int:
+    """What `dpo` or `kto` moved on the held-out data: ``key`` and the mean margin of implicit rewards."""
+    if summary.interrupted:
+        return 130
+    start, end = summary["eval_start"] or {}, summary["eval_end"] or {}
+    if key in end:
+        print(f"chatrlhf {name}: held-out {what} {start.get(key, float('nan')):.3f} -> {end[key]:.3f}, mean margin "
+              f"{start.get('eval/margin', float('nan')):+.3f} -> {end['eval/margin']:+.3f} ({summary[count]} "
+              f"{count.split('_')[-1]})")
+    print(f"chatrlhf {name}: policy saved to {output_dir}")
     return 0

@@ -18,55 +18,16 @@ import torch
 
 from chatrlhf import losses
 from chatrlhf.config import RewardTrainConfig
-from chatrlhf.data import load_records, split_by_prompt
 from chatrlhf.data.formats import parse_turns
-from chatrlhf.data.pairs import build_pairs
+from chatrlhf.data.pairs import split_pairs
 from chatrlhf.data.readers import read_rows
 from chatrlhf.data.split import group_hash
 from chatrlhf.data.template import prompt_format
-from chatrlhf.errors import UsageError
 from chatrlhf.models import count_parameters, enable_checkpointing, save_model, train_top_layers
-from chatrlhf.reward_model import HELD_OUT, encode_reply, evaluate_pairs, load_reward_model, pad_right, raw_scores, \
+from chatrlhf.reward_model import encode_reply, evaluate_pairs, load_reward_model, pad_right, raw_scores, \
     reward_scores, verdict, write_report
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary
-
-
-SOURCES = ("preference", "rating", "correction")
-
-
-def load_pairs(paths: list[str], cfg: RewardTrainConfig, log=print):
-    """Weighted pairs from every file (with the problems the readers found), and what was used or dropped."""
-    unknown = sorted(set(cfg.source_weights) - set(SOURCES))
-    if unknown:  # flags are checked before any data is read
-        raise UsageError(f"--source-weights: unknown source '{unknown[0]}'", f"sources are {', '.join(SOURCES)}")
-    records = []
-    for path in paths:
-        loaded = load_records(path, cfg.format)
-        records += loaded.of("preference")  # OpenAssistant trees: their rank pairs
-        for p in loaded.problems[:10]:
-            log(f"chatrlhf reward: {p.where}: {p.message}")
-        if len(loaded.problems) > 10:
-            log(f"chatrlhf reward: … and {len(loaded.problems) - 10} more problems in {path}")
-    pairs, counts = build_pairs(records, cfg.source_weights, cfg.ties, cfg.both_bad)
-    if not pairs:
-        raise UsageError(f"--data {','.join(paths)}: no preference pairs", "give preferences, ratings or corrections")
-    return pairs, counts
-
-
-def split_pairs(cfg: RewardTrainConfig, log=print) -> tuple[list, list, dict, str]:
-    """(train pairs, held-out pairs, counts, how the held-out pairs were chosen). Held-out pairs come from
-    --eval-data (minus any whose prompt is also in training), else a prompt-disjoint --eval-fraction split."""
-    pairs, counts = load_pairs(cfg.data, cfg, log)
-    if cfg.eval_data:
-        held, _ = load_pairs(cfg.eval_data, cfg, log)
-        trained = {group_hash(p) for p in pairs}
-        kept = [p for p in held if group_hash(p) not in trained]
-        if len(kept) < len(held):
-            log(f"chatrlhf reward: {len(held) - len(kept)} --eval-data pairs share a prompt with training: not used")
-        return pairs, kept, counts, f"{HELD_OUT}: --eval-data {','.join(cfg.eval_data)}"
-    train_pairs, held = split_by_prompt(pairs, cfg.eval_fraction, cfg.seed)
-    return train_pairs, held, counts, f"{HELD_OUT}: {cfg.eval_fraction:g} of the prompts (seed {cfg.seed})"
 
 
 def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs) -> dict:
@@ -108,7 +69,7 @@ def pair_batch(encoded, pairs, pad_id: int, device) -> dict:
 
 def train(cfg: RewardTrainConfig, log=print) -> Summary:
     run = Run("reward train", cfg, log)
-    train_pairs, eval_pairs, counts, split = split_pairs(cfg, log)
+    train_pairs, eval_pairs, counts, split = split_pairs(cfg, "reward", log)
     model, tok = load_reward_model(cfg, trainable=True)
     train_top_layers(model, cfg.train_layers)
     if cfg.gradient_checkpointing:
