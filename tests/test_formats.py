@@ -16,7 +16,7 @@ from chatrlhf.evaluate.report import held_out
 from chatrlhf.models import load_tokenizer
 from chatrlhf.trainers.ppo import split_prompts
 from chatrlhf.trainers.qoffline import load_logged
-from chatrlhf.trainers.reward import load_pairs
+from chatrlhf.data.pairs import load_pairs
 from chatrlhf.trainers.sft import load_conversations
 from conftest import run_cli, tiny_sft_args
 
