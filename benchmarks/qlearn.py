@@ -451,8 +451,8 @@ def cost(held: list[dict], a) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train-dialogues", type=int, default=32)
-    p.add_argument("--eval-dialogues", type=int, default=20)
+    p.add_argument("--train-dialogues", type=int, default=120)
+    p.add_argument("--eval-dialogues", type=int, default=60)
     p.add_argument("--candidates", type=int, default=8, help="policy samples per held-out state (N)")
     p.add_argument("--train-candidates", type=int, default=4, help="policy samples per train state (+ the human reply)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: far faster on a shared, loaded CPU)")
