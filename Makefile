@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 
 test: $(STAMP)
 	.ci/audit
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout 900 --durations=8 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout 900 --durations=25 tests
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
