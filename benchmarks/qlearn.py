@@ -313,18 +313,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def train_ppo(name: str, data: Path, extra: list[str], a, log) -> Path:
-    """`chatrlhf ppo` on the embedded model with reward = ROUGE-L to the data's human reply for --ppo-steps steps;
+    """`chatrlhf ppo` on the embedded model (LoRA r 16, value head on the policy's trunk, as benchmarks/ppo.py) with
+    reward = ROUGE-L to the data's human reply for --ppo-steps steps;
     the output folder is reused when a finished run with these settings is there."""
     import subprocess
 
-    out = CACHE / f"ppo-{name}-{a.ppo_steps}steps-{a.train_dialogues}"
+    out = CACHE / f"ppo-{name}-lora16-{a.ppo_steps}steps-{a.train_dialogues}"
     if (out / "chatrlhf.json").is_file():
         log(f"  {name} PPO policy from {out}")
         return out
     cmd = [sys.executable, "-m", "chatrlhf.cli", "ppo", "--model", "smollm2-135m", "--data", str(data),
            "--references", str(data), "--similarity", "rouge", "--output-dir", str(out), "--max-steps", str(a.ppo_steps),
            "--max-new-tokens", str(a.max_new_tokens), "--batch-size", "8", "--eval-steps", str(a.ppo_steps),
-           "--save-steps", str(a.ppo_steps), "--missing-eos-penalty", "0", "--quiet", "--no-tensorboard", *extra]
+           "--save-steps", str(a.ppo_steps), "--missing-eos-penalty", "0", "--lora-r", "16", "--lr", "1e-4",
+           "--critic", "shared", "--quiet", "--no-tensorboard", *extra]
     log(f"  {name} PPO: {' '.join(cmd[3:])}")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     t = time.perf_counter()
@@ -488,7 +490,8 @@ def main() -> None:
         f"scoring = {c['score_over_generate']:.2f}× generation (goal ≤ 0.5×), total {c['total_over_generate']:.2f}×")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    name = "qlearn-quick.json" if a.quick else f"qlearn-{a.only}.json" if a.only else "qlearn.json"
+    only = "".join(ch if ch.isalnum() or ch in "+-" else "_" for ch in a.only)
+    name = "qlearn-quick.json" if a.quick else f"qlearn-{only}.json" if a.only else "qlearn.json"
     (out / name).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     log(f"wrote {out / name} ({result['wall_s'] / 60:.1f} min)")
 
