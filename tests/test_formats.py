@@ -288,3 +288,17 @@ def test_sft_cli_trains_on_the_flat_export(flat, tmp_path):
                                "--batch-size", "2"))
     assert r.returncode == 0, r.stderr
     assert "oasst_flat data, 2 train / 0 eval examples" in r.stdout + r.stderr
+
+
+def test_a_row_with_a_reply_column_but_no_full_signature_is_refused_not_read_as_a_prompt(tmp_path):
+    """`{"prompt", "chosen"}` is a preference missing `rejected` (a broken record), never TRL's prompt-only."""
+    from chatrlhf.data.formats import prompts_only
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: cannot tell the format from columns \['chosen', 'prompt'\]"):
+        load_records(bad)
+    assert not prompts_only(bad)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"prompt": "x", "id": 7}) + "\n")
+    assert prompts_only(ok) and [r.prompt for r in load_records(ok).records] == [[{"role": "user", "content": "x"}]]

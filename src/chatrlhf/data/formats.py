@@ -63,10 +63,22 @@ class SkipRecord(DataError):
     skipped, not fatal."""
 
 
+# Columns that carry a reply: a row with one of them but no full signature is a broken record of a reply-bearing
+# format (e.g. `chosen` without `rejected`), never a bare prompt.
+REPLY_COLUMNS = {"chosen", "rejected", "response", "responses", "completion", "corrected", "score", "label"}
+
+
+def signature(columns: set[str]) -> str | None:
+    """The first format whose columns are all in ``columns``; None when none fits (or only prompt-only does while
+    a reply column is there)."""
+    fmt = next((f for f, needed in SIGNATURES if needed <= columns), None)
+    return None if fmt == "prompt_only" and columns & REPLY_COLUMNS else fmt
+
+
 def detect_format(path, columns: set[str], loc) -> str:
-    for fmt, needed in SIGNATURES:
-        if needed <= columns:
-            return fmt
+    fmt = signature(columns)
+    if fmt is not None:
+        return fmt
     expected = "; ".join(f"{f}: {', '.join(sorted(c))}" for f, c in SIGNATURES)
     raise DataError(path, loc, None, f"cannot tell the format from columns {sorted(columns)}",
                     f"expected one of — {expected} — or pass --format")
@@ -408,5 +420,5 @@ def prompts_only(path: str | Path) -> bool:
 
 def _looks_like_prompts(path: Path) -> bool:
     for _, row in read_rows(path):
-        return next((f for f, needed in SIGNATURES if needed <= set(row)), "prompt_only") == "prompt_only"
+        return signature(set(row)) in ("prompt_only", None) and not set(row) & REPLY_COLUMNS
     return False
