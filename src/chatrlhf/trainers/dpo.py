@@ -185,9 +185,8 @@ def train(cfg: DPOConfig, log=print) -> Summary:
     if step < n_steps:
         return run.stopped()
     save_model(model, tok, run.out)
-    final = run.last_logged("eval/accuracy")
     return run.finish({"pairs": dict(counts), "train_pairs": len(train_pairs), "held_out_pairs": len(eval_pairs),
                        "split": split, "eval_start": state["eval_start"] or None,
-                       "eval_end": {k: v for k, v in final.items() if k.startswith("eval/")} if final else None,
+                       "eval_end": run.last_eval("eval/accuracy"),
                        "data": file_hashes(cfg.data), "chat_template": cfg.chat_template,
                        "prompt_format": prompt_format(tok)})

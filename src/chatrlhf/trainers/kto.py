@@ -217,10 +217,9 @@ def train(cfg: KTOConfig, log=print) -> Summary:
     if step < n_steps:
         return run.stopped()
     save_model(model, tok, run.out)
-    final = run.last_logged("eval/loss")
     return run.finish({"replies": dict(counts), "train_replies": len(data), "held_out_replies": len(held),
                        "desirable_weight": lam[0], "undesirable_weight": lam[1], "split": split,
                        "eval_start": state["eval_start"] or None,
-                       "eval_end": {k: v for k, v in final.items() if k.startswith("eval/")} if final else None,
+                       "eval_end": run.last_eval("eval/loss"),
                        "data": file_hashes(cfg.data), "chat_template": cfg.chat_template,
                        "prompt_format": prompt_format(tok)})

@@ -396,9 +396,8 @@ def _finish(run: Run, policy, vf, tok, state: dict) -> Summary:
     cfg = run.cfg
     save_model(policy, tok, run.out)
     vf.save(tok, run.out)
-    final = run.last_logged("eval/reward")
     return run.finish({"eval_start": state.get("eval_start"),
-                       "eval_end": {k: v for k, v in final.items() if k.startswith("eval/")} if final else None,
+                       "eval_end": run.last_eval("eval/reward"),
                        "stopped_by_time": state.get("stopped_at") == run.step, "beta": state["beta"],
                        "chat_template": cfg.chat_template, "prompt_format": prompt_format(tok),
                        "missing_eos_penalty": missing_eos_penalty(cfg, tok), "data": file_hashes(cfg.data)})

@@ -337,8 +337,7 @@ def train(cfg: QLearnConfig, log=print) -> Summary:
     if step < n_steps:
         return run.stopped()
     save_qheads(heads, run.out, q_model, cfg.pooling)
-    final = run.last_logged("eval/q")
     return run.finish({"eval_start": state["eval_start"], "transitions": state["transitions"],
                        "updates": state["updates"], "q_model": q_model, "pooling": cfg.pooling,
-                       "eval_end": {k: v for k, v in final.items() if k.startswith("eval/")} if final else None,
+                       "eval_end": run.last_eval("eval/q"),
                        "data": file_hashes(cfg.data)})

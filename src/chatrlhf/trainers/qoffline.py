@@ -313,8 +313,7 @@ def train(cfg: QOfflineConfig, log=print) -> Summary:
     if step < n_steps:
         return run.stopped()
     save_qheads(heads, run.out, q_model, cfg.pooling)
-    final = run.last_logged("eval/q")
     return run.finish({"eval_start": state["eval_start"], "transitions": len(train_data), "q_model": q_model,
                        "pooling": cfg.pooling, "held_out_states": len(held_sets),
-                       "eval_end": {k: v for k, v in final.items() if k.startswith("eval/")} if final else None,
+                       "eval_end": run.last_eval("eval/q"),
                        "data": file_hashes(cfg.data)})

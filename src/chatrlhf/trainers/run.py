@@ -318,6 +318,11 @@ class Run:
         found = [m for m in read_metrics(self.out) if key in m]
         return found[-1] if found else None
 
+    def last_eval(self, key: str) -> dict | None:
+        """The eval/… metrics of the latest line that has ``key`` (a run's final evaluation), None if none has."""
+        final = self.last_logged(key)
+        return {k: v for k, v in final.items() if k.startswith("eval/")} if final else None
+
     def stopped(self) -> Summary:
         """The summary of a run stopped by Ctrl-C, with a checkpoint of its last step (made by :meth:`end_step`,
         or here when Ctrl-C came after it)."""
