@@ -18,7 +18,7 @@ from chatrlhf.reward_model import DEFAULT_HEAD, classic_head, encode_reply, ense
     load_reward_model, pad_right, pair_metrics, pool, raw_head_scores, reward_head, reward_scores, \
     reward_scores_with_spread
 from chatrlhf.trainers.reward import EpochKeeper, bootstrap_counts, encode_pairs
-from conftest import LEARNABLE_PROMPTS, LEARNABLE_REPLIES, run_cli
+from conftest import EXAMPLES, LEARNABLE_PROMPTS, LEARNABLE_REPLIES, run_cli
 
 Q = [{"role": "user", "content": "Where is my order?"}]
 sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
@@ -220,6 +220,15 @@ def test_frozen_ensemble_trains_saves_and_every_loader_scores_it_the_same(tmp_pa
     from chatrlhf.rewards import ModelReward
 
     assert ModelReward(str(out), force=True, dtype="float32")([Q, Q], replies) == pytest.approx(scores, abs=1e-5)
+    # PPO scores with it; its critic cannot start from a head that is not one head at the last token
+    ppo = ["ppo", "--model", "tiny-random-llama", "--data", EXAMPLES / "dialogue_history.csv", "--reward-model", out,
+           "--force", "--output-dir", tmp_path / "ppo", "--quiet", "--no-tensorboard", "--batch-size", "2",
+           "--minibatch-size", "2", "--max-new-tokens", "4", "--max-steps", "1"]
+    r = run_cli(*ppo, "--critic", "reward-model")
+    assert r.returncode == 2 and "not one head at the last token" in r.stderr
+    r = run_cli(*ppo)
+    assert r.returncode == 0, r.stderr
+    assert "critic = separate network from tiny-random-llama" in r.stdout   # auto: the policy, not this model
 
 
 def test_old_folders_without_the_new_keys_load_and_score_as_before(tmp_path):
