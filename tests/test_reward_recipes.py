@@ -271,3 +271,60 @@ def test_frozen_features_match_what_the_loader_scores(tmp_path):
         cached = head_scores(model, torch.cat([chosen, rejected])).numpy()
     loaded = raw_head_scores(model, tok, [Q] * 4, [p.chosen for p in pairs] + [p.rejected for p in pairs])
     assert np.allclose(cached, loaded, atol=1e-5)
+
+
+def test_ensemble_step_micro_batches_equal_one_big_batch():
+    # frozen features of 4 pairs, 2 heads with different bootstrap counts (pair 3 is out of head 0's resample):
+    # two micro-batches of 2 give the heads' gradients of one batch of 4, each head's loss its own weighted mean
+    import contextlib
+
+    from chatrlhf.trainers.reward import train_step
+
+    torch.manual_seed(0)
+    cache = (torch.randn(4, 3), torch.randn(4, 3))
+    pairs = [Preference(Q, "c", "r", weight=w) for w in (1.0, 2.0, 0.5, 1.0)]
+    boot = torch.tensor([[2.0, 1.0], [1.0, 0.0], [1.0, 2.0], [0.0, 1.0]])
+    run = SimpleNamespace(cfg=SimpleNamespace(margin=True, label_smoothing=0.1, head_dropout=0.0), device="cpu",
+                          autocast=contextlib.nullcontext)
+    grads, stats = [], []
+    for chunks in ([[0, 1], [2, 3]], [[0, 1, 2, 3]]):
+        score = torch.nn.Linear(3, 2, bias=False)
+        with torch.no_grad():
+            score.weight.copy_(torch.tensor([[0.5, -1.0, 0.2], [1.0, 0.3, -0.4]]))
+        model = SimpleNamespace(config=SimpleNamespace(chatrlhf_reward_head={"layer": -1, "pooling": "last", "heads": 2}),
+                                score=score)
+        stats.append(train_step(model, None, run, chunks, [None] * 4, pairs, boot, cache))
+        grads.append(score.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert stats[0]["train/bt"] == pytest.approx(stats[1]["train/bt"], abs=1e-6)
+    # head 0's loss by hand: weights w·count = (2, 2, 0.5, 0), the smoothed BT loss of each pair's margin
+    d = (cache[0] - cache[1]) @ score.weight[0].detach()
+    per = -(0.9 * torch.nn.functional.logsigmoid(d) + 0.1 * torch.nn.functional.logsigmoid(-d))
+    w = torch.tensor([2.0, 2.0, 0.5, 0.0])
+    d1 = (cache[0] - cache[1]) @ score.weight[1].detach()
+    per1 = -(0.9 * torch.nn.functional.logsigmoid(d1) + 0.1 * torch.nn.functional.logsigmoid(-d1))
+    w1 = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    want = ((per * w).sum() / w.sum() + (per1 * w1).sum() / w1.sum()) / 2   # metrics: the heads' mean
+    assert stats[1]["train/bt"] == pytest.approx(float(want), abs=1e-6)
+
+
+def test_fine_tuned_trunk_with_a_middle_layer_and_mean_pooling_loads_back(tmp_path):
+    out = tmp_path / "rm"
+    r = train_cli(out, "--layer", "1", "--pooling", "mean", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3",
+                  "--head-dropout", "0.2", "--average-checkpoints", "2", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    model, tok = load_reward_model(ModelArgs(model=str(out)))
+    assert reward_head(model.config) == {"layer": 1, "pooling": "mean", "heads": 1}
+    init, _ = load_reward_model(ModelArgs(model="tiny-random-llama"))
+    trained = dict(model.named_parameters())
+    changed = {n for n, p in init.named_parameters() if not torch.equal(p, trained[n])}
+    assert "score.weight" in changed and any(n.startswith("model.layers.0.") for n in changed)
+    assert not any(n.startswith(("model.layers.1.", "model.norm")) for n in changed)   # above block 1: never read
+    replies = ["It ships today. Thank you!", "It ships today. Numbers 0 1 2."]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": Q[0]["content"], "response": x}) + "\n" for x in replies))
+    r = run_cli("reward", "score", "--model", out, "--data", rows, "--out", tmp_path / "s.jsonl", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [g["score"] for g in got] == pytest.approx(reward_scores(model, tok, [Q, Q], replies), abs=1e-5)
+    assert "spread" not in got[0]
