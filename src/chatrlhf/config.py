@@ -162,7 +162,7 @@ class RewardTrainConfig(GateArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataA
                                  "becomes −(1−ε) log σ(d) − ε log σ(−d) (conservative Bradley–Terry, as cDPO).")
     patience: int = arg(0, "Early stopping: evaluate the held-out pairs after every epoch and stop after N epochs "
                         "without a lower held-out loss, keeping the best epoch's weights; 0 = off (train every epoch, "
-                        "keep the last). Needs held-out pairs and --epochs > 1.")
+                        "keep the last). Needs held-out pairs; useful with --epochs > 1.")
     average_checkpoints: int = arg(1, "Save the mean of the weights at the end of the last K epochs (ending at the kept "
                                    "epoch, with --patience); 1 = off.")
     ensemble: int = arg(1, "K > 1: K linear heads on the shared frozen trunk (needs --freeze-trunk), each trained on "

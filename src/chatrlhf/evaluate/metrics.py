@@ -31,19 +31,21 @@ def pairwise_ece(logits: np.ndarray, n_bins: int = 10) -> float:
     return expected_calibration_error(conf, (z > 0) + 0.5 * (z == 0), n_bins)
 
 
-def fit_temperature(logits: np.ndarray, low: float = 1e-2, high: float = 1e2, iters: int = 100) -> float:
-    """Temperature scaling (Guo et al. 2017) for pairs: the T in [low, high] that minimises the Bradley–Terry
+def fit_temperature(logits: np.ndarray, span: float = 1e3, iters: int = 100) -> float:
+    """Temperature scaling (Guo et al. 2017) for pairs: the T within a factor ``span`` either side of the logits'
+    mean |z| (raw scores have no fixed scale: a fresh head's differ by hundredths) that minimises the Bradley–Terry
     log-loss of σ(z / T) for the logits z (chosen − rejected) of n decided pairs, with Platt's (1999) target
     (n + 1) / (n + 2) for "the chosen reply wins" instead of 1, so that a small held-out set the model gets all
     right does not drive T to 0 (certainty). The loss is convex in 1/T, so a golden-section search on log T finds
     its minimum; no gradient, no closed form needed."""
     z = np.asarray(logits, dtype=float)
-    if len(z) == 0:
+    scale = float(np.abs(z).mean()) if len(z) else 0.0
+    if scale == 0:
         return 1.0
     target = (len(z) + 1) / (len(z) + 2)
     loss = lambda log_t: float((target * np.logaddexp(0.0, -z / np.exp(log_t))  # noqa: E731
                                 + (1 - target) * np.logaddexp(0.0, z / np.exp(log_t))).mean())
-    a, b = np.log(low), np.log(high)
+    a, b = np.log(scale / span), np.log(scale * span)
     g = (np.sqrt(5) - 1) / 2
     c, d = b - g * (b - a), a + g * (b - a)
     fc, fd = loss(c), loss(d)
