@@ -328,3 +328,33 @@ def test_fine_tuned_trunk_with_a_middle_layer_and_mean_pooling_loads_back(tmp_pa
     got = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [g["score"] for g in got] == pytest.approx(reward_scores(model, tok, [Q, Q], replies), abs=1e-5)
     assert "spread" not in got[0]
+
+
+@pytest.mark.slow
+def test_frozen_ensemble_with_early_stopping_resumes_exactly_after_sigkill(tmp_path):
+    from safetensors.torch import load_file
+
+    from chatrlhf.logger import read_metrics
+    from conftest import kill_at_first_checkpoint
+
+    data = learnable(tmp_path / "pairs.jsonl")
+    args = ["reward", "train", "--model", "tiny-random-llama", "--quiet", "--no-tensorboard", "--data", data,
+            "--eval-fraction", "0.25", "--freeze-trunk", "--ensemble", "2", "--head-dropout", "0.2", "--epochs", "4",
+            "--patience", "1", "--average-checkpoints", "2", "--save-steps", "9", "--batch-size", "4", "--lr", "3e-3"]
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    r = run_cli(*args, "--output-dir", ref)
+    assert r.returncode == 0, r.stderr
+    killed_at = kill_at_first_checkpoint([*args, "--output-dir", out], out)
+    assert killed_at >= 9   # after the first epoch (8 steps): the checkpoint holds its weights and held-out loss
+    r = run_cli(*args, "--output-dir", out, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert f"(step {killed_at})" in r.stdout
+    keys = ("train/bt", "eval/bt")
+    want = {m["step"]: [m.get(k) for k in keys] for m in read_metrics(ref)}
+    got = {m["step"]: [m.get(k) for k in keys] for m in read_metrics(out)}
+    assert got.keys() == want.keys() and all(got[s] == pytest.approx(want[s], abs=1e-6) for s in want)
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert torch.allclose(a["score.weight"], b["score.weight"], atol=1e-6)
+    epochs = [json.loads((d / "chatrlhf.json").read_text())["epochs"] for d in (ref, out)]
+    assert epochs[0]["kept_epoch"] == epochs[1]["kept_epoch"] and epochs[0]["held_out_bt"] == pytest.approx(
+        epochs[1]["held_out_bt"], abs=1e-6)
