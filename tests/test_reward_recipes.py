@@ -217,6 +217,10 @@ def test_frozen_ensemble_trains_saves_and_every_loader_scores_it_the_same(tmp_pa
     got = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [g["score"] for g in got] == pytest.approx(scores, abs=1e-4)
     assert [g["spread"] for g in got] == pytest.approx(spreads, abs=1e-4)
+    r = run_cli("reward", "eval", "--model", out, "--data", tmp_path / "rm-pairs.jsonl")   # its held-out prompts only
+    assert r.returncode == 0, r.stderr
+    assert "calibration: temperature" in r.stdout and "stored with the model" in r.stdout
+    assert "ensemble of 3 heads" in r.stdout
     from chatrlhf.rewards import ModelReward
 
     assert ModelReward(str(out), force=True, dtype="float32")([Q, Q], replies) == pytest.approx(scores, abs=1e-5)

@@ -27,13 +27,7 @@ def train(cfg: RewardTrainConfig) -> int:
     if s.interrupted:
         return 130
     _print_verdict(s["accuracy"], s["ece"], s["gate"], s["split"])
-    if s["temperature"] != 1.0:
-        print(f"calibration: temperature {s['temperature']:.3f} fitted on the held-out pairs, ECE "
-              f"{s['ece_uncalibrated']:.3f} → {s['ece']:.3f}")
-    if "ensemble" in s.as_json():
-        e = s["ensemble"]
-        print(f"ensemble of {e['heads']} heads: accuracy {e['confident_half_accuracy']:.3f} on the half of the held-out "
-              f"pairs they agree on most, {e['other_half_accuracy']:.3f} on the rest")
+    _print_uncertainty(s.as_json(), "fitted on the held-out pairs")
     print(f"chatrlhf reward: model, eval.json and eval.png in {cfg.output_dir}")
     return 0
 
@@ -46,6 +40,16 @@ def _print_verdict(acc, ece, gate, on: str) -> None:
         print("gate: FAILED — RL will refuse this reward model unless --force:")
         for r in gate["reasons"]:
             print(f"  - {r}")
+
+
+def _print_uncertainty(m: dict, how: str) -> None:
+    """The temperature's effect on ECE, and an ensemble's accuracy on its confident half against the rest."""
+    if m["temperature"] != 1.0:
+        print(f"calibration: temperature {m['temperature']:.3f} {how}, ECE {m['ece_uncalibrated']:.3f} → {m['ece']:.3f}")
+    if m.get("ensemble"):
+        e = m["ensemble"]
+        print(f"ensemble of {e['heads']} heads: accuracy {e['confident_half_accuracy']:.3f} on the half of the held-out "
+              f"pairs they agree on most, {e['other_half_accuracy']:.3f} on the rest")
 
 
 def untrained_pairs(model_dir: str, pairs: list, log=print) -> list:
@@ -83,6 +87,7 @@ def evaluate(cfg: RewardEvalConfig) -> int:
     write_report(out, metrics, gate)
     _print_verdict(metrics["accuracy"], metrics["ece"], gate,
                    f"on {len(pairs)} pairs of {','.join(cfg.data)} whose prompts the model was not trained on")
+    _print_uncertainty(metrics, "stored with the model")
     print(f"chatrlhf reward eval: eval.json and eval.png in {out}"
           + (" (now the model's gate)" if cfg.replace_gate else " (the gate RL reads is unchanged; --replace-gate "
                                                                 "makes this evaluation the gate)"))
