@@ -193,10 +193,11 @@ def train(cfg: RewardTrainConfig, log=print) -> Summary:
         enable_checkpointing(model)
     encoded = encode_pairs(tok, train_pairs, cfg.max_length)
     cache = held = None
+    watch = eval_pairs if cfg.patience or cfg.average_checkpoints > 1 else []  # held-out loss after every epoch
     if cfg.freeze_trunk:
-        log(f"chatrlhf reward: the frozen trunk's features of {2 * (len(train_pairs) + len(eval_pairs))} replies, once")
+        log(f"chatrlhf reward: the frozen trunk's features of {2 * (len(train_pairs) + len(watch))} replies, once")
         cache = frozen_features(model, tok, encoded, run)
-        held = frozen_features(model, tok, encode_pairs(tok, eval_pairs, cfg.max_length), run) if eval_pairs else None
+        held = frozen_features(model, tok, encode_pairs(tok, watch, cfg.max_length), run) if watch else None
     boot = bootstrap_counts(len(train_pairs), cfg.ensemble, cfg.seed).to(run.device)
     plan = StepPlan([max(len(c[0]), len(r[0])) for c, r in encoded], cfg.batch_size, cfg.grad_accum, cfg.seed)
     n_steps = run.total_steps(plan.steps_per_epoch)
@@ -218,7 +219,7 @@ def train(cfg: RewardTrainConfig, log=print) -> Summary:
             step += 1
             stats["train/pairs_per_s"] = sum(len(c) for c in chunks) / (time.perf_counter() - t0)
             if keeper.active and (step % plan.steps_per_epoch == 0 or step == n_steps):
-                loss = held_out_loss(model, tok, run, eval_pairs, held) if eval_pairs else None
+                loss = held_out_loss(model, tok, run, watch, held) if watch else None
                 keeper.end_epoch(-(-step // plan.steps_per_epoch), loss)
                 stats.update({"eval/bt": loss} if loss is not None else {})
             run.log(step, stats)
