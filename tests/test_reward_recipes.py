@@ -310,6 +310,11 @@ def test_ensemble_step_micro_batches_equal_one_big_batch():
     w1 = torch.tensor([1.0, 0.0, 1.0, 1.0])
     want = ((per * w).sum() / w.sum() + (per1 * w1).sum() / w1.sum()) / 2   # metrics: the heads' mean
     assert stats[1]["train/bt"] == pytest.approx(float(want), abs=1e-6)
+    # --head-dropout acts on the features the heads read while training: the same step gives another loss
+    run.cfg.head_dropout = 0.5
+    torch.manual_seed(1)
+    dropped = train_step(model, None, run, [[0, 1, 2, 3]], [None] * 4, pairs, boot, cache)
+    assert dropped["train/bt"] != pytest.approx(stats[1]["train/bt"], abs=1e-4)
 
 
 def test_fine_tuned_trunk_with_a_middle_layer_and_mean_pooling_loads_back(tmp_path):
