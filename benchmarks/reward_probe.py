@@ -36,7 +36,7 @@ def features(model, tok, pairs, layers: list[int], max_length: int, batch_size: 
     from chatrlhf.trainers.reward import encode_pairs
 
     enc = encode_pairs(tok, pairs, max_length)
-    seqs = [c for c, _ in enc] + [r for _, r in enc]
+    seqs = [c[0] for c, _ in enc] + [r[0] for _, r in enc]  # token ids (each reply's start is not needed here)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # length-sorted batches: little padding
     d = model.config.hidden_size
     out = np.zeros((len(seqs), len(layers), 2 * d), np.float32)

@@ -2,6 +2,9 @@
 and report prompt-disjoint held-out accuracy (goal ≥ 63% at 135M parameters).
 
     .venv/bin/python benchmarks/reward_quality.py [--max-length 256] [--train-layers -1] [--eval-pairs 600]
+    # the small-data recipes (docs/reward.md): frozen trunk, read-out layer and pooling, ensemble, epochs
+    .venv/bin/python benchmarks/reward_quality.py --no-extra --max-train-pairs 2000 --freeze-trunk --layer 16 \
+        --pooling mean --lr 1e-3 --epochs 20 --patience 3 --val-fraction 0.1 --ensemble 5 --out out/rm-frozen
 
 Recipe (defaults): train on hh-rlhf/extra/* (helpful-online + helpful-rejection-sampled) plus the
 helpful-base and harmless-base pairs whose prompts are not held out; hold out --eval-pairs pairs of
@@ -62,11 +65,26 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default="out/reward-hh")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    recipe = p.add_argument_group("recipes (flags of `reward train`, docs/reward.md)")
+    recipe.add_argument("--freeze-trunk", action="store_true")
+    recipe.add_argument("--layer", type=int, default=-1)
+    recipe.add_argument("--pooling", choices=("last", "mean", "both"), default="last")
+    recipe.add_argument("--ensemble", type=int, default=1)
+    recipe.add_argument("--epochs", type=float, default=1.0)
+    recipe.add_argument("--patience", type=int, default=0)
+    recipe.add_argument("--average-checkpoints", type=int, default=1)
+    recipe.add_argument("--label-smoothing", type=float, default=0.0)
+    recipe.add_argument("--head-dropout", type=float, default=0.0)
+    recipe.add_argument("--weight-decay", type=float, default=0.0)
+    recipe.add_argument("--val-fraction", type=float, default=0.0,
+                        help="prompts of the TRAINING pairs held out for --patience and the temperature (the test "
+                             "pairs never choose anything); 0 = none")
     a = p.parse_args()
     if not HH.is_dir():
         sys.exit(f"{HH} not found: this benchmark needs ../shared/data")
 
     from chatrlhf.config import ModelArgs, RewardTrainConfig
+    from chatrlhf.evaluate.metrics import bootstrap_ci
     from chatrlhf.reward_model import evaluate_pairs
     from chatrlhf.reward_model import load_reward_model
     from chatrlhf.trainers.reward import train
@@ -82,17 +100,25 @@ def main() -> None:
                             for r in train_pairs))
     print(f"{len(train_pairs)} train pairs, {len(eval_pairs)} held-out pairs ({len(held)} prompts)", flush=True)
     cfg = RewardTrainConfig(model="smollm2-135m", data=[str(data)], output_dir=a.out, batch_size=a.batch_size,
-                            epochs=1, lr=a.lr, eval_fraction=0.0, max_length=a.max_length, dtype="auto",
-                            train_layers=a.train_layers, gradient_checkpointing=a.gradient_checkpointing, seed=0, quiet=not sys.stdout.isatty())
+                            epochs=a.epochs, lr=a.lr, eval_fraction=a.val_fraction, max_length=a.max_length,
+                            dtype="auto", train_layers=a.train_layers, gradient_checkpointing=a.gradient_checkpointing,
+                            seed=0, quiet=not sys.stdout.isatty(), freeze_trunk=a.freeze_trunk, layer=a.layer,
+                            pooling=a.pooling, ensemble=a.ensemble, patience=a.patience,
+                            average_checkpoints=a.average_checkpoints, label_smoothing=a.label_smoothing,
+                            head_dropout=a.head_dropout, weight_decay=a.weight_decay)
     t0 = time.perf_counter()
     train(cfg)
     minutes = (time.perf_counter() - t0) / 60
     model, tok = load_reward_model(ModelArgs(model=a.out))
     m = evaluate_pairs(model, tok, eval_pairs, 16, a.max_length)
+    right = [float(x > 0) + 0.5 * (x == 0) for x in m["_margins"]]
+    _, lo, hi = bootstrap_ci(right)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "settings": vars(a),
               "train_pairs": len(train_pairs), "held_out_pairs": len(eval_pairs), "accuracy": m["accuracy"],
-              "ece": m["ece"], "length_corr": m["length_corr"], "per_source": m["per_source"],
-              "longer_reply_baseline_accuracy": m["longer_reply_baseline_accuracy"], "train_minutes": minutes}
+              "accuracy_ci95": [lo, hi], "ece": m["ece"], "ece_uncalibrated": m["ece_uncalibrated"],
+              "temperature": m["temperature"], "ensemble": m.get("ensemble"), "length_corr": m["length_corr"],
+              "per_source": m["per_source"], "longer_reply_baseline_accuracy": m["longer_reply_baseline_accuracy"],
+              "train_minutes": minutes}
     print(json.dumps(result, indent=2))
     print(f"held-out accuracy {m['accuracy']:.3f} (goal ≥ 0.63); the 'longer reply wins' baseline gets "
           f"{m['longer_reply_baseline_accuracy']:.3f}")

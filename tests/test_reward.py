@@ -365,8 +365,8 @@ def test_a_reply_cut_at_the_token_limit_is_scored_without_an_end_of_turn():
     from chatrlhf.reward_model import encode_reply
 
     _, tok = load_reward_model(ModelArgs(model="tiny-random-llama"))
-    full = tok.decode(encode_reply(tok, Q, "It ships", 512))
-    cut = tok.decode(encode_reply(tok, Q, "It ships", 512, ended=False))
+    full = tok.decode(encode_reply(tok, Q, "It ships", 512)[0])
+    cut = tok.decode(encode_reply(tok, Q, "It ships", 512, ended=False)[0])
     assert full.rstrip().endswith("It ships<|im_end|>") and cut.endswith("It ships") and full.startswith(cut)
     _, gpt = load_reward_model(ModelArgs(model="tiny-random-gpt2"))       # the fallback User:/Assistant: template
-    assert gpt.decode(encode_reply(gpt, Q, "It ships", 512, ended=False)).endswith("Assistant: It ships")
+    assert gpt.decode(encode_reply(gpt, Q, "It ships", 512, ended=False)[0]).endswith("Assistant: It ships")

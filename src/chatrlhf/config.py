@@ -146,6 +146,32 @@ class RewardTrainConfig(GateArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataA
     train_layers: int = arg(-1, "Train only the top N transformer blocks and the head (embeddings and lower "
                             "blocks frozen, so they cost no backward and no activation memory); -1 = all. "
                             "Faster and lighter (see benchmarks/reward.py), but check quality with the gate.")
+    layer: int = arg(-1, "Read the score off the hidden state after transformer block N (0 = the embeddings); -1 = "
+                     "the last block, after the final norm (the classic reward model). Middle layers often hold more "
+                     "preference signal (benchmarks/reward_probe.py). Saved with the model: every loader reads the same "
+                     "layer.")
+    pooling: str = arg("last", "What the head reads: the state at the last token, the mean of the states over the "
+                       "reply's tokens, or both (concatenated: the head sees 2 × hidden). Saved with the model.",
+                       ("last", "mean", "both"))
+    freeze_trunk: bool = arg(False, "Train only the linear head on a frozen trunk: the trunk's features are computed "
+                             "once (one forward pass over the pairs), after which every epoch costs almost nothing. "
+                             "The small-data recipe: a few thousand pairs are too few to move 135M weights usefully.")
+    head_dropout: float = arg(0.0, "Dropout on the features the head reads, while training (the trunk's own dropout "
+                              "stays off).")
+    label_smoothing: float = arg(0.0, "ε in [0, 0.5): the share of preference labels believed flipped; the loss "
+                                 "becomes −(1−ε) log σ(d) − ε log σ(−d) (conservative Bradley–Terry, as cDPO).")
+    patience: int = arg(0, "Early stopping: evaluate the held-out pairs after every epoch and stop after N epochs "
+                        "without a lower held-out loss, keeping the best epoch's weights; 0 = off (train every epoch, "
+                        "keep the last). Needs held-out pairs; useful with --epochs > 1.")
+    average_checkpoints: int = arg(1, "Save the mean of the weights at the end of the last K epochs (ending at the kept "
+                                   "epoch, with --patience); 1 = off.")
+    ensemble: int = arg(1, "K > 1: K linear heads on the shared frozen trunk (needs --freeze-trunk), each trained on "
+                        "its own bootstrap resample of the pairs. The score is the heads' mean and its spread their "
+                        "std: `reward score` writes it, and eval.json compares accuracy on the confident half of the "
+                        "held-out pairs with the rest.")
+    calibrate: bool = arg(True, "Fit a temperature T on the held-out pairs after training (P(a ≻ b) = σ((s_a − s_b) / "
+                          "T)), stored with the model; eval.json reports the ECE before and after. Scores and accuracy "
+                          "do not change.")
 
 
 @dataclass

@@ -20,10 +20,13 @@ def sft_loss(logits: torch.Tensor, targets: torch.Tensor, n_targets: int | torch
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                       tie: torch.Tensor | None = None, weight: torch.Tensor | None = None):
+                       tie: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                       label_smoothing: float = 0.0):
     """Reward-model loss on (B,) scores of chosen and rejected replies.
 
-    Preferred pairs: −log σ(r_c − r_r − m) (Ouyang et al. 2022 eq. 1; margin m from Llama 2 §3.2.2).
+    Preferred pairs: −log σ(r_c − r_r − m) (Ouyang et al. 2022 eq. 1; margin m from Llama 2 §3.2.2); with label
+    smoothing ε (the share of labels believed flipped): −(1−ε) log σ(x) − ε log σ(−x), x = r_c − r_r − m, whose
+    minimum is at σ(x) = 1 − ε, so no pair is pushed to an infinite margin (cDPO, Mitchell 2023).
     Ties: the Bradley–Terry likelihood of a 50/50 outcome, −½ log σ(d) − ½ log σ(−d), which is
     minimal at d = 0, so tied replies are pulled toward equal scores. Weighted mean over pairs.
     """
@@ -31,7 +34,9 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     margin = torch.zeros_like(d) if margin is None else margin
     tie = torch.zeros_like(d, dtype=torch.bool) if tie is None else tie
     weight = torch.ones_like(d) if weight is None else weight
-    per_pair = torch.where(tie, -0.5 * (F.logsigmoid(d) + F.logsigmoid(-d)), -F.logsigmoid(d - margin))
+    x = d - margin
+    decided_loss = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
+    per_pair = torch.where(tie, -0.5 * (F.logsigmoid(d) + F.logsigmoid(-d)), decided_loss)
     loss = (per_pair * weight).sum() / weight.sum()
     decided = ~tie
     acc = ((d > 0) & decided).sum() / decided.sum().clamp(min=1)

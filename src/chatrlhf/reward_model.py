@@ -2,6 +2,16 @@
 its normalisation (gain, bias stored in the model's config), and the gate that RL checks (held-out accuracy,
 calibration and length correlation in ``eval.json``).
 
+How a model reads its score is stored in ``config.chatrlhf_reward_head`` = {layer, pooling, heads}: the hidden state
+after block ``layer`` (-1: the last, after the final norm), pooled at the last token, as the mean over the reply's
+tokens, or both concatenated, read by ``heads`` linear heads (an ensemble: the score is their mean, the spread their
+std). The heads are the rows of the model's ``score`` layer, so the folder stays a plain transformers
+``*ForSequenceClassification`` model: with ``both`` pooling ``score`` has 2 × heads rows, the first ``heads`` reading
+the last token's state and the next ``heads`` the mean, a head's score being the sum of its two rows' outputs. A
+folder saved without the key reads the last layer's last token with one head, as every reward model did before.
+A temperature fitted on held-out pairs (``config.chatrlhf_reward_calibration``) calibrates the probability
+σ((raw_a − raw_b) / T) that a reply is preferred; it changes no score.
+
 The reward *sources* that use it, and their scheduled mix, are in rewards.py.
 """
 
@@ -12,22 +22,39 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from chatrlhf.config import ModelArgs
 from chatrlhf.data.pairs import HELD_OUT, source_of
 from chatrlhf.data.template import render
 from chatrlhf.errors import UsageError
-from chatrlhf.evaluate.metrics import pairwise_ece, pearson
+from chatrlhf.evaluate.metrics import confident_half, pairwise_ece, pearson
 from chatrlhf.models import TINY, config_without_dropout, distinct_pad, load_tokenizer, no_dropout, no_library_bars, \
     quiet_transformers, resolve_device, resolve_model, tiny_model
 
 # --------------------------------------------------------------------------- load
 
 
-def load_reward_model(args: ModelArgs, trainable: bool = False):
-    """(model, tokenizer): an AutoModelForSequenceClassification with one output, read at the last
-    non-pad token. From a reward-model folder it loads as saved; from any causal LM (embedded, folder,
-    GGUF, tiny) it takes the trunk and a fresh head, initialised N(0, 1/√(d+1)) (RL_DETAILS item 9).
+HEAD_KEY = "chatrlhf_reward_head"
+DEFAULT_HEAD = {"layer": -1, "pooling": "last", "heads": 1}
+
+
+def reward_head(config) -> dict:
+    """How a reward model reads its score: {layer, pooling, heads} (see the module docstring); the classic last-layer,
+    last-token, one-head reading for a folder saved before the key existed."""
+    return {**DEFAULT_HEAD, **(getattr(config, HEAD_KEY, None) or {})}
+
+
+def head_rows(head: dict) -> int:
+    """Rows of the ``score`` layer: one per head, twice that with ``both`` pooling."""
+    return head["heads"] * (2 if head["pooling"] == "both" else 1)
+
+
+def load_reward_model(args: ModelArgs, trainable: bool = False, head: dict | None = None):
+    """(model, tokenizer): an AutoModelForSequenceClassification whose head reads the score as its config says
+    (:func:`reward_head`). From a reward-model folder it loads as saved; from any causal LM (embedded, folder,
+    GGUF, tiny) it takes the trunk and a fresh head reading as ``head`` says (default: the last layer's last
+    token), initialised N(0, 1/√(d+1)) for d input features (RL_DETAILS item 9).
     Normalisation (gain, bias) lives in ``config.chatrlhf_reward_norm`` and is applied by
     :func:`reward_scores`, not by the raw model."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -36,20 +63,22 @@ def load_reward_model(args: ModelArgs, trainable: bool = False):
     device = resolve_device(args.device)
     where = resolve_model(args.model)
     tok = load_tokenizer(args.model)
+    wanted = {**DEFAULT_HEAD, **(head or {})}
     if where in TINY:
         causal = tiny_model(where, tok)
         cfg = causal.config
-        cfg.num_labels = 1
+        cfg.num_labels = head_rows(wanted)
         model = AutoModelForSequenceClassification.from_config(cfg)
         model.load_state_dict(causal.state_dict(), strict=False)
         fresh = True
     else:
         cfg = AutoConfig.from_pretrained(where)  # nosec B615
         fresh = not any(a.endswith("ForSequenceClassification") for a in cfg.architectures or [])
+        rows = head_rows(wanted if fresh else reward_head(cfg))
         try:
             with quiet_transformers():  # a causal LM has no `score` head yet: its load report is expected
                 model = AutoModelForSequenceClassification.from_pretrained(  # nosec B615
-                    where, config=config_without_dropout(where, num_labels=1), dtype=torch.float32)
+                    where, config=config_without_dropout(where, num_labels=rows), dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise UsageError(f"--model {args.model}: cannot load as a reward model ({e})",
                              "use a causal LM or a chatrlhf reward model folder") from None
@@ -57,17 +86,38 @@ def load_reward_model(args: ModelArgs, trainable: bool = False):
         distinct_pad(tok, model)
     model.config.pad_token_id = tok.pad_token_id
     if fresh:
-        head = model.score  # the head of every *ForSequenceClassification causal LM in transformers
-        d = head.weight.shape[1]
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            torch.nn.init.normal_(head.weight, std=1 / (d + 1) ** 0.5)
-        if getattr(head, "bias", None) is not None:
-            torch.nn.init.zeros_(head.bias)
-        model.config.chatrlhf_reward_norm = {"gain": 1.0, "bias": 0.0}
+        _fresh_head(model, wanted, args.model)
+    elif head is not None and reward_head(model.config) != wanted:
+        raise UsageError(f"--model {args.model} is a reward model reading {reward_head(model.config)}, not {wanted}",
+                         "train from a causal LM to change --layer, --pooling or --ensemble, or drop those flags")
     no_dropout(model)
     model.to(device).train(trainable)
     return model, tok
+
+
+def _fresh_head(model, head: dict, name: str) -> None:
+    """Record how the new head reads, and initialise it N(0, 1/√(d+1)) for its d input features."""
+    blocks = model.config.num_hidden_layers
+    if not -1 <= head["layer"] <= blocks:
+        raise UsageError(f"--layer {head['layer']}: {name} has {blocks} transformer blocks",
+                         f"give 0…{blocks} (0 = the embeddings), or -1 for the last block")
+    score = model.score  # the head of every *ForSequenceClassification causal LM in transformers
+    d = score.weight.shape[1] * (2 if head["pooling"] == "both" else 1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.nn.init.normal_(score.weight, std=1 / (d + 1) ** 0.5)
+    if getattr(score, "bias", None) is not None:
+        torch.nn.init.zeros_(score.bias)
+    model.config.chatrlhf_reward_norm = {"gain": 1.0, "bias": 0.0}
+    setattr(model.config, HEAD_KEY, dict(head))
+
+
+def classic_head(path: str) -> bool:
+    """Whether the reward model in folder ``path`` reads one head at the last layer's last token, the reading that a
+    critic initialised from it repeats at every reply token (trainers/ppo.py)."""
+    from transformers import AutoConfig
+
+    return reward_head(AutoConfig.from_pretrained(resolve_model(path))) == DEFAULT_HEAD  # nosec B615
 
 
 def reward_norm(model) -> tuple[float, float]:
@@ -77,60 +127,143 @@ def reward_norm(model) -> tuple[float, float]:
     return float(norm["gain"]), float(norm["bias"])
 
 
+def reward_temperature(model) -> float:
+    """T of the calibrated preference probability σ((raw_a − raw_b) / T), fitted by the reward trainer on held-out
+    pairs (``config.chatrlhf_reward_calibration``); 1 for a model never calibrated."""
+    return float((getattr(model.config, "chatrlhf_reward_calibration", None) or {}).get("temperature", 1.0))
+
+
 # --------------------------------------------------------------------------- encode and score
 
 
-def encode_reply(tok, prompt: list[dict], response: str, max_length: int, ended: bool = True) -> list[int]:
-    """Prompt + reply through the reward model's own chat template (it may differ from the policy's:
-    text is re-tokenised). A reply that did not end (cut at the token limit) is scored as generated: the
-    text stops where the reply stops, without the end-of-turn tokens the template would append. Over-long
-    inputs lose the start of the prompt; the reply is kept."""
+def encode_reply(tok, prompt: list[dict], response: str, max_length: int, ended: bool = True) -> tuple[list[int], int]:
+    """(token ids, index of the reply's first token) of prompt + reply through the reward model's own chat template
+    (it may differ from the policy's: text is re-tokenised). A reply that did not end (cut at the token limit) is
+    scored as generated: the text stops where the reply stops, without the end-of-turn tokens the template would
+    append. Over-long inputs lose the start of the prompt; the reply is kept."""
     text = render(tok, prompt + [{"role": "assistant", "content": response}])
+    cut = text.rfind(response) if response else -1
     if not ended:
-        cut = text.rfind(response) if response else -1
         text = text[:cut + len(response)] if cut >= 0 else render(tok, prompt, add_generation_prompt=True) + response
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return ids[-max_length:]
+        cut = text.rfind(response) if response else -1
+    char = cut if cut >= 0 else len(render(tok, prompt, add_generation_prompt=True))
+    try:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        start = next((i for i, (_, e) in enumerate(enc["offset_mapping"]) if e > char), len(ids) - 1)
+    except NotImplementedError:  # a slow tokenizer has no offsets: count the tokens of the text before the reply
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        start = min(len(tok(text[:char], add_special_tokens=False)["input_ids"]), len(ids) - 1)
+    drop = max(0, len(ids) - max_length)
+    return ids[drop:], max(0, start - drop)
 
 
-def pad_right(seqs: list[list[int]], pad_id: int, device) -> dict:
+def pad_right(seqs: list[list[int]], pad_id: int, device, starts: list[int] | None = None) -> dict:
+    """Right-padded ``input_ids`` and ``attention_mask``; with ``starts`` (where each reply begins) also the
+    ``reply_mask`` that mean pooling reads."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, :len(s)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if starts is not None:
+        reply = mask.clone()
+        for i, start in enumerate(starts):
+            reply[i, :start] = 0
+        batch["reply_mask"] = reply.to(device)
+    return batch
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, reply_mask: torch.Tensor | None,
+         pooling: str) -> torch.Tensor:
+    """(B, d) or (B, 2d) features from (B, T, d) hidden states: the state at the last real token (found from the
+    mask, so left or right padding alike), the mean over the reply's tokens (``reply_mask`` 1, padding excluded), or
+    both concatenated [last, mean]."""
+    width = attention_mask.shape[1]
+    last = width - 1 - attention_mask.flip(1).float().argmax(1)
+    h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if pooling == "last":
+        return h_last
+    if reply_mask is None:
+        raise ValueError(f"{pooling} pooling needs the batch's reply_mask (pad_right(..., starts=...))")
+    m = (reply_mask * attention_mask).to(hidden.dtype).unsqueeze(-1)
+    h_mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    return h_mean if pooling == "mean" else torch.cat([h_last, h_mean], -1)
+
+
+def features(model, batch: dict) -> torch.Tensor:
+    """(B, d or 2d): what the model's head reads (:func:`reward_head`: layer and pooling) for a padded batch."""
+    head = reward_head(model.config)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if head["layer"] == -1:
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+    else:
+        hidden = model.base_model(**inputs, use_cache=False, output_hidden_states=True).hidden_states[head["layer"]]
+    return pool(hidden, batch["attention_mask"], batch.get("reply_mask"), head["pooling"])
+
+
+def head_scores(model, feats: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """(B, K) raw scores of the K heads on (B, d) features (dropout on the features while training)."""
+    head = reward_head(model.config)
+    w, b = model.score.weight, getattr(model.score, "bias", None)
+    if head["pooling"] == "both":  # rows [0, K) read the last token, rows [K, 2K) the mean: one (K, 2d) head
+        k = head["heads"]
+        w, b = torch.cat([w[:k], w[k:]], 1), (b[:k] + b[k:] if b is not None else None)
+    if dropout > 0:
+        feats = F.dropout(feats, dropout, training=True)
+    return F.linear(feats, w, b).float()
 
 
 def raw_scores(model, batch: dict) -> torch.Tensor:
-    """(B,) scores at the last non-pad token (right padding)."""
-    hidden = model.base_model(**batch, use_cache=False).last_hidden_state
-    last = batch["attention_mask"].sum(1) - 1
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return model.score(h).squeeze(-1).float()
+    """(B,) raw scores: the mean of the heads' (one head: its score)."""
+    return head_scores(model, features(model, batch)).mean(1)
+
+
+def ensemble_scores(raw: np.ndarray, gain: float, bias: float) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, spreads) of (N, K) raw head scores: gain · mean + bias, and |gain| · std over the heads (population
+    std: the heads are the whole ensemble, not a sample of it)."""
+    raw = np.asarray(raw, dtype=float)
+    return gain * raw.mean(1) + bias, abs(gain) * raw.std(1)
 
 
 @torch.no_grad()
-def reward_scores(model, tok, prompts: list[list[dict]], responses: list[str], batch_size: int = 16,
-                  max_length: int = 512, normalise: bool = True, ended: list[bool] | None = None) -> list[float]:
-    """Scores of complete replies (``ended``: which replies ended; the others are scored without an end of turn),
-    normalised with the model's stored gain and bias unless ``normalise=False``."""
+def raw_head_scores(model, tok, prompts: list[list[dict]], responses: list[str], batch_size: int = 16,
+                    max_length: int = 512, ended: list[bool] | None = None) -> np.ndarray:
+    """(N, K) raw scores of every head for complete replies (``ended``: which replies ended; the others are scored
+    without an end of turn), batched by length."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     ended = ended if ended is not None else [True] * len(responses)
-    seqs = [encode_reply(tok, p, r, max_length, e) for p, r, e in zip(prompts, responses, ended)]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # little padding
-    out = [0.0] * len(seqs)
-    gain, bias = reward_norm(model) if normalise else (1.0, 0.0)
+    encoded = [encode_reply(tok, p, r, max_length, e) for p, r, e in zip(prompts, responses, ended)]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # little padding
+    out = np.zeros((len(encoded), reward_head(model.config)["heads"]))
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
-        s = raw_scores(model, pad_right([seqs[i] for i in idx], tok.pad_token_id, device))
-        for i, v in zip(idx, s.tolist()):
-            out[i] = gain * v + bias
+        batch = pad_right([encoded[i][0] for i in idx], tok.pad_token_id, device, [encoded[i][1] for i in idx])
+        out[idx] = np.array(head_scores(model, features(model, batch)).tolist())
     model.train(was_training)
     return out
+
+
+def reward_scores(model, tok, prompts: list[list[dict]], responses: list[str], batch_size: int = 16,
+                  max_length: int = 512, normalise: bool = True, ended: list[bool] | None = None) -> list[float]:
+    """Scores of complete replies (``ended``: which replies ended; the others are scored without an end of turn),
+    normalised with the model's stored gain and bias unless ``normalise=False``; an ensemble's mean."""
+    return reward_scores_with_spread(model, tok, prompts, responses, batch_size, max_length, normalise, ended)[0]
+
+
+def reward_scores_with_spread(model, tok, prompts: list[list[dict]], responses: list[str], batch_size: int = 16,
+                              max_length: int = 512, normalise: bool = True,
+                              ended: list[bool] | None = None) -> tuple[list[float], list[float]]:
+    """(scores, spreads): as :func:`reward_scores`, plus the std of an ensemble's heads on the same scale (0 for a
+    single head) — how unsure the model is of each score."""
+    gain, bias = reward_norm(model) if normalise else (1.0, 0.0)
+    scores, spreads = ensemble_scores(raw_head_scores(model, tok, prompts, responses, batch_size, max_length, ended),
+                                      gain, bias)
+    return scores.tolist(), spreads.tolist()
 
 
 # --------------------------------------------------------------------------- the gate: held-out evaluation
@@ -138,23 +271,37 @@ def reward_scores(model, tok, prompts: list[list[dict]], responses: list[str], b
 GATE_FILE = "eval.json"
 
 
+def pair_raw_scores(model, tok, pairs, batch_size: int = 16, max_length: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) raw head scores of the chosen and of the rejected reply of every pair."""
+    prompts = [p.prompt for p in pairs]
+    return (raw_head_scores(model, tok, prompts, [p.chosen for p in pairs], batch_size, max_length),
+            raw_head_scores(model, tok, prompts, [p.rejected for p in pairs], batch_size, max_length))
+
+
 def evaluate_pairs(model, tok, pairs, batch_size: int = 16, max_length: int = 512) -> dict:
     """Score both replies of every pair with ``model`` and measure it (see :func:`pair_metrics`)."""
-    prompts = [p.prompt for p in pairs]
-    chosen = reward_scores(model, tok, prompts, [p.chosen for p in pairs], batch_size, max_length, normalise=False)
-    rejected = reward_scores(model, tok, prompts, [p.rejected for p in pairs], batch_size, max_length, normalise=False)
+    chosen, rejected = pair_raw_scores(model, tok, pairs, batch_size, max_length)
+    return measure(model, tok, pairs, chosen, rejected)
+
+
+def measure(model, tok, pairs, chosen: np.ndarray, rejected: np.ndarray) -> dict:
+    """:func:`pair_metrics` of (N, K) raw head scores with the model's normalisation, temperature and margin use."""
     lengths = [len(tok(p.chosen)["input_ids"]) for p in pairs] + [len(tok(p.rejected)["input_ids"]) for p in pairs]
     norm = getattr(model.config, "chatrlhf_reward_norm", None) or {}
-    return pair_metrics(np.array(chosen), np.array(rejected), pairs, lengths, *reward_norm(model),
-                        margin_loss=bool(norm.get("margin_loss", False)))
+    return pair_metrics(chosen.mean(1), rejected.mean(1), pairs, lengths, *reward_norm(model),
+                        margin_loss=bool(norm.get("margin_loss", False)), temperature=reward_temperature(model),
+                        head_margins=chosen - rejected if chosen.shape[1] > 1 else None)
 
 
 def pair_metrics(raw_chosen: np.ndarray, raw_rejected: np.ndarray, pairs, lengths: list[int], gain: float = 1.0,
-                 bias: float = 0.0, margin_loss: bool = False) -> dict:
+                 bias: float = 0.0, margin_loss: bool = False, temperature: float = 1.0,
+                 head_margins: np.ndarray | None = None) -> dict:
     """Accuracy (decided pairs; an exact tie of scores counts half), ECE, score distributions, length
     correlation, per-source accuracy. Scores are reported normalised (gain · raw + bias); calibration is
-    measured on the probability the model was trained to give, the Bradley–Terry σ(raw difference − margin)
-    (the margin only when the model was trained with margins)."""
+    measured on the probability the model was trained to give, the Bradley–Terry σ((raw difference − margin) / T)
+    (the margin only when the model was trained with margins; T the stored temperature, 1 if none): ``ece``, and
+    ``ece_uncalibrated`` at T = 1. With an ensemble's (N, K) ``head_margins``, accuracy on the pairs its heads agree
+    on most against the rest (``ensemble``)."""
     decided = np.array([not p.tie for p in pairs])
     raw_d = raw_chosen - raw_rejected
     logits = raw_d - (np.array([p.margin for p in pairs]) if margin_loss else 0.0)
@@ -169,17 +316,21 @@ def pair_metrics(raw_chosen: np.ndarray, raw_rejected: np.ndarray, pairs, length
         sel = np.array([source_of(p) == src for p in pairs]) & decided
         if sel.any():
             per_source[src] = {"pairs": int(sel.sum()), "accuracy": float(right[sel].mean())}
-    return {"pairs": n, "decided_pairs": int(decided.sum()),
-            "accuracy": float(right[decided].mean()) if decided.any() else float("nan"),
-            "ece": pairwise_ece(logits[decided]) if decided.any() else float("nan"),
-            "tie_abs_margin": float(np.abs(d[~decided]).mean()) if (~decided).any() else None,
-            "chosen_score": {"mean": float(chosen.mean()), "std": float(chosen.std())},
-            "rejected_score": {"mean": float(rejected.mean()), "std": float(rejected.std())},
-            "length_corr": pearson(scores, lengths),
-            "longer_reply_baseline_accuracy": float(longer_chosen[decided].mean()) if decided.any() else None,
-            "per_source": per_source,
-            "_margins": d.tolist(), "_scores": scores.tolist(), "_lengths": lengths}
-
+    out = {"pairs": n, "decided_pairs": int(decided.sum()),
+           "accuracy": float(right[decided].mean()) if decided.any() else float("nan"),
+           "ece": pairwise_ece(logits[decided] / temperature) if decided.any() else float("nan"),
+           "ece_uncalibrated": pairwise_ece(logits[decided]) if decided.any() else float("nan"),
+           "temperature": temperature,
+           "tie_abs_margin": float(np.abs(d[~decided]).mean()) if (~decided).any() else None,
+           "chosen_score": {"mean": float(chosen.mean()), "std": float(chosen.std())},
+           "rejected_score": {"mean": float(rejected.mean()), "std": float(rejected.std())},
+           "length_corr": pearson(scores, lengths),
+           "longer_reply_baseline_accuracy": float(longer_chosen[decided].mean()) if decided.any() else None,
+           "per_source": per_source,
+           "_margins": d.tolist(), "_scores": scores.tolist(), "_lengths": lengths, "_logits": logits[decided]}
+    if head_margins is not None and decided.any():
+        out["ensemble"] = confident_half(right[decided], np.asarray(head_margins)[decided])
+    return out
 
 
 def verdict(metrics: dict, min_accuracy: float, max_length_corr: float) -> dict:

@@ -13,7 +13,8 @@ from chatrlhf.data.readers import read_rows
 from chatrlhf.data.split import group_hash
 from chatrlhf.errors import DataError, UsageError
 from chatrlhf.models import autocast
-from chatrlhf.reward_model import HELD_OUT, evaluate_pairs, load_reward_model, reward_scores, verdict, write_report
+from chatrlhf.reward_model import HELD_OUT, evaluate_pairs, load_reward_model, reward_head, reward_scores_with_spread, \
+    verdict, write_report
 from chatrlhf.trainers import reward as reward_trainer
 
 
@@ -26,6 +27,7 @@ def train(cfg: RewardTrainConfig) -> int:
     if s.interrupted:
         return 130
     _print_verdict(s["accuracy"], s["ece"], s["gate"], s["split"])
+    _print_uncertainty(s.as_json(), "fitted on the held-out pairs")
     print(f"chatrlhf reward: model, eval.json and eval.png in {cfg.output_dir}")
     return 0
 
@@ -38,6 +40,16 @@ def _print_verdict(acc, ece, gate, on: str) -> None:
         print("gate: FAILED — RL will refuse this reward model unless --force:")
         for r in gate["reasons"]:
             print(f"  - {r}")
+
+
+def _print_uncertainty(m: dict, how: str) -> None:
+    """The temperature's effect on ECE, and an ensemble's accuracy on its confident half against the rest."""
+    if m["temperature"] != 1.0:
+        print(f"calibration: temperature {m['temperature']:.3f} {how}, ECE {m['ece_uncalibrated']:.3f} → {m['ece']:.3f}")
+    if m.get("ensemble"):
+        e = m["ensemble"]
+        print(f"ensemble of {e['heads']} heads: accuracy {e['confident_half_accuracy']:.3f} on the half of the held-out "
+              f"pairs they agree on most, {e['other_half_accuracy']:.3f} on the rest")
 
 
 def untrained_pairs(model_dir: str, pairs: list, log=print) -> list:
@@ -75,6 +87,7 @@ def evaluate(cfg: RewardEvalConfig) -> int:
     write_report(out, metrics, gate)
     _print_verdict(metrics["accuracy"], metrics["ece"], gate,
                    f"on {len(pairs)} pairs of {','.join(cfg.data)} whose prompts the model was not trained on")
+    _print_uncertainty(metrics, "stored with the model")
     print(f"chatrlhf reward eval: eval.json and eval.png in {out}"
           + (" (now the model's gate)" if cfg.replace_gate else " (the gate RL reads is unchanged; --replace-gate "
                                                                 "makes this evaluation the gate)"))
@@ -95,12 +108,15 @@ def score(cfg: RewardScoreConfig) -> int:
         rows.append(row)
     model, tok = load_reward_model(cfg)
     with autocast(cfg.dtype, next(model.parameters()).device):
-        scores = reward_scores(model, tok, prompts, replies, cfg.batch_size, cfg.max_length)
+        scores, spreads = reward_scores_with_spread(model, tok, prompts, replies, cfg.batch_size, cfg.max_length)
+    heads = reward_head(model.config)["heads"]
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps({**r, "score": s}, ensure_ascii=False, default=str) + "\n"
-                           for r, s in zip(rows, scores)), encoding="utf-8")
+    tmp.write_text("".join(json.dumps({**r, "score": s, **({"spread": u} if heads > 1 else {})}, ensure_ascii=False,
+                                      default=str) + "\n" for r, s, u in zip(rows, scores, spreads)), encoding="utf-8")
     tmp.replace(out)
-    print(f"chatrlhf reward score: {len(scores)} scores written to {out}")
+    print(f"chatrlhf reward score: {len(scores)} scores written to {out}" +
+          (f" with each score's spread over the {heads} heads (mean {sum(spreads) / max(len(spreads), 1):.3f}; a larger "
+           "spread = a less certain score)" if heads > 1 else ""))
     return 0

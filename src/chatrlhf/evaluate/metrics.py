@@ -31,6 +31,54 @@ def pairwise_ece(logits: np.ndarray, n_bins: int = 10) -> float:
     return expected_calibration_error(conf, (z > 0) + 0.5 * (z == 0), n_bins)
 
 
+def fit_temperature(logits: np.ndarray, span: float = 1e3, iters: int = 100) -> float:
+    """Temperature scaling (Guo et al. 2017) for pairs: the T within a factor ``span`` either side of the logits'
+    mean |z| (raw scores have no fixed scale: a fresh head's differ by hundredths) that minimises the Bradley–Terry
+    log-loss of σ(z / T) for the logits z (chosen − rejected) of n decided pairs, with Platt's (1999) target
+    (n + 1) / (n + 2) for "the chosen reply wins" instead of 1, so that a small held-out set the model gets all
+    right does not drive T to 0 (certainty). The loss is convex in 1/T, so a golden-section search on log T finds
+    its minimum; no gradient, no closed form needed."""
+    z = np.asarray(logits, dtype=float)
+    scale = float(np.abs(z).mean()) if len(z) else 0.0
+    if scale == 0:
+        return 1.0
+    target = (len(z) + 1) / (len(z) + 2)
+    loss = lambda log_t: float((target * np.logaddexp(0.0, -z / np.exp(log_t))  # noqa: E731
+                                + (1 - target) * np.logaddexp(0.0, z / np.exp(log_t))).mean())
+    a, b = np.log(scale / span), np.log(scale * span)
+    g = (np.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(iters):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = loss(d)
+    return float(np.exp((a + b) / 2))
+
+
+def confident_half(right: np.ndarray, head_margins: np.ndarray) -> dict:
+    """Accuracy on the half of the pairs where an ensemble's heads agree most on which reply is better (the
+    largest |mean margin| / std of the heads' margins) against the other half. ``right``: (N,) 1 right, 0 wrong,
+    ½ an exact tie; ``head_margins``: (N, K) chosen − rejected per head. The spread alone would pick pairs whose
+    replies look alike to the trunk (small margins, small spread), which are the hard ones, not the sure ones."""
+    m = np.asarray(head_margins, dtype=float)
+    spread = m.std(1)
+    agreement = np.abs(m.mean(1)) / np.maximum(spread, 1e-12)
+    order = np.argsort(-agreement, kind="stable")
+    half = len(order) // 2
+    sure, rest = order[:half], order[half:]
+    right = np.asarray(right, dtype=float)
+    return {"heads": int(m.shape[1]), "confident_pairs": int(len(sure)), "other_pairs": int(len(rest)),
+            "confident_half_accuracy": float(right[sure].mean()) if len(sure) else float("nan"),
+            "other_half_accuracy": float(right[rest].mean()) if len(rest) else float("nan"),
+            "mean_margin_spread": float(spread.mean())}
+
+
 def pearson(x, y) -> float:
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(x) < 2 or x.std() == 0 or y.std() == 0:

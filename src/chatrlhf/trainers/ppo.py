@@ -32,7 +32,7 @@ from chatrlhf.env import turn_references, user_turns_key
 from chatrlhf.errors import UsageError
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, load_tokenizer, save_model, \
     unwrap
-from chatrlhf.reward_model import load_reward_model, reward_norm
+from chatrlhf.reward_model import classic_head, load_reward_model, reward_norm
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import Critic, Rollout, deadline_of, end_of_step, eval_collect, eval_summary, evaluate, \
     forward_passes, generate, generator, minibatches, missing_eos_penalty, policy_forward, prompt_indices, \
@@ -65,7 +65,8 @@ def build_value_function(cfg: PPOConfig, tok, hidden_size: int, log=print):
     """(value function, kind): a head on the policy's trunk or a separate critic network. See --critic."""
     kind = cfg.critic
     if kind == "auto":
-        kind = "reward-model" if cfg.reward_model and _same_vocab(cfg.reward_model, tok) else "policy"
+        kind = "reward-model" if cfg.reward_model and _same_vocab(cfg.reward_model, tok) and \
+            classic_head(cfg.reward_model) else "policy"
     if kind == "shared":
         return SharedHead(hidden_size, cfg.vf_coef), kind
     if kind == "reward-model":
@@ -74,6 +75,10 @@ def build_value_function(cfg: PPOConfig, tok, hidden_size: int, log=print):
         if not _same_vocab(cfg.reward_model, tok):
             raise UsageError(f"--critic reward-model: {cfg.reward_model} has another tokenizer than the policy, so it "
                              "cannot value the policy's tokens", "use --critic policy or --critic shared")
+        if not classic_head(cfg.reward_model):
+            raise UsageError(f"--critic reward-model: {cfg.reward_model} reads its score from another layer, pooling or "
+                             "several heads, not one head at the last token, so it cannot value each reply token",
+                             "use --critic policy or --critic shared")
     source = cfg.reward_model if kind == "reward-model" else cfg.model
     model, _ = load_reward_model(ModelArgs(model=source, device=cfg.device, dtype=cfg.dtype), trainable=True)
     if kind == "policy":  # zero head: values start at 0

@@ -2,15 +2,24 @@
 
 Departures from a textbook loop, and why:
   * chosen and rejected replies of a batch go through one forward pass (2B sequences), and the head
-    runs only at each sequence's last non-pad token;
+    reads each sequence once, at its last non-pad token (or its reply's mean state: --pooling, --layer);
   * one epoch with the learning rate annealed linearly to 0 by default (RL_DETAILS item 11);
+  * --freeze-trunk: the trunk's features of every reply are computed once, before the loop, and the head trains
+    on them: the trunk is never run again, so epochs cost almost nothing (the small-data recipe);
+  * --ensemble K: K heads on that frozen trunk, head k trained on a bootstrap resample of the pairs, written as
+    per-pair multiplicities (Poisson-like counts from one multinomial draw) that multiply the pair weights, so all
+    heads see each batch and one pass trains them all; each head's loss is its own weighted mean;
+  * --patience / --average-checkpoints: the held-out Bradley–Terry loss after every epoch picks the epoch to keep
+    (the held-out pairs then choose the model, so the gate's accuracy on them is slightly optimistic);
   * after training, gain and bias are fitted so that scores of reference replies (SFT samples given
-    with --norm-data, else the training replies) have mean 0 and std 1 (item 10);
+    with --norm-data, else the training replies) have mean 0 and std 1 (item 10), and a temperature on the
+    held-out pairs calibrates the preference probability (Guo et al. 2017; --calibrate);
   * training ends with the held-out evaluation and the gate verdict that RL checks.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -23,11 +32,33 @@ from chatrlhf.data.pairs import split_pairs
 from chatrlhf.data.readers import read_rows
 from chatrlhf.data.split import group_hash
 from chatrlhf.data.template import prompt_format
+from chatrlhf.errors import UsageError
+from chatrlhf.evaluate.metrics import fit_temperature
 from chatrlhf.models import count_parameters, enable_checkpointing, save_model, train_top_layers
-from chatrlhf.reward_model import encode_reply, evaluate_pairs, load_reward_model, pad_right, raw_scores, \
-    reward_scores, verdict, write_report
+from chatrlhf.reward_model import encode_reply, features, head_scores, load_reward_model, measure, pad_right, \
+    pair_raw_scores, reward_scores, verdict, write_report
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
-from chatrlhf.trainers.run import Run, Summary
+from chatrlhf.trainers.run import Run, Summary, trainable_state
+
+
+def check_recipe(cfg: RewardTrainConfig) -> None:
+    """Refuse flags that contradict each other or are out of range, before any data or model is loaded."""
+    if cfg.ensemble < 1:
+        raise UsageError(f"--ensemble {cfg.ensemble}: the number of heads must be at least 1", "1 = one head")
+    if cfg.ensemble > 1 and not cfg.freeze_trunk:
+        raise UsageError(f"--ensemble {cfg.ensemble} needs --freeze-trunk: the heads share one frozen trunk (K "
+                         "fine-tuned trunks would cost K times the memory and time)", "add --freeze-trunk")
+    if cfg.freeze_trunk and cfg.train_layers >= 0:
+        raise UsageError(f"--freeze-trunk trains no block, --train-layers {cfg.train_layers} trains the top ones",
+                         "give one of them")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise UsageError(f"--label-smoothing {cfg.label_smoothing}: must be in [0, 0.5)",
+                         "the share of labels believed flipped, e.g. 0.1")
+    if not 0 <= cfg.head_dropout < 1:
+        raise UsageError(f"--head-dropout {cfg.head_dropout}: must be in [0, 1)", "e.g. 0.1")
+    if cfg.patience < 0 or cfg.average_checkpoints < 1:
+        raise UsageError(f"--patience {cfg.patience} / --average-checkpoints {cfg.average_checkpoints}: need "
+                         "patience ≥ 0 and at least 1 checkpoint", "--patience 0 and --average-checkpoints 1 = off")
 
 
 def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs) -> dict:
@@ -46,7 +77,8 @@ def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs) -> dict:
             "reference": cfg.norm_data or "training replies"}
 
 
-def encode_pairs(tok, pairs, max_length: int) -> list[tuple[list[int], list[int]]]:
+def encode_pairs(tok, pairs, max_length: int) -> list[tuple[tuple[list[int], int], tuple[list[int], int]]]:
+    """Per pair, (ids, reply start) of the chosen and of the rejected reply (reward_model.encode_reply)."""
     return [(encode_reply(tok, p.prompt, p.chosen, max_length), encode_reply(tok, p.prompt, p.rejected, max_length))
             for p in pairs]
 
@@ -58,86 +90,234 @@ def sample_pairs(pairs: list, n: int, seed: int) -> list:
     return [pairs[i] for i in sorted(idx)]
 
 
-def pair_batch(encoded, pairs, pad_id: int, device) -> dict:
+def pair_batch(encoded, pad_id: int, device) -> dict:
     """Chosen then rejected replies as one right-padded batch of 2B sequences (one forward pass)."""
-    batch = pad_right([c for c, _ in encoded] + [r for _, r in encoded], pad_id, device)
-    batch["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32, device=device)
-    batch["tie"] = torch.tensor([p.tie for p in pairs], dtype=torch.bool, device=device)
-    batch["weight"] = torch.tensor([p.weight for p in pairs], dtype=torch.float32, device=device)
-    return batch
+    seqs = [c for c, _ in encoded] + [r for _, r in encoded]
+    return pad_right([ids for ids, _ in seqs], pad_id, device, [start for _, start in seqs])
+
+
+def pair_labels(pairs, device) -> dict:
+    """(B,) margin, tie and weight of the pairs, as the loss reads them."""
+    return {"margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32, device=device),
+            "tie": torch.tensor([p.tie for p in pairs], dtype=torch.bool, device=device),
+            "weight": torch.tensor([p.weight for p in pairs], dtype=torch.float32, device=device)}
+
+
+@torch.no_grad()
+def frozen_features(model, tok, encoded, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) features (N, d) of every pair from the frozen trunk, computed once, batched by length."""
+    seqs = [c for c, _ in encoded] + [r for _, r in encoded]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    out = None
+    for k in range(0, len(order), run.cfg.batch_size * 2):
+        idx = order[k:k + run.cfg.batch_size * 2]
+        batch = pad_right([seqs[i][0] for i in idx], tok.pad_token_id, run.device, [seqs[i][1] for i in idx])
+        with run.autocast():
+            f = features(model, batch).float()
+        out = torch.zeros(len(seqs), f.shape[1], device=run.device) if out is None else out
+        out[idx] = f
+    return out[:len(encoded)], out[len(encoded):]
+
+
+def bootstrap_counts(n: int, heads: int, seed: int) -> torch.Tensor:
+    """(n, K) multiplicity of each pair in each head's bootstrap resample of the n pairs (n draws with replacement);
+    all ones for one head, which trains on the pairs as they are."""
+    if heads == 1:
+        return torch.ones(n, 1)
+    rng = np.random.default_rng(seed)
+    return torch.tensor(np.stack([rng.multinomial(n, np.full(n, 1 / n)) for _ in range(heads)], 1), dtype=torch.float32)
+
+
+class EpochKeeper:
+    """--patience and --average-checkpoints: the trainable weights at the end of the last K epochs, the held-out
+    loss of each epoch, the weights to keep (the mean of the K ending at the best epoch) and whether to stop. A
+    checkpoint saves it whole, so a resumed run stops and keeps as the uninterrupted one would."""
+
+    def __init__(self, model, patience: int, average: int):
+        self.model, self.patience, self.average = model, patience, average
+        self.recent: list[dict] = []
+        self.kept: dict | None = None
+        self.held_out_bt: list[float] = []
+        self.best_epoch, self.stopped = 0, False
+
+    @property
+    def active(self) -> bool:
+        return self.patience > 0 or self.average > 1
+
+    def end_epoch(self, epoch: int, loss: float | None) -> None:
+        snapshot = {k: v.clone() for k, v in trainable_state(self.model).items()}  # on a CPU, detach() is no copy
+        self.recent = (self.recent + [snapshot])[-self.average:]
+        if loss is None:
+            return
+        self.held_out_bt.append(loss)
+        if self.patience and loss < min(self.held_out_bt[:-1], default=math.inf):
+            self.best_epoch, self.kept = epoch, self._mean()
+        elif self.patience and epoch - self.best_epoch >= self.patience:
+            self.stopped = True
+
+    def _mean(self) -> dict:
+        return {k: torch.stack([w[k] for w in self.recent]).mean(0) for k in self.recent[-1]}
+
+    def restore(self) -> None:
+        """Put the kept weights (with --patience: the best epoch's, else the last epochs' mean) into the model."""
+        weights = self.kept if self.patience else (self._mean() if self.average > 1 and self.recent else None)
+        if weights:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for k, v in weights.items():
+                    params[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"recent": self.recent, "kept": self.kept, "held_out_bt": self.held_out_bt,
+                "best_epoch": self.best_epoch, "stopped": self.stopped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent, self.kept, self.held_out_bt = state["recent"], state["kept"], state["held_out_bt"]
+        self.best_epoch, self.stopped = state["best_epoch"], state["stopped"]
 
 
 def train(cfg: RewardTrainConfig, log=print) -> Summary:
+    check_recipe(cfg)
     run = Run("reward train", cfg, log)
     train_pairs, eval_pairs, counts, split = split_pairs(cfg, "reward", log)
-    model, tok = load_reward_model(cfg, trainable=True)
+    if cfg.patience and not eval_pairs:
+        raise UsageError(f"--patience {cfg.patience} needs held-out pairs to watch", "give --eval-data or --eval-fraction > 0")
+    model, tok = load_reward_model(cfg, trainable=True,
+                                   head={"layer": cfg.layer, "pooling": cfg.pooling, "heads": cfg.ensemble})
+    if cfg.freeze_trunk:
+        head = {id(p) for p in model.score.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
     train_top_layers(model, cfg.train_layers)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing and not cfg.freeze_trunk:
         enable_checkpointing(model)
     encoded = encode_pairs(tok, train_pairs, cfg.max_length)
-    plan = StepPlan([max(len(c), len(r)) for c, r in encoded], cfg.batch_size, cfg.grad_accum, cfg.seed)
+    cache = held = None
+    watch = eval_pairs if cfg.patience or cfg.average_checkpoints > 1 else []  # held-out loss after every epoch
+    if cfg.freeze_trunk:
+        log(f"chatrlhf reward: the frozen trunk's features of {2 * (len(train_pairs) + len(watch))} replies, once")
+        cache = frozen_features(model, tok, encoded, run)
+        held = frozen_features(model, tok, encode_pairs(tok, watch, cfg.max_length), run) if watch else None
+    boot = bootstrap_counts(len(train_pairs), cfg.ensemble, cfg.seed).to(run.device)
+    plan = StepPlan([max(len(c[0]), len(r[0])) for c, r in encoded], cfg.batch_size, cfg.grad_accum, cfg.seed)
     n_steps = run.total_steps(plan.steps_per_epoch)
     log(f"chatrlhf reward: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({dict(counts)}), "
         f"{n_steps} steps, {count_parameters(model)[1]:,} trainable parameters, device {run.device}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay,
                                           warmup_steps=int(cfg.warmup_ratio * n_steps), total_steps=n_steps)
-    run.begin({"model": (model, optimizer, scheduler)})
+    keeper = EpochKeeper(model, cfg.patience, cfg.average_checkpoints)
+    run.begin({"model": (model, optimizer, scheduler)}, objects={"epochs": keeper})
     step = run.step
     with run.loop(n_steps):
-        while run.running(step, n_steps):
+        while run.running(step, n_steps) and not keeper.stopped:
             t0 = time.perf_counter()
             chunks = plan[step]
-            stats = train_step(model, tok, run, [[encoded[i] for i in c] for c in chunks],
-                               [[train_pairs[i] for i in c] for c in chunks])
+            stats = train_step(model, tok, run, chunks, encoded, train_pairs, boot, cache)
             stats["train/lr"] = scheduler.get_last_lr()[0]
             stats["train/grad_norm"] = optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
             step += 1
             stats["train/pairs_per_s"] = sum(len(c) for c in chunks) / (time.perf_counter() - t0)
+            if keeper.active and (step % plan.steps_per_epoch == 0 or step == n_steps):
+                loss = held_out_loss(model, tok, run, watch, held) if watch else None
+                keeper.end_epoch(-(-step // plan.steps_per_epoch), loss)
+                stats.update({"eval/bt": loss} if loss is not None else {})
             run.log(step, stats)
             run.end_step(step, n_steps, info=f"loss {stats['train/bt']:.3f}  {stats['train/pairs_per_s']:.2f} pairs/s")
-    if step < n_steps:
+    if step < n_steps and not keeper.stopped:
         return run.stopped()
-    return _finish(run, model, tok, train_pairs, eval_pairs, counts, split)
+    if keeper.stopped:
+        log(f"chatrlhf reward: early stop after epoch {len(keeper.held_out_bt)}: no lower held-out loss for "
+            f"{cfg.patience} epochs; keeping epoch {keeper.best_epoch}")
+    keeper.restore()
+    return _finish(run, model, tok, train_pairs, eval_pairs, counts, split, keeper)
 
 
-def train_step(model, tok, run: Run, encoded: list[list], pairs: list[list]) -> dict:
-    """Forward and backward of one optimizer step's micro-batches; each micro-batch's loss is weighted by its
-    share of the step's pair weight, so micro-batch × accumulation equals one big batch."""
-    total_weight = sum(p.weight for chunk in pairs for p in chunk)
+def train_step(model, tok, run: Run, chunks: list[list[int]], encoded: list, pairs: list, boot: torch.Tensor,
+               cache: tuple | None) -> dict:
+    """Forward and backward of one optimizer step's micro-batches. Head k's loss is the mean over the step's pairs
+    weighted by pair weight × its bootstrap count; each micro-batch's part is weighted by its share of that weight,
+    so micro-batch × accumulation equals one big batch. The heads' losses are summed (each head learns as if
+    alone; they share no trained weight) and their metrics averaged."""
+    cfg = run.cfg
+    heads = boot.shape[1]
+    step_pairs = [i for chunk in chunks for i in chunk]
+    weight = torch.tensor([pairs[i].weight for i in step_pairs], dtype=torch.float32, device=boot.device)
+    totals = (weight[:, None] * boot[step_pairs]).sum(0).tolist()  # (K,) the step's weight in each head's resample
     stats = {"loss/bt": 0.0, "reward/accuracy": 0.0, "reward/margin": 0.0}
-    for enc, chunk in zip(encoded, pairs):
-        batch = pair_batch(enc, chunk, tok.pad_token_id, run.device)
-        with run.autocast():
-            scores = raw_scores(model, {k: batch[k] for k in ("input_ids", "attention_mask")})
+    for chunk in chunks:
         n = len(chunk)
-        loss, m = losses.bradley_terry_loss(scores[:n], scores[n:], batch["margin"] if run.cfg.margin else None,
-                                            batch["tie"], batch["weight"])
-        share = float(batch["weight"].sum()) / total_weight
-        (loss * share).backward()
-        for k in stats:
-            stats[k] += float(m[k]) * share
+        labels = pair_labels([pairs[i] for i in chunk], run.device)
+        if cache is not None:
+            feats = torch.cat([cache[0][chunk], cache[1][chunk]])
+        else:
+            with run.autocast():
+                feats = features(model, pair_batch([encoded[i] for i in chunk], tok.pad_token_id, run.device))
+        with run.autocast():
+            scores = head_scores(model, feats, cfg.head_dropout)  # (2n, K)
+        loss = scores.new_zeros(())
+        for k in range(heads):
+            w = labels["weight"] * boot[chunk, k]
+            if totals[k] == 0 or float(w.sum()) == 0:  # no pair of this micro-batch is in head k's resample
+                continue
+            loss_k, m = losses.bradley_terry_loss(scores[:n, k], scores[n:, k], labels["margin"] if cfg.margin else None,
+                                                  labels["tie"], w, cfg.label_smoothing)
+            share = float(w.sum()) / totals[k]
+            loss = loss + loss_k * share
+            for key in stats:
+                stats[key] += float(m[key]) * share / heads
+        loss.backward()
     return {f"train/{k.split('/')[-1]}": v for k, v in stats.items()}
 
 
-def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str) -> Summary:
-    """Normalise, measure on the held-out pairs, decide the gate, save the model with what it was trained on."""
+@torch.no_grad()
+def held_out_loss(model, tok, run: Run, eval_pairs: list, held: tuple | None) -> float:
+    """The Bradley–Terry loss (no label smoothing) of the heads' mean score on the held-out pairs."""
+    cfg = run.cfg
+    with run.autocast():
+        if held is not None:
+            chosen, rejected = head_scores(model, held[0]).mean(1), head_scores(model, held[1]).mean(1)
+        else:
+            c, r = pair_raw_scores(model, tok, eval_pairs, cfg.batch_size, cfg.max_length)
+            chosen, rejected = (torch.tensor(x.mean(1), dtype=torch.float32, device=run.device) for x in (c, r))
+    labels = pair_labels(eval_pairs, run.device)
+    loss, _ = losses.bradley_terry_loss(chosen, rejected, labels["margin"] if cfg.margin else None, labels["tie"],
+                                        labels["weight"])
+    return float(loss)
+
+
+def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str, keeper: EpochKeeper) -> Summary:
+    """Normalise, calibrate and measure on the held-out pairs, decide the gate, save the model with what it was
+    trained on."""
     cfg = run.cfg
     model.eval()
     model.config.chatrlhf_reward_norm = {**fit_normalisation(model, tok, cfg, train_pairs), "margin_loss": cfg.margin}
+    model.config.chatrlhf_reward_calibration = None  # a model trained further is calibrated afresh, or not at all
     if not eval_pairs:
         split = "training pairs: no held-out pairs"
+    pairs = eval_pairs or sample_pairs(train_pairs, 256, cfg.seed)
     with run.autocast():
-        metrics = evaluate_pairs(model, tok, eval_pairs or sample_pairs(train_pairs, 256, cfg.seed), cfg.batch_size,
-                                 cfg.max_length)
+        chosen, rejected = pair_raw_scores(model, tok, pairs, cfg.batch_size, cfg.max_length)
+    metrics = measure(model, tok, pairs, chosen, rejected)
+    if cfg.calibrate and eval_pairs:
+        logits = metrics["_logits"]
+        model.config.chatrlhf_reward_calibration = {"temperature": fit_temperature(logits), "fitted_on": len(logits)}
+        metrics = measure(model, tok, pairs, chosen, rejected)
+    elif cfg.calibrate:
+        run.print("chatrlhf reward: no held-out pairs, so no temperature is fitted (--calibrate)")
     metrics["split"] = split
     gate = verdict(metrics, cfg.min_accuracy, cfg.max_length_corr)
     run.log(run.step, {"eval/accuracy": metrics["accuracy"], "eval/ece": metrics["ece"],
                        "eval/length_corr": metrics["length_corr"]})
     save_model(model, tok, run.out)
     write_report(run.out, metrics, gate)
+    extra = {k: metrics[k] for k in ("ensemble",) if k in metrics}
+    if keeper.held_out_bt:
+        extra["epochs"] = {"held_out_bt": keeper.held_out_bt, "kept_epoch": keeper.best_epoch or None,
+                           "stopped_early": keeper.stopped}
     return run.finish({"pairs": dict(counts), "held_out_pairs": len(eval_pairs), "accuracy": metrics["accuracy"],
-                       "ece": metrics["ece"], "split": split, "gate": gate,
+                       "ece": metrics["ece"], "ece_uncalibrated": metrics["ece_uncalibrated"],
+                       "temperature": metrics["temperature"], "split": split, "gate": gate, **extra,
                        "training": {"files": file_hashes(cfg.data),
                                     "prompt_groups": sorted({group_hash(p) for p in train_pairs})},
                        "prompt_format": prompt_format(tok)})
