@@ -178,3 +178,16 @@ def test_sigkill_then_resume_writes_the_same_files(tmp_path, fn, prompts):
             want = (ref / f"round-{k}" / f"{name}.jsonl").read_text().replace(str(ref), str(out))
             assert (out / f"round-{k}" / f"{name}.jsonl").read_text() == want, (k, name)
     assert (ref / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_top_p_reaches_the_engine(tmp_path, fn, prompts):
+    """A nucleus of the top token only is greedy decoding: a prompt's N replies are the same text, so the first is
+    kept and there is no pair (a tie)."""
+    out = tmp_path / "greedy"
+    r = run_cli(*bestofn_args(out, fn, prompts, "--top-p", "0.0001"))
+    assert r.returncode == 0, r.stderr
+    samples = rows(out / "round-1" / "samples.jsonl")
+    for j in range(4):
+        assert len({s["reply"] for s in samples[4 * j:4 * j + 4]}) == 1
+    assert rows(out / "round-1" / "pairs.jsonl") == [] and ", 0 pairs" in r.stdout
+    assert all(b["provenance"]["sample"] == 0 for b in rows(out / "round-1" / "best.jsonl"))
