@@ -154,6 +154,16 @@ def cover(t, fn, rm, feedback_db):
                  FEEDBACK_FILES[0], "--lora-r", "2", "--no-chat-template", "--max-length", "64", "--beta", "0.2",
                  "--desirable-weight", "1.2", "--undesirable-weight", "1", "--eval-steps", "1", "--max-minutes", "10"],
                 [*TINY, *RUN, "--max-steps", "1", "--output-dir", t / "k2", "--data", FEEDBACK_FILES[2]]],
+        "bestofn": [[*TINY, *RUN, "--data", prompts, "--output-dir", t / "b1", "--reward-fn", fn, "--num-samples", "2",
+                     "--batch-size", "2", "--max-new-tokens", "4", "--max-prompt-length", "64", "--sft", "--rounds", "2",
+                     "--lora-r", "2", "--lora-alpha", "4", "--lora-dropout", "0", "--lr", "1e-4", "--epochs", "1",
+                     "--sft-batch-size", "2", "--max-length", "64", "--seed", "1", "--save-steps", "2",
+                     "--temperature", "0.9", "--top-p", "0.9"],
+                    [*TINY, *RUN, "--data", dialogues, "--format", "dialogue_csv", "--output-dir", t / "b2", "--reward-fn",
+                     fn, "--reward-model", rm, "--force", "--human-feedback", FEEDBACK_FILES[1], "--references", dialogues,
+                     "--reward-weights", "fn=1", "--no-reward-norm", "--no-chat-template", "--num-samples", "2",
+                     "--batch-size", "16", "--max-new-tokens", "3", "--keep", "threshold", "--threshold", "-100",
+                     "--min-gap", "0.01", "--missing-eos-penalty", "0.5", "--dtype", "float32", "--device", "cpu"]],
         "qlearn": [[*TINY, *RUN, "--data", dialogues, "--output-dir", t / "q1", "--max-steps", "2", "--max-new-tokens", "4",
                     "--eval-data", dialogues, "--eval-dialogues", "1", "--eval-steps", "1", "--save-steps", "1",
                     "--reward-model", rm, "--force", "--human-feedback", FEEDBACK_FILES[1], "--references", dialogues,
@@ -188,7 +198,7 @@ def cover(t, fn, rm, feedback_db):
     }
 
 
-ORDER = ["reward train", "ppo", "grpo", "dpo", "kto", "qlearn", "qlearn-offline", "sft", "eval", "chat", "generate", "reward eval", "reward score", "feedback init",
+ORDER = ["reward train", "ppo", "grpo", "dpo", "kto", "bestofn", "qlearn", "qlearn-offline", "sft", "eval", "chat", "generate", "reward eval", "reward score", "feedback init",
          "feedback add-user", "feedback import", "feedback export", "feedback stats", "feedback serve", "data inspect"]
 
 

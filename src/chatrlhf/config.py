@@ -247,14 +247,20 @@ class RewardArgs:
 
 
 @dataclass
-class RolloutArgs:
-    """What the on-policy trainers (ppo, grpo) share: reply sampling limits, the missing-EOS penalty, the KL warning,
-    evaluation, checkpoint and sample cadence, the time budget."""
+class ReplyArgs:
+    """What every command that samples replies and scores them with the reward mix shares (ppo, grpo, bestofn): reply
+    sampling limits and the missing-EOS penalty."""
     max_prompt_length: int = arg(256, "Prompt tokens kept (the start of longer prompts is cut).")
     max_new_tokens: int = arg(48, "Reply tokens sampled per rollout (also Dr.GRPO's constant in grpo).")
     missing_eos_penalty: float | None = arg(None, "Subtracted from the reward of a reply that never emits EOS within "
                                             "--max-new-tokens (TRL's missing_eos_penalty); auto = 1 with a chat "
                                             "template, 0 for plain-text continuations (they need not end).")
+
+
+@dataclass
+class RolloutArgs(ReplyArgs):
+    """What the on-policy trainers (ppo, grpo) share: reply sampling limits, the missing-EOS penalty, the KL warning,
+    evaluation, checkpoint and sample cadence, the time budget."""
     gradient_checkpointing: bool = arg(False, "Recompute activations in backward (less memory, ~20% slower).")
     kl_bound: float = arg(20.0, "Warn when the KL to the reference per reply exceeds this (nats).")
     eval_steps: int = arg(10, "Held-out evaluation every N steps (and at start and end).")
@@ -361,6 +367,45 @@ class GRPOConfig(RolloutArgs, RewardArgs, RunArgs, OptimArgs, DataArgs, Template
     warmup_ratio: float = arg(0.0, "Fraction of steps of linear warm-up.")
     temperature: float = arg(1.0, "Sampling temperature (> 0; TRL's GRPO default 1: the group needs diverse replies); "
                              "log-probs are recomputed at the same temperature, top-k 0 and top-p 1.")
+
+
+@dataclass
+class BestOfNConfig(ReplyArgs, RewardArgs, TemplateArgs, LoraArgs, ModelArgs):
+    """`chatrlhf bestofn`: rejection-sampling fine-tuning — sample --num-samples replies per prompt, score them with the
+    reward mix, keep the best (or those above --threshold) as SFT data with provenance and best-vs-worst as DPO pairs;
+    optionally fine-tune on them (--sft) and repeat for --rounds."""
+    model: str = arg("smollm2-135m", "Policy that samples the replies (usually the SFT output); round k+1 samples from "
+                     "round k's fine-tuned model.")
+    data: list[str] = arg(["examples/prompts.txt"], "Prompts: .txt (one per line) or any data format with prompts "
+                          "(TRL prompt-only, conversations, pairs, OpenAssistant exports), comma-separated; all of them "
+                          "are sampled (no held-out split).")
+    format: str = arg("auto", "Force the record format of --data instead of detecting it.", FORMATS)
+    output_dir: str = arg("out/bestofn", "Where round-K/best.jsonl, pairs.jsonl, samples.jsonl (and with --sft "
+                          "round-K/model and the final model), checkpoints and metrics go.")
+    num_samples: int = arg(8, "N, replies sampled per prompt (at least 2).")
+    batch_size: int = arg(8, "Prompts per generation batch (batch_size × N replies at once); one checkpoint each.")
+    temperature: float = arg(1.0, "Sampling temperature (> 0; 1 as grpo: the N replies need to differ).")
+    top_p: float = arg(1.0, "Nucleus sampling (1 = off).")
+    keep: str = arg("best", "Replies kept per prompt for best.jsonl: the best by the mix's total, or every one whose "
+                    "raw weighted score is ≥ --threshold.", ("best", "threshold"))
+    threshold: float | None = arg(None, "--keep threshold: lowest raw weighted score kept (Σ weight × raw source value, "
+                                  "minus the missing-EOS penalty; not the normalised total).")
+    min_gap: float = arg(0.0, "Keep a prompt (its replies and its pair) only when its best and worst replies differ by "
+                         "at least this in raw weighted score; 0 = always.")
+    rounds: int = arg(1, "Rounds of sample → select → fine-tune; round k+1 samples from round k's model (needs --sft "
+                      "above 1).")
+    sft: bool = arg(False, "Fine-tune on each round's best.jsonl with `chatrlhf sft` (into round-K/model); the last "
+                    "round's model is also saved in --output-dir.")
+    lr: float = arg(2e-5, "--sft: peak learning rate (as `chatrlhf sft`); LoRA wants ~1e-4.")
+    epochs: float = arg(1.0, "--sft: epochs over each round's best.jsonl.")
+    sft_batch_size: int = arg(8, "--sft: examples per optimizer step.")
+    max_length: int = arg(512, "--sft: maximum tokens per example (prompt + reply).")
+    seed: int = arg(0, "Random seed (sampling, fine-tuning).")
+    save_steps: int = arg(1, "Checkpoint every N batches of prompts (and at the end of each round).")
+    resume: bool = arg(False, "Resume from the latest checkpoint in --output-dir (the same command plus --resume): "
+                       "the files come out as an uninterrupted run's.")
+    tensorboard: bool = arg(True, "Also write TensorBoard event files under OUTPUT_DIR/tb.")
+    quiet: bool = arg(False, "No progress bar.")
 
 
 @dataclass

@@ -206,11 +206,17 @@ def prompt_indices(n: int, batch: int, seed: int, step: int) -> list[int]:
     return [int(i) for i in order[k * batch:(k + 1) * batch]]
 
 
+def read_prompts(paths: list[str], fmt: str = "auto") -> list:
+    """Every prompt (a message list) of every file, in any format that has prompts; an error when there are none."""
+    prompts = [p for path in paths for p in load_prompts(path, fmt)]
+    if not prompts:
+        raise UsageError(f"--data {','.join(paths)}: no prompts", "one prompt per line in a .txt, or any data format")
+    return prompts
+
+
 def split_prompts(cfg) -> tuple[list, list]:
     """Train and held-out prompts: --eval-data, else a prompt-disjoint split with the run's seed."""
-    prompts = [p for path in cfg.data for p in load_prompts(path, cfg.format)]
-    if not prompts:
-        raise UsageError(f"--data {','.join(cfg.data)}: no prompts", "one prompt per line in a .txt, or any data format")
+    prompts = read_prompts(cfg.data, cfg.format)
     if cfg.eval_data:
         return prompts, [p for path in cfg.eval_data for p in load_prompts(path, cfg.format)]
     train_part, held = split_by_prompt([Conversation(p) for p in prompts], cfg.eval_fraction, cfg.seed)
@@ -238,15 +244,16 @@ def adapters_off(policy):
 
 
 @torch.no_grad()
-def generate(policy, tok, prompts, cfg, gen: torch.Generator) -> tuple[Rollout, torch.Tensor, float]:
+def generate(policy, tok, prompts, cfg, gen: torch.Generator, top_p: float = 1.0) -> tuple[Rollout, torch.Tensor, float]:
     """Sampled replies as a Rollout (log-probs, values and rewards still empty), the sampler's own log-probs
-    and the seconds it took."""
+    and the seconds it took. ``top_p`` below 1 (bestofn, which never recomputes log-probs) samples from the nucleus:
+    the sampler's log-probs are then those of the filtered distribution."""
     device = next(policy.parameters()).device
     t0 = time.perf_counter()
     q, qm = encode_prompts(tok, prompts, cfg.max_prompt_length, device)
     policy.eval()
     ids, mask, sample_lp = Engine(policy, tok, cfg.dtype).sample_tensors(
-        q, qm, SamplingParams(cfg.max_new_tokens, cfg.temperature), gen)
+        q, qm, SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=top_p), gen)
     zeros = torch.zeros_like(sample_lp)
     r = Rollout(q, qm, ids, mask, zeros, zeros, zeros, zeros[:, 0], zeros, zeros, zeros, prompts,
                 decode_replies(tok, ids, mask), ended_with_eos(ids, tok.eos_token_id))

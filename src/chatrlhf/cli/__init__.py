@@ -1,6 +1,6 @@
 """The `chatrlhf` command: one sub-command per stage; the flags of each are the fields of its config
 dataclass (see config.py). The parser, ``main`` and the one ``dispatch`` live here; each command group runs in
-its own module (train.py: sft, ppo, grpo, dpo, kto, qlearn, qlearn-offline; reward.py; feedback.py; data.py; eval.py; generate.py: chat, generate). The
+its own module (train.py: sft, ppo, grpo, dpo, kto, bestofn, qlearn, qlearn-offline; reward.py; feedback.py; data.py; eval.py; generate.py: chat, generate). The
 one place that wires stages together: nothing imports ``chatrlhf.cli``."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import os
 import sys
 
 from chatrlhf import __version__
-from chatrlhf.config import ChatConfig, DPOConfig, EvalConfig, FeedbackExportConfig, FeedbackImportConfig, FeedbackInitConfig, \
+from chatrlhf.config import BestOfNConfig, ChatConfig, DPOConfig, EvalConfig, FeedbackExportConfig, FeedbackImportConfig, FeedbackInitConfig, \
     FeedbackServeConfig, FeedbackStatsConfig, FeedbackUserConfig, GenerateConfig, GRPOConfig, InspectConfig, KTOConfig, PPOConfig, QLearnConfig, QOfflineConfig, RewardEvalConfig, \
     RewardScoreConfig, RewardTrainConfig, SFTConfig, add_dataclass_args, build_config
 from chatrlhf.errors import ChatRLHFError
 
-COMMANDS = {"sft": SFTConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "dpo": DPOConfig, "kto": KTOConfig, "qlearn": QLearnConfig, "qlearn-offline": QOfflineConfig, "eval": EvalConfig, "chat": ChatConfig, "generate": GenerateConfig,
+COMMANDS = {"sft": SFTConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "dpo": DPOConfig, "kto": KTOConfig, "bestofn": BestOfNConfig, "qlearn": QLearnConfig, "qlearn-offline": QOfflineConfig, "eval": EvalConfig, "chat": ChatConfig, "generate": GenerateConfig,
             "reward train": RewardTrainConfig, "reward eval": RewardEvalConfig, "reward score": RewardScoreConfig,
             "feedback init": FeedbackInitConfig, "feedback add-user": FeedbackUserConfig,
             "feedback import": FeedbackImportConfig, "feedback export": FeedbackExportConfig,
@@ -79,7 +79,7 @@ def dispatch(name: str, cfg) -> int:
 def command_module(head: str):
     """The module of command group ``head``, imported only when one of its commands runs: `chatrlhf --help` and
     `chatrlhf feedback …` never import torch (see tests/test_layout.py, LAZY)."""
-    if head in ("sft", "ppo", "grpo", "dpo", "kto", "qlearn", "qlearn-offline"):
+    if head in ("sft", "ppo", "grpo", "dpo", "kto", "bestofn", "qlearn", "qlearn-offline"):
         from chatrlhf.cli import train as module
     elif head in ("chat", "generate"):
         from chatrlhf.cli import generate as module

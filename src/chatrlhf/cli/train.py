@@ -1,13 +1,13 @@
-"""`chatrlhf sft`, `chatrlhf ppo`, `chatrlhf grpo`, `chatrlhf dpo`, `chatrlhf kto`, `chatrlhf qlearn` and `chatrlhf qlearn-offline`: run the trainer, print what moved."""
+"""`chatrlhf sft`, `chatrlhf ppo`, `chatrlhf grpo`, `chatrlhf dpo`, `chatrlhf kto`, `chatrlhf bestofn`, `chatrlhf qlearn` and `chatrlhf qlearn-offline`: run the trainer, print what moved."""
 
 from __future__ import annotations
 
-from chatrlhf.config import DPOConfig, GRPOConfig, KTOConfig, PPOConfig, QLearnConfig, QOfflineConfig, SFTConfig
-from chatrlhf.trainers import dpo, grpo, kto, ppo, qlearn, qoffline, sft
+from chatrlhf.config import BestOfNConfig, DPOConfig, GRPOConfig, KTOConfig, PPOConfig, QLearnConfig, QOfflineConfig, SFTConfig
+from chatrlhf.trainers import bestofn, dpo, grpo, kto, ppo, qlearn, qoffline, sft
 
 
 def run(name: str, cfg) -> int:
-    return {"sft": train_sft, "ppo": train_ppo, "grpo": train_grpo, "dpo": train_dpo, "kto": train_kto, "qlearn": train_qlearn, "qlearn-offline": train_qoffline}[name](cfg)
+    return {"sft": train_sft, "ppo": train_ppo, "grpo": train_grpo, "dpo": train_dpo, "kto": train_kto, "bestofn": train_bestofn, "qlearn": train_qlearn, "qlearn-offline": train_qoffline}[name](cfg)
 
 
 def train_sft(cfg: SFTConfig) -> int:
@@ -38,6 +38,26 @@ def train_grpo(cfg: GRPOConfig) -> int:
         return 130
     print_heldout_reward("grpo", summary["eval_start"] or {}, summary["eval_end"] or {})
     print(f"chatrlhf grpo: policy saved to {cfg.output_dir}")
+    return 0
+
+
+def train_bestofn(cfg: BestOfNConfig) -> int:
+    """Sample, select, write (and with --sft fine-tune through `chatrlhf sft`); then what each round kept and the
+    selection's gain: the kept replies' mean raw value per source against the mean of every sample."""
+    summary = bestofn.train(cfg, fine_tune=sft.train)
+    if summary.interrupted:
+        return 130
+    for r in summary["rounds"]:
+        moved = [f"{name} {g['all']:+.3f} -> {g['kept']:+.3f} ({g['gain']:+.3f})"
+                 for name, g in r["by_source"].items() if g["gain"] is not None]
+        print(f"chatrlhf bestofn: round {r['round']}: kept {r['kept']} replies of {r['prompts']} prompts × "
+              f"{cfg.num_samples} samples, {r['pairs']} pairs" + (f", {r['gap_too_small']} prompts under --min-gap"
+                                                                  if r["gap_too_small"] else ""))
+        if moved:
+            print(f"chatrlhf bestofn: round {r['round']}: mean raw reward, all samples -> kept (gain): {', '.join(moved)}")
+    last = f"{cfg.output_dir}/round-{len(summary['rounds'])}"
+    print(f"chatrlhf bestofn: SFT rows in {last}/best.jsonl, DPO pairs in {last}/pairs.jsonl"
+          + (f"; fine-tuned model saved to {cfg.output_dir}" if summary["final_model"] else ""))
     return 0
 
 
