@@ -3,24 +3,28 @@ method trains the embedded SmolLM2-135M-Instruct through the real CLI (`python -
 against examples/reward.py (a concise reply that takes up the customer's words), then ONE evaluator scores every
 saved model and the start model on held-out prompts.
 
-    .venv/bin/python benchmarks/methods.py [--minutes 4] [--only ppo,grpo,rloo,dpo] [--eval-samples 4]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/methods.py [--minutes 4] [--only ppo,grpo,rloo,dpo] [--eval-samples 2]
+    .venv/bin/python benchmarks/methods.py --start tiny-random-llama --minutes 0.02   # smoke run of the script
 
 Task: examples/prompts.txt (120 customer messages written for this project); every 5th prompt (24) is held out, the
 other 96 are trained on — a fixed, prompt-disjoint split. Reward: examples/reward.py:concise_on_topic, in [0, 1].
 Each method gets the same --minutes of wall-clock training (`--max-minutes`; a run ends after the step that passes
 it); the DPO method's budget includes its sampling. Replies: at most 48 new tokens, chat template, bf16 autocast
-where the CPU has it (--dtype auto). Settings, tuned with short runs on this 2-core CPU:
+where the CPU has it (--dtype auto). Settings — chosen for ~5 steps in 4 minutes on a quiet 2-core CPU (a step of 16
+replies took 480 s under load 9–10 here, so they could not be tuned with short runs in the session that wrote this;
+see docs/example-task.md):
 
-  ppo   LoRA r 16 (lr 1e-4), the value head on the policy trunk (--critic shared), 8 prompts × 2 samples a step, one
+  ppo   LoRA r 16 (lr 3e-4), the value head on the policy trunk (--critic shared), 8 prompts × 2 samples a step, one
         PPO epoch over minibatches of 8, temperature 1, KL penalty β 0.05;
-  grpo  LoRA r 16 (lr 1e-4), 4 prompts × 4 replies a step, `dapo` loss, k3 KL term β 0.04, temperature 1;
-  rloo  as grpo with --advantage rloo (leave-one-out baseline, not std-scaled) and the KL in the reward;
+  grpo  LoRA r 16 (lr 3e-4), 4 prompts × 4 replies a step, `dapo` loss, k3 KL term β 0.04, temperature 1;
+  rloo  as grpo with --advantage rloo (leave-one-out baseline, not std-scaled) and the KL in the reward (β 0.05);
   dpo   `chatrlhf bestofn`: 4 replies per train prompt from the start model (temperature 1), best vs worst by the
         reward (pairs whose scores differ by < 0.05 dropped); then `chatrlhf dpo` on those pairs, LoRA r 16
-        (lr 5e-5), β 0.1, batch 8, for what is left of the budget.
+        (lr 1e-4), β 0.1, batch 8, for what is left of the budget.
 
-Evaluator (in a child process, the same for all): --eval-samples (2) replies per held-out prompt through our engine, temperature 1,
-top-k 0, top-p 1, no repetition penalty, the same seed for every model; scored by examples/reward.py. Per model: the
+Evaluator (in a child process, the same for all): --eval-samples (2) replies per held-out prompt through our engine,
+temperature 1, top-k 0, top-p 1, no repetition penalty, the same seed for every model; scored by examples/reward.py
+(without the trainers' missing-EOS penalty). Per model: the
 mean held-out reward with a 95% bootstrap CI over prompts, the gain over the start model (paired by prompt) with its
 CI, and the KL to the start model (Σ_t log π − log π_start over each sampled reply, at T = 1: unbiased). Prints a
 table and writes benchmarks/results/methods.json.
@@ -37,7 +41,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's chatrlhf, as the children use
+from chatrlhf.config import ModelArgs  # noqa: E402
+from chatrlhf.engine import Engine, SamplingParams  # noqa: E402
+from chatrlhf.evaluate.evaluator import encode, reply_logprobs  # noqa: E402
+from chatrlhf.evaluate.metrics import bootstrap_ci  # noqa: E402
+from chatrlhf.models import load_model  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from reward import concise_on_topic  # noqa: E402
 from sft import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +72,7 @@ def common(start: str) -> list:
 
 def on_policy(start: str) -> list:
     return [*common(start), "--eval-fraction", "0", "--max-steps", 10**4, "--save-steps", 10**6, "--eval-steps", 10**6,
-            "--temperature", TEMPERATURE, "--lora-r", "16", "--lr", "1e-4"]
+            "--temperature", TEMPERATURE, "--lora-r", "16", "--lr", "3e-4"]
 
 
 def split() -> tuple[list[str], list[str]]:
@@ -109,7 +125,7 @@ def train_dpo(out: Path, minutes: float, start: str) -> dict:
     left = max(minutes - t_sample / 60, 0.05)
     s = cli("dpo", "--model", start, "--data", pairs, "--output-dir", out, "--quiet", "--no-tensorboard", "--seed", "0",
             "--dtype", "auto", "--max-minutes", f"{left:.3f}", "--max-steps", 10**4, "--epochs", 100, "--batch-size",
-            8, "--lora-r", "16", "--lr", "5e-5", "--beta", "0.1", "--eval-fraction", "0.1", "--eval-steps", 10**6,
+            8, "--lora-r", "16", "--lr", "1e-4", "--beta", "0.1", "--eval-fraction", "0.1", "--eval-steps", 10**6,
             "--save-steps", 10**6, "--max-length", 384)
     return {"model": str(out), "steps": steps_of(out), "train_s": t_sample + s, "sample_s": t_sample,
             "pairs": n_pairs}
@@ -120,18 +136,6 @@ def train_dpo(out: Path, minutes: float, start: str) -> dict:
 
 def evaluate_all(models: dict[str, str], samples: int, start: str) -> dict:
     """{name: figures} for every model and the start model, by one evaluator (see the module docstring)."""
-    import numpy as np
-    import torch
-
-    from chatrlhf.engine import Engine, SamplingParams
-    from chatrlhf.evaluate.evaluator import encode, reply_logprobs
-    from chatrlhf.evaluate.metrics import bootstrap_ci
-    from chatrlhf.config import ModelArgs
-    from chatrlhf.models import load_model
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    from reward import concise_on_topic
-
     _, held = split()
     chats = [[{"role": "user", "content": p}] for p in held]
     base, tok = load_model(ModelArgs(model=start, device="cpu"))
@@ -145,7 +149,7 @@ def evaluate_all(models: dict[str, str], samples: int, start: str) -> dict:
         done = Engine(model, tok, "auto", max_batch=32).generate(chats, params)
         texts = [c.text.strip() for c in done]
         rewards = np.array(concise_on_topic([p for p in held for _ in range(samples)], texts)).reshape(len(held), -1)
-        kl = [] if name == "start" else reply_kl(model, base, tok, chats, done, samples, encode, reply_logprobs)
+        kl = [] if name == "start" else reply_kl(model, base, tok, chats, done, samples)
         means = rewards.mean(1)
         mean, lo, hi = bootstrap_ci(means, seed=0)
         fig = {"reward": {"mean": mean, "ci95": [lo, hi]}, "eos_rate": float(np.mean([c.finish_reason == "stop"
@@ -160,14 +164,11 @@ def evaluate_all(models: dict[str, str], samples: int, start: str) -> dict:
         fig["eval_s"] = time.perf_counter() - t0
         out[name] = fig
         del model
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
 
 
-def reply_kl(model, base, tok, chats, done, samples, encode, reply_logprobs) -> list[float]:
+def reply_kl(model, base, tok, chats, done, samples) -> list[float]:
     """Σ_t log π(y_t) − log π_start(y_t) of each sampled reply (one forward pass of each model, T = 1)."""
-    import torch
-
     prompts = [c for c in chats for _ in range(samples)]
     out = []
     with torch.no_grad():
@@ -197,8 +198,8 @@ def child_eval(models: dict[str, str], samples: int, start: str) -> dict:
 
 def table(a, runs: dict, figures: dict) -> str:
     start = figures["start"]["reward"]["mean"]
-    lines = [f"held-out reward (examples/reward.py, 0–1), {len(split()[1])} prompts × {a.eval_samples} replies; start "
-             f"model {start:.3f}; {a.minutes:g} minutes of training each",
+    lines = [f"held-out reward (examples/reward.py, 0–1), {len(split()[1])} prompts × {a.eval_samples} replies; "
+             f"start model {start:.3f}; {a.minutes:g} minutes of training each",
              f"{'method':8}{'wall s':>8}{'steps':>7}{'reward':>8}{'gain (95% CI)':>26}{'KL nats':>9}{'words':>7}"]
     for name, run in runs.items():
         f = figures[name]
