@@ -124,9 +124,9 @@ def train_dpo(out: Path, minutes: float, start: str) -> dict:
     n_pairs = sum(1 for x in pairs.read_text().splitlines() if x.strip())
     left = max(minutes - t_sample / 60, 0.05)
     s = cli("dpo", "--model", start, "--data", pairs, "--output-dir", out, "--quiet", "--no-tensorboard", "--seed", "0",
-            "--dtype", "auto", "--max-minutes", f"{left:.3f}", "--max-steps", 10**4, "--epochs", 100, "--batch-size",
-            8, "--lora-r", "16", "--lr", "1e-4", "--beta", "0.1", "--eval-fraction", "0.1", "--eval-steps", 10**6,
-            "--save-steps", 10**6, "--max-length", 384)
+            "--dtype", "auto", "--max-minutes", f"{left:.3f}", "--max-steps", 10**4, "--warmup-ratio", "0",
+            "--batch-size", 8, "--lora-r", "16", "--lr", "1e-4", "--beta", "0.1", "--eval-fraction", "0.1",
+            "--eval-steps", 10**6, "--save-steps", 10**6, "--max-length", 384)
     return {"model": str(out), "steps": steps_of(out), "train_s": t_sample + s, "sample_s": t_sample,
             "pairs": n_pairs}
 
