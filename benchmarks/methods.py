@@ -18,9 +18,10 @@ see docs/example-task.md):
         PPO epoch over minibatches of 8, temperature 1, KL penalty β 0.05;
   grpo  LoRA r 16 (lr 3e-4), 4 prompts × 4 replies a step, `dapo` loss, k3 KL term β 0.04, temperature 1;
   rloo  as grpo with --advantage rloo (leave-one-out baseline, not std-scaled) and the KL in the reward (β 0.05);
-  dpo   `chatrlhf bestofn`: 4 replies per train prompt from the start model (temperature 1), best vs worst by the
-        reward (pairs whose scores differ by < 0.05 dropped); then `chatrlhf dpo` on those pairs, LoRA r 16
-        (lr 1e-4), β 0.1, batch 8, for what is left of the budget.
+  dpo   `chatrlhf bestofn`: 4 replies to each of the first --dpo-prompts (48) train prompts from the start model
+        (temperature 1; all 96 would take the whole budget), best vs worst by the reward (pairs whose scores differ
+        by < 0.05 dropped); then `chatrlhf dpo` on those pairs, LoRA r 16 (lr 1e-4, no warm-up), β 0.1, batch 8, for
+        what is left of the budget.
 
 Evaluator (in a child process, the same for all): --eval-samples (2) replies per held-out prompt through our engine,
 temperature 1, top-k 0, top-p 1, no repetition penalty, the same seed for every model; scored by examples/reward.py
@@ -97,7 +98,7 @@ def steps_of(out: Path) -> int:
     return json.loads((out / "chatrlhf.json").read_text())["steps"]
 
 
-def train(method: str, minutes: float, start: str) -> dict:
+def train(method: str, minutes: float, start: str, dpo_prompts: int) -> dict:
     """Train one method within ``minutes``; {"model", "steps", "train_s"} (+ the DPO method's sampling figures)."""
     out = WORK / method
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a --resume of an earlier one
@@ -110,14 +111,17 @@ def train(method: str, minutes: float, start: str) -> dict:
         s = cli("grpo", *on_policy(start), "--output-dir", out, "--max-minutes", minutes, "--batch-size", 4,
                 "--num-generations", 4, "--micro-batch-size", 16, *extra)
     else:
-        return train_dpo(out, minutes, start)
+        return train_dpo(out, minutes, start, dpo_prompts)
     return {"model": str(out), "steps": steps_of(out), "train_s": s}
 
 
-def train_dpo(out: Path, minutes: float, start: str) -> dict:
-    """Best-vs-worst pairs sampled from the start model, then DPO on them; the sampling counts in the budget."""
-    sampled = out / "samples"
-    t_sample = cli("bestofn", "--model", start, "--data", WORK / "train.txt", "--reward-fn", REWARD, "--num-samples",
+def train_dpo(out: Path, minutes: float, start: str, dpo_prompts: int) -> dict:
+    """Best-vs-worst pairs sampled from the start model for the first ``dpo_prompts`` train prompts, then DPO on them;
+    the sampling counts in the budget."""
+    sampled, prompts = out / "samples", out / "prompts.txt"
+    out.mkdir(parents=True)
+    prompts.write_text("\n".join(split()[0][:dpo_prompts]) + "\n")
+    t_sample = cli("bestofn", "--model", start, "--data", prompts, "--reward-fn", REWARD, "--num-samples",
                    4, "--batch-size", 8, "--temperature", TEMPERATURE, "--max-new-tokens", NEW_TOKENS, "--min-gap",
                    "0.05", "--output-dir", sampled, "--quiet", "--no-tensorboard", "--seed", "0")
     pairs = sampled / "round-1" / "pairs.jsonl"
@@ -213,6 +217,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=4, help="wall-clock training budget per method")
     p.add_argument("--only", default=",".join(METHODS), help="methods to run, comma-separated")
+    p.add_argument("--dpo-prompts", type=int, default=48, help="train prompts the DPO method samples 4 replies for "
+                   "(all 96 would take its whole 4-minute budget on 2 cores)")
     p.add_argument("--eval-samples", type=int, default=2, help="replies per held-out prompt in the evaluation")
     p.add_argument("--start", default=START, help="the start model (tiny-random-llama: a smoke run of the script)")
     p.add_argument("--side", choices=("eval",), help=argparse.SUPPRESS)
@@ -231,7 +237,7 @@ def main() -> None:
     runs = {}
     for m in methods:
         print(f"training {m} for {a.minutes:g} minutes …", flush=True)
-        runs[m] = train(m, a.minutes, a.start)
+        runs[m] = train(m, a.minutes, a.start, a.dpo_prompts)
     print("evaluating …", flush=True)
     figures = child_eval({m: r["model"] for m, r in runs.items()}, a.eval_samples, a.start)
     text = table(a, runs, figures)
