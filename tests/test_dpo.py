@@ -175,6 +175,17 @@ def test_every_feedback_format_is_read_and_ties_and_both_bad_are_counted(tmp_pat
     assert counts["dropped_ties"] == 1 and counts["dropped_both_bad"] == 1 and counts["preference"] == 1
 
 
+def test_max_minutes_ends_the_run_after_the_step_that_passes_it_evaluated_and_saved(tmp_path, prefs):
+    out = tmp_path / "budget"
+    r = run_cli(*dpo_args(out, "--max-steps", "50", "--batch-size", "4", "--max-minutes", "0.0001", "--eval-steps", "100",
+                          data=prefs))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "chatrlhf.json").read_text())
+    assert s["steps"] == 1 and s["stopped_by_time"] is True and s["eval_end"]["eval/accuracy"] is not None
+    assert [x["step"] for x in read_metrics(out) if "eval/accuracy" in x] == [0, 1]  # the last step is evaluated
+    assert (out / "model.safetensors").is_file() and "--max-minutes 0.0001 reached at step 1 of 50" in r.stdout
+
+
 def learnable_pairs(path, n: int, seed: int):
     """Pairs whose chosen reply ends "Thank you!" and whose rejected one ends "Numbers 0 1 2." after the same text."""
     rng = random.Random(seed)

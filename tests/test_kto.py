@@ -105,6 +105,16 @@ def test_kto_raises_the_held_out_auc_and_the_policy_loads(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out) is not None
 
 
+def test_max_minutes_ends_the_run_after_the_step_that_passes_it_evaluated_and_saved(tmp_path):
+    out = tmp_path / "budget"
+    r = run_cli(*kto_args(out, "--max-steps", "50", "--batch-size", "4", "--max-minutes", "0.0001", "--eval-steps", "100",
+                          data=thumbs(tmp_path / "t.jsonl", 24, 1)))
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "chatrlhf.json").read_text())
+    assert s["steps"] == 1 and s["stopped_by_time"] is True and s["eval_end"]["eval/loss"] is not None
+    assert (out / "model.safetensors").is_file() and "--max-minutes 0.0001 reached at step 1 of 50" in r.stdout
+
+
 @pytest.mark.parametrize("flags, message", [(["--beta", "-1"], "must be > 0"),
                                             (["--desirable-weight", "0"], "--desirable-weight 0.0: must be > 0")])
 def test_flags_that_cannot_work_are_refused(tmp_path, flags, message):

@@ -188,6 +188,9 @@ class PreferenceArgs:
                             "SmolLM2 — and lower blocks frozen: no gradients, no optimizer state, no backward through "
                             "them); -1 = all. Less memory and time for full fine-tuning; LoRA (--lora-r) is the other "
                             "way.")
+    max_minutes: float = arg(0.0, "Wall-clock budget in minutes (0 = none), counted from the first step: the run ends "
+                             "after the step that passes it — evaluated and saved as at a normal end (as ppo and grpo). "
+                             "A --resume'd run's budget starts again.")
 
 
 @dataclass

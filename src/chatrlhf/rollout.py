@@ -383,9 +383,7 @@ def end_of_step(command: str, run, step: int, n_steps: int, raw: dict, samples, 
     every --eval-steps and at the end ``held_out(total)`` runs and the rows are shown; then the metrics, the progress
     bar and the checkpoint (run.end_step). ``raw``: the step's metrics, with ``_rollout``. Returns ``n_steps``."""
     cfg = run.cfg
-    if time.perf_counter() > deadline and step < n_steps:
-        log(f"chatrlhf {command}: --max-minutes {cfg.max_minutes:g} reached at step {step} of {n_steps}")
-        n_steps = run.state["stopped_at"] = step
+    n_steps = out_of_time(command, run, step, n_steps, deadline, log)
     rows = sample_rows(step, raw.pop("_rollout"), raw, cfg.sample_rows)
     samples.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows))
     samples.flush()
@@ -403,6 +401,15 @@ def end_of_step(command: str, run, step: int, n_steps: int, raw: dict, samples, 
 def deadline_of(cfg) -> float:
     """The perf_counter time at which --max-minutes runs out (inf without a budget)."""
     return time.perf_counter() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else float("inf")
+
+
+def out_of_time(command: str, run, step: int, n_steps: int, deadline: float, log=print) -> int:
+    """After step ``step`` (1-based) of ``n_steps``: past the --max-minutes ``deadline`` this step becomes the last one
+    (``run.state["stopped_at"]``, which the summary reports as ``stopped_by_time``). Returns the new ``n_steps``."""
+    if time.perf_counter() > deadline and step < n_steps:
+        log(f"chatrlhf {command}: --max-minutes {run.cfg.max_minutes:g} reached at step {step} of {n_steps}")
+        n_steps = run.state["stopped_at"] = step
+    return n_steps
 
 
 # --------------------------------------------------------------------------- sample replies

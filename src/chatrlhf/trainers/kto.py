@@ -29,6 +29,7 @@ from chatrlhf.data.template import Tokenized, prompt_format
 from chatrlhf.errors import UsageError
 from chatrlhf.models import count_parameters, enable_checkpointing, load_model, save_model, train_top_layers
 from chatrlhf.preference import all_logps, collate, encode_reply, reference_logps, sequence_logps
+from chatrlhf.rollout import deadline_of, out_of_time
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary
 
@@ -199,6 +200,7 @@ def train(cfg: KTOConfig, log=print) -> Summary:
     if step == 0:
         state["eval_start"] = evaluate(model, run, tok.pad_token_id, held, ref["eval"], lam)
         run.log(0, state["eval_start"])
+    deadline = deadline_of(cfg)
     with run.loop(n_steps):
         while run.running(step, n_steps):
             t0 = time.perf_counter()
@@ -209,6 +211,7 @@ def train(cfg: KTOConfig, log=print) -> Summary:
             step += 1
             stats["train/replies_per_s"] = sum(len(c) for c in chunks) / (time.perf_counter() - t0)
             stats["train/epoch"] = step / plan.steps_per_epoch
+            n_steps = out_of_time("kto", run, step, n_steps, deadline, log)
             if step % cfg.eval_steps == 0 or step == n_steps:
                 stats.update(evaluate(model, run, tok.pad_token_id, held, ref["eval"], lam))
             run.log(step, stats)
@@ -221,5 +224,6 @@ def train(cfg: KTOConfig, log=print) -> Summary:
                        "desirable_weight": lam[0], "undesirable_weight": lam[1], "split": split,
                        "eval_start": state["eval_start"] or None,
                        "eval_end": run.last_eval("eval/loss"),
+                       "stopped_by_time": state.get("stopped_at") == run.step,
                        "data": file_hashes(cfg.data), "chat_template": cfg.chat_template,
                        "prompt_format": prompt_format(tok)})
