@@ -19,7 +19,8 @@ is the mean over the steps after the first. The held-out reward is computed by o
 for every saved folder (and the start model): 4 replies of 32 tokens to each of --eval-prompts held-out prompts
 (after the training prompts), sampled by chatrlhf's engine at temperature 1 with a fixed seed, scored by the same
 function. Prints the table and the ratios; writes benchmarks/results/grpo.json (grpo-ours.json / grpo-trl.json with
---only).
+--only). On a quiet 2-core machine the default run is estimated at 12–14 minutes (TRL: 3 × 57 s GRPO, 3 × 83 s
+RLOO, plus loading); --skip-rloo roughly halves it, --no-exact drops the two full-fp32 chatrlhf rows.
 """
 
 from __future__ import annotations
