@@ -102,6 +102,44 @@ def test_micro_batches_times_accumulation_equal_one_big_batch(tmp_path):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
 
 
+def test_the_frozen_lower_blocks_output_kept_from_the_reference_pass_gives_the_same_log_probs():
+    """--train-layers: the residual stream entering the first trained block, kept from the reference pass, fed to the
+    top blocks alone gives what the whole network gives (fp32), and the reference pass itself is unchanged."""
+    model, tok = load_model(tiny(dtype="float32"))
+    _, enc = encoded_pairs(tok)
+    items = dpo.sides(enc)
+    depth = preference.frozen_depth(model, 1, items)
+    assert depth == len(model.model.layers) - 1 > 0
+    states = [None] * len(items)
+    kept = preference.all_logps(model, items, 3, tok.pad_token_id, "cpu", "float32", states, depth)
+    assert torch.equal(kept, preference.all_logps(model, items, 3, tok.pad_token_id, "cpu", "float32"))
+    assert [len(h) for h in states] == [len(x.input_ids) for x in items]
+    batch = preference.collate(items, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        full, n_full = preference.sequence_logps(model, batch)
+        top, n_top = preference.sequence_logps(model, preference.collate_trunk(batch, states, depth))
+    assert torch.allclose(full, top, atol=1e-5) and torch.equal(n_full, n_top)
+    assert len(model.model.layers) == depth + 1  # the blocks are put back
+    assert preference.frozen_depth(model, -1, items) == 0  # everything trained: nothing to keep
+
+
+def test_dpo_with_train_layers_logs_the_same_figures_with_the_kept_lower_blocks(tmp_path, prefs, monkeypatch):
+    def metrics(out):
+        dpo.train(tiny(data=[str(prefs)], output_dir=str(out), max_steps=2, batch_size=4, lr=1e-3, train_layers=1,
+                       dtype="float32", eval_steps=2), log=lambda *a: None)
+        return read_metrics(out)
+
+    kept = metrics(tmp_path / "kept")
+    monkeypatch.setattr(dpo, "frozen_depth", lambda *a: 0)  # the whole network at every step, as before
+    whole = metrics(tmp_path / "whole")
+    for a, b in zip(kept, whole, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            # at step 1 the policy is the reference: its margins are rounding noise (1e-7), their sign says nothing
+            if k not in ("train/pairs_per_s", "time/step_s") and (k, a["step"]) != ("rewards/accuracies", 1):
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+
+
 @pytest.fixture
 def prefs(tmp_path):
     """The first 40 example preference pairs: enough for a few steps and a held-out split, quick to encode."""

@@ -56,10 +56,17 @@ def collate(items: list[Tokenized], pad_id: int, device) -> dict:
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(reply | prompt) summed over each row's reply tokens (B,), reply token counts (B,)) in one forward pass
     of the whole batch (chosen and rejected replies together: TRL's concatenated_forward). The LM head runs only at
-    the positions that predict a reply token: on a 49k vocabulary most of the logits would be thrown away."""
+    the positions that predict a reply token: on a 49k vocabulary most of the logits would be thrown away.
+    With ``batch["trunk"]`` (B, T, d) — the residual stream entering block ``batch["depth"]``, from
+    :func:`trunk_states` — only the blocks from there up run."""
     base = unwrap(model)
-    hidden = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             use_cache=False).last_hidden_state
+    if "trunk" in batch:
+        with top_blocks(base.base_model, batch["depth"]):
+            hidden = base.base_model(inputs_embeds=batch["trunk"], attention_mask=batch["attention_mask"],
+                                     use_cache=False).last_hidden_state
+    else:
+        hidden = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     select = targets != IGNORE
     token_logps = reply_token_logps(base.get_output_embeddings(), hidden[:, :-1][select], targets[select])
@@ -87,17 +94,76 @@ def reply_token_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: 
 
 
 @torch.no_grad()
-def all_logps(model, items: list[Tokenized], batch_size: int, pad_id: int, device, dtype: str) -> torch.Tensor:
-    """(N,) sequence log-probs of ``items`` with ``model`` in eval mode, in batches of similar length, on the CPU."""
+def all_logps(model, items: list[Tokenized], batch_size: int, pad_id: int, device, dtype: str,
+              states: list | None = None, depth: int = 0) -> torch.Tensor:
+    """(N,) sequence log-probs of ``items`` with ``model`` in eval mode, in batches of similar length, on the CPU.
+    With ``states`` (a list of N), each item's residual stream entering block ``depth`` (T_i, d) is kept there."""
     was_training = model.training
     model.eval()
     out = torch.zeros(len(items))
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))  # little padding
-    for b in (order[k:k + batch_size] for k in range(0, len(order), batch_size)):
-        with autocast(dtype, device):
-            out[b] = sequence_logps(model, collate([items[i] for i in b], pad_id, device))[0].float().cpu()
+    sink: list[torch.Tensor] = []
+    with capturing(model, depth, sink) if states is not None else contextlib.nullcontext():
+        for b in (order[k:k + batch_size] for k in range(0, len(order), batch_size)):
+            with autocast(dtype, device):
+                out[b] = sequence_logps(model, collate([items[i] for i in b], pad_id, device))[0].float().cpu()
+            if states is not None:
+                h = sink.pop()
+                for row, i in enumerate(b):
+                    states[i] = h[row, :len(items[i].input_ids)].clone()
     model.train(was_training)
     return out
+
+
+# --------------------------------------------------------------------------- the frozen trunk, run once
+# With only the top N blocks trained (--train-layers) the embeddings and the blocks below are frozen, so the residual
+# stream entering the first trained block is the same at every step as in the reference pass: kept from that pass,
+# the training forward runs only the top N blocks (SmolLM2, N = 8: 8 of 30 blocks instead of 30).
+TRUNK_MODEL_TYPES = ("llama", "mistral", "qwen2")  # whose forward takes that stream as inputs_embeds, unscaled
+TRUNK_STATE_BYTES = 512 * 2**20  # above this (many or long pairs) the lower blocks run at every step, as before
+
+
+def frozen_depth(model, train_layers: int, items: list[Tokenized]) -> int:
+    """How many lower blocks are frozen and can be skipped in training (0: none, or not this model, or too large)."""
+    base = unwrap(model)
+    layers = getattr(base.base_model, "layers", None)
+    if train_layers < 0 or hasattr(model, "disable_adapter") or layers is None or \
+            base.config.model_type not in TRUNK_MODEL_TYPES:
+        return 0
+    size = sum(len(x.input_ids) for x in items) * base.config.hidden_size * 4
+    return max(len(layers) - train_layers, 0) if size <= TRUNK_STATE_BYTES else 0
+
+
+@contextlib.contextmanager
+def capturing(model, depth: int, sink: list):
+    """Appends to ``sink`` the residual stream (B, T, d) entering block ``depth`` at every forward pass."""
+    block = unwrap(model).base_model.layers[depth]
+    hook = block.register_forward_pre_hook(
+        lambda _, args, kwargs: sink.append((args[0] if args else kwargs["hidden_states"]).detach().float()),
+        with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+@contextlib.contextmanager
+def top_blocks(trunk, depth: int):
+    """The trunk with its blocks from ``depth`` up only (the same modules)."""
+    layers = trunk.layers
+    trunk.layers = torch.nn.ModuleList(list(layers)[depth:])
+    try:
+        yield
+    finally:
+        trunk.layers = layers
+
+
+def collate_trunk(batch: dict, states: list[torch.Tensor], depth: int) -> dict:
+    """``batch`` (from :func:`collate`, the same rows) with the kept residual streams right-padded as ``trunk``."""
+    trunk = torch.zeros(len(states), batch["input_ids"].shape[1], states[0].shape[-1], device=batch["input_ids"].device)
+    for i, h in enumerate(states):
+        trunk[i, :len(h)] = h
+    return {**batch, "trunk": trunk, "depth": depth}
 
 
 def reference_off(model):
@@ -116,23 +182,27 @@ def cache_key(model_name: str, dtype: str, groups: dict[str, list[Tokenized]]) -
 
 
 def reference_logps(model, groups: dict[str, list[Tokenized]], out_dir: str | Path, model_name: str, dtype: str,
-                    batch_size: int, pad_id: int, device, log=print, reuse: bool = True) -> dict[str, torch.Tensor]:
+                    batch_size: int, pad_id: int, device, log=print, reuse: bool = True, states: dict | None = None,
+                    depth: int = 0) -> dict[str, torch.Tensor]:
     """{group: (N,) log π_ref} for each group of sequences: with ``reuse`` (a resumed run) read from
     OUTPUT_DIR/ref_logps.safetensors when its key matches, else computed in one pass with ``model`` (the policy before
     any training step; adapters off with LoRA) and written there. A fresh run always computes them: the key names the
-    model, not its weights, and a model folder may have been trained again since."""
+    model, not its weights, and a model folder may have been trained again since. ``states`` ({group: list of N}):
+    that pass also keeps each sequence's residual stream entering block ``depth`` (so it always runs, resumed or not:
+    the same pass, the same figures)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     path = Path(out_dir) / REF_CACHE
     key = cache_key(model_name, dtype, groups)
-    if reuse and path.is_file():
+    if reuse and path.is_file() and not states:
         with safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 return {name: f.get_tensor(name) for name in groups}
         log(f"chatrlhf: {path} was computed for other data or another model: computing the reference log-probs again")
     with reference_off(model):
-        ref = {name: all_logps(model, items, batch_size, pad_id, device, dtype) for name, items in groups.items()}
+        ref = {name: all_logps(model, items, batch_size, pad_id, device, dtype, (states or {}).get(name), depth)
+               for name, items in groups.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in ref.items()}, str(path), metadata={"key": key})
     return ref

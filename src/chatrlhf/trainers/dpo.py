@@ -26,7 +26,8 @@ from chatrlhf.data.pairs import split_pairs
 from chatrlhf.data.template import prompt_format
 from chatrlhf.errors import UsageError
 from chatrlhf.models import count_parameters, enable_checkpointing, load_model, save_model, train_top_layers
-from chatrlhf.preference import all_logps, collate, encode_reply, reference_logps, sequence_logps
+from chatrlhf.preference import all_logps, collate, collate_trunk, encode_reply, frozen_depth, reference_logps, \
+    sequence_logps
 from chatrlhf.rollout import deadline_of, out_of_time
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary
@@ -79,10 +80,14 @@ def pair_tensors(pairs: list, device) -> dict:
 # --------------------------------------------------------------------------- the step and the evaluation
 
 
-def dpo_batch_loss(model, run: Run, pad_id: int, encoded: list, pairs: list, ref: torch.Tensor, total_weight: float):
-    """Loss and metrics of one micro-batch: chosen then rejected replies in one forward pass. ``ref`` (B, 2)."""
+def dpo_batch_loss(model, run: Run, pad_id: int, encoded: list, pairs: list, ref: torch.Tensor, total_weight: float,
+                   trunk: tuple | None = None):
+    """Loss and metrics of one micro-batch: chosen then rejected replies in one forward pass. ``ref`` (B, 2).
+    ``trunk`` (chosen states, rejected states, depth): the frozen lower blocks' output kept from the reference pass."""
     cfg, n = run.cfg, len(pairs)
     batch = collate(sides(encoded), pad_id, run.device)
+    if trunk is not None:
+        batch = collate_trunk(batch, trunk[0] + trunk[1], trunk[2])
     with run.autocast():
         logps, tokens = sequence_logps(model, batch)
     ref = ref.to(run.device)
@@ -92,14 +97,16 @@ def dpo_batch_loss(model, run: Run, pad_id: int, encoded: list, pairs: list, ref
 
 
 def train_step(model, run: Run, pad_id: int, chunks: list[list[int]], encoded: list, pairs: list,
-               ref: torch.Tensor) -> dict:
+               ref: torch.Tensor, frozen: dict | None = None) -> dict:
     """Forward and backward of one optimizer step's micro-batches; metrics weighted by each micro-batch's share of
-    the step's pair weight (the loss metrics are already divided by it)."""
+    the step's pair weight (the loss metrics are already divided by it). ``frozen``: see :func:`prepare`."""
     total = sum(float(pairs[i].weight) for c in chunks for i in c)
     stats: dict[str, float] = {}
     for chunk in chunks:
+        kept = None if frozen is None else ([frozen["states"][i] for i in chunk],
+                                           [frozen["states"][len(pairs) + i] for i in chunk], frozen["depth"])
         loss, m = dpo_batch_loss(model, run, pad_id, [encoded[i] for i in chunk], [pairs[i] for i in chunk], ref[chunk],
-                                 total)
+                                 total, kept)
         loss.backward()
         share = sum(float(pairs[i].weight) for i in chunk) / total
         for k, v in m.items():
@@ -130,7 +137,8 @@ EVAL_NAMES = {"rewards/accuracies": "accuracy", "rewards/margins": "margin", "lo
 
 
 def prepare(cfg: DPOConfig, run: Run, log=print):
-    """Pairs, the policy, the encoded pairs and the reference log-probs ({"train", "eval"}: (N, 2) each)."""
+    """Pairs, the policy, the encoded pairs, the reference log-probs ({"train", "eval"}: (N, 2) each) and, with
+    --train-layers, the frozen lower blocks' output of every training sequence ({"states", "depth"}, else None)."""
     check(cfg)
     train_pairs, eval_pairs, counts, split = split_pairs(cfg, "dpo", log)
     model, tok = load_model(cfg, trainable=True, chat_template=cfg.chat_template, lora=cfg)
@@ -141,9 +149,13 @@ def prepare(cfg: DPOConfig, run: Run, log=print):
     # chosen replies then rejected ones, batched as evaluate() batches them: the untrained policy's held-out margins
     # are then exactly 0
     groups = {"train": sides(train_enc), "eval": sides(eval_enc)}
+    # with --train-layers the frozen lower blocks' output is kept from the reference pass: they never run again
+    depth = frozen_depth(model, cfg.train_layers, groups["train"])
+    frozen = {"states": [None] * len(groups["train"]), "depth": depth} if depth else None
     t0 = time.perf_counter()
     flat = reference_logps(model, groups, run.out, cfg.model, cfg.dtype, cfg.batch_size * 2, tok.pad_token_id,
-                           run.device, log, reuse=cfg.resume)
+                           run.device, log, reuse=cfg.resume, states={"train": frozen["states"]} if frozen else None,
+                           depth=depth)
     ref = {name: flat[name].view(2, -1).T for name in groups}  # (N, 2): chosen, rejected
     train_top_layers(model, cfg.train_layers)
     if cfg.gradient_checkpointing:
@@ -151,12 +163,12 @@ def prepare(cfg: DPOConfig, run: Run, log=print):
     log(f"chatrlhf dpo: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({dict(counts)}), reference "
         f"log-probs ready in {time.perf_counter() - t0:.1f} s, {count_parameters(model)[1]:,} trainable parameters, "
         f"device {run.device}")
-    return model, tok, (train_pairs, train_enc), (eval_pairs, eval_enc), ref, counts, split
+    return model, tok, (train_pairs, train_enc), (eval_pairs, eval_enc), ref, counts, split, frozen
 
 
 def train(cfg: DPOConfig, log=print) -> Summary:
     run = Run("dpo", cfg, log)
-    model, tok, (train_pairs, train_enc), (eval_pairs, eval_enc), ref, counts, split = prepare(cfg, run, log)
+    model, tok, (train_pairs, train_enc), (eval_pairs, eval_enc), ref, counts, split, frozen = prepare(cfg, run, log)
     plan = StepPlan([max(len(c.input_ids), len(r.input_ids)) for c, r in train_enc], cfg.batch_size, cfg.grad_accum,
                     cfg.seed)
     n_steps = run.total_steps(plan.steps_per_epoch)
@@ -173,7 +185,7 @@ def train(cfg: DPOConfig, log=print) -> Summary:
         while run.running(step, n_steps):
             t0 = time.perf_counter()
             chunks = plan[step]
-            stats = train_step(model, run, tok.pad_token_id, chunks, train_enc, train_pairs, ref["train"])
+            stats = train_step(model, run, tok.pad_token_id, chunks, train_enc, train_pairs, ref["train"], frozen)
             stats["train/lr"] = scheduler.get_last_lr()[0]
             stats["train/grad_norm"] = optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
             step += 1
