@@ -14,7 +14,7 @@ from chatrlhf import losses
 from chatrlhf.config import ModelArgs
 from chatrlhf.data.records import Preference
 from chatrlhf.evaluate.metrics import confident_half, fit_temperature, pairwise_ece
-from chatrlhf.reward_model import DEFAULT_HEAD, classic_head, encode_reply, ensemble_scores, head_scores, \
+from chatrlhf.reward_model import DEFAULT_HEAD, HEAD_KEY, classic_head, encode_reply, ensemble_scores, head_scores, \
     load_reward_model, pad_right, pair_metrics, pool, raw_head_scores, reward_head, reward_scores, \
     reward_scores_with_spread
 from chatrlhf.trainers.reward import EpochKeeper, bootstrap_counts, encode_pairs
@@ -265,16 +265,36 @@ def test_frozen_features_match_what_the_loader_scores(tmp_path):
     # the features the trainer caches once are the loader's features: a head trained on them scores the same
     from chatrlhf.config import RewardTrainConfig
     from chatrlhf.trainers.reward import frozen_features
-    from chatrlhf.trainers.run import Run
 
     cfg = RewardTrainConfig(model="tiny-random-llama", output_dir=str(tmp_path / "x"), batch_size=2, dtype="float32")
     model, tok = load_reward_model(cfg, head={"layer": 0, "pooling": "mean", "heads": 2})
     pairs = [Preference(Q, "It ships today.", "No."), Preference(Q, "Yes, in two days.", "Maybe, who knows, not me.")]
-    chosen, rejected = frozen_features(model, tok, encode_pairs(tok, pairs, 512), Run("reward train", cfg, print))
+    chosen, rejected = frozen_features(model, tok, encode_pairs(tok, pairs, 512), 2, torch.device("cpu"), "float32")
     with torch.no_grad():
         cached = head_scores(model, torch.cat([chosen, rejected])).numpy()
     loaded = raw_head_scores(model, tok, [Q] * 4, [p.chosen for p in pairs] + [p.rejected for p in pairs])
     assert np.allclose(cached, loaded, atol=1e-5)
+
+
+def test_feature_cache_is_read_back_and_keyed_by_pairs_and_pooling(tmp_path, monkeypatch):
+    # the second extraction of the same pairs comes from disk (the trunk is not run); other pairs or another pooling
+    # get their own file
+    from chatrlhf.trainers import reward
+
+    cpu = torch.device("cpu")
+    model, tok = load_reward_model(ModelArgs(model="tiny-random-llama"), head={"layer": 1, "pooling": "mean", "heads": 1})
+    pairs = [Preference(Q, "It ships today.", "No."), Preference(Q, "Yes, in two days.", "Maybe.")]
+    enc = encode_pairs(tok, pairs, 512)
+    first = reward.cached_features(model, tok, enc, 2, cpu, "float32", tmp_path)
+    assert len(list(tmp_path.glob("features-*.pt"))) == 1
+    monkeypatch.setattr(reward, "frozen_features", lambda *a: pytest.fail("the trunk ran again"))
+    again = reward.cached_features(model, tok, enc, 2, cpu, "float32", tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    monkeypatch.undo()
+    reward.cached_features(model, tok, enc[:1], 2, cpu, "float32", tmp_path)
+    setattr(model.config, HEAD_KEY, {**reward_head(model.config), "pooling": "last"})
+    last = reward.cached_features(model, tok, enc, 2, cpu, "float32", tmp_path)
+    assert len(list(tmp_path.glob("features-*.pt"))) == 3 and not torch.equal(last[0], first[0])
 
 
 def test_ensemble_step_micro_batches_equal_one_big_batch():

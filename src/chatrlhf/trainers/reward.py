@@ -19,8 +19,11 @@ Departures from a textbook loop, and why:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,9 +37,9 @@ from chatrlhf.data.split import group_hash
 from chatrlhf.data.template import prompt_format
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import fit_temperature
-from chatrlhf.models import count_parameters, enable_checkpointing, save_model, train_top_layers
+from chatrlhf.models import autocast, count_parameters, enable_checkpointing, save_model, train_top_layers
 from chatrlhf.reward_model import encode_reply, features, head_scores, load_reward_model, measure, pad_right, \
-    pair_raw_scores, reward_scores, verdict, write_report
+    pair_raw_scores, reward_head, reward_scores, verdict, write_report
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary, trainable_state
 
@@ -104,19 +107,39 @@ def pair_labels(pairs, device) -> dict:
 
 
 @torch.no_grad()
-def frozen_features(model, tok, encoded, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+def frozen_features(model, tok, encoded, batch_size: int, device, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) features (N, d) of every pair from the frozen trunk, computed once, batched by length."""
     seqs = [c for c, _ in encoded] + [r for _, r in encoded]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out = None
-    for k in range(0, len(order), run.cfg.batch_size * 2):
-        idx = order[k:k + run.cfg.batch_size * 2]
-        batch = pad_right([seqs[i][0] for i in idx], tok.pad_token_id, run.device, [seqs[i][1] for i in idx])
-        with run.autocast():
+    for k in range(0, len(order), batch_size * 2):
+        idx = order[k:k + batch_size * 2]
+        batch = pad_right([seqs[i][0] for i in idx], tok.pad_token_id, device, [seqs[i][1] for i in idx])
+        with autocast(dtype, device):
             f = features(model, batch).float()
-        out = torch.zeros(len(seqs), f.shape[1], device=run.device) if out is None else out
+        out = torch.zeros(len(seqs), f.shape[1], device=device) if out is None else out
         out[idx] = f
     return out[:len(encoded)], out[len(encoded):]
+
+
+def cached_features(model, tok, encoded, batch_size: int, device, dtype: str,
+                    cache_dir: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`frozen_features`, kept on disk under ``cache_dir`` (None = not kept) in a file named by a hash of the
+    model, its read-out layer and pooling, the dtype and every pair's token ids (so the split and --max-length
+    too): recipes that share a frozen trunk and a split extract its features once (benchmarks/reward_recipes.py)."""
+    if cache_dir is None:
+        return frozen_features(model, tok, encoded, batch_size, device, dtype)
+    head = reward_head(model.config)
+    key = json.dumps([model.config.name_or_path, head["layer"], head["pooling"], dtype, encoded])
+    path = Path(cache_dir) / f"features-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+    if path.is_file():
+        chosen, rejected = torch.load(path)
+        return chosen.to(device), rejected.to(device)
+    chosen, rejected = frozen_features(model, tok, encoded, batch_size, device, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save((chosen.cpu(), rejected.cpu()), path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)  # a run killed mid-write leaves no half file under the real name
+    return chosen, rejected
 
 
 def bootstrap_counts(n: int, heads: int, seed: int) -> torch.Tensor:
@@ -176,7 +199,9 @@ class EpochKeeper:
         self.best_epoch, self.stopped = state["best_epoch"], state["stopped"]
 
 
-def train(cfg: RewardTrainConfig, log=print) -> Summary:
+def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = None) -> Summary:
+    """Train, calibrate, measure and save a reward model; with --freeze-trunk, ``feature_cache`` (a folder) keeps
+    the trunk's features on disk for the next run on the same pairs (:func:`cached_features`)."""
     check_recipe(cfg)
     run = Run("reward train", cfg, log)
     train_pairs, eval_pairs, counts, split = split_pairs(cfg, "reward", log)
@@ -196,8 +221,9 @@ def train(cfg: RewardTrainConfig, log=print) -> Summary:
     watch = eval_pairs if cfg.patience or cfg.average_checkpoints > 1 else []  # held-out loss after every epoch
     if cfg.freeze_trunk:
         log(f"chatrlhf reward: the frozen trunk's features of {2 * (len(train_pairs) + len(watch))} replies, once")
-        cache = frozen_features(model, tok, encoded, run)
-        held = frozen_features(model, tok, encode_pairs(tok, watch, cfg.max_length), run) if watch else None
+        cache = cached_features(model, tok, encoded, cfg.batch_size, run.device, cfg.dtype, feature_cache)
+        held = cached_features(model, tok, encode_pairs(tok, watch, cfg.max_length), cfg.batch_size, run.device,
+                               cfg.dtype, feature_cache) if watch else None
     boot = bootstrap_counts(len(train_pairs), cfg.ensemble, cfg.seed).to(run.device)
     plan = StepPlan([max(len(c[0]), len(r[0])) for c, r in encoded], cfg.batch_size, cfg.grad_accum, cfg.seed)
     n_steps = run.total_steps(plan.steps_per_epoch)
