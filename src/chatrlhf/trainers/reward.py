@@ -64,8 +64,15 @@ def check_recipe(cfg: RewardTrainConfig) -> None:
                          "patience ≥ 0 and at least 1 checkpoint", "--patience 0 and --average-checkpoints 1 = off")
 
 
-def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs) -> dict:
-    """gain, bias so that gain · score + bias has mean 0 and std 1 on the reference replies."""
+def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs, cache: tuple | None = None) -> dict:
+    """gain, bias so that gain · score + bias has mean 0 and std 1 on the reference replies (the training replies'
+    from the frozen trunk's ``cache`` of their features when given: only the head runs)."""
+    if not cfg.norm_data and cache is not None:
+        idx = sample_index(len(train_pairs), 256, cfg.seed)
+        with torch.no_grad():
+            s = head_scores(model, torch.cat([cache[0][idx], cache[1][idx]])).mean(1).cpu().numpy()
+        std = float(s.std()) or 1.0
+        return {"gain": 1.0 / std, "bias": -float(s.mean()) / std, "fitted_on": len(s), "reference": "training replies"}
     if cfg.norm_data:
         rows = [r for _, r in read_rows(cfg.norm_data)]
         prompts = [parse_turns(r.get("prompt") or r.get("messages"), cfg.norm_data, i, "prompt") for i, r in enumerate(rows, 1)]
@@ -86,11 +93,15 @@ def encode_pairs(tok, pairs, max_length: int) -> list[tuple[tuple[list[int], int
             for p in pairs]
 
 
+def sample_index(total: int, n: int, seed: int) -> list[int]:
+    """n of range(total) drawn without replacement, sorted (all of them when total ≤ n)."""
+    if total <= n:
+        return list(range(total))
+    return sorted(np.random.default_rng(seed).choice(total, n, replace=False).tolist())
+
+
 def sample_pairs(pairs: list, n: int, seed: int) -> list:
-    if len(pairs) <= n:
-        return list(pairs)
-    idx = np.random.default_rng(seed).choice(len(pairs), n, replace=False)
-    return [pairs[i] for i in sorted(idx)]
+    return [pairs[i] for i in sample_index(len(pairs), n, seed)]
 
 
 def pair_batch(encoded, pad_id: int, device) -> dict:
@@ -220,10 +231,10 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
     cache = held = None
     watch = eval_pairs if cfg.patience or cfg.average_checkpoints > 1 else []  # held-out loss after every epoch
     if cfg.freeze_trunk:
-        log(f"chatrlhf reward: the frozen trunk's features of {2 * (len(train_pairs) + len(watch))} replies, once")
+        log(f"chatrlhf reward: the frozen trunk's features of {2 * (len(train_pairs) + len(eval_pairs))} replies, once")
         cache = cached_features(model, tok, encoded, cfg.batch_size, run.device, cfg.dtype, feature_cache)
-        held = cached_features(model, tok, encode_pairs(tok, watch, cfg.max_length), cfg.batch_size, run.device,
-                               cfg.dtype, feature_cache) if watch else None
+        held = cached_features(model, tok, encode_pairs(tok, eval_pairs, cfg.max_length), cfg.batch_size, run.device,
+                               cfg.dtype, feature_cache) if eval_pairs else None
     boot = bootstrap_counts(len(train_pairs), cfg.ensemble, cfg.seed).to(run.device)
     plan = StepPlan([max(len(c[0]), len(r[0])) for c, r in encoded], cfg.batch_size, cfg.grad_accum, cfg.seed)
     n_steps = run.total_steps(plan.steps_per_epoch)
@@ -256,7 +267,7 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
         log(f"chatrlhf reward: early stop after epoch {len(keeper.held_out_bt)}: no lower held-out loss for "
             f"{cfg.patience} epochs; keeping epoch {keeper.best_epoch}")
     keeper.restore()
-    return _finish(run, model, tok, train_pairs, eval_pairs, counts, split, keeper)
+    return _finish(run, model, tok, train_pairs, eval_pairs, counts, split, keeper, cache, held)
 
 
 def train_step(model, tok, run: Run, chunks: list[list[int]], encoded: list, pairs: list, boot: torch.Tensor,
@@ -312,18 +323,26 @@ def held_out_loss(model, tok, run: Run, eval_pairs: list, held: tuple | None) ->
     return float(loss)
 
 
-def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str, keeper: EpochKeeper) -> Summary:
+def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str, keeper: EpochKeeper,
+            cache: tuple | None, held: tuple | None) -> Summary:
     """Normalise, calibrate and measure on the held-out pairs, decide the gate, save the model with what it was
-    trained on."""
+    trained on. With a frozen trunk the features of the training (``cache``) and held-out (``held``) pairs are at
+    hand, so only the head runs."""
     cfg = run.cfg
     model.eval()
-    model.config.chatrlhf_reward_norm = {**fit_normalisation(model, tok, cfg, train_pairs), "margin_loss": cfg.margin}
+    model.config.chatrlhf_reward_norm = {**fit_normalisation(model, tok, cfg, train_pairs, cache),
+                                         "margin_loss": cfg.margin}
     model.config.chatrlhf_reward_calibration = None  # a model trained further is calibrated afresh, or not at all
     if not eval_pairs:
         split = "training pairs: no held-out pairs"
     pairs = eval_pairs or sample_pairs(train_pairs, 256, cfg.seed)
-    with run.autocast():
-        chosen, rejected = pair_raw_scores(model, tok, pairs, cfg.batch_size, cfg.max_length)
+    if cache is not None:
+        feats = held if eval_pairs else [x[sample_index(len(train_pairs), 256, cfg.seed)] for x in cache]
+        with torch.no_grad(), run.autocast():
+            chosen, rejected = (head_scores(model, f).cpu().numpy() for f in feats)
+    else:
+        with run.autocast():
+            chosen, rejected = pair_raw_scores(model, tok, pairs, cfg.batch_size, cfg.max_length)
     metrics = measure(model, tok, pairs, chosen, rejected)
     if cfg.calibrate and eval_pairs:
         logits = metrics["_logits"]
