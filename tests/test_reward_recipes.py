@@ -183,6 +183,20 @@ def test_recipe_flags_that_cannot_work_are_refused(tmp_path):
     assert not (tmp_path / "a" / "model.safetensors").exists()
 
 
+def test_a_frozen_trunks_head_starts_at_zero_and_a_fine_tuned_ones_at_random(tmp_path):
+    # logistic regression on the frozen features starts from zero (a random start is systematically wrong on
+    # SmolLM2's huge dimensions); a head fine-tuned with its trunk keeps the N(0, 1/sqrt(d+1)) start
+    r = train_cli(tmp_path / "frozen", "--freeze-trunk", "--max-steps", "1", "--lr", "1e-12", "--batch-size", "4")
+    assert r.returncode == 0, r.stderr
+    frozen, _ = load_reward_model(ModelArgs(model=str(tmp_path / "frozen")))
+    assert frozen.score.weight.abs().max() < 1e-9
+    fresh, _ = load_reward_model(ModelArgs(model="tiny-random-llama"))
+    w = fresh.score.weight
+    assert abs(float(w.std()) - 1 / (w.shape[1] + 1) ** 0.5) < 0.3 / (w.shape[1] + 1) ** 0.5
+    zero, _ = load_reward_model(ModelArgs(model="tiny-random-llama"), head_init="zero")
+    assert not zero.score.weight.any()
+
+
 def test_frozen_ensemble_trains_saves_and_every_loader_scores_it_the_same(tmp_path):
     out = tmp_path / "rm"
     r = train_cli(out, "--freeze-trunk", "--ensemble", "3", "--layer", "1", "--pooling", "both", "--head-dropout", "0.1",

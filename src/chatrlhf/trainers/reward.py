@@ -5,7 +5,9 @@ Departures from a textbook loop, and why:
     reads each sequence once, at its last non-pad token (or its reply's mean state: --pooling, --layer);
   * one epoch with the learning rate annealed linearly to 0 by default (RL_DETAILS item 11);
   * --freeze-trunk: the trunk's features of every reply are computed once, before the loop, and the head trains
-    on them: the trunk is never run again, so epochs cost almost nothing (the small-data recipe);
+    on them: the trunk is never run again, so epochs cost almost nothing (the small-data recipe); that head starts
+    at zero, not N(0, 1/√(d+1)): training it is logistic regression, and a random start reads SmolLM2's few huge
+    hidden dimensions as noise that a few epochs do not forget (reward_model._fresh_head);
   * --ensemble K: K heads on that frozen trunk, head k trained on a bootstrap resample of the pairs, written as
     per-pair multiplicities (Poisson-like counts from one multinomial draw) that multiply the pair weights, so all
     heads see each batch and one pass trains them all; each head's loss is its own weighted mean;
@@ -218,7 +220,7 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
     train_pairs, eval_pairs, counts, split = split_pairs(cfg, "reward", log)
     if cfg.patience and not eval_pairs:
         raise UsageError(f"--patience {cfg.patience} needs held-out pairs to watch", "give --eval-data or --eval-fraction > 0")
-    model, tok = load_reward_model(cfg, trainable=True,
+    model, tok = load_reward_model(cfg, trainable=True, head_init="zero" if cfg.freeze_trunk else "normal",
                                    head={"layer": cfg.layer, "pooling": cfg.pooling, "heads": cfg.ensemble})
     if cfg.freeze_trunk:
         head = {id(p) for p in model.score.parameters()}
