@@ -197,6 +197,25 @@ def test_a_frozen_trunks_head_starts_at_zero_and_a_fine_tuned_ones_at_random(tmp
     assert not zero.score.weight.any()
 
 
+def test_frozen_normalisation_from_cached_features_is_what_the_loader_scores(tmp_path):
+    # with a frozen trunk the gain and bias are fitted on the cached features: the loader's scores of the same
+    # reference replies (the sampled training pairs, through the trunk) have mean 0 and std 1
+    from chatrlhf.config import RewardTrainConfig
+    from chatrlhf.data.pairs import split_pairs
+    from chatrlhf.trainers.reward import sample_pairs
+
+    out = tmp_path / "rm"
+    r = train_cli(out, "--freeze-trunk", "--layer", "1", "--pooling", "mean", "--epochs", "2", "--lr", "1e-2",
+                  "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    cfg = RewardTrainConfig(data=[str(tmp_path / "rm-pairs.jsonl")], eval_fraction=0.25)
+    reference = sample_pairs(split_pairs(cfg, "reward", lambda *x: None)[0], 256, cfg.seed)
+    model, tok = load_reward_model(ModelArgs(model=str(out)))
+    s = np.array(reward_scores(model, tok, [p.prompt for p in reference for _ in (0, 1)],
+                               [x for p in reference for x in (p.chosen, p.rejected)]))
+    assert abs(s.mean()) < 1e-4 and abs(s.std() - 1) < 1e-4
+
+
 def test_frozen_ensemble_trains_saves_and_every_loader_scores_it_the_same(tmp_path):
     out = tmp_path / "rm"
     r = train_cli(out, "--freeze-trunk", "--ensemble", "3", "--layer", "1", "--pooling", "both", "--head-dropout", "0.1",
