@@ -233,7 +233,8 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
     cache = held = None
     watch = eval_pairs if cfg.patience or cfg.average_checkpoints > 1 else []  # held-out loss after every epoch
     if cfg.freeze_trunk:
-        log(f"chatrlhf reward: the frozen trunk's features of {2 * (len(train_pairs) + len(eval_pairs))} replies, once")
+        n_replies = 2 * (len(train_pairs) + len(eval_pairs))
+        log(f"chatrlhf reward: the frozen trunk's features of {n_replies} replies, once")
         cache = cached_features(model, tok, encoded, cfg.batch_size, run.device, cfg.dtype, feature_cache)
         held = cached_features(model, tok, encode_pairs(tok, eval_pairs, cfg.max_length), cfg.batch_size, run.device,
                                cfg.dtype, feature_cache) if eval_pairs else None
