@@ -14,7 +14,7 @@ from chatrlhf import losses
 from chatrlhf.config import ModelArgs
 from chatrlhf.data.records import Preference
 from chatrlhf.evaluate.metrics import confident_half, fit_temperature, pairwise_ece
-from chatrlhf.reward_model import DEFAULT_HEAD, classic_head, encode_reply, ensemble_scores, head_scores, \
+from chatrlhf.reward_model import DEFAULT_HEAD, HEAD_KEY, classic_head, encode_reply, ensemble_scores, head_scores, \
     load_reward_model, pad_right, pair_metrics, pool, raw_head_scores, reward_head, reward_scores, \
     reward_scores_with_spread
 from chatrlhf.trainers.reward import EpochKeeper, bootstrap_counts, encode_pairs
@@ -183,6 +183,39 @@ def test_recipe_flags_that_cannot_work_are_refused(tmp_path):
     assert not (tmp_path / "a" / "model.safetensors").exists()
 
 
+def test_a_frozen_trunks_head_starts_at_zero_and_a_fine_tuned_ones_at_random(tmp_path):
+    # logistic regression on the frozen features starts from zero (a random start is systematically wrong on
+    # SmolLM2's huge dimensions); a head fine-tuned with its trunk keeps the N(0, 1/sqrt(d+1)) start
+    r = train_cli(tmp_path / "frozen", "--freeze-trunk", "--max-steps", "1", "--lr", "1e-12", "--batch-size", "4")
+    assert r.returncode == 0, r.stderr
+    frozen, _ = load_reward_model(ModelArgs(model=str(tmp_path / "frozen")))
+    assert frozen.score.weight.abs().max() < 1e-9
+    fresh, _ = load_reward_model(ModelArgs(model="tiny-random-llama"))
+    w = fresh.score.weight.detach()
+    assert abs(float(w.std()) - 1 / (w.shape[1] + 1) ** 0.5) < 0.3 / (w.shape[1] + 1) ** 0.5
+    zero, _ = load_reward_model(ModelArgs(model="tiny-random-llama"), head_init="zero")
+    assert not zero.score.weight.any()
+
+
+def test_frozen_normalisation_from_cached_features_is_what_the_loader_scores(tmp_path):
+    # with a frozen trunk the gain and bias are fitted on the cached features: the loader's scores of the same
+    # reference replies (the sampled training pairs, through the trunk) have mean 0 and std 1
+    from chatrlhf.config import RewardTrainConfig
+    from chatrlhf.data.pairs import split_pairs
+    from chatrlhf.trainers.reward import sample_pairs
+
+    out = tmp_path / "rm"
+    r = train_cli(out, "--freeze-trunk", "--layer", "1", "--pooling", "mean", "--epochs", "2", "--lr", "1e-2",
+                  "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    cfg = RewardTrainConfig(data=[str(tmp_path / "rm-pairs.jsonl")], eval_fraction=0.25)
+    reference = sample_pairs(split_pairs(cfg, "reward", lambda *x: None)[0], 256, cfg.seed)
+    model, tok = load_reward_model(ModelArgs(model=str(out)))
+    s = np.array(reward_scores(model, tok, [p.prompt for p in reference for _ in (0, 1)],
+                               [x for p in reference for x in (p.chosen, p.rejected)]))
+    assert abs(s.mean()) < 1e-4 and abs(s.std() - 1) < 1e-4
+
+
 def test_frozen_ensemble_trains_saves_and_every_loader_scores_it_the_same(tmp_path):
     out = tmp_path / "rm"
     r = train_cli(out, "--freeze-trunk", "--ensemble", "3", "--layer", "1", "--pooling", "both", "--head-dropout", "0.1",
@@ -265,16 +298,36 @@ def test_frozen_features_match_what_the_loader_scores(tmp_path):
     # the features the trainer caches once are the loader's features: a head trained on them scores the same
     from chatrlhf.config import RewardTrainConfig
     from chatrlhf.trainers.reward import frozen_features
-    from chatrlhf.trainers.run import Run
 
     cfg = RewardTrainConfig(model="tiny-random-llama", output_dir=str(tmp_path / "x"), batch_size=2, dtype="float32")
     model, tok = load_reward_model(cfg, head={"layer": 0, "pooling": "mean", "heads": 2})
     pairs = [Preference(Q, "It ships today.", "No."), Preference(Q, "Yes, in two days.", "Maybe, who knows, not me.")]
-    chosen, rejected = frozen_features(model, tok, encode_pairs(tok, pairs, 512), Run("reward train", cfg, print))
+    chosen, rejected = frozen_features(model, tok, encode_pairs(tok, pairs, 512), 2, torch.device("cpu"), "float32")
     with torch.no_grad():
         cached = head_scores(model, torch.cat([chosen, rejected])).numpy()
     loaded = raw_head_scores(model, tok, [Q] * 4, [p.chosen for p in pairs] + [p.rejected for p in pairs])
     assert np.allclose(cached, loaded, atol=1e-5)
+
+
+def test_feature_cache_is_read_back_and_keyed_by_pairs_and_pooling(tmp_path, monkeypatch):
+    # the second extraction of the same pairs comes from disk (the trunk is not run); other pairs or another pooling
+    # get their own file
+    from chatrlhf.trainers import reward
+
+    cpu = torch.device("cpu")
+    model, tok = load_reward_model(ModelArgs(model="tiny-random-llama"), head={"layer": 1, "pooling": "mean", "heads": 1})
+    pairs = [Preference(Q, "It ships today.", "No."), Preference(Q, "Yes, in two days.", "Maybe.")]
+    enc = encode_pairs(tok, pairs, 512)
+    first = reward.cached_features(model, tok, enc, 2, cpu, "float32", tmp_path)
+    assert len(list(tmp_path.glob("features-*.pt"))) == 1
+    monkeypatch.setattr(reward, "frozen_features", lambda *a: pytest.fail("the trunk ran again"))
+    again = reward.cached_features(model, tok, enc, 2, cpu, "float32", tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    monkeypatch.undo()
+    reward.cached_features(model, tok, enc[:1], 2, cpu, "float32", tmp_path)
+    setattr(model.config, HEAD_KEY, {**reward_head(model.config), "pooling": "last"})
+    last = reward.cached_features(model, tok, enc, 2, cpu, "float32", tmp_path)
+    assert len(list(tmp_path.glob("features-*.pt"))) == 3 and not torch.equal(last[0], first[0])
 
 
 def test_ensemble_step_micro_batches_equal_one_big_batch():

@@ -50,11 +50,12 @@ def head_rows(head: dict) -> int:
     return head["heads"] * (2 if head["pooling"] == "both" else 1)
 
 
-def load_reward_model(args: ModelArgs, trainable: bool = False, head: dict | None = None):
+def load_reward_model(args: ModelArgs, trainable: bool = False, head: dict | None = None, head_init: str = "normal"):
     """(model, tokenizer): an AutoModelForSequenceClassification whose head reads the score as its config says
     (:func:`reward_head`). From a reward-model folder it loads as saved; from any causal LM (embedded, folder,
     GGUF, tiny) it takes the trunk and a fresh head reading as ``head`` says (default: the last layer's last
-    token), initialised N(0, 1/√(d+1)) for d input features (RL_DETAILS item 9).
+    token), initialised N(0, 1/√(d+1)) for d input features (RL_DETAILS item 9), or zeros (``head_init="zero"``:
+    a head trained alone on a frozen trunk, see :func:`_fresh_head`).
     Normalisation (gain, bias) lives in ``config.chatrlhf_reward_norm`` and is applied by
     :func:`reward_scores`, not by the raw model."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -86,7 +87,7 @@ def load_reward_model(args: ModelArgs, trainable: bool = False, head: dict | Non
         distinct_pad(tok, model)
     model.config.pad_token_id = tok.pad_token_id
     if fresh:
-        _fresh_head(model, wanted, args.model)
+        _fresh_head(model, wanted, args.model, head_init)
     elif head is not None and reward_head(model.config) != wanted:
         raise UsageError(f"--model {args.model} is a reward model reading {reward_head(model.config)}, not {wanted}",
                          "train from a causal LM to change --layer, --pooling or --ensemble, or drop those flags")
@@ -95,8 +96,13 @@ def load_reward_model(args: ModelArgs, trainable: bool = False, head: dict | Non
     return model, tok
 
 
-def _fresh_head(model, head: dict, name: str) -> None:
-    """Record how the new head reads, and initialise it N(0, 1/√(d+1)) for its d input features."""
+def _fresh_head(model, head: dict, name: str, init: str = "normal") -> None:
+    """Record how the new head reads, and initialise it N(0, 1/√(d+1)) for its d input features, or zeros. Zeros
+    for a head trained alone on a frozen trunk: that is logistic regression, convex, with nothing to break by
+    randomness, and a random start is not neutral there: middle-layer states of SmolLM2 have a few huge
+    dimensions (|x| ≈ 300 where the median std is ≈ 1), so a random head's first scores are large and
+    systematically wrong (0.45 accuracy on held-out HH pairs) and a few epochs of Adam do not forget them (0.52
+    against 0.55 from zeros, the sklearn probe's 0.55–0.56: benchmarks/reward_recipes.py, docs/benchmarks.md)."""
     blocks = model.config.num_hidden_layers
     if not -1 <= head["layer"] <= blocks:
         raise UsageError(f"--layer {head['layer']}: {name} has {blocks} transformer blocks",
@@ -105,7 +111,10 @@ def _fresh_head(model, head: dict, name: str) -> None:
     d = score.weight.shape[1] * (2 if head["pooling"] == "both" else 1)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        torch.nn.init.normal_(score.weight, std=1 / (d + 1) ** 0.5)
+        if init == "zero":
+            torch.nn.init.zeros_(score.weight)
+        else:
+            torch.nn.init.normal_(score.weight, std=1 / (d + 1) ** 0.5)
     if getattr(score, "bias", None) is not None:
         torch.nn.init.zeros_(score.bias)
     model.config.chatrlhf_reward_norm = {"gain": 1.0, "bias": 0.0}

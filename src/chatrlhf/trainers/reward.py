@@ -5,7 +5,9 @@ Departures from a textbook loop, and why:
     reads each sequence once, at its last non-pad token (or its reply's mean state: --pooling, --layer);
   * one epoch with the learning rate annealed linearly to 0 by default (RL_DETAILS item 11);
   * --freeze-trunk: the trunk's features of every reply are computed once, before the loop, and the head trains
-    on them: the trunk is never run again, so epochs cost almost nothing (the small-data recipe);
+    on them: the trunk is never run again, so epochs cost almost nothing (the small-data recipe); that head starts
+    at zero, not N(0, 1/√(d+1)): training it is logistic regression, and a random start reads SmolLM2's few huge
+    hidden dimensions as noise that a few epochs do not forget (reward_model._fresh_head);
   * --ensemble K: K heads on that frozen trunk, head k trained on a bootstrap resample of the pairs, written as
     per-pair multiplicities (Poisson-like counts from one multinomial draw) that multiply the pair weights, so all
     heads see each batch and one pass trains them all; each head's loss is its own weighted mean;
@@ -19,8 +21,11 @@ Departures from a textbook loop, and why:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,9 +39,9 @@ from chatrlhf.data.split import group_hash
 from chatrlhf.data.template import prompt_format
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import fit_temperature
-from chatrlhf.models import count_parameters, enable_checkpointing, save_model, train_top_layers
+from chatrlhf.models import autocast, count_parameters, enable_checkpointing, save_model, train_top_layers
 from chatrlhf.reward_model import encode_reply, features, head_scores, load_reward_model, measure, pad_right, \
-    pair_raw_scores, reward_scores, verdict, write_report
+    pair_raw_scores, reward_head, reward_scores, verdict, write_report
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
 from chatrlhf.trainers.run import Run, Summary, trainable_state
 
@@ -61,8 +66,15 @@ def check_recipe(cfg: RewardTrainConfig) -> None:
                          "patience ≥ 0 and at least 1 checkpoint", "--patience 0 and --average-checkpoints 1 = off")
 
 
-def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs) -> dict:
-    """gain, bias so that gain · score + bias has mean 0 and std 1 on the reference replies."""
+def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs, cache: tuple | None = None) -> dict:
+    """gain, bias so that gain · score + bias has mean 0 and std 1 on the reference replies (the training replies'
+    from the frozen trunk's ``cache`` of their features when given: only the head runs)."""
+    if not cfg.norm_data and cache is not None:
+        idx = sample_index(len(train_pairs), 256, cfg.seed)
+        with torch.no_grad():
+            s = head_scores(model, torch.cat([cache[0][idx], cache[1][idx]])).mean(1).cpu().numpy()
+        std = float(s.std()) or 1.0
+        return {"gain": 1.0 / std, "bias": -float(s.mean()) / std, "fitted_on": len(s), "reference": "training replies"}
     if cfg.norm_data:
         rows = [r for _, r in read_rows(cfg.norm_data)]
         prompts = [parse_turns(r.get("prompt") or r.get("messages"), cfg.norm_data, i, "prompt") for i, r in enumerate(rows, 1)]
@@ -83,11 +95,15 @@ def encode_pairs(tok, pairs, max_length: int) -> list[tuple[tuple[list[int], int
             for p in pairs]
 
 
+def sample_index(total: int, n: int, seed: int) -> list[int]:
+    """n of range(total) drawn without replacement, sorted (all of them when total ≤ n)."""
+    if total <= n:
+        return list(range(total))
+    return sorted(np.random.default_rng(seed).choice(total, n, replace=False).tolist())
+
+
 def sample_pairs(pairs: list, n: int, seed: int) -> list:
-    if len(pairs) <= n:
-        return list(pairs)
-    idx = np.random.default_rng(seed).choice(len(pairs), n, replace=False)
-    return [pairs[i] for i in sorted(idx)]
+    return [pairs[i] for i in sample_index(len(pairs), n, seed)]
 
 
 def pair_batch(encoded, pad_id: int, device) -> dict:
@@ -104,19 +120,39 @@ def pair_labels(pairs, device) -> dict:
 
 
 @torch.no_grad()
-def frozen_features(model, tok, encoded, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+def frozen_features(model, tok, encoded, batch_size: int, device, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) features (N, d) of every pair from the frozen trunk, computed once, batched by length."""
     seqs = [c for c, _ in encoded] + [r for _, r in encoded]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out = None
-    for k in range(0, len(order), run.cfg.batch_size * 2):
-        idx = order[k:k + run.cfg.batch_size * 2]
-        batch = pad_right([seqs[i][0] for i in idx], tok.pad_token_id, run.device, [seqs[i][1] for i in idx])
-        with run.autocast():
+    for k in range(0, len(order), batch_size * 2):
+        idx = order[k:k + batch_size * 2]
+        batch = pad_right([seqs[i][0] for i in idx], tok.pad_token_id, device, [seqs[i][1] for i in idx])
+        with autocast(dtype, device):
             f = features(model, batch).float()
-        out = torch.zeros(len(seqs), f.shape[1], device=run.device) if out is None else out
+        out = torch.zeros(len(seqs), f.shape[1], device=device) if out is None else out
         out[idx] = f
     return out[:len(encoded)], out[len(encoded):]
+
+
+def cached_features(model, tok, encoded, batch_size: int, device, dtype: str,
+                    cache_dir: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`frozen_features`, kept on disk under ``cache_dir`` (None = not kept) in a file named by a hash of the
+    model, its read-out layer and pooling, the dtype and every pair's token ids (so the split and --max-length
+    too): recipes that share a frozen trunk and a split extract its features once (benchmarks/reward_recipes.py)."""
+    if cache_dir is None:
+        return frozen_features(model, tok, encoded, batch_size, device, dtype)
+    head = reward_head(model.config)
+    key = json.dumps([model.config.name_or_path, head["layer"], head["pooling"], dtype, encoded])
+    path = Path(cache_dir) / f"features-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+    if path.is_file():
+        chosen, rejected = torch.load(path)
+        return chosen.to(device), rejected.to(device)
+    chosen, rejected = frozen_features(model, tok, encoded, batch_size, device, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save((chosen.cpu(), rejected.cpu()), path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)  # a run killed mid-write leaves no half file under the real name
+    return chosen, rejected
 
 
 def bootstrap_counts(n: int, heads: int, seed: int) -> torch.Tensor:
@@ -176,13 +212,15 @@ class EpochKeeper:
         self.best_epoch, self.stopped = state["best_epoch"], state["stopped"]
 
 
-def train(cfg: RewardTrainConfig, log=print) -> Summary:
+def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = None) -> Summary:
+    """Train, calibrate, measure and save a reward model; with --freeze-trunk, ``feature_cache`` (a folder) keeps
+    the trunk's features on disk for the next run on the same pairs (:func:`cached_features`)."""
     check_recipe(cfg)
     run = Run("reward train", cfg, log)
     train_pairs, eval_pairs, counts, split = split_pairs(cfg, "reward", log)
     if cfg.patience and not eval_pairs:
         raise UsageError(f"--patience {cfg.patience} needs held-out pairs to watch", "give --eval-data or --eval-fraction > 0")
-    model, tok = load_reward_model(cfg, trainable=True,
+    model, tok = load_reward_model(cfg, trainable=True, head_init="zero" if cfg.freeze_trunk else "normal",
                                    head={"layer": cfg.layer, "pooling": cfg.pooling, "heads": cfg.ensemble})
     if cfg.freeze_trunk:
         head = {id(p) for p in model.score.parameters()}
@@ -195,9 +233,11 @@ def train(cfg: RewardTrainConfig, log=print) -> Summary:
     cache = held = None
     watch = eval_pairs if cfg.patience or cfg.average_checkpoints > 1 else []  # held-out loss after every epoch
     if cfg.freeze_trunk:
-        log(f"chatrlhf reward: the frozen trunk's features of {2 * (len(train_pairs) + len(watch))} replies, once")
-        cache = frozen_features(model, tok, encoded, run)
-        held = frozen_features(model, tok, encode_pairs(tok, watch, cfg.max_length), run) if watch else None
+        n_replies = 2 * (len(train_pairs) + len(eval_pairs))
+        log(f"chatrlhf reward: the frozen trunk's features of {n_replies} replies, once")
+        cache = cached_features(model, tok, encoded, cfg.batch_size, run.device, cfg.dtype, feature_cache)
+        held = cached_features(model, tok, encode_pairs(tok, eval_pairs, cfg.max_length), cfg.batch_size, run.device,
+                               cfg.dtype, feature_cache) if eval_pairs else None
     boot = bootstrap_counts(len(train_pairs), cfg.ensemble, cfg.seed).to(run.device)
     plan = StepPlan([max(len(c[0]), len(r[0])) for c, r in encoded], cfg.batch_size, cfg.grad_accum, cfg.seed)
     n_steps = run.total_steps(plan.steps_per_epoch)
@@ -230,7 +270,7 @@ def train(cfg: RewardTrainConfig, log=print) -> Summary:
         log(f"chatrlhf reward: early stop after epoch {len(keeper.held_out_bt)}: no lower held-out loss for "
             f"{cfg.patience} epochs; keeping epoch {keeper.best_epoch}")
     keeper.restore()
-    return _finish(run, model, tok, train_pairs, eval_pairs, counts, split, keeper)
+    return _finish(run, model, tok, train_pairs, eval_pairs, counts, split, keeper, cache, held)
 
 
 def train_step(model, tok, run: Run, chunks: list[list[int]], encoded: list, pairs: list, boot: torch.Tensor,
@@ -286,18 +326,26 @@ def held_out_loss(model, tok, run: Run, eval_pairs: list, held: tuple | None) ->
     return float(loss)
 
 
-def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str, keeper: EpochKeeper) -> Summary:
+def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str, keeper: EpochKeeper,
+            cache: tuple | None, held: tuple | None) -> Summary:
     """Normalise, calibrate and measure on the held-out pairs, decide the gate, save the model with what it was
-    trained on."""
+    trained on. With a frozen trunk the features of the training (``cache``) and held-out (``held``) pairs are at
+    hand, so only the head runs."""
     cfg = run.cfg
     model.eval()
-    model.config.chatrlhf_reward_norm = {**fit_normalisation(model, tok, cfg, train_pairs), "margin_loss": cfg.margin}
+    model.config.chatrlhf_reward_norm = {**fit_normalisation(model, tok, cfg, train_pairs, cache),
+                                         "margin_loss": cfg.margin}
     model.config.chatrlhf_reward_calibration = None  # a model trained further is calibrated afresh, or not at all
     if not eval_pairs:
         split = "training pairs: no held-out pairs"
     pairs = eval_pairs or sample_pairs(train_pairs, 256, cfg.seed)
-    with run.autocast():
-        chosen, rejected = pair_raw_scores(model, tok, pairs, cfg.batch_size, cfg.max_length)
+    if cache is not None:
+        feats = held if eval_pairs else [x[sample_index(len(train_pairs), 256, cfg.seed)] for x in cache]
+        with torch.no_grad(), run.autocast():
+            chosen, rejected = (head_scores(model, f).cpu().numpy() for f in feats)
+    else:
+        with run.autocast():
+            chosen, rejected = pair_raw_scores(model, tok, pairs, cfg.batch_size, cfg.max_length)
     metrics = measure(model, tok, pairs, chosen, rejected)
     if cfg.calibrate and eval_pairs:
         logits = metrics["_logits"]

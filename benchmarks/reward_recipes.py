@@ -1,0 +1,263 @@
+"""Which reward-model recipe wins with a few thousand labels (issue 21)? One run, one prompt-disjoint split of the
+HH-RLHF pairs in ../shared/data, every row trained on the same pairs and scored on the same held-out pairs:
+
+  trl                TRL RewardTrainer, full fine-tune, its defaults (lr 1e-4, 3 epochs, batch 8), stopped at
+                     --budget-minutes if given
+  old-default        `reward train` as it ships: full fine-tune, 1 epoch, lr 1e-5
+  top8               the top 8 blocks + head, 1 epoch, lr 1e-5
+  frozen             frozen trunk + linear head at --layer/--pooling, lr 1e-3, weight decay 0.01, 10 epochs
+  frozen-es          the same, up to 30 epochs, early stopping on the validation pairs (--patience 3)
+  frozen-es-smooth   frozen-es + --label-smoothing 0.1
+  frozen-es-ens5     frozen-es + --ensemble 5 (bootstrap heads: a spread, the confident half's accuracy)
+  probe              the frozen probe: sklearn logistic regression on the same features, standardised, no
+                     intercept, C chosen by 5-fold cross-validation on the training pairs (benchmarks/reward_probe.py)
+
+    .venv/bin/python benchmarks/reward_recipes.py --train-pairs 2000 --eval-pairs 600 --max-length 256
+    .venv/bin/python benchmarks/reward_recipes.py --train-pairs 300 --eval-pairs 150 --max-length 128 \
+        --rows old-default,frozen,frozen-es-ens5,probe          # a few minutes: proves the script
+
+Split: hh_split of reward_quality.py (base splits only, whole prompts held out), --train-pairs of the rest; then
+--val-fraction of the training prompts are set aside by `reward train`'s own prompt-disjoint split for early
+stopping and the temperature (every row: the test pairs choose nothing). All rows train on the remaining pairs.
+The frozen-trunk rows and the probe share one extraction of the trunk's features, kept under
+out/reward-recipes/features (keyed by model, layer, pooling, dtype and token ids); its time is added to each of
+those rows' time, as a user running one recipe pays it once. Per row: held-out accuracy with a 95% bootstrap CI,
+ECE before and after the temperature (fitted on the validation pairs), seconds; for the ensemble the accuracy on
+the half of the pairs its heads agree on most vs the rest. Writes benchmarks/results/reward_recipes.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import hashlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reward_quality import HH, ROOT, hh_split  # noqa: E402
+from sft import machine  # noqa: E402
+
+OUT = ROOT / "out" / "reward-recipes"
+FROZEN = {"freeze_trunk": True, "lr": 1e-3, "weight_decay": 0.01}
+EARLY = {**FROZEN, "epochs": 30, "patience": 3}
+RECIPES = {  # row name -> fields of RewardTrainConfig on top of the shared ones; trl and probe are not ours
+    "trl": None,
+    "old-default": {},
+    "top8": {"train_layers": 8},
+    "frozen": {**FROZEN, "epochs": 10},
+    "frozen-es": EARLY,
+    "frozen-es-smooth": {**EARLY, "label_smoothing": 0.1},
+    "frozen-es-ens5": {**EARLY, "ensemble": 5},
+    "probe": None,
+}
+
+
+def split(a) -> tuple[Path, list, list]:
+    """(training file, its pairs, held-out test pairs): the test pairs are whole prompts never trained on."""
+    train_pairs, test_pairs, _ = hh_split(a.eval_pairs, extra=False)
+    train_pairs = [r for r in train_pairs if r.chosen != r.rejected]
+    random.Random(0).shuffle(train_pairs)
+    train_pairs = train_pairs[:a.train_pairs]
+    rows = "".join(json.dumps({"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}) + "\n"
+                   for r in train_pairs)
+    path = OUT / f"train-{hashlib.sha256(rows.encode()).hexdigest()[:12]}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rows)
+    return path, train_pairs, test_pairs
+
+
+def scored(name: str, right: list[float], test_logits, val_logits, seconds: float, **extra) -> dict:
+    """One row: accuracy with its 95% bootstrap CI, ECE at T = 1 and at the temperature fitted on the validation
+    pairs' logits, time."""
+    from chatrlhf.evaluate.metrics import bootstrap_ci, fit_temperature, pairwise_ece
+
+    acc, lo, hi = bootstrap_ci(right)
+    t = fit_temperature(np.asarray(val_logits)) if len(val_logits) else 1.0
+    return {"row": name, "accuracy": acc, "accuracy_ci95": [lo, hi], "ece_uncalibrated": pairwise_ece(test_logits),
+            "ece": pairwise_ece(np.asarray(test_logits) / t), "temperature": t, "seconds": seconds, **extra}
+
+
+def run_ours(name: str, cfg, test_pairs, test_feats, extraction_s: float) -> dict:
+    """Train one recipe through `reward train` and score the test pairs (from the cached features when frozen)."""
+    import torch
+
+    from chatrlhf.config import ModelArgs
+    from chatrlhf.reward_model import evaluate_pairs, head_scores, load_reward_model, measure
+    from chatrlhf.trainers.reward import train
+
+    t0 = time.perf_counter()
+    summary = train(cfg, log=lambda *x: None, feature_cache=OUT / "features")
+    seconds = time.perf_counter() - t0 + (extraction_s if cfg.freeze_trunk else 0.0)
+    model, tok = load_reward_model(ModelArgs(model=cfg.output_dir))
+    if cfg.freeze_trunk:
+        with torch.no_grad():
+            c, r = (head_scores(model, f).numpy() for f in test_feats)
+        m = measure(model, tok, test_pairs, c, r)
+    else:
+        m = evaluate_pairs(model, tok, test_pairs, 16, cfg.max_length)
+    right = [float(x > 0) + 0.5 * (x == 0) for x in m["_margins"]]
+    t = m["temperature"]  # measure's ECEs: at T = 1 and at the temperature `reward train` fitted
+    row = scored(name, right, m["_logits"], [], seconds, ensemble=m.get("ensemble"),
+                 epochs=(summary.results or {}).get("epochs"))
+    row.update(ece=m["ece"], ece_uncalibrated=m["ece_uncalibrated"], temperature=t)
+    return row
+
+
+def run_trl(cfg, train_pairs, val_pairs, test_pairs, budget_s: float) -> dict:
+    """TRL's RewardTrainer with its defaults (inputs cut at the same --max-length), stopped at the budget."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    from chatrlhf.data.template import ensure_chat_template
+    from chatrlhf.models import resolve_model, use_bf16
+    from chatrlhf.reward_model import evaluate_pairs
+
+    class Budget(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = time.perf_counter() - t0 > budget_s > 0
+
+    torch.manual_seed(0)
+    path = resolve_model(cfg.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    ds = Dataset.from_list([{"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
+                             "rejected": [{"role": "assistant", "content": p.rejected}]} for p in train_pairs])
+    args = RewardConfig(output_dir=tempfile.mkdtemp(prefix="rm-trl-"), save_strategy="no", report_to=[], use_cpu=True,
+                        seed=0, max_length=cfg.max_length, bf16=use_bf16(cfg.dtype, torch.device("cpu")))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[Budget()])
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    ensure_chat_template(tok)
+    m, v = (evaluate_pairs(model, tok, pairs, 16, cfg.max_length) for pairs in (test_pairs, val_pairs))
+    return scored("trl", [float(x > 0) + 0.5 * (x == 0) for x in m["_margins"]], m["_logits"], v["_logits"], seconds,
+                  steps=trainer.state.global_step, epochs=trainer.state.epoch)
+
+
+def run_probe(feats: dict, val_pairs, extraction_s: float) -> dict:
+    """The sklearn probe on the cached (chosen − rejected) features: standardised, C by 5-fold CV."""
+    from sklearn.linear_model import LogisticRegression
+
+    t0 = time.perf_counter()
+    x = (feats["train"][0] - feats["train"][1]).numpy()
+
+    def fit(train: np.ndarray, c: float):
+        both = np.concatenate([train, -train])  # a pair and its mirror: no intercept, symmetric
+        scale = both.std(0) + 1e-6
+        clf = LogisticRegression(C=c, fit_intercept=False, max_iter=3000).fit(
+            both / scale, np.r_[np.ones(len(train)), np.zeros(len(train))])
+        return lambda z: clf.decision_function(z / scale)
+
+    folds = np.arange(len(x)) % 5
+    cv = {c: float(np.mean([(fit(x[folds != f], c)(x[folds == f]) > 0).mean() for f in range(5)]))
+          for c in (1e-4, 1e-3, 1e-2, 1e-1)}
+    c = max(cv, key=cv.get)
+    logit = fit(x, c)
+    test = logit((feats["test"][0] - feats["test"][1]).numpy())
+    val = logit((feats["val"][0] - feats["val"][1]).numpy())
+    return scored("probe", list((test > 0) + 0.5 * (test == 0)), test, val,
+                  time.perf_counter() - t0 + extraction_s, C=c, cross_validated=cv)
+
+
+def extract(cfg, splits: dict) -> tuple[dict, float]:
+    """The frozen trunk's (chosen, rejected) features of each split at --layer/--pooling, from the on-disk cache
+    when an earlier run made them; and the seconds it took."""
+    import torch
+
+    from chatrlhf.reward_model import load_reward_model
+    from chatrlhf.trainers.reward import cached_features, encode_pairs
+
+    model, tok = load_reward_model(cfg, head={"layer": cfg.layer, "pooling": cfg.pooling, "heads": 1})
+    model.eval()
+    t0 = time.perf_counter()
+    feats = {k: cached_features(model, tok, encode_pairs(tok, pairs, cfg.max_length), cfg.batch_size,
+                                torch.device("cpu"), cfg.dtype, OUT / "features") for k, pairs in splits.items()}
+    return feats, time.perf_counter() - t0
+
+
+def table(rows: list[dict]) -> None:
+    print(f"{'row':18}{'accuracy':>9}  {'95% CI':13}{'ECE T=1':>8}{'ECE T':>7}{'min':>7}  note")
+    for r in rows:
+        ens = r.get("ensemble") or {}
+        note = (f"confident half {ens['confident_half_accuracy']:.3f} vs other half {ens['other_half_accuracy']:.3f}"
+                if "confident_half_accuracy" in ens else "over budget" if r.get("over_budget") else "")
+        lo, hi = r["accuracy_ci95"]
+        print(f"{r['row']:18}{r['accuracy']:>9.3f}  [{lo:.3f}, {hi:.3f}] {r['ece_uncalibrated']:>7.3f}{r['ece']:>7.3f}"
+              f"{r['seconds'] / 60:>7.1f}  {note}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-pairs", type=int, default=2000)
+    p.add_argument("--eval-pairs", type=int, default=600, help="held-out test pairs (whole prompts)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training prompts set aside for early stopping and the temperature")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--layer", type=int, default=16, help="read-out block of the frozen rows and the probe")
+    p.add_argument("--pooling", choices=("last", "mean", "both"), default="mean")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--budget-minutes", type=float, default=0.0,
+                   help="wall-clock budget per row: TRL stops at it; our rows are flagged when over (0 = none)")
+    p.add_argument("--rows", default=",".join(RECIPES), help=f"comma-separated, of: {', '.join(RECIPES)}")
+    a = p.parse_args()
+    rows = a.rows.split(",")
+    if not HH.is_dir() or set(rows) - set(RECIPES):
+        sys.exit(f"{HH} not found: this benchmark needs ../shared/data" if not HH.is_dir() else
+                 f"--rows: unknown {sorted(set(rows) - set(RECIPES))}; choose from {', '.join(RECIPES)}")
+    from chatrlhf.config import RewardTrainConfig
+    from chatrlhf.data.pairs import split_pairs
+
+    data, _, test_pairs = split(a)
+    base = RewardTrainConfig(model="smollm2-135m", data=[str(data)], eval_fraction=a.val_fraction,
+                             max_length=a.max_length, dtype=a.dtype, seed=0, quiet=True, tensorboard=False,
+                             layer=a.layer, pooling=a.pooling, batch_size=8)
+    train_pairs, val_pairs, _, _ = split_pairs(base, "reward", lambda *x: None)
+    print(f"{len(train_pairs)} train, {len(val_pairs)} validation, {len(test_pairs)} held-out test pairs", flush=True)
+    feats, extraction_s = extract(base, {"train": train_pairs, "val": val_pairs, "test": test_pairs}) \
+        if any(r == "probe" or (RECIPES[r] or {}).get("freeze_trunk") for r in rows) else ({}, 0.0)
+    # the time of the extraction that filled the cache, so that a cached rerun reports what a user pays
+    timing = OUT / "features" / f"{data.stem}-{a.layer}-{a.pooling}-{a.max_length}-{a.dtype}.seconds"
+    if feats and not timing.is_file():
+        timing.write_text(f"{extraction_s}\n")
+    extraction_s = float(timing.read_text()) if feats else 0.0
+    print(f"frozen trunk features: {extraction_s:.0f} s (added to the frozen rows' and the probe's time)", flush=True)
+    results = []
+    for name in rows:
+        if name == "trl":
+            results.append(run_trl(base, train_pairs, val_pairs, test_pairs, 60 * a.budget_minutes))
+        elif name == "probe":
+            results.append(run_probe(feats, val_pairs, extraction_s))
+        else:
+            fields = RECIPES[name]
+            cfg = dataclasses.replace(base, output_dir=str(OUT / name), **fields)
+            # frozen rows: the trunk's part of the layer/pooling; full fine-tunes: the classic last-token head
+            cfg = cfg if fields.get("freeze_trunk") else dataclasses.replace(cfg, layer=-1, pooling="last")
+            results.append(run_ours(name, cfg, test_pairs, feats.get("test"), extraction_s))
+        results[-1]["over_budget"] = a.budget_minutes > 0 and results[-1]["seconds"] > 60 * a.budget_minutes * 1.05
+        table(results[-1:])
+        gc.collect()
+    print()
+    table(results)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reward_recipes.json").write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "settings": vars(a),
+         "train_pairs": len(train_pairs), "validation_pairs": len(val_pairs), "test_pairs": len(test_pairs),
+         "extraction_seconds": extraction_s, "rows": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
