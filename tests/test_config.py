@@ -1,6 +1,6 @@
 import pytest
 
-from chatrlhf.cli import parser
+from chatrlhf.cli import COMMANDS, parser
 from chatrlhf.config import SFTConfig, build_config
 from chatrlhf.errors import UsageError
 
@@ -52,3 +52,11 @@ def test_a_setting_decided_at_run_time_is_none_until_given(write):
         build_config(PPOConfig, {}, str(write("w.yaml", "missing_eos_penalty: lots\n")))
     with pytest.raises(SystemExit):
         parser().parse_args(["ppo", "--missing-eos-penalty", "lots"])
+
+
+@pytest.mark.parametrize("command", ["dpo", "kto", "ppo", "grpo"])
+def test_a_negative_wall_clock_budget_is_refused(command):
+    ns = parser().parse_args([command, "--max-minutes", "-1"])
+    with pytest.raises(UsageError, match="--max-minutes -1: a budget cannot be negative"):
+        build_config(COMMANDS[command], ns)
+    assert build_config(COMMANDS[command], parser().parse_args([command, "--max-minutes", "0.5"])).max_minutes == 0.5

@@ -824,7 +824,11 @@ def build_config(cls, ns: argparse.Namespace | dict, yaml_path: str | None = Non
                 raise UsageError(f"{yaml_path}: unknown key '{key}'", hint)
             values[k] = _coerce(cls, names[k], val, f"{yaml_path}: key '{key}'")
     values.update({k: v for k, v in given.items() if k in names})
-    return cls(**values)
+    cfg = cls(**values)
+    if getattr(cfg, "max_minutes", 0) < 0:  # every command with a wall-clock budget
+        raise UsageError(f"--max-minutes {cfg.max_minutes:g}: a budget cannot be negative",
+                         "give the minutes the run may take, or 0 for no budget")
+    return cfg
 
 
 def _coerce(cls, f: dataclasses.Field, val, where: str):
