@@ -319,7 +319,7 @@ def test_feature_cache_is_read_back_and_keyed_by_pairs_and_pooling(tmp_path, mon
     pairs = [Preference(Q, "It ships today.", "No."), Preference(Q, "Yes, in two days.", "Maybe.")]
     enc = encode_pairs(tok, pairs, 512)
     first = reward.cached_features(model, tok, enc, 2, cpu, "float32", tmp_path)
-    assert len(list(tmp_path.glob("features-*.pt"))) == 1
+    assert len(list(tmp_path.glob("features-*.safetensors"))) == 1
     monkeypatch.setattr(reward, "frozen_features", lambda *a: pytest.fail("the trunk ran again"))
     again = reward.cached_features(model, tok, enc, 2, cpu, "float32", tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
@@ -327,7 +327,7 @@ def test_feature_cache_is_read_back_and_keyed_by_pairs_and_pooling(tmp_path, mon
     reward.cached_features(model, tok, enc[:1], 2, cpu, "float32", tmp_path)
     setattr(model.config, HEAD_KEY, {**reward_head(model.config), "pooling": "last"})
     last = reward.cached_features(model, tok, enc, 2, cpu, "float32", tmp_path)
-    assert len(list(tmp_path.glob("features-*.pt"))) == 3 and not torch.equal(last[0], first[0])
+    assert len(list(tmp_path.glob("features-*.safetensors"))) == 3 and not torch.equal(last[0], first[0])
 
 
 def test_ensemble_step_micro_batches_equal_one_big_batch():

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from chatrlhf import losses
 from chatrlhf.config import RewardTrainConfig
@@ -144,13 +145,13 @@ def cached_features(model, tok, encoded, batch_size: int, device, dtype: str,
         return frozen_features(model, tok, encoded, batch_size, device, dtype)
     head = reward_head(model.config)
     key = json.dumps([model.config.name_or_path, head["layer"], head["pooling"], dtype, encoded])
-    path = Path(cache_dir) / f"features-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+    path = Path(cache_dir) / f"features-{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
     if path.is_file():
-        chosen, rejected = torch.load(path)
-        return chosen.to(device), rejected.to(device)
+        kept = load_file(path)
+        return kept["chosen"].to(device), kept["rejected"].to(device)
     chosen, rejected = frozen_features(model, tok, encoded, batch_size, device, dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save((chosen.cpu(), rejected.cpu()), path.with_suffix(".tmp"))
+    save_file({"chosen": chosen.cpu().contiguous(), "rejected": rejected.cpu().contiguous()}, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)  # a run killed mid-write leaves no half file under the real name
     return chosen, rejected
 
