@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sft.py
 	$(BIN)/python benchmarks/reward.py --dtype auto --train-layers 8
 	$(BIN)/python benchmarks/ppo.py --steps 3 --lora-r 16 --critic shared
+	$(BIN)/python benchmarks/dpo.py
+	$(BIN)/python benchmarks/grpo.py
 	$(BIN)/python benchmarks/feedback_load.py
 
 clean:
