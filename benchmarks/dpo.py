@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reward import HH, bench_pairs  # noqa: E402
-from sft import machine, peak_rss_gb, step_times  # noqa: E402
+from sft import comparison_args, machine, peak_rss_gb, run_side, step_times  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, BETA = 8, 0.1
@@ -131,14 +130,10 @@ def held_out(a, folders: list[str]) -> list[dict]:
 
 
 def child(side: str, a, folders: list[str] = ()) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--train-pairs", str(a.train_pairs), "--eval-pairs",
-           str(a.eval_pairs), "--train-layers", str(a.train_layers), "--lr", str(a.lr),
-           "--rec-checkpointing" if a.rec_checkpointing else "--no-rec-checkpointing", *folders]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        sys.exit(f"{side} failed:\n{r.stderr[-4000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_side(__file__, side, ["--train-pairs", str(a.train_pairs), "--eval-pairs", str(a.eval_pairs),
+                                     "--train-layers", str(a.train_layers), "--lr", str(a.lr),
+                                     "--rec-checkpointing" if a.rec_checkpointing else "--no-rec-checkpointing",
+                                     *folders])
 
 
 ROWS = {"ours": "chatrlhf, recommended", "exact": "chatrlhf, TRL's settings", "trl": "TRL DPOTrainer"}
@@ -173,12 +168,8 @@ def main() -> None:
     p.add_argument("--train-layers", type=int, default=8, help="chatrlhf recommended row: train the top N blocks")
     p.add_argument("--rec-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="chatrlhf recommended row: gradient checkpointing")
-    p.add_argument("--only", choices=("ours", "trl"), help="run one tool's rows only")
-    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run chatrlhf with TRL's exact settings (full fp32)")
-    p.add_argument("--keep", action="store_true", help="keep the trained folders (in the temporary directory)")
+    comparison_args(p)
     p.add_argument("--side", choices=("ours", "exact", "trl", "eval"), help=argparse.SUPPRESS)
-    p.add_argument("folders", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
     if not HH.is_file():
         sys.exit(f"{HH} not found: this benchmark needs ../shared/data")

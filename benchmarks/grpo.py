@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ppo import HH, N_PROMPTS, N_SAMPLES, NEW_TOKENS, prompts, reward  # noqa: E402
-from sft import machine, peak_rss_gb, step_times  # noqa: E402
+from sft import comparison_args, machine, peak_rss_gb, run_side, step_times  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RLOO_BETA = 0.05
@@ -126,14 +125,9 @@ def held_out(a, folders: list[str]) -> list[dict]:
 
 
 def child(side: str, a, folders: list[str] = ()) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--steps", str(a.steps), "--eval-prompts", str(a.eval_prompts),
-           "--lora-r", str(a.lora_r), "--lora-lr", str(a.lora_lr), "--micro-batch-size", str(a.micro_batch_size),
-           *folders]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        sys.exit(f"{side} failed:\n{r.stderr[-4000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_side(__file__, side, ["--steps", str(a.steps), "--eval-prompts", str(a.eval_prompts), "--lora-r",
+                                     str(a.lora_r), "--lora-lr", str(a.lora_lr), "--micro-batch-size",
+                                     str(a.micro_batch_size), *folders])
 
 
 # row name → (algorithm, tool, label)
@@ -181,13 +175,9 @@ def main() -> None:
     p.add_argument("--lora-r", type=int, default=16, help="chatrlhf recommended rows: LoRA rank (0 = full)")
     p.add_argument("--lora-lr", type=float, default=1e-4, help="chatrlhf recommended rows: learning rate")
     p.add_argument("--micro-batch-size", type=int, default=8, help="chatrlhf: replies per forward/backward")
-    p.add_argument("--only", choices=("ours", "trl"), help="run one tool's rows only")
     p.add_argument("--skip-rloo", action="store_true", help="GRPO rows only")
-    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run chatrlhf with TRL's exact settings (full fp32)")
-    p.add_argument("--keep", action="store_true", help="keep the trained folders (in the temporary directory)")
+    comparison_args(p)
     p.add_argument("--side", help=argparse.SUPPRESS)
-    p.add_argument("folders", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
     if not HH.is_file():
         sys.exit(f"{HH} not found: this benchmark needs ../shared/data")

@@ -154,6 +154,25 @@ def main() -> None:
     (out / "sft.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
+
+def run_side(script: str, side: str, args: list[str]) -> dict:
+    """One row of a side-by-side benchmark: ``script --side SIDE ARGS`` in a child process (so its peak RSS is its
+    own), offline; the row is the JSON object on its last line of output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+    r = subprocess.run([sys.executable, script, "--side", side, *args], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.exit(f"{side} failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def comparison_args(p: argparse.ArgumentParser) -> None:
+    """The options every chatrlhf-vs-TRL benchmark takes (benchmarks/dpo.py, grpo.py)."""
+    p.add_argument("--only", choices=("ours", "trl"), help="run one tool's rows only")
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run chatrlhf with TRL's exact settings (full fp32)")
+    p.add_argument("--keep", action="store_true", help="keep the trained folders (in the temporary directory)")
+    p.add_argument("folders", nargs="*", help=argparse.SUPPRESS)
+
 def machine() -> str:
     import platform
 
