@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reward import HH, bench_pairs  # noqa: E402
-from sft import comparison_args, machine, peak_rss_gb, run_side, step_times  # noqa: E402
+from sft import comparison_args, machine, peak_rss_gb, run_side, train_trl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, BETA = 8, 0.1
@@ -93,13 +93,7 @@ def run_trl(a) -> dict:
                      lr_scheduler_type="linear", warmup_steps=0, beta=BETA, loss_type=["sigmoid"], logging_steps=1,
                      save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-    times = step_times(trainer)
-    t0 = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - t0
-    peak = peak_rss_gb()
-    trainer.save_model(out)
-    tok.save_pretrained(out)
+    times, wall, peak = train_trl(trainer, tok, out)
     return {"pairs_per_s": BATCH * len(times[1:]) / sum(times[1:]), "peak_rss_gb": peak, "wall_s": wall,
             "folder": out, "scratch": out, "settings": {"dtype": "float32", "reference": "separate fp32 model"}}
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ppo import HH, N_PROMPTS, N_SAMPLES, NEW_TOKENS, prompts, reward  # noqa: E402
-from sft import comparison_args, machine, peak_rss_gb, run_side, step_times  # noqa: E402
+from sft import comparison_args, machine, peak_rss_gb, run_side, train_trl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RLOO_BETA = 0.05
@@ -93,13 +93,7 @@ def run_trl(a, algo: str) -> dict:
                   lr_scheduler_type="linear", max_steps=a.steps, logging_steps=1, save_strategy="no", report_to=[],
                   use_cpu=True, seed=0, temperature=1.0, disable_tqdm=True, **extra)
     trainer = Trainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok)
-    times = step_times(trainer)
-    t0 = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - t0
-    peak = peak_rss_gb()
-    trainer.save_model(out)
-    tok.save_pretrained(out)
+    times, wall, peak = train_trl(trainer, tok, out)
     return {"step_s": sum(times[1:]) / len(times[1:]), "peak_rss_gb": peak, "wall_s": wall, "folder": out,
             "scratch": out, "settings": {"dtype": "float32", **extra}}
 

@@ -155,6 +155,18 @@ def main() -> None:
 
 
 
+
+def train_trl(trainer, tok, out: str) -> tuple[list[float], float, float]:
+    """Train a TRL trainer and save it with its tokenizer to ``out``: (per-step times, wall seconds, peak RSS GB)."""
+    times = step_times(trainer)
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    peak = peak_rss_gb()
+    trainer.save_model(out)
+    tok.save_pretrained(out)
+    return times, wall, peak
+
 def run_side(script: str, side: str, args: list[str]) -> dict:
     """One row of a side-by-side benchmark: ``script --side SIDE ARGS`` in a child process (so its peak RSS is its
     own), offline; the row is the JSON object on its last line of output."""
