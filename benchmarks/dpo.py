@@ -11,7 +11,8 @@ default) annealed linearly to 0, no warm-up, seed 0. Rows:
   * chatrlhf, TRL's settings: full fine-tuning in fp32, gradient checkpointing (the reference log-probs computed once
     before training, as chatrlhf always does);
   * chatrlhf, recommended for a 2-core CPU: bf16 autocast (`--dtype auto`, fp32 master weights and loss), the top
-    --train-layers blocks trained (default 8), gradient checkpointing off (--rec-checkpointing to turn it on).
+    --train-layers blocks trained (default 8), gradient checkpointing on, as `chatrlhf dpo` defaults to (the peak
+    RSS: 1.78 GB against 2.27 GB without, for 15% fewer pairs/s; --no-rec-checkpointing to turn it off).
 Each row runs in its own child process, one after the other in this one run, so each peak RSS is its own; pairs/s
 is over the optimizer steps after the first (warm-up); wall is the whole training call (ours: with its reference pass).
 The held-out result is computed by one more child with the same code for every saved folder: log-probs of the
@@ -160,8 +161,8 @@ def main() -> None:
     p.add_argument("--eval-pairs", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-6, help="both sides (TRL's default)")
     p.add_argument("--train-layers", type=int, default=8, help="chatrlhf recommended row: train the top N blocks")
-    p.add_argument("--rec-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="chatrlhf recommended row: gradient checkpointing")
+    p.add_argument("--rec-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="chatrlhf recommended row: gradient checkpointing (chatrlhf dpo's default)")
     comparison_args(p)
     p.add_argument("--side", choices=("ours", "exact", "trl", "eval"), help=argparse.SUPPRESS)
     a = p.parse_args()
