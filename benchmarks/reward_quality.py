@@ -20,6 +20,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,6 +28,24 @@ from sft import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf"
+OASST = tuple(ROOT.parent / "shared" / "data" / "sft" / name
+              for name in ("oasst1_en_validation_messages.jsonl.gz", "oasst_en100_rank_pairs.jsonl.gz"))
+
+
+def held_out_keys(pairs: list, eval_pairs: int, seed: int = 0) -> set[str]:
+    """The prompt keys (group_key) held out: whole prompts, in a seeded shuffle, until ``eval_pairs`` pairs are."""
+    from chatrlhf.data.split import group_key
+
+    per_key = Counter(group_key(r) for r in pairs)
+    keys = sorted(per_key)
+    random.Random(seed).shuffle(keys)
+    held, n = set(), 0
+    for k in keys:
+        if n >= eval_pairs:
+            break
+        held.add(k)
+        n += per_key[k]
+    return held
 
 
 def hh_split(eval_pairs: int, extra: bool = True, seed: int = 0):
@@ -39,18 +58,32 @@ def hh_split(eval_pairs: int, extra: bool = True, seed: int = 0):
     usable = lambda recs: [r for r in recs if r.chosen.strip() and r.rejected.strip()]  # noqa: E731
     base = usable([r for split in ("helpful-base", "harmless-base")
                    for r in load_records(HH / split / "test.jsonl.gz").records])
-    keys = sorted({group_key(r) for r in base})
-    random.Random(seed).shuffle(keys)
-    held, n = set(), 0
-    for k in keys:  # whole prompts until eval_pairs pairs are held out
-        if n >= eval_pairs:
-            break
-        held.add(k)
-        n += sum(group_key(r) == k for r in base)
+    held = held_out_keys(base, eval_pairs, seed)
     more = usable([r for split in ("helpful-online", "helpful-rejection-sampled")
                    for r in load_records(HH / "extra" / split / "test.jsonl.gz").records]) if extra else []
     train = [r for r in more + base if group_key(r) not in held]
     return train, [r for r in base if group_key(r) in held], held
+
+
+def oasst_split(eval_pairs: int, seed: int = 0, paths: tuple = OASST):
+    """(train pairs, held-out pairs, held-out prompt keys) of every OpenAssistant preference pair in ``paths`` (the
+    oasst1 English validation export's ranked sibling replies, 1,021 pairs, and the en-100 rank pairs, 732):
+    deduplicated by prompt and both replies (6 trees, 35 pairs, are in both files with the same texts and ranks:
+    1,718 pairs remain), whole prompts held out as hh_split does (group_key: the first user turn, so a tree never
+    lands on both sides)."""
+    from chatrlhf.data import load_records
+    from chatrlhf.data.records import prompt_key
+    from chatrlhf.data.split import group_key
+
+    seen, pairs = set(), []
+    for path in paths:
+        for r in load_records(path).records:
+            key = (prompt_key(r.prompt), r.chosen.strip(), r.rejected.strip())
+            if key not in seen:
+                seen.add(key)
+                pairs.append(r)
+    held = held_out_keys(pairs, eval_pairs, seed)
+    return [r for r in pairs if group_key(r) not in held], [r for r in pairs if group_key(r) in held], held
 
 
 def main() -> None:
