@@ -8,6 +8,7 @@ same pairs and scored on the same held-out pairs of both domains (in-domain and 
                      OASST ones); the row says how many it kept
   old-default        `reward train` as it ships: full fine-tune, 1 epoch, lr 1e-5
   top8               the top 8 blocks + head, 1 epoch, lr 1e-5
+  lora               LoRA r 16 (alpha 16) on every linear layer of the trunk + the whole head, 1 epoch, lr 1e-4
   frozen             frozen trunk + linear head at --layer/--pooling, lr 1e-3, weight decay 0.01, 10 epochs
   frozen-es          the same, up to 30 epochs, early stopping on the validation pairs (--patience 3)
   frozen-es-smooth   frozen-es + --label-smoothing 0.1
@@ -67,6 +68,7 @@ RECIPES = {  # row name -> fields of RewardTrainConfig on top of the shared ones
     "trl": None,
     "old-default": {},
     "top8": {"train_layers": 8},
+    "lora": {"lora_r": 16, "lr": 1e-4},
     "frozen": {**FROZEN, "epochs": 10},
     "frozen-es": EARLY,
     "frozen-es-smooth": {**EARLY, "label_smoothing": 0.1},

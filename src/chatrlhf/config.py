@@ -128,7 +128,7 @@ FEEDBACK_FILES = ["examples/preferences.jsonl", "examples/ratings.jsonl", "examp
 
 
 @dataclass
-class RewardTrainConfig(GateArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, ModelArgs):
+class RewardTrainConfig(GateArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, LoraArgs, ModelArgs):
     """`chatrlhf reward train`: a reward model from preferences, ratings and corrections."""
     data: list[str] = arg(FEEDBACK_FILES, "Feedback files, comma-separated: preferences, ratings and corrections mix "
                           "freely.")
@@ -146,6 +146,9 @@ class RewardTrainConfig(GateArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataA
     train_layers: int = arg(-1, "Train only the top N transformer blocks and the head (embeddings and lower "
                             "blocks frozen, so they cost no backward and no activation memory); -1 = all. "
                             "Faster and lighter (see benchmarks/reward.py), but check quality with the gate.")
+    lora_r: int = arg(0, "LoRA adapters of rank N on every linear layer of the trunk, the head trained whole; the "
+                      "saved model has them merged (a plain reward model, read by every loader as any other). 0 = no "
+                      "LoRA. Not with --freeze-trunk or --train-layers; wants a higher --lr (~1e-4).")
     layer: int = arg(-1, "Read the score off the hidden state after transformer block N (0 = the embeddings); -1 = "
                      "the last block, after the final norm (the classic reward model). Middle layers often hold more "
                      "preference signal (benchmarks/reward_probe.py). Saved with the model: every loader reads the same "

@@ -259,13 +259,21 @@ def load_model(args: ModelArgs, trainable: bool = False, chat_template: bool = T
     no_dropout(model)
     model.to(device)
     if trainable and lora is not None and lora.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha,
-                                                 lora_dropout=lora.lora_dropout, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
+        model = add_lora(model, lora, task_type="CAUSAL_LM")
     model.train(trainable)
     return model, tok
+
+
+def add_lora(model, lora: LoraArgs, task_type: str | None = None, modules_to_save: list[str] | None = None):
+    """peft LoRA adapters of rank ``lora.lora_r`` on every linear layer but a causal LM's output layer; every other
+    weight frozen except the modules named in ``modules_to_save``, trained whole (a reward model's or critic's
+    ``score`` head: peft trains a copy of it and merges that back). The adapters go into ``model`` in place, so
+    ``unwrap(returned)`` is ``model``; the returned wrapper's ``merge_and_unload()`` gives the plain model back."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                            target_modules="all-linear", task_type=task_type,
+                                            modules_to_save=modules_to_save))
 
 
 @contextlib.contextmanager

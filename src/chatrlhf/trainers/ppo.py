@@ -25,13 +25,13 @@ import time
 import torch
 
 from chatrlhf import episodes, losses
-from chatrlhf.config import ModelArgs, PPOConfig
+from chatrlhf.config import LoraArgs, ModelArgs, PPOConfig
 from chatrlhf.data.template import is_plain, prompt_format
 from chatrlhf.engine import SamplingParams
 from chatrlhf.env import turn_references, user_turns_key
 from chatrlhf.errors import UsageError
-from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, load_tokenizer, save_model, \
-    unwrap
+from chatrlhf.models import add_lora, autocast, count_parameters, enable_checkpointing, load_model, load_tokenizer, \
+    save_model, unwrap
 from chatrlhf.reward_model import classic_head, load_reward_model, reward_norm
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import Critic, Rollout, deadline_of, end_of_step, eval_collect, eval_summary, evaluate, \
@@ -84,10 +84,7 @@ def build_value_function(cfg: PPOConfig, tok, hidden_size: int, log=print):
     if kind == "policy":  # zero head: values start at 0
         torch.nn.init.zeros_(model.score.weight)
     if cfg.lora_r > 0:  # LoRA on the critic too: its trunk's weights stay frozen, its head trains in full
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                 target_modules="all-linear", modules_to_save=["score"]))
+        model = add_lora(model, LoraArgs(cfg.lora_r, cfg.lora_alpha, lora_dropout=0.0), modules_to_save=["score"])
     log(f"chatrlhf ppo: critic = separate network from {source}" + (" (LoRA)" if cfg.lora_r > 0 else ""))
     return SeparateCritic(Critic(model), cfg.critic_lr, cfg.dtype), kind
 

@@ -8,6 +8,9 @@ Departures from a textbook loop, and why:
     on them: the trunk is never run again, so epochs cost almost nothing (the small-data recipe); that head starts
     at zero, not N(0, 1/√(d+1)): training it is logistic regression, and a random start reads SmolLM2's few huge
     hidden dimensions as noise that a few epochs do not forget (reward_model._fresh_head);
+  * --lora-r N: LoRA adapters on the trunk's linear layers and the whole head train (peft trains a copy of the head,
+    modules_to_save); the saved folder has the adapters merged, a plain reward model with the same files as a full
+    fine-tune's (the adapter alone, without its head, would be of no use), so every loader and the gate read it;
   * --ensemble K: K heads on that frozen trunk, head k trained on a bootstrap resample of the pairs, written as
     per-pair multiplicities (Poisson-like counts from one multinomial draw) that multiply the pair weights, so all
     heads see each batch and one pass trains them all; each head's loss is its own weighted mean;
@@ -40,7 +43,7 @@ from chatrlhf.data.split import group_hash
 from chatrlhf.data.template import prompt_format
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import fit_temperature
-from chatrlhf.models import autocast, count_parameters, enable_checkpointing, save_model, train_top_layers
+from chatrlhf.models import add_lora, autocast, count_parameters, enable_checkpointing, save_model, train_top_layers
 from chatrlhf.reward_model import encode_reply, features, head_scores, load_reward_model, measure, pad_right, \
     pair_raw_scores, reward_head, reward_scores, verdict, write_report
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
@@ -51,6 +54,7 @@ def check_recipe(cfg: RewardTrainConfig) -> None:
     """Refuse flags that contradict each other or are out of range, before any data or model is loaded."""
     if cfg.ensemble < 1:
         raise UsageError(f"--ensemble {cfg.ensemble}: the number of heads must be at least 1", "1 = one head")
+    check_lora(cfg)
     if cfg.ensemble > 1 and not cfg.freeze_trunk:
         raise UsageError(f"--ensemble {cfg.ensemble} needs --freeze-trunk: the heads share one frozen trunk (K "
                          "fine-tuned trunks would cost K times the memory and time)", "add --freeze-trunk")
@@ -65,6 +69,37 @@ def check_recipe(cfg: RewardTrainConfig) -> None:
     if cfg.patience < 0 or cfg.average_checkpoints < 1:
         raise UsageError(f"--patience {cfg.patience} / --average-checkpoints {cfg.average_checkpoints}: need "
                          "patience ≥ 0 and at least 1 checkpoint", "--patience 0 and --average-checkpoints 1 = off")
+
+
+def check_lora(cfg: RewardTrainConfig) -> None:
+    """--lora-r trains adapters on every block of the trunk: refuse the flags that train no block or only some."""
+    if cfg.lora_r < 0:
+        raise UsageError(f"--lora-r {cfg.lora_r}: the LoRA rank must be at least 1", "0 = no LoRA, e.g. --lora-r 16")
+    if cfg.lora_r == 0:
+        return
+    if cfg.ensemble > 1:
+        raise UsageError(f"--lora-r {cfg.lora_r} with --ensemble {cfg.ensemble}: the ensemble's heads share one frozen "
+                         "trunk, LoRA trains the trunk",
+                         "for LoRA drop --ensemble; for an ensemble drop --lora-r and add --freeze-trunk")
+    if cfg.freeze_trunk:
+        raise UsageError(f"--lora-r {cfg.lora_r} with --freeze-trunk: LoRA trains adapters on the trunk, --freeze-trunk "
+                         "trains the head alone", "give one of them")
+    if cfg.train_layers >= 0:
+        raise UsageError(f"--lora-r {cfg.lora_r} with --train-layers {cfg.train_layers}: LoRA adapts every block, "
+                         "--train-layers fine-tunes the top ones in full", "give one of them")
+
+
+def trainable_weights(model, cfg: RewardTrainConfig):
+    """Leave trainable what the recipe trains: the head alone (--freeze-trunk), LoRA adapters on the trunk and the
+    whole head (--lora-r), the top blocks and the head (--train-layers), or everything. With LoRA the adapters go
+    into ``model`` in place (it stays the transformers module that features() and head_scores() read) and peft's
+    wrapper is returned, whose merge_and_unload() gives the plain model to save; else None."""
+    if cfg.freeze_trunk:
+        head = {id(p) for p in model.score.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
+    train_top_layers(model, cfg.train_layers)
+    return add_lora(model, cfg, modules_to_save=["score"]) if cfg.lora_r > 0 else None
 
 
 def fit_normalisation(model, tok, cfg: RewardTrainConfig, train_pairs, cache: tuple | None = None) -> dict:
@@ -223,11 +258,7 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
         raise UsageError(f"--patience {cfg.patience} needs held-out pairs to watch", "give --eval-data or --eval-fraction > 0")
     model, tok = load_reward_model(cfg, trainable=True, head_init="zero" if cfg.freeze_trunk else "normal",
                                    head={"layer": cfg.layer, "pooling": cfg.pooling, "heads": cfg.ensemble})
-    if cfg.freeze_trunk:
-        head = {id(p) for p in model.score.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in head)
-    train_top_layers(model, cfg.train_layers)
+    lora = trainable_weights(model, cfg)
     if cfg.gradient_checkpointing and not cfg.freeze_trunk:
         enable_checkpointing(model)
     encoded = encode_pairs(tok, train_pairs, cfg.max_length)
@@ -271,7 +302,7 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
         log(f"chatrlhf reward: early stop after epoch {len(keeper.held_out_bt)}: no lower held-out loss for "
             f"{cfg.patience} epochs; keeping epoch {keeper.best_epoch}")
     keeper.restore()
-    return _finish(run, model, tok, train_pairs, eval_pairs, counts, split, keeper, cache, held)
+    return _finish(run, model, tok, train_pairs, eval_pairs, counts, split, keeper, cache, held, lora)
 
 
 def train_step(model, tok, run: Run, chunks: list[list[int]], encoded: list, pairs: list, boot: torch.Tensor,
@@ -328,10 +359,10 @@ def held_out_loss(model, tok, run: Run, eval_pairs: list, held: tuple | None) ->
 
 
 def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str, keeper: EpochKeeper,
-            cache: tuple | None, held: tuple | None) -> Summary:
+            cache: tuple | None, held: tuple | None, lora=None) -> Summary:
     """Normalise, calibrate and measure on the held-out pairs, decide the gate, save the model with what it was
-    trained on. With a frozen trunk the features of the training (``cache``) and held-out (``held``) pairs are at
-    hand, so only the head runs."""
+    trained on (with LoRA, peft's wrapper ``lora``: the adapters merged in). With a frozen trunk the features of the
+    training (``cache``) and held-out (``held``) pairs are at hand, so only the head runs."""
     cfg = run.cfg
     model.eval()
     model.config.chatrlhf_reward_norm = {**fit_normalisation(model, tok, cfg, train_pairs, cache),
@@ -358,7 +389,7 @@ def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str, k
     gate = verdict(metrics, cfg.min_accuracy, cfg.max_length_corr)
     run.log(run.step, {"eval/accuracy": metrics["accuracy"], "eval/ece": metrics["ece"],
                        "eval/length_corr": metrics["length_corr"]})
-    save_model(model, tok, run.out)
+    save_model(lora.merge_and_unload() if lora is not None else model, tok, run.out)
     write_report(run.out, metrics, gate)
     extra = {k: metrics[k] for k in ("ensemble",) if k in metrics}
     if keeper.held_out_bt:
