@@ -523,6 +523,11 @@ class Engine:
         return 0 if self._batch is None else len(self._batch.requests)
 
     @property
+    def serving(self) -> bool:
+        """The background loop (start()) is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def waiting(self) -> int:
         """Requests submitted and not yet admitted to the batch."""
         return len(self._waiting)
