@@ -8,7 +8,7 @@ import sys
 import uvicorn
 
 from chatrlhf.config import ServeConfig
-from chatrlhf.engine import Engine
+from chatrlhf.engine import Engine, SamplingParams
 from chatrlhf.errors import UsageError
 from chatrlhf.models import load_model
 from chatrlhf.serve.app import create_app
@@ -23,6 +23,11 @@ def run(_name: str, cfg: ServeConfig) -> int:
             raise UsageError(f"{flag} {value}: must be at least 1")
     if cfg.max_queue < 0:
         raise UsageError(f"--max-queue {cfg.max_queue}: must be 0 or more")
+    try:  # the defaults of a request that sets nothing, checked before the model loads
+        SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                       repetition_penalty=cfg.repetition_penalty)
+    except ValueError as e:
+        raise UsageError(f"a decoding flag is out of range: {e}", "see chatrlhf serve --help") from None
     digests = load_keys(cfg.api_key or os.environ.get("CHATRLHF_API_KEY", ""), cfg.api_keys)
     model, tok = load_model(cfg, chat_template=cfg.chat_template)
     engine = Engine(model.eval(), tok, cfg.dtype, max_batch=cfg.max_batch).start()

@@ -72,7 +72,8 @@ def sampling(req: ChatRequest, cfg: ServeConfig) -> SamplingParams:
                           temperature=temperature, top_k=0 if greedy else cfg.top_k if req.top_k is None else req.top_k,
                           top_p=1.0 if greedy else cfg.top_p if req.top_p is None else req.top_p,
                           repetition_penalty=cfg.repetition_penalty if req.repetition_penalty is None
-                          else req.repetition_penalty, stop=list(req.stop or []), n=req.n)
+                          else req.repetition_penalty, stop=list(req.stop or []), n=req.n,
+                          ignore_eos=req.ignore_eos)
 
 
 def prompt_ids(s: Server, req: ChatRequest, max_tokens: int) -> list[int]:

@@ -2,7 +2,8 @@
 
 Fields the engine honours are typed and range-checked (OpenAI's ranges); fields OpenAI defines that this server
 does not implement are refused with a 400 naming the ``param`` (never silently ignored, unlike `transformers
-serve`); unknown fields are refused too. ``top_k`` and ``repetition_penalty`` are extensions (as vLLM's).
+serve`); unknown fields are refused too. ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are extensions (as
+vLLM's).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)                          # extension (vLLM)
     repetition_penalty: float | None = Field(None, gt=0, le=10)    # extension (vLLM)
+    ignore_eos: bool = False                                       # extension (vLLM): every reply max_tokens long
     stop: str | list[str] | None = None
     seed: int | None = None
     logprobs: bool = False
