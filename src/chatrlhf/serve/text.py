@@ -47,15 +47,20 @@ class StreamText:
 
 
 def token_logprobs(tok, token_ids: list[int], logprobs: list[float], text: str) -> list[dict]:
-    """OpenAI's ``logprobs.content`` of a finished reply: one entry per token whose text lies in ``text`` (the
-    tokens after a stop-string cut and special tokens such as EOS are left out)."""
-    content = []
-    cut = len(tok.decode(token_ids, skip_special_tokens=True)) > len(text)   # else every token is in the text
+    """OpenAI's ``logprobs.content`` of a finished reply: one entry per token of ``text``, its ``token`` the text it
+    adds (so the tokens join to the reply; a token holding the first bytes of a multi-byte character adds '' and
+    the next one the character), special tokens such as EOS and tokens after a stop-string cut left out."""
+    special, content, sent, last = set(tok.all_special_ids), [], 0, len(token_ids) - 1
     for i, (t, lp) in enumerate(zip(token_ids, logprobs)):
-        piece = tok.decode([t], skip_special_tokens=True)
-        if not piece:
-            continue
-        if cut and len(tok.decode(token_ids[:i + 1], skip_special_tokens=True)) > len(text):
+        if sent >= len(text):
             break
+        if t in special:
+            continue
+        upto = tok.decode(token_ids[:i + 1], skip_special_tokens=True)
+        end = min(max(len(upto if i == last else upto.rstrip("\ufffd")), sent), len(text))
+        piece, sent = text[sent:end], end
         content.append({"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8")), "top_logprobs": []})
+    if content and sent < len(text):   # a character completed only by a special token's decode: the last one's
+        content[-1]["token"] += text[sent:]
+        content[-1]["bytes"] = list(content[-1]["token"].encode("utf-8"))
     return content
