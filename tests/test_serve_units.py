@@ -11,6 +11,7 @@ from chatrlhf.serve.completions import sampling
 from chatrlhf.serve.limits import ANONYMOUS, Gate, caller, digest, load_keys
 from chatrlhf.serve.protocol import APIError, ChatRequest, validation_error
 from chatrlhf.serve.text import StreamText, cut_at_stop, holdback
+from conftest import run_cli
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -132,3 +133,14 @@ def test_a_silent_request_gets_the_chat_defaults_and_its_own_settings_win():
         with pytest.raises(APIError) as info:
             sampling(ChatRequest.model_validate({"model": "m", "messages": MSG, **body}), cfg)
         assert info.value.param == param
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-batch", "0"], "--max-batch 0: must be at least 1"),
+    (["--max-queue", "-1"], "--max-queue -1: must be 0 or more"),
+    (["--top-p", "0"], "a decoding flag is out of range: SamplingParams.top_p = 0.0"),
+    (["--api-keys", "no-such-file"], "--api-keys no-such-file: file not found"),
+])
+def test_bad_serve_flags_are_named_before_the_model_loads(argv, message):
+    r = run_cli("serve", "--model", "no-such-model", *argv)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
