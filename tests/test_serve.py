@@ -137,6 +137,11 @@ def test_n_stop_strings_and_logprobs(served):
     c = client(url)
     r = c.chat.completions.create(model=NAME, messages=MSG, max_tokens=16, temperature=1.0, seed=2, n=3)
     assert [ch.index for ch in r.choices] == [0, 1, 2] and len({ch.message.content for ch in r.choices}) > 1
+    chunks = list(c.chat.completions.create(model=NAME, messages=MSG, max_tokens=16, temperature=1.0, seed=2, n=3,
+                                            stream=True))
+    for ch in r.choices:   # the streamed choices interleave; each joins to its non-streamed reply
+        assert "".join(k.choices[0].delta.content or "" for k in chunks if k.choices[0].index == ch.index) == \
+            ch.message.content
     greedy = dict(model=NAME, messages=MSG, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
     full = c.chat.completions.create(**greedy).choices[0].message.content
     stop = full[5:9]
@@ -201,18 +206,20 @@ def test_limits_429_503_and_a_disconnect_cancels(served):
         with pytest.raises(openai.InternalServerError) as e:   # 2 rows held + 3 > 4 (--max-batch 2 + --max-queue 2)
             client(url, KEY_A).chat.completions.create(model=NAME, messages=MSG, max_tokens=2, n=3)
         assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
-    for _ in range(100):   # the streams closed: both generations are cancelled and leave the batch
+    with pytest.raises(httpx.ReadTimeout):   # a non-streaming client that gives up
+        httpx.post(url + "/v1/chat/completions", json={**long, "stream": False}, timeout=0.3,
+                   headers={"Authorization": f"Bearer {KEY_A}"})
+    cancelled = 'chatrlhf_request_success_total{finished_reason="cancelled"}'
+    for _ in range(100):   # the streams closed: all three generations are cancelled and leave the batch
         m = metrics(url)
-        if m.get('chatrlhf_request_success_total{finished_reason="cancelled"}', 0) - \
-                before.get('chatrlhf_request_success_total{finished_reason="cancelled"}', 0) == 2:
+        if m.get(cancelled, 0) - before.get(cancelled, 0) == 3 and m["chatrlhf_requests_running"] == 0:
             break
         time.sleep(0.1)
-    assert m['chatrlhf_request_success_total{finished_reason="cancelled"}'] - \
-        before.get('chatrlhf_request_success_total{finished_reason="cancelled"}', 0) == 2
+    assert m[cancelled] - before.get(cancelled, 0) == 3
     assert m["chatrlhf_requests_running"] == 0 and m["chatrlhf_requests_waiting"] == 0
     assert m['chatrlhf_http_requests_total{route="/v1/chat/completions",status="429"}'] >= 1
     assert m['chatrlhf_http_requests_total{route="/v1/chat/completions",status="503"}'] >= 1
-    assert m["chatrlhf_generation_tokens_total"] - before["chatrlhf_generation_tokens_total"] < 2 * 900
+    assert m["chatrlhf_generation_tokens_total"] - before["chatrlhf_generation_tokens_total"] < 3 * 900
 
 
 def test_metrics_count_requests_and_tokens(served):

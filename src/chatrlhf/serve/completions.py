@@ -146,6 +146,21 @@ class Job:
                 "total_tokens": len(self.ids) + completion}
 
 
+class JobStream(StreamingResponse):
+    """A streamed reply that closes its job however the response ends: Starlette cancels a stream whose client
+    disconnected without closing the generator, which then would only be closed when garbage-collected."""
+
+    def __init__(self, job: Job, content, **kw):
+        super().__init__(content, **kw)
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.close()
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request, key: Annotated[str, Depends(authorized)]):
     s = server(request)
@@ -159,8 +174,8 @@ async def chat_completions(body: ChatRequest, request: Request, key: Annotated[s
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": s.name}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(stream(job, head, usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JobStream(job, stream(job, head, usage), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         await until_done_or_disconnect(job, request)
         if (error := job.failed()) is not None:
