@@ -2,11 +2,16 @@
 OpenAI error shape, request validation, the admission gate, API keys, and the decoding defaults of a silent
 request."""
 
+import asyncio
+import json
+from types import SimpleNamespace
+
 import pytest
 from pydantic import ValidationError
 
 from chatrlhf.config import ServeConfig
 from chatrlhf.errors import UsageError
+from chatrlhf.serve import completions
 from chatrlhf.serve.completions import sampling
 from chatrlhf.serve.limits import ANONYMOUS, Gate, caller, digest, load_keys
 from chatrlhf.serve.protocol import APIError, ChatRequest, validation_error
@@ -144,3 +149,40 @@ def test_a_silent_request_gets_the_chat_defaults_and_its_own_settings_win():
 def test_bad_serve_flags_are_named_before_the_model_loads(argv, message):
     r = run_cli("serve", "--model", "no-such-model", *argv)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+class StalledThenFailingJob:
+    """A job whose first wait outlasts the ping interval and whose engine then fails."""
+
+    def __init__(self):
+        self.requests = [SimpleNamespace(params=SimpleNamespace(stop=[]), finished=False, token_ids=[], text="")]
+        self.s = SimpleNamespace(engine=SimpleNamespace(tok=None))
+        self.waits, self.closed = 0, 0
+
+    async def changed(self):
+        self.waits += 1
+        if self.waits == 1:
+            await asyncio.sleep(5)
+
+    def failed(self):
+        return APIError(500, 'the "engine" failed', None, "engine_error") if self.waits >= 2 else None
+
+    def usage(self):
+        raise AssertionError("no usage chunk after a failure")
+
+    def close(self):
+        self.closed += 1
+
+
+def test_a_stream_pings_while_it_waits_and_ends_a_failure_with_an_error_event(monkeypatch):
+    monkeypatch.setattr(completions, "PING_SECONDS", 0.01)
+    job = StalledThenFailingJob()
+
+    async def events():
+        return [e async for e in completions.stream(job, {"id": "chatcmpl-x"}, include_usage=True)]
+
+    got = asyncio.run(events())
+    assert got[0].startswith("data: ") and '"role": "assistant"' in got[0]
+    assert got[1] == ": ping\n\n" and got[-1] == "data: [DONE]\n\n" and len(got) == 4
+    assert json.loads(got[2].removeprefix("data: "))["error"]["message"] == 'the "engine" failed'   # valid JSON
+    assert job.closed == 1

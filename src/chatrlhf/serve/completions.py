@@ -29,6 +29,7 @@ from chatrlhf.serve.protocol import APIError, ChatRequest
 from chatrlhf.serve.text import StreamText, token_logprobs
 
 router = APIRouter()
+PING_SECONDS = 15.0   # an SSE comment this often while a stream waits (SERVING.md §5)
 
 
 @dataclass
@@ -213,36 +214,50 @@ def sse(obj: dict) -> str:
 
 async def stream(job: Job, head: dict, include_usage: bool):
     """The SSE events of a streamed completion: per choice a role chunk, content deltas as tokens come, a finish
-    chunk; a usage chunk (choices []) iff ``include_usage``; then ``data: [DONE]``. An engine failure is an error
-    event. Closing the stream early (a client disconnect) cancels the unfinished choices (job.close)."""
+    chunk; a usage chunk (choices []) iff ``include_usage``; then ``data: [DONE]``. A failure is an error event
+    (JSON, OpenAI's shape); a ``: ping`` comment every PING_SECONDS while nothing comes (a long queue) keeps
+    proxies from closing the stream. Closing the stream early (a client disconnect) cancels the unfinished
+    choices (job.close)."""
     chunk = {**head, "object": "chat.completion.chunk"}
-    tok = job.s.engine.tok
     try:
         for i in range(len(job.requests)):
             yield sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                              "logprobs": None, "finish_reason": None}]})
-        texts = [StreamText(r.params.stop) for r in job.requests]
-        open_ = set(range(len(job.requests)))
-        while open_:
-            await job.changed()
-            if (error := job.failed()) is not None:
-                yield sse(error.body())
-                break
-            for i in sorted(open_):
-                r = job.requests[i]
-                done = r.finished
-                delta = texts[i].finish(r.text) if done else \
-                    texts[i].feed(tok.decode(list(r.token_ids), skip_special_tokens=True))
-                if delta:
-                    yield sse({**chunk, "choices": [{"index": i, "delta": {"content": delta}, "logprobs": None,
-                                                     "finish_reason": None}]})
-                if done:
-                    open_.discard(i)
-                    yield sse({**chunk, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                     "finish_reason": r.finish_reason}]})
-        else:
-            if include_usage:
-                yield sse({**chunk, "choices": [], "usage": job.usage()})
-        yield "data: [DONE]\n\n"
+        async for event in choice_events(job, chunk):
+            yield event
+        if include_usage:
+            yield sse({**chunk, "choices": [], "usage": job.usage()})
+    except APIError as e:
+        yield sse(e.body())
+    except Exception as e:  # noqa: BLE001 - the headers are sent: the client gets an error event, not a cut stream
+        yield sse(APIError(500, f"internal error ({type(e).__name__}: {e})", None, "internal_error").body())
     finally:
         job.close()
+    yield "data: [DONE]\n\n"
+
+
+async def choice_events(job: Job, chunk: dict):
+    """Content and finish chunks of every choice until all have finished; raises the engine's failure."""
+    tok = job.s.engine.tok
+    texts = [StreamText(r.params.stop) for r in job.requests]
+    open_ = set(range(len(job.requests)))
+    while open_:
+        try:
+            await asyncio.wait_for(job.changed(), PING_SECONDS)
+        except asyncio.TimeoutError:
+            yield ": ping\n\n"
+            continue
+        if (error := job.failed()) is not None:
+            raise error
+        for i in sorted(open_):
+            r = job.requests[i]
+            done = r.finished
+            delta = texts[i].finish(r.text) if done else \
+                texts[i].feed(tok.decode(list(r.token_ids), skip_special_tokens=True))
+            if delta:
+                yield sse({**chunk, "choices": [{"index": i, "delta": {"content": delta}, "logprobs": None,
+                                                 "finish_reason": None}]})
+            if done:
+                open_.discard(i)
+                yield sse({**chunk, "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                                 "finish_reason": r.finish_reason}]})
