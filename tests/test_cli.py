@@ -115,6 +115,12 @@ RUN = ["--quiet", "--no-tensorboard"]
 REWARD_FN = "def polite(prompts, responses):\n    return [float('thank' in r.lower()) for r in responses]\n"
 
 
+def keys_file(t):
+    path = t / "api-keys"
+    path.write_text("a-key-of-sixteen-or-more\n")
+    return path
+
+
 def cover(t, fn, rm, feedback_db):
     """{command: [argv, …]}: runs that together take every path on which a flag is read."""
     dialogues = EXAMPLES / "dialogue_history.csv"
@@ -191,6 +197,11 @@ def cover(t, fn, rm, feedback_db):
         "chat": [[*TINY, "--max-new-tokens", "3", "--rerank", f"q:{t / 'q1'}", "--candidates", "2"]],
         "generate": [[*TINY, "--prompts", prompts, "--out", t / "g.jsonl", "--max-new-tokens", "3", "--rerank",
                       f"rm:{rm}", "--candidates", "2"]],
+        "serve": [[*TINY, "--max-new-tokens", "3", "--temperature", "0.5", "--top-k", "5", "--top-p", "0.9",
+                   "--repetition-penalty", "1.1", "--no-chat-template", "--dtype", "float32", "--device", "cpu",
+                   "--host", "127.0.0.1", "--port", "8001", "--model-name", "tiny", "--api-key", "k" * 16,
+                   "--api-keys", keys_file(t), "--max-batch", "2", "--max-queue", "1", "--max-concurrent", "1",
+                   "--max-prompt-tokens", "64", "--max-tokens-limit", "8", "--max-n", "2", "--max-body-bytes", "4096"]],
         "reward eval": [[*TINY, "--model", rm, "--data", FEEDBACK_FILES[0]]],
         "reward score": [["--model", rm, "--data", t / "g.jsonl", "--out", t / "scored.jsonl"]],
         "feedback init": [["--db", feedback_db]],
@@ -203,7 +214,7 @@ def cover(t, fn, rm, feedback_db):
     }
 
 
-ORDER = ["reward train", "ppo", "grpo", "dpo", "kto", "bestofn", "qlearn", "qlearn-offline", "sft", "eval", "chat", "generate", "reward eval", "reward score", "feedback init",
+ORDER = ["reward train", "ppo", "grpo", "dpo", "kto", "bestofn", "qlearn", "qlearn-offline", "sft", "eval", "chat", "generate", "serve", "reward eval", "reward score", "feedback init",
          "feedback add-user", "feedback import", "feedback export", "feedback stats", "feedback serve", "data inspect"]
 
 

@@ -311,3 +311,52 @@ def test_a_batch_that_never_empties_does_not_keep_growing():
     while not later.finished:
         engine.step()
     assert later.token_ids == alone
+
+
+# --------------------------------------------------------------------------- what the server needs (serve/)
+
+
+def test_on_token_sees_every_token_then_the_finish():
+    model, tok = opinionated("tiny-random-llama")
+    engine = Engine(model, tok, "float32")
+    seen = []
+    r = engine.submit(PROMPTS[1], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+                      on_token=lambda req: seen.append((len(req.token_ids), req.finish_reason)))
+    while not r.finished:
+        engine.step()
+    assert seen == [(1, None), (2, None), (3, None), (4, None), (5, "length")]
+
+
+def test_cancel_ends_a_running_and_a_waiting_request():
+    model, tok = opinionated("tiny-random-llama")
+    engine = Engine(model, tok, "float32", max_batch=1)
+    long = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    running, queued, other = (engine.submit(PROMPTS[i], long) for i in range(3))
+    engine.step()
+    engine.step()
+    engine.cancel(queued)
+    assert queued.finish_reason == "cancelled" and engine.waiting == 1   # off the queue at once
+    engine.cancel(running)
+    engine.step()   # the cancelled row gets no more tokens and leaves: the next request takes its place
+    assert running.finish_reason == "cancelled" and len(running.token_ids) == 2 and running.wait().text == running.text
+    engine.step()
+    assert engine.running == 1 and len(other.token_ids) == 1 and engine.waiting == 0
+
+
+def test_a_request_with_its_own_generator_samples_the_same_reply_in_any_batch():
+    model, tok = opinionated("tiny-random-llama")
+    hot = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
+
+    def reply(neighbours: int) -> list[int]:
+        engine = Engine(model, tok, "float32")
+        others = [engine.submit(PROMPTS[2 + i], hot) for i in range(neighbours)]
+        r = engine.submit(PROMPTS[0], hot, generator=torch.Generator().manual_seed(7))
+        engine._finish([r, *others], None)
+        return r.token_ids
+
+    alone = reply(0)
+    assert reply(3) == alone and reply(1) == alone
+    engine = Engine(model, tok, "float32")
+    r = engine.submit(PROMPTS[0], hot, generator=torch.Generator().manual_seed(8))
+    engine._finish([r], None)
+    assert r.token_ids != alone

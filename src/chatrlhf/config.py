@@ -571,13 +571,19 @@ class EvalConfig(TemplateArgs, ModelArgs):
 
 
 @dataclass
-class GenerateArgs:
-    """Decoding settings. Defaults are the seed's deployment settings."""
+class DecodingArgs:
+    """Decoding settings. Defaults are the seed's deployment settings (`chat`, `generate`, and `serve` for a request
+    that does not set them)."""
     max_new_tokens: int = arg(128, "Maximum new tokens per reply.")
     temperature: float = arg(0.7, "Sampling temperature (0 = greedy).")
     top_k: int = arg(100, "Top-k sampling (0 = off).")
     top_p: float = arg(1.0, "Nucleus sampling (1 = off).")
     repetition_penalty: float = arg(1.2, "Repetition penalty (1 = off).")
+
+
+@dataclass
+class GenerateArgs(DecodingArgs):
+    """Decoding settings of `chat` and `generate`."""
     sample: bool = arg(True, "Sample the reply; --no-sample = greedy decoding.")
     system: str = arg("", "Optional system message put before every conversation.")
     seed: int = arg(0, "Random seed for sampling.")
@@ -607,6 +613,29 @@ class GenerateConfig(RerankArgs, GenerateArgs, TemplateArgs, ModelArgs):
                    "number of candidates).")
     batch_size: int = arg(8, "Prompts per generation batch.")
     format: str = arg("auto", "Force the record format of --prompts instead of detecting it.", FORMATS)
+
+
+@dataclass
+class ServeConfig(DecodingArgs, TemplateArgs, ModelArgs):
+    """`chatrlhf serve`: an OpenAI-compatible chat server (POST /v1/chat/completions, GET /v1/models, /health,
+    /metrics) on the engine's continuous batching; every request's own sampling settings are honoured, and the
+    decoding flags are the defaults for a request that does not set them. See docs/serve.md."""
+    max_new_tokens: int = arg(128, "Reply tokens when a request sets no max_tokens.")
+    host: str = arg("127.0.0.1", "Address to listen on (0.0.0.0 = every interface: set API keys first).")
+    port: int = arg(8000, "Port.")
+    model_name: str = arg("", "The model's name in the API (the request's `model` must be it); empty = --model.")
+    api_key: str = arg("", "The one API key clients must send (Authorization: Bearer KEY); empty = none (or "
+                       "--api-keys). It shows in `ps`: prefer --api-keys or CHATRLHF_API_KEY.")
+    api_keys: str = arg("", "File of API keys, one per line (# comments); each key has its own concurrency limit.")
+    max_batch: int = arg(16, "Replies decoded at once (rows of the continuous batch); later ones wait in the queue.")
+    max_queue: int = arg(64, "Replies that may wait for a row; a request that would overflow it gets 503 with "
+                         "Retry-After.")
+    max_concurrent: int = arg(4, "Requests in flight per API key (per server without keys); more get 429 with "
+                              "Retry-After.")
+    max_prompt_tokens: int = arg(2048, "Longest prompt in tokens (the rendered conversation); longer is a 400.")
+    max_tokens_limit: int = arg(1024, "Largest max_tokens a request may ask for; more is a 400.")
+    max_n: int = arg(8, "Largest n (replies per request).")
+    max_body_bytes: int = arg(1 << 20, "Largest request body in bytes; more is a 413.")
 
 
 @dataclass

@@ -68,16 +68,30 @@ class Completion:
 
 
 class Request:
-    """A handle on a submitted request: its tokens grow while it runs; ``wait()`` blocks until it finishes."""
+    """A handle on a submitted request: its tokens grow while it runs; ``wait()`` blocks until it finishes.
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, index: int):
+    For a server: ``on_token(request)`` is called from the engine's thread after each token the request gets, when
+    it finishes (finish_reason set, ``text`` final) and when it fails or is cancelled — a streaming reply reads
+    ``token_ids`` there. ``generator``: a random stream of its own (a request's ``seed``), so that its samples do not
+    depend on which other requests share the batch."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, index: int, on_token=None,
+                 generator: torch.Generator | None = None):
         self.prompt_ids, self.params, self.index = prompt_ids, params, index
+        self.on_token, self.generator = on_token, generator
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.text = ""
         self.error: BaseException | None = None   # what stopped the background loop, if it failed
+        self.cancelled = False                     # Engine.cancel(): the row leaves at the next step
         self._done = threading.Event()
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self._done.set()
+        if self.on_token is not None:
+            self.on_token(self)
 
     @property
     def finished(self) -> bool:
@@ -111,12 +125,15 @@ def sampling_cdf(logp: torch.Tensor) -> torch.Tensor:
     return logp.exp().double().cumsum(-1)
 
 
-def draw(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw(logp: torch.Tensor, generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from log-probabilities (B, V), by the inverse CDF: one uniform draw per row and a
     binary search, where ``torch.multinomial`` draws V exponentials per row (74 ms of every decoding
-    step on a 49k vocabulary for 64 rows, here on 2 cores)."""
+    step on a 49k vocabulary for 64 rows, here on 2 cores). ``u`` (B, 1) float64 in [0, 1): the uniform draws,
+    when rows draw from generators of their own (else they come from ``generator``)."""
     cdf = sampling_cdf(logp)
-    u = torch.rand(logp.shape[0], 1, device=logp.device, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
+    if u is None:
+        u = torch.rand(logp.shape[0], 1, device=logp.device, dtype=cdf.dtype, generator=generator)
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=logp.shape[1] - 1)
 
 
@@ -146,12 +163,13 @@ def top_p_filter(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def next_tokens(logits: torch.Tensor, rows: "RowParams", seen: torch.Tensor | None,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens (B,), their log-probs (B,)) from the next-token logits (B, V) under each row's parameters."""
+                generator: torch.Generator | None, u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (B,), their log-probs (B,)) from the next-token logits (B, V) under each row's parameters; ``u``: the
+    rows' uniform draws when some rows have generators of their own (see :func:`draw`)."""
     logits = logits.float()
     if rows.plain_temperature is not None:  # the rollout path: exactly log_softmax(logits / T) and one draw
         logp = torch.log_softmax(logits / rows.plain_temperature, -1)
-        token = draw(logp, generator)
+        token = draw(logp, generator, u)
         return token, logp.gather(1, token[:, None]).squeeze(1)
     if seen is not None:
         logits = repetition_penalty(logits, seen, rows.penalty)
@@ -164,7 +182,7 @@ def next_tokens(logits: torch.Tensor, rows: "RowParams", seen: torch.Tensor | No
     logp = torch.log_softmax(logits, -1)
     token = logits.argmax(-1)
     if not bool(greedy.all()):
-        token = torch.where(greedy[:, 0], token, draw(logp, generator))
+        token = torch.where(greedy[:, 0], token, draw(logp, generator, u))
     return token, logp.gather(1, token[:, None]).squeeze(1)
 
 
@@ -405,11 +423,13 @@ class Engine:
                             f"not {type(prompt).__name__} {str(prompt)[:60]!r}")
         return self.tok(render(self.tok, prompt, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
-    def submit(self, prompt, params: SamplingParams, index: int | None = None) -> Request:
-        """Queue one completion of ``prompt``; it joins the running batch at the next step. Thread-safe."""
+    def submit(self, prompt, params: SamplingParams, index: int | None = None, on_token=None,
+               generator: torch.Generator | None = None) -> Request:
+        """Queue one completion of ``prompt``; it joins the running batch at the next step. Thread-safe.
+        ``on_token`` and ``generator``: see :class:`Request`."""
         ids = self.encode(prompt)
         with self._cv:
-            r = Request(ids, params, self._submitted if index is None else index)
+            r = Request(ids, params, self._submitted if index is None else index, on_token, generator)
             self._submitted += 1
             self._waiting.append(r)
             self._cv.notify()
@@ -478,7 +498,7 @@ class Engine:
         b = self._batch
         if b is None:
             return []
-        token, lp = next_tokens(b.logits, b.rows, b.seen, self.generator)
+        token, lp = next_tokens(b.logits, b.rows, b.seen, self.generator, self._uniforms(b))
         token = torch.where(b.done, torch.full_like(token, self.pad_id), token)
         finished = self._record(b, token, lp)
         if bool(b.done.all()):
@@ -502,12 +522,48 @@ class Engine:
         """Rows in the batch (finished ones not yet dropped included)."""
         return 0 if self._batch is None else len(self._batch.requests)
 
+    @property
+    def serving(self) -> bool:
+        """The background loop (start()) is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted to the batch."""
+        return len(self._waiting)
+
+    def cancel(self, r: Request) -> None:
+        """End request ``r`` with finish_reason "cancelled" (a client went away): taken off the queue now, or, when
+        running, out of the batch at the next step (it gets no more tokens). Thread-safe; a finished one is left."""
+        with self._cv:
+            if r.finished:
+                return
+            if r in self._waiting:
+                self._waiting.remove(r)
+                r._finish("cancelled")
+                return
+            r.cancelled = True
+
+    def _uniforms(self, b: Batch) -> torch.Tensor | None:
+        """(B, 1) float64 uniform draws, each row's from its request's own generator where it has one (a seeded
+        request samples the same reply whatever else is in the batch); None when no row has one (training)."""
+        if all(r.generator is None for r in b.requests):
+            return None
+        return torch.cat([torch.rand(1, dtype=torch.float64, device=self.device,
+                                     generator=self.generator if r.generator is None else r.generator)
+                          for r in b.requests])[:, None]
+
     def _record(self, b: Batch, token: torch.Tensor, lp: torch.Tensor) -> list[Request]:
         """Append each live row's token; mark the rows that finish (EOS, stop string, max_tokens)."""
         finished = []
         done = b.done.tolist()
         for i, (r, t, p) in enumerate(zip(b.requests, token.tolist(), lp.tolist())):
             if done[i]:
+                continue
+            if r.cancelled:
+                r.text = self.tok.decode(r.token_ids, skip_special_tokens=True)
+                done[i] = True
+                finished.append(r)
                 continue
             r.token_ids.append(t)
             r.logprobs.append(p)
@@ -521,10 +577,12 @@ class Engine:
                 r.text, r.finish_reason = text, reason
                 done[i] = True
                 finished.append(r)
+            elif r.on_token is not None:
+                r.on_token(r)
         if finished:
             b.done = torch.tensor(done, device=b.done.device)
             for r in finished:
-                r._done.set()
+                r._finish("cancelled" if r.cancelled else r.finish_reason)
         return finished
 
     def _admit(self, new: list[Request], ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> None:
@@ -592,5 +650,5 @@ class Engine:
             self._waiting, self._batch = [], None
         for r in requests:
             if not r.finished:
-                r.error, r.finish_reason = error, "error"
-                r._done.set()
+                r.error = error
+                r._finish("error")

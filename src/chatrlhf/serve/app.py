@@ -1,0 +1,90 @@
+"""The server's FastAPI app: ``create_app`` wires the middleware (body limit, status counting), the routes
+(chat completions in completions.py; models, health and metrics here) and the error handlers that turn every
+failure into OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` — validation errors (FastAPI's
+422) become 400 naming the field, unknown routes 404, anything unexpected a 500 without a traceback."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from chatrlhf.config import ServeConfig
+from chatrlhf.engine import Engine
+from chatrlhf.serve import completions
+from chatrlhf.serve.completions import Server, authorized, server
+from chatrlhf.serve.metrics import CountStatus
+from chatrlhf.serve.protocol import APIError, validation_error
+
+
+class BodyLimit:
+    """413 (OpenAI-shaped) for a body over ``limit`` bytes, by Content-Length or while it streams in."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = APIError(413, f"the request body is over this server's limit of {self.limit} bytes", None,
+                           "request_too_large")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await JSONResponse(too_big.body(), 413)(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise too_big
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def create_app(engine: Engine, cfg: ServeConfig, digests: list[str]) -> FastAPI:
+    """The app for a started engine (Engine.start()); ``digests``: the API keys' SHA-256 (none = open)."""
+    app = FastAPI(title="chatrlhf serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = s = Server(engine, cfg, cfg.model_name or cfg.model, digests)
+    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    app.add_middleware(CountStatus, metrics=s.metrics)
+    app.router.routes.extend(completions.router.routes)
+    created = int(time.time())
+
+    @app.get("/v1/models")
+    async def models(_key: Annotated[str, Depends(authorized)]):
+        return {"object": "list", "data": [{"id": s.name, "object": "model", "created": created,
+                                            "owned_by": "chatrlhf"}]}
+
+    @app.get("/health")
+    async def health():
+        if not engine.serving:
+            raise APIError(503, "the generation engine is not running", None, "unavailable")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(s.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    for error in (APIError, RequestValidationError, HTTPException, Exception):
+        app.add_exception_handler(error, refused)
+    return app
+
+
+async def refused(request: Request, e: Exception) -> JSONResponse:
+    """The one error handler: every error in OpenAI's shape, with Retry-After where the client should retry."""
+    if isinstance(e, RequestValidationError):
+        e = validation_error(e.errors())
+    elif isinstance(e, HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        e = APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", None, code)
+    elif not isinstance(e, APIError):
+        e = APIError(500, f"internal error ({type(e).__name__}); the server log has the details", None,
+                     "internal_error")
+    return JSONResponse(e.body(), e.status, headers=e.headers())
