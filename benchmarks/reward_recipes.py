@@ -243,7 +243,7 @@ def table(rows: list[dict], domain: str) -> None:
                 if "confident_half_accuracy" in ens else "over budget" if r.get("over_budget") else "")
         if r.get("kept_pairs", 0) < r.get("training_pairs", 0):
             note += (f"{'; ' if note else ''}TRL kept {r['kept_pairs']} of {r['training_pairs']} pairs (it drops "
-                     "those over --max-length)")
+                     "those over its max_length, 1024 tokens)")
         (lo, hi), (cross_lo, cross_hi) = r["accuracy_ci95"], r["cross_domain_accuracy_ci95"]
         print(f"{r['row']:18}{r['accuracy']:>10.3f}  [{lo:.3f}, {hi:.3f}] {r['cross_domain_accuracy']:>10.3f}  "
               f"[{cross_lo:.3f}, {cross_hi:.3f}] {r['ece_uncalibrated']:>7.3f}{r['ece']:>7.3f}"
