@@ -1,7 +1,6 @@
 """qfeatures.py: the nine text features ψ(h, y, C) of a candidate set, each worked by hand on tiny sets (words of
 ≤ 3 letters, which ROUGE's stemmer leaves alone), the consensus pool, and the per-history grouping of reranking;
-qnet's feature sets ([φ, ψ], the ψ block's scale in "both", qlearn.json) and fqi's λ chosen by the regret of the
-pick."""
+qnet's feature sets ([φ, ψ], the ψ block's scale in "both", qlearn.json)."""
 import json
 import math
 
@@ -9,8 +8,7 @@ import pytest
 import torch
 
 from chatrlhf.qfeatures import TEXT_FEATURES, content_overlap, grouped_text_features, text_features, unigram_f1
-from chatrlhf.qnet import TEXT_SCALE, feature_dims, load_qheads, make_heads, pick_regret, q_inputs, ridge_cv, \
-    save_qheads
+from chatrlhf.qnet import TEXT_SCALE, feature_dims, load_qheads, make_heads, q_inputs, save_qheads
 
 
 def col(psi: torch.Tensor, name: str) -> list[float]:
@@ -89,14 +87,3 @@ def test_feature_sets_dims_inputs_and_the_text_blocks_scale_survive_save_and_loa
     torch.testing.assert_close(loaded.standardise(x), z)
     save_qheads(make_heads("phi", 4), tmp_path / "p", "m", "mean")  # φ folders keep their qlearn.json as it was
     assert "features" not in json.loads((tmp_path / "p" / "qlearn.json").read_text())
-
-
-def test_ridge_cv_by_pick_regret_by_hand():
-    """Two states of two rows; prediction [1, 0] on y [0, 1] picks row 0: regret 1 − 0 = 1; on y [2, 1]: 0."""
-    assert pick_regret(torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0.0, 1.0, 2.0, 1.0]),
-                       torch.tensor([0, 0, 1, 1])) == 1.0
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(90, 3, generator=g)
-    y = x[:, 0] + 0.1 * torch.randn(90, generator=g)
-    lam, errors = ridge_cv(x, y, (0.1, 1e6), groups=torch.arange(90) // 3)
-    assert lam == 0.1 and errors[0.1] < errors[1e6] and set(errors) == {0.1, 1e6}  # (1e6 still ranks near-right)
