@@ -14,7 +14,7 @@ from chatrlhf.config import ModelArgs
 from chatrlhf.data.template import render
 from chatrlhf.errors import UsageError
 from chatrlhf.models import load_model, save_model
-from chatrlhf.qfeatures import TEXT_FEATURES, words
+from chatrlhf.qfeatures import TEXT_FEATURES, words as text_words
 from chatrlhf.qnet import TEXT_SCALE, QHeads, make_heads, save_qheads
 from chatrlhf.rerank import QReranker, Reranker, RMReranker, load_reranker
 from chatrlhf.reward_model import load_reward_model, reward_scores
@@ -136,7 +136,7 @@ def test_heads_on_phi_and_text_features_score_phi_j_plus_the_length_column(tiny,
     save_qheads(heads, tmp_path, MODEL, "last", "both")
     r = load_reranker(f"q:{tmp_path}", model, tok, policy_name=MODEL)
     assert r.trunk is model and "text features" in r.describe
-    by_hand = [float(phi_by_hand(model, tok, H2, y)[j]) + len(words(y)) / 32 for y in CANDIDATES]
+    by_hand = [float(phi_by_hand(model, tok, H2, y)[j]) + len(text_words(y)) / 32 for y in CANDIDATES]
     index, scores = r.pick(H2, CANDIDATES)
     assert scores == pytest.approx(by_hand, abs=1e-4) and index == max(range(5), key=by_hand.__getitem__)
 
