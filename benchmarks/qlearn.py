@@ -21,6 +21,10 @@ without one). Learners, each trained on the train states' candidates with that r
            over the cached candidate sets, with the trainer's defaults ("dqn-default") and with the settings the
            benchmark recommends (standardised φ, every candidate's reward stored, more updates: "dqn"); γ = 0
            (the replayed-data baseline) and γ = 0.9.
+  - text / both: `chatrlhf qlearn --features text|both` — the same fqi (and one DQN) rows with the heads on the text
+           features ψ of qfeatures.py (computed from the cached texts at load time, the policy samples the
+           consensus pool) or on [φ_mean, ψ], the heads built by the trainer's qnet.make_heads. The cost block adds
+           ψ's time for the N candidates (text_s) beside φ's.
   - ridge: closed-form ridge regression of the reward on standardised φ (λ by 3-fold CV over train states) —
            the reference for what a head on these features can reach.
   - rm-bon (rouge only): best-of-N by the reward model; longest: the longest candidate (a trivial heuristic).
@@ -29,7 +33,8 @@ TODO(multi-turn PPO, engineer wt-mtppo): `chatrlhf ppo --env dialogue` vs single
 held-out states — train both on the train states, sample one reply per held-out state, score it with the same
 reward, and add the rows to `rows` in main(). Hook: `ppo_rows()` below.
 
-Writes benchmarks/results/qlearn.json.
+Writes benchmarks/results/qlearn.json. CHATRLHF_BENCH_CACHE=DIR reads (and writes) the cached states in DIR instead of
+out/bench-qlearn/ (e.g. the main checkout's, from a worktree).
 """
 
 from __future__ import annotations

@@ -499,7 +499,7 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
     solver: str = arg("fqi", "How the heads learn: `dqn`, gradient steps (Huber, double DQN, Polyak targets) on replay "
                       "batches after every reply; `fqi`, fitted Q iteration: after every episode, linear dueling heads "
                       "Q = V(h) + A(h, c) solved in closed form by ridge regression of the TD targets over the whole "
-                      "buffer on standardised φ (A on the within-state deviations, V on the states' means; λ by "
+                      "buffer on the standardised features (A on the within-state deviations, V on the states' means; λ by "
                       "3-fold CV). fqi ignores --hidden, --lr, --batch-size, --updates-per-step, --tau, "
                       "--max-grad-norm.", ("dqn", "fqi"))
     human_candidate: bool = arg(False, "Add the data's human reply of the turn to each training state's candidates "

@@ -8,6 +8,9 @@ update (§2.4). Training touches only the small MLP heads (CHAI's recipe), so it
     metrics = q_update(heads, optimizer, buffer.sample(512, g), gamma=0.9)
     heads.soft_update(0.005)                                     # θ̂ ← (1−τ)θ̂ + τθ
 
+The heads need not read φ: ``--features text|both`` gives them the text features ψ(h, y, C) of qfeatures.py, or
+[φ, ψ] (feature_dims, q_inputs, make_heads below); the standardiser and fqi treat any columns alike.
+
 A top-level module, not trainers/value.py: reranking (`generate|chat --rerank q:DIR`) and the server load the
 heads and embed candidates without any trainer, and trainers/value.py is the PPO critic's.
 """

@@ -1,9 +1,10 @@
 """Online DQN over candidate replies on replayed dialogues — QLEARN.md §2.2–2.4, tier A (frozen features).
 
 One run step is one episode (a training dialogue). At each state the policy proposes ``--candidates`` replies
-(plus the data's human reply unless --no-human-candidate), φ(h, c) of each comes from a frozen trunk through the FeatureCache, the reply is
+(plus the data's human reply with --human-candidate), the heads' input x(h, c) of each is built by --features (the
+text features ψ of qfeatures.py, φ from a frozen trunk through the FeatureCache, or both), the reply is
 chosen ε-greedy by Q_1, the environment scores it and moves to the next replayed user turn, and the transition
-(φ(h, a), r, terminated, truncated, φ of the next state's candidates) goes into the replay buffer. After
+(x(h, a), r, terminated, truncated, x of the next state's candidates) goes into the replay buffer. After
 ``--learning-starts`` transitions every reply is followed by ``--updates-per-step`` q_update batches (double
 DQN, clipped double Q, Huber) and a Polyak step of the target heads. Only the small MLP heads train. With
 ``--solver fqi`` the heads are linear, Q = V(h) + A(h, c) (dueling), and after every episode they are set to the
