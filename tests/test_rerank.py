@@ -139,6 +139,10 @@ def test_heads_on_phi_and_text_features_score_phi_j_plus_the_length_column(tiny,
     by_hand = [float(phi_by_hand(model, tok, H2, y)[j]) + len(text_words(y)) / 32 for y in CANDIDATES]
     index, scores = r.pick(H2, CANDIDATES)
     assert scores == pytest.approx(by_hand, abs=1e-4) and index == max(range(5), key=by_hand.__getitem__)
+    meta = json.loads((tmp_path / "qlearn.json").read_text())
+    (tmp_path / "qlearn.json").write_text(json.dumps({**meta, "features": "words"}))
+    with pytest.raises(UsageError, match="features 'words'"):
+        load_reranker(f"q:{tmp_path}", model, tok, policy_name=MODEL)
 
 
 def test_q_trunk_not_the_served_model_is_loaded_and_scores_the_same(tiny, qdir):

@@ -26,7 +26,7 @@ from chatrlhf.config import ModelArgs
 from chatrlhf.errors import UsageError
 from chatrlhf.models import autocast, load_model, resolve_device, resolve_model, unwrap
 from chatrlhf.qfeatures import grouped_text_features
-from chatrlhf.qnet import QHEADS_FILE, QLEARN_JSON, load_qheads, q_inputs, reply_features
+from chatrlhf.qnet import FEATURE_SETS, QHEADS_FILE, QLEARN_JSON, load_qheads, q_inputs, reply_features
 from chatrlhf.reward_model import check_gate, load_reward_model, reward_scores
 
 KINDS = ("q", "rm")
@@ -164,6 +164,9 @@ def load_q(spec, folder, policy, tok, policy_name, chat_template, device, max_re
         raise UsageError(f"--rerank {spec}: cannot read {folder / QHEADS_FILE} with {folder / QLEARN_JSON} ({e})",
                          f"re-run `chatrlhf qlearn --output-dir {folder}`") from None
     trained = run_config(folder)
+    if meta.get("features", "phi") not in FEATURE_SETS:
+        raise UsageError(f"--rerank {spec}: {folder / QLEARN_JSON} names features {meta['features']!r}, not one of "
+                         f"{', '.join(FEATURE_SETS)}", f"re-run `chatrlhf qlearn --output-dir {folder}`")
     if meta.get("features", "phi") == "text":  # no trunk: the heads read text features of the candidates alone
         describe = f"q:{folder} (Q_1 of {meta['heads']} heads on the text features of the candidates)"
         return QReranker(heads, meta, None, None, describe)
