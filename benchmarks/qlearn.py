@@ -21,6 +21,10 @@ without one). Learners, each trained on the train states' candidates with that r
            over the cached candidate sets, with the trainer's defaults ("dqn-default") and with the settings the
            benchmark recommends (standardised φ, every candidate's reward stored, more updates: "dqn"); γ = 0
            (the replayed-data baseline) and γ = 0.9.
+  - text / both: `chatrlhf qlearn --features text|both` — the same fqi (and one DQN) rows with the heads on the text
+           features ψ of qfeatures.py (computed from the cached texts at load time, the policy samples the
+           consensus pool) or on [φ_mean, ψ], the heads built by the trainer's qnet.make_heads. The cost block adds
+           ψ's time for the N candidates (text_s) beside φ's.
   - ridge: closed-form ridge regression of the reward on standardised φ (λ by 3-fold CV over train states) —
            the reference for what a head on these features can reach.
   - rm-bon (rouge only): best-of-N by the reward model; longest: the longest candidate (a trivial heuristic).
@@ -29,7 +33,8 @@ TODO(multi-turn PPO, engineer wt-mtppo): `chatrlhf ppo --env dialogue` vs single
 held-out states — train both on the train states, sample one reply per held-out state, score it with the same
 reward, and add the rows to `rows` in main(). Hook: `ppo_rows()` below.
 
-Writes benchmarks/results/qlearn.json.
+Writes benchmarks/results/qlearn.json. CHATRLHF_BENCH_CACHE=DIR reads (and writes) the cached states in DIR instead of
+out/bench-qlearn/ (e.g. the main checkout's, from a worktree).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SFT = ROOT.parent / "shared" / "data" / "sft"
 TOP1 = SFT / "oasst_en100_top1_messages.jsonl.gz"
 FLAT = SFT / "oasst1_en_validation_messages.jsonl.gz"
-CACHE = ROOT / "out" / "bench-qlearn"
+CACHE = Path(os.environ.get("CHATRLHF_BENCH_CACHE", ROOT / "out" / "bench-qlearn"))  # e.g. another checkout's cache
 
 
 # --------------------------------------------------------------------------- data
@@ -181,6 +186,22 @@ def prepare(a, log) -> tuple[list, list, list, dict]:
     return tr, ev, rewards, meta
 
 
+def add_text_features(sts: list[dict]) -> None:
+    """st["phi_text"]: (N + 1, 9) text features ψ (qfeatures.text_features) of the candidates then the human reply,
+    the policy samples the consensus pool (as `chatrlhf qlearn` computes them); st["phi_both"]: [φ_mean, ψ];
+    st["text_s"]: the wall time of ψ for the N candidates alone — its reranking cost. From the cached texts: the
+    cache (and its key) stay as they are."""
+    from chatrlhf.qfeatures import text_features
+
+    for st in sts:
+        n = len(st["candidates"])
+        t = time.perf_counter()
+        text_features(st["history"], st["candidates"])
+        st["text_s"] = time.perf_counter() - t
+        st["phi_text"] = text_features(st["history"], st["candidates"] + [st["human"]], pool=range(n))
+        st["phi_both"] = torch.cat([st["phi_mean"].float(), st["phi_text"]], 1)
+
+
 # --------------------------------------------------------------------------- learners
 
 
@@ -232,9 +253,11 @@ def dqn(train: list[dict], reward: str, pooling: str, gamma: float, a, recipe: d
     recipe: normalise (standardised φ), all (store every candidate's transition, not only the taken one's),
     updates (q_update calls per reply), epochs (passes over the train dialogues), hidden (head width; optional),
     human (False: leave the human reply out of the candidate sets; it scores ROUGE 1 against itself), solver
-    ("fqi": linear heads set by qnet.fqi_update after every episode, as `chatrlhf qlearn --solver fqi`)."""
+    ("fqi": linear heads set by qnet.fqi_update after every episode, as `chatrlhf qlearn --solver fqi`).
+    pooling "text" / "both": the heads read the text features ψ / [φ_mean, ψ] (`chatrlhf qlearn --features`, the
+    heads built by the trainer's qnet.make_heads)."""
     from chatrlhf.config import QLearnConfig
-    from chatrlhf.qnet import QHeads, ReplayBuffer, fqi_update, q_update
+    from chatrlhf.qnet import ReplayBuffer, fqi_update, make_heads, q_update
     from chatrlhf.trainers.qlearn import dialogue_index, epsilon
 
     cfg = QLearnConfig()
@@ -244,7 +267,9 @@ def dqn(train: list[dict], reward: str, pooling: str, gamma: float, a, recipe: d
     phi = lambda st: ((st[f"phi_{pooling}"].float() - mu) / sd)[:cut]  # noqa: E731  policy samples (+ the human reply)
     d, k = train[0][f"phi_{pooling}"].shape[1], max(len(st["candidates"]) for st in train) + 1
     fqi = recipe.get("solver") == "fqi"
-    heads = QHeads(d, cfg.heads, 0 if fqi else recipe.get("hidden", cfg.hidden), value=fqi)
+    features = pooling if pooling in ("text", "both") else "phi"
+    d_phi = train[0]["phi_mean"].shape[1] if features == "both" else d
+    heads = make_heads(features, d_phi, cfg.heads, 0 if fqi else recipe.get("hidden", cfg.hidden), value=fqi)
     opt = torch.optim.AdamW(heads.online.parameters(), lr=cfg.lr)
     buf = ReplayBuffer(cfg.buffer_size, d, k)
     by_dialogue: dict[int, list[dict]] = {}
@@ -405,7 +430,12 @@ def learners(a) -> list[tuple[str, str, float | None, dict | None]]:
              ("fqi+all-human/last/γ=0", "last", 0.0, RECIPES["fqi+all-human"]),
              ("dqn-default/mean/γ=0.9", "mean", 0.9, RECIPES["dqn-default"]),
              ("dqn-default/last/γ=0", "last", 0.0, RECIPES["dqn-default"]),
-             ("dqn-default/last/γ=0.9", "last", 0.9, RECIPES["dqn-default"])]
+             ("dqn-default/last/γ=0.9", "last", 0.9, RECIPES["dqn-default"]),
+             # `chatrlhf qlearn --features text|both` (the default solver, fqi, without the human reply)
+             ("fqi+all-human/text/γ=0", "text", 0.0, RECIPES["fqi+all-human"]),
+             ("fqi+all-human/both/γ=0", "both", 0.0, RECIPES["fqi+all-human"]),
+             ("fqi+all-human/text/γ=0.9", "text", 0.9, RECIPES["fqi+all-human"]),
+             ("dqn+norm+all+updates/text/γ=0", "text", 0.0, {**RECIPES["dqn+norm+all+updates"], "human": False})]
     return rows
 
 
@@ -447,8 +477,10 @@ def cost(held: list[dict], a) -> dict:
             heads(st["phi_last"][:-1].float())
     heads_s = (time.perf_counter() - t) / len(held)
     gen, phi = float(np.mean([st["gen_s"] for st in held])), float(np.mean([st["phi_s"] for st in held]))
+    text = float(np.mean([st["text_s"] for st in held]))
     return {"generate_s": gen, "phi_s": phi, "heads_s": heads_s, "score_over_generate": (phi + heads_s) / gen,
-            "total_over_generate": (gen + phi + heads_s) / gen}
+            "total_over_generate": (gen + phi + heads_s) / gen, "text_s": text, "text_over_generate": text / gen,
+            "both_over_generate": (phi + text + heads_s) / gen}
 
 
 def main() -> None:
@@ -478,6 +510,7 @@ def main() -> None:
     log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     train, held, rewards, meta = prepare(a, log)
+    add_text_features(train + held)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "settings": vars(a),
               "train_states": len(train), "held_out_states": len(held), "prepare": meta, "cost": cost(held, a)}
     for reward in rewards:
@@ -487,7 +520,8 @@ def main() -> None:
     result["wall_s"] = time.perf_counter() - t0
     c = result["cost"]
     log(f"cost per state: generate {c['generate_s']:.2f} s, φ {c['phi_s']:.2f} s, heads {c['heads_s'] * 1e3:.2f} ms → "
-        f"scoring = {c['score_over_generate']:.2f}× generation (goal ≤ 0.5×), total {c['total_over_generate']:.2f}×")
+        f"scoring = {c['score_over_generate']:.2f}× generation (goal ≤ 0.5×), total {c['total_over_generate']:.2f}×; "
+        f"text features {c['text_s'] * 1e3:.1f} ms = {c['text_over_generate']:.3f}× generation")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     only = "".join(ch if ch.isalnum() or ch in "+-" else "_" for ch in a.only)

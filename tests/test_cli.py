@@ -181,7 +181,7 @@ def cover(t, fn, rm, feedback_db):
                     "--reward-fn", fn, "--reward-weights", "fn=1", "--q-model", "tiny-random-llama", "--pooling", "mean",
                     "--candidates", "2", "--max-turns", "1", "--user-model", "tiny-random-gpt2", "--learning-starts", "1",
                     "--batch-size", "2", "--updates-per-step", "2", "--cql-alpha", "0.1", "--heads", "3", "--hidden", "8",
-                    "--solver", "dqn", "--human-candidate"],
+                    "--solver", "dqn", "--human-candidate", "--features", "both", "--phi-norm"],
                    [*TINY, *RUN, "--data", dialogues, "--output-dir", t / "q2", "--max-steps", "1", "--max-new-tokens", "4",
                     "--eval-dialogues", "1", "--references", dialogues, "--candidates", "1"]],
         "qlearn-offline": [[*TINY, *RUN, "--data", f"{dialogues},{FEEDBACK_FILES[2]}", "--eval-data", FEEDBACK_FILES[1],

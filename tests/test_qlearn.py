@@ -12,6 +12,7 @@ from chatrlhf.env import CandidateWrapper, DialogueEnv
 from chatrlhf.logger import read_metrics
 from chatrlhf.models import load_model
 from chatrlhf.qnet import QHeads, ReplayBuffer, load_qheads, q_update, reply_logprobs
+from chatrlhf.rerank import load_reranker
 from chatrlhf.trainers.qlearn import behavior_logprobs, dialogue_index, epsilon
 from conftest import EXAMPLES, assert_sigkill_resume_matches, run_cli
 
@@ -28,7 +29,7 @@ def test_a_short_run_saves_heads_and_qlearn_json_and_logs_q_and_eval_metrics(tmp
     out = tmp_path / "q"
     r = run_cli(*qlearn_args(out, "--references", DIALOGUES, "--max-steps", "4", "--learning-starts", "2", "--solver", "dqn",
                              "--batch-size", "4", "--eval-steps", "2", "--hidden", "16", "--eval-dialogues", "2",
-                             "--pooling", "last"))
+                             "--pooling", "last", "--features", "phi"))
     assert r.returncode == 0, r.stderr
     assert "held-out reward per state: Q-argmax" in r.stdout and "saved to" in r.stdout
     meta = json.loads((out / "qlearn.json").read_text())
@@ -79,7 +80,8 @@ def test_q_learns_a_reward_that_prefers_short_replies(tmp_path, write):
     r = run_cli(*qlearn_args(out, "--reward-fn", f"{fn}:short", "--max-steps", "40", "--learning-starts", "16", "--solver", "dqn",
                              "--no-all-candidates", "--human-candidate",
                              "--batch-size", "32", "--updates-per-step", "4", "--lr", "1e-3", "--gamma", "0", "--tau",
-                             "0.05", "--pooling", "mean", "--eval-steps", "40", "--max-new-tokens", "16", "--hidden", "64"))
+                             "0.05", "--pooling", "mean", "--eval-steps", "40", "--max-new-tokens", "16", "--hidden", "64",
+                             "--features", "phi"))
     assert r.returncode == 0, r.stderr
     start = next(m for m in read_metrics(out) if m["step"] == 0)
     end = json.loads((out / "chatrlhf.json").read_text())["eval_end"]
@@ -87,8 +89,9 @@ def test_q_learns_a_reward_that_prefers_short_replies(tmp_path, write):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("solver", [["--solver", "dqn", "--hidden", "16", "--cql-alpha", "0.1", "--human-candidate"],
-                                    ["--solver", "fqi", "--all-candidates"]], ids=["dqn", "fqi"])
+@pytest.mark.parametrize("solver", [["--solver", "dqn", "--hidden", "16", "--cql-alpha", "0.1", "--human-candidate",
+                                     "--features", "phi"],
+                                    ["--solver", "fqi", "--all-candidates", "--features", "text"]], ids=["dqn", "fqi"])
 def test_sigkill_then_resume_gives_the_uninterrupted_metrics_and_heads(tmp_path, solver):
     args = ["--references", DIALOGUES, "--max-steps", "8", "--save-steps", "2", "--learning-starts", "2",
             "--batch-size", "4", "--eval-steps", "4", "--eval-dialogues", "2", *solver]
@@ -133,7 +136,8 @@ def test_all_candidates_stores_every_scored_candidate_and_phi_norm_saves_the_mom
         out = tmp_path / flag
         r = run_cli(*qlearn_args(out, "--reward-fn", f"{fn}:short", "--max-steps", "3", "--learning-starts", "4",
                                  "--batch-size", "4", "--eval-steps", "3", "--eval-dialogues", "1", "--hidden", "8",
-                                 "--candidates", "3", "--phi-norm", "--solver", "dqn", "--human-candidate", flag))
+                                 "--candidates", "3", "--phi-norm", "--solver", "dqn", "--human-candidate", flag,
+                                 "--features", "phi"))
         assert r.returncode == 0, r.stderr
         metrics = [m for m in read_metrics(out) if "train/turns" in m]
         got[flag] = (sum(m["train/turns"] for m in metrics), metrics[-1]["train/transitions"])
@@ -154,7 +158,7 @@ def test_fqi_learns_the_short_reply_reward_with_linear_heads_and_no_human_candid
     out = tmp_path / "q"
     r = run_cli(*qlearn_args(out, "--model", "tiny-random-gpt2", "--reward-fn", f"{fn}:short", "--max-steps", "20",
                              "--learning-starts", "8", "--gamma", "0", "--eval-steps", "20", "--max-new-tokens", "16",
-                             "--solver", "fqi",
+                             "--solver", "fqi", "--features", "phi",
                              "--all-candidates", "--no-human-candidate", "--candidates", "4"))
     assert r.returncode == 0, r.stderr
     assert "4 candidates per state" in r.stdout and "solver fqi" in r.stdout
@@ -168,6 +172,29 @@ def test_fqi_learns_the_short_reply_reward_with_linear_heads_and_no_human_candid
     assert json.loads((out / "qlearn.json").read_text())["hidden"] == 0
     saved = json.loads((out / "run_config.json").read_text())
     assert saved["solver"] == "fqi" and saved["human_candidate"] is False
+
+
+def test_fqi_on_text_features_learns_the_short_reply_reward_and_reranks_without_a_trunk(tmp_path, write):
+    """--features text: the heads read the 9 text features (length among them), so on the reward −len/50 the fqi
+    heads pick the shorter replies of held-out states, qlearn.json records the feature set, and `--rerank q:DIR`
+    loads no trunk and scores a candidate set with the same features. --features both with dqn needs --phi-norm."""
+    fn = write("short.py", SHORT)
+    out = tmp_path / "q"
+    r = run_cli(*qlearn_args(out, "--reward-fn", f"{fn}:short", "--max-steps", "6", "--learning-starts", "4",
+                             "--gamma", "0", "--eval-steps", "6", "--candidates", "3", "--features", "text"))
+    assert r.returncode == 0, r.stderr
+    assert "features text (9 columns)" in r.stdout
+    meta = json.loads((out / "qlearn.json").read_text())
+    assert meta["features"] == "text" and meta["dims"] == 9 and meta["hidden"] == 0
+    end = json.loads((out / "chatrlhf.json").read_text())["eval_end"]
+    assert end["eval/q"] > end["eval/random"] and end["eval/capture"] > 0.3  # (the tiny model's replies: few letters)
+    reranker = load_reranker(f"q:{out}", device="cpu")
+    assert reranker.trunk is None and "text features" in reranker.describe
+    history = [{"role": "user", "content": "where is my order?"}]
+    index, _ = reranker.pick(history, ["it is on its way to you now and will arrive soon", "on its way", "it is"])
+    assert index == 2
+    r = run_cli(*qlearn_args(tmp_path / "b", "--references", DIALOGUES, "--solver", "dqn", "--features", "both"))
+    assert r.returncode == 2 and "--features both" in r.stderr and "--phi-norm" in r.stderr
 
 
 def test_fqi_refuses_flags_it_would_ignore(tmp_path):

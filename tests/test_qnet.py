@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from chatrlhf.qnet import NORM_KEYS, FeatureCache, QHeads, ReplayBuffer, dueling_q, fqi_update, load_qheads, \
+from chatrlhf.qnet import NORM_KEYS, SCALE_KEY, FeatureCache, QHeads, ReplayBuffer, dueling_q, fqi_update, load_qheads, \
     q_update, reply_features, ridge_cv, ridge_solve, save_qheads
 from chatrlhf.rollout import generator
 
@@ -134,8 +134,9 @@ def test_targets_have_no_grad_and_heads_start_apart():
     assert not any(p.requires_grad for p in heads.targets.parameters())
     assert not torch.allclose(q[0], q[1])  # two heads initialised apart (clipped double Q needs two opinions)
     torch.testing.assert_close(qt, q.detach())  # targets start as copies
-    # a checkpoint holds both, and the φ standardiser's moments
-    assert {k.split(".")[0] for k in heads.state_dict()} == {"online", "targets", *NORM_KEYS}
+    # a checkpoint holds both, the φ standardiser's moments and the column scale (ones but for --features both)
+    assert {k.split(".")[0] for k in heads.state_dict()} == {"online", "targets", *NORM_KEYS, SCALE_KEY}
+    assert heads.feature_scale.tolist() == [1.0] * 6
 
 
 def test_the_phi_standardiser_uses_the_running_moments_of_what_it_observed():
@@ -164,9 +165,9 @@ def test_saved_heads_keep_their_standardiser_and_older_files_load_as_identity(tm
     back, meta = load_qheads(tmp_path / "a")
     phi = torch.randn(4, 3)
     torch.testing.assert_close(back(phi), heads(phi).detach())
-    from safetensors.torch import load_file, save_file  # an older file: no standardiser buffers
+    from safetensors.torch import load_file, save_file  # an older file: no standardiser, no scale
 
-    old = {k: v for k, v in load_file(tmp_path / "a" / "qheads.safetensors").items() if k not in NORM_KEYS}
+    old = {k: v for k, v in load_file(tmp_path / "a" / "qheads.safetensors").items() if k not in (*NORM_KEYS, SCALE_KEY)}
     save_file(old, tmp_path / "a" / "qheads.safetensors")
     back, _ = load_qheads(tmp_path / "a")
     torch.testing.assert_close(back.standardise(phi), phi)

@@ -14,7 +14,8 @@ from chatrlhf.config import ModelArgs
 from chatrlhf.data.template import render
 from chatrlhf.errors import UsageError
 from chatrlhf.models import load_model, save_model
-from chatrlhf.qnet import QHeads, save_qheads
+from chatrlhf.qfeatures import TEXT_FEATURES, words as text_words
+from chatrlhf.qnet import TEXT_SCALE, QHeads, make_heads, save_qheads
 from chatrlhf.rerank import QReranker, Reranker, RMReranker, load_reranker
 from chatrlhf.reward_model import load_reward_model, reward_scores
 from conftest import EXAMPLES, run_cli, tiny_reward_model
@@ -118,6 +119,30 @@ def test_a_head_linear_in_phi_picks_the_reply_with_the_largest_coordinate(tiny, 
     # Q_2 = −φ_j: the min over heads, 0.25 − |φ_j|, would pick the smallest |φ_j| instead; we rank by Q_1
     by_min = max(range(len(coord)), key=lambda i: -abs(coord[i]))
     assert by_min != index
+
+
+def test_heads_on_phi_and_text_features_score_phi_j_plus_the_length_column(tiny, tmp_path):
+    """--features both: the heads read [φ, ψ] with ψ scaled by TEXT_SCALE; a linear Q_1 = φ_j + length/32 (its ψ weight
+    1/TEXT_SCALE) scores each candidate by hand, the candidates of one history forming its set."""
+    model, tok = tiny
+    d, j = model.config.hidden_size, 3
+    heads = make_heads("both", d, 2, hidden=0)
+    with torch.no_grad():
+        for h in heads.online:
+            h[0].weight.zero_()
+            h[0].bias.zero_()
+            h[0].weight[0, j] = 1.0
+            h[0].weight[0, d + TEXT_FEATURES.index("length")] = 1.0 / TEXT_SCALE
+    save_qheads(heads, tmp_path, MODEL, "last", "both")
+    r = load_reranker(f"q:{tmp_path}", model, tok, policy_name=MODEL)
+    assert r.trunk is model and "text features" in r.describe
+    by_hand = [float(phi_by_hand(model, tok, H2, y)[j]) + len(text_words(y)) / 32 for y in CANDIDATES]
+    index, scores = r.pick(H2, CANDIDATES)
+    assert scores == pytest.approx(by_hand, abs=1e-4) and index == max(range(5), key=by_hand.__getitem__)
+    meta = json.loads((tmp_path / "qlearn.json").read_text())
+    (tmp_path / "qlearn.json").write_text(json.dumps({**meta, "features": "words"}))
+    with pytest.raises(UsageError, match="features 'words'"):
+        load_reranker(f"q:{tmp_path}", model, tok, policy_name=MODEL)
 
 
 def test_q_trunk_not_the_served_model_is_loaded_and_scores_the_same(tiny, qdir):

@@ -460,6 +460,13 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
     pooling: str = arg("mean", "φ: the mean of the trunk states over the reply, or the state at its last token (EOS) "
                        "(benchmarks/qlearn.py, 85 held-out OASST states: fqi captures 0.15 of the oracle's ROUGE "
                        "gain on last-token φ, 0.29 on mean-pooled φ).", ("mean", "last"))
+    features: str = arg("text", "What the Q-heads read: `phi`, the frozen trunk's φ(h, y) (--q-model, --pooling); "
+                        "`text`, 9 text features ψ(h, y, C) of the reply, its history and the state's candidate set "
+                        "(consensus with the other policy samples, overlap with the user's turn and the history, "
+                        "length; chatrlhf.qfeatures); `both`, [φ, ψ] with ψ scaled up against φ's many columns "
+                        "(benchmarks/qlearn.py, fqi on 85 held-out OASST states, reward ROUGE-L to the human reply: "
+                        "capture 0.29 phi, 0.60 text, 0.61 both; text needs no trunk pass at reranking). --q-model and "
+                        "--pooling apply to phi and both.", ("phi", "text", "both"))
     phi_norm: bool = arg(False, "Standardise φ per dimension with the moments of the training candidates' features up "
                          "to --learning-starts (saved with the heads): LM hidden states have outlier dimensions.")
     all_candidates: bool = arg(True, "Also store a transition for every other candidate of each state, with its reward "
@@ -495,7 +502,7 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
     solver: str = arg("fqi", "How the heads learn: `dqn`, gradient steps (Huber, double DQN, Polyak targets) on replay "
                       "batches after every reply; `fqi`, fitted Q iteration: after every episode, linear dueling heads "
                       "Q = V(h) + A(h, c) solved in closed form by ridge regression of the TD targets over the whole "
-                      "buffer on standardised φ (A on the within-state deviations, V on the states' means; λ by "
+                      "buffer on the standardised features (A on the within-state deviations, V on the states' means; λ by "
                       "3-fold CV). fqi ignores --hidden, --lr, --batch-size, --updates-per-step, --tau, "
                       "--max-grad-norm.", ("dqn", "fqi"))
     human_candidate: bool = arg(False, "Add the data's human reply of the turn to each training state's candidates "

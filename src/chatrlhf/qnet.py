@@ -8,6 +8,9 @@ update (§2.4). Training touches only the small MLP heads (CHAI's recipe), so it
     metrics = q_update(heads, optimizer, buffer.sample(512, g), gamma=0.9)
     heads.soft_update(0.005)                                     # θ̂ ← (1−τ)θ̂ + τθ
 
+The heads need not read φ: ``--features text|both`` gives them the text features ψ(h, y, C) of qfeatures.py, or
+[φ, ψ] (feature_dims, q_inputs, make_heads below); the standardiser and fqi treat any columns alike.
+
 A top-level module, not trainers/value.py: reranking (`generate|chat --rerank q:DIR`) and the server load the
 heads and embed candidates without any trainer, and trainers/value.py is the PPO critic's.
 """
@@ -25,9 +28,12 @@ from chatrlhf.config import ModelArgs
 from chatrlhf.data.template import render
 from chatrlhf.losses import cql_loss, double_q_next_value, huber_td_loss, iql_loss, td_target
 from chatrlhf.models import load_model
+from chatrlhf.qfeatures import TEXT_FEATURES
 from chatrlhf.rollout import encode_prompts, logprobs_from_hidden, reply_hidden, trunk_and_head
 
 POOLINGS = ("last", "mean")
+FEATURE_SETS = ("phi", "text", "both")  # what the heads read: φ(h, y), ψ(h, y, C) (qfeatures), or [φ, ψ]
+TEXT_SCALE = 10.0  # with "both": ψ's standardised columns ×10 against φ's 576 (the same ridge λ is λ/100 on ψ)
 HISTORY = "history"  # φ(h) for V(h): the trunk state at the history's last token (the generation prompt's end)
 
 
@@ -185,6 +191,33 @@ class FeatureCache:
         self.store = {k: row.clone() for k, row in zip(state["keys"], state["features"])}
 
 
+# ----------------------------------------------------------------------------- what the heads read
+
+
+def feature_dims(features: str, d_phi: int) -> int:
+    """Columns of the heads' input for a feature set: d_phi for φ, 9 for ψ, both for [φ, ψ]."""
+    if features not in FEATURE_SETS:
+        raise ValueError(f"features must be one of {FEATURE_SETS}, got {features!r}")
+    return {"phi": d_phi, "text": len(TEXT_FEATURES), "both": d_phi + len(TEXT_FEATURES)}[features]
+
+
+def q_inputs(phi: torch.Tensor | None, psi: torch.Tensor | None) -> torch.Tensor:
+    """(N, F) the heads' input: φ (N, d), ψ (N, 9) or [φ, ψ] side by side, whichever is given."""
+    parts = [x.float() for x in (phi, psi) if x is not None]
+    if not parts:
+        raise ValueError("q_inputs needs φ, ψ or both")
+    return torch.cat(parts, 1)
+
+
+def make_heads(features: str, d_phi: int, n_heads: int = 2, hidden: int = 256, value: bool = False) -> "QHeads":
+    """QHeads on the feature set's columns; with "both" the ψ block is scaled by TEXT_SCALE after standardising, so
+    that 9 columns are not drowned by d_phi in one ridge penalty (benchmarks/qlearn.py measured the scale)."""
+    heads = QHeads(feature_dims(features, d_phi), n_heads, hidden, value)
+    if features == "both":
+        heads.feature_scale[d_phi:] = TEXT_SCALE
+    return heads
+
+
 # ----------------------------------------------------------------------------- the heads and their targets
 
 
@@ -196,6 +229,7 @@ def mlp(d: int, hidden: int) -> torch.nn.Sequential:
 
 
 NORM_KEYS = ("phi_count", "phi_mean", "phi_m2")  # the φ standardiser's buffers (absent from older saved heads)
+SCALE_KEY = "feature_scale"  # per-column scale after standardising (absent from older saved heads: ones)
 
 
 class QHeads(torch.nn.Module):
@@ -218,6 +252,7 @@ class QHeads(torch.nn.Module):
         self.register_buffer("phi_count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("phi_mean", torch.zeros(d, dtype=torch.float64))
         self.register_buffer("phi_m2", torch.zeros(d, dtype=torch.float64))
+        self.register_buffer(SCALE_KEY, torch.ones(d, dtype=torch.float64))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The online Q heads' parameters and the V head's (not the targets')."""
@@ -244,11 +279,13 @@ class QHeads(torch.nn.Module):
         self.phi_count.fill_(float(total))
 
     def standardise(self, phi: torch.Tensor) -> torch.Tensor:
-        """(φ − mean) / std with the running moments (std floored at 1e-4); φ unchanged before 2 observed rows."""
+        """(φ − mean) / std with the running moments (std floored at 1e-4), times ``feature_scale`` per column (ones
+        but for the text block of features="both", make_heads); φ unscaled, unshifted before 2 observed rows."""
+        scale = self.feature_scale.to(phi.dtype)
         if self.phi_count < 2:
-            return phi
+            return phi * scale
         std = (self.phi_m2 / (self.phi_count - 1)).sqrt().clamp_min(1e-4)
-        return (phi - self.phi_mean.to(phi.dtype)) / std.to(phi.dtype)
+        return (phi - self.phi_mean.to(phi.dtype)) / std.to(phi.dtype) * scale
 
     def forward(self, phi: torch.Tensor) -> torch.Tensor:
         """(H, N) Q_i(h, y) of the online heads; phi (N, d)."""
@@ -545,9 +582,10 @@ def fqi_update(heads: QHeads, buffer: ReplayBuffer, gamma: float, lambdas=RIDGE_
 QHEADS_FILE, QLEARN_JSON = "qheads.safetensors", "qlearn.json"
 
 
-def save_qheads(heads: QHeads, out_dir, q_model: str, pooling: str) -> None:
-    """OUTPUT_DIR/qheads.safetensors (online heads and targets) and qlearn.json: what :func:`load_qheads` needs,
-    and which frozen trunk and pooling φ must be computed with."""
+def save_qheads(heads: QHeads, out_dir, q_model: str, pooling: str, features: str = "phi") -> None:
+    """OUTPUT_DIR/qheads.safetensors (online heads and targets, the standardiser and the column scale) and
+    qlearn.json: what :func:`load_qheads` needs, which frozen trunk and pooling φ must be computed with, and the
+    feature set the heads read (``features``; absent = φ, as older folders)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -558,12 +596,16 @@ def save_qheads(heads: QHeads, out_dir, q_model: str, pooling: str) -> None:
             "hidden": 0 if len(first) == 1 else first[0].out_features, "dims": first[0].in_features}
     if heads.value is not None:  # only then: folders without a V head keep their qlearn.json as it was
         meta["value"] = True
+    if features != "phi":
+        meta["features"] = features
+        meta["text_features"] = list(TEXT_FEATURES)
     (out / QLEARN_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_qheads(out_dir, device="cpu") -> tuple[QHeads, dict]:
     """(heads in eval mode, qlearn.json) from a `chatrlhf qlearn` output folder: embed candidates with
-    ``reply_features(load_model(meta["q_model"]), …, pooling=meta["pooling"])`` and rank them by ``heads(φ)[0]``."""
+    ``reply_features(load_model(meta["q_model"]), …, pooling=meta["pooling"])`` and/or qfeatures.text_features as
+    ``meta.get("features", "phi")`` says, and rank them by ``heads(q_inputs(φ, ψ))[0]``."""
     from safetensors.torch import load_file
 
     out = Path(out_dir)
@@ -572,6 +614,6 @@ def load_qheads(out_dir, device="cpu") -> tuple[QHeads, dict]:
     meta = json.loads((out / QLEARN_JSON).read_text())
     heads = QHeads(meta["dims"], meta["heads"], meta["hidden"], value=meta.get("value", False))
     missing, unexpected = heads.load_state_dict(load_file(out / QHEADS_FILE), strict=False)
-    if unexpected or set(missing) - set(NORM_KEYS):
+    if unexpected or set(missing) - {*NORM_KEYS, SCALE_KEY}:
         raise ValueError(f"{out / QHEADS_FILE}: missing {missing}, unexpected {unexpected}: not saved by save_qheads")
     return heads.to(device).eval(), meta

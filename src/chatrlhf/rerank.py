@@ -25,7 +25,8 @@ import torch
 from chatrlhf.config import ModelArgs
 from chatrlhf.errors import UsageError
 from chatrlhf.models import autocast, load_model, resolve_device, resolve_model, unwrap
-from chatrlhf.qnet import QHEADS_FILE, QLEARN_JSON, load_qheads, reply_features
+from chatrlhf.qfeatures import grouped_text_features
+from chatrlhf.qnet import FEATURE_SETS, QHEADS_FILE, QLEARN_JSON, load_qheads, q_inputs, reply_features
 from chatrlhf.reward_model import check_gate, load_reward_model, reward_scores
 
 KINDS = ("q", "rm")
@@ -60,7 +61,9 @@ class Reranker:
 
 
 class QReranker(Reranker):
-    """Q_1(h, y) = heads(φ(h, y))[0], φ from ``trunk`` in fp32 as qlearn computed it (qnet.reply_features)."""
+    """Q_1(h, y) = heads(x(h, y))[0], x as the folder's qlearn.json ``features`` say: φ from ``trunk`` in fp32 as
+    qlearn computed it (qnet.reply_features), the text features ψ (qfeatures; the candidates of one history are its
+    consensus pool C, as the policy samples of a state were in training), or both. ``trunk`` is None for text."""
 
     def __init__(self, heads, meta: dict, trunk, tok, describe: str, max_prompt_length: int = 1024,
                  max_reply_length: int = 256, batch_size: int = 16):
@@ -71,10 +74,16 @@ class QReranker(Reranker):
     def scores(self, histories, replies):
         if not replies:
             return []
-        phi = reply_features(self.trunk, self.tok, histories, replies, pooling=self.meta["pooling"],
-                             batch_size=self.batch_size, max_prompt_length=self.max_prompt_length,
-                             max_reply_length=self.max_reply_length)
-        return self.heads(phi.to(next(self.heads.parameters()).device))[0].float().cpu().tolist()
+        features = self.meta.get("features", "phi")
+        phi = psi = None
+        if features != "text":
+            phi = reply_features(self.trunk, self.tok, histories, replies, pooling=self.meta["pooling"],
+                                 batch_size=self.batch_size, max_prompt_length=self.max_prompt_length,
+                                 max_reply_length=self.max_reply_length)
+        if features != "phi":
+            psi = grouped_text_features(histories, replies)
+        x = q_inputs(phi, psi)
+        return self.heads(x.to(next(self.heads.parameters()).device))[0].float().cpu().tolist()
 
 
 class RMReranker(Reranker):
@@ -155,6 +164,12 @@ def load_q(spec, folder, policy, tok, policy_name, chat_template, device, max_re
         raise UsageError(f"--rerank {spec}: cannot read {folder / QHEADS_FILE} with {folder / QLEARN_JSON} ({e})",
                          f"re-run `chatrlhf qlearn --output-dir {folder}`") from None
     trained = run_config(folder)
+    if meta.get("features", "phi") not in FEATURE_SETS:
+        raise UsageError(f"--rerank {spec}: {folder / QLEARN_JSON} names features {meta['features']!r}, not one of "
+                         f"{', '.join(FEATURE_SETS)}", f"re-run `chatrlhf qlearn --output-dir {folder}`")
+    if meta.get("features", "phi") == "text":  # no trunk: the heads read text features of the candidates alone
+        describe = f"q:{folder} (Q_1 of {meta['heads']} heads on the text features of the candidates)"
+        return QReranker(heads, meta, None, None, describe)
     template = trained.get("chat_template", chat_template)  # φ must be computed as qlearn computed it
     reused = policy is not None and same_model(meta["q_model"], policy_name) and template == chat_template
     if reused:
@@ -162,12 +177,13 @@ def load_q(spec, folder, policy, tok, policy_name, chat_template, device, max_re
     else:
         trunk, qtok = load_model(ModelArgs(model=meta["q_model"], device=str(where.type)), chat_template=template)
         trunk.eval().requires_grad_(False)
-    d = unwrap(trunk).config.hidden_size
+    d = unwrap(trunk).config.hidden_size + (len(meta.get("text_features", [])) if meta.get("features") == "both" else 0)
     if d != meta["dims"]:
         raise UsageError(f"--rerank {spec}: the heads read {meta['dims']}-d features but the trunk {meta['q_model']} "
                          f"has hidden size {d}", f"{folder / QLEARN_JSON} names the wrong trunk: re-run qlearn")
     how = "the served policy's own trunk, reused" if reused else f"trunk {meta['q_model']} loaded for it"
-    describe = f"q:{folder} (Q_1 of {meta['heads']} heads on φ = {meta['pooling']} state of {how})"
+    plus = " + the text features" if meta.get("features") == "both" else ""
+    describe = f"q:{folder} (Q_1 of {meta['heads']} heads on φ = {meta['pooling']} state of {how}{plus})"
     return QReranker(heads, meta, trunk, qtok, describe, trained.get("max_prompt_length", 1024),
                      max(max_reply_length, trained.get("max_new_tokens", 0) + 1))
 

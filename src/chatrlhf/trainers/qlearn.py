@@ -1,9 +1,10 @@
 """Online DQN over candidate replies on replayed dialogues — QLEARN.md §2.2–2.4, tier A (frozen features).
 
 One run step is one episode (a training dialogue). At each state the policy proposes ``--candidates`` replies
-(plus the data's human reply unless --no-human-candidate), φ(h, c) of each comes from a frozen trunk through the FeatureCache, the reply is
+(plus the data's human reply with --human-candidate), the heads' input x(h, c) of each is built by --features (the
+text features ψ of qfeatures.py, φ from a frozen trunk through the FeatureCache, or both), the reply is
 chosen ε-greedy by Q_1, the environment scores it and moves to the next replayed user turn, and the transition
-(φ(h, a), r, terminated, truncated, φ of the next state's candidates) goes into the replay buffer. After
+(x(h, a), r, terminated, truncated, x of the next state's candidates) goes into the replay buffer. After
 ``--learning-starts`` transitions every reply is followed by ``--updates-per-step`` q_update batches (double
 DQN, clipped double Q, Huber) and a Polyak step of the target heads. Only the small MLP heads train. With
 ``--solver fqi`` the heads are linear, Q = V(h) + A(h, c) (dueling), and after every episode they are set to the
@@ -37,8 +38,9 @@ from chatrlhf.env import STOP_MARKER, CandidateWrapper, DialogueEnv, UserSimulat
 from chatrlhf.errors import UsageError
 from chatrlhf.models import load_model, unwrap
 from chatrlhf.qeval import ScoredSet, set_statistics
-from chatrlhf.qnet import FeatureCache, QHeads, ReplayBuffer, fqi_update, load_policy_and_trunk, q_update, \
-    reply_logprobs, save_qheads
+from chatrlhf.qfeatures import text_features
+from chatrlhf.qnet import FeatureCache, QHeads, ReplayBuffer, feature_dims, fqi_update, load_policy_and_trunk, \
+    make_heads, q_inputs, q_update, reply_logprobs, save_qheads
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import generator
 from chatrlhf.trainers.common import file_hashes
@@ -86,6 +88,9 @@ def check(cfg: QLearnConfig) -> None:
         raise UsageError("--solver fqi with --no-all-candidates: fitted Q iteration learns which reply of a state is "
                          "better from the scored candidates of that state, one taken reply per state teaches it nothing",
                          "drop --no-all-candidates, or use --solver dqn")
+    if cfg.solver == "dqn" and cfg.features == "both" and not cfg.phi_norm:
+        raise UsageError("--features both with --solver dqn and --no-phi-norm: unstandardised, the trunk's outlier "
+                         "dimensions swamp the 9 text features", "add --phi-norm, or use --features text or phi")
     if not cfg.human_candidate and cfg.candidates < 1:
         raise UsageError("--no-human-candidate with --candidates 0 leaves no candidate to choose",
                          "give --candidates 1 or more")
@@ -135,12 +140,20 @@ def candidate_env(dialogues, reward, engine: Engine, cfg: QLearnConfig, user: Us
 
 
 def embed(p: Parts, info: dict, cfg: QLearnConfig, keep: list[int] | None = None) -> torch.Tensor:
-    """(K, d) φ of the state's candidates (those in ``keep``), cached."""
-    texts = [info["candidates"][i] for i in keep] if keep is not None else info["candidates"]
+    """(K, F) what the heads read for the state's candidates (those in ``keep``) by --features: φ (cached), the text
+    features ψ — their consensus pool the policy samples among them, not the data's human reply — or both."""
+    keep = list(range(len(info["candidates"]))) if keep is None else keep
+    texts = [info["candidates"][i] for i in keep]
     if not texts:
         return torch.zeros(0, p.buffer.d)
-    return p.cache.features(p.trunk, p.tok, [info["messages"]] * len(texts), texts,
-                            max_prompt_length=cfg.max_prompt_length, max_reply_length=cfg.max_new_tokens + 1)
+    phi = psi = None
+    if cfg.features != "text":
+        phi = p.cache.features(p.trunk, p.tok, [info["messages"]] * len(texts), texts,
+                               max_prompt_length=cfg.max_prompt_length, max_reply_length=cfg.max_new_tokens + 1)
+    if cfg.features != "phi":
+        pool = [k for k, i in enumerate(keep) if info["candidate_logprobs"][i] is not None]
+        psi = text_features(info["messages"], texts, pool)
+    return q_inputs(phi, psi)
 
 
 def observed(p: Parts, phi: torch.Tensor, cfg: QLearnConfig) -> torch.Tensor:
@@ -302,9 +315,10 @@ def train(cfg: QLearnConfig, log=print) -> Summary:
     engine = Engine(policy, tok, cfg.dtype)
     user = load_user(cfg, policy, tok, log)
     env = candidate_env(train_dialogues, mixed_reward(mix, lambda: run.step), engine, cfg, user, cfg.human_candidate)
-    d = unwrap(trunk).config.hidden_size
-    fqi = cfg.solver == "fqi"  # linear dueling heads: A on φ(h, c), V on the candidate set's mean φ
-    heads = QHeads(d, cfg.heads, 0 if fqi else cfg.hidden, value=fqi).to(run.device)
+    d_phi = unwrap(trunk).config.hidden_size
+    d = feature_dims(cfg.features, d_phi)
+    fqi = cfg.solver == "fqi"  # linear dueling heads: A on x(h, c), V on the candidate set's mean x
+    heads = make_heads(cfg.features, d_phi, cfg.heads, 0 if fqi else cfg.hidden, value=fqi).to(run.device)
     optimizer = torch.optim.AdamW(heads.online.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     p = Parts(env, trunk, qtok, FeatureCache(q_model, cfg.pooling), heads,
@@ -313,7 +327,8 @@ def train(cfg: QLearnConfig, log=print) -> Summary:
     n_steps = run.total_steps(len(train_dialogues))
     log(f"chatrlhf qlearn: {len(train_dialogues)} train / {len(held)} held-out dialogues, {n_steps} episodes, "
         f"{cfg.candidates} candidates{' + the human reply' if cfg.human_candidate else ''} per state, reward sources {', '.join(mix.sources)}, "
-        f"φ from {q_model} ({cfg.pooling}, d = {d}), {cfg.heads} heads, solver {cfg.solver}, γ {cfg.gamma:g}, "
+        f"features {cfg.features} ({d} columns{'' if cfg.features == 'text' else f'; φ from {q_model}, {cfg.pooling}'}), "
+        f"{cfg.heads} heads, solver {cfg.solver}, γ {cfg.gamma:g}, "
         f"device {run.device}")
     gens = {"explore": generator(cfg.seed + 1), "replay": generator(cfg.seed + 2)}
     state = run.begin({"q": (heads, optimizer, scheduler)}, gens,
@@ -336,8 +351,8 @@ def train(cfg: QLearnConfig, log=print) -> Summary:
             run.end_step(step, n_steps, info=f"return {metrics['train/return']:+.3f}  ε {metrics['train/epsilon']:.2f}")
     if step < n_steps:
         return run.stopped()
-    save_qheads(heads, run.out, q_model, cfg.pooling)
+    save_qheads(heads, run.out, q_model, cfg.pooling, cfg.features)
     return run.finish({"eval_start": state["eval_start"], "transitions": state["transitions"],
-                       "updates": state["updates"], "q_model": q_model, "pooling": cfg.pooling,
+                       "updates": state["updates"], "q_model": q_model, "pooling": cfg.pooling, "features": cfg.features,
                        "eval_end": run.last_eval("eval/q"),
                        "data": file_hashes(cfg.data)})
