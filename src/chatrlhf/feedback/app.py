@@ -46,17 +46,25 @@ Tie: both equally good. Both bad: neither is acceptable. A correction should be 
 
 
 class BodyLimit:
-    """413 for bodies over ``limit`` bytes, by Content-Length or while streaming."""
+    """413 for bodies over ``limit`` bytes, by Content-Length or while streaming. The server's API subclasses it
+    for OpenAI-shaped bodies (serve/app.py): ``response()`` answers a declared length, ``error()`` is raised
+    mid-stream for the app's handlers to shape."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
+
+    def response(self):
+        return JSONResponse({"error": f"request body over {self.limit} bytes"}, 413)
+
+    def error(self) -> Exception:
+        return HTTPException(413, f"request body over {self.limit} bytes")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await JSONResponse({"error": f"request body over {self.limit} bytes"}, 413)(scope, receive, send)
+            return await self.response()(scope, receive, send)
         seen = 0
 
         async def limited():
@@ -64,7 +72,7 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise HTTPException(413, f"request body over {self.limit} bytes")
+                raise self.error()
             return message
 
         return await self.app(scope, limited, send)

@@ -15,37 +15,22 @@ from starlette.exceptions import HTTPException
 
 from chatrlhf.config import ServeConfig
 from chatrlhf.engine import Engine
+from chatrlhf.feedback import app as feedback_app
 from chatrlhf.serve import completions
-from chatrlhf.serve.completions import Server, authorized, server
+from chatrlhf.serve.completions import Server, authorized
 from chatrlhf.serve.metrics import CountStatus
 from chatrlhf.serve.protocol import APIError, validation_error
 
 
-class BodyLimit:
+class BodyLimit(feedback_app.BodyLimit):
     """413 (OpenAI-shaped) for a body over ``limit`` bytes, by Content-Length or while it streams in."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def error(self) -> APIError:
+        return APIError(413, f"the request body is over this server's limit of {self.limit} bytes", None,
+                        "request_too_large")
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_big = APIError(413, f"the request body is over this server's limit of {self.limit} bytes", None,
-                           "request_too_large")
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await JSONResponse(too_big.body(), 413)(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise too_big
-            return message
-
-        return await self.app(scope, limited, send)
+    def response(self):
+        return JSONResponse(self.error().body(), 413)
 
 
 def create_app(engine: Engine, cfg: ServeConfig, digests: list[str]) -> FastAPI:
