@@ -1,6 +1,7 @@
 """`chatrlhf serve --feedback-db --redact` end to end: a real server process on the tiny model and a SQLite file,
 the official openai client, POST /v1/feedback (thumbs, rating, correction, comparison), then the real
-`chatrlhf feedback export` and `chatrlhf data inspect` on what it wrote."""
+`chatrlhf feedback export` and `chatrlhf data inspect` on what it wrote (their CLI run in this process: a process
+start costs seconds). Without --feedback-db: tests/test_serve.py."""
 
 import contextlib
 import json
@@ -13,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from chatrlhf.cli import main
 from conftest import free_port
 from test_serve import opinionated_model_dir
 
@@ -40,18 +42,17 @@ def start(args, tmp):
     pytest.fail("server did not start in 30 s")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("servefb")
-    opinionated_model_dir(tmp / "model")
-    return tmp
+@pytest.fixture
+def model_dir(tmp_path):
+    opinionated_model_dir(tmp_path / "model")
+    return tmp_path
 
 
 def post(url, body, key=KEY):
     return httpx.post(url + "/v1/feedback", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
 
-def test_feedback_round_trip_to_export_with_provenance_and_redaction(model_dir):
+def test_feedback_round_trip_to_export_with_provenance_and_redaction(model_dir, capsys):
     tmp, db = model_dir, model_dir / "fb.db"
     proc, url = start(["--feedback-db", str(db), "--redact"], tmp)
     try:
@@ -79,8 +80,7 @@ def test_feedback_round_trip_to_export_with_provenance_and_redaction(model_dir):
         proc.terminate()
         proc.wait(10)
     out = tmp / "export"
-    subprocess.run([*CLI, "feedback", "export", "--db", str(db), "--output-dir", str(out)], check=True, env=ENV,
-                   capture_output=True)
+    assert main(["feedback", "export", "--db", str(db), "--output-dir", str(out)]) == 0
     rows = {n: [json.loads(line) for line in (out / f"{n}.jsonl").read_text().splitlines()]
             for n in ("ratings", "corrections", "preferences")}
     assert sorted((r["choice_index"], r["score"]) for r in rows["ratings"]) == [(0, "up"), (1, 4)]
@@ -95,18 +95,7 @@ def test_feedback_round_trip_to_export_with_provenance_and_redaction(model_dir):
     assert len(compared) == 1 and compared[0]["chosen_completion_id"] == two_id
     assert compared[0]["chosen_decoding"]["top_p"] == 0.9 and compared[0]["rejected_completion_id"] == one.id
     for name, fmt in (("ratings", "rating"), ("corrections", "correction"), ("preferences", "preference")):
-        shown = subprocess.run([*CLI, "data", "inspect", str(out / f"{name}.jsonl"), "--model", "tiny-random-llama"],
-                               check=True, env=ENV, capture_output=True, text=True).stdout
-        assert fmt in shown, shown
-
-
-def test_without_feedback_db_nothing_is_stored_and_feedback_names_the_flag(model_dir):
-    proc, url = start([], model_dir)
-    try:
-        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-        done = c.chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
-        r = post(url, {"completion_id": done.id, "thumbs": "up"})
-        assert r.status_code == 400 and "--feedback-db" in r.json()["error"]["message"]
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        capsys.readouterr()
+        assert main(["data", "inspect", str(out / f"{name}.jsonl"), "--model", "tiny-random-llama"]) == 0
+        report = capsys.readouterr().out
+        assert f'"format": "{fmt}"' in report, report
