@@ -3,6 +3,7 @@ the official openai client, POST /v1/feedback (thumbs, rating, correction, compa
 `chatrlhf feedback export` and `chatrlhf data inspect` on what it wrote (their CLI run in this process: a process
 start costs seconds). Without --feedback-db: tests/test_serve.py."""
 
+import asyncio
 import contextlib
 import json
 import os
@@ -15,6 +16,8 @@ import openai
 import pytest
 
 from chatrlhf.cli import main
+from chatrlhf.serve.feedback import FeedbackLog
+from chatrlhf.serve.metrics import Metrics
 from conftest import free_port
 from test_serve import opinionated_model_dir
 
@@ -99,3 +102,15 @@ def test_feedback_round_trip_to_export_with_provenance_and_redaction(model_dir, 
         assert main(["data", "inspect", str(out / f"{name}.jsonl"), "--model", "tiny-random-llama"]) == 0
         report = capsys.readouterr().out
         assert f'"format": "{fmt}"' in report, report
+
+
+def test_a_failed_store_write_is_counted_and_logged_not_raised(tmp_path, caplog):
+    log, metrics = FeedbackLog(str(tmp_path / "f.db"), "m", "c", redacting=False), Metrics(engine=None)
+
+    async def serve_one():
+        log.submit({"id": "chatcmpl-x"}, metrics)   # no messages: the write fails in its thread
+        await log.pending["chatcmpl-x"]
+
+    asyncio.run(serve_one())
+    assert metrics.store_errors._value.get() == 1 and log.pending == {}
+    assert "storing completion chatcmpl-x failed" in caplog.text

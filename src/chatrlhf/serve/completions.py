@@ -194,7 +194,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: Annotated[s
 def log_completion(job: Job, head: dict, body: ChatRequest) -> None:
     """With --feedback-db: the finished completion to the store, in the background (serve/feedback.py)."""
     s = job.s
-    if s.feedback is None:
+    if s.feedback is None or not all(r.finished for r in job.requests):  # a client that left: nothing to judge
         return
     sent = body.model_dump(exclude_unset=True, exclude={"messages", "model", "stream", "stream_options", "logprobs"})
     s.feedback.submit({"id": head["id"], "messages": [m.as_dict() for m in body.messages],

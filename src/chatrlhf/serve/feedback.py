@@ -28,6 +28,7 @@ from chatrlhf.feedback.errors import Conflict, FeedbackError, Invalid, NotFound
 from chatrlhf.feedback.store import Store
 from chatrlhf.feedback.tables import ANSWERS, Item, Prompt, Reply, User
 from chatrlhf.serve.completions import authorized, server
+from chatrlhf.serve.limits import ANONYMOUS
 from chatrlhf.serve.protocol import APIError
 from chatrlhf.serve.redact import redact, redact_messages
 
@@ -100,7 +101,7 @@ class FeedbackLog:
     def user(self, key: str) -> int:
         """The store user that stands for API key ``key`` (its id), made on first use; it never logs in."""
         if key not in self.users:
-            name = f"api:{key}"
+            name = "api:anonymous" if key == ANONYMOUS else f"api:{key}"
             with self.store.session() as s:
                 uid = s.scalar(select(User.id).where(User.name == name))
             self.users[key] = uid if uid is not None else self.store.add_user(name, secrets.token_urlsafe(24)).id
