@@ -67,7 +67,8 @@ def test_feedback_round_trip_to_export_with_provenance_and_redaction(model_dir, 
         answers = [post(url, {"completion_id": one.id, "thumbs": "up"}),
                    post(url, {"completion_id": one.id, "choice_index": 1, "rating": 4}),
                    post(url, {"completion_id": one.id, "correction": "Write to help@shop.example.com, order 12345678"}),
-                   post(url, {"completion_id": one.id, "compare": {"other_completion_id": two_id, "preferred": "other"}})]
+                   post(url, {"completion_id": one.id,
+                              "compare": {"other_completion_id": two_id, "preferred": "other"}})]
         assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
         assert [a.json()["kind"] for a in answers] == ["rate", "rate", "correct", "compare"]
         again = post(url, {"completion_id": one.id, "thumbs": "down"})

@@ -102,9 +102,18 @@ class FeedbackLog:
         """The store user that stands for API key ``key`` (its id), made on first use; it never logs in."""
         if key not in self.users:
             name = "api:anonymous" if key == ANONYMOUS else f"api:{key}"
-            with self.store.session() as s:
-                uid = s.scalar(select(User.id).where(User.name == name))
-            self.users[key] = uid if uid is not None else self.store.add_user(name, secrets.token_urlsafe(24)).id
+            for attempt in range(2):   # two first feedbacks of one key at once: the loser finds the winner's user
+                with self.store.reading() as s:
+                    uid = s.scalar(select(User.id).where(User.name == name))
+                if uid is not None:
+                    break
+                try:
+                    uid = self.store.add_user(name, secrets.token_urlsafe(24)).id
+                    break
+                except Conflict:
+                    if attempt:
+                        raise
+            self.users[key] = uid
         return self.users[key]
 
     def reply(self, completion_id: str, index: int, param: str) -> Reply:
