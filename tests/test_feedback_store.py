@@ -9,7 +9,7 @@ from sqlalchemy import func, inspect, select
 
 from chatrlhf.feedback.migrations import current
 from chatrlhf.feedback.quality import krippendorff_alpha
-from chatrlhf.feedback.store import Comparison, FeedbackError, Item, Rating, User
+from chatrlhf.feedback.store import Comparison, FeedbackError, Item, Rating, Reply, User
 
 
 def users(store, n, role="annotator"):
@@ -23,12 +23,12 @@ def compare_item(store, k=1, prompt="Which is better?", gold=None):
 
 
 def test_schema_is_made_by_alembic_and_upgrade_is_idempotent(store):
-    assert current(store.engine) == "0004"
+    assert current(store.engine) == "0005"
     tables = set(inspect(store.engine).get_table_names())
     assert {"users", "prompts", "replies", "items", "assignments", "ratings", "comparisons", "corrections",
             "events", "alembic_version"} <= tables
     store.upgrade()
-    assert current(store.engine) == "0004"
+    assert current(store.engine) == "0005"
 
 
 def test_migrating_a_0001_database_keeps_its_answers_and_marks_filled_items(tmp_path):
@@ -49,10 +49,12 @@ def test_migrating_a_0001_database_keeps_its_answers_and_marks_filled_items(tmp_
         c.exec_driver_sql("INSERT INTO assignments (item_id, user_id, leased_at, expires_at, done) "
                           "VALUES (1, 1, '2026-01-01', '2026-01-01', 1)")
     store = Store(str(tmp_path / "old.db"))
-    assert current(store.engine) == "0004"
+    assert current(store.engine) == "0005"
     with store.session() as s:
         assert [(i.id, i.filled, i.held_until) for i in s.scalars(select(Item).order_by(Item.id))] == \
             [(1, True, None), (2, False, None)]
+        reply = s.get(Reply, 1)   # 0005: the served-completion columns, empty for a reply from before
+        assert (reply.text, reply.completion_id, reply.choice_index, reply.finish_reason) == ("r", None, None, None)
 
 
 def test_users_passwords_are_hashed_and_checked(store):

@@ -83,6 +83,10 @@ def test_models_health_and_a_reply(served):
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and len(r.choices) == 1
     assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 12
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # this server has no --feedback-db: nothing is stored, and feedback names the flag
+    fb = httpx.post(url + "/v1/feedback", json={"completion_id": r.id, "thumbs": "up"},
+                    headers={"Authorization": f"Bearer {KEY_A}"})
+    assert fb.status_code == 400 and "--feedback-db" in fb.json()["error"]["message"]
 
 
 def test_seeded_streaming_joins_to_the_seeded_reply(served):

@@ -643,6 +643,11 @@ class ServeConfig(DecodingArgs, TemplateArgs, ModelArgs):
     max_tokens_limit: int = arg(1024, "Largest max_tokens a request may ask for; more is a 400.")
     max_n: int = arg(8, "Largest n (replies per request).")
     max_body_bytes: int = arg(1 << 20, "Largest request body in bytes; more is a 413.")
+    feedback_db: str = arg("", "Feedback store (SQLite file or database URL, as `chatrlhf feedback --db`) that "
+                           "keeps every completion with its provenance and takes POST /v1/feedback on it. Empty = "
+                           "nothing is stored or logged (privacy: opt-in).")
+    redact: bool = arg(False, "With --feedback-db: replace e-mail addresses and phone numbers by [email] / "
+                       "[phone] in everything stored (prompt, reply, correction).")
 
 
 @dataclass

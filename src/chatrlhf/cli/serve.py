@@ -12,6 +12,7 @@ from chatrlhf.engine import Engine, SamplingParams
 from chatrlhf.errors import UsageError
 from chatrlhf.models import load_model
 from chatrlhf.serve.app import create_app
+from chatrlhf.serve.feedback import FeedbackLog, checkpoint_hash
 from chatrlhf.serve.limits import load_keys
 
 
@@ -28,10 +29,14 @@ def run(_name: str, cfg: ServeConfig) -> int:
                        repetition_penalty=cfg.repetition_penalty)
     except ValueError as e:
         raise UsageError(f"a decoding flag is out of range: {e}", "see chatrlhf serve --help") from None
+    if cfg.redact and not cfg.feedback_db:
+        raise UsageError("--redact: only with --feedback-db (without it nothing is stored)")
+    log = FeedbackLog(cfg.feedback_db, cfg.model_name or cfg.model, checkpoint_hash(cfg.model), cfg.redact) \
+        if cfg.feedback_db else None
     digests = load_keys(cfg.api_key or os.environ.get("CHATRLHF_API_KEY", ""), cfg.api_keys)
     model, tok = load_model(cfg, chat_template=cfg.chat_template)
     engine = Engine(model.eval(), tok, cfg.dtype, max_batch=cfg.max_batch).start()
-    app = create_app(engine, cfg, digests)
+    app = create_app(engine, cfg, digests, log)
     if not digests and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"chatrlhf serve: warning: no API keys and listening on {cfg.host}: anyone who reaches it may use it "
               "(--api-key / --api-keys)", file=sys.stderr, flush=True)

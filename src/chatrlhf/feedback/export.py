@@ -137,7 +137,7 @@ def _collect(store: Store, rule: str, round: int | None) -> dict[str, list[dict]
             item = items[r.item_id]
             row = {**base(item, r.user_id), "response": replies[item.reply_a_id].text,
                    "score": r.score if r.score is not None else ("up" if r.thumbs == 1 else "down"),
-                   "reply_id": item.reply_a_id, "model": replies[item.reply_a_id].model, "reason": r.reason}
+                   "reply_id": item.reply_a_id, **provenance(replies[item.reply_a_id]), "reason": r.reason}
             rating_rows.append(row)
             if r.score is not None and r.thumbs is not None:  # both given: the thumbs is its own rating
                 rating_rows.append({**row, "score": "up" if r.thumbs == 1 else "down"})
@@ -147,12 +147,20 @@ def _collect(store: Store, rule: str, round: int | None) -> dict[str, list[dict]
             original = replies[item.reply_a_id]
             b = base(item, c.user_id)
             fixes.append({**b, "response": original.text, "corrected": c.corrected, "reply_id": original.id,
-                          "reason": c.reason})
+                          **provenance(original), "reason": c.reason})
             prefs.append({**b, "chosen": c.corrected, "rejected": original.text, "source": "correction"})
             sft.append({"messages": b["prompt"] + [{"role": "assistant", "content": c.corrected}],
                         "annotator": b["annotator"], "item_id": item.id, "round": item.round})
         prefs = [p for p in prefs if p["chosen"].strip() != p["rejected"].strip() or p.get("tie") or p.get("both_bad")]
         return {"preferences": prefs, "ratings": rating_rows, "corrections": fixes, "conversations": sft}
+
+
+def provenance(reply, prefix: str = "") -> dict:
+    """Which model wrote the reply and how: model, checkpoint, decoding; a served reply adds its completion id."""
+    out = {"model": reply.model, "checkpoint": reply.checkpoint, "decoding": reply.decoding}
+    if reply.completion_id is not None:
+        out.update(completion_id=reply.completion_id, choice_index=reply.choice_index)
+    return {prefix + k: v for k, v in out.items()}
 
 
 def round_(x: float) -> float:
@@ -166,7 +174,7 @@ def _preferences(comparisons, items, replies, base, rule: str, weights: dict) ->
         chosen, rejected = (b, a) if outcome == "b" else (a, b)
         return {**base(item, user_id), "chosen": chosen.text, "rejected": rejected.text, "tie": outcome == "tie",
                 "both_bad": outcome == "both_bad", "source": "feedback", "chosen_reply_id": chosen.id,
-                "rejected_reply_id": rejected.id, "chosen_model": chosen.model, "rejected_model": rejected.model,
+                "rejected_reply_id": rejected.id, **provenance(chosen, "chosen_"), **provenance(rejected, "rejected_"),
                 **extra}
 
     if rule == "all":

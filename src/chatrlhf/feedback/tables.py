@@ -35,6 +35,7 @@ class User(Base):
 
 class Prompt(Base):
     __tablename__ = "prompts"
+    __table_args__ = (Index("ix_prompts_source", "source"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     messages: Mapped[list] = mapped_column(JSON)          # [{"role", "content"}, …] up to the reply
     reference: Mapped[str | None] = mapped_column(Text)   # a human reply, if one came with the prompt
@@ -45,6 +46,7 @@ class Prompt(Base):
 
 class Reply(Base):
     __tablename__ = "replies"
+    __table_args__ = (Index("ix_replies_completion", "completion_id", "choice_index", unique=True),)
     id: Mapped[int] = mapped_column(primary_key=True)
     prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
     text: Mapped[str] = mapped_column(Text)
@@ -54,6 +56,12 @@ class Reply(Base):
     template: Mapped[str] = mapped_column(Text, default="")           # the prompt template used
     round: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=now)
+    # a reply served by `chatrlhf serve --feedback-db`: its completion id and choice, as the client saw them
+    completion_id: Mapped[str | None] = mapped_column(String(64))
+    choice_index: Mapped[int | None] = mapped_column(Integer)
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
 
 
 class Item(Base):

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from chatrlhf.config import ServeConfig
 from chatrlhf.engine import Engine
 from chatrlhf.feedback import app as feedback_app
-from chatrlhf.serve import completions
+from chatrlhf.serve import completions, feedback
 from chatrlhf.serve.completions import Server, authorized
 from chatrlhf.serve.metrics import CountStatus
 from chatrlhf.serve.protocol import APIError, validation_error
@@ -33,13 +33,15 @@ class BodyLimit(feedback_app.BodyLimit):
         return JSONResponse(self.error().body(), 413)
 
 
-def create_app(engine: Engine, cfg: ServeConfig, digests: list[str]) -> FastAPI:
-    """The app for a started engine (Engine.start()); ``digests``: the API keys' SHA-256 (none = open)."""
+def create_app(engine: Engine, cfg: ServeConfig, digests: list[str],
+               log: feedback.FeedbackLog | None = None) -> FastAPI:
+    """The app for a started engine (Engine.start()); ``digests``: the API keys' SHA-256 (none = open); ``log``:
+    the feedback store (--feedback-db), None = nothing stored."""
     app = FastAPI(title="chatrlhf serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = s = Server(engine, cfg, cfg.model_name or cfg.model, digests)
+    app.state.server = s = Server(engine, cfg, cfg.model_name or cfg.model, digests, log)
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     app.add_middleware(CountStatus, metrics=s.metrics)
-    app.router.routes.extend(completions.router.routes)
+    app.router.routes.extend(completions.router.routes + feedback.router.routes)
     created = int(time.time())
 
     @app.get("/v1/models")

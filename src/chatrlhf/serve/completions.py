@@ -14,7 +14,7 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Annotated
 
 import torch
@@ -39,6 +39,7 @@ class Server:
     cfg: ServeConfig
     name: str
     digests: list[str]
+    feedback: object | None = None   # serve/feedback.py's FeedbackLog with --feedback-db, else None: nothing stored
     gate: Gate = field(init=False)
     metrics: Metrics = field(init=False)
     max_positions: int | None = field(init=False)
@@ -175,7 +176,7 @@ async def chat_completions(body: ChatRequest, request: Request, key: Annotated[s
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": s.name}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return JobStream(job, stream(job, head, usage), media_type="text/event-stream",
+        return JobStream(job, stream(job, head, usage, body), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         await until_done_or_disconnect(job, request)
@@ -184,9 +185,23 @@ async def chat_completions(body: ChatRequest, request: Request, key: Annotated[s
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
                     "logprobs": {"content": token_logprobs(s.engine.tok, r.token_ids, r.logprobs, r.text)}
                     if body.logprobs else None} for i, r in enumerate(job.requests)]
+        log_completion(job, head, body)
         return {**head, "object": "chat.completion", "choices": choices, "usage": job.usage()}
     finally:
         job.close()
+
+
+def log_completion(job: Job, head: dict, body: ChatRequest) -> None:
+    """With --feedback-db: the finished completion to the store, in the background (serve/feedback.py)."""
+    s = job.s
+    if s.feedback is None or not all(r.finished for r in job.requests):  # a client that left: nothing to judge
+        return
+    sent = body.model_dump(exclude_unset=True, exclude={"messages", "model", "stream", "stream_options", "logprobs"})
+    s.feedback.submit({"id": head["id"], "messages": [m.as_dict() for m in body.messages],
+                       "template": s.engine.tok.decode(job.ids), "prompt_tokens": len(job.ids),
+                       "decoding": {**asdict(job.params), "seed": body.seed, "sent": sent},
+                       "choices": [{"text": r.text, "finish_reason": r.finish_reason, "tokens": len(r.token_ids)}
+                                   for r in job.requests]}, s.metrics)
 
 
 async def until_done_or_disconnect(job: Job, request: Request) -> None:
@@ -212,7 +227,7 @@ def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def stream(job: Job, head: dict, include_usage: bool):
+async def stream(job: Job, head: dict, include_usage: bool, body: ChatRequest):
     """The SSE events of a streamed completion: per choice a role chunk, content deltas as tokens come, a finish
     chunk; a usage chunk (choices []) iff ``include_usage``; then ``data: [DONE]``. A failure is an error event
     (JSON, OpenAI's shape); a ``: ping`` comment every PING_SECONDS while nothing comes (a long queue) keeps
@@ -225,6 +240,7 @@ async def stream(job: Job, head: dict, include_usage: bool):
                                              "logprobs": None, "finish_reason": None}]})
         async for event in choice_events(job, chunk):
             yield event
+        log_completion(job, head, body)
         if include_usage:
             yield sse({**chunk, "choices": [], "usage": job.usage()})
     except APIError as e:

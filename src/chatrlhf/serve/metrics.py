@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 disable_created_metrics()  # no *_created series: a timestamp per label set that dashboards do not use
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
-ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/feedback", "/v1/models", "/health", "/metrics")
 
 
 class Metrics:
@@ -24,6 +24,8 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("chatrlhf_e2e_request_latency_seconds", "From request arrival to its last token",
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.store_errors = Counter("chatrlhf_feedback_store_errors", "Completions that --feedback-db failed to "
+                                    "store (the server log says why; the client got its reply)", registry=r)
         Gauge("chatrlhf_requests_running", "Rows in the engine's batch", registry=r).set_function(
             lambda: engine.running)
         Gauge("chatrlhf_requests_waiting", "Replies queued for a row of the batch", registry=r).set_function(

@@ -28,8 +28,8 @@ UNSUPPORTED = {
     "prediction": ((None,), "predicted outputs are not supported"),
     "reasoning_effort": ((None,), "this model does not reason"),
     "service_tier": ((None, "auto", "default"), "there is one service tier"),
-    "store": ((None, False), "storing completions is not built yet (issue 22 item 3: --feedback-db)"),
-    "metadata": ((None, {}), "storing completions is not built yet (issue 22 item 3: --feedback-db)"),
+    "store": ((None, False), "the server decides what is stored (chatrlhf serve --feedback-db), not the request"),
+    "metadata": ((None, {}), "metadata is not stored (chatrlhf serve --feedback-db stores the completion itself)"),
     "web_search_options": ((None,), "web search is not supported"),
 }
 
