@@ -179,7 +179,7 @@ def test_a_stream_pings_while_it_waits_and_ends_a_failure_with_an_error_event(mo
     job = StalledThenFailingJob()
 
     async def events():
-        return [e async for e in completions.stream(job, {"id": "chatcmpl-x"}, include_usage=True)]
+        return [e async for e in completions.stream(job, {"id": "chatcmpl-x"}, include_usage=True, body=None)]
 
     got = asyncio.run(events())
     assert got[0].startswith("data: ") and '"role": "assistant"' in got[0]
