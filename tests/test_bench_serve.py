@@ -24,3 +24,10 @@ def test_settings_verdict():
     assert not bench.honoured(ref, ["Sure thing!", "Sure thing!"], "I can help")  # two samples alike: not sampled
     assert not bench.honoured(ref, ["Sure thing!", "Hmm"], "Sure")                # greedy changed by its neighbours
     assert not bench.honoured(["a", "b"], ["x", "y"], "a")                         # greedy not deterministic
+
+
+def test_a_server_that_dies_is_its_row(tmp_path):
+    crash = [sys.executable, "-c", "import sys; print('cannot load the model offline'); sys.exit(3)"]
+    row = bench.run_side("peer", crash, bench.free_port(), [], None, {}, None, tmp_path / "peer.log")
+    assert set(row) == {"failed"}
+    assert "status 3" in row["failed"] and "cannot load the model offline" in row["failed"]
