@@ -18,7 +18,7 @@ see docs/example-task.md):
         PPO epoch over minibatches of 8, temperature 1, KL penalty β 0.05;
   grpo  LoRA r 16 (lr 3e-4), 4 prompts × 4 replies a step, `dapo` loss, k3 KL term β 0.04, temperature 1;
   rloo  as grpo with --advantage rloo (leave-one-out baseline, not std-scaled) and the KL in the reward (β 0.05);
-  dpo   `chatrlhf bestofn`: 4 replies to each of the first --dpo-prompts (48) train prompts from the start model
+  dpo   `chatrlhf bestofn`: 4 replies to each of the first --dpo-prompts (32) train prompts from the start model
         (temperature 1; all 96 would take the whole budget), best vs worst by the reward (pairs whose scores differ
         by < 0.05 dropped); then `chatrlhf dpo` on those pairs, LoRA r 16 (lr 1e-4, no warm-up), β 0.1, batch 8, for
         what is left of the budget.
@@ -217,7 +217,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=4, help="wall-clock training budget per method")
     p.add_argument("--only", default=",".join(METHODS), help="methods to run, comma-separated")
-    p.add_argument("--dpo-prompts", type=int, default=48, help="train prompts the DPO method samples 4 replies for "
+    p.add_argument("--dpo-prompts", type=int, default=32, help="train prompts the DPO method samples 4 replies for "
                    "(all 96 would take its whole 4-minute budget on 2 cores)")
     p.add_argument("--eval-samples", type=int, default=2, help="replies per held-out prompt in the evaluation")
     p.add_argument("--start", default=START, help="the start model (tiny-random-llama: a smoke run of the script)")
