@@ -552,7 +552,12 @@ def _answer_fields(kind: str, a: dict) -> dict:
 
 
 def content_hash(paths: list[Path]) -> str:
+    """SHA-256 over the files' names and bytes, in path order (exports; a served model's weights), read in 1 MiB
+    chunks so a checkpoint never sits in memory whole."""
     h = hashlib.sha256()
     for p in sorted(paths):
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
+        h.update(p.name.encode() + b"\0")
+        with p.open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                h.update(chunk)
     return h.hexdigest()

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from chatrlhf.feedback.errors import Conflict, FeedbackError, Invalid, NotFound
-from chatrlhf.feedback.store import Store
+from chatrlhf.feedback.store import Store, content_hash
 from chatrlhf.feedback.tables import ANSWERS, Item, Prompt, Reply, User
 from chatrlhf.serve.completions import authorized, server
 from chatrlhf.serve.limits import ANONYMOUS
@@ -44,15 +44,7 @@ def checkpoint_hash(model: str) -> str:
     path = Path(model).expanduser()
     files = sorted(f for pattern in WEIGHTS for f in path.glob(pattern)) if path.is_dir() else \
         [path] if path.is_file() else []
-    if not files:
-        return model
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with f.open("rb") as stream:
-            while chunk := stream.read(1 << 20):
-                h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
+    return f"sha256:{content_hash(files)}" if files else model
 
 
 class FeedbackLog:
