@@ -1,0 +1,186 @@
+"""`chatrlhf loop`: the decision worked by hand, config errors that name the key, and one real round on tiny models
+(a SQLite feedback store with answered compare items → reward model → gate → DPO → eval → promotion → the server
+told over real HTTP), killed in its policy stage and continued without redoing the earlier stages."""
+
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from chatrlhf import loop
+from chatrlhf.config import LoopConfig, build_config
+from chatrlhf.errors import UsageError
+from chatrlhf.feedback.imports import import_file
+from chatrlhf.feedback.store import Store
+from conftest import LEARNABLE_PROMPTS, LEARNABLE_REPLIES, run_cli
+
+# --------------------------------------------------------------------------- the decision, by hand
+
+
+def test_promotes_only_when_the_win_rate_ci_is_above_the_threshold():
+    above = {"win_rate": {"mean": 0.7, "ci95": [0.55, 0.85]}}
+    below = {"win_rate": {"mean": 0.6, "ci95": [0.45, 0.75]}}
+    ok, why = loop.win_rate_check(above, 0.5)
+    assert ok and "0.550" in why
+    ok, why = loop.win_rate_check(below, 0.5)
+    assert not ok and "0.450" in why and "not above 0.5" in why
+    assert loop.win_rate_check(above, 0.6)[0] is False  # the threshold is configurable
+    assert loop.win_rate_check({"win_rate": None}, 0.5) == (False, "no win rate: the evaluation had no reward model "
+                                                                   "to judge the replies")
+    d = loop.decide({"win_rate": loop.win_rate_check(above, 0.5)})
+    assert d["promote"] and d["checks"]["win_rate"]["ok"]
+    d = loop.decide({"win_rate": loop.win_rate_check(below, 0.5)})
+    assert not d["promote"] and d["reasons"][0].startswith("win_rate: win rate 0.600")
+
+
+def test_a_failed_check_refuses_with_its_reason():
+    ev = {"win_rate": {"mean": 0.9, "ci95": [0.8, 1.0]}, "kl": {"mean": 7.5, "ci95": [6.0, 9.0]}}
+    checks = {"win_rate": loop.win_rate_check(ev, 0.5), "kl": loop.kl_check(ev, 5.0)}
+    d = loop.decide(checks)
+    assert not d["promote"]
+    assert d["reasons"] == ["kl: KL to the current policy 7.500 nats/reply above 5"]
+    assert loop.decide({**checks, "kl": loop.kl_check(ev, 8.0)})["promote"]
+    assert loop.decide({})["promote"] is False  # nothing checked: nothing promoted
+
+
+# --------------------------------------------------------------------------- the config
+
+
+@pytest.mark.parametrize("yaml, message", [
+    ("policy: {method: dpo}\nreward: {epoch: 1}\n", "loop.yaml: reward: unknown key 'epoch'"),
+    ("policy: {method: dpo, output_dir: x}\n", "loop.yaml: policy.output_dir: the loop sets this itself"),
+    ("policy: {method: dpo, beta: high}\n", "loop.yaml: policy.beta must be float, got 'high'"),
+    ("policy: {method: sft}\n", "loop.yaml: policy.method: sft is unknown"),
+    ("policy: {beta: 0.1}\n", "loop.yaml: policy.method: missing"),
+    ("policy: {method: ppo, reward_model: x}\n", "loop.yaml: policy.reward_model: the loop sets this itself"),
+    ("policy: {method: dpo}\nchecks: [win_rate, kl]\n", "loop.yaml: checks has kl but max_kl is 0.0"),
+    ("policy: {method: dpo}\nserve: {url: localhost:8000}\n", "loop.yaml: serve: url 'localhost:8000' is not"),
+])
+def test_config_errors_name_the_file_and_key(tmp_path, yaml, message):
+    path = tmp_path / "loop.yaml"
+    path.write_text(yaml)
+    with pytest.raises(UsageError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        build_config(LoopConfig, {}, str(path))
+
+
+def test_sections_from_flags_are_typed(tmp_path):
+    from chatrlhf import cli
+
+    ns = cli.parser().parse_args(["loop", "--policy", "method=dpo,beta=0.2,max_steps=3,quiet=true", "--human-weight",
+                                  "linear:1:0.2:5"])
+    with pytest.raises(UsageError, match="human_weight with policy.method dpo"):
+        loop.plan_of(build_config(LoopConfig, ns))
+    ns = cli.parser().parse_args(["loop", "--policy", "method=dpo,beta=0.2,max_steps=3,quiet=true"])
+    plan = loop.plan_of(build_config(LoopConfig, ns))
+    assert plan.method == "dpo" and plan.policy == {"beta": 0.2, "max_steps": 3, "quiet": True}
+
+
+# --------------------------------------------------------------------------- one real round, killed and continued
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Recorder.seen.append({"path": self.path, "body": json.loads(body), "auth": self.headers["Authorization"]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"ok": true}')
+
+    def log_message(self, *args):
+        pass
+
+
+def answered_store(db: Path, data: Path) -> None:
+    """Compare items imported from ``data`` and answered by one annotator (always the first reply)."""
+    store = Store(str(db))
+    user = store.add_user("ann", "correct horse").id
+    import_file(store, str(data), k=1)
+    while (item := store.lease(user)) is not None:
+        store.submit(user, item, choice="a")
+    store.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def looped(tmp_path_factory):
+    """Round 1 with its DPO stage failing, then the same command again (it continues and promotes), then a run with
+    no new feedback; the times and files each left behind."""
+    tmp = tmp_path_factory.mktemp("loop")
+    prefs = tmp / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": p, "chosen": f"{r} Thank you!", "rejected": f"{r} Numbers 0 1 2."})
+                             + "\n" for p, r in zip(LEARNABLE_PROMPTS, LEARNABLE_REPLIES)))
+    answered_store(tmp / "fb.db", prefs)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    work = tmp / "work"
+    (tmp / "loop.yaml").write_text(json.dumps({
+        "work_dir": str(work), "db": str(tmp / "fb.db"), "model": "tiny-random-llama", "min_win_lower": -1.0,
+        "reward": {"model": "tiny-random-llama", "max_steps": 1, "min_accuracy": 0.0, "max_length_corr": 1.0,
+                   "quiet": True, "tensorboard": False},
+        "policy": {"method": "dpo", "max_steps": 2, "batch_size": 2, "quiet": True, "tensorboard": False},
+        "eval": {"data": [str(prefs)], "max_prompts": 3, "max_new_tokens": 3},
+        "serve": {"url": f"http://127.0.0.1:{server.server_port}", "admin_key_env": "LOOP_TEST_KEY"}}))
+    argv = ["loop", "--config", tmp / "loop.yaml"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOOP_TEST_KEY", "admin-secret")
+
+        def killed(cfg, log):
+            (Path(cfg.output_dir) / "model.safetensors").write_text("half a model")
+            raise KeyboardInterrupt
+
+        mp.setitem(loop.TRAINERS, "dpo", killed)
+        first = run_cli(*argv)
+        mp.undo()
+        mp.setenv("LOOP_TEST_KEY", "admin-secret")
+        stamps = {s: (work / "round-1" / s / "done.json").stat().st_mtime_ns for s in ("export", "reward", "gate")}
+        current_after_kill = (work / "current.json").exists()
+        second = run_cli(*argv)
+        third = run_cli(*argv)
+    server.shutdown()
+    return {"work": work, "first": first, "second": second, "third": third, "stamps": stamps,
+            "current_after_kill": current_after_kill, "posts": list(Recorder.seen)}
+
+
+def test_a_killed_round_promotes_nothing_and_continues_where_it_stopped(looped):
+    work = looped["work"]
+    assert looped["first"].returncode == 130 and not looped["current_after_kill"]
+    assert looped["second"].returncode == 0, looped["second"].stderr
+    out = looped["second"].stdout
+    for s in ("export", "reward", "gate"):  # the earlier stages were not redone
+        assert (work / "round-1" / s / "done.json").stat().st_mtime_ns == looped["stamps"][s]
+        assert f"round-1: {s} done at" in out
+    assert "round-1: policy done at" not in out
+    assert [p.name for p in work.glob("round-*")] == ["round-1"]
+
+
+def test_promotion_lineage_and_the_server_told(looped):
+    work = looped["work"]
+    current = json.loads((work / "current.json").read_text())
+    policy = work / "round-1" / "policy"
+    assert current["round"] == 1 and current["policy"] == str(policy) and current["notified"] is True
+    assert current["policy_sha256"].startswith("sha256:") and (policy / "model.safetensors").read_bytes()[:4] != b"half"
+    lines = [json.loads(x) for x in (work / "lineage.jsonl").read_text().splitlines()]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["round"] == 1 and line["decision"] == "promoted"
+    assert line["data"]["all"]["counts"]["preferences"] == 6 and line["data"]["new"]["sha256"]
+    assert line["policy"]["model"] == {"path": str(policy), "sha256": current["policy_sha256"]}
+    assert line["policy"]["started_from"] == {"path": "tiny-random-llama", "sha256": None} and line["current"]["round"] == 0
+    assert line["configs"]["policy"]["data"] == [str(work / "round-1" / "export" / "new" / "preferences.jsonl")]
+    assert line["metrics"]["win_rate"]["ci95"][0] <= line["metrics"]["win_rate"]["mean"]
+    assert line["checks"]["win_rate"]["ok"] and line["notify"]["ok"]
+    assert looped["posts"] == [{"path": "/admin/reload", "body": {"model": str(policy)}, "auth": "Bearer admin-secret"}]
+    for s in loop.STAGES:
+        assert json.loads((work / "round-1" / s / "done.json").read_text())["stage"] == s
+
+
+def test_no_new_feedback_stops_without_training(looped):
+    r = looped["third"]
+    assert r.returncode == 0, r.stderr
+    assert "round 2: no new feedback since the previous round" in r.stdout
+    assert not (looped["work"] / "round-2").exists()
+    assert len((looped["work"] / "lineage.jsonl").read_text().splitlines()) == 1
