@@ -184,3 +184,98 @@ def test_no_new_feedback_stops_without_training(looped):
     assert "round 2: no new feedback since the previous round" in r.stdout
     assert not (looped["work"] / "round-2").exists()
     assert len((looped["work"] / "lineage.jsonl").read_text().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- pieces without a model
+
+
+def plan(tmp_path, **extra):
+    return loop.plan_of(build_config(LoopConfig, {"work_dir": str(tmp_path / "work"), "db": str(tmp_path / "fb.db"),
+                                                  "policy": {"method": "ppo"}, **extra}))
+
+
+def test_the_human_weight_follows_its_schedule_across_rounds(tmp_path):
+    p = plan(tmp_path, human_weight="linear:1.0:0.2:4")
+    assert [loop.human_share(p, r, ["ratings.jsonl"]) for r in (1, 3, 5, 9)] == [
+        {"rm": "0", "human": "1"}, {"rm": "0.4", "human": "0.6"}, {"rm": "0.8", "human": "0.2"},
+        {"rm": "0.8", "human": "0.2"}]
+    assert loop.human_share(p, 1, []) == {"rm": "1"}  # no ratings this round: the reward model alone
+    assert loop.human_share(plan(tmp_path), 1, ["ratings.jsonl"]) is None
+    with pytest.raises(UsageError, match="human_weight and policy.reward_weights"):
+        plan(tmp_path, human_weight="0.5", policy={"method": "grpo", "reward_weights": {"rm": "1"}})
+
+
+def test_export_keeps_apart_what_is_new_since_the_last_promotion(tmp_path):
+    p = plan(tmp_path)
+    store = Store(p.db)
+    user = store.add_user("ann", "correct horse").id
+    items = []
+    for i in range(5):
+        pid = store.add_prompt([{"role": "user", "content": f"question {i}"}])
+        items.append(store.add_item("compare", store.add_reply(pid, f"yes {i}"), store.add_reply(pid, f"no {i}")))
+
+    def answer(n):
+        for _ in range(n):
+            store.submit(user, store.lease(user), choice="b")
+
+    answer(3)
+    first = loop.export_stage(p, tmp_path / "e1", None, None)
+    assert first["new"]["counts"]["preferences"] == 3 and first["all"]["counts"]["preferences"] == 3
+    answer(2)
+    second = loop.export_stage(p, tmp_path / "e2", {**first, "round": 1}, first["all"]["dir"])
+    assert second["all"]["counts"]["preferences"] == 5 and second["new"]["counts"]["preferences"] == 2
+    new = [json.loads(x)["prompt"][0]["content"] for x in (tmp_path / "e2" / "new" / "preferences.jsonl").open()]
+    assert new == ["question 3", "question 4"]
+    again = loop.export_stage(p, tmp_path / "e3", {**second, "round": 2}, first["all"]["dir"])
+    assert again["new"] is None and "no new feedback since the previous round" in again["why"]
+    store.engine.dispose()
+
+
+def test_a_stage_continues_from_its_checkpoints_or_starts_afresh(tmp_path):
+    rdir = tmp_path / "round-1"
+    seen = []
+
+    def dies(out, resume):
+        seen.append(resume)
+        (out / "partial.txt").write_text("x")
+        if len(seen) == 2:
+            (out / "checkpoints" / "step-2").mkdir(parents=True)
+            (out / "checkpoints" / "step-2" / "trainer_state.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            loop.stage(rdir, "policy", dies, log=lambda m: None)
+    assert seen == [False, False] and not (rdir / "policy" / "done.json").exists()
+    got = loop.stage(rdir, "policy", lambda out, resume: {"resumed": resume, "kept": (out / "partial.txt").exists()},
+                     log=lambda m: None)
+    assert got == {"resumed": True, "kept": True}  # a trainer's checkpoint is continued from
+    assert loop.stage(rdir, "policy", dies, log=lambda m: None) == got  # done: never run again
+    with pytest.raises(KeyboardInterrupt):
+        loop.stage(rdir, "eval", dies, log=lambda m: None)
+    assert loop.stage(rdir, "eval", lambda out, resume: sorted(p.name for p in out.iterdir()), log=print) == []
+
+
+def test_a_failed_notify_is_kept_and_retried(tmp_path, monkeypatch):
+    from conftest import free_port
+
+    port = free_port()
+    p = plan(tmp_path, serve={"url": f"http://127.0.0.1:{port}", "admin_key_env": "LOOP_TEST_KEY"})
+    p.work.mkdir()
+    loop.write_json(p.work / "current.json", {"round": 1, "policy": "/m/round-1/policy", "notified": None})
+    logged = []
+    assert loop.notify(p, logged.append)["error"] == "the admin key variable LOOP_TEST_KEY is not set"
+    monkeypatch.setenv("LOOP_TEST_KEY", "k3y")
+    failed = loop.notify(p, logged.append)
+    assert failed["ok"] is False and "ConnectError" in failed["error"] and "the promotion stands" in logged[-1]
+    assert json.loads((p.work / "current.json").read_text())["notified"] is False
+    Recorder.seen.clear()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert loop.notify(p, logged.append)["ok"] is True
+        assert loop.notify(p, logged.append) is None  # told once
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert Recorder.seen == [{"path": "/admin/reload", "body": {"model": "/m/round-1/policy"}, "auth": "Bearer k3y"}]

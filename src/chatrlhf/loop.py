@@ -87,6 +87,9 @@ def plan_of(cfg: LoopConfig) -> Plan:
     if human is not None and method in ("dpo", "kto"):
         raise UsageError(f"human_weight with policy.method {method}: {method} trains on the human labels directly, "
                          "no reward is mixed", "remove human_weight, or use ppo, grpo or bestofn")
+    if human is not None and "reward_weights" in policy:
+        raise UsageError("human_weight and policy.reward_weights both set the reward's weights",
+                         "give one of them: human_weight schedules human against rm across rounds")
     return Plan(Path(cfg.work_dir), cfg.db, cfg.model, cfg.rounds, cfg.resume, cfg.rule, cfg.reward_start, human,
                 list(cfg.checks), cfg.min_win_lower, cfg.max_kl,
                 stage_values(RewardTrainConfig, cfg.reward, "--reward", LOOP_OWNS["reward"]), method, policy,
