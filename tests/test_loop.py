@@ -279,3 +279,11 @@ def test_a_failed_notify_is_kept_and_retried(tmp_path, monkeypatch):
         server.shutdown()
         server.server_close()
     assert Recorder.seen == [{"path": "/admin/reload", "body": {"model": "/m/round-1/policy"}, "auth": "Bearer k3y"}]
+
+
+def test_the_example_config_reads():
+    from conftest import EXAMPLES
+
+    p = loop.plan_of(build_config(LoopConfig, {}, str(EXAMPLES / "loop.yaml")))
+    assert p.method == "dpo" and p.policy["lora_r"] == 16 and p.reward["freeze_trunk"] is True
+    assert p.serve == {"url": "http://127.0.0.1:8000", "admin_key_env": "CHATRLHF_ADMIN_KEY"}

@@ -25,12 +25,12 @@ item and annotator) are written apart, to export/new: dpo and kto train the curr
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -58,7 +58,7 @@ TRAINERS = {"dpo": dpo.train, "kto": kto.train, "ppo": ppo.train, "grpo": grpo.t
             "bestofn": lambda cfg, log: bestofn.train(cfg, fine_tune=sft.train, log=log)}
 
 
-@dataclass
+@dataclasses.dataclass
 class Plan:
     """The loop's config read and checked once: every stage's own values, typed (config.stage_values)."""
     work: Path
@@ -108,7 +108,10 @@ def now() -> str:
 def write_json(path: Path, data: dict) -> None:
     """``path`` replaced in one step (a temporary file renamed over it): a reader sees the old or the new, whole."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the real one
     os.replace(tmp, path)
 
 
@@ -374,6 +377,13 @@ def previous_export(plan: Plan, number: int) -> dict | None:
     return None
 
 
+def loop_settings(plan: Plan) -> dict:
+    """The loop's own settings, for the lineage."""
+    return {"rule": plan.rule, "reward_start": plan.reward_start, "checks": plan.checks,
+            "min_win_lower": plan.min_win_lower, "max_kl": plan.max_kl,
+            "human_weight": plan.human_weight and dataclasses.asdict(plan.human_weight)}
+
+
 def run_round(plan: Plan, number: int, rdir: Path, log=print) -> dict:
     """One round, stage by stage; returns its lineage line (decision: promoted, refused, stopped or no-feedback)."""
     start = current(plan)
@@ -386,7 +396,7 @@ def run_round(plan: Plan, number: int, rdir: Path, log=print) -> dict:
         return {**line, "decision": "no-feedback", "reasons": [ex["why"]]}
     rm = stage(rdir, "reward", lambda out, resume: reward_stage(plan, now_, ex, out, resume, log), log)
     line.update(reward={k: rm[k] for k in ("model", "started_from", "accuracy", "ece", "gate")},
-                configs={"reward": rm["config"]})
+                configs={"loop": loop_settings(plan), "reward": rm["config"]})
     gate = stage(rdir, "gate", lambda out, _: {"reasons": check_gate(rm["model"]["path"])}, log)
     if gate["reasons"]:
         return {**line, "decision": "stopped", "reasons": [f"reward model gate: {r}" for r in gate["reasons"]]}
