@@ -66,13 +66,17 @@ def test_config_errors_name_the_file_and_key(tmp_path, yaml, message):
 
 
 def test_sections_from_flags_are_typed(tmp_path):
-    from chatrlhf import cli
+    import argparse
 
-    ns = cli.parser().parse_args(["loop", "--policy", "method=dpo,beta=0.2,max_steps=3,quiet=true", "--human-weight",
-                                  "linear:1:0.2:5"])
+    from chatrlhf.config import add_dataclass_args
+
+    parser = argparse.ArgumentParser()  # `chatrlhf loop`'s flags (test_cli.py walks the real parser)
+    add_dataclass_args(parser, LoopConfig)
+    ns = parser.parse_args(["--policy", "method=dpo,beta=0.2,max_steps=3,quiet=true", "--human-weight",
+                            "linear:1:0.2:5"])
     with pytest.raises(UsageError, match="human_weight with policy.method dpo"):
         loop.plan_of(build_config(LoopConfig, ns))
-    ns = cli.parser().parse_args(["loop", "--policy", "method=dpo,beta=0.2,max_steps=3,quiet=true"])
+    ns = parser.parse_args(["--policy", "method=dpo,beta=0.2,max_steps=3,quiet=true"])
     plan = loop.plan_of(build_config(LoopConfig, ns))
     assert plan.method == "dpo" and plan.policy == {"beta": 0.2, "max_steps": 3, "quiet": True}
 
