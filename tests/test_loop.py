@@ -109,25 +109,32 @@ def answered_store(db: Path, data: Path) -> None:
     store.engine.dispose()
 
 
+def loop_yaml(tmp: Path, policy: dict | None = None, **extra) -> Path:
+    """tmp/loop.yaml for one cheap round on tiny models over a store of answered compare items (tmp/fb.db)."""
+    prefs = tmp / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": p, "chosen": f"{r} Thank you!", "rejected": f"{r} Numbers 0 1 2."})
+                             + "\n" for p, r in zip(LEARNABLE_PROMPTS, LEARNABLE_REPLIES)))
+    answered_store(tmp / "fb.db", prefs)
+    path = tmp / "loop.yaml"
+    path.write_text(json.dumps({
+        "work_dir": str(tmp / "work"), "db": str(tmp / "fb.db"), "model": "tiny-random-llama", "min_win_lower": -1.0,
+        "reward": {"model": "tiny-random-llama", "max_steps": 1, "min_accuracy": 0.0, "max_length_corr": 1.0,
+                   "quiet": True, "tensorboard": False},
+        "policy": {"method": "dpo", "max_steps": 2, "batch_size": 2, "quiet": True, "tensorboard": False,
+                   **(policy or {})},
+        "eval": {"data": [str(prefs)], "max_prompts": 3, "max_new_tokens": 3}, **extra}))
+    return path
+
+
 @pytest.fixture(scope="module")
 def looped(tmp_path_factory):
     """Round 1 with its DPO stage failing, then the same command again (it continues and promotes), then a run with
     no new feedback; the times and files each left behind."""
     tmp = tmp_path_factory.mktemp("loop")
-    prefs = tmp / "prefs.jsonl"
-    prefs.write_text("".join(json.dumps({"prompt": p, "chosen": f"{r} Thank you!", "rejected": f"{r} Numbers 0 1 2."})
-                             + "\n" for p, r in zip(LEARNABLE_PROMPTS, LEARNABLE_REPLIES)))
-    answered_store(tmp / "fb.db", prefs)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     work = tmp / "work"
-    (tmp / "loop.yaml").write_text(json.dumps({
-        "work_dir": str(work), "db": str(tmp / "fb.db"), "model": "tiny-random-llama", "min_win_lower": -1.0,
-        "reward": {"model": "tiny-random-llama", "max_steps": 1, "min_accuracy": 0.0, "max_length_corr": 1.0,
-                   "quiet": True, "tensorboard": False},
-        "policy": {"method": "dpo", "max_steps": 2, "batch_size": 2, "quiet": True, "tensorboard": False},
-        "eval": {"data": [str(prefs)], "max_prompts": 3, "max_new_tokens": 3},
-        "serve": {"url": f"http://127.0.0.1:{server.server_port}", "admin_key_env": "LOOP_TEST_KEY"}}))
+    loop_yaml(tmp, serve={"url": f"http://127.0.0.1:{server.server_port}", "admin_key_env": "LOOP_TEST_KEY"})
     argv = ["loop", "--config", tmp / "loop.yaml"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LOOP_TEST_KEY", "admin-secret")
@@ -291,3 +298,4 @@ def test_the_example_config_reads():
     p = loop.plan_of(build_config(LoopConfig, {}, str(EXAMPLES / "loop.yaml")))
     assert p.method == "dpo" and p.policy["lora_r"] == 16 and p.reward["freeze_trunk"] is True
     assert p.serve == {"url": "http://127.0.0.1:8000", "admin_key_env": "CHATRLHF_ADMIN_KEY"}
+
