@@ -4,6 +4,7 @@ told over real HTTP), killed in its policy stage and continued without redoing t
 
 import http.server
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -299,3 +300,21 @@ def test_the_example_config_reads():
     assert p.method == "dpo" and p.policy["lora_r"] == 16 and p.reward["freeze_trunk"] is True
     assert p.serve == {"url": "http://127.0.0.1:8000", "admin_key_env": "CHATRLHF_ADMIN_KEY"}
 
+
+
+def test_round_numbers_are_never_reused_and_every_finished_round_gets_its_line(tmp_path):
+    p = plan(tmp_path)
+    (p.work / "round-1").mkdir(parents=True)
+    loop.write_json(p.work / "round-1" / "round.json", {"round": 1, "decision": "refused"})  # died before its line
+    (p.work / "round-2").mkdir()  # unfinished
+    assert loop.next_round(p, log=lambda m: None) == (2, p.work / "round-2")
+    loop.catch_up_lineage(p)
+    loop.catch_up_lineage(p)
+    assert loop.logged_rounds(p.work) == [1]
+    loop.write_json(p.work / "round-2" / "round.json", {"round": 2, "decision": "promoted"})
+    loop.catch_up_lineage(p)
+    shutil.rmtree(p.work / "round-2")  # deleted by hand: its number stays taken
+    assert loop.logged_rounds(p.work) == [1, 2] and loop.next_round(p)[0] == 3
+    (p.work / "round-3").mkdir()
+    p.resume = False
+    assert loop.next_round(p, log=lambda m: None) == (3, p.work / "round-3") and not (p.work / "round-3").exists()

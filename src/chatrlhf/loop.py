@@ -353,6 +353,12 @@ def round_dirs(work: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def logged_rounds(work: Path) -> list[int]:
+    """The round numbers in WORK/lineage.jsonl."""
+    path = work / "lineage.jsonl"
+    return [json.loads(x)["round"] for x in (path.read_text(encoding="utf-8").splitlines() if path.is_file() else [])]
+
+
 def next_round(plan: Plan, log=print) -> tuple[int, Path]:
     """The unfinished round (continued, or with --no-resume started afresh), else a new one."""
     rounds = round_dirs(plan.work)
@@ -364,7 +370,7 @@ def next_round(plan: Plan, log=print) -> tuple[int, Path]:
         log(f"chatrlhf loop: --no-resume: round {number} is started afresh")
         shutil.rmtree(rdir)
         return number, rdir
-    number = rounds[-1][0] + 1 if rounds else 1
+    number = max([k for k, _ in rounds] + logged_rounds(plan.work) + [0]) + 1  # never reused, even once deleted
     return number, plan.work / f"round-{number}"
 
 
@@ -417,21 +423,27 @@ def run_round(plan: Plan, number: int, rdir: Path, log=print) -> dict:
 
 
 def finish_round(plan: Plan, rdir: Path, line: dict) -> None:
-    """round.json (the round is over), then its lineage line, appended once even if a run dies in between."""
-    line = {**line, "finished_at": now()}
-    write_json(rdir / "round.json", line)
-    lineage = plan.work / "lineage.jsonl"
-    if any(json.loads(x)["round"] == line["round"] for x in
-           (lineage.read_text(encoding="utf-8").splitlines() if lineage.is_file() else [])):
-        return
-    with lineage.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(line, default=str) + "\n")
+    """round.json (the round is over), then its lineage line (:func:`catch_up_lineage` appends it if a run dies in
+    between)."""
+    write_json(rdir / "round.json", {**line, "finished_at": now()})
+    catch_up_lineage(plan)
+
+
+def catch_up_lineage(plan: Plan) -> None:
+    """Append the line of every finished round (its round.json) that WORK/lineage.jsonl does not have yet."""
+    logged = set(logged_rounds(plan.work))
+    for number, rdir in round_dirs(plan.work):
+        line = read_json(rdir / "round.json")
+        if line is not None and number not in logged:
+            with (plan.work / "lineage.jsonl").open("a", encoding="utf-8") as f:
+                f.write(json.dumps(line, default=str) + "\n")
 
 
 def run(cfg: LoopConfig, log=print) -> list[dict]:
     """--rounds rounds (fewer when a round finds no new feedback); their lineage lines."""
     plan = plan_of(cfg)
     plan.work.mkdir(parents=True, exist_ok=True)
+    catch_up_lineage(plan)  # a round that finished just before a crash
     notify(plan, log)  # a promotion the server was not told about yet
     lines = []
     for _ in range(plan.rounds):
