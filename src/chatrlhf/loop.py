@@ -215,14 +215,14 @@ def data_files(part: dict, names: tuple[str, ...]) -> list[str]:
 # --------------------------------------------------------------------------- reward, policy, eval
 
 
-def reward_stage(plan: Plan, now_: dict, ex: dict, out: Path, resume: bool, log) -> dict:
-    go_on = plan.reward_start == "continue" and now_["reward_model"]
+def reward_stage(plan: Plan, start: dict, ex: dict, out: Path, resume: bool, log) -> dict:
+    go_on = plan.reward_start == "continue" and start["reward_model"]
     part = ex["new"] if go_on else ex["all"]
     files = data_files(part, ("preferences", "ratings", "corrections"))
     if not files:
         raise UsageError(f"{part['dir']}: no preferences, ratings or corrections to train the reward model on",
                          "collect comparisons or ratings in the feedback store")
-    values = {**plan.reward, **({"model": now_["reward_model"]} if go_on else {})}
+    values = {**plan.reward, **({"model": start["reward_model"]} if go_on else {})}
     cfg = RewardTrainConfig(**{**values, "data": files, "output_dir": str(out), "resume": resume})
     summary = reward_trainer.train(cfg, log=log)
     interrupted(summary)
@@ -238,8 +238,8 @@ def human_share(plan: Plan, number: int, human_files: list[str]) -> dict | None:
     return {"rm": f"{1 - w:g}", "human": f"{w:g}"} if human_files else {"rm": "1"}
 
 
-def policy_stage(plan: Plan, number: int, now_: dict, ex: dict, rm: str, out: Path, resume: bool, log) -> dict:
-    fixed = {"model": now_["policy"], "output_dir": str(out), "resume": resume}
+def policy_stage(plan: Plan, number: int, start: dict, ex: dict, rm: str, out: Path, resume: bool, log) -> dict:
+    fixed = {"model": start["policy"], "output_dir": str(out), "resume": resume}
     if plan.method in ("dpo", "kto"):
         fixed["data"] = data_files(ex["new"], POLICY_DATA[plan.method])
     else:
@@ -256,12 +256,12 @@ def policy_stage(plan: Plan, number: int, now_: dict, ex: dict, rm: str, out: Pa
     summary = TRAINERS[plan.method](cfg, log=log)
     interrupted(summary)
     figures = {k: summary.results.get(k) for k in ("eval_start", "eval_end", "rounds") if k in summary.results}
-    return {"method": plan.method, "model": model_ref(out), "started_from": model_ref(now_["policy"]),
+    return {"method": plan.method, "model": model_ref(out), "started_from": model_ref(start["policy"]),
             "reward_weights": fixed.get("reward_weights"), "figures": figures, "config": config_dict(cfg)}
 
 
-def eval_stage(plan: Plan, now_: dict, candidate: str, rm: str, out: Path, log) -> dict:
-    cfg = EvalConfig(**{**plan.eval, "model": candidate, "baseline": now_["policy"], "reward_model": rm,
+def eval_stage(plan: Plan, start: dict, candidate: str, rm: str, out: Path, log) -> dict:
+    cfg = EvalConfig(**{**plan.eval, "model": candidate, "baseline": start["policy"], "reward_model": rm,
                         "output_dir": str(out)})
     report = run_eval(cfg, log)
     rouge = {side: m.get("rouge_l") for side, m in report["metrics"].items()}
@@ -395,23 +395,23 @@ def run_round(plan: Plan, number: int, rdir: Path, log=print) -> dict:
     start = current(plan)
     ex = stage(rdir, "export", lambda out, _: {**export_stage(plan, out, previous_export(plan, number), start["export"]),
                                                "current": start}, log)
-    now_ = ex["current"]  # what was current when the round began, even when it is continued after its promotion
-    line = {"round": number, "current": {"round": now_["round"], **(model_ref(now_["policy"]) or {})}}
+    start = ex["current"]  # what was current when the round began, even when it is continued after its promotion
+    line = {"round": number, "current": {"round": start["round"], **model_ref(start["policy"])}}
     line["data"] = {k: v and {x: v[x] for x in ("sha256", "counts")} for k, v in ex.items() if k in ("all", "new")}
     if ex["new"] is None:
         return {**line, "decision": "no-feedback", "reasons": [ex["why"]]}
-    rm = stage(rdir, "reward", lambda out, resume: reward_stage(plan, now_, ex, out, resume, log), log)
+    rm = stage(rdir, "reward", lambda out, resume: reward_stage(plan, start, ex, out, resume, log), log)
     line.update(reward={k: rm[k] for k in ("model", "started_from", "accuracy", "ece", "gate")},
                 configs={"loop": loop_settings(plan), "reward": rm["config"]})
     gate = stage(rdir, "gate", lambda out, _: {"reasons": check_gate(rm["model"]["path"])}, log)
     if gate["reasons"]:
         return {**line, "decision": "stopped", "reasons": [f"reward model gate: {r}" for r in gate["reasons"]]}
     rm_path = rm["model"]["path"]
-    pol = stage(rdir, "policy", lambda out, resume: policy_stage(plan, number, now_, ex, rm_path, out, resume, log),
+    pol = stage(rdir, "policy", lambda out, resume: policy_stage(plan, number, start, ex, rm_path, out, resume, log),
                 log)
     line.update(policy={k: pol[k] for k in ("method", "model", "started_from", "reward_weights", "figures")})
     line["configs"]["policy"] = pol["config"]
-    ev = stage(rdir, "eval", lambda out, _: eval_stage(plan, now_, pol["model"]["path"], rm_path, out, log), log)
+    ev = stage(rdir, "eval", lambda out, _: eval_stage(plan, start, pol["model"]["path"], rm_path, out, log), log)
     line.update(metrics={k: ev[k] for k in ("win_rate", "kl", "rouge_l", "rewards")}, report=ev["report"])
     line["configs"]["eval"] = ev["config"]
     verdict = stage(rdir, "decide", lambda out, _: decide(checks_of(plan, ev)), log)
@@ -419,7 +419,8 @@ def run_round(plan: Plan, number: int, rdir: Path, log=print) -> dict:
     if not verdict["promote"]:
         return {**line, "decision": "refused"}
     stage(rdir, "promote", lambda out, _: promote(plan, number, pol, rm, ex), log)
-    return {**line, "decision": "promoted", "notify": notify(plan, log)}
+    notify(plan, log)  # (a run that died after the promotion has told the server at its start: its outcome is kept)
+    return {**line, "decision": "promoted", "notify": read_json(plan.work / "current.json").get("notify")}
 
 
 def finish_round(plan: Plan, rdir: Path, line: dict) -> None:
