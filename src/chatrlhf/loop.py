@@ -82,7 +82,7 @@ class Plan:
 def plan_of(cfg: LoopConfig) -> Plan:
     if cfg.rounds < 1:
         raise UsageError(f"--rounds {cfg.rounds}: must be at least 1", "the rounds to run now, e.g. 3")
-    method, policy = loop_method(cfg.policy, "chatrlhf loop")
+    method, policy = loop_method(cfg.policy, "the loop's config (--config YAML or --policy)")
     human = parse_schedules({"human": cfg.human_weight}, "human_weight")["human"] if cfg.human_weight else None
     if human is not None and method in ("dpo", "kto"):
         raise UsageError(f"human_weight with policy.method {method}: {method} trains on the human labels directly, "
