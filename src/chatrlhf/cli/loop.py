@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from chatrlhf import loop
 from chatrlhf.config import LoopConfig
 
@@ -12,5 +14,8 @@ def run(name: str, cfg: LoopConfig) -> int:
         win = (line.get("metrics") or {}).get("win_rate")
         figure = f", win rate {win['mean']:.3f} (95% CI {win['ci95'][0]:.3f}–{win['ci95'][1]:.3f})" if win else ""
         print(f"chatrlhf loop: round {line['round']}: {line['decision']}{figure}")
-    print(f"chatrlhf loop: lineage in {cfg.work_dir}/lineage.jsonl, the promoted policy in {cfg.work_dir}/current.json")
+    work = Path(cfg.work_dir)
+    promoted = f"the promoted policy in {work / 'current.json'}" if (work / "current.json").is_file() else \
+        "nothing promoted yet"
+    print(f"chatrlhf loop: lineage in {work / 'lineage.jsonl'}, {promoted}")
     return 0
