@@ -133,7 +133,7 @@ def looped(tmp_path_factory):
     no new feedback; the times and files each left behind."""
     tmp = tmp_path_factory.mktemp("loop")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
     work = tmp / "work"
     loop_yaml(tmp, serve={"url": f"http://127.0.0.1:{server.server_port}", "admin_key_env": "LOOP_TEST_KEY"})
     argv = ["loop", "--config", tmp / "loop.yaml"]
@@ -283,7 +283,7 @@ def test_a_failed_notify_is_kept_and_retried(tmp_path, monkeypatch):
     assert json.loads((p.work / "current.json").read_text())["notified"] is False
     Recorder.seen.clear()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
     try:
         assert loop.notify(p, logged.append)["ok"] is True
         assert loop.notify(p, logged.append) is None  # told once
