@@ -80,20 +80,23 @@ def head_margins(w: torch.Tensor, feats: tuple[torch.Tensor, torch.Tensor]) -> n
 
 
 def run_seed(strategy: str, seed: int, pool: tuple, test: tuple, budgets: list[int], a) -> list[float]:
-    """Held-out accuracy after each budget for one strategy and seed."""
+    """Held-out accuracy at each budget for one strategy and seed; labels are added in rounds of --round-size (0:
+    one round per budget), the model retrained after each."""
     n = len(pool[0])
     labelled = select("random", budgets[0], n, seed=seed)
     accuracies = []
-    for i, budget in enumerate(budgets):
+    while True:
         w = fit_heads(pool[0][labelled], pool[1][labelled], a.heads, a.epochs, seed)
-        accuracies.append(float((head_margins(w, test).mean(1) > 0).mean()))
-        if i + 1 == len(budgets):
-            break
+        if len(labelled) in budgets:
+            accuracies.append(float((head_margins(w, test).mean(1) > 0).mean()))
+        if len(labelled) >= budgets[-1]:
+            return accuracies
+        goal = next(b for b in budgets if b > len(labelled))
         rest = np.setdiff1d(np.arange(n), labelled)
         margins, spreads = margins_and_spreads(head_margins(w, (pool[0][rest], pool[1][rest])))
-        chosen = select(strategy, budgets[i + 1] - budget, len(rest), margins, spreads, seed=seed + 1000 * (i + 1))
+        take = min(goal, len(labelled) + a.round_size) - len(labelled) if a.round_size else goal - len(labelled)
+        chosen = select(strategy, take, len(rest), margins, spreads, seed=seed + 1000 * len(labelled))
         labelled = labelled + rest[chosen].tolist()
-    return accuracies
 
 
 def needed(budgets: list[int], curve: list[float], target: float) -> float | None:
@@ -164,6 +167,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pooling", choices=("last", "mean", "both"), default="mean")
     p.add_argument("--budgets", default="20,40,80,160", help="labels after each round, increasing")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--round-size", type=int, default=0,
+                   help="labels added per round between budgets, the model retrained after each (0: one round per "
+                        "budget)")
     p.add_argument("--heads", type=int, default=5, help="bootstrap heads of every strategy's reward model")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--strategies", default=",".join(STRATEGIES))
@@ -210,7 +216,8 @@ def main() -> None:
     print(f"{time.perf_counter() - t0:.0f} s in all")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"active_pool{a.pool_pairs}{'_probe' if a.oracle == 'probe' else ''}.json").write_text(json.dumps(
+    (out / f"active_pool{a.pool_pairs}{'_probe' if a.oracle == 'probe' else ''}"
+     f"{f'_rounds{a.round_size}' if a.round_size else ''}.json").write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
          "settings": {k: v for k, v in vars(a).items() if k not in ("train_domain", "train_pairs", "eval_pairs")},
          "pool_pairs": len(pool[0]), "test_pairs": len(test[0]), "random_at_largest_budget": target,
