@@ -93,6 +93,8 @@ def run_seed(strategy: str, seed: int, pool: tuple, test: tuple, budgets: list[i
             return accuracies
         goal = next(b for b in budgets if b > len(labelled))
         rest = np.setdiff1d(np.arange(n), labelled)
+        if len(rest) < goal - len(labelled):
+            sys.exit(f"--budgets: {goal} labels asked for, the pool has {n} pairs")
         margins, spreads = margins_and_spreads(head_margins(w, (pool[0][rest], pool[1][rest])))
         take = min(goal, len(labelled) + a.round_size) - len(labelled) if a.round_size else goal - len(labelled)
         chosen = select(strategy, take, len(rest), margins, spreads, seed=seed + 1000 * len(labelled))
