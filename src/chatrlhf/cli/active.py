@@ -1,6 +1,8 @@
 """`chatrlhf feedback queue` (active selection of what humans label) and `chatrlhf feedback simulate` (a simulated
 annotator answering the app's queue with an oracle). The selection and the simulator live in feedback/active.py and
-feedback/simulate.py; this module wires the reward model and the oracle to them."""
+feedback/simulate.py; this module wires the reward model and the oracle to them, through cli/models_side.py —
+imported only when a reward model or an oracle is given, so `feedback queue --strategy random` starts without
+torch."""
 
 from __future__ import annotations
 
@@ -8,30 +10,15 @@ import os
 
 import httpx
 
-from chatrlhf.config import FeedbackQueueConfig, FeedbackSimulateConfig, ModelArgs
+from chatrlhf.config import FeedbackQueueConfig, FeedbackSimulateConfig
 from chatrlhf.errors import UsageError
 from chatrlhf.feedback.active import queue as queue_items
 from chatrlhf.feedback.simulate import simulate as simulate_answers
 from chatrlhf.feedback.store import Store
-from chatrlhf.reward_model import load_reward_model, reward_head, scored_heads
-from chatrlhf.rewards import load_callable
 
 
 def run(sub: str, cfg) -> int:
     return {"queue": queue, "simulate": simulate}[sub](cfg)
-
-
-def reward_scorer(path: str, strategy: str):
-    """scorer(prompts, responses) → (N, K) per-head scores of the reward model in ``path``; checked first to have
-    an ensemble when ``strategy`` is disagreement."""
-    if not os.path.isdir(path):
-        raise UsageError(f"--reward-model {path}: no such folder", "give a folder written by `chatrlhf reward train`")
-    model, tok = load_reward_model(ModelArgs(model=path))
-    if strategy == "disagreement" and reward_head(model.config)["heads"] < 2:
-        raise UsageError(f"--strategy disagreement: the reward model {path} has one head, no ensemble to disagree",
-                         "train one with `chatrlhf reward train --freeze-trunk --ensemble 5`, or use "
-                         "--strategy uncertainty")
-    return lambda prompts, responses: scored_heads(model, tok, prompts, responses)
 
 
 def queue(cfg: FeedbackQueueConfig) -> int:
@@ -40,7 +27,11 @@ def queue(cfg: FeedbackQueueConfig) -> int:
     if cfg.k < 1:
         raise UsageError(f"--k {cfg.k}: must be ≥ 1")
     store = Store(cfg.db)
-    scorer = reward_scorer(cfg.reward_model, cfg.strategy) if cfg.reward_model else None
+    scorer = None
+    if cfg.reward_model:
+        from chatrlhf.cli.models_side import reward_scorer
+
+        scorer = reward_scorer(cfg.reward_model, cfg.strategy)
     out = queue_items(store, cfg.strategy, cfg.count, cfg.kind, scorer, cfg.k, cfg.round, cfg.seed)
     what = "pairs" if cfg.kind == "compare" else "replies"
     print(f"chatrlhf feedback: queued {out['queued']} {cfg.kind} items ({cfg.strategy}) of {out['candidates']} "
@@ -64,6 +55,8 @@ def simulate(cfg: FeedbackSimulateConfig) -> int:
         raise UsageError("CHATRLHF_PASSWORD is not set", f"export the password of {cfg.user} as CHATRLHF_PASSWORD")
     if not cfg.oracle:
         raise UsageError("--oracle is required", "module:function, e.g. --oracle examples/reward.py:politeness")
+    from chatrlhf.cli.models_side import load_callable
+
     oracle = load_callable(cfg.oracle, "--oracle")
     if cfg.limit < 0:
         raise UsageError(f"--limit {cfg.limit}: must be ≥ 0 (0: until the queue is empty)")
