@@ -156,7 +156,7 @@ class StalledThenFailingJob:
 
     def __init__(self):
         self.requests = [SimpleNamespace(params=SimpleNamespace(stop=[]), finished=False, token_ids=[], text="")]
-        self.s = SimpleNamespace(engine=SimpleNamespace(tok=None))
+        self.served = SimpleNamespace(tok=None)
         self.waits, self.closed = 0, 0
 
     async def changed(self):
