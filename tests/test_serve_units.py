@@ -145,6 +145,12 @@ def test_a_silent_request_gets_the_chat_defaults_and_its_own_settings_win():
     (["--max-queue", "-1"], "--max-queue -1: must be 0 or more"),
     (["--top-p", "0"], "a decoding flag is out of range: SamplingParams.top_p = 0.0"),
     (["--api-keys", "no-such-file"], "--api-keys no-such-file: file not found"),
+    (["--candidates", "3"], "--candidates 3 without --rerank does nothing"),
+    (["--rerank", "rm:no-such-dir", "--candidates", "9", "--max-batch", "4", "--max-queue", "4"],
+     "--candidates 9: over --max-batch + --max-queue (8)"),
+    (["--rerank", "rm:no-such-dir"], "--rerank rm:no-such-dir: folder no-such-dir not found"),
+    (["--admin-key", "too-short"], "--admin-key: must be at least 16 characters"),
+    (["--admin-key", "k" * 16, "--api-key", "k" * 16], "--admin-key: is also an API key"),
 ])
 def test_bad_serve_flags_are_named_before_the_model_loads(argv, message):
     r = run_cli("serve", "--model", "no-such-model", *argv)

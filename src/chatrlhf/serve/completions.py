@@ -136,8 +136,8 @@ class Job:
         s.gate.enter(key, params.n)
         served.jobs += 1   # the model is not stopped while this is above 0 (served.retire)
         engine = served.engine
-        self.requests = [engine.submit(ids, params, i, on_token=wake, generator=choice_generator(seed, i, engine.device))
-                         for i in range(params.n)]
+        self.requests = [engine.submit(ids, params, i, on_token=wake,
+                                       generator=choice_generator(seed, i, engine.device)) for i in range(params.n)]
         s.metrics.prompt_tokens.inc(len(ids))
 
     async def changed(self) -> None:

@@ -2,11 +2,12 @@
 
 A served conversation is a Prompt (one row per distinct conversation, found by the digest of its messages in
 ``source``, so two completions of one conversation can be compared), each choice a Reply with its provenance: the
-name and checkpoint hash of the model that served it (they change with a hot swap), decoding parameters as sent, the rendered prompt (``template``), completion id and choice,
-finish reason, token counts, time. Feedback is an Item answered at once by the API key's user (``api:<key id>``),
-as the web app's chat page does (assign, then submit) — so ``chatrlhf feedback export`` writes it like any other
-answer. Store calls run in a worker thread (asyncio.to_thread); a failed write is logged and counted
-(chatrlhf_feedback_store_errors_total), never the client's problem.
+name and checkpoint hash of the model that served it (they change with a hot swap), decoding parameters as sent,
+the rendered prompt (``template``), completion id and choice, finish reason, token counts, time. Feedback is an
+Item answered at once by the API key's user (``api:<key id>``), as the web app's chat page does (assign, then
+submit) — so ``chatrlhf feedback export`` writes it like any other answer. Store calls run in a worker thread
+(asyncio.to_thread); a failed write is logged and counted (chatrlhf_feedback_store_errors_total), never the
+client's problem.
 """
 
 from __future__ import annotations

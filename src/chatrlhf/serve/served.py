@@ -61,7 +61,8 @@ class Served:
 def load_served(cfg: ServeConfig, model: str, name: str = "") -> Served:
     """Load ``model`` as --dtype/--device/--chat-template say and start its engine (blocking: seconds to minutes).
     Raises UsageError for a folder that is not a model."""
-    loaded, tok = load_model(ModelArgs(model=model, dtype=cfg.dtype, device=cfg.device), chat_template=cfg.chat_template)
+    args = ModelArgs(model=model, dtype=cfg.dtype, device=cfg.device)
+    loaded, tok = load_model(args, chat_template=cfg.chat_template)
     checkpoint = checkpoint_hash(model)
     engine = Engine(loaded.eval(), tok, cfg.dtype, max_batch=cfg.max_batch).start()
     return Served(engine, name or model, model, checkpoint)
