@@ -23,6 +23,7 @@ ADMIN = "admin-0123456789abcdef"
 PROMPTS = [[{"role": "user", "content": "Where is my order?"}], [{"role": "user", "content": "Reset my password"}],
            [{"role": "user", "content": "Do you ship to Canada?"}]]
 LONG, SHORT = 48, 12
+HELD = 400   # tokens of the streams in flight across the switch: ~10× the time a tiny model's reload takes
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +51,9 @@ def metric(url, name) -> float:
     return float(line.split()[-1])
 
 
-def ask(url, i, max_tokens, stream, out, hold=None):
-    """Request ``i`` (prompt i % 3, greedy, exactly max_tokens long) into out[i]; a stream with ``hold`` stops
-    reading after its first token until hold[1] is set (hold[0] is set then), keeping its request in flight."""
+def ask(url, i, max_tokens, stream, out, started=None):
+    """Request ``i`` (prompt i % 3, greedy, exactly max_tokens long) into out[i]: (id, model, text, tokens); a
+    stream sets ``started`` at its first token."""
     c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     kw = dict(model="tiny", messages=PROMPTS[i % 3], max_tokens=max_tokens, temperature=0,
               extra_body={"ignore_eos": True})
@@ -61,10 +62,8 @@ def ask(url, i, max_tokens, stream, out, hold=None):
             chunks = []
             for ch in c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
                 chunks.append(ch)
-                if hold and ch.choices and ch.choices[0].delta.content:
-                    hold[0].set()
-                    assert hold[1].wait(30)
-                    hold = None
+                if started and ch.choices and ch.choices[0].delta.content:
+                    started.set()
             text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
             out[i] = (chunks[0].id, chunks[0].model, text, chunks[-1].usage.completion_tokens)
         else:
@@ -76,29 +75,34 @@ def ask(url, i, max_tokens, stream, out, hold=None):
 
 def test_hot_swap_under_concurrent_requests_loses_none(swap):
     url, tmp, want = swap
-    out, go = {}, threading.Event()
-    held = [threading.Event() for _ in range(3)]
-    before = [threading.Thread(target=ask, args=(url, i, LONG, i % 2 == 0, out, (held[i // 2], go) if i % 2 == 0
-                                                 else None)) for i in range(6)]
+    out, started = {}, [threading.Event() for _ in range(3)]
+    before = [threading.Thread(target=ask, args=(url, i, HELD, True, out, started[i // 2])) if i % 2 == 0 else
+              threading.Thread(target=ask, args=(url, i, LONG, False, out)) for i in range(6)]
     for t in before:
         t.start()
-    assert all(h.wait(30) for h in held)   # three streams are in flight, held after their first token
+    assert all(e.wait(30) for e in started)   # three long streams are running on the old model
     r = reload(url, {"model": str(tmp / "b")})
     assert r.status_code == 200, r.text
     b = str(tmp / "b")
     assert r.json() == {"object": "reload", "model": b, "checkpoint": checkpoint_hash(b),
                         "previous": {"model": "tiny", "checkpoint": checkpoint_hash(str(tmp / "model"))}}
-    assert metric(url, "chatrlhf_engines") == 2   # the old engine waits for its held streams
+    assert metric(url, "chatrlhf_engines") == 2   # the old engine serves on for its streams
     after = [threading.Thread(target=ask, args=(url, i, SHORT, i % 2 == 0, out)) for i in range(6, 12)]
     for t in after:
         t.start()
-    go.set()
     for t in before + after:
         t.join(60)
     assert sorted(out) == list(range(12)) and not [e for e in out.values() if isinstance(e, Exception)], out
-    for i in range(12):   # "tiny" (the name the server started with) is still accepted after the swap
-        model, n = ("tiny", LONG) if i < 6 else (b, SHORT)
-        assert out[i][1:] == (model, want["a" if i < 6 else "b", n][i % 3], n), i
+    hashes = {"tiny": checkpoint_hash(str(tmp / "model")), b: checkpoint_hash(b)}
+    for i in (0, 2, 4):   # the long streams finished whole on the old model (a greedy reply starts as a shorter one)
+        head = want["a", LONG][i % 3].rstrip("\ufffd")
+        assert out[i][1] == "tiny" and out[i][3] == HELD and out[i][2].startswith(head), i
+    for i in (1, 3, 5, *range(6, 12)):   # each reply whole, from the model it names ("tiny" still works after the swap)
+        name, n = out[i][1], LONG if i < 6 else SHORT
+        assert name in hashes and out[i][2:] == (want["a" if name == "tiny" else "b", n][i % 3], n), i
+    # every request sent after the switch ran on the new model (the non-streaming ones sent before it ran on
+    # whichever model was served when their request arrived)
+    assert {out[i][1] for i in range(6, 12)} == {b}
     assert [m.id for m in openai.OpenAI(base_url=url + "/v1", api_key=KEY).models.list()] == [b, "tiny"]
     for _ in range(100):   # the old engine stops once its last request has gone
         if metric(url, "chatrlhf_engines") == 1:
@@ -112,8 +116,7 @@ def test_hot_swap_under_concurrent_requests_loses_none(swap):
         if len(rows) == 12:
             break
         time.sleep(0.05)
-    assert {rows[out[i][0]] for i in range(6)} == {("tiny", checkpoint_hash(str(tmp / "model")))}
-    assert {rows[out[i][0]] for i in range(6, 12)} == {(b, checkpoint_hash(b))}
+    assert all(rows[out[i][0]] == (out[i][1], hashes[out[i][1]]) for i in range(12)), rows
 
 
 def test_bad_reloads_are_refused_and_the_server_serves_on(swap):

@@ -14,7 +14,9 @@ from chatrlhf.errors import UsageError
 from chatrlhf.serve import completions
 from chatrlhf.serve.completions import sampling
 from chatrlhf.serve.limits import ANONYMOUS, Gate, caller, digest, load_keys
+from chatrlhf.serve import served as served_module
 from chatrlhf.serve.protocol import APIError, ChatRequest, validation_error
+from chatrlhf.serve.served import Served, retire
 from chatrlhf.serve.text import StreamText, cut_at_stop, holdback
 from conftest import run_cli
 
@@ -192,3 +194,21 @@ def test_a_stream_pings_while_it_waits_and_ends_a_failure_with_an_error_event(mo
     assert got[1] == ": ping\n\n" and got[-1] == "data: [DONE]\n\n" and len(got) == 4
     assert json.loads(got[2].removeprefix("data: "))["error"]["message"] == 'the "engine" failed'   # valid JSON
     assert job.closed == 1
+
+
+def test_a_swapped_out_model_stops_only_after_its_last_request(monkeypatch):
+    monkeypatch.setattr(served_module, "RETIRE_POLL_SECONDS", 0.001)
+    stopped = []
+    engine = SimpleNamespace(device=SimpleNamespace(type="cpu"), stop=lambda: stopped.append(1))
+    old = Served(engine, "a", "dir-a", "sha256:a", jobs=2)   # two requests still running on it
+
+    async def swap_out():
+        task = asyncio.ensure_future(retire(old))
+        for _ in range(2):
+            await asyncio.sleep(0.02)
+            assert not stopped and old.engine is engine
+            old.jobs -= 1   # one request closes
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(swap_out())
+    assert stopped == [1] and old.engine is None   # stopped once, and let go
