@@ -248,13 +248,14 @@ async def ranked(job: Job, body: ChatRequest) -> tuple[list[int], list[float] | 
 def log_completion(job: Job, head: dict, body: ChatRequest, picked: list[int] | None = None,
                    scores: list[float] | None = None) -> None:
     """With --feedback-db: the finished completion to the store, in the background (serve/feedback.py), with the
-    model that served it; with --rerank the candidates' scores and which were returned go into ``decoding``."""
+    model that served it (name, checkpoint hash, and its folder in ``decoding.model_path``); with --rerank the
+    candidates' scores and which were returned go into ``decoding``."""
     s, served = job.s, job.served
     if s.feedback is None or not all(r.finished for r in job.requests):  # a client that left: nothing to judge
         return
     picked = list(range(len(job.requests))) if picked is None else picked
     sent = body.model_dump(exclude_unset=True, exclude={"messages", "model", "stream", "stream_options", "logprobs"})
-    decoding = {**asdict(job.params), "seed": body.seed, "sent": sent}
+    decoding = {**asdict(job.params), "seed": body.seed, "sent": sent, "model_path": served.path}
     if scores is not None:
         decoding["rerank"] = {"by": s.cfg.rerank, "scores": scores, "picked": picked}
     s.feedback.submit({"id": head["id"], "messages": [m.as_dict() for m in body.messages],
