@@ -603,8 +603,8 @@ class RerankArgs:
     rerank: str = arg("", "Sample --candidates replies and keep the best: q:DIR = the highest Q_1(h, y) of a `chatrlhf "
                       "qlearn` output folder (its φ trunk is the served model itself when qlearn.json names it), "
                       "rm:DIR = best-of-N by a `chatrlhf reward train` folder. Empty = one plain sample.")
-    candidates: int | None = arg(None, "Replies sampled per prompt (per turn in chat) for --rerank, from one shared "
-                                 "prefill; only with --rerank. auto = 8 (issue 19's N).")
+    candidates: int | None = arg(None, "Replies sampled per prompt (per turn in chat, per request in serve) for "
+                                 "--rerank, from one shared prefill; only with --rerank. auto = 8 (issue 19's N).")
 
 
 @dataclass
