@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from chatrlhf.feedback import app as feedback_app
-from chatrlhf.serve import admin, completions, feedback
+from chatrlhf.serve import admin, chat, completions, feedback
 from chatrlhf.serve.completions import Server, authorized
 from chatrlhf.serve.metrics import CountStatus
 from chatrlhf.serve.protocol import APIError, validation_error
@@ -38,7 +38,8 @@ def create_app(s: Server) -> FastAPI:
     app.state.server = s
     app.add_middleware(BodyLimit, limit=s.cfg.max_body_bytes)
     app.add_middleware(CountStatus, metrics=s.metrics)
-    app.router.routes.extend(completions.router.routes + feedback.router.routes + admin.router.routes)
+    app.router.routes.extend(completions.router.routes + feedback.router.routes + chat.router.routes +
+                             admin.router.routes)
     created = int(time.time())
 
     @app.get("/v1/models")
