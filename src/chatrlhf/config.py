@@ -603,8 +603,8 @@ class RerankArgs:
     rerank: str = arg("", "Sample --candidates replies and keep the best: q:DIR = the highest Q_1(h, y) of a `chatrlhf "
                       "qlearn` output folder (its φ trunk is the served model itself when qlearn.json names it), "
                       "rm:DIR = best-of-N by a `chatrlhf reward train` folder. Empty = one plain sample.")
-    candidates: int | None = arg(None, "Replies sampled per prompt (per turn in chat) for --rerank, from one shared "
-                                 "prefill; only with --rerank. auto = 8 (issue 19's N).")
+    candidates: int | None = arg(None, "Replies sampled per prompt (per turn in chat, per request in serve) for "
+                                 "--rerank, from one shared prefill; only with --rerank. auto = 8 (issue 19's N).")
 
 
 @dataclass
@@ -623,10 +623,11 @@ class GenerateConfig(RerankArgs, GenerateArgs, TemplateArgs, ModelArgs):
 
 
 @dataclass
-class ServeConfig(DecodingArgs, TemplateArgs, ModelArgs):
+class ServeConfig(RerankArgs, DecodingArgs, TemplateArgs, ModelArgs):
     """`chatrlhf serve`: an OpenAI-compatible chat server (POST /v1/chat/completions, GET /v1/models, /health,
-    /metrics) on the engine's continuous batching; every request's own sampling settings are honoured, and the
-    decoding flags are the defaults for a request that does not set them. See docs/serve.md."""
+    /metrics, POST /admin/reload) on the engine's continuous batching; every request's own sampling settings are
+    honoured, and the decoding flags are the defaults for a request that does not set them. With --rerank each
+    request gets the best of --candidates replies (non-streaming only). See docs/serve.md."""
     max_new_tokens: int = arg(128, "Reply tokens when a request sets no max_tokens.")
     host: str = arg("127.0.0.1", "Address to listen on (0.0.0.0 = every interface: set API keys first).")
     port: int = arg(8000, "Port.")
@@ -648,6 +649,9 @@ class ServeConfig(DecodingArgs, TemplateArgs, ModelArgs):
                            "nothing is stored or logged (privacy: opt-in).")
     redact: bool = arg(False, "With --feedback-db: replace e-mail addresses and phone numbers by [email] / "
                        "[phone] in everything stored (prompt, reply, correction).")
+    admin_key: str = arg("", "Key for POST /admin/reload (hot swap: load another model folder and switch to it "
+                         "without dropping requests); at least 16 characters, not an API key. Empty = hot swap "
+                         "disabled (or CHATRLHF_ADMIN_KEY; the flag shows in `ps`, the variable does not).")
 
 
 @dataclass
