@@ -724,6 +724,38 @@ class FeedbackServeConfig:
 
 
 @dataclass
+class FeedbackQueueConfig:
+    """`chatrlhf feedback queue`: choose which not-yet-queued replies become annotation items — pairs of replies to
+    one prompt (compare) or single replies (rate) — at random, where the reward model is least sure, or where its
+    ensemble's heads disagree most (docs/active.md)."""
+    db: str = arg(DEFAULT_DB, "SQLite file or database URL.")
+    strategy: str = arg("random", "random: uniform; uncertainty: the smallest reward-model margin |r_a − r_b| (rate: "
+                        "the score nearest 0); disagreement: the largest spread of the margin over the ensemble's "
+                        "heads (needs a model trained with --ensemble K).", ("random", "uncertainty", "disagreement"))
+    count: int = arg(100, "How many items to queue (fewer when fewer candidates are left).")
+    kind: str = arg("compare", "compare: pairs of replies to the same prompt; rate: single replies.",
+                    ("compare", "rate"))
+    reward_model: str = arg("", "Reward model folder that scores the candidates (needed by uncertainty and "
+                            "disagreement; with random, only reported).")
+    k: int = arg(1, "Annotators per item.")
+    round: int = arg(0, "Feedback round these items belong to.")
+    seed: int = arg(0, "Seed of the random strategy.")
+
+
+@dataclass
+class FeedbackSimulateConfig:
+    """`chatrlhf feedback simulate`: a simulated annotator. Logs in to a running `chatrlhf feedback serve` (password
+    from CHATRLHF_PASSWORD) and answers its compare and rate items with an oracle reward function (docs/active.md)."""
+    url: str = arg("http://127.0.0.1:8765", "The feedback app's address.")
+    user: str = arg("", "Annotator's user name.")
+    oracle: str = arg("", "module:function (or file.py:function) with the --reward-fn signature, (prompts, responses) "
+                      "→ floats: the higher-scored reply wins a comparison; a rating is round(1 + 4·σ(score)) stars.")
+    noise: float = arg(0.0, "Probability that an answer is flipped (a ↔ b; stars one step up or down), seeded.")
+    limit: int = arg(0, "Stop after this many answers (0: when the queue is empty).")
+    seed: int = arg(0, "Seed of the noise.")
+
+
+@dataclass
 class FeedbackStatsConfig:
     """`chatrlhf feedback stats`: progress, agreement and per-annotator reliability."""
     db: str = arg(DEFAULT_DB, "SQLite file or database URL.")
