@@ -94,7 +94,7 @@ class Recorder(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.end_headers()
-        self.wfile.write(b'{"ok": true}')
+        self.wfile.write(json.dumps({"object": "reload", "model": "m", "checkpoint": "sha256:served"}).encode())
 
     def log_message(self, *args):
         pass
@@ -185,6 +185,7 @@ def test_promotion_lineage_and_the_server_told(looped):
     assert line["configs"]["policy"]["data"] == [str(work / "round-1" / "export" / "new" / "preferences.jsonl")]
     assert line["metrics"]["win_rate"]["ci95"][0] <= line["metrics"]["win_rate"]["mean"]
     assert line["checks"]["win_rate"]["ok"] and line["notify"]["ok"]
+    assert line["notify"]["served_checkpoint"] == "sha256:served"  # what the server answered
     assert looped["posts"] == [{"path": "/admin/reload", "body": {"model": str(policy)}, "auth": "Bearer admin-secret"}]
     for s in loop.STAGES:
         assert json.loads((work / "round-1" / s / "done.json").read_text())["stage"] == s

@@ -603,8 +603,8 @@ class RerankArgs:
     rerank: str = arg("", "Sample --candidates replies and keep the best: q:DIR = the highest Q_1(h, y) of a `chatrlhf "
                       "qlearn` output folder (its φ trunk is the served model itself when qlearn.json names it), "
                       "rm:DIR = best-of-N by a `chatrlhf reward train` folder. Empty = one plain sample.")
-    candidates: int | None = arg(None, "Replies sampled per prompt (per turn in chat) for --rerank, from one shared "
-                                 "prefill; only with --rerank. auto = 8 (issue 19's N).")
+    candidates: int | None = arg(None, "Replies sampled per prompt (per turn in chat, per request in serve) for "
+                                 "--rerank, from one shared prefill; only with --rerank. auto = 8 (issue 19's N).")
 
 
 @dataclass
@@ -623,10 +623,11 @@ class GenerateConfig(RerankArgs, GenerateArgs, TemplateArgs, ModelArgs):
 
 
 @dataclass
-class ServeConfig(DecodingArgs, TemplateArgs, ModelArgs):
+class ServeConfig(RerankArgs, DecodingArgs, TemplateArgs, ModelArgs):
     """`chatrlhf serve`: an OpenAI-compatible chat server (POST /v1/chat/completions, GET /v1/models, /health,
-    /metrics) on the engine's continuous batching; every request's own sampling settings are honoured, and the
-    decoding flags are the defaults for a request that does not set them. See docs/serve.md."""
+    /metrics, POST /admin/reload) on the engine's continuous batching; every request's own sampling settings are
+    honoured, and the decoding flags are the defaults for a request that does not set them. With --rerank each
+    request gets the best of --candidates replies (non-streaming only). See docs/serve.md."""
     max_new_tokens: int = arg(128, "Reply tokens when a request sets no max_tokens.")
     host: str = arg("127.0.0.1", "Address to listen on (0.0.0.0 = every interface: set API keys first).")
     port: int = arg(8000, "Port.")
@@ -648,6 +649,9 @@ class ServeConfig(DecodingArgs, TemplateArgs, ModelArgs):
                            "nothing is stored or logged (privacy: opt-in).")
     redact: bool = arg(False, "With --feedback-db: replace e-mail addresses and phone numbers by [email] / "
                        "[phone] in everything stored (prompt, reply, correction).")
+    admin_key: str = arg("", "Key for POST /admin/reload (hot swap: load another model folder and switch to it "
+                         "without dropping requests); at least 16 characters, not an API key. Empty = hot swap "
+                         "disabled (or CHATRLHF_ADMIN_KEY; the flag shows in `ps`, the variable does not).")
 
 
 @dataclass
@@ -717,6 +721,38 @@ class FeedbackServeConfig:
     max_new_tokens: int = arg(128, "Longest reply the model(s) write.")
     production: bool = arg(False, "Secure cookies and HSTS; no start without an admin user and a CHATRLHF_SECRET of "
                            "at least 32 characters.")
+
+
+@dataclass
+class FeedbackQueueConfig:
+    """`chatrlhf feedback queue`: choose which not-yet-queued replies become annotation items — pairs of replies to
+    one prompt (compare) or single replies (rate) — at random, where the reward model is least sure, or where its
+    ensemble's heads disagree most (docs/active.md)."""
+    db: str = arg(DEFAULT_DB, "SQLite file or database URL.")
+    strategy: str = arg("random", "random: uniform; uncertainty: the smallest reward-model margin |r_a − r_b| (rate: "
+                        "the score nearest 0); disagreement: the largest spread of the margin over the ensemble's "
+                        "heads (needs a model trained with --ensemble K).", ("random", "uncertainty", "disagreement"))
+    count: int = arg(100, "How many items to queue (fewer when fewer candidates are left).")
+    kind: str = arg("compare", "compare: pairs of replies to the same prompt; rate: single replies.",
+                    ("compare", "rate"))
+    reward_model: str = arg("", "Reward model folder that scores the candidates (needed by uncertainty and "
+                            "disagreement; with random, only reported).")
+    k: int = arg(1, "Annotators per item.")
+    round: int = arg(0, "Feedback round these items belong to.")
+    seed: int = arg(0, "Seed of the random strategy.")
+
+
+@dataclass
+class FeedbackSimulateConfig:
+    """`chatrlhf feedback simulate`: a simulated annotator. Logs in to a running `chatrlhf feedback serve` (password
+    from CHATRLHF_PASSWORD) and answers its compare and rate items with an oracle reward function (docs/active.md)."""
+    url: str = arg("http://127.0.0.1:8765", "The feedback app's address.")
+    user: str = arg("", "Annotator's user name.")
+    oracle: str = arg("", "module:function (or file.py:function) with the --reward-fn signature, (prompts, responses) "
+                      "→ floats: the higher-scored reply wins a comparison; a rating is round(1 + 4·σ(score)) stars.")
+    noise: float = arg(0.0, "Probability that an answer is flipped (a ↔ b; stars one step up or down), seeded.")
+    limit: int = arg(0, "Stop after this many answers (0: when the queue is empty).")
+    seed: int = arg(0, "Seed of the noise.")
 
 
 @dataclass

@@ -334,8 +334,9 @@ def notify(plan: Plan, log=print) -> dict | None:
     else:
         try:
             r = httpx.post(url, json={"model": record["policy"]}, headers={"Authorization": f"Bearer {key}"},
-                           timeout=60)
-            outcome.update(ok=r.is_success, status=r.status_code, **({} if r.is_success else {"error": r.text[:300]}))
+                           timeout=600)  # the server answers once it has loaded the model and switched
+            outcome.update(ok=r.is_success, status=r.status_code,
+                           **({"served_checkpoint": served_checkpoint(r)} if r.is_success else {"error": r.text[:300]}))
         except httpx.HTTPError as e:
             outcome.update(ok=False, error=f"{type(e).__name__}: {e}")
     write_json(plan.work / "current.json", {**record, "notified": outcome["ok"], "notify": outcome})
@@ -343,6 +344,15 @@ def notify(plan: Plan, log=print) -> dict | None:
         f"chatrlhf loop: warning: could not tell {url} to load {record['policy']} ({outcome['error']}); the "
         "promotion stands and the next run retries")
     return outcome
+
+
+def served_checkpoint(response) -> str | None:
+    """The checkpoint hash the server says it now serves (serve/admin.py answers {"model", "checkpoint", …}): the
+    promoted folder's own ``policy_sha256`` when the right weights were loaded."""
+    try:
+        return response.json().get("checkpoint")
+    except (ValueError, AttributeError):
+        return None
 
 
 # --------------------------------------------------------------------------- rounds

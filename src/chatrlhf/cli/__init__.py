@@ -11,7 +11,7 @@ import sys
 
 from chatrlhf import __version__
 from chatrlhf.config import BestOfNConfig, ChatConfig, DPOConfig, EvalConfig, FeedbackExportConfig, FeedbackImportConfig, FeedbackInitConfig, \
-    FeedbackServeConfig, FeedbackStatsConfig, FeedbackUserConfig, GenerateConfig, GRPOConfig, InspectConfig, KTOConfig, LoopConfig, PPOConfig, QLearnConfig, QOfflineConfig, RewardEvalConfig, \
+    FeedbackQueueConfig, FeedbackServeConfig, FeedbackSimulateConfig, FeedbackStatsConfig, FeedbackUserConfig, GenerateConfig, GRPOConfig, InspectConfig, KTOConfig, LoopConfig, PPOConfig, QLearnConfig, QOfflineConfig, RewardEvalConfig, \
     RewardScoreConfig, RewardTrainConfig, ServeConfig, SFTConfig, add_dataclass_args, build_config
 from chatrlhf.errors import ChatRLHFError
 
@@ -21,6 +21,7 @@ COMMANDS = {"sft": SFTConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "dpo": DPOCo
             "feedback init": FeedbackInitConfig, "feedback add-user": FeedbackUserConfig,
             "feedback import": FeedbackImportConfig, "feedback export": FeedbackExportConfig,
             "feedback stats": FeedbackStatsConfig, "feedback serve": FeedbackServeConfig,
+            "feedback queue": FeedbackQueueConfig, "feedback simulate": FeedbackSimulateConfig,
             "data inspect": InspectConfig}
 GROUPS = {"reward": "Train, evaluate and use a reward model.",
           "feedback": "The human feedback store: users, items, export.",
