@@ -220,12 +220,18 @@ def cover(t, fn, rm, feedback_db):
         "feedback simulate": [["--url", "http://feedback.test", "--user", "boss", "--oracle", fn, "--noise", "0.1",
                                "--limit", "2", "--seed", "1"]],
         "data inspect": [[dialogues, *TINY]],
+        # the store has items but no answers yet: the round reads every setting, finds no new feedback and stops
+        "loop": [["--work-dir", t / "loop", "--db", feedback_db, "--model", "tiny-random-llama", "--rounds", "2",
+                  "--no-resume", "--rule", "majority", "--reward-start", "continue", "--human-weight", "linear:1:0.2:5",
+                  "--checks", "win_rate,kl", "--min-win-lower", "0.4", "--max-kl", "5", "--reward",
+                  "model=tiny-random-llama,max_steps=1", "--policy", "method=bestofn,num_samples=2", "--eval",
+                  "max_prompts=2", "--serve", "url=http://127.0.0.1:9,admin_key_env=LOOP_KEY"]],
     }
 
 
 ORDER = ["reward train", "ppo", "grpo", "dpo", "kto", "bestofn", "qlearn", "qlearn-offline", "sft", "eval", "chat", "generate", "serve", "reward eval", "reward score", "feedback init",
-         "feedback add-user", "feedback import", "feedback export", "feedback stats", "feedback serve", "feedback queue",
-         "feedback simulate", "data inspect"]
+         "feedback add-user", "feedback import", "feedback export", "feedback stats", "feedback serve", "loop",
+         "feedback queue", "feedback simulate", "data inspect"]
 
 
 @pytest.mark.slow
