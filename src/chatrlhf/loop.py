@@ -40,7 +40,7 @@ from chatrlhf.config import LOOP_METHODS, LOOP_OWNS, EvalConfig, LoopConfig, Rew
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.report import run_eval
 from chatrlhf.feedback.export import export
-from chatrlhf.feedback.store import Store, content_hash
+from chatrlhf.feedback.store import Store, content_hash, weights_hash
 from chatrlhf.reward_model import check_gate
 from chatrlhf.rewards import Schedule, parse_schedules
 from chatrlhf.trainers import bestofn, dpo, grpo, kto, ppo, sft
@@ -53,7 +53,6 @@ STAGES = ("export", "reward", "gate", "policy", "eval", "decide", "promote")
 EXPORT_FILES = ("preferences", "ratings", "corrections", "conversations")
 POLICY_DATA = {"dpo": ("preferences", "ratings", "corrections"), "kto": ("ratings", "corrections", "preferences"),
                "prompts": ("preferences", "ratings", "corrections")}
-WEIGHTS = ("*.safetensors", "*.bin", "*.gguf", "*.pt")  # the files a model's hash covers (as serve's checkpoint hash)
 TRAINERS = {"dpo": dpo.train, "kto": kto.train, "ppo": ppo.train, "grpo": grpo.train,
             "bestofn": lambda cfg, log: bestofn.train(cfg, fine_tune=sft.train, log=log)}
 
@@ -119,16 +118,8 @@ def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def model_hash(folder: str | Path) -> str | None:
-    """``sha256:<hex>`` of a model folder's weight files (what `chatrlhf serve` records as its checkpoint); None for
-    a name that is no folder (an embedded or tiny test model)."""
-    path = Path(folder)
-    files = sorted(f for pattern in WEIGHTS for f in path.glob(pattern)) if path.is_dir() else []
-    return f"sha256:{content_hash(files)}" if files else None
-
-
 def model_ref(folder: str | None) -> dict | None:
-    return None if folder is None else {"path": str(folder), "sha256": model_hash(folder)}
+    return None if folder is None else {"path": str(folder), "sha256": weights_hash(folder)}
 
 
 def current(plan: Plan) -> dict:

@@ -15,20 +15,16 @@ import torch
 
 from chatrlhf.config import ModelArgs, ServeConfig
 from chatrlhf.engine import Engine
-from chatrlhf.feedback.store import content_hash
+from chatrlhf.feedback.store import weights_hash
 from chatrlhf.models import load_model
 
-WEIGHTS = ("*.safetensors", "*.bin", "*.gguf", "*.pt")
 RETIRE_POLL_SECONDS = 0.05
 
 
 def checkpoint_hash(model: str) -> str:
-    """``sha256:<hex>`` of the weight files of a model folder (or of a weights file), read once per load; a name
-    that is no file (a tiny test model) is kept as it is."""
-    path = Path(model).expanduser()
-    files = sorted(f for pattern in WEIGHTS for f in path.glob(pattern)) if path.is_dir() else \
-        [path] if path.is_file() else []
-    return f"sha256:{content_hash(files)}" if files else model
+    """The weights' hash (feedback.store.weights_hash), read once per load; a name that is no file (a tiny test
+    model) is kept as it is."""
+    return weights_hash(model) or model
 
 
 @dataclass(eq=False)
