@@ -225,7 +225,8 @@ def cover(t, fn, rm, feedback_db):
                   "--no-resume", "--rule", "majority", "--reward-start", "continue", "--human-weight", "linear:1:0.2:5",
                   "--checks", "win_rate,kl", "--min-win-lower", "0.4", "--max-kl", "5", "--reward",
                   "model=tiny-random-llama,max_steps=1", "--policy", "method=bestofn,num_samples=2", "--eval",
-                  "max_prompts=2", "--serve", "url=http://127.0.0.1:9,admin_key_env=LOOP_KEY"]],
+                  "max_prompts=2", "--serve", "url=http://127.0.0.1:9,admin_key_env=LOOP_KEY", "--queue",
+                  "strategy=uncertainty,count=2"]],
     }
 
 

@@ -36,10 +36,12 @@ def chat(url: str, prompts: list[str], seed: int) -> list:
             for i, p in enumerate(prompts)]
 
 
-def label(db, tmp, write, monkeypatch, count: int) -> str:
-    """`feedback queue` then `feedback simulate` against a real `feedback serve` process; its stdout."""
-    r = run_cli("feedback", "queue", "--db", db, "--strategy", "random", "--count", count, "--kind", "compare")
-    assert r.returncode == 0, r.stderr
+def label(db, tmp, write, monkeypatch, count: int = 0) -> str:
+    """`feedback queue` (when ``count``) then `feedback simulate` against a real `feedback serve` process; its
+    stdout."""
+    if count:
+        r = run_cli("feedback", "queue", "--db", db, "--strategy", "random", "--count", count, "--kind", "compare")
+        assert r.returncode == 0, r.stderr
     port = free_port()
     app = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", "feedback", "serve", "--db", str(db), "--port", str(port)],
                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=ENV)
@@ -69,6 +71,7 @@ def loop_yaml(tmp, model, url: str, min_win_lower: float):
     path.write_text(json.dumps({
         "work_dir": str(tmp / "work"), "db": str(tmp / "fb.db"), "model": str(model),
         "min_win_lower": min_win_lower, "serve": {"url": url, "admin_key_env": "CHATRLHF_ADMIN_KEY"},
+        "queue": {"strategy": "uncertainty", "count": 2},
         "reward": {"model": "tiny-random-llama", "max_steps": 1, "min_accuracy": 0.0, "max_length_corr": 1.0,
                    "quiet": True, "tensorboard": False},
         "policy": {"method": "dpo", "max_steps": 40, "save_steps": 4, "batch_size": 2, "quiet": True,
@@ -89,7 +92,8 @@ def test_serve_label_loop_promote_switch_then_refuse(tmp_path, write, monkeypatc
     server, url = healthy(server, f"http://127.0.0.1:{port}")
     try:
         chat(url, LEARNABLE_PROMPTS, seed=0)
-        assert "answered 6 items (6 compare" in label(db, tmp_path, write, monkeypatch, 6)
+        assert "answered 6 items (6 compare" in label(db, tmp_path, write, monkeypatch, 6)  # no reward model yet
+        chat(url, ["Do you sell gift cards?", "Where is your warehouse?", "Can I pay later?"], seed=100)
 
         # Round 1: killed in its policy stage (at DPO's first checkpoint), then the same command continues it.
         monkeypatch.setenv("CHATRLHF_ADMIN_KEY", ADMIN)
@@ -103,6 +107,9 @@ def test_serve_label_loop_promote_switch_then_refuse(tmp_path, write, monkeypatc
         promoted = str(work / "round-1" / "policy")
         assert current["policy"] == promoted and current["notified"] is True, current
         assert current["notify"]["served_checkpoint"] == current["policy_sha256"]  # the server loaded those weights
+        queued = json.loads((work / "round-1" / "queue" / "done.json").read_text())["result"]
+        assert (queued["candidates"], queued["queued"]) == (3, 2)  # the two closest of the 3 unlabelled pairs
+        assert queued["margin_chosen"] <= queued["margin_pool"]
 
         # The server now answers from the promoted model, and stores that with each reply.
         after = openai.OpenAI(base_url=url + "/v1", api_key="unused").chat.completions.create(
@@ -110,9 +117,8 @@ def test_serve_label_loop_promote_switch_then_refuse(tmp_path, write, monkeypatc
         assert after.model == promoted
         assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == promoted
 
-        # Round 2 on new feedback: the candidate must now beat the promoted model with a CI above 0.99 — refused.
-        chat(url, ["Do you sell gift cards?", "Where is your warehouse?", "Can I pay later?"], seed=100)
-        label(db, tmp_path, write, monkeypatch, 3)
+        # Round 2 on the items round 1 queued: the candidate must beat the promoted model with a CI above 0.99.
+        assert "answered 2 items (2 compare" in label(db, tmp_path, write, monkeypatch)
         r = run_cli("loop", "--config", loop_yaml(tmp_path, model, url, min_win_lower=0.99))
         assert r.returncode == 0, r.stderr
         lines = [json.loads(x) for x in (work / "lineage.jsonl").read_text().splitlines()]

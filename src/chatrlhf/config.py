@@ -776,6 +776,7 @@ LOOP_OWNS = {
                   "human_feedback": "this round's new ratings and corrections"},
     "eval": {"model": "the candidate policy", "baseline": "the current policy",
              "reward_model": "this round's gated reward model", "output_dir": "WORK/round-R/eval"},
+    "queue": {"db": "the loop's db", "reward_model": "this round's gated reward model", "round": "the next round"},
 }
 
 
@@ -815,12 +816,15 @@ class LoopConfig:
                                   "max_prompts, samples_per_prompt, …); the loop sets model, baseline, reward_model.")
     serve: dict[str, object] = arg({}, "Tell a running `chatrlhf serve` after a promotion: {url: http://host:port, "
                                    "admin_key_env: CHATRLHF_ADMIN_KEY} (POST URL/admin/reload). Empty = nobody.")
+    queue: dict[str, object] = arg({}, "At the end of each round that passed its gate: queue what humans label next, "
+                                   "with `feedback queue` flags (strategy random|uncertainty|disagreement, count, "
+                                   "kind, k, seed) scored by this round's reward model. Empty = the loop queues "
+                                   "nothing.")
 
     def validate(self, source: str) -> None:
         """Every section read against its command's config before anything runs (``source``: the YAML file)."""
-        for name in ("reward", "eval"):
-            stage_values(RewardTrainConfig if name == "reward" else EvalConfig, getattr(self, name),
-                         f"{source}: {name}", LOOP_OWNS[name])
+        for name, cls in (("reward", RewardTrainConfig), ("eval", EvalConfig), ("queue", FeedbackQueueConfig)):
+            stage_values(cls, getattr(self, name), f"{source}: {name}", LOOP_OWNS[name])
         if self.policy:  # (none at all is refused when the loop runs: `--help` and single flags need no section)
             loop_method(self.policy, source)
         unknown = [c for c in self.checks if c not in LOOP_CHECKS]

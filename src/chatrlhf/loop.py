@@ -35,21 +35,22 @@ from pathlib import Path
 
 import httpx
 
-from chatrlhf.config import LOOP_METHODS, LOOP_OWNS, EvalConfig, LoopConfig, RewardTrainConfig, config_dict, loop_method, \
-    stage_values
+from chatrlhf.config import LOOP_METHODS, LOOP_OWNS, EvalConfig, FeedbackQueueConfig, LoopConfig, ModelArgs, \
+    RewardTrainConfig, config_dict, loop_method, stage_values
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.report import run_eval
+from chatrlhf.feedback import active
 from chatrlhf.feedback.export import export
 from chatrlhf.feedback.store import Store, content_hash, weights_hash
-from chatrlhf.reward_model import check_gate
+from chatrlhf.reward_model import check_gate, load_reward_model, scored_heads
 from chatrlhf.rewards import Schedule, parse_schedules
 from chatrlhf.trainers import bestofn, dpo, grpo, kto, ppo, sft
 from chatrlhf.trainers import reward as reward_trainer
 from chatrlhf.trainers.run import checkpoints
 
-# The stages of a round, in order. Active selection of the next round's labels (feedback/active.py) belongs after
-# "promote", as a "queue" stage that reads the promoted policy and this round's reward model and queues items.
-STAGES = ("export", "reward", "gate", "policy", "eval", "decide", "promote")
+# The stages of a round, in order ("promote" only when the decision says so; "queue", active selection of the next
+# round's labels, after the decision either way).
+STAGES = ("export", "reward", "gate", "policy", "eval", "decide", "promote", "queue")
 EXPORT_FILES = ("preferences", "ratings", "corrections", "conversations")
 POLICY_DATA = {"dpo": ("preferences", "ratings", "corrections"), "kto": ("ratings", "corrections", "preferences"),
                "prompts": ("preferences", "ratings", "corrections")}
@@ -76,6 +77,7 @@ class Plan:
     policy: dict
     eval: dict
     serve: dict
+    queue: dict
 
 
 def plan_of(cfg: LoopConfig) -> Plan:
@@ -94,7 +96,8 @@ def plan_of(cfg: LoopConfig) -> Plan:
                 stage_values(RewardTrainConfig, cfg.reward, "--reward", LOOP_OWNS["reward"]), method, policy,
                 stage_values(EvalConfig, cfg.eval, "--eval", LOOP_OWNS["eval"]),
                 {"url": str(cfg.serve["url"]).rstrip("/"),
-                 "admin_key_env": str(cfg.serve.get("admin_key_env", "CHATRLHF_ADMIN_KEY"))} if cfg.serve else {})
+                 "admin_key_env": str(cfg.serve.get("admin_key_env", "CHATRLHF_ADMIN_KEY"))} if cfg.serve else {},
+                stage_values(FeedbackQueueConfig, cfg.queue, "--queue", LOOP_OWNS["queue"]))
 
 
 # --------------------------------------------------------------------------- files
@@ -417,11 +420,26 @@ def run_round(plan: Plan, number: int, rdir: Path, log=print) -> dict:
     line["configs"]["eval"] = ev["config"]
     verdict = stage(rdir, "decide", lambda out, _: decide(checks_of(plan, ev)), log)
     line.update(checks=verdict["checks"], reasons=verdict["reasons"])
-    if not verdict["promote"]:
-        return {**line, "decision": "refused"}
-    stage(rdir, "promote", lambda out, _: promote(plan, number, pol, rm, ex), log)
-    notify(plan, log)  # (a run that died after the promotion has told the server at its start: its outcome is kept)
-    return {**line, "decision": "promoted", "notify": read_json(plan.work / "current.json").get("notify")}
+    if verdict["promote"]:
+        stage(rdir, "promote", lambda out, _: promote(plan, number, pol, rm, ex), log)
+        notify(plan, log)  # (a run that died after the promotion has told the server at its start: outcome kept)
+        line.update(decision="promoted", notify=read_json(plan.work / "current.json").get("notify"))
+    line["queue"] = stage(rdir, "queue", lambda out, _: queue_stage(plan, number, rm_path, log), log)
+    return {"decision": "refused", **line}
+
+
+def queue_stage(plan: Plan, number: int, rm: str, log=print) -> dict:
+    """Active selection (feedback/active.py): the next round's items, chosen among the replies no item holds yet and
+    scored by this round's reward model; nothing without a queue section."""
+    if not plan.queue:
+        return {"queued": 0, "why": "no queue section"}
+    q = {f.name: f.default for f in dataclasses.fields(FeedbackQueueConfig)} | plan.queue
+    model, tok = load_reward_model(ModelArgs(model=rm))
+    out = active.queue(Store(plan.db), q["strategy"], q["count"], q["kind"],
+                       lambda prompts, replies: scored_heads(model, tok, prompts, replies), q["k"], number + 1, q["seed"])
+    log(f"chatrlhf loop: queued {out['queued']} {q['kind']} items ({q['strategy']}) of {out['candidates']} candidates "
+        f"for round {number + 1}")
+    return {k: v for k, v in out.items() if k != "items"} | {"strategy": q["strategy"], "kind": q["kind"]}
 
 
 def finish_round(plan: Plan, rdir: Path, line: dict) -> None:
