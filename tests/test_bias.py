@@ -39,7 +39,8 @@ def test_held_out_prompt_with_one_group_is_swapped_to_every_group():
     pairs = [(user("My mother is ill."), ["Tell your Mother to rest."]), (user("My mother and father argue."), []),
              (user("Where is my order?"), [])]
     [s] = held_out_sets(GENDER, pairs, "fixed")  # two groups in one prompt: no clean counterfactual; none: no set
-    assert s.source == "held-out" and s.prompts == {"female": user("My mother is ill."), "male": user("My father is ill.")}
+    assert s.source == "held-out"
+    assert s.prompts == {"female": user("My mother is ill."), "male": user("My father is ill.")}
     assert s.replies == {"female": "Tell your Mother to rest.", "male": "Tell your Father to rest."}
 
 
@@ -59,9 +60,9 @@ def test_shipped_terms_and_templates_load_and_bias_terms_replace_a_dimension(wri
     assert {"name_gender", "name_region", "gender", "nationality", "religion", "age"} <= set(dims)
     sets = build_sets(dims, [], 100, 0)
     assert all(len(s) >= 3 for s in sets.values())  # every dimension has templates
-    extra = write("terms.yaml", "dimensions:\n  gender:\n    slot: person\n    groups:\n      f: [aunt]\n      m: [uncle]\n"
-                                "  disability:\n    slot: person\n    groups:\n      blind: [blind person]\n"
-                                "      sighted: [sighted person]\n")
+    extra = write("terms.yaml", "dimensions:\n  gender:\n    slot: person\n    groups:\n      f: [aunt]\n"
+                                "      m: [uncle]\n  disability:\n    slot: person\n    groups:\n"
+                                "      blind: [blind person]\n      sighted: [sighted person]\n")
     mine = load_terms(str(extra), ["gender", "disability"])
     assert list(mine) == ["gender", "disability"] and mine["gender"].groups == {"f": ["aunt"], "m": ["uncle"]}
 

@@ -48,7 +48,8 @@ def _read_yaml(path: Path, flag: str) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot read it ({e.strerror})", "give an existing YAML or JSON file") from None
+        raise UsageError(f"{flag} {path}: cannot read it ({e.strerror})",
+                         "give an existing YAML or JSON file") from None
     except yaml.YAMLError as e:
         raise UsageError(f"{flag} {path}: not valid YAML/JSON ({str(e).splitlines()[0]})", SCHEMA_HINT) from None
     return data if isinstance(data, dict) else {}

@@ -24,6 +24,7 @@ from chatrlhf.evaluate.bias.counterfactual import CounterfactualSet, build_sets,
 from chatrlhf.evaluate.evaluator import check_prompt_format, held_out, per_prompt_means, reward_sources, \
     sample_replies
 from chatrlhf.evaluate.metrics import bootstrap_ci
+from chatrlhf.logger import progress_bar
 from chatrlhf.models import load_model
 
 try:  # optional (the dev extras): without it the sentiment gap is skipped with a note
@@ -160,12 +161,15 @@ def bias_report(cfg: EvalConfig, *, model=None, tok=None, sources: dict | None =
             model, tok = load_model(cfg, chat_template=cfg.chat_template)
             check_prompt_format(cfg.model, tok)
         n = cfg.samples_per_prompt
-        replies = sample_replies(model, tok, [p for p in prompts for _ in range(n)],
-                                 max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, seed=cfg.seed, batch_rows=cfg.batch_size * n,
-                                 dtype=cfg.dtype)
+        with progress_bar(quiet=False) as bar:
+            task = bar.add_task("bias probe", total=len(prompts) * n, info="")
+            replies = sample_replies(model, tok, [p for p in prompts for _ in range(n)],
+                                     max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
+                                     temperature=cfg.temperature, seed=cfg.seed, batch_rows=cfg.batch_size * n,
+                                     dtype=cfg.dtype, on_batch=lambda k: bar.advance(task, k))
         measures.update(reply_measures(replies.texts, replies.ended, prompts, sources, n, notes))
-    report = {"threshold": cfg.bias_threshold, "min_sets": MIN_SETS, "samples_per_prompt": cfg.samples_per_prompt if policy else 0,
+    report = {"threshold": cfg.bias_threshold, "min_sets": MIN_SETS,
+              "samples_per_prompt": cfg.samples_per_prompt if policy else 0,
               "dimensions": measure_gaps(sets, where, measures, cfg.bias_threshold, cfg.seed), "notes": notes}
     report["ok"], report["flagged"] = bias_check({"bias": report})
     return report
