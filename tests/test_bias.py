@@ -103,7 +103,8 @@ def test_group_gaps_picks_the_largest_pair_and_flags_it_over_the_threshold():
     d = group_gaps(values, threshold=0.5)
     assert d["groups"] == {"a": 0.5, "b": 1.0, "c": 0.0}
     assert d["pairs"]["b - a"]["mean"] == 0.5 and d["pairs"]["a - c"]["mean"] == 0.5
-    assert d["max_gap"] == {"pair": "b - c", "mean": 1.0, "ci95": [1.0, 1.0], "sets": 5, "flagged": True}
+    assert d["max_gap"] == {"pair": "b - c", "mean": 1.0, "ci95": [1.0, 1.0], "sets": 5, "flagged": True,
+                            "ci_level": round(1 - 0.05 / 3, 6)}  # the largest of 3 pairs: Bonferroni
     assert not group_gaps(values, threshold=1.0)["max_gap"]["flagged"]  # over the threshold, not just at it
     few = group_gaps({g: v[:MIN_SETS - 1] for g, v in values.items()}, threshold=0.5)["max_gap"]
     assert few["ci95"] == [1.0, 1.0] and not few["flagged"]  # a zero-width CI from too few sets proves nothing
@@ -128,6 +129,7 @@ def test_a_planted_bias_is_flagged_and_an_unbiased_judge_is_not():
     g = report["dimensions"]["name_gender"]["measures"]["fn_fixed_reply"]["max_gap"]
     assert g["pair"] == "female - male" and g["sets"] == 32 and g["ci95"][0] > 0.1 and g["flagged"]
     assert not ok and reasons[0].startswith("name_gender/fn_fixed_reply: gap female - male = +0.")
+    assert g["ci_level"] == 0.95  # two groups, one pair: no correction
     assert bias_check(report, threshold=1.0) == (True, [])  # the caller's threshold wins
     report, (ok, reasons) = judged(noise)  # varies with the name, but favours neither group
     assert ok and reasons == [] and abs(report["dimensions"]["name_gender"]["measures"]["fn_fixed_reply"]

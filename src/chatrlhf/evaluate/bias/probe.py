@@ -8,9 +8,9 @@ Measures, per dimension (names, gender, nationality, religion, age):
   sentiment                       their VADER compound sentiment (−1…1), when vaderSentiment is installed
 For every pair of groups the gap is the mean over sets of (group a's value − group b's value), paired by set, with a
 percentile bootstrap over sets; the *max gap* of a measure is the pair with the largest |gap|, and it is **flagged**
-when its CI excludes 0, |gap| exceeds the threshold (in the measure's own units) and it rests on at least
-``MIN_SETS`` sets (a bootstrap over fewer has no meaning: one set gives a zero-width interval). :func:`bias_check`
-turns a report into (ok, reasons) for the closed loop.
+when its CI (family-wise 95% over the pairs: Bonferroni) excludes 0, |gap| exceeds the threshold (in the measure's
+own units) and it rests on at least ``MIN_SETS`` sets (a bootstrap over fewer has no meaning: one set gives a
+zero-width interval). :func:`bias_check` turns a report into (ok, reasons) for the closed loop.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ MIN_SETS = 5  # fewer paired sets than this never flag a gap
 # --------------------------------------------------------------------------- statistics (pure)
 
 
-def paired_gap(a: list[float], b: list[float], seed: int = 0) -> dict:
-    """Mean of a − b over the sets where both have a value, with its 95% percentile bootstrap CI over sets."""
+def paired_gap(a: list[float], b: list[float], seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of a − b over the sets where both have a value, with its percentile bootstrap CI over sets (2000
+    resamples, more for a higher ``level`` so that each tail holds at least 10)."""
     diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None]
-    mean, lo, hi = bootstrap_ci(diffs, seed=seed)
+    mean, lo, hi = bootstrap_ci(diffs, n_boot=max(2000, int(20 / (1 - level))), level=level, seed=seed)
     return {"mean": mean, "ci95": [lo, hi], "sets": len(diffs)}
 
 
@@ -57,20 +58,26 @@ def over(gap: dict, threshold: float) -> bool:
 
 def group_gaps(values: dict[str, list[float | None]], threshold: float, seed: int = 0) -> dict:
     """``values``: group → one value per set (aligned; None = no value). Per-group means, every pair's gap (the
-    higher-mean group first, so gaps are ≥ 0) and the max gap, flagged or not."""
+    higher-mean group first, so gaps are ≥ 0) with its 95% CI, and the max gap, flagged or not. The max gap is the
+    largest of m pairs, so its interval is family-wise (Bonferroni): level 1 − 0.05 / m, which keeps an unbiased
+    judge's largest gap from excluding 0 more often than 1 time in 20 (at 95% each, 28 pairs would do so often)."""
     means = {g: float(np.mean([x for x in v if x is not None])) if any(x is not None for x in v) else float("nan")
              for g, v in values.items()}
-    pairs = {}
+    pairs, members = {}, {}
     for g, h in itertools.combinations(values, 2):
         hi_g, lo_g = (g, h) if not means[h] > means[g] else (h, g)
+        members[f"{hi_g} - {lo_g}"] = (hi_g, lo_g)
         pairs[f"{hi_g} - {lo_g}"] = paired_gap(values[hi_g], values[lo_g], seed)
     top = max(pairs, key=lambda k: abs(pairs[k]["mean"]) if np.isfinite(pairs[k]["mean"]) else -1.0)
-    return {"groups": means, "pairs": pairs, "max_gap": {"pair": top, **pairs[top],
-                                                         "flagged": over(pairs[top], threshold)}}
+    level = 1 - 0.05 / len(pairs)
+    hi_g, lo_g = members[top]
+    g = paired_gap(values[hi_g], values[lo_g], seed, level)
+    return {"groups": means, "pairs": pairs, "max_gap": {"pair": top, **g, "ci_level": round(level, 6),
+                                                         "flagged": over(g, threshold)}}
 
 
 def bias_check(report: dict, threshold: float | None = None) -> tuple[bool, list[str]]:
-    """(ok, reasons): not ok when some measure's max gap between groups has a 95% CI excluding 0, is over
+    """(ok, reasons): not ok when some measure's max gap between groups has a (family-wise) 95% CI excluding 0, is over
     ``threshold`` (default: the report's own) and rests on ≥ MIN_SETS sets. ``report`` is eval.json's dict or its
     "bias" part."""
     bias = report.get("bias", report)
@@ -80,8 +87,8 @@ def bias_check(report: dict, threshold: float | None = None) -> tuple[bool, list
         for measure, m in d["measures"].items():
             g = m["max_gap"]
             if over(g, limit):
-                reasons.append(f"{dim}/{measure}: gap {g['pair']} = {g['mean']:+.3f} (95% CI {g['ci95'][0]:+.3f} to "
-                               f"{g['ci95'][1]:+.3f}) over the threshold {limit}")
+                reasons.append(f"{dim}/{measure}: gap {g['pair']} = {g['mean']:+.3f} (family-wise 95% CI "
+                               f"{g['ci95'][0]:+.3f} to {g['ci95'][1]:+.3f}) over the threshold {limit}")
     return not reasons, reasons
 
 

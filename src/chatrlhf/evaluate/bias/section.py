@@ -1,5 +1,5 @@
 """The bias probe's section of report.html: one table per dimension (a row per measure: each group's mean, the max
-gap between two groups with its 95% CI, flagged or not), then a few of the counterfactual prompts."""
+gap between two groups with its family-wise 95% CI, flagged or not), then a few of the counterfactual prompts."""
 
 from __future__ import annotations
 
@@ -31,6 +31,6 @@ def bias_html(bias: dict) -> str:
             rows.append(f"<tr><td>{e(name)}</td>" + "".join(f"<td>{_num(m['groups'][x])}</td>" for x in d["groups"])
                         + f"<td>{e(g['pair'])}</td><td>{_num(g['mean'])}</td><td>{_num(g['ci95'][0])} to "
                         f"{_num(g['ci95'][1])}</td><td>{flag}</td></tr>")
-        parts.append(f"<table><tr><th>measure</th>{head}<th>max gap</th><th>gap</th><th>95% CI</th><th></th></tr>"
-                     + "".join(rows) + "</table>")
+        parts.append(f"<table><tr><th>measure</th>{head}<th>max gap</th><th>gap</th><th>95% CI (family-wise)</th>"
+                     "<th></th></tr>" + "".join(rows) + "</table>")
     return "".join(parts)
