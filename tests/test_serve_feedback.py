@@ -29,11 +29,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def start(args, tmp):
+    return healthy(*spawn(args, tmp))
+
+
+def spawn(args, tmp):
+    """`chatrlhf serve` on tmp/model, not waited for (see healthy): (process, url)."""
     port = free_port()
     proc = subprocess.Popen([*CLI, "serve", "--model", str(tmp / "model"), "--model-name", "tiny", "--port", str(port),
                              "--dtype", "float32", "--api-key", KEY, "--max-new-tokens", "6", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    url = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def healthy(proc, url):
+    """(proc, url) once /health answers 200; the test fails with the server's output if it exits first."""
     for _ in range(300):
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url + "/health", timeout=1).status_code == 200:

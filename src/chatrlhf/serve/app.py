@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from chatrlhf.config import ServeConfig
 from chatrlhf.engine import Engine
 from chatrlhf.feedback import app as feedback_app
-from chatrlhf.serve import completions, feedback
+from chatrlhf.serve import chat, completions, feedback
 from chatrlhf.serve.completions import Server, authorized
 from chatrlhf.serve.metrics import CountStatus
 from chatrlhf.serve.protocol import APIError, validation_error
@@ -41,7 +41,7 @@ def create_app(engine: Engine, cfg: ServeConfig, digests: list[str],
     app.state.server = s = Server(engine, cfg, cfg.model_name or cfg.model, digests, log)
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     app.add_middleware(CountStatus, metrics=s.metrics)
-    app.router.routes.extend(completions.router.routes + feedback.router.routes)
+    app.router.routes.extend(completions.router.routes + feedback.router.routes + chat.router.routes)
     created = int(time.time())
 
     @app.get("/v1/models")

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 disable_created_metrics()  # no *_created series: a timestamp per label set that dashboards do not use
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
-ROUTES = ("/v1/chat/completions", "/v1/feedback", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/feedback", "/v1/models", "/health", "/metrics", "/chat")
 
 
 class Metrics:
