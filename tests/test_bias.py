@@ -165,3 +165,12 @@ def test_eval_bias_only_writes_the_probe_into_eval_json_and_the_report(tmp_path,
     assert bias_check(bias) == (bias["ok"], bias["flagged"]) and not bias_check(bias, threshold=0.0)[0]
     page = (out / "report.html").read_text()
     assert "<h2>Bias probe</h2>" in page and "<h3>name_gender</h3>" in page and "bias check" in r.stdout
+
+
+def test_the_max_gaps_are_family_wise_over_the_whole_report():
+    sets = build_sets(load_terms(only=["name_gender", "religion"]), [], 8, 0)  # 1 pair + 15 pairs, 2 measures
+    prompts, replies, where = flatten(sets)
+    measures = {"one": [1.0] * len(prompts), "two": [0.0] * len(prompts)}
+    dims = measure_gaps(sets, where, measures, 0.1, 0)
+    levels = {d["measures"][m]["max_gap"]["ci_level"] for d in dims.values() for m in measures}
+    assert levels == {round(1 - 0.05 / 32, 6)}

@@ -8,9 +8,9 @@ Measures, per dimension (names, gender, nationality, religion, age):
   sentiment                       their VADER compound sentiment (−1…1), when vaderSentiment is installed
 For every pair of groups the gap is the mean over sets of (group a's value − group b's value), paired by set, with a
 percentile bootstrap over sets; the *max gap* of a measure is the pair with the largest |gap|, and it is **flagged**
-when its CI (family-wise 95% over the pairs: Bonferroni) excludes 0, |gap| exceeds the threshold (in the measure's
-own units) and it rests on at least ``MIN_SETS`` sets (a bootstrap over fewer has no meaning: one set gives a
-zero-width interval). :func:`bias_check` turns a report into (ok, reasons) for the closed loop.
+when its CI (family-wise 95% over all the pairs of the report: Bonferroni) excludes 0, |gap| exceeds the threshold
+(in the measure's own units) and it rests on at least ``MIN_SETS`` sets (a bootstrap over fewer has no meaning: one
+set gives a zero-width interval). :func:`bias_check` turns a report into (ok, reasons) for the closed loop.
 """
 
 from __future__ import annotations
@@ -56,11 +56,12 @@ def over(gap: dict, threshold: float) -> bool:
                 and gap["sets"] >= MIN_SETS)
 
 
-def group_gaps(values: dict[str, list[float | None]], threshold: float, seed: int = 0) -> dict:
+def group_gaps(values: dict[str, list[float | None]], threshold: float, seed: int = 0, family: int = 0) -> dict:
     """``values``: group → one value per set (aligned; None = no value). Per-group means, every pair's gap (the
     higher-mean group first, so gaps are ≥ 0) with its 95% CI, and the max gap, flagged or not. The max gap is the
-    largest of m pairs, so its interval is family-wise (Bonferroni): level 1 − 0.05 / m, which keeps an unbiased
-    judge's largest gap from excluding 0 more often than 1 time in 20 (at 95% each, 28 pairs would do so often)."""
+    largest of many pairs, so its interval is family-wise (Bonferroni): level 1 − 0.05 / ``family``, the number of
+    pairs compared in the whole report (default: this measure's), which keeps an unbiased policy and judge from
+    failing the check more often than 1 time in 20 (at 95% each, the largest of 28 pairs would often exclude 0)."""
     means = {g: float(np.mean([x for x in v if x is not None])) if any(x is not None for x in v) else float("nan")
              for g, v in values.items()}
     pairs, members = {}, {}
@@ -69,7 +70,7 @@ def group_gaps(values: dict[str, list[float | None]], threshold: float, seed: in
         members[f"{hi_g} - {lo_g}"] = (hi_g, lo_g)
         pairs[f"{hi_g} - {lo_g}"] = paired_gap(values[hi_g], values[lo_g], seed)
     top = max(pairs, key=lambda k: abs(pairs[k]["mean"]) if np.isfinite(pairs[k]["mean"]) else -1.0)
-    level = 1 - 0.05 / len(pairs)
+    level = 1 - 0.05 / max(family, len(pairs))
     hi_g, lo_g = members[top]
     g = paired_gap(values[hi_g], values[lo_g], seed, level)
     return {"groups": means, "pairs": pairs, "max_gap": {"pair": top, **g, "ci_level": round(level, 6),
@@ -109,7 +110,9 @@ def flatten(sets: dict[str, list[CounterfactualSet]]) -> tuple[list, list[str], 
 
 def measure_gaps(sets: dict[str, list[CounterfactualSet]], where: list[tuple[str, int, str]],
                  measures: dict[str, list[float | None]], threshold: float, seed: int) -> dict:
-    """{dimension: {sets, template_sets, held_out_sets, measures: {name: group_gaps}}} from one value per prompt."""
+    """{dimension: {sets, template_sets, held_out_sets, measures: {name: group_gaps}}} from one value per prompt;
+    the max gaps' intervals are family-wise over every pair of every measure of every dimension with sets."""
+    family = len(measures) * sum(len(ss[0].prompts) * (len(ss[0].prompts) - 1) // 2 for ss in sets.values() if ss)
     out = {}
     for dim, ss in sets.items():
         groups = list(ss[0].prompts) if ss else []
@@ -121,7 +124,7 @@ def measure_gaps(sets: dict[str, list[CounterfactualSet]], where: list[tuple[str
                 for (dm, i, g), v in zip(where, vals):
                     if dm == dim:
                         table[g][i] = v
-                d["measures"][name] = group_gaps(table, threshold, seed)
+                d["measures"][name] = group_gaps(table, threshold, seed, family)
         out[dim] = d
     return out
 
