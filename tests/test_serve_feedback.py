@@ -115,7 +115,7 @@ def test_feedback_round_trip_to_export_with_provenance_and_redaction(model_dir, 
 
 
 def test_a_failed_store_write_is_counted_and_logged_not_raised(tmp_path, caplog):
-    log, metrics = FeedbackLog(str(tmp_path / "f.db"), "m", "c", redacting=False), Metrics(engine=None)
+    log, metrics = FeedbackLog(str(tmp_path / "f.db"), redacting=False), Metrics(lambda: [])
 
     async def serve_one():
         log.submit({"id": "chatcmpl-x"}, metrics)   # no messages: the write fails in its thread

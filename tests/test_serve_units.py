@@ -14,7 +14,9 @@ from chatrlhf.errors import UsageError
 from chatrlhf.serve import completions
 from chatrlhf.serve.completions import sampling
 from chatrlhf.serve.limits import ANONYMOUS, Gate, caller, digest, load_keys
+from chatrlhf.serve import served as served_module
 from chatrlhf.serve.protocol import APIError, ChatRequest, validation_error
+from chatrlhf.serve.served import Served, retire
 from chatrlhf.serve.text import StreamText, cut_at_stop, holdback
 from conftest import run_cli
 
@@ -145,6 +147,12 @@ def test_a_silent_request_gets_the_chat_defaults_and_its_own_settings_win():
     (["--max-queue", "-1"], "--max-queue -1: must be 0 or more"),
     (["--top-p", "0"], "a decoding flag is out of range: SamplingParams.top_p = 0.0"),
     (["--api-keys", "no-such-file"], "--api-keys no-such-file: file not found"),
+    (["--candidates", "3"], "--candidates 3 without --rerank does nothing"),
+    (["--rerank", "rm:no-such-dir", "--candidates", "9", "--max-batch", "4", "--max-queue", "4"],
+     "--candidates 9: over --max-batch + --max-queue (8)"),
+    (["--rerank", "rm:no-such-dir"], "--rerank rm:no-such-dir: folder no-such-dir not found"),
+    (["--admin-key", "too-short"], "--admin-key: must be at least 16 characters"),
+    (["--admin-key", "k" * 16, "--api-key", "k" * 16], "--admin-key: is also an API key"),
 ])
 def test_bad_serve_flags_are_named_before_the_model_loads(argv, message):
     r = run_cli("serve", "--model", "no-such-model", *argv)
@@ -156,7 +164,7 @@ class StalledThenFailingJob:
 
     def __init__(self):
         self.requests = [SimpleNamespace(params=SimpleNamespace(stop=[]), finished=False, token_ids=[], text="")]
-        self.s = SimpleNamespace(engine=SimpleNamespace(tok=None))
+        self.served = SimpleNamespace(tok=None)
         self.waits, self.closed = 0, 0
 
     async def changed(self):
@@ -186,3 +194,21 @@ def test_a_stream_pings_while_it_waits_and_ends_a_failure_with_an_error_event(mo
     assert got[1] == ": ping\n\n" and got[-1] == "data: [DONE]\n\n" and len(got) == 4
     assert json.loads(got[2].removeprefix("data: "))["error"]["message"] == 'the "engine" failed'   # valid JSON
     assert job.closed == 1
+
+
+def test_a_swapped_out_model_stops_only_after_its_last_request(monkeypatch):
+    monkeypatch.setattr(served_module, "RETIRE_POLL_SECONDS", 0.001)
+    stopped = []
+    engine = SimpleNamespace(device=SimpleNamespace(type="cpu"), stop=lambda: stopped.append(1))
+    old = Served(engine, "a", "dir-a", "sha256:a", jobs=2)   # two requests still running on it
+
+    async def swap_out():
+        task = asyncio.ensure_future(retire(old))
+        for _ in range(2):
+            await asyncio.sleep(0.02)
+            assert not stopped and old.engine is engine
+            old.jobs -= 1   # one request closes
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(swap_out())
+    assert stopped == [1] and old.engine is None   # stopped once, and let go

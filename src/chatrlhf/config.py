@@ -615,8 +615,8 @@ class RerankArgs:
     rerank: str = arg("", "Sample --candidates replies and keep the best: q:DIR = the highest Q_1(h, y) of a `chatrlhf "
                       "qlearn` output folder (its φ trunk is the served model itself when qlearn.json names it), "
                       "rm:DIR = best-of-N by a `chatrlhf reward train` folder. Empty = one plain sample.")
-    candidates: int | None = arg(None, "Replies sampled per prompt (per turn in chat) for --rerank, from one shared "
-                                 "prefill; only with --rerank. auto = 8 (issue 19's N).")
+    candidates: int | None = arg(None, "Replies sampled per prompt (per turn in chat, per request in serve) for "
+                                 "--rerank, from one shared prefill; only with --rerank. auto = 8 (issue 19's N).")
 
 
 @dataclass
@@ -635,10 +635,11 @@ class GenerateConfig(RerankArgs, GenerateArgs, TemplateArgs, ModelArgs):
 
 
 @dataclass
-class ServeConfig(DecodingArgs, TemplateArgs, ModelArgs):
+class ServeConfig(RerankArgs, DecodingArgs, TemplateArgs, ModelArgs):
     """`chatrlhf serve`: an OpenAI-compatible chat server (POST /v1/chat/completions, GET /v1/models, /health,
-    /metrics) on the engine's continuous batching; every request's own sampling settings are honoured, and the
-    decoding flags are the defaults for a request that does not set them. See docs/serve.md."""
+    /metrics, POST /admin/reload) on the engine's continuous batching; every request's own sampling settings are
+    honoured, and the decoding flags are the defaults for a request that does not set them. With --rerank each
+    request gets the best of --candidates replies (non-streaming only). See docs/serve.md."""
     max_new_tokens: int = arg(128, "Reply tokens when a request sets no max_tokens.")
     host: str = arg("127.0.0.1", "Address to listen on (0.0.0.0 = every interface: set API keys first).")
     port: int = arg(8000, "Port.")
@@ -660,6 +661,9 @@ class ServeConfig(DecodingArgs, TemplateArgs, ModelArgs):
                            "nothing is stored or logged (privacy: opt-in).")
     redact: bool = arg(False, "With --feedback-db: replace e-mail addresses and phone numbers by [email] / "
                        "[phone] in everything stored (prompt, reply, correction).")
+    admin_key: str = arg("", "Key for POST /admin/reload (hot swap: load another model folder and switch to it "
+                         "without dropping requests); at least 16 characters, not an API key. Empty = hot swap "
+                         "disabled (or CHATRLHF_ADMIN_KEY; the flag shows in `ps`, the variable does not).")
 
 
 @dataclass
@@ -732,9 +736,157 @@ class FeedbackServeConfig:
 
 
 @dataclass
+class FeedbackQueueConfig:
+    """`chatrlhf feedback queue`: choose which not-yet-queued replies become annotation items — pairs of replies to
+    one prompt (compare) or single replies (rate) — at random, where the reward model is least sure, or where its
+    ensemble's heads disagree most (docs/active.md)."""
+    db: str = arg(DEFAULT_DB, "SQLite file or database URL.")
+    strategy: str = arg("random", "random: uniform; uncertainty: the smallest reward-model margin |r_a − r_b| (rate: "
+                        "the score nearest 0); disagreement: the largest spread of the margin over the ensemble's "
+                        "heads (needs a model trained with --ensemble K).", ("random", "uncertainty", "disagreement"))
+    count: int = arg(100, "How many items to queue (fewer when fewer candidates are left).")
+    kind: str = arg("compare", "compare: pairs of replies to the same prompt; rate: single replies.",
+                    ("compare", "rate"))
+    reward_model: str = arg("", "Reward model folder that scores the candidates (needed by uncertainty and "
+                            "disagreement; with random, only reported).")
+    k: int = arg(1, "Annotators per item.")
+    round: int = arg(0, "Feedback round these items belong to.")
+    seed: int = arg(0, "Seed of the random strategy.")
+
+
+@dataclass
+class FeedbackSimulateConfig:
+    """`chatrlhf feedback simulate`: a simulated annotator. Logs in to a running `chatrlhf feedback serve` (password
+    from CHATRLHF_PASSWORD) and answers its compare and rate items with an oracle reward function (docs/active.md)."""
+    url: str = arg("http://127.0.0.1:8765", "The feedback app's address.")
+    user: str = arg("", "Annotator's user name.")
+    oracle: str = arg("", "module:function (or file.py:function) with the --reward-fn signature, (prompts, responses) "
+                      "→ floats: the higher-scored reply wins a comparison; a rating is round(1 + 4·σ(score)) stars.")
+    noise: float = arg(0.0, "Probability that an answer is flipped (a ↔ b; stars one step up or down), seeded.")
+    limit: int = arg(0, "Stop after this many answers (0: when the queue is empty).")
+    seed: int = arg(0, "Seed of the noise.")
+
+
+@dataclass
 class FeedbackStatsConfig:
     """`chatrlhf feedback stats`: progress, agreement and per-annotator reliability."""
     db: str = arg(DEFAULT_DB, "SQLite file or database URL.")
+
+
+# --------------------------------------------------------------------------- the closed loop
+
+LOOP_METHODS = {"dpo": DPOConfig, "kto": KTOConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "bestofn": BestOfNConfig}
+LOOP_CHECKS = ("win_rate", "kl")  # the decision's built-in checks (loop.py); a bias check joins them later
+# The keys of each stage section that the loop sets itself, round by round (and what it sets them to).
+LOOP_OWNS = {
+    "reward": {"data": "this round's feedback export", "output_dir": "WORK/round-R/reward",
+               "resume": "the stage's own checkpoints"},
+    "policy": {"model": "the current policy", "output_dir": "WORK/round-R/policy", "resume": "the stage's checkpoints"},
+    "policy dpo": {"data": "this round's new feedback"},
+    "policy kto": {"data": "this round's new feedback"},
+    "policy rm": {"reward_model": "this round's gated reward model",
+                  "human_feedback": "this round's new ratings and corrections"},
+    "eval": {"model": "the candidate policy", "baseline": "the current policy",
+             "reward_model": "this round's gated reward model", "output_dir": "WORK/round-R/eval"},
+}
+
+
+@dataclass
+class LoopConfig:
+    """`chatrlhf loop`: the closed loop, round after round — export the new feedback → train the reward model → gate
+    → improve the current policy (dpo, kto, ppo, grpo or bestofn) → evaluate the candidate against it → promote only
+    if it is better and every check passes. Resumable at the stage it stopped; see docs/loop.md."""
+    work_dir: str = arg("out/loop", "The loop's folder: round-R/<stage>/ with a done.json per finished stage, "
+                        "current.json (the promoted policy) and lineage.jsonl (one line per round).")
+    db: str = arg(DEFAULT_DB, "Feedback store (SQLite file or database URL) whose answers each round exports.")
+    model: str = arg("smollm2-135m", "The policy the first round improves (usually the SFT output); later rounds "
+                     "start from the promoted one (WORK/current.json).")
+    rounds: int = arg(1, "Rounds to run now (an unfinished round that is continued counts as one).")
+    resume: bool = arg(True, "Continue an unfinished round at its first stage without done.json (a killed trainer "
+                       "from its last checkpoint); --no-resume discards the unfinished round and starts it afresh. "
+                       "Finished rounds are never redone.")
+    rule: str = arg("all", "How the export aggregates comparison votes (as `feedback export --rule`).",
+                    ("all", "majority", "bt"))
+    reward_start: str = arg("retrain", "retrain = the reward model is trained from reward.model on all the feedback so "
+                            "far, every round; continue = it continues from the current one on the feedback that is "
+                            "new since the last promotion.", ("retrain", "continue"))
+    human_weight: str = arg("", "ppo, grpo, bestofn: the human ratings' share of the reward, per round, as a schedule "
+                            "over rounds (W, or KIND:START:END:ROUNDS with KIND linear|cosine|step, e.g. "
+                            "linear:1.0:0.2:5); the reward model gets 1 − W. Empty = the policy section's own "
+                            "reward_weights.")
+    checks: list[str] = arg(["win_rate"], "Checks a candidate must pass to be promoted: win_rate (the reward model's "
+                            "win rate over the current policy, its 95% CI above --min-win-lower), kl (KL to the current "
+                            "policy at most --max-kl).")
+    min_win_lower: float = arg(0.5, "Promote only when the lower end of the win rate's 95% bootstrap CI is above this.")
+    max_kl: float = arg(0.0, "Check `kl`: the largest mean KL(candidate ‖ current) in nats per reply.")
+    reward: dict[str, object] = arg({}, "The `reward train` flags of the reward stage (YAML mapping, or K=V,K=V), e.g. "
+                                    "{model: smollm2-135m, epochs: 1}; the loop sets data and output_dir.")
+    policy: dict[str, object] = arg({}, "The policy stage: `method` (dpo, kto, ppo, grpo, bestofn) and that command's "
+                                    "flags; the loop sets model, output_dir, the data of dpo/kto, the reward model.")
+    eval: dict[str, object] = arg({}, "The `eval` flags of the evaluation (held-out `data` with human replies, "
+                                  "max_prompts, samples_per_prompt, …); the loop sets model, baseline, reward_model.")
+    serve: dict[str, object] = arg({}, "Tell a running `chatrlhf serve` after a promotion: {url: http://host:port, "
+                                   "admin_key_env: CHATRLHF_ADMIN_KEY} (POST URL/admin/reload). Empty = nobody.")
+
+    def validate(self, source: str) -> None:
+        """Every section read against its command's config before anything runs (``source``: the YAML file)."""
+        for name in ("reward", "eval"):
+            stage_values(RewardTrainConfig if name == "reward" else EvalConfig, getattr(self, name),
+                         f"{source}: {name}", LOOP_OWNS[name])
+        if self.policy:  # (none at all is refused when the loop runs: `--help` and single flags need no section)
+            loop_method(self.policy, source)
+        unknown = [c for c in self.checks if c not in LOOP_CHECKS]
+        if unknown:
+            raise UsageError(f"{source}: checks: unknown check '{unknown[0]}'", f"choose from {', '.join(LOOP_CHECKS)}")
+        if "kl" in self.checks and self.max_kl <= 0:
+            raise UsageError(f"{source}: checks has kl but max_kl is {self.max_kl}", "set max_kl, e.g. 5")
+        extra = set(self.serve) - {"url", "admin_key_env"}
+        url = str(self.serve.get("url", ""))
+        if extra or (self.serve and not url.startswith(("http://", "https://"))):
+            raise UsageError(f"{source}: serve: " + (f"unknown key '{sorted(extra)[0]}'" if extra else
+                                                      f"url {url!r} is not an http(s) address"),
+                             "serve: {url: http://host:port, admin_key_env: CHATRLHF_ADMIN_KEY}")
+
+
+def loop_method(policy: dict, source: str) -> tuple[str, dict]:
+    """(method, the section's other values read against that method's config) of the loop's policy section."""
+    method = str(policy.get("method", ""))
+    if method not in LOOP_METHODS:
+        raise UsageError(f"{source}: policy.method: {method or 'missing'}" + ("" if not method else " is unknown"),
+                         f"policy: {{method: one of {', '.join(LOOP_METHODS)}, ...its flags}}")
+    owned = {**LOOP_OWNS["policy"], **LOOP_OWNS.get(f"policy {method}", {})}
+    if method in ("ppo", "grpo", "bestofn"):
+        owned.update(LOOP_OWNS["policy rm"], **({"sft": "on: the round needs a model"} if method == "bestofn" else {}))
+    section = {k: v for k, v in policy.items() if k != "method"}
+    return method, stage_values(LOOP_METHODS[method], section, f"{source}: policy", owned)
+
+
+def stage_values(cls, section: dict, where: str, owned: dict) -> dict:
+    """A loop section ({key: value} from YAML, or text values from a K=V flag) read as the fields of command config
+    ``cls``: unknown keys, keys the loop sets itself (``owned``) and values of the wrong type are errors naming
+    ``where``.key."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, val in section.items():
+        k = str(key).replace("-", "_")
+        if k in owned:
+            raise UsageError(f"{where}.{key}: the loop sets this itself ({owned[k]})", f"remove {key} from {where}")
+        if k not in names:
+            raise UsageError(f"{where}: unknown key '{key}'", f"valid keys: {', '.join(sorted(set(names) - set(owned)))}")
+        values[k] = _coerce(cls, names[k], _from_text(_type_of(cls, names[k]), val), f"{where}.{key}")
+    return values
+
+
+def _from_text(t, val):
+    """A flag's text value (``--reward epochs=2``) as type ``t``; anything else as it is (then checked)."""
+    if not isinstance(val, str) or t is str or typing.get_origin(t) in (list, dict):
+        return val
+    if t is bool:
+        return {"true": True, "false": False}.get(val.strip().lower(), val)
+    try:
+        return t(val)
+    except (TypeError, ValueError):
+        return val
 
 
 def flag(name: str) -> str:
@@ -775,7 +927,7 @@ def parse_map(value, value_type=str, where: str = "") -> dict:
     out = {}
     for key, val in pairs:
         try:
-            out[key] = value_type(val)
+            out[key] = val if value_type is object else value_type(val)  # object: kept as given (loop sections)
         except (TypeError, ValueError):
             raise UsageError(f"{where}'{key}={val}': {val!r} is not a {value_type.__name__}",
                              "write NAME=VALUE pairs, comma-separated") from None
@@ -881,6 +1033,8 @@ def build_config(cls, ns: argparse.Namespace | dict, yaml_path: str | None = Non
             values[k] = _coerce(cls, names[k], val, f"{yaml_path}: key '{key}'")
     values.update({k: v for k, v in given.items() if k in names})
     cfg = cls(**values)
+    if hasattr(cfg, "validate"):  # a config whose values are themselves configs (LoopConfig)
+        cfg.validate(yaml_path or "flags")
     if getattr(cfg, "max_minutes", 0) < 0:  # every command with a wall-clock budget
         raise UsageError(f"--max-minutes {cfg.max_minutes:g}: a budget cannot be negative",
                          "give the minutes the run may take, or 0 for no budget")

@@ -275,6 +275,14 @@ def reward_scores_with_spread(model, tok, prompts: list[list[dict]], responses: 
     return scores.tolist(), spreads.tolist()
 
 
+def scored_heads(model, tok, prompts: list[list[dict]], responses: list[str], batch_size: int = 16,
+                 max_length: int = 512) -> np.ndarray:
+    """(N, K) every head's score on the normalised scale (gain · raw + bias): what active selection ranks replies
+    and pairs by (feedback/active.py: the heads' mean margin, and its spread over the heads)."""
+    gain, bias = reward_norm(model)
+    return gain * raw_head_scores(model, tok, prompts, responses, batch_size, max_length) + bias
+
+
 # --------------------------------------------------------------------------- the gate: held-out evaluation
 
 GATE_FILE = "eval.json"

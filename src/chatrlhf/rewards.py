@@ -245,11 +245,11 @@ def load_embedder():
     return g.load_model(device="cpu")
 
 
-def load_callable(spec: str):
-    """``module:function`` (module importable, or a path to a .py file) → the function."""
+def load_callable(spec: str, flag: str = "--reward-fn"):
+    """``module:function`` (module importable, or a path to a .py file) → the function; errors name ``flag``."""
     mod_name, _, fn_name = spec.partition(":")
     if not mod_name or not fn_name:
-        raise UsageError(f"--reward-fn {spec}: expected module:function", "e.g. --reward-fn my_rewards:politeness")
+        raise UsageError(f"{flag} {spec}: expected module:function", f"e.g. {flag} my_rewards:politeness")
     try:
         if mod_name.endswith(".py"):
             spec_ = importlib.util.spec_from_file_location("chatrlhf_user_reward", mod_name)
@@ -259,7 +259,7 @@ def load_callable(spec: str):
             module = importlib.import_module(mod_name)
         return getattr(module, fn_name)
     except (ImportError, FileNotFoundError, AttributeError) as e:
-        raise UsageError(f"--reward-fn {spec}: cannot load ({e})", "check the module path and function name") from None
+        raise UsageError(f"{flag} {spec}: cannot load ({e})", "check the module path and function name") from None
 
 
 # --------------------------------------------------------------------------- the combination

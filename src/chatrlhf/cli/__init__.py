@@ -1,6 +1,6 @@
 """The `chatrlhf` command: one sub-command per stage; the flags of each are the fields of its config
 dataclass (see config.py). The parser, ``main`` and the one ``dispatch`` live here; each command group runs in
-its own module (train.py: sft, ppo, grpo, dpo, kto, bestofn, qlearn, qlearn-offline; reward.py; feedback.py; data.py; eval.py; generate.py: chat, generate; serve.py). The
+its own module (train.py: sft, ppo, grpo, dpo, kto, bestofn, qlearn, qlearn-offline; reward.py; feedback.py; data.py; eval.py; generate.py: chat, generate; serve.py; loop.py). The
 one place that wires stages together: nothing imports ``chatrlhf.cli``."""
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ import sys
 
 from chatrlhf import __version__
 from chatrlhf.config import BestOfNConfig, ChatConfig, DPOConfig, EvalConfig, FeedbackExportConfig, FeedbackImportConfig, FeedbackInitConfig, \
-    FeedbackServeConfig, FeedbackStatsConfig, FeedbackUserConfig, GenerateConfig, GRPOConfig, InspectConfig, KTOConfig, PPOConfig, QLearnConfig, QOfflineConfig, RewardEvalConfig, \
+    FeedbackQueueConfig, FeedbackServeConfig, FeedbackSimulateConfig, FeedbackStatsConfig, FeedbackUserConfig, GenerateConfig, GRPOConfig, InspectConfig, KTOConfig, LoopConfig, PPOConfig, QLearnConfig, QOfflineConfig, RewardEvalConfig, \
     RewardScoreConfig, RewardTrainConfig, ServeConfig, SFTConfig, add_dataclass_args, build_config
 from chatrlhf.errors import ChatRLHFError
 
 COMMANDS = {"sft": SFTConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "dpo": DPOConfig, "kto": KTOConfig, "bestofn": BestOfNConfig, "qlearn": QLearnConfig, "qlearn-offline": QOfflineConfig, "eval": EvalConfig, "chat": ChatConfig, "generate": GenerateConfig,
-            "serve": ServeConfig,
+            "serve": ServeConfig, "loop": LoopConfig,
             "reward train": RewardTrainConfig, "reward eval": RewardEvalConfig, "reward score": RewardScoreConfig,
             "feedback init": FeedbackInitConfig, "feedback add-user": FeedbackUserConfig,
             "feedback import": FeedbackImportConfig, "feedback export": FeedbackExportConfig,
             "feedback stats": FeedbackStatsConfig, "feedback serve": FeedbackServeConfig,
+            "feedback queue": FeedbackQueueConfig, "feedback simulate": FeedbackSimulateConfig,
             "data inspect": InspectConfig}
 GROUPS = {"reward": "Train, evaluate and use a reward model.",
           "feedback": "The human feedback store: users, items, export.",
@@ -86,6 +87,8 @@ def command_module(head: str):
         from chatrlhf.cli import generate as module
     elif head == "serve":
         from chatrlhf.cli import serve as module
+    elif head == "loop":
+        from chatrlhf.cli import loop as module
     elif head == "eval":
         from chatrlhf.cli import eval as module
     elif head == "reward":

@@ -1,4 +1,5 @@
-"""`chatrlhf feedback init | add-user | import | export | stats | serve`."""
+"""`chatrlhf feedback init | add-user | import | export | stats | serve`; `queue` and `simulate` run in cli/active.py,
+imported only for them (queue may load a reward model, and this module must not import torch)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from chatrlhf.feedback.store import Store
 
 
 def run(sub: str, cfg) -> int:
+    if sub in ("queue", "simulate"):
+        from chatrlhf.cli import active
+
+        return active.run(sub, cfg)
     store = Store(cfg.db)
     if sub == "init":
         print(f"chatrlhf feedback: {store.url} at schema revision {current(store.engine)}")

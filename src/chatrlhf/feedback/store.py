@@ -561,3 +561,16 @@ def content_hash(paths: list[Path]) -> str:
             while chunk := stream.read(1 << 20):
                 h.update(chunk)
     return h.hexdigest()
+
+
+
+WEIGHTS = ("*.safetensors", "*.bin", "*.gguf", "*.pt")  # the files a model's checkpoint hash covers
+
+
+def weights_hash(model: str | Path) -> str | None:
+    """``sha256:<hex>`` of the weight files of a model folder (or of a weights file) — the checkpoint every stored
+    reply and every loop round names; None for a name that is no file (an embedded or tiny test model)."""
+    path = Path(model).expanduser()
+    files = sorted(f for pattern in WEIGHTS for f in path.glob(pattern)) if path.is_dir() else \
+        [path] if path.is_file() else []
+    return f"sha256:{content_hash(files)}" if files else None

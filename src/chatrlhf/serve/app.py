@@ -1,5 +1,6 @@
 """The server's FastAPI app: ``create_app`` wires the middleware (body limit, status counting), the routes
-(chat completions in completions.py; models, health and metrics here) and the error handlers that turn every
+(chat completions in completions.py, feedback in feedback.py, hot swap in admin.py; models, health and metrics
+here) and the error handlers that turn every
 failure into OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` — validation errors (FastAPI's
 422) become 400 naming the field, unknown routes 404, anything unexpected a 500 without a traceback."""
 
@@ -13,10 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-from chatrlhf.config import ServeConfig
-from chatrlhf.engine import Engine
 from chatrlhf.feedback import app as feedback_app
-from chatrlhf.serve import chat, completions, feedback
+from chatrlhf.serve import admin, chat, completions, feedback
 from chatrlhf.serve.completions import Server, authorized
 from chatrlhf.serve.metrics import CountStatus
 from chatrlhf.serve.protocol import APIError, validation_error
@@ -33,25 +32,25 @@ class BodyLimit(feedback_app.BodyLimit):
         return JSONResponse(self.error().body(), 413)
 
 
-def create_app(engine: Engine, cfg: ServeConfig, digests: list[str],
-               log: feedback.FeedbackLog | None = None) -> FastAPI:
-    """The app for a started engine (Engine.start()); ``digests``: the API keys' SHA-256 (none = open); ``log``:
-    the feedback store (--feedback-db), None = nothing stored."""
+def create_app(s: Server) -> FastAPI:
+    """The app of server ``s`` (its served model's engine started)."""
     app = FastAPI(title="chatrlhf serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = s = Server(engine, cfg, cfg.model_name or cfg.model, digests, log)
-    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    app.state.server = s
+    app.add_middleware(BodyLimit, limit=s.cfg.max_body_bytes)
     app.add_middleware(CountStatus, metrics=s.metrics)
-    app.router.routes.extend(completions.router.routes + feedback.router.routes + chat.router.routes)
+    app.router.routes.extend(completions.router.routes + feedback.router.routes + chat.router.routes +
+                             admin.router.routes)
     created = int(time.time())
 
     @app.get("/v1/models")
     async def models(_key: Annotated[str, Depends(authorized)]):
-        return {"object": "list", "data": [{"id": s.name, "object": "model", "created": created,
-                                            "owned_by": "chatrlhf"}]}
+        """The served model first; then the name the server started with, which a request may still use."""
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "chatrlhf"} for name in s.names]}
 
     @app.get("/health")
     async def health():
-        if not engine.serving:
+        if not s.served.engine.serving:
             raise APIError(503, "the generation engine is not running", None, "unavailable")
         return {"status": "ok"}
 

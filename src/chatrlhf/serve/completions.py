@@ -6,11 +6,16 @@ samples the same replies whatever else is running). The engine's thread wakes th
 each token (Request.on_token); the handler never blocks the event loop. Streaming sends OpenAI's chunks as tokens
 come (held back only where a stop string may be starting, see text.py); a client that goes away cancels its
 replies (Engine.cancel), streaming or not.
+
+A request reads ``Server.served`` (the model, its engine and tokenizer, its name) once when it arrives and keeps it
+to its end, so a hot swap (admin.py) never moves a request between models. With ``--rerank`` a request samples
+``--candidates`` replies and returns the ``n`` the reranker scores highest (non-streaming only).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -26,6 +31,7 @@ from chatrlhf.engine import Engine, SamplingParams
 from chatrlhf.serve.limits import Gate, caller
 from chatrlhf.serve.metrics import Metrics
 from chatrlhf.serve.protocol import APIError, ChatRequest
+from chatrlhf.serve.served import Served
 from chatrlhf.serve.text import StreamText, token_logprobs
 
 router = APIRouter()
@@ -34,20 +40,35 @@ PING_SECONDS = 15.0   # an SSE comment this often while a stream waits (SERVING.
 
 @dataclass
 class Server:
-    """What every route needs: the engine, the settings, the served name, the gate, the metrics, the key digests."""
-    engine: Engine
+    """What every route needs: the served model (swapped whole by POST /admin/reload), the settings, the key
+    digests, the gate, the metrics."""
+    served: Served
     cfg: ServeConfig
-    name: str
     digests: list[str]
     feedback: object | None = None   # serve/feedback.py's FeedbackLog with --feedback-db, else None: nothing stored
+    admin: str | None = None         # the digest of --admin-key; None: hot swap disabled
+    reranker: object | None = None   # rerank.py's Reranker with --rerank, else None
+    candidates: int = 1              # replies sampled per request with --rerank
     gate: Gate = field(init=False)
     metrics: Metrics = field(init=False)
-    max_positions: int | None = field(init=False)
+    reloading: bool = False          # a POST /admin/reload is loading its model
+    retiring: set = field(default_factory=set)   # swapped-out models whose last requests are still running
+    rerank_lock: asyncio.Lock = field(default_factory=asyncio.Lock)   # one scoring pass at a time
 
     def __post_init__(self):
         self.gate = Gate(self.cfg.max_batch + self.cfg.max_queue, self.cfg.max_concurrent)
-        self.metrics = Metrics(self.engine)
-        self.max_positions = getattr(self.engine.model.config, "max_position_embeddings", None)
+        self.metrics = Metrics(self.engines)
+
+    def engines(self) -> list[Engine]:
+        """Engines running: the served one, and swapped-out ones until their last request has finished."""
+        return [self.served.engine] + [old.engine for old in list(self.retiring) if old.engine is not None]
+
+    @property
+    def names(self) -> list[str]:
+        """What a request's ``model`` may say: the served model's name, and the name the server started with
+        (--model-name, else --model), which stays valid across hot swaps."""
+        first = self.cfg.model_name or self.cfg.model
+        return [self.served.name] + ([first] if first != self.served.name else [])
 
 
 def server(request: Request) -> Server:
@@ -78,14 +99,14 @@ def sampling(req: ChatRequest, cfg: ServeConfig) -> SamplingParams:
                           ignore_eos=req.ignore_eos)
 
 
-def prompt_ids(s: Server, req: ChatRequest, max_tokens: int) -> list[int]:
-    ids = s.engine.encode([m.as_dict() for m in req.messages])
+def prompt_ids(s: Server, served: Served, req: ChatRequest, max_tokens: int) -> list[int]:
+    ids = served.engine.encode([m.as_dict() for m in req.messages])
     if len(ids) > s.cfg.max_prompt_tokens:
         raise APIError(400, f"the prompt is {len(ids)} tokens, over this server's limit of {s.cfg.max_prompt_tokens}: "
                        "send a shorter conversation", "messages", "context_length_exceeded")
-    if s.max_positions and len(ids) + max_tokens > s.max_positions:
+    if served.max_positions and len(ids) + max_tokens > served.max_positions:
         raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) is over the model's "
-                       f"context of {s.max_positions} tokens", "max_tokens", "context_length_exceeded")
+                       f"context of {served.max_positions} tokens", "max_tokens", "context_length_exceeded")
     return ids
 
 
@@ -97,10 +118,11 @@ def choice_generator(seed: int | None, index: int, device) -> torch.Generator | 
 
 
 class Job:
-    """One HTTP request in flight: its engine requests, its wake-up event, its bookkeeping."""
+    """One HTTP request in flight on one served model: its engine requests, its wake-up event, its bookkeeping."""
 
-    def __init__(self, s: Server, key: str, ids: list[int], params: SamplingParams, seed: int | None):
-        self.s, self.key, self.ids, self.params = s, key, ids, params
+    def __init__(self, s: Server, served: Served, key: str, ids: list[int], params: SamplingParams,
+                 seed: int | None):
+        self.s, self.served, self.key, self.ids, self.params = s, served, key, ids, params
         self.start, self.first_token, self.closed = time.perf_counter(), None, False
         self.event = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -112,8 +134,10 @@ class Job:
                 pass
 
         s.gate.enter(key, params.n)
-        self.requests = [s.engine.submit(ids, params, i, on_token=wake,
-                                         generator=choice_generator(seed, i, s.engine.device)) for i in range(params.n)]
+        served.jobs += 1   # the model is not stopped while this is above 0 (served.retire)
+        engine = served.engine
+        self.requests = [engine.submit(ids, params, i, on_token=wake,
+                                       generator=choice_generator(seed, i, engine.device)) for i in range(params.n)]
         s.metrics.prompt_tokens.inc(len(ids))
 
     async def changed(self) -> None:
@@ -134,7 +158,8 @@ class Job:
             return
         self.closed = True
         for r in self.requests:
-            self.s.engine.cancel(r)
+            self.served.engine.cancel(r)
+        self.served.jobs -= 1
         self.s.gate.leave(self.key, self.params.n)
         m = self.s.metrics
         for r in self.requests:
@@ -167,13 +192,16 @@ class JobStream(StreamingResponse):
 async def chat_completions(body: ChatRequest, request: Request, key: Annotated[str, Depends(authorized)]):
     s = server(request)
     body.check()
-    if body.model != s.name:
-        raise APIError(404, f"model '{body.model}' is not served here: this server serves '{s.name}' "
+    served = s.served   # this request's model to its end, whatever a reload does meanwhile
+    if body.model not in s.names:
+        raise APIError(404, f"model '{body.model}' is not served here: this server serves '{served.name}' "
                        "(GET /v1/models)", "model", "model_not_found")
     params = sampling(body, s.cfg)
-    ids = prompt_ids(s, body, params.max_tokens)
-    job = Job(s, key, ids, params, body.seed)
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": s.name}
+    if s.reranker is not None:
+        params = best_of(s, body, params)
+    ids = prompt_ids(s, served, body, params.max_tokens)
+    job = Job(s, served, key, ids, params, body.seed)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return JobStream(job, stream(job, head, usage, body), media_type="text/event-stream",
@@ -182,26 +210,59 @@ async def chat_completions(body: ChatRequest, request: Request, key: Annotated[s
         await until_done_or_disconnect(job, request)
         if (error := job.failed()) is not None:
             raise error
+        picked, scores = await ranked(job, body)
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason,
-                    "logprobs": {"content": token_logprobs(s.engine.tok, r.token_ids, r.logprobs, r.text)}
-                    if body.logprobs else None} for i, r in enumerate(job.requests)]
-        log_completion(job, head, body)
+                    "logprobs": {"content": token_logprobs(served.tok, r.token_ids, r.logprobs, r.text)}
+                    if body.logprobs else None} for i, r in enumerate(job.requests[k] for k in picked)]
+        log_completion(job, head, body, picked, scores)
         return {**head, "object": "chat.completion", "choices": choices, "usage": job.usage()}
     finally:
         job.close()
 
 
-def log_completion(job: Job, head: dict, body: ChatRequest) -> None:
-    """With --feedback-db: the finished completion to the store, in the background (serve/feedback.py)."""
+def best_of(s: Server, body: ChatRequest, params: SamplingParams) -> SamplingParams:
+    """With --rerank: the request's settings with --candidates replies to sample; refuses what cannot be served."""
+    if body.stream:
+        raise APIError(400, "this server returns the best of --candidates replies (--rerank): a reply is picked "
+                       "once every candidate has finished, so it cannot stream; ask with stream: false", "stream",
+                       "unsupported_parameter")
+    if body.n > s.candidates:
+        raise APIError(400, f"n = {body.n} is over the {s.candidates} candidates this server samples per request "
+                       "(--candidates); it returns the best n of them", "n", "invalid_value")
+    return dataclasses.replace(params, n=s.candidates)
+
+
+async def ranked(job: Job, body: ChatRequest) -> tuple[list[int], list[float] | None]:
+    """(the replies to return, every reply's score): all in order; with --rerank the ``n`` candidates the reranker
+    scores highest, best first (a tie goes to the earlier candidate), scored off the event loop."""
     s = job.s
+    if s.reranker is None:
+        return list(range(len(job.requests))), None
+    texts = [r.text for r in job.requests]
+    async with s.rerank_lock:   # one scoring pass at a time: they would only share the same cores
+        scores = await asyncio.to_thread(s.reranker.scores, [[m.as_dict() for m in body.messages]] * len(texts),
+                                         texts)
+    return sorted(range(len(texts)), key=lambda i: -scores[i])[:body.n], scores
+
+
+def log_completion(job: Job, head: dict, body: ChatRequest, picked: list[int] | None = None,
+                   scores: list[float] | None = None) -> None:
+    """With --feedback-db: the finished completion to the store, in the background (serve/feedback.py), with the
+    model that served it (name, checkpoint hash, and its folder in ``decoding.model_path``); with --rerank the
+    candidates' scores and which were returned go into ``decoding``."""
+    s, served = job.s, job.served
     if s.feedback is None or not all(r.finished for r in job.requests):  # a client that left: nothing to judge
         return
+    picked = list(range(len(job.requests))) if picked is None else picked
     sent = body.model_dump(exclude_unset=True, exclude={"messages", "model", "stream", "stream_options", "logprobs"})
+    decoding = {**asdict(job.params), "seed": body.seed, "sent": sent, "model_path": served.path}
+    if scores is not None:
+        decoding["rerank"] = {"by": s.cfg.rerank, "scores": scores, "picked": picked}
     s.feedback.submit({"id": head["id"], "messages": [m.as_dict() for m in body.messages],
-                       "template": s.engine.tok.decode(job.ids), "prompt_tokens": len(job.ids),
-                       "decoding": {**asdict(job.params), "seed": body.seed, "sent": sent},
+                       "model": served.name, "checkpoint": served.checkpoint,
+                       "template": served.tok.decode(job.ids), "prompt_tokens": len(job.ids), "decoding": decoding,
                        "choices": [{"text": r.text, "finish_reason": r.finish_reason, "tokens": len(r.token_ids)}
-                                   for r in job.requests]}, s.metrics)
+                                   for r in (job.requests[k] for k in picked)]}, s.metrics)
 
 
 async def until_done_or_disconnect(job: Job, request: Request) -> None:
@@ -254,7 +315,7 @@ async def stream(job: Job, head: dict, include_usage: bool, body: ChatRequest):
 
 async def choice_events(job: Job, chunk: dict):
     """Content and finish chunks of every choice until all have finished; raises the engine's failure."""
-    tok = job.s.engine.tok
+    tok = job.served.tok
     texts = [StreamText(r.params.stop) for r in job.requests]
     open_ = set(range(len(job.requests)))
     while open_:

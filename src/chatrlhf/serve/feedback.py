@@ -1,12 +1,13 @@
 """``--feedback-db``: every served completion into the feedback store, and ``POST /v1/feedback`` on it.
 
 A served conversation is a Prompt (one row per distinct conversation, found by the digest of its messages in
-``source``, so two completions of one conversation can be compared), each choice a Reply with its provenance: model
-name, checkpoint hash, decoding parameters as sent, the rendered prompt (``template``), completion id and choice,
-finish reason, token counts, time. Feedback is an Item answered at once by the API key's user (``api:<key id>``),
-as the web app's chat page does (assign, then submit) — so ``chatrlhf feedback export`` writes it like any other
-answer. Store calls run in a worker thread (asyncio.to_thread); a failed write is logged and counted
-(chatrlhf_feedback_store_errors_total), never the client's problem.
+``source``, so two completions of one conversation can be compared), each choice a Reply with its provenance: the
+name and checkpoint hash of the model that served it (they change with a hot swap), decoding parameters as sent,
+the rendered prompt (``template``), completion id and choice, finish reason, token counts, time. Feedback is an
+Item answered at once by the API key's user (``api:<key id>``), as the web app's chat page does (assign, then
+submit) — so ``chatrlhf feedback export`` writes it like any other answer. Store calls run in a worker thread
+(asyncio.to_thread); a failed write is logged and counted (chatrlhf_feedback_store_errors_total), never the
+client's problem.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import logging
 import secrets
 import time
-from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from chatrlhf.feedback.errors import Conflict, FeedbackError, Invalid, NotFound
-from chatrlhf.feedback.store import Store, content_hash
+from chatrlhf.feedback.store import Store
 from chatrlhf.feedback.tables import ANSWERS, Item, Prompt, Reply, User
 from chatrlhf.serve.completions import authorized, server
 from chatrlhf.serve.limits import ANONYMOUS
@@ -34,24 +34,14 @@ from chatrlhf.serve.redact import redact, redact_messages
 
 log = logging.getLogger("chatrlhf.serve")
 router = APIRouter()
-WEIGHTS = ("*.safetensors", "*.bin", "*.gguf", "*.pt")
 PREFERRED = {"this": "a", "other": "b", "tie": "tie", "both_bad": "both_bad"}
 
 
-def checkpoint_hash(model: str) -> str:
-    """``sha256:<hex>`` of the weight files of a model folder (or of a weights file), read once at start; a name
-    that is no file (a tiny test model) is kept as it is."""
-    path = Path(model).expanduser()
-    files = sorted(f for pattern in WEIGHTS for f in path.glob(pattern)) if path.is_dir() else \
-        [path] if path.is_file() else []
-    return f"sha256:{content_hash(files)}" if files else model
-
-
 class FeedbackLog:
-    """The store of a server started with --feedback-db, with what every stored reply carries."""
+    """The store of a server started with --feedback-db."""
 
-    def __init__(self, db: str, model: str, checkpoint: str, redacting: bool):
-        self.store, self.model, self.checkpoint, self.redacting = Store(db), model, checkpoint, redacting
+    def __init__(self, db: str, redacting: bool):
+        self.store, self.redacting = Store(db), redacting
         self.pending: dict[str, asyncio.Task] = {}   # completion id → its write, awaited by a feedback on it
         self.users: dict[str, int] = {}
 
@@ -85,8 +75,8 @@ class FeedbackLog:
                 s.flush()
                 prompt_id = prompt.id
             for i, choice in enumerate(c["choices"]):
-                s.add(Reply(prompt_id=prompt_id, text=self.text(choice["text"]), model=self.model,
-                            checkpoint=self.checkpoint, decoding=c["decoding"], template=self.text(c["template"]),
+                s.add(Reply(prompt_id=prompt_id, text=self.text(choice["text"]), model=c["model"],
+                            checkpoint=c["checkpoint"], decoding=c["decoding"], template=self.text(c["template"]),
                             completion_id=c["id"], choice_index=i, finish_reason=choice["finish_reason"],
                             prompt_tokens=c["prompt_tokens"], completion_tokens=choice["tokens"]))
 

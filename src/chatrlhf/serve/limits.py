@@ -38,18 +38,44 @@ def load_keys(api_key: str, keys_file: str) -> list[str]:
     return [digest(k) for k in keys]
 
 
+def bearer_digest(authorization: str | None) -> str | None:
+    """The digest of the token of an ``Authorization: Bearer TOKEN`` header; None without one."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return digest(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+
+
+def known(d: str, digests: list[str]) -> bool:
+    return any([hmac.compare_digest(d, k) for k in digests])  # every key compared: no early exit
+
+
 def caller(authorization: str | None, digests: list[str]) -> str:
     """The caller's key id (its digest's first 12 hex digits; ANONYMOUS without keys), or a 401."""
     if not digests:
         return ANONYMOUS
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    d = bearer_digest(authorization)
+    if d is None:
         raise APIError(401, "no API key: send the header 'Authorization: Bearer YOUR_KEY' (the openai client's "
                        "api_key)", None, "invalid_api_key")
-    d = digest(token.strip())
-    if not any(hmac.compare_digest(d, known) for known in digests):  # every key compared: no early exit
+    if not known(d, digests):
         raise APIError(401, "incorrect API key", None, "invalid_api_key")
     return d[:12]
+
+
+def admin_caller(authorization: str | None, admin: str | None, digests: list[str]) -> None:
+    """Passes the admin key (digest ``admin``) alone: 403 when the server has none (hot swap disabled) or for an
+    ordinary API key, 401 for none or a wrong one."""
+    if admin is None:
+        raise APIError(403, "hot swap is disabled: start with --admin-key (or CHATRLHF_ADMIN_KEY)", None,
+                       "admin_disabled")
+    d = bearer_digest(authorization)
+    if d is None:
+        raise APIError(401, "no admin key: send the header 'Authorization: Bearer ADMIN_KEY'", None,
+                       "invalid_admin_key")
+    if not hmac.compare_digest(d, admin):
+        if known(d, digests):
+            raise APIError(403, "an API key cannot do this: admin routes take the --admin-key", None,
+                           "not_admin")
+        raise APIError(401, "incorrect admin key", None, "invalid_admin_key")
 
 
 class Gate:

@@ -8,11 +8,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 disable_created_metrics()  # no *_created series: a timestamp per label set that dashboards do not use
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
-ROUTES = ("/v1/chat/completions", "/v1/feedback", "/v1/models", "/health", "/metrics", "/chat")
+ROUTES = ("/v1/chat/completions", "/v1/feedback", "/v1/models", "/health", "/metrics", "/chat", "/admin/reload")
 
 
 class Metrics:
-    def __init__(self, engine):
+    """``engines()``: the engines running now (the served one, and swapped-out ones until their last request ends)."""
+
+    def __init__(self, engines):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("chatrlhf_http_requests", "HTTP requests by route and status code",
                                 ["route", "status"], registry=r)
@@ -26,10 +28,14 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.store_errors = Counter("chatrlhf_feedback_store_errors", "Completions that --feedback-db failed to "
                                     "store (the server log says why; the client got its reply)", registry=r)
-        Gauge("chatrlhf_requests_running", "Rows in the engine's batch", registry=r).set_function(
-            lambda: engine.running)
-        Gauge("chatrlhf_requests_waiting", "Replies queued for a row of the batch", registry=r).set_function(
-            lambda: engine.waiting)
+        self.reloads = Counter("chatrlhf_model_reloads", "POST /admin/reload by result (swapped, refused, failed)",
+                               ["result"], registry=r)
+        Gauge("chatrlhf_requests_running", "Rows in the engines' batches", registry=r).set_function(
+            lambda: sum(e.running for e in engines()))
+        Gauge("chatrlhf_requests_waiting", "Replies queued for a row of a batch", registry=r).set_function(
+            lambda: sum(e.waiting for e in engines()))
+        Gauge("chatrlhf_engines", "Engines running: 1, and the swapped-out one while its last requests finish after "
+              "a hot swap", registry=r).set_function(lambda: len(engines()))
 
     def count(self, path: str, status: int) -> None:
         self.requests.labels(path if path in ROUTES else "other", str(status)).inc()
