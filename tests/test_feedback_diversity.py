@@ -3,8 +3,6 @@ export, and the diversity.json that `feedback export` writes next to its manifes
 
 import json
 
-import pytest
-
 from chatrlhf.feedback.diversity import diversity, length_stats, summary_line, topic_clusters
 from chatrlhf.feedback.export import export
 from chatrlhf.feedback.store import Store
