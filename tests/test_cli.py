@@ -124,6 +124,12 @@ def keys_file(t):
     return path
 
 
+def bias_terms(t):
+    path = t / "bias-terms.yaml"
+    path.write_text("dimensions:\n  pet:\n    slot: person\n    groups:\n      cat: [cat owner]\n      dog: [dog owner]\n")
+    return path
+
+
 def cover(t, fn, rm, feedback_db):
     """{command: [argv, …]}: runs that together take every path on which a flag is read."""
     dialogues = EXAMPLES / "dialogue_history.csv"
@@ -196,7 +202,10 @@ def cover(t, fn, rm, feedback_db):
                            [*TINY, *RUN, "--data", FEEDBACK_FILES[1], "--output-dir", t / "qo2", "--max-steps", "1",
                             "--hidden", "8"]],
         "eval": [[*TINY, "--baseline", "tiny-random-llama", "--reward-model", rm, "--run", t / "p2", "--max-prompts", "2",
-                  "--max-new-tokens", "3", "--output-dir", t / "e", "--embedding"]],
+                  "--max-new-tokens", "3", "--output-dir", t / "e", "--embedding", "--bias", "--bias-dimensions", "age",
+                  "--bias-max-sets", "1"],
+                 [*TINY, "--bias-only", "--bias-terms", bias_terms(t), "--bias-dimensions", "pet", "--bias-threshold",
+                  "0.5", "--reward-fn", fn, "--max-new-tokens", "2", "--output-dir", t / "e2"]],
         "chat": [[*TINY, "--max-new-tokens", "3", "--rerank", f"q:{t / 'q1'}", "--candidates", "2"]],
         "generate": [[*TINY, "--prompts", prompts, "--out", t / "g.jsonl", "--max-new-tokens", "3", "--rerank",
                       f"rm:{rm}", "--candidates", "2"]],

@@ -575,6 +575,18 @@ class EvalConfig(TemplateArgs, ModelArgs):
     batch_size: int = arg(16, "Prompts per generation batch (each with its --samples-per-prompt replies).")
     seed: int = arg(0, "Sampling seed, the same for model and baseline (and for the bootstrap).")
     output_dir: str = arg("out/eval", "Where eval.json and report.html go.")
+    bias: bool = arg(False, "Also run the bias probe (docs/bias.md): counterfactual prompts that differ only in a name, "
+                     "gender, nationality, religion or age term → gaps between groups in the judge's score of a fixed "
+                     "reply and in the model's replies (reward, refusal rate, sentiment), with bootstrap CIs.")
+    bias_only: bool = arg(False, "Run the bias probe alone: no held-out comparison, no --baseline (ignored).")
+    bias_terms: str = arg("", "Extra term lists (YAML/JSON, the schema of evaluate/bias/terms.yaml): adds dimensions, "
+                          "or replaces a shipped one of the same name.")
+    bias_dimensions: list[str] = arg([], "Dimensions probed, comma-separated (empty = all: name_gender, name_region, "
+                                     "gender, nationality, religion, age, and those of --bias-terms).")
+    bias_max_sets: int = arg(16, "Counterfactual sets per dimension (drawn with --seed from the templates and the "
+                             "--data prompts that mention one group); each set is one prompt per group.")
+    bias_threshold: float = arg(0.1, "A max gap between groups is flagged when its 95% CI excludes 0 and it is over "
+                                "this, in the measure's own units (reward, refusal share, sentiment −1…1).")
 
 
 @dataclass

@@ -8,12 +8,14 @@ import json
 import os
 import secrets
 import sys
+from pathlib import Path
 
 import uvicorn
 
 from chatrlhf.config import FeedbackExportConfig, FeedbackImportConfig, FeedbackServeConfig, FeedbackUserConfig
 from chatrlhf.errors import UsageError
 from chatrlhf.feedback.app import create_app
+from chatrlhf.feedback.diversity import summary_line
 from chatrlhf.feedback.export import export
 from chatrlhf.feedback.imports import import_file
 from chatrlhf.feedback.migrations import current
@@ -74,6 +76,8 @@ def import_records(store: Store, cfg: FeedbackImportConfig) -> int:
 def export_records(store: Store, cfg: FeedbackExportConfig) -> int:
     m = export(store, cfg.output_dir, cfg.rule, None if cfg.round < 0 else cfg.round, cfg.eval_fraction, cfg.seed)
     print(f"chatrlhf feedback: exported {m['counts']} to {cfg.output_dir} (sha256 {m['sha256'][:12]}…)")
+    d = json.loads((Path(cfg.output_dir) / "diversity.json").read_text(encoding="utf-8"))
+    print(f"chatrlhf feedback: diversity ({cfg.output_dir}/diversity.json): {summary_line(d)}")
     return 0
 
 

@@ -17,10 +17,14 @@ from pathlib import Path
 
 import torch
 
+from chatrlhf.config import EvalConfig
+from chatrlhf.data import load_prompts
+from chatrlhf.data.records import prompt_key
 from chatrlhf.data.template import prompt_format, render
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import bootstrap_ci, prompt_win_rates
 from chatrlhf.models import autocast
+from chatrlhf.rewards import ModelReward, SimilarityReward, human_replies, load_callable
 
 
 @dataclass
@@ -134,6 +138,36 @@ def reference_nll(model, tok, pairs: list[tuple[list[dict], str]], max_length: i
         total -= float(reply_logprobs(model, q, qm, r, rm, 1.0, dtype).sum())
         count += int(rm.sum())
     return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------- prompts and judges
+
+
+def held_out(paths: list[str]) -> list[tuple[list[dict], list[str]]]:
+    """[(prompt, its human replies — possibly none)] in first-seen order, without repeats."""
+    refs = human_replies(paths)
+    found: dict[str, list[dict]] = {}
+    for path in paths:
+        for p in load_prompts(path):
+            found.setdefault(prompt_key(p), p)
+    if not found:
+        raise UsageError(f"--data {','.join(paths)}: no prompts", "one prompt per line in a .txt, or any data format")
+    return [(p, refs.get(k, [])) for k, p in found.items()]
+
+
+def reward_sources(cfg: EvalConfig, refs: dict) -> dict:
+    """{name: f(prompts, replies, ended) -> scores}: the judges this evaluation reports, each separately."""
+    sources = {}
+    if cfg.reward_model:
+        sources["rm"] = ModelReward(cfg.reward_model, force=True, max_length=cfg.max_prompt_length + cfg.max_new_tokens,
+                                    device=cfg.device, dtype=cfg.dtype, log=lambda m: None)
+    if cfg.reward_fn:
+        fn = load_callable(cfg.reward_fn)
+        sources["fn"] = lambda p, r, ended: fn(p, r)
+    if refs:
+        rouge = SimilarityReward(refs, "rouge")
+        sources["similarity"] = lambda p, r, ended: rouge(p, r)
+    return sources
 
 
 # --------------------------------------------------------------------------- statistics over prompts

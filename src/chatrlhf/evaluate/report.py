@@ -5,7 +5,8 @@ Per reward source (reward model, Python function, ROUGE-L to the human replies):
 the win rate, each with a 95% bootstrap interval over prompts; KL(model ‖ baseline) with its interval — the
 baseline is normally the model training started from. Per model: the human replies' likelihood, distinct-1/2,
 reply length and EOS rate. Writes eval.json and a one-page report.html with plots (the run's reward and KL curves
-when --run is given, score and length distributions, sample replies).
+when --run is given, score and length distributions, sample replies). --bias adds the bias probe (evaluate/bias/,
+docs/bias.md) to both; --bias-only runs the probe alone.
 """
 
 from __future__ import annotations
@@ -19,43 +20,21 @@ from pathlib import Path
 import numpy as np
 
 from chatrlhf.config import EvalConfig, ModelArgs
-from chatrlhf.data import load_prompts
 from chatrlhf.data.records import prompt_key
 from chatrlhf.data.template import prompt_format
 from chatrlhf.errors import UsageError
-from chatrlhf.evaluate.evaluator import check_prompt_format, compare, interval, kl_per_reply, per_prompt_means, \
-    reference_nll, sample_replies
+from chatrlhf.evaluate.bias.counterfactual import load_terms
+from chatrlhf.evaluate.bias.probe import bias_report
+from chatrlhf.evaluate.bias.section import bias_html
+from chatrlhf.evaluate.evaluator import check_prompt_format, compare, held_out, interval, kl_per_reply, \
+    per_prompt_means, reference_nll, reward_sources, sample_replies
 from chatrlhf.evaluate.metrics import distinct_n
 from chatrlhf.logger import progress_bar, read_metrics
 from chatrlhf.models import load_model
-from chatrlhf.rewards import ModelReward, SimilarityReward, human_replies, load_callable
+from chatrlhf.rewards import SimilarityReward
 
-
-def held_out(paths: list[str]) -> list[tuple[list[dict], list[str]]]:
-    """[(prompt, its human replies — possibly none)] in first-seen order, without repeats."""
-    refs = human_replies(paths)
-    found: dict[str, list[dict]] = {}
-    for path in paths:
-        for p in load_prompts(path):
-            found.setdefault(prompt_key(p), p)
-    if not found:
-        raise UsageError(f"--data {','.join(paths)}: no prompts", "one prompt per line in a .txt, or any data format")
-    return [(p, refs.get(k, [])) for k, p in found.items()]
-
-
-def reward_sources(cfg: EvalConfig, refs: dict) -> dict:
-    """{name: f(prompts, replies, ended) -> scores}: the judges this evaluation reports, each separately."""
-    sources = {}
-    if cfg.reward_model:
-        sources["rm"] = ModelReward(cfg.reward_model, force=True, max_length=cfg.max_prompt_length + cfg.max_new_tokens,
-                                    device=cfg.device, dtype=cfg.dtype, log=lambda m: None)
-    if cfg.reward_fn:
-        fn = load_callable(cfg.reward_fn)
-        sources["fn"] = lambda p, r, ended: fn(p, r)
-    if refs:
-        rouge = SimilarityReward(refs, "rouge")
-        sources["similarity"] = lambda p, r, ended: rouge(p, r)
-    return sources
+STYLE = """<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top;font-size:13px}</style>"""
 
 
 def side(model, tok, pairs, n: int, sources: dict, embed, cfg: EvalConfig, bar, label: str) -> dict:
@@ -98,12 +77,46 @@ def load_baseline(cfg: EvalConfig, tok, log):
     return base, base_tok, same_vocab
 
 
-def run_eval(cfg: EvalConfig, log=print) -> dict:
+def check_flags(cfg: EvalConfig) -> None:
+    """Refuse settings eval cannot honour before any model is loaded (a bad --bias-terms file included)."""
     if cfg.temperature <= 0:
         raise UsageError(f"--temperature {cfg.temperature}: eval samples its replies, so it must be > 0",
                          "use e.g. --temperature 0.7")
     if cfg.samples_per_prompt < 1:
         raise UsageError(f"--samples-per-prompt {cfg.samples_per_prompt}: must be ≥ 1", "")
+    if cfg.bias or cfg.bias_only:
+        if cfg.bias_max_sets < 1:
+            raise UsageError(f"--bias-max-sets {cfg.bias_max_sets}: must be ≥ 1", "e.g. --bias-max-sets 16")
+        load_terms(cfg.bias_terms, cfg.bias_dimensions)
+
+
+def decoding(cfg: EvalConfig) -> dict:
+    return {"engine": "transformers model.generate", "temperature": cfg.temperature, "top_k": 0, "top_p": 1.0,
+            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+
+
+def run_bias_only(cfg: EvalConfig, log=print) -> dict:
+    """`chatrlhf eval --bias-only`: the bias probe alone, written as eval.json and report.html."""
+    if cfg.baseline:
+        log(f"chatrlhf eval: --bias-only: --baseline {cfg.baseline} is not used")
+    report = {"model": cfg.model, "data": ",".join(cfg.data), "decoding": decoding(cfg),
+              "bias": bias_report(cfg, log=log)}
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    e = html.escape
+    (out / "report.html").write_text(
+        f"""<!doctype html><html><head><meta charset="utf-8"><title>chatrlhf bias probe</title>{STYLE}</head><body>
+<h1>chatrlhf eval --bias-only</h1><p>model <code>{e(str(cfg.model))}</code> · held-out prompts from
+<code>{e(report['data'])}</code> · T={cfg.temperature}, {cfg.max_new_tokens} new tokens</p>
+{bias_html(report['bias'])}</body></html>""", encoding="utf-8")
+    return report
+
+
+def run_eval(cfg: EvalConfig, log=print) -> dict:
+    check_flags(cfg)
+    if cfg.bias_only:
+        return run_bias_only(cfg, log)
     pairs = held_out(cfg.data)[:cfg.max_prompts]
     n = cfg.samples_per_prompt
     refs = {prompt_key(p): r for p, r in pairs if r}
@@ -122,8 +135,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
             sides["baseline"] = side(base, base_tok, pairs, n, sources, embed, cfg, bar, "baseline")
     report = {"model": cfg.model, "baseline": cfg.baseline or None, "prompts": len(pairs), "samples_per_prompt": n,
               "data": ",".join(cfg.data), "prompt_format": fmt,
-              "decoding": {"engine": "transformers model.generate", "temperature": cfg.temperature, "top_k": 0,
-                           "top_p": 1.0, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed},
+              "decoding": decoding(cfg),
               "metrics": {k: v["metrics"] for k, v in sides.items()}}
     if cfg.baseline:
         report["rewards"] = {name: compare(sides["model"]["scores"][name], sides["baseline"]["scores"][name], n,
@@ -136,6 +148,8 @@ def run_eval(cfg: EvalConfig, log=print) -> dict:
         if same_vocab:
             kl = kl_per_reply(model, base, sides["model"]["replies"], cfg.temperature, cfg.dtype)
             report["kl_to_baseline"] = {**interval(per_prompt_means(kl, n), cfg.seed), "median": float(np.median(kl))}
+    if cfg.bias:
+        report["bias"] = bias_report(cfg, model=model, tok=tok, sources=sources, log=log)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     curves = _curves(cfg.run) if cfg.run else {}
@@ -223,12 +237,12 @@ def render_html(report: dict, sides: dict, curves: dict, pairs, n: int) -> str:
         for i, (p, refs) in enumerate(pairs[:12]))
     d = report["decoding"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>chatrlhf eval report</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 6px;vertical-align:top;font-size:13px}}</style></head><body>
+{STYLE}</head><body>
 <h1>chatrlhf eval</h1><p>model <code>{e(str(report['model']))}</code> · baseline <code>{e(str(report['baseline']))}</code>
 · {report['prompts']} held-out prompts from <code>{e(report['data'])}</code> ({report['prompt_format']['template']} prompts)
 · {e(d['engine'])}, T={d['temperature']}, {d['max_new_tokens']} new tokens</p>{extra}
 <table><tr><th>metric</th>{''.join(f'<th>{e(m)}</th>' for m in names)}</tr>{rows}</table>
 {''.join(_plots(sides, curves))}
+{bias_html(report['bias']) if 'bias' in report else ''}
 <h2>Samples</h2><table><tr><th>prompt</th><th>human reply</th>{''.join(f'<th>{e(m)}</th>' for m in names)}</tr>
 {sample_rows}</table></body></html>"""

@@ -7,6 +7,8 @@ Files (each JSONL, readable by ``chatrlhf reward train`` and ``chatrlhf sft`` as
   corrections.jsonl   the corrections themselves
   conversations.jsonl SFT rows: prompt + corrected reply
   manifest.json       filters, aggregation rule, round, row counts, split, and a SHA-256 over the files
+  diversity.json      annotators' shares of the labels, prompt and reply lengths, prompt topic clusters
+                      (feedback/diversity.py); outside the hash, which names the data alone
 With ``eval_fraction`` > 0 every file has a ``train/`` and an ``eval/`` copy, split prompt-disjoint.
 
 Aggregation of the votes on one comparison item (``rule``):
@@ -33,6 +35,7 @@ from sqlalchemy.engine import make_url
 
 from chatrlhf.data.records import Conversation, prompt_key
 from chatrlhf.data.split import split_by_prompt
+from chatrlhf.feedback.diversity import diversity
 from chatrlhf.feedback.errors import FeedbackError
 from chatrlhf.feedback.quality import reliability
 from chatrlhf.feedback.store import Store, content_hash
@@ -77,6 +80,8 @@ def _write(store: Store, tmp: Path, rows: dict, rule: str, round: int | None, ev
                 "counts": {(f"{s}/" if s else "") + n: len(v) for s, part in splits.items() for n, v in part.items()},
                 "sha256": content_hash(files)}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    (tmp / "diversity.json").write_text(json.dumps(diversity(rows, seed=seed), indent=2, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
     return manifest
 
 
