@@ -46,6 +46,21 @@ def test_a_failed_check_refuses_with_its_reason():
     assert loop.decide({})["promote"] is False  # nothing checked: nothing promoted
 
 
+def test_the_bias_check_blocks_a_candidate_with_a_gap_over_the_threshold():
+    def report(mean, ci, sets=16):
+        gap = {"pair": ["female", "male"], "mean": mean, "ci95": ci, "sets": sets}
+        return {"bias": {"threshold": 0.1, "dimensions": {"name_gender": {"measures": {"rm_reply": {"max_gap": gap}}}}}}
+
+    ok, why = loop.bias_gate(report(0.3, [0.2, 0.4]))
+    assert not ok and why.startswith("name_gender/rm_reply: gap") and "+0.300" in why and "threshold 0.1" in why
+    assert loop.bias_gate(report(0.05, [0.01, 0.09])) == (True, "no gap between groups over 0.1")  # under it
+    assert loop.bias_gate(report(0.3, [-0.1, 0.7]))[0]  # its CI holds 0: not shown
+    assert loop.bias_gate(report(0.3, [0.2, 0.4], sets=3))[0]  # too few sets to show anything
+    assert loop.bias_gate({"bias": None}) == (False, "no bias report: the evaluation ran without the bias probe")
+    d = loop.decide({"win_rate": (True, "fine"), "bias": loop.bias_gate(report(0.3, [0.2, 0.4]))})
+    assert not d["promote"] and d["reasons"][0].startswith("bias: name_gender/rm_reply")
+
+
 # --------------------------------------------------------------------------- the config
 
 

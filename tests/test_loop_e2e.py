@@ -64,19 +64,20 @@ def label(db, tmp, write, monkeypatch, count: int = 0) -> str:
         app.communicate(timeout=30)
 
 
-def loop_yaml(tmp, model, url: str, min_win_lower: float):
+def loop_yaml(tmp, model, url: str, min_win_lower: float, checks=("win_rate",)):
     prompts = tmp / "heldout.txt"
     prompts.write_text("Is the shop open on Sunday?\nHow do I return a parcel?\nMy card was charged twice.\n")
     path = tmp / "loop.yaml"
     path.write_text(json.dumps({
         "work_dir": str(tmp / "work"), "db": str(tmp / "fb.db"), "model": str(model),
-        "min_win_lower": min_win_lower, "serve": {"url": url, "admin_key_env": "CHATRLHF_ADMIN_KEY"},
+        "min_win_lower": min_win_lower, "checks": list(checks), "serve": {"url": url, "admin_key_env": "CHATRLHF_ADMIN_KEY"},
         "queue": {"strategy": "uncertainty", "count": 2},
         "reward": {"model": "tiny-random-llama", "max_steps": 1, "min_accuracy": 0.0, "max_length_corr": 1.0,
                    "quiet": True, "tensorboard": False},
         "policy": {"method": "dpo", "max_steps": 40, "save_steps": 4, "batch_size": 2, "quiet": True,
                    "tensorboard": False},
-        "eval": {"data": [str(prompts)], "max_prompts": 3, "max_new_tokens": 3}}))
+        "eval": {"data": [str(prompts)], "max_prompts": 3, "max_new_tokens": 3, "bias_dimensions": ["gender"],
+                 "bias_max_sets": 5}}))
     return path
 
 
@@ -117,13 +118,15 @@ def test_serve_label_loop_promote_switch_then_refuse(tmp_path, write, monkeypatc
         assert after.model == promoted
         assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == promoted
 
-        # Round 2 on the items round 1 queued: the candidate must beat the promoted model with a CI above 0.99.
+        # Round 2 on the items round 1 queued: the candidate must beat the promoted model with a CI above 0.99, and
+        # pass the bias probe.
         assert "answered 2 items (2 compare" in label(db, tmp_path, write, monkeypatch)
-        r = run_cli("loop", "--config", loop_yaml(tmp_path, model, url, min_win_lower=0.99))
+        r = run_cli("loop", "--config", loop_yaml(tmp_path, model, url, 0.99, checks=("win_rate", "bias")))
         assert r.returncode == 0, r.stderr
         lines = [json.loads(x) for x in (work / "lineage.jsonl").read_text().splitlines()]
         assert [x["decision"] for x in lines] == ["promoted", "refused"]
         assert lines[1]["current"]["path"] == promoted and "not above 0.99" in lines[1]["reasons"][0]
+        assert set(lines[1]["checks"]) == {"win_rate", "bias"} and lines[1]["checks"]["bias"]["reason"]
         assert json.loads((work / "current.json").read_text())["round"] == 1
         assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == promoted
     finally:

@@ -776,7 +776,7 @@ class FeedbackStatsConfig:
 # --------------------------------------------------------------------------- the closed loop
 
 LOOP_METHODS = {"dpo": DPOConfig, "kto": KTOConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "bestofn": BestOfNConfig}
-LOOP_CHECKS = ("win_rate", "kl")  # the decision's built-in checks (loop.py); a bias check joins them later
+LOOP_CHECKS = ("win_rate", "kl", "bias")  # the decision's checks (loop.py)
 # The keys of each stage section that the loop sets itself, round by round (and what it sets them to).
 LOOP_OWNS = {
     "reward": {"data": "this round's feedback export", "output_dir": "WORK/round-R/reward",
@@ -817,7 +817,8 @@ class LoopConfig:
                             "reward_weights.")
     checks: list[str] = arg(["win_rate"], "Checks a candidate must pass to be promoted: win_rate (the reward model's "
                             "win rate over the current policy, its 95% CI above --min-win-lower), kl (KL to the current "
-                            "policy at most --max-kl).")
+                            "policy at most --max-kl), bias (the evaluation runs the bias probe, eval --bias, on the "
+                            "candidate; no gap between groups over eval.bias_threshold).")
     min_win_lower: float = arg(0.5, "Promote only when the lower end of the win rate's 95% bootstrap CI is above this.")
     max_kl: float = arg(0.0, "Check `kl`: the largest mean KL(candidate ‖ current) in nats per reply.")
     reward: dict[str, object] = arg({}, "The `reward train` flags of the reward stage (YAML mapping, or K=V,K=V), e.g. "

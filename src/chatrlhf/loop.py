@@ -38,6 +38,7 @@ import httpx
 from chatrlhf.config import LOOP_METHODS, LOOP_OWNS, EvalConfig, FeedbackQueueConfig, LoopConfig, ModelArgs, \
     RewardTrainConfig, config_dict, loop_method, stage_values
 from chatrlhf.errors import UsageError
+from chatrlhf.evaluate.bias import bias_check
 from chatrlhf.evaluate.report import run_eval
 from chatrlhf.feedback import active
 from chatrlhf.feedback.export import export
@@ -256,11 +257,12 @@ def policy_stage(plan: Plan, number: int, start: dict, ex: dict, rm: str, out: P
 
 def eval_stage(plan: Plan, start: dict, candidate: str, rm: str, out: Path, log) -> dict:
     cfg = EvalConfig(**{**plan.eval, "model": candidate, "baseline": start["policy"], "reward_model": rm,
-                        "output_dir": str(out)})
+                        "output_dir": str(out), **({"bias": True} if "bias" in plan.checks else {})})
     report = run_eval(cfg, log)
     rouge = {side: m.get("rouge_l") for side, m in report["metrics"].items()}
     return {"win_rate": report.get("win_rate"), "kl": report.get("kl_to_baseline"), "rouge_l": rouge,
-            "rewards": report.get("rewards"), "report": str(out / "report.html"), "config": config_dict(cfg)}
+            "rewards": report.get("rewards"), "bias": report.get("bias"), "report": str(out / "report.html"),
+            "config": config_dict(cfg)}
 
 
 # --------------------------------------------------------------------------- the decision
@@ -287,9 +289,19 @@ def kl_check(ev: dict, max_kl: float) -> tuple[bool, str]:
     return ok, f"KL to the current policy {kl['mean']:.3f} nats/reply {'within' if ok else 'above'} {max_kl:g}"
 
 
+def bias_gate(ev: dict) -> tuple[bool, str]:
+    """The bias probe of the candidate (evaluate/bias): no max gap between groups whose family-wise 95% CI excludes 0
+    and that is over the eval section's bias_threshold."""
+    if not ev.get("bias"):
+        return False, "no bias report: the evaluation ran without the bias probe"
+    ok, reasons = bias_check(ev["bias"])
+    return ok, "; ".join(reasons) if reasons else f"no gap between groups over {ev['bias']['threshold']:g}"
+
+
 def checks_of(plan: Plan, ev: dict) -> dict[str, tuple[bool, str]]:
-    """The configured checks, name → (ok, reason). A new check (the bias probe) is one more entry here."""
-    builtin = {"win_rate": lambda: win_rate_check(ev, plan.min_win_lower), "kl": lambda: kl_check(ev, plan.max_kl)}
+    """The configured checks, name → (ok, reason)."""
+    builtin = {"win_rate": lambda: win_rate_check(ev, plan.min_win_lower), "kl": lambda: kl_check(ev, plan.max_kl),
+               "bias": lambda: bias_gate(ev)}
     return {name: builtin[name]() for name in plan.checks}
 
 
