@@ -254,6 +254,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--work", default=str(ROOT / "out" / "bench-loop"), help="scratch folder (emptied first)")
+    p.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "loop.json"), help="the result file")
     p.add_argument("--quick", action="store_true", help="tiny-random-llama, 2 tiny rounds: a smoke run (< 2 min)")
     a = p.parse_args()
     if a.quick:
@@ -286,9 +287,8 @@ def main() -> None:
                   table=text)
     if a.quick:
         return
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "loop.json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(a.result).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.result).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
