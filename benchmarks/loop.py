@@ -80,9 +80,11 @@ def cli(*args) -> tuple[float, str]:
 def chat(url: str, prompts: list[str], n: int, max_tokens: int, seed: int) -> list:
     """``n`` sampled replies to each prompt from the server (one request per prompt, seed ``seed + i``)."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=900)
-    ask = lambda i: client.chat.completions.create(  # noqa: E731
-        model="bench", messages=[{"role": "user", "content": prompts[i]}], n=n, temperature=1.0, max_tokens=max_tokens,
-        seed=seed + i)
+
+    def ask(i: int):
+        return client.chat.completions.create(model="bench", messages=[{"role": "user", "content": prompts[i]}], n=n,
+                                              temperature=1.0, max_tokens=max_tokens, seed=seed + i)
+
     with ThreadPoolExecutor(CLIENTS) as pool:  # concurrent users: the server batches them
         return list(pool.map(ask, range(len(prompts))))
 
@@ -162,7 +164,8 @@ def start_app(db: Path, work: Path) -> tuple[subprocess.Popen, str]:
     port, log = free_port(), work / "feedback-app.log"
     url = f"http://127.0.0.1:{port}"
     app = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", "feedback", "serve", "--db", str(db), "--port",
-                            str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env(), start_new_session=True)
+                            str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env(),
+                           start_new_session=True)
     for _ in range(600):
         if app.poll() is not None:
             sys.exit(f"feedback serve exited:\n{log.read_text()[-3000:]}")
@@ -184,7 +187,10 @@ def run_rounds(a, work: Path, db: Path, url: str, app_url: str) -> dict:
     eval_prompts.write_text("\n".join(held) + "\n")
     config = loop_yaml(a, work, db, url, eval_prompts)
     k = a.prompts_per_round
-    batch = lambda r: [train[(i + (r - 1) * k) % len(train)] for i in range(k)]  # noqa: E731 - round r's users
+
+    def batch(r: int) -> list[str]:  # what round r's users ask: the r-th slice of the train prompts (wrapping)
+        return [train[(i + (r - 1) * k) % len(train)] for i in range(k)]
+
     result = {"rounds": [{"round": 0, "served": score_served(url, str(db), held, a)}]}
     show(result["rounds"][0])
     t0 = time.perf_counter()
