@@ -1,6 +1,7 @@
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,6 +96,19 @@ def kill_at_first_checkpoint(args, out, timeout=300) -> int:
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     return checkpoints(out)[-1][0]
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def chromium() -> str:
+    """Debian's Chromium for the Playwright tests: skipped where it is not installed, a failure under CI (.ci/run
+    installs it)."""
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("chromium missing: .ci/run should have installed Debian's chromium package")
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    return CHROMIUM
 
 
 @contextlib.contextmanager
