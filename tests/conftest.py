@@ -1,8 +1,11 @@
 import contextlib
 import io
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +96,44 @@ def kill_at_first_checkpoint(args, out, timeout=300) -> int:
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     return checkpoints(out)[-1][0]
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def chromium() -> str:
+    """Debian's Chromium for the Playwright tests: skipped where it is not installed, a failure under CI (.ci/run
+    installs it)."""
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("chromium missing: .ci/run should have installed Debian's chromium package")
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    return CHROMIUM
+
+
+@contextlib.contextmanager
+def feedback_app(db, *extra, env=None):
+    """`chatrlhf feedback serve --db DB EXTRA` in its own process group on a free port, waited for until /login
+    answers; stopped with SIGTERM on exit. Yields {"url"}; its stderr is under "err" once the block is left."""
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", "feedback", "serve", "--db", str(db), "--port",
+                             str(port), *map(str, extra)], stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=env)
+    app = {"url": f"http://127.0.0.1:{port}"}
+    try:
+        for _ in range(600):
+            try:
+                httpx.get(app["url"] + "/login", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, f"the feedback app exited: {proc.communicate()[1]}"
+                time.sleep(0.05)
+        yield app
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        app["err"] = proc.communicate(timeout=30)[1]
 
 
 def tiny_reward_model(out, *extra):

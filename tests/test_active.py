@@ -4,13 +4,6 @@ hand-written oracle over HTTP."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
-import httpx
 import numpy as np
 import pytest
 from sqlalchemy import select as sql
@@ -20,7 +13,7 @@ from chatrlhf.feedback.active import candidates, margins_and_spreads, queue, sel
 from chatrlhf.feedback.simulate import choice, noisy, stars
 from chatrlhf.feedback.store import Store
 from chatrlhf.feedback.tables import Comparison, Item, Rating
-from conftest import free_port, run_cli
+from conftest import feedback_app, run_cli
 
 # --------------------------------------------------------------------------- pure selection, by hand
 
@@ -157,17 +150,8 @@ def test_simulate_answers_a_real_server_exactly_as_the_oracle_says(tmp_path, wri
     p = store.add_prompt([{"role": "user", "content": "rate"}])
     rates = [store.add_item("rate", store.add_reply(p, t)) for t in ("a", "abcde", "abcdefghij")]  # −4 0 5
     store.add_item("correct", store.add_reply(p, "fix me"))
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", "feedback", "serve", "--db", str(db), "--port",
-                             str(port)], stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                httpx.get(url + "/login", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+    with feedback_app(db) as app:
+        url = app["url"]
         monkeypatch.setenv("CHATRLHF_PASSWORD", "correct horse")
         r = run_cli("feedback", "simulate", "--url", url, "--user", "sim", "--oracle", f"{write('oracle.py', ORACLE)}:oracle")
         assert r.returncode == 0, r.stderr
@@ -175,9 +159,6 @@ def test_simulate_answers_a_real_server_exactly_as_the_oracle_says(tmp_path, wri
         monkeypatch.setenv("CHATRLHF_PASSWORD", "wrong password")
         bad = run_cli("feedback", "simulate", "--url", url, "--user", "sim", "--oracle", f"{tmp_path}/oracle.py:oracle")
         assert bad.returncode == 2 and "log-in as 'sim'" in bad.stderr and "Traceback" not in bad.stderr
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.communicate(timeout=30)
     with store.reading() as s:
         assert sorted(s.execute(sql(Comparison.item_id, Comparison.choice)).all()) == \
             list(zip(compares, ("b", "a", "tie")))

@@ -4,7 +4,7 @@ drive the same app in Chromium)."""
 import re
 
 import pytest
-from conftest import free_port
+from conftest import feedback_app, free_port
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
@@ -231,12 +231,6 @@ def test_admin_switches_a_user_off_and_changes_roles(app_store):
 def test_two_worker_processes_serve_log_ins_and_answers_and_warn_about_sqlite(tmp_path):
     """`serve --workers 2`: real uvicorn worker processes built by `app.from_env` (sharing one session secret)
     take a log-in and eight lease-and-answer rounds on fresh connections; SQLite's single writer is called out."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import httpx
 
     store = Store(str(tmp_path / "fb.db"))
@@ -244,18 +238,8 @@ def test_two_worker_processes_serve_log_ins_and_answers_and_warn_about_sqlite(tm
     for i in range(8):
         pid = store.add_prompt([{"role": "user", "content": f"prompt {i}"}])
         store.add_item("rate", store.add_reply(pid, f"reply {i}"))
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", "feedback", "serve", "--db", str(tmp_path / "fb.db"),
-                             "--port", str(port), "--workers", "2"], stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                httpx.get(url + "/login", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with feedback_app(tmp_path / "fb.db", "--workers", "2") as app:
+        url = app["url"]
         login = httpx.post(url + "/api/login", json={"name": "ann", "password": "correct horse"})
         cookie, csrf = login.cookies, login.json()["csrf"]
         answered = set()
@@ -266,9 +250,7 @@ def test_two_worker_processes_serve_log_ins_and_answers_and_warn_about_sqlite(tm
                 assert r.status_code == 201, r.text
                 answered.add(item["id"])
         assert len(answered) == 8 and store.progress() == {"answers": 8, "needed": 8}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+    err = app["err"]
     assert "SQLite lets one process write at a time" in err and "postgresql" in err
 
 

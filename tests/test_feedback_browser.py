@@ -2,8 +2,6 @@
 process: log in, rate with the keyboard, compare with a tie, write a correction, export as admin."""
 
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -11,20 +9,15 @@ import time
 import zipfile
 
 import pytest
-from conftest import free_port
+from conftest import CHROMIUM, chromium, free_port
 from sqlalchemy import select
 
 from chatrlhf.feedback.store import Comparison, Correction, Rating, Store
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
 
 @pytest.fixture
 def server(tmp_path):
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("CI"):
-            pytest.fail("chromium missing: .ci/run should have installed Debian's chromium package")
-        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    chromium()
     db = tmp_path / "fb.db"
     store = Store(str(db))
     store.add_user("boss", "correct horse", "admin")

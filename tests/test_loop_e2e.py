@@ -7,17 +7,15 @@ stays on the promoted model."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
 
 from chatrlhf.feedback.store import Store
-from conftest import LEARNABLE_PROMPTS, free_port, kill_at_first_checkpoint, run_cli
+from conftest import LEARNABLE_PROMPTS, feedback_app, free_port, kill_at_first_checkpoint, run_cli
 from test_serve import opinionated_model_dir
 from test_serve_feedback import healthy
 
@@ -42,26 +40,12 @@ def label(db, tmp, write, monkeypatch, count: int = 0) -> str:
     if count:
         r = run_cli("feedback", "queue", "--db", db, "--strategy", "random", "--count", count, "--kind", "compare")
         assert r.returncode == 0, r.stderr
-    port = free_port()
-    app = subprocess.Popen([sys.executable, "-m", "chatrlhf.cli", "feedback", "serve", "--db", str(db), "--port", str(port)],
-                           stderr=subprocess.PIPE, text=True, start_new_session=True, env=ENV)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                httpx.get(url + "/login", timeout=1)
-                break
-            except httpx.HTTPError:
-                assert app.poll() is None, app.communicate()
-                time.sleep(0.05)
+    with feedback_app(db, env=ENV) as app:
         monkeypatch.setenv("CHATRLHF_PASSWORD", "correct horse")
-        r = run_cli("feedback", "simulate", "--url", url, "--user", "sim", "--oracle",
+        r = run_cli("feedback", "simulate", "--url", app["url"], "--user", "sim", "--oracle",
                     f"{write('oracle.py', ORACLE)}:longer")
-        assert r.returncode == 0, r.stderr
-        return r.stdout
-    finally:
-        os.killpg(app.pid, signal.SIGTERM)
-        app.communicate(timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 def loop_yaml(tmp, model, url: str, min_win_lower: float, checks=("win_rate",)):

@@ -4,9 +4,7 @@ the right key, a streamed reply, a thumbs-up, a correction and a comparison — 
 completion ids the server returned. The same browser then loads the page as a server without --feedback-db
 renders it: no feedback controls. One server, one browser launch."""
 
-import os
 import re
-import shutil
 import time
 
 import pytest
@@ -14,20 +12,17 @@ from sqlalchemy import select
 
 from chatrlhf.feedback.store import Comparison, Correction, Item, Prompt, Rating, Reply, Store
 from chatrlhf.serve.chat import PAGE, page_config
+from conftest import CHROMIUM, chromium
 from test_serve import opinionated_model_dir
 from test_serve_feedback import KEY, healthy, spawn
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 BETTER = "Sorry for the wait! Your order ships tomorrow; here is the tracking link."
 
 
 @pytest.fixture
 def served(tmp_path):
     """The server (started first: it takes seconds) and, launched while it starts, the browser."""
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("CI"):
-            pytest.fail("chromium missing: .ci/run should have installed Debian's chromium package")
-        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    chromium()
     from playwright.sync_api import sync_playwright
 
     opinionated_model_dir(tmp_path / "model")

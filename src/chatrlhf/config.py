@@ -465,7 +465,8 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
                         "(consensus with the other policy samples, overlap with the user's turn and the history, "
                         "length; chatrlhf.qfeatures); `both`, [φ, ψ] with ψ scaled up against φ's many columns "
                         "(benchmarks/qlearn.py, fqi on 85 held-out OASST states, reward ROUGE-L to the human reply: "
-                        "capture 0.29 phi, 0.60 text, 0.61 both; text needs no trunk pass at reranking). --q-model and "
+                        "capture 0.29 phi, 0.60 text, 0.61 both on the split the features were chosen on; 0.30 / 0.40 / "
+                        "0.40 on a fresh one; text needs no trunk pass at reranking). --q-model and "
                         "--pooling apply to phi and both.", ("phi", "text", "both"))
     phi_norm: bool = arg(False, "Standardise φ per dimension with the moments of the training candidates' features up "
                          "to --learning-starts (saved with the heads): LM hidden states have outlier dimensions.")

@@ -26,6 +26,8 @@ def queue(cfg: FeedbackQueueConfig) -> int:
         raise UsageError(f"--count {cfg.count}: must be ≥ 1")
     if cfg.k < 1:
         raise UsageError(f"--k {cfg.k}: must be ≥ 1")
+    if cfg.strategy != "random" and not cfg.reward_model:  # (before the store: a refused command writes nothing)
+        raise UsageError(f"--strategy {cfg.strategy} ranks by the reward model's scores", "give --reward-model DIR")
     store = Store(cfg.db)
     scorer = None
     if cfg.reward_model:

@@ -86,7 +86,7 @@ def simulate(client: httpx.Client, user: str, password: str, oracle, noise: floa
     filled meanwhile (409) is counted as refused and not retried."""
     if not 0 <= noise <= 1:
         raise UsageError(f"--noise {noise}: a probability, 0–1")
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # nosec B311 (seeded simulated label errors)
     csrf = log_in(client, user, password)
     counts = {"answers": 0, "compare": 0, "rate": 0, "refused": 0}
     tried: set[int] = set()

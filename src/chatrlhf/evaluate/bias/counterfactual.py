@@ -183,6 +183,6 @@ def build_sets(dims: dict[str, Dimension], pairs, max_sets: int, seed: int) -> d
     out = {}
     for name, dim in dims.items():
         sets = template_sets(dim, templates, default_reply) + held_out_sets(dim, pairs, default_reply)
-        random.Random(seed).shuffle(sets)
+        random.Random(seed).shuffle(sets)  # nosec B311 (a seeded draw of probe sets)
         out[name] = sets[:max_sets]
     return out
