@@ -445,13 +445,13 @@ def queue_stage(plan: Plan, number: int, rm: str, log=print) -> dict:
     scored by this round's reward model; nothing without a queue section."""
     if not plan.queue:
         return {"queued": 0, "why": "no queue section"}
-    q = {f.name: f.default for f in dataclasses.fields(FeedbackQueueConfig)} | plan.queue
+    q = FeedbackQueueConfig(**plan.queue)
     model, tok = load_reward_model(ModelArgs(model=rm))
-    out = active.queue(Store(plan.db), q["strategy"], q["count"], q["kind"],
-                       lambda prompts, replies: scored_heads(model, tok, prompts, replies), q["k"], number + 1, q["seed"])
-    log(f"chatrlhf loop: queued {out['queued']} {q['kind']} items ({q['strategy']}) of {out['candidates']} candidates "
+    out = active.queue(Store(plan.db), q.strategy, q.count, q.kind,
+                       lambda prompts, replies: scored_heads(model, tok, prompts, replies), q.k, number + 1, q.seed)
+    log(f"chatrlhf loop: queued {out['queued']} {q.kind} items ({q.strategy}) of {out['candidates']} candidates "
         f"for round {number + 1}")
-    return {k: v for k, v in out.items() if k != "items"} | {"strategy": q["strategy"], "kind": q["kind"]}
+    return {k: v for k, v in out.items() if k != "items"} | {"strategy": q.strategy, "kind": q.kind}
 
 
 def finish_round(plan: Plan, rdir: Path, line: dict) -> None:
