@@ -87,6 +87,13 @@ class RunArgs:
 
 
 @dataclass
+class ProcessArgs:
+    num_processes: int = arg(1, "Data-parallel processes on this machine (torchrun's launcher: gloo on CPU, one GPU "
+                             "each on GPUs); --batch-size is per process, so the global batch is --batch-size × "
+                             "--grad-accum × N. Several machines: `accelerate launch -m chatrlhf ...` (README).")
+
+
+@dataclass
 class BatchArgs:
     batch_size: int = arg(8, "Examples per micro-batch.")
     grad_accum: int = arg(1, "Micro-batches per optimizer step (the last step of an epoch takes what is left).")
@@ -104,7 +111,7 @@ class GateArgs:
 
 
 @dataclass
-class SFTConfig(RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class SFTConfig(ProcessArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf sft`: supervised fine-tuning, loss on assistant tokens only."""
     output_dir: str = arg("out/sft", "Where the model, checkpoints and metrics go.")
     max_length: int = arg(512, "Maximum tokens per example.")
@@ -128,7 +135,7 @@ FEEDBACK_FILES = ["examples/preferences.jsonl", "examples/ratings.jsonl", "examp
 
 
 @dataclass
-class RewardTrainConfig(GateArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, LoraArgs, ModelArgs):
+class RewardTrainConfig(GateArgs, ProcessArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, LoraArgs, ModelArgs):
     """`chatrlhf reward train`: a reward model from preferences, ratings and corrections."""
     data: list[str] = arg(FEEDBACK_FILES, "Feedback files, comma-separated: preferences, ratings and corrections mix "
                           "freely.")
@@ -197,7 +204,7 @@ class PreferenceArgs:
 
 
 @dataclass
-class DPOConfig(PreferenceArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class DPOConfig(PreferenceArgs, ProcessArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf dpo`: direct preference optimisation of the policy on preference pairs (DPO, cDPO, robust DPO,
     IPO, hinge; optional RPO NLL term), against the policy's own log-probs before training as the reference."""
     data: list[str] = arg(FEEDBACK_FILES, "Feedback files, comma-separated, in any format `reward train` reads: "
@@ -1041,6 +1048,8 @@ def build_config(cls, ns: argparse.Namespace | dict, yaml_path: str | None = Non
     cfg = cls(**values)
     if hasattr(cfg, "validate"):  # a config whose values are themselves configs (LoopConfig)
         cfg.validate(yaml_path or "flags")
+    if getattr(cfg, "num_processes", 1) < 1:  # every command that runs in several processes
+        raise UsageError(f"--num-processes {cfg.num_processes}: must be 1 or more", "1 = this process only")
     if getattr(cfg, "max_minutes", 0) < 0:  # every command with a wall-clock budget
         raise UsageError(f"--max-minutes {cfg.max_minutes:g}: a budget cannot be negative",
                          "give the minutes the run may take, or 0 for no budget")

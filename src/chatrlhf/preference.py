@@ -12,6 +12,7 @@ fresh run always computes it.
 
 from __future__ import annotations
 
+import os
 import contextlib
 import hashlib
 from pathlib import Path
@@ -183,13 +184,14 @@ def cache_key(model_name: str, dtype: str, groups: dict[str, list[Tokenized]]) -
 
 def reference_logps(model, groups: dict[str, list[Tokenized]], out_dir: str | Path, model_name: str, dtype: str,
                     batch_size: int, pad_id: int, device, log=print, reuse: bool = True, states: dict | None = None,
-                    depth: int = 0) -> dict[str, torch.Tensor]:
+                    depth: int = 0, write: bool = True) -> dict[str, torch.Tensor]:
     """{group: (N,) log π_ref} for each group of sequences: with ``reuse`` (a resumed run) read from
     OUTPUT_DIR/ref_logps.safetensors when its key matches, else computed in one pass with ``model`` (the policy before
     any training step; adapters off with LoRA) and written there. A fresh run always computes them: the key names the
     model, not its weights, and a model folder may have been trained again since. ``states`` ({group: list of N}):
     that pass also keeps each sequence's residual stream entering block ``depth`` (so it always runs, resumed or not:
-    the same pass, the same figures)."""
+    the same pass, the same figures). ``write``: False on ranks other than the main one (which writes the file
+    whole: a temporary file renamed, so another rank reading it never sees half of one)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -203,6 +205,8 @@ def reference_logps(model, groups: dict[str, list[Tokenized]], out_dir: str | Pa
     with reference_off(model):
         ref = {name: all_logps(model, items, batch_size, pad_id, device, dtype, (states or {}).get(name), depth)
                for name, items in groups.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ref.items()}, str(path), metadata={"key": key})
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in ref.items()}, str(path.with_suffix(".tmp")), metadata={"key": key})
+        os.replace(path.with_suffix(".tmp"), path)
     return ref

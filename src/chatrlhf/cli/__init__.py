@@ -60,10 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ns = parser().parse_args(argv)
     name = command_name(ns)
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — one process of several: the main rank speaks
     try:
-        return dispatch(name, build_config(COMMANDS[name], ns, ns.config))
+        cfg = build_config(COMMANDS[name], ns, ns.config)
+        if getattr(cfg, "num_processes", 1) > 1 and "WORLD_SIZE" not in os.environ:
+            from chatrlhf.cli.launch import relaunch  # torch: only when a command runs (see command_module)
+
+            return relaunch(sys.argv[1:] if argv is None else argv, cfg.num_processes)
+        return dispatch(name, cfg)
     except ChatRLHFError as e:
-        print(f"chatrlhf {name}: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank meets the same bad input: one says so
+            print(f"chatrlhf {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nchatrlhf {name}: interrupted", file=sys.stderr)

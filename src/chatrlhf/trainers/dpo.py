@@ -10,8 +10,8 @@ Departures from the paper's recipe, and why:
   * chosen and rejected replies of a micro-batch go through one forward pass (TRL's concatenated_forward), and the LM
     head runs only where a reply token is predicted;
   * a tie trains toward equal implicit rewards (the Bradley–Terry 50/50 likelihood, as the reward model), not skipped;
-  * each micro-batch's loss is divided by the pair weight of the whole optimizer step, so micro-batch × accumulation
-    equals one big batch.
+  * each micro-batch's loss is divided by the pair weight of the whole optimizer step (over every rank), so
+    micro-batch × accumulation × processes equals one big batch.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from chatrlhf.models import count_parameters, enable_checkpointing, load_model, 
 from chatrlhf.preference import all_logps, collate, collate_trunk, encode_reply, frozen_depth, reference_logps, \
     sequence_logps
 from chatrlhf.rollout import deadline_of, out_of_time
-from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
+from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer
 from chatrlhf.trainers.run import Run, Summary
 
 
@@ -98,9 +98,10 @@ def dpo_batch_loss(model, run: Run, pad_id: int, encoded: list, pairs: list, ref
 
 def train_step(model, run: Run, pad_id: int, chunks: list[list[int]], encoded: list, pairs: list,
                ref: torch.Tensor, frozen: dict | None = None) -> dict:
-    """Forward and backward of one optimizer step's micro-batches; metrics weighted by each micro-batch's share of
-    the step's pair weight (the loss metrics are already divided by it). ``frozen``: see :func:`prepare`."""
-    total = sum(float(pairs[i].weight) for c in chunks for i in c)
+    """Forward and backward of this rank's part of one optimizer step's micro-batches; metrics weighted by each
+    micro-batch's share of the step's pair weight over every rank (the loss metrics are already divided by it), so
+    the step's metrics are their sum over ranks. ``frozen``: see :func:`prepare`."""
+    total = run.total(sum(float(pairs[i].weight) for c in chunks for i in c))
     stats: dict[str, float] = {}
     for chunk in chunks:
         kept = None if frozen is None else ([frozen["states"][i] for i in chunk],
@@ -154,7 +155,7 @@ def prepare(cfg: DPOConfig, run: Run, log=print):
     frozen = {"states": [None] * len(groups["train"]), "depth": depth} if depth else None
     t0 = time.perf_counter()
     flat = reference_logps(model, groups, run.out, cfg.model, cfg.dtype, cfg.batch_size * 2, tok.pad_token_id,
-                           run.device, log, reuse=cfg.resume, states={"train": frozen["states"]} if frozen else None,
+                           run.device, log, reuse=cfg.resume, write=run.is_main, states={"train": frozen["states"]} if frozen else None,
                            depth=depth)
     ref = {name: flat[name].view(2, -1).T for name in groups}  # (N, 2): chosen, rejected
     train_top_layers(model, cfg.train_layers)
@@ -169,8 +170,8 @@ def prepare(cfg: DPOConfig, run: Run, log=print):
 def train(cfg: DPOConfig, log=print) -> Summary:
     run = Run("dpo", cfg, log)
     model, tok, (train_pairs, train_enc), (eval_pairs, eval_enc), ref, counts, split, frozen = prepare(cfg, run, log)
-    plan = StepPlan([max(len(c.input_ids), len(r.input_ids)) for c, r in train_enc], cfg.batch_size, cfg.grad_accum,
-                    cfg.seed)
+    plan = StepPlan([max(len(c.input_ids), len(r.input_ids)) for c, r in train_enc], cfg.batch_size * run.world_size,
+                    cfg.grad_accum, cfg.seed)  # the global batch; each rank trains on its shard (run.shard)
     n_steps = run.total_steps(plan.steps_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, warmup_steps=int(cfg.warmup_ratio * n_steps),
@@ -184,12 +185,13 @@ def train(cfg: DPOConfig, log=print) -> Summary:
     with run.loop(n_steps):
         while run.running(step, n_steps):
             t0 = time.perf_counter()
-            chunks = plan[step]
+            chunks = [c for c in run.shard(plan[step]) if c]
             stats = train_step(model, run, tok.pad_token_id, chunks, train_enc, train_pairs, ref["train"], frozen)
+            stats = run.reduce(stats, tuple(stats))  # shares of the step: summed over ranks
             stats["train/lr"] = scheduler.get_last_lr()[0]
-            stats["train/grad_norm"] = optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
+            stats["train/grad_norm"] = run.optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
             step += 1
-            stats["train/pairs_per_s"] = sum(len(c) for c in chunks) / (time.perf_counter() - t0)
+            stats["train/pairs_per_s"] = sum(len(c) for c in plan[step - 1]) / (time.perf_counter() - t0)
             stats["train/epoch"] = step / plan.steps_per_epoch
             n_steps = out_of_time("dpo", run, step, n_steps, deadline, log)
             if step % cfg.eval_steps == 0 or step == n_steps:
@@ -199,7 +201,8 @@ def train(cfg: DPOConfig, log=print) -> Summary:
                          f"{stats['train/pairs_per_s']:.2f} pairs/s")
     if step < n_steps:
         return run.stopped()
-    save_model(model, tok, run.out)
+    if run.is_main:
+        save_model(model, tok, run.out)
     return run.finish({"pairs": dict(counts), "train_pairs": len(train_pairs), "held_out_pairs": len(eval_pairs),
                        "split": split, "eval_start": state["eval_start"] or None,
                        "eval_end": run.last_eval("eval/accuracy"),

@@ -46,7 +46,7 @@ from chatrlhf.evaluate.metrics import fit_temperature
 from chatrlhf.models import add_lora, autocast, count_parameters, enable_checkpointing, save_model, train_top_layers
 from chatrlhf.reward_model import encode_reply, features, head_scores, load_reward_model, measure, pad_right, \
     pair_raw_scores, reward_head, reward_scores, verdict, write_report
-from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
+from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer
 from chatrlhf.trainers.run import Run, Summary, trainable_state
 
 
@@ -271,7 +271,8 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
         held = cached_features(model, tok, encode_pairs(tok, eval_pairs, cfg.max_length), cfg.batch_size, run.device,
                                cfg.dtype, feature_cache) if eval_pairs else None
     boot = bootstrap_counts(len(train_pairs), cfg.ensemble, cfg.seed).to(run.device)
-    plan = StepPlan([max(len(c[0]), len(r[0])) for c, r in encoded], cfg.batch_size, cfg.grad_accum, cfg.seed)
+    plan = StepPlan([max(len(c[0]), len(r[0])) for c, r in encoded], cfg.batch_size * run.world_size, cfg.grad_accum,
+                    cfg.seed)  # the global batch; each rank trains on its shard (run.shard)
     n_steps = run.total_steps(plan.steps_per_epoch)
     log(f"chatrlhf reward: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({dict(counts)}), "
         f"{n_steps} steps, {count_parameters(model)[1]:,} trainable parameters, device {run.device}")
@@ -284,12 +285,13 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
     with run.loop(n_steps):
         while run.running(step, n_steps) and not keeper.stopped:
             t0 = time.perf_counter()
-            chunks = plan[step]
+            chunks = [c for c in run.shard(plan[step]) if c]
             stats = train_step(model, tok, run, chunks, encoded, train_pairs, boot, cache)
+            stats = run.reduce(stats, tuple(stats))  # shares of the step: summed over ranks
             stats["train/lr"] = scheduler.get_last_lr()[0]
-            stats["train/grad_norm"] = optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
+            stats["train/grad_norm"] = run.optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
             step += 1
-            stats["train/pairs_per_s"] = sum(len(c) for c in chunks) / (time.perf_counter() - t0)
+            stats["train/pairs_per_s"] = sum(len(c) for c in plan[step - 1]) / (time.perf_counter() - t0)
             if keeper.active and (step % plan.steps_per_epoch == 0 or step == n_steps):
                 loss = held_out_loss(model, tok, run, watch, held) if watch else None
                 keeper.end_epoch(-(-step // plan.steps_per_epoch), loss)
@@ -307,15 +309,16 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
 
 def train_step(model, tok, run: Run, chunks: list[list[int]], encoded: list, pairs: list, boot: torch.Tensor,
                cache: tuple | None) -> dict:
-    """Forward and backward of one optimizer step's micro-batches. Head k's loss is the mean over the step's pairs
-    weighted by pair weight × its bootstrap count; each micro-batch's part is weighted by its share of that weight,
-    so micro-batch × accumulation equals one big batch. The heads' losses are summed (each head learns as if
+    """Forward and backward of this rank's part of one optimizer step's micro-batches. Head k's loss is the mean over
+    the step's pairs (on every rank) weighted by pair weight × its bootstrap count; each micro-batch's part is
+    weighted by its share of that weight, so micro-batch × accumulation × processes equals one big batch (and the
+    step's metrics are their sum over ranks). The heads' losses are summed (each head learns as if
     alone; they share no trained weight) and their metrics averaged."""
     cfg = run.cfg
     heads = boot.shape[1]
     step_pairs = [i for chunk in chunks for i in chunk]
     weight = torch.tensor([pairs[i].weight for i in step_pairs], dtype=torch.float32, device=boot.device)
-    totals = (weight[:, None] * boot[step_pairs]).sum(0).tolist()  # (K,) the step's weight in each head's resample
+    totals = run.total((weight[:, None] * boot[step_pairs]).sum(0).tolist())  # (K,) the step's weight per head
     stats = {"loss/bt": 0.0, "reward/accuracy": 0.0, "reward/margin": 0.0}
     for chunk in chunks:
         n = len(chunk)
@@ -389,8 +392,9 @@ def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str, k
     gate = verdict(metrics, cfg.min_accuracy, cfg.max_length_corr)
     run.log(run.step, {"eval/accuracy": metrics["accuracy"], "eval/ece": metrics["ece"],
                        "eval/length_corr": metrics["length_corr"]})
-    save_model(lora.merge_and_unload() if lora is not None else model, tok, run.out)
-    write_report(run.out, metrics, gate)
+    if run.is_main:
+        save_model(lora.merge_and_unload() if lora is not None else model, tok, run.out)
+        write_report(run.out, metrics, gate)
     extra = {k: metrics[k] for k in ("ensemble",) if k in metrics}
     if keeper.held_out_bt:
         extra["epochs"] = {"held_out_bt": keeper.held_out_bt, "kept_epoch": keeper.best_epoch or None,

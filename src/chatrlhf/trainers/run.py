@@ -26,11 +26,25 @@ normalisers' moments), Ctrl-C, the progress bar and the end-of-run :class:`Summa
 Checkpoints live in OUTPUT_DIR/checkpoints/step-N and are written to a temporary folder first and
 renamed, so a run killed at any moment leaves either a whole checkpoint or none.
 
-Several processes (later): ``rank`` / ``world_size`` / ``is_main`` are where a launcher's ranks go;
-:meth:`Run.log`, :meth:`Run.save`, the progress bar and :meth:`Run.finish` already act on the main rank
-only, and :meth:`Run.reduce` is where metrics are all-reduced (the identity in one process). Every trainer
-draws a step's data as a pure function of the step (``StepPlan``, ``prompt_indices``), so sharding is one
-more slice there by ``rank`` / ``world_size``.
+Several processes: under ``accelerate launch`` (or torchrun, or ``--num-processes N``, which calls
+``accelerate launch``) each process is a rank; accelerate's ``PartialState`` joins them (gloo on CPU, NCCL on
+GPU). The run then does, in this one place, what data parallelism needs and nothing more:
+
+  * the data: a step's plan is made for the global batch (``--batch-size`` × ranks, the same plan one process
+    would make with that batch) and :meth:`Run.shard` gives each rank every ``world_size``-th example of each
+    micro-batch (length-bucketed, so ranks get similar lengths);
+  * the loss: each rank divides its loss by the step's GLOBAL count (:meth:`Run.total` sums a count over
+    ranks), and :meth:`Run.optimizer_step` sums the gradients over ranks (one all-reduce of one flat buffer
+    per optimizer step, after the accumulation) — so N ranks × batch B equal one process × batch N·B;
+  * metrics: :meth:`Run.log` reduces over ranks (``summed`` keys are summed — a rank's share of the step's
+    loss, its tokens — the rest averaged) and the main rank writes;
+  * writes: logs, checkpoints, progress, the saved model and the summary on the main rank only (other ranks'
+    stdout is muted by the CLI); each rank's random state goes into the checkpoint (gathered to rank 0), so a
+    resumed run of the same number of ranks continues as an uninterrupted one;
+  * decisions: Ctrl-C and --max-minutes stop every rank at the same step (:meth:`Run.any`).
+
+A command runs in several processes only if its config has ``--num-processes`` (``ProcessArgs``); the others
+refuse a multi-process launch with a clear error.
 """
 
 from __future__ import annotations
@@ -47,12 +61,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import gather_object
 
 from chatrlhf.config import config_dict
 from chatrlhf.errors import UsageError
 from chatrlhf.logger import MetricsLogger, progress_bar, read_metrics, truncate_jsonl
 from chatrlhf.models import autocast, resolve_device
-from chatrlhf.trainers.common import seed_everything, total_steps
+from chatrlhf.trainers.common import optimizer_step, seed_everything, total_steps
 
 KEEP_CHECKPOINTS = 2  # the latest two: one may be half-way through a copy elsewhere
 
@@ -131,11 +148,13 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, keep: int = KEEP_CHECKPOINTS,
-                    generators: dict[str, torch.Generator] | None = None, objects: dict | None = None) -> Path:
+                    generators: dict[str, torch.Generator] | None = None, objects: dict | None = None,
+                    ranks: list[dict] | None = None) -> Path:
     """``parts`` = {name: (module, optimizer, scheduler)}: each module's trainable weights
     (``name.safetensors``), every optimizer and scheduler, the global RNG, the trainer's own random streams
     (``generators``), the whole ``state_dict()`` of each of ``objects`` ({name: object}: a replay buffer, a
-    feature cache, frozen target networks — anything a part's trainable weights leave out) and its ``state`` (JSON)."""
+    feature cache, frozen target networks — anything a part's trainable weights leave out) and its ``state`` (JSON).
+    ``ranks``: with several processes, every rank's random state (:func:`rank_random_state`), rank 0's first."""
     from safetensors.torch import save_file
 
     root = Path(out_dir) / "checkpoints"
@@ -146,7 +165,7 @@ def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, ke
     torch.save({"optimizers": {n: o.state_dict() for n, (_, o, _) in parts.items()},
                 "schedulers": {n: s.state_dict() for n, (_, _, s) in parts.items()}, "rng": rng_state(),
                 "generators": {n: g.get_state() for n, g in (generators or {}).items()},
-                "objects": {n: o.state_dict() for n, o in (objects or {}).items()}},
+                "objects": {n: o.state_dict() for n, o in (objects or {}).items()}, "ranks": ranks or []},
                tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     final = root / f"step-{step}"
@@ -168,10 +187,16 @@ def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def rank_random_state(generators: dict[str, torch.Generator]) -> dict:
+    """This process's global RNG and the trainer's own streams: what differs between ranks."""
+    return {"rng": rng_state(), "generators": {n: g.get_state() for n, g in generators.items()}}
+
+
 def load_checkpoint(path: Path, parts: dict, generators: dict[str, torch.Generator] | None = None,
-                    objects: dict | None = None) -> dict:
+                    objects: dict | None = None, rank: int = 0, world_size: int = 1) -> dict:
     """Restore what :func:`save_checkpoint` wrote into the same ``parts``, ``generators`` and ``objects``;
-    returns the trainer state (without the step, which the folder's name gives)."""
+    returns the trainer state (without the step, which the folder's name gives). With several processes each rank
+    takes its own random state; the number of ranks must be the one that wrote the checkpoint."""
     from safetensors.torch import load_file
 
     # the run's own checkpoint, written by save_checkpoint (optimizer and RNG states need pickle)
@@ -183,9 +208,13 @@ def load_checkpoint(path: Path, parts: dict, generators: dict[str, torch.Generat
                 params[key].copy_(value)
         optimizer.load_state_dict(blob["optimizers"][name])
         scheduler.load_state_dict(blob["schedulers"][name])
-    set_rng_state(blob["rng"])
+    ranks = blob.get("ranks") or [{"rng": blob["rng"], "generators": blob["generators"]}]
+    if len(ranks) != world_size:
+        raise UsageError(f"--resume: {path} was written by {len(ranks)} process(es), this run has {world_size}",
+                         f"resume with --num-processes {len(ranks)} (the data order and random streams are per rank)")
+    set_rng_state(ranks[rank]["rng"])
     for name, g in (generators or {}).items():
-        g.set_state(blob["generators"][name])
+        g.set_state(ranks[rank]["generators"][name])
     for name, obj in (objects or {}).items():
         if name not in blob.get("objects", {}):
             raise UsageError(f"--resume: the checkpoint {path} has no '{name}'", "resume with the command that wrote it")
@@ -206,6 +235,16 @@ def latest_checkpoint(out_dir: str | Path) -> tuple[int, Path]:
 # --------------------------------------------------------------------------- the run
 
 
+def join_processes(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, number of ranks, device) of this process: one process unless a launcher (accelerate launch,
+    torchrun) started several (WORLD_SIZE), which accelerate's PartialState then joins — gloo on CPU, NCCL on GPU,
+    each rank on its own GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    state = PartialState(cpu=device.type == "cpu")
+    return state.process_index, state.num_processes, state.device
+
+
 class Run:
     """One training run of ``command`` (``"sft"``, ``"reward train"``, ``"ppo"``) with its config ``cfg``
     (a RunArgs + ModelArgs composition): seeds every generator and picks the device on creation."""
@@ -214,8 +253,10 @@ class Run:
         self.command, self.cfg, self.print = command, cfg, log
         self.name = command.split(" ")[0]
         self.out = Path(cfg.output_dir)
-        self.device = resolve_device(cfg.device)
-        self.rank, self.world_size = 0, 1  # one process today; a launcher sets these later
+        self.rank, self.world_size, self.device = join_processes(resolve_device(cfg.device))
+        if self.world_size > 1 and not hasattr(cfg, "num_processes"):
+            raise UsageError(f"chatrlhf {command} runs in one process so far, and {self.world_size} were launched",
+                             "run it without accelerate launch / torchrun; sft, reward train and dpo run in several")
         self.step = 0                      # optimizer steps done (the data position)
         self.parts: dict = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -240,9 +281,51 @@ class Run:
         """--max-steps, else --epochs × ``steps_per_epoch``."""
         return total_steps(self.cfg.max_steps, self.cfg.epochs, steps_per_epoch)
 
-    def reduce(self, metrics: dict) -> dict:
-        """Metrics averaged over ranks: the identity in one process."""
-        return metrics
+    # ---------------------------------------------------------------- several processes (identities in one)
+
+    def shard(self, batches: list[list[int]]) -> list[list[int]]:
+        """This rank's part of each micro-batch of a step planned for the global batch: every ``world_size``-th
+        example from ``rank``. A part may be empty (an epoch's last micro-batch can be smaller than the ranks)."""
+        return [b[self.rank::self.world_size] for b in batches] if self.world_size > 1 else batches
+
+    def total(self, value: float | list[float]) -> float | list[float]:
+        """``value`` (a number or a list of them) summed over ranks — a step's count of targets, pairs, weight:
+        what each rank divides its loss by."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor(value if isinstance(value, list) else [value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist() if isinstance(value, list) else float(t[0])
+
+    def any(self, flag: bool) -> bool:
+        """True if ``flag`` is true on any rank: a decision (stop now) every rank then takes at the same step."""
+        return self.total(float(bool(flag))) > 0
+
+    def reduce(self, metrics: dict, summed: tuple[str, ...] = ()) -> dict:
+        """Metrics over ranks: keys starting with one of ``summed`` are summed (a rank's share of the step's loss,
+        its tokens), the rest averaged over the ranks that have them. The identity in one process."""
+        if self.world_size == 1:
+            return metrics
+        merged: dict = {}
+        for part in gather_object([metrics]):
+            for k, v in part.items():
+                merged.setdefault(k, []).append(v)
+        return {k: (sum(v) if k.startswith(summed) else v[0] if isinstance(v[0], str) else sum(v) / len(v))
+                for k, v in merged.items()}
+
+    def optimizer_step(self, optimizer, scheduler, params: list, max_grad_norm: float) -> float:
+        """:func:`~chatrlhf.trainers.common.optimizer_step` after summing the gradients over ranks (one all-reduce
+        of one flat buffer; a rank without a gradient, e.g. an empty part, adds zeros). Every rank then clips and
+        steps the same way, so the weights stay identical. Returns the gradient norm before clipping."""
+        if self.world_size > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            dist.all_reduce(flat)
+            offset = 0
+            for p, g in zip(params, grads):
+                p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
+                offset += g.numel()
+        return optimizer_step(optimizer, scheduler, params, max_grad_norm)
 
     def begin(self, parts: dict, generators: dict[str, torch.Generator] | None = None,
               state: dict | None = None, objects: dict | None = None) -> dict:
@@ -253,19 +336,25 @@ class Run:
         the run's config. Returns the state dict, which the trainer updates in place and every checkpoint saves."""
         self.parts, self.generators, self.state = parts, generators or {}, dict(state or {})
         self.objects = objects or {}
+        if self.world_size > 1:  # the models are built (the same on every rank): from here each rank draws its own
+            seed_everything(self.cfg.seed + self.rank)
         if self.cfg.resume:
             self.step, path = latest_checkpoint(self.out)
-            self.state.update(load_checkpoint(path, parts, self.generators, self.objects))
+            self.state.update(load_checkpoint(path, parts, self.generators, self.objects, self.rank, self.world_size))
             self.print(f"chatrlhf {self.name}: resumed from {path} (step {self.step})")
-        self.logger = MetricsLogger(self.out, self.cfg.tensorboard and self.is_main,
-                                    resume_step=self.step if self.cfg.resume else None)
+        if hasattr(self.cfg, "num_processes") and hasattr(self.cfg, "batch_size"):
+            self.print(f"chatrlhf {self.name}: global batch {self.cfg.batch_size * self.cfg.grad_accum * self.world_size}"
+                       f" = --batch-size {self.cfg.batch_size} × --grad-accum {self.cfg.grad_accum} × "
+                       f"{self.world_size} process(es)")
         if self.is_main:
+            self.logger = MetricsLogger(self.out, self.cfg.tensorboard, resume_step=self.step if self.cfg.resume else None)
             self.logger.config(self.cfg)
         return self.state
 
-    def log(self, step: int, metrics: dict) -> None:
-        """Metrics of ``step`` to metrics.jsonl and TensorBoard (reduced over ranks, written by the main one)."""
-        metrics = self.reduce(metrics)
+    def log(self, step: int, metrics: dict, summed: tuple[str, ...] = ()) -> None:
+        """Metrics of ``step`` to metrics.jsonl and TensorBoard (reduced over ranks — see :meth:`reduce` for
+        ``summed`` — and written by the main one)."""
+        metrics = self.reduce(metrics, summed)
         if self.is_main:
             self.logger.log(step, metrics)
 
@@ -296,6 +385,7 @@ class Run:
 
     def running(self, step: int, total: int) -> bool:
         """The loop's condition: steps are left and Ctrl-C has not asked to stop."""
+        self._stop.stop = self.any(self._stop.stop)  # every rank stops at the same step
         return step < total and not self._stop.stop
 
     def end_step(self, step: int, total: int, info: str = "") -> None:
@@ -308,13 +398,23 @@ class Run:
 
     def save(self) -> None:
         """A checkpoint of every registered part, the random streams and the state at ``self.step``."""
+        ranks = gather_object([rank_random_state(self.generators)]) if self.world_size > 1 else None
         if self.is_main:
             save_checkpoint(self.out, self.step, self.parts, self.state, generators=self.generators,
-                            objects=self.objects)
+                            objects=self.objects, ranks=ranks)
         self._saved_at = self.step
+
+    def close(self) -> None:
+        """Close the metrics log (the main rank's); with several processes, wait until every rank got here."""
+        if self.logger is not None:
+            self.logger.close()
+        if self.world_size > 1:
+            dist.barrier()
 
     def last_logged(self, key: str) -> dict | None:
         """The latest metrics line that has ``key`` (e.g. the final evaluation), None if none has."""
+        if self.world_size > 1:
+            dist.barrier()  # the main rank has written the line every rank asks for
         found = [m for m in read_metrics(self.out) if key in m]
         return found[-1] if found else None
 
@@ -328,14 +428,16 @@ class Run:
         or here when Ctrl-C came after it)."""
         if self._saved_at != self.step and self.step > 0:
             self.save()
-        self.logger.close()
+        self.close()
         self.print(f"chatrlhf {self.name}: stopped at step {self.step}; resume with the same command plus --resume")
         return Summary(self.command, self.step, interrupted=True)
 
     def finish(self, results: dict) -> Summary:
-        """Close the log and write chatrlhf.json: command, steps, ``results`` and the run's full config."""
-        self.logger.close()
-        summary = Summary(self.command, self.step, results={**results, "config": config_dict(self.cfg)})
+        """Close the log and write chatrlhf.json: command, steps, ``results``, the number of processes and the run's
+        full config."""
+        self.close()
+        summary = Summary(self.command, self.step, results={**results, "processes": self.world_size,
+                                                             "config": config_dict(self.cfg)})
         if self.is_main:
             summary.write(self.out)
         return summary

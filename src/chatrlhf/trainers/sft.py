@@ -5,8 +5,8 @@ Departures from a textbook SFT loop, and why:
     padding (the share of padding is logged as ``train/pad_fraction``);
   * the LM head runs only at positions that predict a reply token — on a 49k vocabulary that is a
     fifth of the model's FLOPs and most of its activation memory, spent on prompt tokens for nothing;
-  * the loss is divided by the reply tokens of the whole optimizer step, so micro-batch ×
-    accumulation equals one big batch exactly;
+  * the loss is divided by the reply tokens of the whole optimizer step (over every rank), so
+    micro-batch × accumulation × processes equals one big batch exactly;
   * bf16 autocast with fp32 master weights where the CPU/GPU supports it.
 """
 
@@ -22,7 +22,7 @@ from chatrlhf.data import as_conversations, load_records, split_by_prompt
 from chatrlhf.data.template import IGNORE, Tokenized, prompt_format, tokenize_conversation
 from chatrlhf.errors import UsageError
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model, unwrap
-from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step, plan_batches
+from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, plan_batches
 from chatrlhf.trainers.run import Run, Summary
 
 
@@ -97,6 +97,16 @@ def evaluate(model, items: list[Tokenized], cfg: SFTConfig, pad_id: int, device)
 
 # --------------------------------------------------------------------------- the loop
 
+# metrics summed over ranks: each rank's share of the step's loss (divided by the global count), its tokens
+SUMMED = ("train/loss", "train/tokens", "train/padded")
+
+
+def pad_fraction(metrics: dict) -> dict:
+    """The step's padding share and throughput from the (rank-summed) token counts."""
+    tokens, padded = metrics.pop("train/tokens"), metrics.pop("train/padded")
+    return {**metrics, "train/tokens": tokens, "train/pad_fraction": 1 - tokens / max(padded, 1),
+            "train/tokens_per_s": tokens / metrics["train/step_s"]}
+
 
 def load_conversations(paths: list[str], fmt: str) -> tuple[list, str]:
     """Conversations from every file, and the formats found."""
@@ -122,7 +132,8 @@ def train(cfg: SFTConfig, log=print) -> Summary:
     eval_items = tokenize_all(tok, eval_convs, cfg, log)
     if not train_items:
         raise UsageError(f"--data {','.join(cfg.data)}: no usable training examples", "see the problems listed above")
-    plan = StepPlan([len(x.input_ids) for x in train_items], cfg.batch_size, cfg.grad_accum, cfg.seed)
+    # the plan of the global batch (--batch-size × processes); each rank trains on its shard of every micro-batch
+    plan = StepPlan([len(x.input_ids) for x in train_items], cfg.batch_size * run.world_size, cfg.grad_accum, cfg.seed)
     n_steps = run.total_steps(plan.steps_per_epoch)
     total_params, trainable_params = count_parameters(model)
     log(f"chatrlhf sft: {formats} data, {len(train_items)} train / {len(eval_items)} eval examples, "
@@ -139,8 +150,8 @@ def train(cfg: SFTConfig, log=print) -> Summary:
     with run.loop(n_steps):
         while run.running(step, n_steps):
             t0 = time.perf_counter()
-            batches = [collate([train_items[i] for i in b], tok.pad_token_id, device) for b in plan[step]]
-            step_targets = sum(n_targets(b) for b in batches)
+            batches = [collate([train_items[i] for i in b], tok.pad_token_id, device) for b in run.shard(plan[step]) if b]
+            step_targets = run.total(sum(n_targets(b) for b in batches))
             loss_sum, tokens, padded = 0.0, 0, 0
             for batch in batches:
                 with run.autocast():
@@ -150,21 +161,23 @@ def train(cfg: SFTConfig, log=print) -> Summary:
                 tokens += int(batch["attention_mask"].sum())
                 padded += batch["attention_mask"].numel()
             lr = scheduler.get_last_lr()[0]  # the rate this step uses
-            grad_norm = optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
+            grad_norm = run.optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
             step += 1
-            state["tokens"] += tokens
-            dt = time.perf_counter() - t0
-            metrics = {"train/loss": loss_sum, "train/grad_norm": grad_norm, "train/lr": lr, "train/tokens": tokens,
-                       "train/step_s": dt, "train/tokens_per_s": tokens / dt, "train/pad_fraction": 1 - tokens / padded,
-                       "train/epoch": step / plan.steps_per_epoch}
+            metrics = pad_fraction(run.reduce({"train/loss": loss_sum, "train/grad_norm": grad_norm, "train/lr": lr,
+                                               "train/tokens": tokens, "train/padded": padded,
+                                               "train/step_s": time.perf_counter() - t0,
+                                               "train/epoch": step / plan.steps_per_epoch}, SUMMED))
+            state["tokens"] += int(metrics["train/tokens"])
             if step % cfg.eval_steps == 0 or step == n_steps:
                 metrics["eval/loss"] = evaluate(model, eval_items, cfg, tok.pad_token_id, device)
             if step % cfg.log_steps == 0 or "eval/loss" in metrics:
                 run.log(step, metrics)
-            run.end_step(step, n_steps, info=f"loss {loss_sum:.3f}  {tokens / dt:,.0f} tok/s")
+            run.end_step(step, n_steps, info=f"loss {metrics['train/loss']:.3f}  "
+                         f"{metrics['train/tokens_per_s']:,.0f} tok/s")
     if step < n_steps:
         return run.stopped()
-    save_model(model, tok, run.out)
+    if run.is_main:
+        save_model(model, tok, run.out)
     final = run.last_logged("eval/loss")
     return run.finish({"tokens": state["tokens"], "eval_loss_start": state.get("first_eval_loss"),
                        "eval_loss_end": final["eval/loss"] if final else None, "data": file_hashes(cfg.data),
