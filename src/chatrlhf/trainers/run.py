@@ -241,6 +241,10 @@ def join_processes(device: torch.device) -> tuple[int, int, torch.device]:
     each rank on its own GPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, device
+    for engine in ("FSDP", "DEEPSPEED"):  # accelerate would quietly fall back to plain data parallelism on CPU
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true"):
+            raise UsageError(f"accelerate launch with {engine.title().replace('speed', 'Speed')}: not supported yet — "
+                             "each process holds the whole model", "launch with a data-parallel config (README)")
     state = PartialState(cpu=device.type == "cpu")
     return state.process_index, state.num_processes, state.device
 
