@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ppo import HH, N_PROMPTS, N_SAMPLES, NEW_TOKENS, prompts, reward  # noqa: E402
-from sft import comparison_args, machine, peak_rss_gb, run_side, train_trl  # noqa: E402
+from sft import comparison_args, hf_model, machine, peak_gb, peak_memory, run_side, train_trl, use_cpu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RLOO_BETA = 0.05
@@ -57,7 +57,7 @@ def run_ours(a, algo: str, exact: bool) -> dict:
     algo_settings = dict(advantage="grpo", loss_type="dapo", beta=0.0) if algo == "grpo" else \
         dict(advantage="rloo", loss_type="dapo", beta=RLOO_BETA, kl_in_reward=True)
     settings = dict(dtype="float32", lora_r=0, lr=1e-6) if exact else dict(dtype="auto", lora_r=a.lora_r, lr=a.lora_lr)
-    cfg = GRPOConfig(model="smollm2-135m", data=[str(data)], output_dir=str(tmp / "out"),
+    cfg = GRPOConfig(model=a.model, device=a.device, data=[str(data)], output_dir=str(tmp / "out"),
                      reward_fn=f"{__file__}:ours_reward", reward_norm=False, missing_eos_penalty=0.0,
                      max_steps=a.steps, batch_size=N_PROMPTS, num_generations=N_SAMPLES, max_new_tokens=NEW_TOKENS,
                      temperature=1.0, micro_batch_size=a.micro_batch_size, warmup_ratio=0.0, eval_fraction=0.0,
@@ -68,22 +68,17 @@ def run_ours(a, algo: str, exact: bool) -> dict:
     wall = time.perf_counter() - t0
     steps = [m for m in read_metrics(cfg.output_dir) if "time/step_s" in m][1:]
     mean = lambda k: sum(m[k] for m in steps) / len(steps)  # noqa: E731
-    return {"step_s": mean("time/step_s"), "generate_s": mean("rollout/generate_s"), "peak_rss_gb": peak_rss_gb(),
+    return {"step_s": mean("time/step_s"), "generate_s": mean("rollout/generate_s"), **peak_memory(),
             "wall_s": wall, "folder": cfg.output_dir, "scratch": str(tmp), "settings": {**algo_settings, **settings}}
 
 
 def run_trl(a, algo: str) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    from chatrlhf.models import resolve_model
-
     torch.manual_seed(0)
-    path = resolve_model("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model, tok = hf_model(a.model)
     ds = Dataset.from_list([{"prompt": p} for p in prompts(N_PROMPTS * a.steps)])
     out = tempfile.mkdtemp(prefix=f"bench-{algo}-trl-")
     Config, Trainer = (GRPOConfig, GRPOTrainer) if algo == "grpo" else (RLOOConfig, RLOOTrainer)
@@ -91,10 +86,11 @@ def run_trl(a, algo: str) -> dict:
     args = Config(output_dir=out, per_device_train_batch_size=16, gradient_accumulation_steps=4,
                   num_generations=N_SAMPLES, max_completion_length=NEW_TOKENS, learning_rate=1e-6,
                   lr_scheduler_type="linear", max_steps=a.steps, logging_steps=1, save_strategy="no", report_to=[],
-                  use_cpu=True, seed=0, temperature=1.0, disable_tqdm=True, **extra)
+                  use_cpu=use_cpu(a.device), seed=0, temperature=1.0, disable_tqdm=True, **extra)
     trainer = Trainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok)
     times, wall, peak = train_trl(trainer, tok, out)
-    return {"step_s": sum(times[1:]) / len(times[1:]), "peak_rss_gb": peak, "wall_s": wall, "folder": out,
+    return {"step_s": sum(times[1:]) / len(times[1:]), **peak_memory(), "peak_rss_gb": peak, "wall_s": wall,
+            "folder": out,
             "scratch": out, "settings": {"dtype": "float32", **extra}}
 
 
@@ -108,11 +104,12 @@ def held_out(a, folders: list[str]) -> list[dict]:
 
     held = prompts(N_PROMPTS * a.steps + a.eval_prompts)[N_PROMPTS * a.steps:]
     out = []
-    for folder in ["smollm2-135m", *folders]:
-        model, tok = load_model(ModelArgs(model=folder, dtype="auto"))
+    for folder in [a.model, *folders]:
+        model, tok = load_model(ModelArgs(model=folder, dtype="auto", device=a.device))
         model.eval()
+        where = next(model.parameters()).device  # the draws' stream lives where the model does (CPU: as before)
         done = Engine(model, tok, "auto").generate(held, SamplingParams(NEW_TOKENS, 1.0, n=N_SAMPLES),
-                                                    generator=torch.Generator().manual_seed(1))
+                                                    generator=torch.Generator(where).manual_seed(1))
         scores = reward([c.text for c in done])
         out.append({"held_out_reward": sum(scores) / len(scores)})
     return out
@@ -121,7 +118,7 @@ def held_out(a, folders: list[str]) -> list[dict]:
 def child(side: str, a, folders: list[str] = ()) -> dict:
     return run_side(__file__, side, ["--steps", str(a.steps), "--eval-prompts", str(a.eval_prompts), "--lora-r",
                                      str(a.lora_r), "--lora-lr", str(a.lora_lr), "--micro-batch-size",
-                                     str(a.micro_batch_size), *folders])
+                                     str(a.micro_batch_size), "--model", a.model, "--device", a.device, *folders])
 
 
 # row name → (algorithm, tool, label)
@@ -143,12 +140,13 @@ def selected(a) -> list[str]:
 
 def report(a, rows: dict) -> dict:
     start = rows.pop("start")
-    print(f"{'':32}{'s/step':>8}{'generate s':>12}{'peak RSS GB':>13}{'held-out reward':>17}")
+    mem = "peak GPU GB" if any("peak_gpu_gb" in r for r in rows.values()) else "peak RSS GB"
+    print(f"{'':32}{'s/step':>8}{'generate s':>12}{mem:>13}{'held-out reward':>17}")
     print(f"{'start model':32}{'':>8}{'':>12}{'':>13}{start['held_out_reward']:>17.3f}")
     for name, r in rows.items():
         gen = f"{r['generate_s']:.1f}" if "generate_s" in r else "—"
-        print(f"{ROWS[name][2]:32}{r['step_s']:>8.1f}{gen:>12}{r['peak_rss_gb']:>13.2f}{r['held_out_reward']:>17.3f}")
-    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "settings": vars(a),
+        print(f"{ROWS[name][2]:32}{r['step_s']:>8.1f}{gen:>12}{peak_gb(r):>13.2f}{r['held_out_reward']:>17.3f}")
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "settings": vars(a), "prompts": str(HH),
               "load_average": os.getloadavg(), "start_held_out_reward": start["held_out_reward"], "rows": rows}
     for name, r in rows.items():
         algo, tool, label = ROWS[name]
@@ -156,8 +154,8 @@ def report(a, rows: dict) -> dict:
         if tool != "trl" and trl:
             ratio = r["step_s"] / trl["step_s"]
             result[f"{name}_time_ratio"] = ratio
-            print(f"{label}: {ratio:.2f}× TRL's step time at {r['peak_rss_gb']:.2f} GB peak RSS "
-                  f"({r['peak_rss_gb'] / trl['peak_rss_gb']:.2f}× TRL's)"
+            print(f"{label}: {ratio:.2f}× TRL's step time at {peak_gb(r):.2f} GB {mem[:-3]} "
+                  f"({peak_gb(r) / peak_gb(trl):.2f}× TRL's)"
                   + (" — goal ≤ 0.33× at ≤ 2.5 GB" if tool == "ours" else ""))
     return result
 
@@ -170,6 +168,9 @@ def main() -> None:
     p.add_argument("--lora-lr", type=float, default=1e-4, help="chatrlhf recommended rows: learning rate")
     p.add_argument("--micro-batch-size", type=int, default=8, help="chatrlhf: replies per forward/backward")
     p.add_argument("--skip-rloo", action="store_true", help="GRPO rows only")
+    p.add_argument("--model", default="smollm2-135m", help="every row (tiny-random-llama: a quick smoke run)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="every row: auto = CUDA when present (peak memory is then the GPU's), else CPU")
     comparison_args(p)
     p.add_argument("--side", help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -34,9 +34,11 @@ def step_times(trainer) -> list[float]:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *_, **__):
+            cuda_sync()
             self.t = time.perf_counter()
 
         def on_step_end(self, *_, **__):
+            cuda_sync()  # on a GPU the step's kernels are still queued here: time them, not their launch
             times.append(time.perf_counter() - self.t)
 
     trainer.add_callback(Timer())
@@ -45,6 +47,52 @@ def step_times(trainer) -> list[float]:
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def cuda_used() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def cuda_sync() -> None:
+    if cuda_used():
+        sys.modules["torch"].cuda.synchronize()
+
+
+def peak_memory() -> dict:
+    """Peak RSS; where this process used the GPU, also the peak of its tensors there (torch.cuda.max_memory_allocated),
+    the figure that counts on a GPU."""
+    out = {"peak_rss_gb": peak_rss_gb()}
+    if cuda_used():
+        out["peak_gpu_gb"] = sys.modules["torch"].cuda.max_memory_allocated() / 1024**3
+    return out
+
+
+def peak_gb(row: dict) -> float:
+    """The memory figure to compare: GPU peak where there is one, else peak RSS."""
+    return row.get("peak_gpu_gb", row["peak_rss_gb"])
+
+
+def use_cpu(device: str) -> bool:
+    """TRL's ``use_cpu`` for a benchmark's --device (auto: CUDA when present, as chatrlhf picks)."""
+    import torch
+
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def hf_model(name: str):
+    """(model, tokenizer) for TRL, fp32: from_pretrained for the embedded model or a folder; chatrlhf's builders for a
+    tiny random model (it has no folder to read)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatrlhf.models import TINY, load_tokenizer, resolve_model, tiny_model
+
+    path = resolve_model(name)
+    if path in TINY:
+        tok = load_tokenizer(name)
+        return tiny_model(name, tok), tok
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
 def run_ours(a) -> dict:
@@ -56,13 +104,13 @@ def run_ours(a) -> dict:
     cfg = SFTConfig(model=a.model, data=[a.data], output_dir=out, max_steps=a.steps, batch_size=a.batch_size,
                     lr=2e-5, warmup_ratio=0.0, eval_fraction=0.0, eval_steps=10**9, save_steps=10**9,
                     max_length=a.max_length, quiet=True, tensorboard=False, dtype=a.dtype, seed=0,
-                    gradient_checkpointing=a.gradient_checkpointing)
+                    gradient_checkpointing=a.gradient_checkpointing, device=a.device)
     t0 = time.perf_counter()
     train(cfg, log=lambda *x: None)
     total = time.perf_counter() - t0
     steps = [m for m in read_metrics(out) if "train/loss" in m][1:]  # drop the warm-up step
     tokens, secs = tokens_and_time(steps)
-    return {"tokens_per_s": tokens / secs, "peak_rss_gb": peak_rss_gb(), "wall_s": total,
+    return {"tokens_per_s": tokens / secs, "step_s": secs / len(steps), **peak_memory(), "wall_s": total,
             "loss_first": steps[0]["train/loss"], "loss_last": steps[-1]["train/loss"]}
 
 
@@ -75,21 +123,17 @@ def tokens_and_time(steps: list[dict]) -> tuple[float, float]:
 def run_trl(a) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from chatrlhf.data import as_conversations, load_records
-    from chatrlhf.models import resolve_model
 
     torch.manual_seed(0)
-    path = resolve_model(a.model)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model, tok = hf_model(a.model)
     convs = as_conversations(load_records(a.data))
     ds = Dataset.from_list([{"prompt": c.messages[:-1], "completion": c.messages[-1:]} for c in convs])
     args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="bench-sft-trl-"), per_device_train_batch_size=a.batch_size,
                      max_steps=a.steps, learning_rate=2e-5, lr_scheduler_type="cosine", warmup_steps=0,
-                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=use_cpu(a.device), seed=0,
                      max_length=a.max_length, bf16=a.dtype == "bfloat16", dataloader_num_workers=0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     counted = []
@@ -107,13 +151,15 @@ def run_trl(a) -> dict:
     trainer.train()
     total = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"tokens_per_s": sum(counted[1:a.steps]) / sum(times[1:]), "peak_rss_gb": peak_rss_gb(), "wall_s": total,
+    return {"tokens_per_s": sum(counted[1:a.steps]) / sum(times[1:]), "step_s": sum(times[1:]) / len(times[1:]),
+            **peak_memory(), "wall_s": total,
             "loss_first": losses[1], "loss_last": losses[-1]}
 
 
 def child(side: str, a) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
            "--data", a.data, "--model", a.model, "--max-length", str(a.max_length), "--dtype", a.dtype,
+           "--device", a.device,
            "--gradient-checkpointing" if a.gradient_checkpointing else "--no-gradient-checkpointing"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -132,6 +178,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="chatrlhf side only (TRL's SFTTrainer turns it on by default)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="both sides: auto = CUDA when present (peak memory is then the GPU's), else CPU")
     p.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.side:
@@ -143,11 +191,13 @@ def main() -> None:
     ours, trl = child("ours", a), child("trl", a)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "settings": vars(a), "chatrlhf": ours,
               "trl": trl, "speed_ratio": ours["tokens_per_s"] / trl["tokens_per_s"],
-              "memory_ratio": ours["peak_rss_gb"] / trl["peak_rss_gb"]}
-    print(f"{'':10}{'tokens/s':>10}{'peak RSS GB':>13}{'loss first→last':>20}")
+              "memory_ratio": peak_gb(ours) / peak_gb(trl)}
+    mem = "peak GPU GB" if "peak_gpu_gb" in ours else "peak RSS GB"
+    print(f"{'':10}{'tokens/s':>10}{mem:>13}{'loss first→last':>20}")
     for name, r in (("chatrlhf", ours), ("TRL", trl)):
-        print(f"{name:10}{r['tokens_per_s']:>10.1f}{r['peak_rss_gb']:>13.2f}{r['loss_first']:>12.3f} → {r['loss_last']:.3f}")
-    print(f"ratio: {result['speed_ratio']:.2f}× TRL's tokens/s at {result['memory_ratio']:.2f}× its peak RSS "
+        print(f"{name:10}{r['tokens_per_s']:>10.1f}{peak_gb(r):>13.2f}{r['loss_first']:>12.3f}"
+              f" → {r['loss_last']:.3f}")
+    print(f"ratio: {result['speed_ratio']:.2f}× TRL's tokens/s at {result['memory_ratio']:.2f}× its {mem[:-3]} "
           f"(goal ≥ 1.5× at ≤ 1.0×)")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +240,15 @@ def machine() -> str:
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", GPU {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    except ImportError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, Python {platform.python_version()}"
 
 
 if __name__ == "__main__":
