@@ -357,6 +357,12 @@ class PPOConfig(RolloutArgs, RewardArgs, ProcessArgs, RunArgs, OptimArgs, DataAr
     vf_coef: float = arg(0.1, "Value-loss weight when the value head shares the policy trunk.")
     whiten_rewards: bool = arg(False, "Whiten per-token rewards before GAE (off in N+; try it for noisy rewards).")
     eval_fraction: float = arg(0.2, "Fraction of prompts held out to measure reward and KL before/after.")
+    rollout_engine: str = arg("local", "Who samples the replies: `local` = our engine (CPU or GPU); `vllm` = vLLM "
+                              "colocated on the GPU (pip install 'chatrlhf[vllm]'; CUDA only), the policy's weights "
+                              "pushed to it after every update, asleep while the policy trains.", ("local", "vllm"))
+    vllm_gpu_memory: float = arg(0.3, "--rollout-engine vllm: share of the GPU's memory vLLM may take.")
+    tis_cap: float = arg(2.0, "--rollout-engine vllm: cap C of the truncated importance weight min(π_train/π_vLLM, "
+                         "C) on each token's policy loss (vLLM's log-probs differ slightly from the trainer's).")
 
 
 @dataclass

@@ -144,17 +144,34 @@ def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: int, n_step
 # --------------------------------------------------------------------------- PPO
 
 
+def truncated_importance_weights(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor,
+                                 cap: float = 2.0) -> tuple[torch.Tensor, dict]:
+    """Per-token weights min(π_train(a|s) / π_sampler(a|s), C) for replies drawn by another engine (vLLM), whose
+    log-probs differ slightly from the trainer's forward pass (Yao et al. 2025): the policy-gradient estimate is then
+    of the trainer's policy, with the variance bounded by C. No gradient; 0 off the reply. Metrics: the ratio's mean
+    and the share of tokens truncated."""
+    with torch.no_grad():
+        ratio = torch.exp(trainer_logprobs - sampler_logprobs)
+        weights = torch.clamp(ratio, max=cap) * mask
+        metrics = {"rollout/is_ratio_mean": float(masked_mean(ratio, mask)),
+                   "rollout/is_truncated": float(masked_mean((ratio > cap).float(), mask))}
+    return weights, metrics
+
+
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float = 0.2, total_tokens: float | None = None):
+                    mask: torch.Tensor, clip: float = 0.2, total_tokens: float | None = None,
+                    weights: torch.Tensor | None = None):
     """Clipped surrogate (Schulman et al. 2017, eq. 7), token mean over the masked positions:
     L = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))], ρ = exp(log π − log π_old). ``total_tokens``: the minibatch's tokens
-    over every process (loss and metrics are then this part's share: see :func:`masked_mean`)."""
+    over every process (loss and metrics are then this part's share: see :func:`masked_mean`). ``weights``: per-token
+    importance weights of replies sampled by another engine (:func:`truncated_importance_weights`)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     n = total_tokens
-    loss = masked_mean(torch.max(unclipped, clipped), mask, total=n)
+    per_token = torch.max(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask, total=n)
     with torch.no_grad():
         metrics = {"loss/policy": loss.detach(), "ppo/clipfrac": masked_mean((clipped > unclipped).float(), mask, total=n),
                    # KL(π_old ‖ π) on tokens sampled from π_old, ratio ρ = π/π_old: k3 = (ρ − 1) − log ρ (as cleanrl), and k1

@@ -49,6 +49,7 @@ class Rollout:
     prompts: list = field(default_factory=list)   # B message lists
     texts: list = field(default_factory=list)     # B decoded replies
     ended: torch.Tensor | None = None              # (B,) reply ended with EOS
+    is_weights: torch.Tensor | None = None         # (B, R) truncated importance weights, replies sampled by vLLM
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
@@ -251,17 +252,18 @@ def row_seeds(*key: int, rows) -> list[int]:
 
 
 def generate(policy, tok, prompts, cfg, gen: torch.Generator | None, top_p: float = 1.0,
-             seeds: list[int] | None = None) -> tuple[Rollout, torch.Tensor, float]:
+             seeds: list[int] | None = None, sampler=None) -> tuple[Rollout, torch.Tensor, float]:
     """Sampled replies as a Rollout (log-probs, values and rewards still empty), the sampler's own log-probs
     and the seconds it took. ``top_p`` below 1 (bestofn, which never recomputes log-probs) samples from the nucleus:
     the sampler's log-probs are then those of the filtered distribution. ``seeds`` (one per prompt, see
-    :func:`row_seeds`): each row draws from a stream of its own instead of ``gen``."""
+    :func:`row_seeds`): each row draws from a stream of its own instead of ``gen``. ``sampler``: another engine with
+    ``sample_tensors`` (vllm_backend.VLLMSampler) instead of ours."""
     device = next(policy.parameters()).device
     t0 = time.perf_counter()
     q, qm = encode_prompts(tok, prompts, cfg.max_prompt_length, device)
     policy.eval()
     rows = [generator(x, device) for x in seeds] if seeds is not None else None
-    ids, mask, sample_lp = Engine(policy, tok, cfg.dtype).sample_tensors(
+    ids, mask, sample_lp = (sampler or Engine(policy, tok, cfg.dtype)).sample_tensors(
         q, qm, SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=top_p), gen, row_generators=rows)
     zeros = torch.zeros_like(sample_lp)
     r = Rollout(q, qm, ids, mask, zeros, zeros, zeros, zeros[:, 0], zeros, zeros, zeros, prompts,

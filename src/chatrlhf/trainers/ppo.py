@@ -31,7 +31,7 @@ from chatrlhf.engine import SamplingParams
 from chatrlhf.env import turn_references, user_turns_key
 from chatrlhf.errors import UsageError
 from chatrlhf.models import add_lora, autocast, count_parameters, enable_checkpointing, load_model, load_tokenizer, \
-    save_model, unwrap
+    resolve_device, resolve_model, save_model, unwrap
 from chatrlhf.reward_model import classic_head, load_reward_model, reward_norm
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import Critic, Rollout, deadline_of, end_of_step, eval_collect, eval_summary, evaluate, \
@@ -40,6 +40,7 @@ from chatrlhf.rollout import Critic, Rollout, deadline_of, end_of_step, eval_col
 from chatrlhf.trainers.common import file_hashes, make_optimizer
 from chatrlhf.trainers.run import Run, Summary
 from chatrlhf.trainers.value import SeparateCritic, SharedHead
+from chatrlhf.vllm_backend import VLLMSampler, check_available
 
 # --------------------------------------------------------------------------- set-up
 
@@ -99,10 +100,10 @@ def _same_vocab(path: str, tok) -> bool:
 
 @torch.no_grad()
 def rollout(policy, ref_ctx, vf, tok, prompts, cfg: PPOConfig, mix: RewardMix, step: int,
-            seeds: list[int]) -> tuple[Rollout, dict]:
-    """Sample (each row from a stream of its own: ``seeds``), recompute log-probs and values, score with the reward
-    mix (its running moments updated)."""
-    r, sample_lp, gen_s = generate(policy, tok, prompts, cfg, None, seeds=seeds)
+            seeds: list[int], sampler: VLLMSampler | None = None) -> tuple[Rollout, dict]:
+    """Sample (each row from a stream of its own: ``seeds``; on vLLM with a ``sampler``), recompute log-probs and
+    values, score with the reward mix (its running moments updated)."""
+    r, sample_lp, gen_s = generate(policy, tok, prompts, cfg, None, seeds=seeds, sampler=sampler)
     return r, score(policy, ref_ctx, vf, r, sample_lp, gen_s, cfg, mix, step)
 
 
@@ -118,6 +119,9 @@ def score(policy, ref_ctx, vf, r: Rollout, sample_lp: torch.Tensor, gen_s: float
     r.scores = torch.tensor(scores, dtype=torch.float32, device=r.query_ids.device)
     metrics.update(rollout_metrics(r, gen_s))
     metrics["rollout/logprob_mismatch"] = float(losses.masked_mean((sample_lp - r.logprobs).abs(), r.response_mask))
+    if cfg.rollout_engine == "vllm":  # replies of another engine: each token's loss weighed by min(π/π_vLLM, C)
+        r.is_weights, m = losses.truncated_importance_weights(r.logprobs, sample_lp, r.response_mask, cfg.tis_cap)
+        metrics.update(m)
     return metrics
 
 
@@ -234,7 +238,8 @@ def policy_backward(policy, vf, mb: Rollout, cfg: PPOConfig, train_policy: bool,
     the minibatch's tokens over every process (None: this one's)."""
     with autocast(cfg.dtype, mb.query_ids.device):
         lp, ent, v = policy_forward(policy, mb, cfg.temperature, with_entropy=True, value_head=vf.head)
-    loss, m = losses.ppo_policy_loss(lp, mb.logprobs, mb.advantages, mb.response_mask, cfg.cliprange, tokens)
+    loss, m = losses.ppo_policy_loss(lp, mb.logprobs, mb.advantages, mb.response_mask, cfg.cliprange, tokens,
+                                     mb.is_weights)
     vl, vm = vf.trunk_loss(v, mb, cfg.cliprange_value, tokens)
     (loss * float(train_policy) + vl).backward()  # warm-up: the trunk learns values alone
     m.update(vm)
@@ -302,6 +307,36 @@ def check(cfg: PPOConfig) -> None:
         raise UsageError(f"--critic-warmup-steps {cfg.critic_warmup_steps} leaves no step of --max-steps "
                          f"{cfg.max_steps} to train the policy", "lower --critic-warmup-steps")
     check_env(cfg)
+    check_sampler(cfg)
+
+
+def check_sampler(cfg: PPOConfig) -> None:
+    """--rollout-engine vllm: refused where it cannot run (no CUDA, no vllm), before anything loads; its flags refused
+    without it."""
+    if cfg.rollout_engine == "vllm":
+        check_available(resolve_device(cfg.device))
+        if cfg.tis_cap < 1 or not 0 < cfg.vllm_gpu_memory < 1:
+            raise UsageError(f"--tis-cap {cfg.tis_cap:g} / --vllm-gpu-memory {cfg.vllm_gpu_memory:g}: the cap must be "
+                             ">= 1 and the memory share in (0, 1)", "e.g. --tis-cap 2 --vllm-gpu-memory 0.3")
+        if cfg.env == "dialogue":
+            raise UsageError("--rollout-engine vllm with --env dialogue: the dialogue episodes sample on our engine",
+                             "drop --rollout-engine vllm")
+        return
+    given = [f for f, v, d in (("--tis-cap", cfg.tis_cap, 2.0), ("--vllm-gpu-memory", cfg.vllm_gpu_memory, 0.3))
+             if v != d]
+    if given:
+        raise UsageError(f"{' and '.join(given)} only work with --rollout-engine vllm", "add it (a CUDA GPU), or drop "
+                         "the flag")
+
+
+def rollout_sampler(cfg: PPOConfig, policy, tok) -> VLLMSampler | None:
+    """vLLM colocated with the policy's current weights (--rollout-engine vllm), else None (our engine)."""
+    if cfg.rollout_engine != "vllm":
+        return None
+    sampler = VLLMSampler(tok, str(resolve_model(cfg.model)), cfg.dtype, cfg.vllm_gpu_memory,
+                          cfg.max_prompt_length + cfg.max_new_tokens)
+    sampler.push(policy)  # a resumed run's weights are not the folder's
+    return sampler
 
 
 def check_env(cfg: PPOConfig) -> None:
@@ -353,6 +388,7 @@ def train(cfg: PPOConfig, log=print) -> Summary:
     gens = {"sample": generator(cfg.seed, run.device), "shuffle": generator(cfg.seed + 1)}
     state = run.begin(parts, gens, {"beta": cfg.kl_coef, "moments": {}, "history": [], "eval_start": None,
                                     "eval_norm": None})
+    sampler = rollout_sampler(cfg, policy, tok)
     mix.load_state(state["moments"])
     step = run.step
     if step == 0:
@@ -363,7 +399,7 @@ def train(cfg: PPOConfig, log=print) -> Summary:
     with run.loop(n_steps) as bar:
         while run.running(step, n_steps):
             raw = ppo_step(run, step, policy, ref_ctx, vf, tok, train_data, mix, parts["policy"], gens,
-                           calibrate=step == 0 and critic_kind == "reward-model", log=log)
+                           calibrate=step == 0 and critic_kind == "reward-model", sampler=sampler, log=log)
             step += 1
             n_steps = end_of_step("ppo", run, step, n_steps, raw, samples, bar, deadline=deadline, log=log,
                                   held_out=lambda total: held_out(policy, ref_ctx, tok, eval_data, cfg, mix, state, total))
@@ -374,7 +410,7 @@ def train(cfg: PPOConfig, log=print) -> Summary:
 
 
 def ppo_step(run: Run, step: int, policy, ref_ctx, vf, tok, train_data: list, mix: RewardMix, policy_part: tuple,
-             gens: dict, calibrate: bool, log=print) -> dict:
+             gens: dict, calibrate: bool, sampler: VLLMSampler | None = None, log=print) -> dict:
     """One PPO step (``step`` 0-based): rollout, advantages, the update, β, warnings. ``train_data``: the prompts,
     or with --env dialogue the environments. Returns the step's metrics, reduced over processes (``_rollout`` holds
     this process's rollout for the samples file)."""
@@ -386,8 +422,8 @@ def ppo_step(run: Run, step: int, policy, ref_ctx, vf, tok, train_data: list, mi
         rows = list(range(len(r)))
     else:
         batch, rows = step_prompts(run, train_data, step)
-        r, metrics = rollout(policy, ref_ctx, vf, tok, batch, cfg, mix, step, row_seeds(cfg.seed, TRAIN_STREAM, step,
-                                                                                        rows=rows))
+        r, metrics = rollout(policy, ref_ctx, vf, tok, batch, cfg, mix, step,
+                             row_seeds(cfg.seed, TRAIN_STREAM, step, rows=rows), sampler)
     total = run.total if run.world_size > 1 else None
     if total:  # the whole batch's spread, not the processes' mean of theirs
         metrics["reward/total_std"] = float(torch.tensor(run.gather(r.scores.tolist())).std(unbiased=False))
@@ -398,6 +434,8 @@ def ppo_step(run: Run, step: int, policy, ref_ctx, vf, tok, train_data: list, mi
     train_policy = step >= cfg.critic_warmup_steps
     _, optimizer, scheduler = policy_part
     metrics.update(ppo_update(policy, vf, optimizer, r, cfg, train_policy, gens["shuffle"], run, rows))
+    if sampler is not None:
+        sampler.push(policy)  # vLLM samples the next step with the updated weights
     metrics = run.reduce(metrics, SUMMED)
     metrics["train/lr"] = scheduler.get_last_lr()[0]
     if train_policy:  # the policy's schedule starts after the critic's warm-up
