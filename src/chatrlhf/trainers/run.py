@@ -56,6 +56,7 @@ import random
 import shutil
 import signal
 import tempfile
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,11 +65,14 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 from accelerate.utils import gather_object
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict, \
+    set_model_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard, register_fsdp_forward_method
 
 from chatrlhf.config import config_dict
 from chatrlhf.errors import UsageError
 from chatrlhf.logger import MetricsLogger, progress_bar, read_metrics, truncate_jsonl
-from chatrlhf.models import autocast, resolve_device
+from chatrlhf.models import FORWARD_METHOD, autocast, resolve_device, save_model, unwrap
 from chatrlhf.trainers.common import optimizer_step, seed_everything, total_steps
 
 KEEP_CHECKPOINTS = 2  # the latest two: one may be half-way through a copy elsewhere
@@ -149,20 +153,23 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, keep: int = KEEP_CHECKPOINTS,
                     generators: dict[str, torch.Generator] | None = None, objects: dict | None = None,
-                    ranks: list[dict] | None = None) -> Path:
+                    ranks: list[dict] | None = None, gathered: dict | None = None) -> Path:
     """``parts`` = {name: (module, optimizer, scheduler)}: each module's trainable weights
     (``name.safetensors``), every optimizer and scheduler, the global RNG, the trainer's own random streams
     (``generators``), the whole ``state_dict()`` of each of ``objects`` ({name: object}: a replay buffer, a
     feature cache, frozen target networks — anything a part's trainable weights leave out) and its ``state`` (JSON).
-    ``ranks``: with several processes, every rank's random state (:func:`rank_random_state`), rank 0's first."""
+    ``ranks``: with several processes, every rank's random state (:func:`rank_random_state`), rank 0's first.
+    ``gathered``: under FSDP, {name: (full trainable weights, full optimizer state)} of each part
+    (:func:`gather_part`), written instead of the sharded module's and optimizer's own."""
     from safetensors.torch import save_file
 
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
     for name, (module, _, _) in parts.items():
-        save_file(trainable_state(module), tmp / f"{name}.safetensors")
-    torch.save({"optimizers": {n: o.state_dict() for n, (_, o, _) in parts.items()},
+        save_file(gathered[name][0] if gathered else trainable_state(module), tmp / f"{name}.safetensors")
+    torch.save({"optimizers": {n: gathered[n][1] if gathered else o.state_dict() for n, (_, o, _) in parts.items()},
+                "sharded": gathered is not None,
                 "schedulers": {n: s.state_dict() for n, (_, _, s) in parts.items()}, "rng": rng_state(),
                 "generators": {n: g.get_state() for n, g in (generators or {}).items()},
                 "objects": {n: o.state_dict() for n, o in (objects or {}).items()}, "ranks": ranks or []},
@@ -193,15 +200,21 @@ def rank_random_state(generators: dict[str, torch.Generator]) -> dict:
 
 
 def load_checkpoint(path: Path, parts: dict, generators: dict[str, torch.Generator] | None = None,
-                    objects: dict | None = None, rank: int = 0, world_size: int = 1) -> dict:
+                    objects: dict | None = None, rank: int = 0, world_size: int = 1, sharded: bool = False) -> dict:
     """Restore what :func:`save_checkpoint` wrote into the same ``parts``, ``generators`` and ``objects``;
     returns the trainer state (without the step, which the folder's name gives). With several processes each rank
-    takes its own random state; the number of ranks must be the one that wrote the checkpoint."""
+    takes its own random state; the number of ranks must be the one that wrote the checkpoint. ``sharded``: the parts
+    are FSDP-sharded (every rank reads the full weights and optimizer state and keeps its shards: :func:`restore_part`)."""
     from safetensors.torch import load_file
 
     # the run's own checkpoint, written by save_checkpoint (optimizer and RNG states need pickle)
     blob = torch.load(path / "state.pt", weights_only=False)  # nosec B614
+    check_sharding(path, blob.get("sharded", False), sharded)
     for name, (module, optimizer, scheduler) in parts.items():
+        if sharded:
+            restore_part(module, optimizer, load_file(path / f"{name}.safetensors"), blob["optimizers"][name])
+            scheduler.load_state_dict(blob["schedulers"][name])
+            continue
         params = dict(module.named_parameters())
         with torch.no_grad():
             for key, value in load_file(path / f"{name}.safetensors").items():
@@ -232,6 +245,128 @@ def latest_checkpoint(out_dir: str | Path) -> tuple[int, Path]:
     return found[-1]
 
 
+# --------------------------------------------------------------------------- FSDP2: sharded weights
+# Under FSDP (--fsdp, or `accelerate launch --config_file fsdp.yaml`: ACCELERATE_USE_FSDP=true) each decoder block and
+# then the whole model are wrapped with PyTorch's fully_shard (FSDP2, full shard): every rank keeps 1/N of each weight,
+# gradient and optimizer moment, and a block's weights are all-gathered only while it computes. Gradients are
+# reduce-scattered as a SUM (the scaffold's contract: each rank's loss is already divided by the global count), so
+# Run.optimizer_step adds no all-reduce. Checkpoints hold the FULL trainable weights and optimizer state (gathered to
+# rank 0, keyed by parameter name), so a checkpoint reads the same whatever the sharding; the saved model is a plain
+# Hugging Face folder. accelerate's own FSDP plugin is not used: it never engages on CPU, and the trainers call the
+# trunk and the head separately, which this module handles with one registered forward method (models.in_forward).
+
+FSDP_HELP = "docs/distributed.md, \"FSDP\""
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def refuse_deepspeed() -> None:
+    """A DeepSpeed launch is refused: its CPU build compiles a C++ extension on first use (and installs only from
+    source), too heavy to run or test here yet; FSDP covers the sharding."""
+    if env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise UsageError("accelerate launch with DeepSpeed: not supported yet — DeepSpeed compiles its C++ extension "
+                         "on first use and is not run or tested by chatrlhf",
+                         "shard with FSDP instead: accelerate launch --config_file \"$(python -m chatrlhf.accelerate "
+                         "fsdp)\" -m chatrlhf ..., or --num-processes N --fsdp; plain data parallelism: the ddp config")
+
+
+def fsdp_settings(cfg, command: str, world_size: int) -> dict | None:
+    """How this run shards its model ({"offload", "reshard_after_forward"}), or None without FSDP. --fsdp and a launch
+    with ACCELERATE_USE_FSDP=true both turn it on; --fsdp-offload and the launch's FSDP_OFFLOAD_PARAMS=true both
+    offload. What would not work is refused here, before any model loads."""
+    wanted, offload = getattr(cfg, "fsdp", False), getattr(cfg, "fsdp_offload", False)  # read on every run
+    if not (wanted or env_flag("ACCELERATE_USE_FSDP")):
+        if offload:
+            raise UsageError("--fsdp-offload without FSDP: it offloads FSDP's shards", "add --fsdp")
+        return None
+    if not hasattr(cfg, "fsdp"):
+        raise UsageError(f"chatrlhf {command} does not run under FSDP yet",
+                         "launch it without the FSDP config; sft, reward train and dpo shard with FSDP")
+    if world_size < 2:
+        raise UsageError("--fsdp shards the model over processes, and this run has one",
+                         "add --num-processes N (N ≥ 2), or launch with accelerate (" + FSDP_HELP + ")")
+    refusals = [
+        (os.environ.get("FSDP_VERSION", "2") != "2", f"FSDP version {os.environ.get('FSDP_VERSION')} (fsdp_version)",
+         "set fsdp_version: 2 in the accelerate config (the shipped fsdp.yaml does)"),
+        (os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP") != "TRANSFORMER_BASED_WRAP",
+         f"fsdp_auto_wrap_policy {os.environ.get('FSDP_AUTO_WRAP_POLICY')}",
+         "use TRANSFORMER_BASED_WRAP: chatrlhf shards each decoder block, then the model"),
+        (env_flag("FSDP_ACTIVATION_CHECKPOINTING") and not cfg.gradient_checkpointing,
+         "fsdp_activation_checkpointing: true with --no-gradient-checkpointing",
+         "activation checkpointing is --gradient-checkpointing: drop one of the two"),
+        (getattr(cfg, "lora_r", 0) > 0, f"--lora-r {getattr(cfg, 'lora_r', 0)} with FSDP",
+         "train LoRA adapters with data parallelism (drop --fsdp), or fine-tune in full with FSDP"),
+        (getattr(cfg, "train_layers", -1) >= 0, f"--train-layers {getattr(cfg, 'train_layers', -1)} with FSDP",
+         "drop --train-layers (FSDP trains every block), or drop --fsdp")]
+    for refused, what, fix in refusals:
+        if refused:
+            raise UsageError(f"{what}: not supported", fix)
+    return {"offload": offload or env_flag("FSDP_OFFLOAD_PARAMS"),
+            "reshard_after_forward": os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"}
+
+
+def _inside_forward(self, fn, *args, **kwargs):
+    """The registered forward method of a sharded model: ``fn`` runs with the root's weights gathered."""
+    return fn(*args, **kwargs)
+
+
+def shard_model(model, settings: dict):
+    """fully_shard each decoder block, then the whole model (its embeddings, final norm and head: the root), sum the
+    gradients over ranks instead of averaging them, and register :data:`FORWARD_METHOD` (models.in_forward)."""
+    base = unwrap(model)
+    blocks = getattr(base.base_model, "layers", None) or getattr(base.base_model, "h", None)
+    if blocks is None:
+        raise UsageError(f"FSDP: cannot find the decoder blocks of {type(base).__name__}", "drop --fsdp")
+    options = {"reshard_after_forward": settings["reshard_after_forward"]}
+    if settings["offload"]:  # pinned memory needs an accelerator
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    for block in blocks:
+        fully_shard(block, **options)
+    fully_shard(base, **options)
+    for module in base.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # FSDP2 averages by default; the losses are already global means
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+    setattr(base, FORWARD_METHOD, types.MethodType(_inside_forward, base))
+    register_fsdp_forward_method(base, FORWARD_METHOD)
+    return model
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole on rank 0 (the others get {})
+
+
+def full_weights(model) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded model, on rank 0 ({} elsewhere), without the second names of tied weights
+    (the gathered copies no longer share memory, so save_pretrained would write both); every rank must call it."""
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return {k: v for k, v in get_model_state_dict(model, options=FULL).items() if k not in tied}
+
+
+def gather_part(module, optimizer) -> tuple[dict, dict]:
+    """(trainable weights, optimizer state keyed by parameter name) of a sharded part, whole on rank 0 ({} on the
+    others); every rank must call it."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    weights = {k: v.contiguous() for k, v in full_weights(module).items() if k in names}
+    return weights, get_optimizer_state_dict(module, optimizer, options=FULL)
+
+
+def restore_part(module, optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Put the full ``weights`` and ``optimizer_state`` of :func:`gather_part` into a sharded part: each rank keeps
+    its shards."""
+    set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(module, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def check_sharding(path: Path, written: bool, now: bool) -> None:
+    """A checkpoint's optimizer state is keyed by parameter name under FSDP, by position without: refuse a mix."""
+    if written != now:
+        raise UsageError(f"--resume: {path} was written {'with' if written else 'without'} FSDP, this run is "
+                         f"{'with' if now else 'without'}", f"resume {'with' if written else 'without'} --fsdp "
+                         "(or the same accelerate config)")
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -241,10 +376,7 @@ def join_processes(device: torch.device) -> tuple[int, int, torch.device]:
     each rank on its own GPU."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, device
-    for engine in ("FSDP", "DEEPSPEED"):  # accelerate would quietly fall back to plain data parallelism on CPU
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true"):
-            raise UsageError(f"accelerate launch with {engine.title().replace('speed', 'Speed')}: not supported yet — "
-                             "each process holds the whole model", "launch with a data-parallel config (README)")
+    refuse_deepspeed()
     state = PartialState(cpu=device.type == "cpu")
     return state.process_index, state.num_processes, state.device
 
@@ -261,6 +393,7 @@ class Run:
         if self.world_size > 1 and not hasattr(cfg, "num_processes"):
             raise UsageError(f"chatrlhf {command} runs in one process so far, and {self.world_size} were launched",
                              "run it without accelerate launch / torchrun; sft, reward train and dpo run in several")
+        self.fsdp = fsdp_settings(cfg, command, self.world_size)  # None: each rank holds the whole model
         self.step = 0                      # optimizer steps done (the data position)
         self.parts: dict = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -290,6 +423,8 @@ class Run:
     def shard(self, batches: list[list[int]]) -> list[list[int]]:
         """This rank's part of each micro-batch of a step planned for the global batch: every ``world_size``-th
         example from ``rank``. A part may be empty (an epoch's last micro-batch can be smaller than the ranks)."""
+        if self.fsdp:
+            batches = self._whole_micro_batches(batches)
         return [b[self.rank::self.world_size] for b in batches] if self.world_size > 1 else batches
 
     def total(self, value: float | list[float]) -> float | list[float]:
@@ -321,7 +456,7 @@ class Run:
         """:func:`~chatrlhf.trainers.common.optimizer_step` after summing the gradients over ranks (one all-reduce
         of one flat buffer; a rank without a gradient, e.g. an empty part, adds zeros). Every rank then clips and
         steps the same way, so the weights stay identical. Returns the gradient norm before clipping."""
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.fsdp:  # FSDP has summed them in the backward (reduce-scatter)
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1).float() for g in grads])
             dist.all_reduce(flat)
@@ -330,6 +465,39 @@ class Run:
                 p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
                 offset += g.numel()
         return optimizer_step(optimizer, scheduler, params, max_grad_norm)
+
+    # ---------------------------------------------------------------- FSDP (identities without it)
+
+    def shard_weights(self, model):
+        """Under FSDP, ``model`` with its weights sharded over the ranks (:func:`shard_model`); call it after
+        gradient checkpointing is set and before the optimizer is built. Without FSDP, ``model`` as it is."""
+        if self.fsdp is None:
+            return model
+        self.print(f"chatrlhf {self.name}: FSDP2 full shard over {self.world_size} processes"
+                   f"{', weights offloaded to CPU memory' if self.fsdp['offload'] else ''}")
+        return shard_model(model, self.fsdp)
+
+    def save_model(self, model, tok) -> None:
+        """The trained model as a plain Hugging Face folder in OUTPUT_DIR, written by the main rank; under FSDP every
+        rank first takes part in gathering its full weights."""
+        state = full_weights(model) if self.fsdp else None
+        if self.is_main:
+            save_model(model, tok, self.out, state_dict=state)
+
+    def _gather_parts(self) -> dict | None:
+        """Under FSDP, {name: full trainable weights, full optimizer state} of every part (on rank 0), else None."""
+        if self.fsdp is None:
+            return None
+        return {name: gather_part(module, optimizer) for name, (module, optimizer, _) in self.parts.items()}
+
+    def _whole_micro_batches(self, batches: list[list[int]]) -> list[list[int]]:
+        """Under FSDP every rank must run the same forward passes (each gathers weights from all): a micro-batch
+        with fewer examples than ranks (the end of an epoch) is left out, and said so."""
+        kept = [b for b in batches if len(b) >= self.world_size]
+        if len(kept) < len(batches):
+            self.print(f"chatrlhf {self.name}: FSDP: {sum(len(b) for b in batches if b not in kept)} example(s) in "
+                       f"micro-batches smaller than the {self.world_size} processes left out of this step")
+        return kept
 
     def begin(self, parts: dict, generators: dict[str, torch.Generator] | None = None,
               state: dict | None = None, objects: dict | None = None) -> dict:
@@ -344,7 +512,8 @@ class Run:
             seed_everything(self.cfg.seed + self.rank)
         if self.cfg.resume:
             self.step, path = latest_checkpoint(self.out)
-            self.state.update(load_checkpoint(path, parts, self.generators, self.objects, self.rank, self.world_size))
+            self.state.update(load_checkpoint(path, parts, self.generators, self.objects, self.rank, self.world_size,
+                                              sharded=self.fsdp is not None))
             self.print(f"chatrlhf {self.name}: resumed from {path} (step {self.step})")
         if hasattr(self.cfg, "num_processes") and hasattr(self.cfg, "batch_size"):
             self.print(f"chatrlhf {self.name}: global batch {self.cfg.batch_size * self.cfg.grad_accum * self.world_size}"
@@ -403,9 +572,10 @@ class Run:
     def save(self) -> None:
         """A checkpoint of every registered part, the random streams and the state at ``self.step``."""
         ranks = gather_object([rank_random_state(self.generators)]) if self.world_size > 1 else None
+        gathered = self._gather_parts()
         if self.is_main:
             save_checkpoint(self.out, self.step, self.parts, self.state, generators=self.generators,
-                            objects=self.objects, ranks=ranks)
+                            objects=self.objects, ranks=ranks, gathered=gathered)
         self._saved_at = self.step
 
     def close(self) -> None:
