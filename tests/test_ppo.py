@@ -179,7 +179,8 @@ def test_evaluation_runs_in_batches_on_its_own_random_stream(monkeypatch, fn):
     prompts = ppo.split_prompts(cfg)[1][:7]
     rows, seeds = [], []
     generate = rollout.generate  # the evaluation PPO runs (rollout.evaluate) samples through rollout.generate
-    monkeypatch.setattr(rollout, "generate", lambda pol, t, p, c, g: rows.append(len(p)) or generate(pol, t, p, c, g))
+    monkeypatch.setattr(rollout, "generate", lambda pol, t, p, c, g, seeds: rows.append(len(p)) or generate(pol, t, p, c, g,
+                                                                                                      seeds=seeds))
     monkeypatch.setattr(torch, "manual_seed", lambda *a: seeds.append(a))
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda *a: seeds.append(a))   # what CUDA would re-seed
     before = torch.get_rng_state()
@@ -187,6 +188,8 @@ def test_evaluation_runs_in_batches_on_its_own_random_stream(monkeypatch, fn):
     assert seeds == [] and torch.equal(torch.get_rng_state(), before)   # the global streams are never touched
     assert rows == [6, 6, 2]                                             # 7 prompts × 2 replies, 3 prompts at a time
     assert ppo.evaluate(policy, ref_ctx, tok, prompts, cfg, mix, {}, 10) == first   # the same seed each time
+    cfg.batch_size = 7  # a stream per reply: other chunks, the same replies
+    assert ppo.evaluate(policy, ref_ctx, tok, prompts, cfg, mix, {}, 10) == pytest.approx(first, rel=1e-5)
 
 
 @pytest.mark.slow

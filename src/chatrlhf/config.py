@@ -320,7 +320,7 @@ class RolloutArgs(ReplyArgs):
 
 
 @dataclass
-class PPOConfig(RolloutArgs, RewardArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class PPOConfig(RolloutArgs, RewardArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf ppo`: PPO with a policy network and a value network against the mixed reward."""
     model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the frozen reference starts as "
                      "the same model (with LoRA: the base with adapters off).")

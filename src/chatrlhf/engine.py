@@ -448,10 +448,14 @@ class Engine:
 
     @torch.no_grad()
     def sample_tensors(self, query_ids: torch.Tensor, query_mask: torch.Tensor, params: SamplingParams,
-                       generator: torch.Generator | None = None):
+                       generator: torch.Generator | None = None, row_generators: list[torch.Generator] | None = None):
         """The training rollout: one reply per row of the left-padded prompts (B, Q), as tensors
-        (response_ids, response_mask, logprobs), (B, R = params.max_tokens), right-padded after the first EOS."""
-        requests = [Request(row[m.bool()].tolist(), params, i) for i, (row, m) in enumerate(zip(query_ids, query_mask))]
+        (response_ids, response_mask, logprobs), (B, R = params.max_tokens), right-padded after the first EOS.
+        ``row_generators``: a random stream per row (instead of ``generator``), so that a row samples the same reply
+        whatever else is in the batch — one process of a batch of 2B or two of B draw the same replies."""
+        rows = row_generators or [None] * len(query_ids)
+        requests = [Request(row[m.bool()].tolist(), params, i, generator=g)
+                    for i, (row, m, g) in enumerate(zip(query_ids, query_mask, rows))]
         with self._cv:
             if self._batch is not None or self._waiting or self._thread is not None:
                 raise RuntimeError("Engine.sample_tensors needs the engine to itself: requests are still running")

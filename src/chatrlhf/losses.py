@@ -46,20 +46,33 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
 # --------------------------------------------------------------------------- masking helpers
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``x`` over positions where ``mask`` is 1 (all of them, or along ``dim``)."""
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None, total: float | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (all of them, or along ``dim``). ``total``: divide the
+    masked sum by this count instead — the positions of a batch split over processes, of which ``x`` is one part
+    (the parts' results then add up to the whole batch's mean)."""
     mask = mask.to(x.dtype)
+    if total is not None:
+        return (x * mask).sum() / max(total, 1.0)
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, total=None) -> torch.Tensor:
     """(x − mean) / std over the masked positions (unbiased variance, as in lm-human-preferences);
-    masked-out positions become 0. ``shift_mean=False`` keeps the mean (used for rewards)."""
-    mean = masked_mean(x, mask)
-    n = mask.sum().clamp(min=2)
-    var = (((x - mean) ** 2) * mask).sum() / (n - 1)
+    masked-out positions become 0. ``shift_mean=False`` keeps the mean (used for rewards). ``total``: a function
+    that sums a list of numbers over the processes a batch is split into (``x`` is one part): mean and variance
+    are then the whole batch's (two passes, as here)."""
+    if total is None:
+        mean = masked_mean(x, mask)
+        n = mask.sum().clamp(min=2)
+        var = (((x - mean) ** 2) * mask).sum() / (n - 1)
+    else:
+        m = mask.to(x.dtype)
+        s, n = total([float((x * m).sum()), float(m.sum())])
+        mean = s / max(n, 1.0)
+        var = total([float((((x - mean) ** 2) * m).sum())])[0] / (max(n, 2.0) - 1)
+        var = torch.tensor(var, dtype=x.dtype, device=x.device)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -132,32 +145,35 @@ def adaptive_kl_coef(beta: float, kl: float, target: float, horizon: int, n_step
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float = 0.2):
+                    mask: torch.Tensor, clip: float = 0.2, total_tokens: float | None = None):
     """Clipped surrogate (Schulman et al. 2017, eq. 7), token mean over the masked positions:
-    L = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))], ρ = exp(log π − log π_old)."""
+    L = E[max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))], ρ = exp(log π − log π_old). ``total_tokens``: the minibatch's tokens
+    over every process (loss and metrics are then this part's share: see :func:`masked_mean`)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    n = total_tokens
+    loss = masked_mean(torch.max(unclipped, clipped), mask, total=n)
     with torch.no_grad():
-        metrics = {"loss/policy": loss.detach(), "ppo/clipfrac": masked_mean((clipped > unclipped).float(), mask),
+        metrics = {"loss/policy": loss.detach(), "ppo/clipfrac": masked_mean((clipped > unclipped).float(), mask, total=n),
                    # KL(π_old ‖ π) on tokens sampled from π_old, ratio ρ = π/π_old: k3 = (ρ − 1) − log ρ (as cleanrl), and k1
-                   "ppo/approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-                   "ppo/approx_kl_k1": masked_mean(-log_ratio, mask),
-                   "ppo/ratio_mean": masked_mean(ratio, mask)}
+                   "ppo/approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask, total=n),
+                   "ppo/approx_kl_k1": masked_mean(-log_ratio, mask, total=n),
+                   "ppo/ratio_mean": masked_mean(ratio, mask, total=n)}
     return loss, metrics
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float = 0.2):
+               clip: float = 0.2, total_tokens: float | None = None):
     """Clipped value loss (Schulman et al. 2017 baselines; N+ item): ½ E[max((V − G)², (V_clip − G)²)],
-    V_clip = V_old + clip(V − V_old, −ε, ε)."""
+    V_clip = V_old + clip(V − V_old, −ε, ε). ``total_tokens``: as :func:`ppo_policy_loss`."""
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     sq, sq_clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(sq, sq_clipped), mask)
+    loss = 0.5 * masked_mean(torch.max(sq, sq_clipped), mask, total=total_tokens)
     with torch.no_grad():
-        metrics = {"loss/value": loss.detach(), "ppo/vf_clipfrac": masked_mean((sq_clipped > sq).float(), mask)}
+        metrics = {"loss/value": loss.detach(),
+                   "ppo/vf_clipfrac": masked_mean((sq_clipped > sq).float(), mask, total=total_tokens)}
     return loss, metrics
 
 

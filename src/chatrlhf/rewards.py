@@ -276,6 +276,7 @@ class RewardMix:
             raise UsageError(f"--reward-weights names {', '.join(sorted(unknown))}, which is not configured",
                              f"configured sources: {', '.join(sorted(sources)) or 'none'}")
         self.sources, self.normalise, self.penalty = sources, normalise, missing_eos_penalty
+        self.gather = None
         self.schedules = {name: schedules.get(name, Schedule()) for name in sources}
         self.moments = {name: RunningMoments() for name in sources}
 
@@ -298,11 +299,15 @@ class RewardMix:
         return self.schedules[name](step) / ((m.std if m.std >= 1e-3 else 1.0) if self.normalise else 1.0)
 
     def __call__(self, prompts, responses, ended: list[bool], step: int):
-        """(rewards, metrics); the running moments are updated with this batch first."""
+        """(rewards, metrics); the running moments are updated with this batch first — with several processes,
+        with the whole batch (``gather``: a function that joins every process's list), so every process
+        normalises the same way, as one process with the whole batch would."""
         total = [0.0] * len(responses)
         metrics: dict[str, float] = {}
         for name, raw in self.raw(prompts, responses, ended).items():
             seen = [float(x) for x in raw if x is not None]
+            metrics[f"reward/{name}_coverage"] = len(seen) / max(len(raw), 1)
+            seen = self.gather(seen) if self.gather else seen  # several processes: the whole batch's values
             self.moments[name].update(seen)
             w = self.schedules[name](step)
             for i, x in enumerate(raw):
@@ -310,7 +315,6 @@ class RewardMix:
                     total[i] += w * (self.moments[name].normalise(float(x)) if self.normalise else float(x))
             if seen:  # a source with no opinion on any reply has no mean (never a NaN in the logs)
                 metrics[f"reward/{name}_mean"] = sum(seen) / len(seen)
-            metrics[f"reward/{name}_coverage"] = len(seen) / max(len(raw), 1)
             metrics[f"reward/{name}_weight"] = w
             metrics[f"_raw/{name}"] = raw
         for i, ok in enumerate(ended):

@@ -244,16 +244,25 @@ def adapters_off(policy):
 
 
 @torch.no_grad()
-def generate(policy, tok, prompts, cfg, gen: torch.Generator, top_p: float = 1.0) -> tuple[Rollout, torch.Tensor, float]:
+def row_seeds(*key: int, rows) -> list[int]:
+    """A seed per rollout row, a pure function of ``key`` (the run's seed, a stream tag, the step) and the row's
+    place in the whole batch: a row samples the same reply however the batch is cut into processes or chunks."""
+    return [int(np.random.SeedSequence([*key, r]).generate_state(1)[0]) for r in rows]
+
+
+def generate(policy, tok, prompts, cfg, gen: torch.Generator | None, top_p: float = 1.0,
+             seeds: list[int] | None = None) -> tuple[Rollout, torch.Tensor, float]:
     """Sampled replies as a Rollout (log-probs, values and rewards still empty), the sampler's own log-probs
     and the seconds it took. ``top_p`` below 1 (bestofn, which never recomputes log-probs) samples from the nucleus:
-    the sampler's log-probs are then those of the filtered distribution."""
+    the sampler's log-probs are then those of the filtered distribution. ``seeds`` (one per prompt, see
+    :func:`row_seeds`): each row draws from a stream of its own instead of ``gen``."""
     device = next(policy.parameters()).device
     t0 = time.perf_counter()
     q, qm = encode_prompts(tok, prompts, cfg.max_prompt_length, device)
     policy.eval()
+    rows = [generator(x, device) for x in seeds] if seeds is not None else None
     ids, mask, sample_lp = Engine(policy, tok, cfg.dtype).sample_tensors(
-        q, qm, SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=top_p), gen)
+        q, qm, SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=top_p), gen, row_generators=rows)
     zeros = torch.zeros_like(sample_lp)
     r = Rollout(q, qm, ids, mask, zeros, zeros, zeros, zeros[:, 0], zeros, zeros, zeros, prompts,
                 decode_replies(tok, ids, mask), ended_with_eos(ids, tok.eos_token_id))
@@ -318,24 +327,27 @@ def watch(command: str, step: int, state: dict, metrics: dict, kl_bound: float, 
 # --------------------------------------------------------------------------- held-out evaluation
 
 
+EVAL_STREAM, TRAIN_STREAM = 1, 0  # row_seeds' stream tags
+
+
 @torch.no_grad()
 def evaluate(policy, ref_ctx, tok, prompts, cfg, mix: RewardMix, state: dict, total: int,
              per_prompt: int | None = None) -> dict:
     """Reward and KL on held-out prompts (``per_prompt`` replies each, by default --samples-per-prompt;
-    ``batch_size`` prompts at a time), sampled from a stream of its own with a fixed seed, so evaluations compare
-    like with like and the training stream never moves. Per source the raw mean (``eval/NAME_mean``);
+    ``batch_size`` prompts at a time), each reply sampled from a stream of its own with a fixed seed, so evaluations
+    compare like with like, the training stream never moves and the batch size changes nothing. Per source the raw mean (``eval/NAME_mean``);
     ``eval/reward`` mixes them on one scale from step 0: each source in units of its held-out mean and std at the
     first evaluation, weighted as at the end of the run, minus the missing-EOS penalty — 0 at the start (up to that
     penalty). No ``eval/kl`` without a reference (``ref_ctx`` None)."""
     if not prompts:
         return {}
     per_prompt = cfg.samples_per_prompt if per_prompt is None else per_prompt
-    device = next(policy.parameters()).device
-    gen = generator(cfg.seed + 7919, device)
     got = {"raw": {name: [] for name in mix.sources}, "kl": [], "lengths": [], "ended": []}
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = [p for p in prompts[i:i + cfg.batch_size] for _ in range(per_prompt)]
-        r, _, _ = generate(policy, tok, chunk, cfg, gen)
+        first = i * per_prompt  # a stream per reply: the same replies whatever --batch-size cuts the prompts into
+        r, _, _ = generate(policy, tok, chunk, cfg, None, seeds=row_seeds(cfg.seed, EVAL_STREAM,
+                                                                         rows=range(first, first + len(chunk))))
         if ref_ctx is not None:
             forward_passes(policy, ref_ctx, r, cfg)
         eval_collect(got, r, mix, with_kl=ref_ctx is not None)
@@ -406,7 +418,7 @@ def deadline_of(cfg) -> float:
 def out_of_time(command: str, run, step: int, n_steps: int, deadline: float, log=print) -> int:
     """After step ``step`` (1-based) of ``n_steps``: past the --max-minutes ``deadline`` this step becomes the last one
     (``run.state["stopped_at"]``, which the summary reports as ``stopped_by_time``). Returns the new ``n_steps``."""
-    if time.perf_counter() > deadline and step < n_steps:
+    if run.any(time.perf_counter() > deadline) and step < n_steps:  # every process stops at the same step
         log(f"chatrlhf {command}: --max-minutes {run.cfg.max_minutes:g} reached at step {step} of {n_steps}")
         n_steps = run.state["stopped_at"] = step
     return n_steps

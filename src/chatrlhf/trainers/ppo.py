@@ -36,8 +36,8 @@ from chatrlhf.reward_model import classic_head, load_reward_model, reward_norm
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import Critic, Rollout, deadline_of, end_of_step, eval_collect, eval_summary, evaluate, \
     forward_passes, generate, generator, minibatches, missing_eos_penalty, policy_forward, prompt_indices, \
-    reference_context, rollout_metrics, split_prompts, step_metrics
-from chatrlhf.trainers.common import file_hashes, make_optimizer, optimizer_step
+    reference_context, rollout_metrics, row_seeds, split_prompts, step_metrics, TRAIN_STREAM
+from chatrlhf.trainers.common import file_hashes, make_optimizer
 from chatrlhf.trainers.run import Run, Summary
 from chatrlhf.trainers.value import SeparateCritic, SharedHead
 
@@ -99,9 +99,10 @@ def _same_vocab(path: str, tok) -> bool:
 
 @torch.no_grad()
 def rollout(policy, ref_ctx, vf, tok, prompts, cfg: PPOConfig, mix: RewardMix, step: int,
-            gen: torch.Generator) -> tuple[Rollout, dict]:
-    """Sample, recompute log-probs and values, score with the reward mix (its running moments updated)."""
-    r, sample_lp, gen_s = generate(policy, tok, prompts, cfg, gen)
+            seeds: list[int]) -> tuple[Rollout, dict]:
+    """Sample (each row from a stream of its own: ``seeds``), recompute log-probs and values, score with the reward
+    mix (its running moments updated)."""
+    r, sample_lp, gen_s = generate(policy, tok, prompts, cfg, None, seeds=seeds)
     return r, score(policy, ref_ctx, vf, r, sample_lp, gen_s, cfg, mix, step)
 
 
@@ -153,35 +154,39 @@ def turn_values(policy, vf, tok, r: Rollout, links: episodes.Episodes, cfg: PPOC
     return losses.turn_bootstrap(r.values[:, 0], links.next_row.to(device), end, turn_gamma(cfg))
 
 
-def advantages(r: Rollout, cfg: PPOConfig, beta: float, bootstrap: torch.Tensor | None = None) -> dict:
+def advantages(r: Rollout, cfg: PPOConfig, beta: float, bootstrap: torch.Tensor | None = None, total=None) -> dict:
     """Per-token rewards with the k1 KL penalty and the score at the last reply token, GAE, whitened advantages.
     ``bootstrap`` (B,), multi-turn rows only: γ_turn·V(s_{t+1}) added at the turn's last token after any whitening
-    (it is on the values' scale already), so the turn's returns carry the rest of the episode."""
+    (it is on the values' scale already), so the turn's returns carry the rest of the episode. ``total``: several
+    processes whiten with the whole batch's moments (Run.total; None in one process)."""
     mask = r.response_mask
     kl = losses.kl_estimates(r.logprobs, r.ref_logprobs)
     r.rewards = losses.token_rewards(r.scores, kl["k1"], mask, beta)
     if cfg.whiten_rewards:
-        r.rewards = losses.masked_whiten(r.rewards, mask, shift_mean=False)
+        r.rewards = losses.masked_whiten(r.rewards, mask, shift_mean=False, total=total)
     if bootstrap is not None:
         r.rewards = losses.at_last_token(r.rewards, mask, bootstrap)
     adv, r.returns = losses.gae(r.rewards, r.values, mask, cfg.gamma, cfg.lam)
-    r.advantages = losses.masked_whiten(adv, mask)
+    r.advantages = losses.masked_whiten(adv, mask, total=total)
+    n = total([float(mask.sum())])[0] if total else None  # the whole batch's tokens: the means below are shares
     return {"objective/kl": float((kl["k1"] * mask).sum(1).mean()), "objective/kl_k3": float((kl["k3"] * mask).sum(1).mean()),
-            "objective/beta": beta, "ppo/value_mean": float(losses.masked_mean(r.values, mask)),
-            "ppo/return_mean": float(losses.masked_mean(r.returns, mask))}
+            "objective/beta": beta, "ppo/value_mean": float(losses.masked_mean(r.values, mask, total=n)),
+            "ppo/return_mean": float(losses.masked_mean(r.returns, mask, total=n))}
 
 
 @torch.no_grad()
-def calibrate_critic(critic: Critic, r: Rollout, mix: RewardMix, step: int) -> None:
+def calibrate_critic(critic: Critic, r: Rollout, mix: RewardMix, step: int, total=lambda v: v) -> None:
     """Put a critic initialised from the reward model on the scale of the rewards PPO trains on, before its first
     use: the mix turns the model's raw score x into w·(gain·x + bias − μ)/σ (its stored normalisation, then the
     running moments), so the head is multiplied by a = w·gain/σ, and the offset makes the mean value the mean
     score. Without this, step-0 values sit on the raw head's scale, off from the returns, and GAE pushes reply
-    length up or down in the first steps. ``r.values`` are rescaled to match."""
+    length up or down in the first steps. ``r.values`` are rescaled to match. ``total``: sums a list over the
+    processes (Run.total), so every process rescales by the whole batch's means."""
     gain, _ = reward_norm(unwrap(critic.model))
     a = gain * mix.scale("rm", step)
     mask = r.response_mask
-    b = float(r.scores.mean()) - a * float(losses.masked_mean(r.values, mask))
+    s, n, vs, vn = total([float(r.scores.sum()), float(len(r)), float((r.values * mask).sum()), float(mask.sum())])
+    b = s / n - a * vs / max(vn, 1.0)
     critic.rescale(a, b)
     r.values = (a * r.values + b) * mask
 
@@ -189,10 +194,13 @@ def calibrate_critic(critic: Critic, r: Rollout, mix: RewardMix, step: int) -> N
 # --------------------------------------------------------------------------- the PPO update
 
 
-def ppo_update(policy, vf, optimizer, r: Rollout, cfg: PPOConfig, train_policy: bool,
-               shuffle: torch.Generator) -> dict:
+def ppo_update(policy, vf, optimizer, r: Rollout, cfg: PPOConfig, train_policy: bool, shuffle: torch.Generator,
+               run: Run, rows: list[int]) -> dict:
     """``ppo_epochs`` passes over shuffled minibatches: on each, the clipped policy loss (plus the value loss of a
-    head on the policy's trunk) and the policy's step, then the value function's own update, if it has one."""
+    head on the policy's trunk) and the policy's step, then the value function's own update, if it has one.
+    Several processes: ``rows`` are the places of this process's rollout rows in the whole batch; the minibatches
+    are drawn over the whole batch (the same on every process) and each process trains on its rows of them, its
+    losses divided by the minibatch's tokens over every process — so the step is one process's with the whole batch."""
     device = r.query_ids.device
     sums: dict[str, float] = {}
     n_mb = 0
@@ -200,27 +208,38 @@ def ppo_update(policy, vf, optimizer, r: Rollout, cfg: PPOConfig, train_policy: 
     vf.train()
     policy_params = [p for g in optimizer.param_groups for p in g["params"]]
     group = 1 if cfg.env == "dialogue" else cfg.samples_per_prompt  # turn rows share no prompt
+    where = {g: i for i, g in enumerate(rows)}
     for _ in range(cfg.ppo_epochs):
-        for idx in minibatches(len(r), group, cfg.minibatch_size, shuffle):
-            mb = r.select(idx.to(device))
+        for idx in minibatches(int(run.total(len(r))), group, cfg.minibatch_size, shuffle):
+            local = [where[g] for g in idx.tolist() if g in where]
+            mb = r.select(torch.tensor(local, device=device)) if local else None
+            tokens = run.total(float(mb.response_mask.sum()) if mb else 0.0) if run.world_size > 1 else None
             m: dict[str, float] = {}
             if train_policy or vf.reads_trunk:  # in a critic warm-up only a head on the trunk needs this pass
-                with autocast(cfg.dtype, device):
-                    lp, ent, v = policy_forward(policy, mb, cfg.temperature, with_entropy=True, value_head=vf.head)
-                loss, pm = losses.ppo_policy_loss(lp, mb.logprobs, mb.advantages, mb.response_mask, cfg.cliprange)
-                vl, vm = vf.trunk_loss(v, mb, cfg.cliprange_value)
-                (loss * float(train_policy) + vl).backward()  # warm-up: the trunk learns values alone
-                m["policy/grad_norm"] = optimizer_step(optimizer, None, policy_params, cfg.max_grad_norm)
-                m.update(vm)
-                m.update(pm)
-                m["policy/entropy"] = losses.masked_mean(ent.detach(), mb.response_mask)
-            m.update(vf.update(mb, cfg.cliprange_value, cfg.max_grad_norm))
+                if mb is not None:
+                    m.update(policy_backward(policy, vf, mb, cfg, train_policy, tokens))
+                m["policy/grad_norm"] = run.optimizer_step(optimizer, None, policy_params, cfg.max_grad_norm)
+            m.update(vf.update(mb, cfg.cliprange_value, cfg.max_grad_norm, tokens, run.optimizer_step))
             for k, val in m.items():
                 sums[k] = sums.get(k, 0.0) + float(val)
             n_mb += 1
     out = {k: v / n_mb for k, v in sums.items()}
-    out["ppo/explained_variance"] = float(losses.explained_variance(r.values, r.returns, r.response_mask))
+    values, returns = (torch.tensor(run.gather(x[r.response_mask.bool()].tolist())) for x in (r.values, r.returns))
+    out["ppo/explained_variance"] = float(losses.explained_variance(values, returns, torch.ones_like(values)))
     return out
+
+
+def policy_backward(policy, vf, mb: Rollout, cfg: PPOConfig, train_policy: bool, tokens: float | None) -> dict:
+    """The clipped policy loss (and a trunk head's value loss) of a minibatch, backward; its metrics. ``tokens``:
+    the minibatch's tokens over every process (None: this one's)."""
+    with autocast(cfg.dtype, mb.query_ids.device):
+        lp, ent, v = policy_forward(policy, mb, cfg.temperature, with_entropy=True, value_head=vf.head)
+    loss, m = losses.ppo_policy_loss(lp, mb.logprobs, mb.advantages, mb.response_mask, cfg.cliprange, tokens)
+    vl, vm = vf.trunk_loss(v, mb, cfg.cliprange_value, tokens)
+    (loss * float(train_policy) + vl).backward()  # warm-up: the trunk learns values alone
+    m.update(vm)
+    m["policy/entropy"] = losses.masked_mean(ent.detach(), mb.response_mask, total=tokens)
+    return m
 
 
 # --------------------------------------------------------------------------- held-out evaluation
@@ -309,13 +328,17 @@ def check_env(cfg: PPOConfig) -> None:
 def train(cfg: PPOConfig, log=print) -> Summary:
     check(cfg)
     run = Run("ppo", cfg, log)
+    if cfg.env == "dialogue" and run.world_size > 1:
+        raise UsageError(f"--env dialogue runs in one process so far, and {run.world_size} were launched",
+                         "drop --num-processes (single-turn PPO runs in several)")
     train_data, eval_data = split_data(cfg)
     mix = build_rewards(cfg, log)
     policy, tok, ref_ctx, vf, critic_kind = load_networks(cfg, log)
     mix.penalty = missing_eos_penalty(cfg, tok)
-    n_steps = run.total_steps(max(1, len(train_data) // cfg.batch_size))
+    n_steps = run.total_steps(max(1, len(train_data) // (cfg.batch_size * run.world_size)))
     parts = optimisers(cfg, policy, vf, n_steps)
     dialogue = cfg.env == "dialogue"
+    mix.gather = run.gather  # several processes normalise each source with the whole batch's moments
     log(f"chatrlhf ppo: {len(train_data)} train / {len(eval_data)} held-out {'dialogues' if dialogue else 'prompts'}, "
         f"{n_steps} steps × {cfg.batch_size * cfg.samples_per_prompt} {'episodes' if dialogue else 'replies'}"
         + (f" (turn γ {turn_gamma(cfg):g}, max turns {cfg.max_turns or 'all'})" if dialogue else "")
@@ -339,7 +362,7 @@ def train(cfg: PPOConfig, log=print) -> Summary:
     deadline = deadline_of(cfg)
     with run.loop(n_steps) as bar:
         while run.running(step, n_steps):
-            raw = ppo_step(step, policy, ref_ctx, vf, tok, train_data, cfg, mix, parts["policy"], gens, state,
+            raw = ppo_step(run, step, policy, ref_ctx, vf, tok, train_data, mix, parts["policy"], gens,
                            calibrate=step == 0 and critic_kind == "reward-model", log=log)
             step += 1
             n_steps = end_of_step("ppo", run, step, n_steps, raw, samples, bar, deadline=deadline, log=log,
@@ -350,34 +373,55 @@ def train(cfg: PPOConfig, log=print) -> Summary:
     return _finish(run, policy, vf, tok, state)
 
 
-def ppo_step(step: int, policy, ref_ctx, vf, tok, train_data: list, cfg: PPOConfig, mix: RewardMix,
-             policy_part: tuple, gens: dict, state: dict, calibrate: bool, log=print) -> dict:
+def ppo_step(run: Run, step: int, policy, ref_ctx, vf, tok, train_data: list, mix: RewardMix, policy_part: tuple,
+             gens: dict, calibrate: bool, log=print) -> dict:
     """One PPO step (``step`` 0-based): rollout, advantages, the update, β, warnings. ``train_data``: the prompts,
-    or with --env dialogue the environments. Returns the step's metrics (``_rollout`` holds the rollout for the
-    samples file)."""
+    or with --env dialogue the environments. Returns the step's metrics, reduced over processes (``_rollout`` holds
+    this process's rollout for the samples file)."""
+    cfg, state = run.cfg, run.state
     t0 = time.perf_counter()
     links = None
     if cfg.env == "dialogue":
         r, links, metrics = dialogue_rollout(policy, ref_ctx, vf, tok, train_data, cfg, mix, step, gens["sample"])
+        rows = list(range(len(r)))
     else:
-        batch = [train_data[i] for i in prompt_indices(len(train_data), cfg.batch_size, cfg.seed, step)]
-        batch = [p for p in batch for _ in range(cfg.samples_per_prompt)]
-        r, metrics = rollout(policy, ref_ctx, vf, tok, batch, cfg, mix, step, gens["sample"])
+        batch, rows = step_prompts(run, train_data, step)
+        r, metrics = rollout(policy, ref_ctx, vf, tok, batch, cfg, mix, step, row_seeds(cfg.seed, TRAIN_STREAM, step,
+                                                                                        rows=rows))
+    total = run.total if run.world_size > 1 else None
+    if total:  # the whole batch's spread, not the processes' mean of theirs
+        metrics["reward/total_std"] = float(torch.tensor(run.gather(r.scores.tolist())).std(unbiased=False))
     if calibrate:
-        calibrate_critic(vf.critic, r, mix, step)
+        calibrate_critic(vf.critic, r, mix, step, run.total)
     bootstrap = None if links is None else turn_values(policy, vf, tok, r, links, cfg)
-    metrics.update(advantages(r, cfg, state["beta"], bootstrap))
+    metrics.update(advantages(r, cfg, state["beta"], bootstrap, total))
     train_policy = step >= cfg.critic_warmup_steps
     _, optimizer, scheduler = policy_part
-    metrics.update(ppo_update(policy, vf, optimizer, r, cfg, train_policy, gens["shuffle"]))
+    metrics.update(ppo_update(policy, vf, optimizer, r, cfg, train_policy, gens["shuffle"], run, rows))
+    metrics = run.reduce(metrics, SUMMED)
     metrics["train/lr"] = scheduler.get_last_lr()[0]
     if train_policy:  # the policy's schedule starts after the critic's warm-up
         scheduler.step()
     vf.schedule_step()
     if cfg.adaptive_kl:
         state["beta"] = losses.adaptive_kl_coef(state["beta"], metrics["objective/kl"], cfg.target_kl,
-                                                cfg.kl_horizon, len(r))
+                                                cfg.kl_horizon, int(run.total(len(r))))
     return step_metrics("ppo", step, t0, r, mix, state, metrics, cfg.kl_bound, log)
+
+
+# metrics summed over processes — a process's share of a whole-batch mean (its losses over the minibatch's tokens on
+# every process), or its part of a rate; the rest are averaged
+SUMMED = ("loss/", "ppo/clipfrac", "ppo/approx_kl", "ppo/ratio_mean", "ppo/vf_clipfrac", "policy/entropy",
+          "ppo/value_mean", "ppo/return_mean", "rollout/tokens_per_s")
+
+
+def step_prompts(run: Run, data: list, step: int) -> tuple[list, list[int]]:
+    """This process's prompts of step ``step`` (each --samples-per-prompt times) and their rows' places in the whole
+    batch: the step's --batch-size × processes prompts, every ``world_size``-th from ``rank``."""
+    cfg, k = run.cfg, run.cfg.samples_per_prompt
+    picks = prompt_indices(len(data), cfg.batch_size * run.world_size, cfg.seed, step)
+    mine = range(run.rank, len(picks), run.world_size)
+    return [data[picks[j]] for j in mine for _ in range(k)], [j * k + i for j in mine for i in range(k)]
 
 
 def optimisers(cfg: PPOConfig, policy, vf, n_steps: int) -> dict:

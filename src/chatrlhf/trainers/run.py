@@ -250,6 +250,17 @@ def latest_checkpoint(out_dir: str | Path) -> tuple[int, Path]:
 # --------------------------------------------------------------------------- the run
 
 
+def global_batch(cfg, world_size: int) -> str:
+    """What one optimizer step sees over every process, spelt out (the most common confusion of distributed RL)."""
+    if hasattr(cfg, "samples_per_prompt"):
+        prompts = cfg.batch_size * world_size
+        return (f"global batch {prompts * cfg.samples_per_prompt} replies per step = --batch-size {cfg.batch_size} "
+                f"prompts × {world_size} process(es) × --samples-per-prompt {cfg.samples_per_prompt}; "
+                f"minibatches of --minibatch-size {cfg.minibatch_size} replies over all processes")
+    return (f"global batch {cfg.batch_size * cfg.grad_accum * world_size} = --batch-size {cfg.batch_size} × "
+            f"--grad-accum {cfg.grad_accum} × {world_size} process(es)")
+
+
 def join_processes(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, number of ranks, device) of this process: one process unless a launcher (accelerate launch,
     torchrun) started several (WORLD_SIZE), which accelerate's PartialState then joins — gloo on CPU, NCCL on GPU,
@@ -272,7 +283,7 @@ class Run:
         self.rank, self.world_size, self.device = join_processes(resolve_device(cfg.device))
         if self.world_size > 1 and not hasattr(cfg, "num_processes"):
             raise UsageError(f"chatrlhf {command} runs in one process so far, and {self.world_size} were launched",
-                             "run it without accelerate launch / torchrun; sft, reward train and dpo run in several")
+                             "run it without accelerate launch / torchrun; sft, reward train, dpo and ppo run in several")
         self.fsdp = fsdp_settings(cfg, command, self.world_size)  # None: each rank holds the whole model
         self.step = 0                      # optimizer steps done (the data position)
         self.parts: dict = {}
@@ -316,21 +327,29 @@ class Run:
         dist.all_reduce(t)
         return t.tolist() if isinstance(value, list) else float(t[0])
 
+    def gather(self, values: list) -> list:
+        """Every rank's ``values`` joined, rank 0's first (the list itself in one process)."""
+        if self.world_size == 1:
+            return values
+        return [x for part in gather_object([values]) for x in part]
+
     def any(self, flag: bool) -> bool:
         """True if ``flag`` is true on any rank: a decision (stop now) every rank then takes at the same step."""
         return self.total(float(bool(flag))) > 0
 
     def reduce(self, metrics: dict, summed: tuple[str, ...] = ()) -> dict:
         """Metrics over ranks: keys starting with one of ``summed`` are summed (a rank's share of the step's loss,
-        its tokens), the rest averaged over the ranks that have them. The identity in one process."""
+        its tokens), the rest averaged over the ranks that have them; keys starting with "_" (a rollout, raw values
+        per row) stay this rank's. The identity in one process."""
         if self.world_size == 1:
             return metrics
         merged: dict = {}
-        for part in gather_object([metrics]):
+        for part in gather_object([{k: v for k, v in metrics.items() if not k.startswith("_")}]):
             for k, v in part.items():
                 merged.setdefault(k, []).append(v)
-        return {k: (sum(v) if k.startswith(summed) else v[0] if isinstance(v[0], str) else sum(v) / len(v))
-                for k, v in merged.items()}
+        out = {k: (sum(v) if k.startswith(summed) else v[0] if isinstance(v[0], str) else sum(v) / len(v))
+               for k, v in merged.items()}
+        return {**out, **{k: v for k, v in metrics.items() if k.startswith("_")}}  # "_…": this rank's own (rows)
 
     def optimizer_step(self, optimizer, scheduler, params: list, max_grad_norm: float) -> float:
         """:func:`~chatrlhf.trainers.common.optimizer_step` after summing the gradients over ranks (one all-reduce
@@ -395,10 +414,8 @@ class Run:
             self.state.update(load_checkpoint(path, parts, self.generators, self.objects, self.rank, self.world_size,
                                               sharded=self.fsdp is not None))
             self.print(f"chatrlhf {self.name}: resumed from {path} (step {self.step})")
-        if hasattr(self.cfg, "num_processes") and hasattr(self.cfg, "batch_size"):
-            self.print(f"chatrlhf {self.name}: global batch {self.cfg.batch_size * self.cfg.grad_accum * self.world_size}"
-                       f" = --batch-size {self.cfg.batch_size} × --grad-accum {self.cfg.grad_accum} × "
-                       f"{self.world_size} process(es)")
+        if hasattr(self.cfg, "num_processes"):
+            self.print(f"chatrlhf {self.name}: {global_batch(self.cfg, self.world_size)}")
         if self.is_main:
             self.logger = MetricsLogger(self.out, self.cfg.tensorboard, resume_step=self.step if self.cfg.resume else None)
             self.logger.config(self.cfg)
@@ -420,6 +437,8 @@ class Run:
         """OUTPUT_DIR/``name`` (JSON lines with a ``step``) for appending: a fresh run starts it empty, a resumed
         run first drops the lines that the interrupted run wrote after its checkpoint."""
         path = self.out / name
+        if not self.is_main:
+            return open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 — the main rank writes
         if self.cfg.resume and path.exists():
             truncate_jsonl(path, self.step)
             return path.open("a", encoding="utf-8")

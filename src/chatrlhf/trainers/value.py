@@ -7,8 +7,11 @@ Both kinds answer the same calls:
     or None when the values come from elsewhere;
   * ``reads_trunk``: True when values need the policy's trunk pass (so a critic warm-up step still runs it);
   * ``values(r, trunk_values)``: (B, R) values of a rollout or minibatch;
-  * ``trunk_loss(v, mb, cliprange_value)``: the value loss to add to the policy's loss (0 for a separate critic);
-  * ``update(mb, ...)``: a separate critic's own forward, backward and optimizer step (nothing for a head);
+  * ``trunk_loss(v, mb, cliprange_value, total_tokens)``: the value loss to add to the policy's loss (0 for a
+    separate critic); ``total_tokens``: the minibatch's tokens over every process (None: this one's);
+  * ``update(mb, ..., total_tokens, step)``: a separate critic's own forward, backward and optimizer step through
+    ``step`` (the run's, which sums gradients over processes; ``mb`` None: this process has no row of the
+    minibatch and only joins the step) — nothing for a head;
   * ``parts(make_optimizer, n_steps)`` / ``policy_modules()``: what the run checkpoints and what trains with
     the policy; ``schedule_step()`` advances its own learning-rate schedule; ``networks()``; ``save()``.
 """
@@ -41,11 +44,13 @@ class SharedHead(torch.nn.Module):
     def values(self, r: Rollout, trunk_values: torch.Tensor) -> torch.Tensor:
         return trunk_values
 
-    def trunk_loss(self, v: torch.Tensor, mb: Rollout, cliprange_value: float) -> tuple[torch.Tensor, dict]:
-        vl, metrics = losses.value_loss(v, mb.values, mb.returns, mb.response_mask, cliprange_value)
+    def trunk_loss(self, v: torch.Tensor, mb: Rollout, cliprange_value: float,
+                   total_tokens: float | None = None) -> tuple[torch.Tensor, dict]:
+        vl, metrics = losses.value_loss(v, mb.values, mb.returns, mb.response_mask, cliprange_value, total_tokens)
         return self.vf_coef * vl, metrics
 
-    def update(self, mb: Rollout, cliprange_value: float, max_grad_norm: float) -> dict:
+    def update(self, mb: Rollout | None, cliprange_value: float, max_grad_norm: float,
+               total_tokens: float | None = None, step=optimizer_step) -> dict:
         return {}  # trained by the policy's optimizer step
 
     def policy_modules(self) -> dict[str, torch.nn.Module]:
@@ -78,17 +83,20 @@ class SeparateCritic:
     def values(self, r: Rollout, trunk_values) -> torch.Tensor:
         return self.critic(r)
 
-    def trunk_loss(self, v, mb: Rollout, cliprange_value: float) -> tuple[float, dict]:
+    def trunk_loss(self, v, mb: Rollout, cliprange_value: float, total_tokens: float | None = None) -> tuple[float, dict]:
         return 0.0, {}
 
-    def update(self, mb: Rollout, cliprange_value: float, max_grad_norm: float) -> dict:
+    def update(self, mb: Rollout | None, cliprange_value: float, max_grad_norm: float,
+               total_tokens: float | None = None, step=optimizer_step) -> dict:
         """One step of the critic on a minibatch: clipped value loss, backward, clip, AdamW."""
-        with autocast(self.dtype, mb.query_ids.device):
-            v = self.critic(mb)
-        vl, metrics = losses.value_loss(v, mb.values, mb.returns, mb.response_mask, cliprange_value)
-        vl.backward()
+        metrics = {}
+        if mb is not None:
+            with autocast(self.dtype, mb.query_ids.device):
+                v = self.critic(mb)
+            vl, metrics = losses.value_loss(v, mb.values, mb.returns, mb.response_mask, cliprange_value, total_tokens)
+            vl.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        metrics["critic/grad_norm"] = optimizer_step(self.optimizer, None, params, max_grad_norm)
+        metrics["critic/grad_norm"] = step(self.optimizer, None, params, max_grad_norm)
         return metrics
 
     def policy_modules(self) -> dict[str, torch.nn.Module]:
