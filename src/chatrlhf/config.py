@@ -94,6 +94,19 @@ class ProcessArgs:
 
 
 @dataclass
+class ShardArgs:
+    """Fully sharded data parallelism (FSDP2) over the processes: the commands whose loops it serves (sft, reward
+    train, dpo) compose this piece next to ProcessArgs."""
+    fsdp: bool = arg(False, "Shard weights, gradients and optimizer state over the processes (PyTorch FSDP2, full "
+                     "shard: each decoder block and the rest of the model are gathered only while they compute); "
+                     "with --num-processes N, or on by itself under `accelerate launch --config_file fsdp.yaml` "
+                     "(docs/distributed.md). Refused: --lora-r, --train-layers, frozen-trunk reward recipes.")
+    fsdp_offload: bool = arg(False, "With FSDP: keep the sharded weights, gradients and optimizer state in CPU memory "
+                             "between uses (FSDP2 CPUOffloadPolicy; the optimizer then steps on the CPU). The "
+                             "launch's fsdp_offload_params: true turns it on too.")
+
+
+@dataclass
 class BatchArgs:
     batch_size: int = arg(8, "Examples per micro-batch.")
     grad_accum: int = arg(1, "Micro-batches per optimizer step (the last step of an epoch takes what is left).")
@@ -111,7 +124,7 @@ class GateArgs:
 
 
 @dataclass
-class SFTConfig(ProcessArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class SFTConfig(ShardArgs, ProcessArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf sft`: supervised fine-tuning, loss on assistant tokens only."""
     output_dir: str = arg("out/sft", "Where the model, checkpoints and metrics go.")
     max_length: int = arg(512, "Maximum tokens per example.")
@@ -135,7 +148,7 @@ FEEDBACK_FILES = ["examples/preferences.jsonl", "examples/ratings.jsonl", "examp
 
 
 @dataclass
-class RewardTrainConfig(GateArgs, ProcessArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, LoraArgs, ModelArgs):
+class RewardTrainConfig(GateArgs, ShardArgs, ProcessArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, LoraArgs, ModelArgs):
     """`chatrlhf reward train`: a reward model from preferences, ratings and corrections."""
     data: list[str] = arg(FEEDBACK_FILES, "Feedback files, comma-separated: preferences, ratings and corrections mix "
                           "freely.")
@@ -204,7 +217,7 @@ class PreferenceArgs:
 
 
 @dataclass
-class DPOConfig(PreferenceArgs, ProcessArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class DPOConfig(PreferenceArgs, ShardArgs, ProcessArgs, RunArgs, BatchArgs, OptimArgs, PairArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf dpo`: direct preference optimisation of the policy on preference pairs (DPO, cDPO, robust DPO,
     IPO, hinge; optional RPO NLL term), against the policy's own log-probs before training as the reference."""
     data: list[str] = arg(FEEDBACK_FILES, "Feedback files, comma-separated, in any format `reward train` reads: "

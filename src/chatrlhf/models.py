@@ -320,8 +320,22 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def save_model(model, tok, out_dir: str | Path) -> Path:
-    """save_pretrained so plain transformers loads it (LoRA merged; the adapter kept in adapter/)."""
+# the method that trainers/run.py gives a model sharded with FSDP2, registered as one of its forward methods
+FORWARD_METHOD = "chatrlhf_forward"
+
+
+def in_forward(model, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` as part of ``model``'s forward. The trainers run the trunk and then the head on chosen
+    positions (not ``model(...)``); under FSDP2 the model's own weights outside the blocks (embeddings, final norm,
+    head) are gathered only inside a forward, which the run scaffold's registered method opens
+    (:meth:`chatrlhf.trainers.run.Run.shard_weights`). Elsewhere a plain call."""
+    method = getattr(unwrap(model), FORWARD_METHOD, None)
+    return method(fn, *args, **kwargs) if method is not None else fn(*args, **kwargs)
+
+
+def save_model(model, tok, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """save_pretrained so plain transformers loads it (LoRA merged; the adapter kept in adapter/). ``state_dict``:
+    the full weights when the model's own are sharded (FSDP: gathered by the run scaffold)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
@@ -329,7 +343,7 @@ def save_model(model, tok, out_dir: str | Path) -> Path:
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     tok.save_pretrained(out)
     return out
 

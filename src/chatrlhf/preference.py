@@ -21,7 +21,7 @@ import torch
 
 from chatrlhf.data.template import IGNORE, Tokenized, tokenize_conversation
 from chatrlhf.errors import UsageError
-from chatrlhf.models import autocast, unwrap
+from chatrlhf.models import autocast, in_forward, unwrap
 
 REF_CACHE = "ref_logps.safetensors"
 
@@ -60,6 +60,10 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     the positions that predict a reply token: on a 49k vocabulary most of the logits would be thrown away.
     With ``batch["trunk"]`` (B, T, d) — the residual stream entering block ``batch["depth"]``, from
     :func:`trunk_states` — only the blocks from there up run."""
+    return in_forward(model, _trunk_then_head, model, batch)
+
+
+def _trunk_then_head(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     base = unwrap(model)
     if "trunk" in batch:
         with top_blocks(base.base_model, batch["depth"]):

@@ -29,8 +29,8 @@ from chatrlhf.data.pairs import HELD_OUT, source_of
 from chatrlhf.data.template import render
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import confident_half, pairwise_ece, pearson
-from chatrlhf.models import TINY, config_without_dropout, distinct_pad, load_tokenizer, no_dropout, no_library_bars, \
-    quiet_transformers, resolve_device, resolve_model, tiny_model
+from chatrlhf.models import TINY, config_without_dropout, distinct_pad, in_forward, load_tokenizer, no_dropout, \
+    no_library_bars, quiet_transformers, resolve_device, resolve_model, tiny_model
 
 # --------------------------------------------------------------------------- load
 
@@ -225,9 +225,15 @@ def head_scores(model, feats: torch.Tensor, dropout: float = 0.0) -> torch.Tenso
     return F.linear(feats, w, b).float()
 
 
+def batch_head_scores(model, batch: dict, dropout: float = 0.0) -> torch.Tensor:
+    """(B, K) raw scores of the K heads for a padded batch: features then heads, in one forward of the model (so
+    that under FSDP its head's weights are gathered for it: models.in_forward)."""
+    return in_forward(model, lambda: head_scores(model, features(model, batch), dropout))
+
+
 def raw_scores(model, batch: dict) -> torch.Tensor:
     """(B,) raw scores: the mean of the heads' (one head: its score)."""
-    return head_scores(model, features(model, batch)).mean(1)
+    return batch_head_scores(model, batch).mean(1)
 
 
 def ensemble_scores(raw: np.ndarray, gain: float, bias: float) -> tuple[np.ndarray, np.ndarray]:
@@ -252,7 +258,7 @@ def raw_head_scores(model, tok, prompts: list[list[dict]], responses: list[str],
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
         batch = pad_right([encoded[i][0] for i in idx], tok.pad_token_id, device, [encoded[i][1] for i in idx])
-        out[idx] = np.array(head_scores(model, features(model, batch)).tolist())
+        out[idx] = np.array(batch_head_scores(model, batch).tolist())
     model.train(was_training)
     return out
 

@@ -1,7 +1,7 @@
 """`--num-processes N`: the same command in N data-parallel processes on this machine, started by PyTorch's own
 launcher (torchrun's ``run``, in this process) — one GPU each where there are GPUs, gloo on CPU; the processes
-join through accelerate's ``PartialState`` in the run scaffold (trainers/run.py). Several machines, FSDP or
-DeepSpeed: ``accelerate launch`` (README, "Several processes")."""
+join through accelerate's ``PartialState`` in the run scaffold (trainers/run.py), and with --fsdp shard the model
+(docs/distributed.md). Several machines: ``accelerate launch`` (README, "Several processes"; docs/distributed.md)."""
 
 from __future__ import annotations
 

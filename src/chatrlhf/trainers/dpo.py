@@ -25,7 +25,7 @@ from chatrlhf.config import DPOConfig
 from chatrlhf.data.pairs import split_pairs
 from chatrlhf.data.template import prompt_format
 from chatrlhf.errors import UsageError
-from chatrlhf.models import count_parameters, enable_checkpointing, load_model, save_model, train_top_layers
+from chatrlhf.models import count_parameters, enable_checkpointing, load_model, train_top_layers
 from chatrlhf.preference import all_logps, collate, collate_trunk, encode_reply, frozen_depth, reference_logps, \
     sequence_logps
 from chatrlhf.rollout import deadline_of, out_of_time
@@ -173,6 +173,7 @@ def train(cfg: DPOConfig, log=print) -> Summary:
     plan = StepPlan([max(len(c.input_ids), len(r.input_ids)) for c, r in train_enc], cfg.batch_size * run.world_size,
                     cfg.grad_accum, cfg.seed)  # the global batch; each rank trains on its shard (run.shard)
     n_steps = run.total_steps(plan.steps_per_epoch)
+    model = run.shard_weights(model)  # FSDP: after the reference pass, before the optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, warmup_steps=int(cfg.warmup_ratio * n_steps),
                                           total_steps=n_steps)
@@ -201,8 +202,7 @@ def train(cfg: DPOConfig, log=print) -> Summary:
                          f"{stats['train/pairs_per_s']:.2f} pairs/s")
     if step < n_steps:
         return run.stopped()
-    if run.is_main:
-        save_model(model, tok, run.out)
+    run.save_model(model, tok)
     return run.finish({"pairs": dict(counts), "train_pairs": len(train_pairs), "held_out_pairs": len(eval_pairs),
                        "split": split, "eval_start": state["eval_start"] or None,
                        "eval_end": run.last_eval("eval/accuracy"),

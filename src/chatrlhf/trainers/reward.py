@@ -43,9 +43,9 @@ from chatrlhf.data.split import group_hash
 from chatrlhf.data.template import prompt_format
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import fit_temperature
-from chatrlhf.models import add_lora, autocast, count_parameters, enable_checkpointing, save_model, train_top_layers
-from chatrlhf.reward_model import encode_reply, features, head_scores, load_reward_model, measure, pad_right, \
-    pair_raw_scores, reward_head, reward_scores, verdict, write_report
+from chatrlhf.models import add_lora, autocast, count_parameters, enable_checkpointing, train_top_layers
+from chatrlhf.reward_model import batch_head_scores, encode_reply, features, head_scores, load_reward_model, measure, \
+    pad_right, pair_raw_scores, reward_head, reward_scores, verdict, write_report
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer
 from chatrlhf.trainers.run import Run, Summary, trainable_state
 
@@ -87,6 +87,18 @@ def check_lora(cfg: RewardTrainConfig) -> None:
     if cfg.train_layers >= 0:
         raise UsageError(f"--lora-r {cfg.lora_r} with --train-layers {cfg.train_layers}: LoRA adapts every block, "
                          "--train-layers fine-tunes the top ones in full", "give one of them")
+
+
+def check_sharded(cfg: RewardTrainConfig) -> None:
+    """Under FSDP the whole trunk and head train, sharded: refuse the recipes that keep weights outside the run's
+    sharded parts (a frozen trunk's feature cache, the epoch keeper's weight snapshots)."""
+    for flag, on in (("--freeze-trunk", cfg.freeze_trunk), (f"--ensemble {cfg.ensemble}", cfg.ensemble > 1),
+                     (f"--patience {cfg.patience}", cfg.patience > 0),
+                     (f"--average-checkpoints {cfg.average_checkpoints}", cfg.average_checkpoints > 1)):
+        if on:
+            raise UsageError(f"{flag} with FSDP: not supported — that recipe keeps whole copies of weights (or "
+                             "features) that FSDP shards", f"drop {flag.split()[0]}, or train with data parallelism "
+                             "(drop --fsdp / use the ddp.yaml accelerate config)")
 
 
 def trainable_weights(model, cfg: RewardTrainConfig):
@@ -253,6 +265,8 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
     the trunk's features on disk for the next run on the same pairs (:func:`cached_features`)."""
     check_recipe(cfg)
     run = Run("reward train", cfg, log)
+    if run.fsdp:
+        check_sharded(cfg)
     train_pairs, eval_pairs, counts, split = split_pairs(cfg, "reward", log)
     if cfg.patience and not eval_pairs:
         raise UsageError(f"--patience {cfg.patience} needs held-out pairs to watch", "give --eval-data or --eval-fraction > 0")
@@ -276,6 +290,7 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
     n_steps = run.total_steps(plan.steps_per_epoch)
     log(f"chatrlhf reward: {len(train_pairs)} train / {len(eval_pairs)} held-out pairs ({dict(counts)}), "
         f"{n_steps} steps, {count_parameters(model)[1]:,} trainable parameters, device {run.device}")
+    model = run.shard_weights(model)  # FSDP: before the optimizer, which then holds this rank's shards
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay,
                                           warmup_steps=int(cfg.warmup_ratio * n_steps), total_steps=n_steps)
@@ -323,13 +338,12 @@ def train_step(model, tok, run: Run, chunks: list[list[int]], encoded: list, pai
     for chunk in chunks:
         n = len(chunk)
         labels = pair_labels([pairs[i] for i in chunk], run.device)
-        if cache is not None:
-            feats = torch.cat([cache[0][chunk], cache[1][chunk]])
-        else:
-            with run.autocast():
-                feats = features(model, pair_batch([encoded[i] for i in chunk], tok.pad_token_id, run.device))
-        with run.autocast():
-            scores = head_scores(model, feats, cfg.head_dropout)  # (2n, K)
+        with run.autocast():  # (2n, K)
+            if cache is not None:
+                scores = head_scores(model, torch.cat([cache[0][chunk], cache[1][chunk]]), cfg.head_dropout)
+            else:
+                scores = batch_head_scores(model, pair_batch([encoded[i] for i in chunk], tok.pad_token_id, run.device),
+                                           cfg.head_dropout)
         loss = scores.new_zeros(())
         for k in range(heads):
             w = labels["weight"] * boot[chunk, k]
@@ -392,8 +406,8 @@ def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str, k
     gate = verdict(metrics, cfg.min_accuracy, cfg.max_length_corr)
     run.log(run.step, {"eval/accuracy": metrics["accuracy"], "eval/ece": metrics["ece"],
                        "eval/length_corr": metrics["length_corr"]})
+    run.save_model(lora.merge_and_unload() if lora is not None else model, tok)
     if run.is_main:
-        save_model(lora.merge_and_unload() if lora is not None else model, tok, run.out)
         write_report(run.out, metrics, gate)
     extra = {k: metrics[k] for k in ("ensemble",) if k in metrics}
     if keeper.held_out_bt:

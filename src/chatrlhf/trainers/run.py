@@ -45,6 +45,10 @@ GPU). The run then does, in this one place, what data parallelism needs and noth
 
 A command runs in several processes only if its config has ``--num-processes`` (``ProcessArgs``); the others
 refuse a multi-process launch with a clear error.
+
+FSDP (``--fsdp``, or ``accelerate launch`` with the shipped fsdp.yaml): the same, with the model's weights, gradients
+and optimizer state sharded over the ranks (:meth:`Run.shard_weights`, fsdp.py); gradients are summed in
+the backward pass, checkpoints hold the gathered full state. A DeepSpeed launch is refused.
 """
 
 from __future__ import annotations
@@ -67,8 +71,10 @@ from accelerate.utils import gather_object
 
 from chatrlhf.config import config_dict
 from chatrlhf.errors import UsageError
+from chatrlhf.fsdp import check_sharding, fsdp_settings, full_weights, gather_part, refuse_deepspeed, \
+    restore_part, shard_model
 from chatrlhf.logger import MetricsLogger, progress_bar, read_metrics, truncate_jsonl
-from chatrlhf.models import autocast, resolve_device
+from chatrlhf.models import autocast, resolve_device, save_model
 from chatrlhf.trainers.common import optimizer_step, seed_everything, total_steps
 
 KEEP_CHECKPOINTS = 2  # the latest two: one may be half-way through a copy elsewhere
@@ -149,20 +155,23 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, keep: int = KEEP_CHECKPOINTS,
                     generators: dict[str, torch.Generator] | None = None, objects: dict | None = None,
-                    ranks: list[dict] | None = None) -> Path:
+                    ranks: list[dict] | None = None, gathered: dict | None = None) -> Path:
     """``parts`` = {name: (module, optimizer, scheduler)}: each module's trainable weights
     (``name.safetensors``), every optimizer and scheduler, the global RNG, the trainer's own random streams
     (``generators``), the whole ``state_dict()`` of each of ``objects`` ({name: object}: a replay buffer, a
     feature cache, frozen target networks — anything a part's trainable weights leave out) and its ``state`` (JSON).
-    ``ranks``: with several processes, every rank's random state (:func:`rank_random_state`), rank 0's first."""
+    ``ranks``: with several processes, every rank's random state (:func:`rank_random_state`), rank 0's first.
+    ``gathered``: under FSDP, {name: (full trainable weights, full optimizer state)} of each part
+    (:func:`gather_part`), written instead of the sharded module's and optimizer's own."""
     from safetensors.torch import save_file
 
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
     for name, (module, _, _) in parts.items():
-        save_file(trainable_state(module), tmp / f"{name}.safetensors")
-    torch.save({"optimizers": {n: o.state_dict() for n, (_, o, _) in parts.items()},
+        save_file(gathered[name][0] if gathered else trainable_state(module), tmp / f"{name}.safetensors")
+    torch.save({"optimizers": {n: gathered[n][1] if gathered else o.state_dict() for n, (_, o, _) in parts.items()},
+                "sharded": gathered is not None,
                 "schedulers": {n: s.state_dict() for n, (_, _, s) in parts.items()}, "rng": rng_state(),
                 "generators": {n: g.get_state() for n, g in (generators or {}).items()},
                 "objects": {n: o.state_dict() for n, o in (objects or {}).items()}, "ranks": ranks or []},
@@ -193,15 +202,21 @@ def rank_random_state(generators: dict[str, torch.Generator]) -> dict:
 
 
 def load_checkpoint(path: Path, parts: dict, generators: dict[str, torch.Generator] | None = None,
-                    objects: dict | None = None, rank: int = 0, world_size: int = 1) -> dict:
+                    objects: dict | None = None, rank: int = 0, world_size: int = 1, sharded: bool = False) -> dict:
     """Restore what :func:`save_checkpoint` wrote into the same ``parts``, ``generators`` and ``objects``;
     returns the trainer state (without the step, which the folder's name gives). With several processes each rank
-    takes its own random state; the number of ranks must be the one that wrote the checkpoint."""
+    takes its own random state; the number of ranks must be the one that wrote the checkpoint. ``sharded``: the parts
+    are FSDP-sharded (every rank reads the full weights and optimizer state and keeps its shards: :func:`restore_part`)."""
     from safetensors.torch import load_file
 
     # the run's own checkpoint, written by save_checkpoint (optimizer and RNG states need pickle)
     blob = torch.load(path / "state.pt", weights_only=False)  # nosec B614
+    check_sharding(path, blob.get("sharded", False), sharded)
     for name, (module, optimizer, scheduler) in parts.items():
+        if sharded:
+            restore_part(module, optimizer, load_file(path / f"{name}.safetensors"), blob["optimizers"][name])
+            scheduler.load_state_dict(blob["schedulers"][name])
+            continue
         params = dict(module.named_parameters())
         with torch.no_grad():
             for key, value in load_file(path / f"{name}.safetensors").items():
@@ -250,12 +265,9 @@ def join_processes(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, number of ranks, device) of this process: one process unless a launcher (accelerate launch,
     torchrun) started several (WORLD_SIZE), which accelerate's PartialState then joins — gloo on CPU, NCCL on GPU,
     each rank on its own GPU."""
+    refuse_deepspeed()  # accelerate would quietly fall back to plain data parallelism on CPU
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, device
-    for engine in ("FSDP", "DEEPSPEED"):  # accelerate would quietly fall back to plain data parallelism on CPU
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true"):
-            raise UsageError(f"accelerate launch with {engine.title().replace('speed', 'Speed')}: not supported yet — "
-                             "each process holds the whole model", "launch with a data-parallel config (README)")
     state = PartialState(cpu=device.type == "cpu")
     return state.process_index, state.num_processes, state.device
 
@@ -272,6 +284,7 @@ class Run:
         if self.world_size > 1 and not hasattr(cfg, "num_processes"):
             raise UsageError(f"chatrlhf {command} runs in one process so far, and {self.world_size} were launched",
                              "run it without accelerate launch / torchrun; sft, reward train, dpo and ppo run in several")
+        self.fsdp = fsdp_settings(cfg, command, self.world_size)  # None: each rank holds the whole model
         self.step = 0                      # optimizer steps done (the data position)
         self.parts: dict = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -301,6 +314,8 @@ class Run:
     def shard(self, batches: list[list[int]]) -> list[list[int]]:
         """This rank's part of each micro-batch of a step planned for the global batch: every ``world_size``-th
         example from ``rank``. A part may be empty (an epoch's last micro-batch can be smaller than the ranks)."""
+        if self.fsdp:
+            batches = self._whole_micro_batches(batches)
         return [b[self.rank::self.world_size] for b in batches] if self.world_size > 1 else batches
 
     def total(self, value: float | list[float]) -> float | list[float]:
@@ -340,7 +355,7 @@ class Run:
         """:func:`~chatrlhf.trainers.common.optimizer_step` after summing the gradients over ranks (one all-reduce
         of one flat buffer; a rank without a gradient, e.g. an empty part, adds zeros). Every rank then clips and
         steps the same way, so the weights stay identical. Returns the gradient norm before clipping."""
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.fsdp:  # FSDP has summed them in the backward (reduce-scatter)
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = torch.cat([g.reshape(-1).float() for g in grads])
             dist.all_reduce(flat)
@@ -349,6 +364,39 @@ class Run:
                 p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
                 offset += g.numel()
         return optimizer_step(optimizer, scheduler, params, max_grad_norm)
+
+    # ---------------------------------------------------------------- FSDP (identities without it)
+
+    def shard_weights(self, model):
+        """Under FSDP, ``model`` with its weights sharded over the ranks (:func:`shard_model`); call it after
+        gradient checkpointing is set and before the optimizer is built. Without FSDP, ``model`` as it is."""
+        if self.fsdp is None:
+            return model
+        self.print(f"chatrlhf {self.name}: FSDP2 full shard over {self.world_size} processes"
+                   f"{', weights offloaded to CPU memory' if self.fsdp['offload'] else ''}")
+        return shard_model(model, self.fsdp)
+
+    def save_model(self, model, tok) -> None:
+        """The trained model as a plain Hugging Face folder in OUTPUT_DIR, written by the main rank; under FSDP every
+        rank first takes part in gathering its full weights."""
+        state = full_weights(model) if self.fsdp else None
+        if self.is_main:
+            save_model(model, tok, self.out, state_dict=state)
+
+    def _gather_parts(self) -> dict | None:
+        """Under FSDP, {name: full trainable weights, full optimizer state} of every part (on rank 0), else None."""
+        if self.fsdp is None:
+            return None
+        return {name: gather_part(module, optimizer) for name, (module, optimizer, _) in self.parts.items()}
+
+    def _whole_micro_batches(self, batches: list[list[int]]) -> list[list[int]]:
+        """Under FSDP every rank must run the same forward passes (each gathers weights from all): a micro-batch
+        with fewer examples than ranks (the end of an epoch) is left out, and said so."""
+        kept = [b for b in batches if len(b) >= self.world_size]
+        if len(kept) < len(batches):
+            self.print(f"chatrlhf {self.name}: FSDP: {sum(len(b) for b in batches if b not in kept)} example(s) in "
+                       f"micro-batches smaller than the {self.world_size} processes left out of this step")
+        return kept
 
     def begin(self, parts: dict, generators: dict[str, torch.Generator] | None = None,
               state: dict | None = None, objects: dict | None = None) -> dict:
@@ -363,7 +411,8 @@ class Run:
             seed_everything(self.cfg.seed + self.rank)
         if self.cfg.resume:
             self.step, path = latest_checkpoint(self.out)
-            self.state.update(load_checkpoint(path, parts, self.generators, self.objects, self.rank, self.world_size))
+            self.state.update(load_checkpoint(path, parts, self.generators, self.objects, self.rank, self.world_size,
+                                              sharded=self.fsdp is not None))
             self.print(f"chatrlhf {self.name}: resumed from {path} (step {self.step})")
         if hasattr(self.cfg, "num_processes"):
             self.print(f"chatrlhf {self.name}: {global_batch(self.cfg, self.world_size)}")
@@ -422,9 +471,10 @@ class Run:
     def save(self) -> None:
         """A checkpoint of every registered part, the random streams and the state at ``self.step``."""
         ranks = gather_object([rank_random_state(self.generators)]) if self.world_size > 1 else None
+        gathered = self._gather_parts()
         if self.is_main:
             save_checkpoint(self.out, self.step, self.parts, self.state, generators=self.generators,
-                            objects=self.objects, ranks=ranks)
+                            objects=self.objects, ranks=ranks, gathered=gathered)
         self._saved_at = self.step
 
     def close(self) -> None:

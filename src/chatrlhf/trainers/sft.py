@@ -21,7 +21,7 @@ from chatrlhf.config import SFTConfig
 from chatrlhf.data import as_conversations, load_records, split_by_prompt
 from chatrlhf.data.template import IGNORE, Tokenized, prompt_format, tokenize_conversation
 from chatrlhf.errors import UsageError
-from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model, unwrap
+from chatrlhf.models import autocast, count_parameters, enable_checkpointing, in_forward, load_model, unwrap
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, plan_batches
 from chatrlhf.trainers.run import Run, Summary
 
@@ -71,6 +71,10 @@ def n_targets(batch: dict) -> int:
 
 def sft_forward(model, batch: dict, n_step_targets: int):
     """Loss of one micro-batch; the LM head runs only where a reply token is predicted."""
+    return in_forward(model, _trunk_then_head, model, batch, n_step_targets)
+
+
+def _trunk_then_head(model, batch: dict, n_step_targets: int):
     base = unwrap(model)
     hidden = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              use_cache=False).last_hidden_state  # a KV cache would pin every layer's K/V
@@ -139,6 +143,7 @@ def train(cfg: SFTConfig, log=print) -> Summary:
     log(f"chatrlhf sft: {formats} data, {len(train_items)} train / {len(eval_items)} eval examples, "
         f"{n_steps} steps, {trainable_params:,} of {total_params:,} parameters trainable, device {device}")
 
+    model = run.shard_weights(model)  # FSDP: before the optimizer, which then holds this rank's shards
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, schedule="cosine",
                                           warmup_steps=int(cfg.warmup_ratio * n_steps), total_steps=n_steps)
@@ -176,8 +181,7 @@ def train(cfg: SFTConfig, log=print) -> Summary:
                          f"{metrics['train/tokens_per_s']:,.0f} tok/s")
     if step < n_steps:
         return run.stopped()
-    if run.is_main:
-        save_model(model, tok, run.out)
+    run.save_model(model, tok)
     final = run.last_logged("eval/loss")
     return run.finish({"tokens": state["tokens"], "eval_loss_start": state.get("first_eval_loss"),
                        "eval_loss_end": final["eval/loss"] if final else None, "data": file_hashes(cfg.data),
