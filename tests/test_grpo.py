@@ -165,5 +165,6 @@ def test_a_learnable_reward_rises_on_held_out_prompts_while_kl_stays_bounded(tmp
     assert evals[1]["eval/fn_mean"] > evals[0]["eval/fn_mean"] + 0.2, evals      # ≈ 0.43 → 0.8–0.9
     train = [m for m in read_metrics(out) if "loss/policy" in m]
     assert sum(m["reward/fn_mean"] for m in train[-2:]) > sum(m["reward/fn_mean"] for m in train[:2]) + 0.3
-    assert all(0 <= m["objective/kl"] < 8 for m in train) and 0 <= evals[1]["eval/kl"] < 8   # nats per reply
+    # nats per reply; k1 is unbiased but a batch's mean can dip below 0 (-0.05 here), k3 never does
+    assert all(m["objective/kl"] < 8 and m["objective/kl_k3"] >= 0 for m in train) and 0 <= evals[1]["eval/kl"] < 8
     assert not any(k.startswith("warning/kl_over_bound") for m in train for k in m)

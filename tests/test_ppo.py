@@ -134,7 +134,7 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path, fn):
 
 
 def test_minibatches_shuffle_whole_prompt_groups():
-    from chatrlhf.trainers.ppo import minibatches
+    from chatrlhf.rollout import minibatches
 
     torch.manual_seed(0)
     mbs = minibatches(16, 4, 8)

@@ -67,3 +67,6 @@ def test_the_global_batch_is_spelt_out():
     assert global_batch(sft, 2) == "global batch 16 = --batch-size 4 × --grad-accum 2 × 2 process(es)"
     ppo = SimpleNamespace(batch_size=4, samples_per_prompt=2, minibatch_size=8)
     assert global_batch(ppo, 2).startswith("global batch 16 replies per step = --batch-size 4 prompts × 2 process(es)")
+    grpo = SimpleNamespace(batch_size=2, num_generations=4, minibatch_size=None)
+    assert global_batch(grpo, 2) == ("global batch 16 replies per step = --batch-size 2 prompts × 2 process(es) × "
+                                     "--num-generations 4; --minibatch-size: the whole batch over all processes")

@@ -170,9 +170,10 @@ def test_q_trunk_rendered_otherwise_than_served_is_loaded_as_qlearn_rendered_it(
 
 
 def test_rm_pick_is_the_argmax_of_reward_model_scores(rmdir):
-    r = load_reranker(f"rm:{rmdir}", log=lambda m: None)
+    # fp32 on both sides: bf16 (auto, where the CPU has it) rounds a padded batch otherwise than one reply alone
+    r = load_reranker(f"rm:{rmdir}", dtype="float32", log=lambda m: None)
     assert isinstance(r, RMReranker) and "best-of-N" in r.describe
-    model, tok = load_reward_model(ModelArgs(model=str(rmdir)))
+    model, tok = load_reward_model(ModelArgs(model=str(rmdir), dtype="float32"))
     independent = [reward_scores(model, tok, [H2], [y])[0] for y in CANDIDATES]  # one at a time, no batching
     index, scores = r.pick(H2, CANDIDATES)
     assert scores == pytest.approx(independent, abs=1e-4)
@@ -242,12 +243,12 @@ def test_one_candidate_is_plain_generation_with_the_same_seed(tmp_path, qdir):
 def test_generate_with_rm_records_the_best_score_of_n(tmp_path, rmdir):
     p = prompts_file(tmp_path)
     out = tmp_path / "g.jsonl"
-    r = run_cli(*GEN, "--prompts", p, "--out", out, "--rerank", f"rm:{rmdir}", "--candidates", "4")
+    r = run_cli(*GEN, "--prompts", p, "--out", out, "--rerank", f"rm:{rmdir}", "--candidates", "4", "--dtype", "float32")
     assert r.returncode == 0, r.stderr
     assert f"reranking 4 candidates per reply by rm:{rmdir}" in r.stdout and "best of 4" in r.stdout
     got = rows(out)
     assert len(got) == 3 and all(x["candidates"] == 4 for x in got)
-    model, tok = load_reward_model(ModelArgs(model=str(rmdir)))
+    model, tok = load_reward_model(ModelArgs(model=str(rmdir), dtype="float32"))
     again = reward_scores(model, tok, [x["prompt"] for x in got], [x["response"] for x in got])
     assert [x["score"] for x in got] == pytest.approx(again, abs=1e-3)  # the recorded score is the kept reply's
 

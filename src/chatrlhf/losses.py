@@ -334,18 +334,20 @@ def group_stats(scores: torch.Tensor, group_size: int) -> dict[str, torch.Tensor
 
 
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                      mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2):
+                      mask: torch.Tensor, eps_low: float = 0.2, eps_high: float = 0.2, total: float | None = None):
     """(B, R) per-token clipped surrogate −min(ρ·Â, clip(ρ, 1 − ε_low, 1 + ε_high)·Â), ρ = π/π_old (Schulman et al.
     2017 eq. 7 with DAPO's decoupled "clip-higher" ε_high, Yu et al. 2025 eq. 10); ``advantages`` (B,) one per reply.
     Metrics (token means): clipped fractions below (ρ < 1 − ε_low with Â < 0) and above (ρ > 1 + ε_high with Â > 0),
-    as TRL counts them, and the mean ratio."""
+    as TRL counts them, and the mean ratio; ``total``: over that many tokens instead (see :func:`masked_mean`)."""
     ratio = torch.exp(logprobs - old_logprobs)
     adv = advantages[:, None]
     per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
     with torch.no_grad():
         low, high = (ratio < 1.0 - eps_low) & (adv < 0), (ratio > 1.0 + eps_high) & (adv > 0)
-        metrics = {"grpo/clip_low": masked_mean(low.float(), mask), "grpo/clip_high": masked_mean(high.float(), mask),
-                   "grpo/clipfrac": masked_mean((low | high).float(), mask), "grpo/ratio_mean": masked_mean(ratio, mask)}
+        metrics = {"grpo/clip_low": masked_mean(low.float(), mask, total=total),
+                   "grpo/clip_high": masked_mean(high.float(), mask, total=total),
+                   "grpo/clipfrac": masked_mean((low | high).float(), mask, total=total),
+                   "grpo/ratio_mean": masked_mean(ratio, mask, total=total)}
     return per_token, metrics
 
 
@@ -381,12 +383,13 @@ def grpo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advanta
     """The GRPO / Dr.GRPO / DAPO / RLOO policy loss of a micro-batch: the clipped surrogate plus β·k3 KL to the
     reference at every token (DeepSeekMath eq. 3–4; k3 = π_ref/π − log(π_ref/π) − 1, clamped at 10 per token as
     :func:`kl_estimates`), aggregated by ``loss_type`` (see LOSS_AGGREGATIONS) with the optimizer step's
-    ``n_sequences``, ``n_tokens`` and ``max_tokens``. logprobs, old_logprobs, ref_logprobs, mask (B, R); advantages (B,)."""
-    per_token, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, eps_low, eps_high)
+    ``n_sequences``, ``n_tokens`` and ``max_tokens``. logprobs, old_logprobs, ref_logprobs, mask (B, R); advantages (B,).
+    Metrics: this micro-batch's share of the step's token means (they add up over the step's micro-batches)."""
+    per_token, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, n_tokens)
     if ref_logprobs is not None and beta != 0.0:
         kl = kl_estimates(logprobs, ref_logprobs)["k3"]
         per_token = per_token + beta * kl
-        metrics["loss/kl_k3"] = masked_mean(kl.detach(), mask)
+        metrics["loss/kl_k3"] = masked_mean(kl.detach(), mask, total=n_tokens)
     loss = LOSS_AGGREGATIONS[loss_type](per_token, mask, n_sequences=n_sequences, n_tokens=n_tokens,
                                         max_tokens=max_tokens)
     metrics["loss/policy"] = loss.detach()

@@ -207,6 +207,17 @@ def prompt_indices(n: int, batch: int, seed: int, step: int) -> list[int]:
     return [int(i) for i in order[k * batch:(k + 1) * batch]]
 
 
+def step_prompts(run, data: list, step: int, per_prompt: int) -> tuple[list, list[int]]:
+    """This process's prompts of on-policy step ``step``, each ``per_prompt`` times, and their rows' places in the
+    whole batch: the step's --batch-size × processes prompts (:func:`prompt_indices`), every ``run.world_size``-th
+    from ``run.rank``. One process: the step's prompts, rows 0…B·per_prompt − 1."""
+    cfg = run.cfg
+    picks = prompt_indices(len(data), cfg.batch_size * run.world_size, cfg.seed, step)
+    mine = range(run.rank, len(picks), run.world_size)
+    return [data[picks[j]] for j in mine for _ in range(per_prompt)], [j * per_prompt + i for j in mine
+                                                                       for i in range(per_prompt)]
+
+
 def read_prompts(paths: list[str], fmt: str = "auto") -> list:
     """Every prompt (a message list) of every file, in any format that has prompts; an error when there are none."""
     prompts = [p for path in paths for p in load_prompts(path, fmt)]
@@ -300,6 +311,25 @@ def minibatches(n: int, group: int, size: int, generator: torch.Generator | None
     else:
         rows = torch.randperm(n, generator=generator)
     return list(rows.split(size))
+
+
+def local_minibatches(run, rows: list[int], group: int, size: int, generator: torch.Generator | None = None
+                      ) -> list[tuple[torch.Tensor, int]]:
+    """:func:`minibatches` drawn over the whole batch (the same on every process: the shuffle stream is shared) and
+    cut to this process's rows: (local row indices, the minibatch's rows over every process) for each. ``rows``: the
+    places of this process's rollout rows in the whole batch. One process: the minibatches themselves."""
+    where = {g: i for i, g in enumerate(rows)}
+    out = []
+    for idx in minibatches(int(run.total(len(rows))), group, size, generator):
+        out.append((torch.tensor([where[g] for g in idx.tolist() if g in where], dtype=torch.long), len(idx)))
+    return out
+
+
+def whole_batch_spread(run, r: Rollout) -> dict:
+    """reward/total_std over every process's replies (several processes; a process's own otherwise)."""
+    if run.world_size == 1:
+        return {}
+    return {"reward/total_std": float(torch.tensor(run.gather(r.scores.tolist())).std(unbiased=False))}
 
 
 def step_metrics(command: str, step: int, t0: float, r: Rollout, mix: RewardMix, state: dict, metrics: dict,

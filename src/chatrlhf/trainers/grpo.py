@@ -34,9 +34,10 @@ from chatrlhf.data.template import is_plain, prompt_format
 from chatrlhf.errors import UsageError
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model
 from chatrlhf.rewards import RewardMix, reward_mix
-from chatrlhf.rollout import Rollout, deadline_of, end_of_step, evaluate, generate, generator, minibatches, \
-    missing_eos_penalty, policy_forward, prompt_indices, reference_context, rollout_metrics, split_prompts, step_metrics
-from chatrlhf.trainers.common import file_hashes, make_optimizer, optimizer_step
+from chatrlhf.rollout import TRAIN_STREAM, Rollout, deadline_of, end_of_step, evaluate, generate, generator, \
+    local_minibatches, missing_eos_penalty, policy_forward, reference_context, rollout_metrics, row_seeds, \
+    split_prompts, step_metrics, step_prompts, whole_batch_spread
+from chatrlhf.trainers.common import file_hashes, make_optimizer
 from chatrlhf.trainers.run import Run, Summary
 
 DEFAULT_EPSILON = 0.2  # PPO's clip, TRL's epsilon
@@ -55,9 +56,9 @@ def scale_rewards(cfg: GRPOConfig) -> bool:
     return cfg.advantage == "grpo" if cfg.scale_rewards is None else cfg.scale_rewards
 
 
-def rows_per_step(cfg: GRPOConfig) -> int:
-    """Replies per optimizer step: --minibatch-size, or the whole rollout batch."""
-    batch = cfg.batch_size * cfg.num_generations
+def rows_per_step(cfg: GRPOConfig, processes: int = 1) -> int:
+    """Replies per optimizer step over every process: --minibatch-size, or the whole rollout batch."""
+    batch = cfg.batch_size * processes * cfg.num_generations
     return batch if cfg.minibatch_size is None else min(cfg.minibatch_size, batch)
 
 
@@ -98,13 +99,12 @@ def check(cfg: GRPOConfig) -> None:
 
 
 @torch.no_grad()
-def rollout(policy, ref_ctx, tok, prompts: list, cfg: GRPOConfig, mix: RewardMix, step: int,
-            gen: torch.Generator) -> tuple[Rollout, torch.Tensor, dict]:
-    """G replies to each prompt, scored by the mix (its running moments updated); log π_old and log π_ref
-    recomputed at the sampling temperature where the update needs them. Returns the rollout, the sampler's own
-    log-probs and the metrics."""
-    batch = [p for p in prompts for _ in range(cfg.num_generations)]
-    r, sample_lp, gen_s = generate(policy, tok, batch, cfg, gen)
+def rollout(policy, ref_ctx, tok, batch: list, cfg: GRPOConfig, mix: RewardMix, step: int,
+            seeds: list[int]) -> tuple[Rollout, torch.Tensor, dict]:
+    """The replies to ``batch`` (each prompt G times in a row), each drawn from a stream of its own (``seeds``),
+    scored by the mix (its running moments updated); log π_old and log π_ref recomputed at the sampling temperature
+    where the update needs them. Returns the rollout, the sampler's own log-probs and the metrics."""
+    r, sample_lp, gen_s = generate(policy, tok, batch, cfg, None, seeds=seeds)
     with autocast(cfg.dtype, r.query_ids.device):
         if needs_old_logprobs(cfg):
             r.logprobs = policy_forward(policy, r, cfg.temperature)[0]
@@ -144,11 +144,14 @@ def advantages(r: Rollout, cfg: GRPOConfig) -> dict:
 # --------------------------------------------------------------------------- the update
 
 
-def grpo_update(policy, optimizer, r: Rollout, sample_lp: torch.Tensor, cfg: GRPOConfig, use_ref: bool,
-                shuffle: torch.Generator) -> dict:
+def grpo_update(policy, optimizer, r: Rollout, sample_lp: torch.Tensor, run: Run, use_ref: bool,
+                shuffle: torch.Generator, row_ids: list[int]) -> dict:
     """``num_iterations`` passes over the rollout batch, each in optimizer steps of --minibatch-size replies
     (whole groups shuffled), each step accumulated over micro-batches with the loss normalised over the whole step.
-    The first pass also measures what the batch was sampled with: KL to the reference and the sampler mismatch."""
+    The first pass also measures what the batch was sampled with: KL to the reference and the sampler mismatch.
+    Several processes: ``row_ids`` are this process's rows' places in the whole batch; the minibatches are drawn over
+    the whole batch, each process trains on its rows with the step's replies and tokens over every process."""
+    cfg = run.cfg
     device = r.query_ids.device
     params = [p for g in optimizer.param_groups for p in g["params"]]
     sums: dict[str, float] = {}
@@ -157,12 +160,13 @@ def grpo_update(policy, optimizer, r: Rollout, sample_lp: torch.Tensor, cfg: GRP
     kl3_rows = torch.zeros(len(r), device=device)
     policy.train()
     for it in range(cfg.num_iterations):
-        for rows in minibatches(len(r), cfg.num_generations, rows_per_step(cfg), shuffle):
+        for rows, n_rows in local_minibatches(run, row_ids, cfg.num_generations, rows_per_step(cfg, run.world_size),
+                                              shuffle):
             rows = rows.to(device)
-            mask = r.response_mask[rows]
-            norm = dict(n_sequences=len(rows), n_tokens=int(mask.sum().clamp(min=1)), max_tokens=cfg.max_new_tokens)
+            n_tokens = int(run.total(float(r.response_mask[rows].sum())))
+            norm = dict(n_sequences=n_rows, n_tokens=max(n_tokens, 1), max_tokens=cfg.max_new_tokens)
             m: dict[str, float] = {}
-            for micro in rows.split(cfg.micro_batch_size):
+            for micro in rows.split(cfg.micro_batch_size) if len(rows) else ():  # none of the step's rows here
                 mb = r.select(micro)
                 with autocast(cfg.dtype, device):
                     lp, ent, _ = policy_forward(policy, mb, cfg.temperature, with_entropy=True)
@@ -172,13 +176,12 @@ def grpo_update(policy, optimizer, r: Rollout, sample_lp: torch.Tensor, cfg: GRP
                                                    eps_low=epsilons(cfg)[0], eps_high=epsilons(cfg)[1],
                                                    ref_logprobs=ref, beta=cfg.beta, **norm)
                 loss.backward()
-                share = len(micro) / len(rows)  # metrics: means over the step's rows (the loss is a sum already)
-                lm["policy/entropy"] = losses.masked_mean(ent, mb.response_mask)
-                for k, v in lm.items():
-                    m[k] = m.get(k, 0.0) + float(v) * (1.0 if k == "loss/policy" else share)
+                lm["policy/entropy"] = losses.masked_mean(ent, mb.response_mask, total=norm["n_tokens"])
+                for k, v in lm.items():  # shares of the step's loss and token means: they add up
+                    m[k] = m.get(k, 0.0) + float(v)
                 if it == 0:
-                    _first_pass(micro, old, mb, sample_lp, use_ref, kl_rows, kl3_rows, m, share)
-            m["policy/grad_norm"] = optimizer_step(optimizer, None, params, cfg.max_grad_norm)
+                    _first_pass(micro, old, mb, sample_lp, use_ref, kl_rows, kl3_rows, m, norm["n_tokens"])
+            m["policy/grad_norm"] = run.optimizer_step(optimizer, None, params, cfg.max_grad_norm)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_steps += 1
@@ -192,12 +195,12 @@ def grpo_update(policy, optimizer, r: Rollout, sample_lp: torch.Tensor, cfg: GRP
 
 
 @torch.no_grad()
-def _first_pass(micro, old, mb: Rollout, sample_lp, use_ref: bool, kl_rows, kl3_rows, m: dict, share: float) -> None:
+def _first_pass(micro, old, mb: Rollout, sample_lp, use_ref: bool, kl_rows, kl3_rows, m: dict, n_tokens: int) -> None:
     """On the first pass over a batch, log π_old is what the batch was sampled with: its KL to the reference per
     reply (k1 and k3 sums) and its mismatch with the sampler's own log-probs."""
     mask = mb.response_mask
-    m["mismatch"] = m.get("mismatch", 0.0) + share * float(
-        losses.masked_mean((sample_lp[micro] - old).abs(), mask))
+    m["mismatch"] = m.get("mismatch", 0.0) + float(  # this micro-batch's share of the step's token mean
+        losses.masked_mean((sample_lp[micro] - old).abs(), mask, total=n_tokens))
     if use_ref:
         kl = losses.kl_estimates(old, mb.ref_logprobs)
         kl_rows[micro] = (kl["k1"] * mask).sum(1)
@@ -205,6 +208,9 @@ def _first_pass(micro, old, mb: Rollout, sample_lp, use_ref: bool, kl_rows, kl3_
 
 
 # --------------------------------------------------------------------------- the loop
+
+# metrics summed over processes: a process's share of a mean over the step's replies or tokens, or its part of a rate
+SUMMED = ("loss/", "grpo/clip", "grpo/ratio_mean", "policy/entropy", "rollout/logprob_mismatch", "rollout/tokens_per_s")
 
 
 def load_networks(cfg: GRPOConfig):
@@ -224,7 +230,8 @@ def train(cfg: GRPOConfig, log=print) -> Summary:
     policy, tok, ref_ctx = load_networks(cfg)
     use_ref = cfg.beta != 0
     mix.penalty = missing_eos_penalty(cfg, tok)
-    n_steps = run.total_steps(max(1, len(train_data) // cfg.batch_size))
+    n_steps = run.total_steps(max(1, len(train_data) // (cfg.batch_size * run.world_size)))
+    mix.gather = run.gather  # several processes normalise each source with the whole batch's moments
     optimizer, scheduler = make_optimizer([p for p in policy.parameters() if p.requires_grad], cfg.lr,
                                           cfg.weight_decay, eps=1e-5, warmup_steps=int(cfg.warmup_ratio * n_steps),
                                           total_steps=n_steps)
@@ -237,7 +244,7 @@ def train(cfg: GRPOConfig, log=print) -> Summary:
         + (f" (ε {eps_low:g}/{eps_high:g})" if steps_per_batch(cfg) > 1 else "")
         + f", reward sources {', '.join(mix.sources)}, {'plain-text' if is_plain(tok) else 'chat'} prompts, "
         f"missing-EOS penalty {mix.penalty:g}, {count_parameters(policy)[1]:,} trainable parameters, device {run.device}")
-    gens = {"sample": generator(cfg.seed, run.device), "shuffle": generator(cfg.seed + 1)}
+    gens = {"shuffle": generator(cfg.seed + 1)}  # replies draw from streams of their own (rollout.row_seeds)
     state = run.begin({"policy": (policy, optimizer, scheduler)}, gens,
                       {"moments": {}, "history": [], "eval_start": None, "eval_norm": None})
     mix.load_state(state["moments"])
@@ -251,7 +258,7 @@ def train(cfg: GRPOConfig, log=print) -> Summary:
     deadline = deadline_of(cfg)
     with run.loop(n_steps) as bar:
         while run.running(step, n_steps):
-            raw = grpo_step(step, policy, ref_ctx, tok, train_data, cfg, mix, (optimizer, scheduler), gens, state, log)
+            raw = grpo_step(run, step, policy, ref_ctx, tok, train_data, mix, (optimizer, scheduler), gens, log)
             step += 1
             n_steps = end_of_step("grpo", run, step, n_steps, raw, samples, bar, held_out, deadline, log)
     samples.close()
@@ -260,16 +267,20 @@ def train(cfg: GRPOConfig, log=print) -> Summary:
     return _finish(run, policy, tok, state)
 
 
-def grpo_step(step: int, policy, ref_ctx, tok, prompts: list, cfg: GRPOConfig, mix: RewardMix, opt_sched: tuple,
-              gens: dict, state: dict, log=print) -> dict:
-    """One step (``step`` 0-based): rollout, group advantages, the update, warnings. Returns the step's metrics
-    (``_rollout`` holds the rollout for the samples file)."""
+def grpo_step(run: Run, step: int, policy, ref_ctx, tok, prompts: list, mix: RewardMix, opt_sched: tuple,
+              gens: dict, log=print) -> dict:
+    """One step (``step`` 0-based): rollout, group advantages, the update, warnings. Returns the step's metrics,
+    reduced over processes (``_rollout`` holds this process's rollout for the samples file)."""
+    cfg, state = run.cfg, run.state
     t0 = time.perf_counter()
-    batch = [prompts[i] for i in prompt_indices(len(prompts), cfg.batch_size, cfg.seed, step)]
-    r, sample_lp, metrics = rollout(policy, ref_ctx, tok, batch, cfg, mix, step, gens["sample"])
+    batch, rows = step_prompts(run, prompts, step, cfg.num_generations)
+    r, sample_lp, metrics = rollout(policy, ref_ctx, tok, batch, cfg, mix, step,
+                                    row_seeds(cfg.seed, TRAIN_STREAM, step, rows=rows))
     metrics.update(advantages(r, cfg))
+    metrics.update(whole_batch_spread(run, r))
     optimizer, scheduler = opt_sched
-    metrics.update(grpo_update(policy, optimizer, r, sample_lp, cfg, ref_ctx is not None, gens["shuffle"]))
+    metrics.update(grpo_update(policy, optimizer, r, sample_lp, run, ref_ctx is not None, gens["shuffle"], rows))
+    metrics = run.reduce(metrics, SUMMED)
     metrics["train/lr"] = scheduler.get_last_lr()[0]
     scheduler.step()
     return step_metrics("grpo", step, t0, r, mix, state, metrics, cfg.kl_bound, log)
@@ -277,7 +288,8 @@ def grpo_step(step: int, policy, ref_ctx, tok, prompts: list, cfg: GRPOConfig, m
 
 def _finish(run: Run, policy, tok, state: dict) -> Summary:
     cfg = run.cfg
-    save_model(policy, tok, run.out)
+    if run.is_main:
+        save_model(policy, tok, run.out)
     return run.finish({"eval_start": state.get("eval_start"),
                        "eval_end": run.last_eval("eval/reward"),
                        "stopped_by_time": state.get("stopped_at") == run.step, "chat_template": cfg.chat_template,

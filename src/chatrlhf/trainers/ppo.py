@@ -34,9 +34,10 @@ from chatrlhf.models import add_lora, autocast, count_parameters, enable_checkpo
     resolve_device, resolve_model, save_model, unwrap
 from chatrlhf.reward_model import classic_head, load_reward_model, reward_norm
 from chatrlhf.rewards import RewardMix, reward_mix
-from chatrlhf.rollout import Critic, Rollout, deadline_of, end_of_step, eval_collect, eval_summary, evaluate, \
-    forward_passes, generate, generator, minibatches, missing_eos_penalty, policy_forward, prompt_indices, \
-    reference_context, rollout_metrics, row_seeds, split_prompts, step_metrics, TRAIN_STREAM
+from chatrlhf.rollout import TRAIN_STREAM, Critic, Rollout, deadline_of, end_of_step, eval_collect, eval_summary, \
+    evaluate, forward_passes, generate, generator, local_minibatches, missing_eos_penalty, policy_forward, \
+    prompt_indices, reference_context, rollout_metrics, row_seeds, split_prompts, step_metrics, step_prompts, \
+    whole_batch_spread
 from chatrlhf.trainers.common import file_hashes, make_optimizer
 from chatrlhf.trainers.run import Run, Summary
 from chatrlhf.trainers.value import SeparateCritic, SharedHead
@@ -212,11 +213,9 @@ def ppo_update(policy, vf, optimizer, r: Rollout, cfg: PPOConfig, train_policy: 
     vf.train()
     policy_params = [p for g in optimizer.param_groups for p in g["params"]]
     group = 1 if cfg.env == "dialogue" else cfg.samples_per_prompt  # turn rows share no prompt
-    where = {g: i for i, g in enumerate(rows)}
     for _ in range(cfg.ppo_epochs):
-        for idx in minibatches(int(run.total(len(r))), group, cfg.minibatch_size, shuffle):
-            local = [where[g] for g in idx.tolist() if g in where]
-            mb = r.select(torch.tensor(local, device=device)) if local else None
+        for local, _ in local_minibatches(run, rows, group, cfg.minibatch_size, shuffle):
+            mb = r.select(local.to(device)) if len(local) else None
             tokens = run.total(float(mb.response_mask.sum()) if mb else 0.0) if run.world_size > 1 else None
             m: dict[str, float] = {}
             if train_policy or vf.reads_trunk:  # in a critic warm-up only a head on the trunk needs this pass
@@ -421,12 +420,11 @@ def ppo_step(run: Run, step: int, policy, ref_ctx, vf, tok, train_data: list, mi
         r, links, metrics = dialogue_rollout(policy, ref_ctx, vf, tok, train_data, cfg, mix, step, gens["sample"])
         rows = list(range(len(r)))
     else:
-        batch, rows = step_prompts(run, train_data, step)
+        batch, rows = step_prompts(run, train_data, step, cfg.samples_per_prompt)
         r, metrics = rollout(policy, ref_ctx, vf, tok, batch, cfg, mix, step,
                              row_seeds(cfg.seed, TRAIN_STREAM, step, rows=rows), sampler)
     total = run.total if run.world_size > 1 else None
-    if total:  # the whole batch's spread, not the processes' mean of theirs
-        metrics["reward/total_std"] = float(torch.tensor(run.gather(r.scores.tolist())).std(unbiased=False))
+    metrics.update(whole_batch_spread(run, r))
     if calibrate:
         calibrate_critic(vf.critic, r, mix, step, run.total)
     bootstrap = None if links is None else turn_values(policy, vf, tok, r, links, cfg)
@@ -451,15 +449,6 @@ def ppo_step(run: Run, step: int, policy, ref_ctx, vf, tok, train_data: list, mi
 # every process), or its part of a rate; the rest are averaged
 SUMMED = ("loss/", "ppo/clipfrac", "ppo/approx_kl", "ppo/ratio_mean", "ppo/vf_clipfrac", "policy/entropy",
           "ppo/value_mean", "ppo/return_mean", "rollout/tokens_per_s")
-
-
-def step_prompts(run: Run, data: list, step: int) -> tuple[list, list[int]]:
-    """This process's prompts of step ``step`` (each --samples-per-prompt times) and their rows' places in the whole
-    batch: the step's --batch-size × processes prompts, every ``world_size``-th from ``rank``."""
-    cfg, k = run.cfg, run.cfg.samples_per_prompt
-    picks = prompt_indices(len(data), cfg.batch_size * run.world_size, cfg.seed, step)
-    mine = range(run.rank, len(picks), run.world_size)
-    return [data[picks[j]] for j in mine for _ in range(k)], [j * k + i for j in mine for i in range(k)]
 
 
 def optimisers(cfg: PPOConfig, policy, vf, n_steps: int) -> dict:

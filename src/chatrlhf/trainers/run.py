@@ -252,11 +252,14 @@ def latest_checkpoint(out_dir: str | Path) -> tuple[int, Path]:
 
 def global_batch(cfg, world_size: int) -> str:
     """What one optimizer step sees over every process, spelt out (the most common confusion of distributed RL)."""
-    if hasattr(cfg, "samples_per_prompt"):
-        prompts = cfg.batch_size * world_size
-        return (f"global batch {prompts * cfg.samples_per_prompt} replies per step = --batch-size {cfg.batch_size} "
-                f"prompts × {world_size} process(es) × --samples-per-prompt {cfg.samples_per_prompt}; "
-                f"minibatches of --minibatch-size {cfg.minibatch_size} replies over all processes")
+    per_prompt = next(((flag, getattr(cfg, name)) for flag, name in (("--samples-per-prompt", "samples_per_prompt"),
+                                                                      ("--num-generations", "num_generations"))
+                       if hasattr(cfg, name)), None)
+    if per_prompt:  # ppo, grpo
+        flag, k = per_prompt
+        minibatch = "the whole batch" if cfg.minibatch_size is None else f"{cfg.minibatch_size} replies"
+        return (f"global batch {cfg.batch_size * world_size * k} replies per step = --batch-size {cfg.batch_size} "
+                f"prompts × {world_size} process(es) × {flag} {k}; --minibatch-size: {minibatch} over all processes")
     return (f"global batch {cfg.batch_size * cfg.grad_accum * world_size} = --batch-size {cfg.batch_size} × "
             f"--grad-accum {cfg.grad_accum} × {world_size} process(es)")
 
@@ -283,7 +286,8 @@ class Run:
         self.rank, self.world_size, self.device = join_processes(resolve_device(cfg.device))
         if self.world_size > 1 and not hasattr(cfg, "num_processes"):
             raise UsageError(f"chatrlhf {command} runs in one process so far, and {self.world_size} were launched",
-                             "run it without accelerate launch / torchrun; sft, reward train, dpo and ppo run in several")
+                             "run it without accelerate launch / torchrun; sft, reward train, dpo, ppo and grpo run in "
+                             "several")
         self.fsdp = fsdp_settings(cfg, command, self.world_size)  # None: each rank holds the whole model
         self.step = 0                      # optimizer steps done (the data position)
         self.parts: dict = {}
