@@ -21,7 +21,8 @@ from chatrlhf.trainers.run import checkpoints
 pytestmark = pytest.mark.slow
 
 # what depends on the clock or on how the batch is cut, not on the training
-UNCOMPARED = ("train/step_s", "train/tokens_per_s", "train/pairs_per_s", "train/pad_fraction", "time/step_s",
+UNCOMPARED = ("train/step_s", "train/tokens_per_s", "train/pairs_per_s", "train/replies_per_s", "train/pad_fraction",
+              "time/step_s",
               "rollout/tokens_per_s", "rollout/generate_s")
 COMMANDS = {
     "sft": ["sft", "--data", EXAMPLES / "dialogue_history.csv"],
@@ -29,6 +30,7 @@ COMMANDS = {
     "dpo": ["dpo", "--data", EXAMPLES / "preferences.jsonl", "--max-length", "96"],
     # each reply sampled from a stream of its own (seeded by its place in the whole batch), so two processes draw
     # the replies one process draws; a separate critic (the default) with its own optimizer
+    "kto": ["kto", "--data", EXAMPLES / "ratings.jsonl", "--max-length", "96"],
     "grpo": ["grpo", "--data", EXAMPLES / "prompts.txt", "--reward-fn", f"{EXAMPLES / 'reward.py'}:concise_on_topic",
              "--num-generations", "2", "--minibatch-size", "4", "--num-iterations", "2", "--max-new-tokens", "12",
              "--beta", "0.04"],
@@ -82,7 +84,7 @@ def assert_same_run(a, b, weights="model.safetensors") -> None:
     assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-5) for k in x)
 
 
-@pytest.mark.parametrize("command", ["reward", "dpo", "ppo", "grpo"])
+@pytest.mark.parametrize("command", ["reward", "dpo", "kto", "ppo", "grpo"])
 def test_two_processes_of_batch_b_train_as_one_of_batch_2b(tmp_path, command):
     two_processes(argv(command, tmp_path / "two", 2, "--no-tensorboard"))
     r = run_cli(*argv(command, tmp_path / "one", 4, "--no-tensorboard"))
@@ -131,13 +133,13 @@ def test_sft_in_two_processes_matches_one_only_rank_0_writes_and_a_killed_run_re
 
 
 def test_a_command_that_runs_in_one_process_refuses_several(tmp_path, monkeypatch):
-    from chatrlhf.config import KTOConfig, PPOConfig
+    from chatrlhf.config import PPOConfig, QLearnConfig
     from chatrlhf.errors import UsageError
     from chatrlhf.trainers import ppo, run
 
     monkeypatch.setattr(run, "join_processes", lambda device: (0, 2, device))  # as rank 0 of 2 would see it
-    with pytest.raises(UsageError, match="chatrlhf kto runs in one process so far, and 2 were launched"):
-        run.Run("kto", KTOConfig(output_dir=str(tmp_path)))
+    with pytest.raises(UsageError, match="chatrlhf qlearn runs in one process so far, and 2 were launched"):
+        run.Run("qlearn", QLearnConfig(output_dir=str(tmp_path)))
     cfg = PPOConfig(model="tiny-random-llama", data=[str(EXAMPLES / "dialogue_history.csv")], env="dialogue",
                     reward_fn=f"{EXAMPLES / 'reward.py'}:concise_on_topic", output_dir=str(tmp_path))
     with pytest.raises(UsageError, match="--env dialogue runs in one process so far"):

@@ -237,7 +237,7 @@ class DPOConfig(PreferenceArgs, ShardArgs, ProcessArgs, RunArgs, BatchArgs, Opti
 
 
 @dataclass
-class KTOConfig(PreferenceArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class KTOConfig(PreferenceArgs, ProcessArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf kto`: Kahneman–Tversky optimisation of the policy on unpaired feedback — replies marked desirable or
     undesirable (thumbs, star ratings, corrections, either side of a preference) — against the policy before training."""
     data: list[str] = arg(["examples/ratings.jsonl"], "Feedback files, comma-separated: ratings (4–5 stars desirable, "

@@ -466,18 +466,24 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
-def kto_reference_point(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+def kto_reference_point(kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor, total=None) -> torch.Tensor:
     """KTO's reference point z₀ (Ethayarajh et al. 2024, eq. 7): the batch estimate of KL(π ‖ π_ref),
     mean(log π(y'|x) − log π_ref(y'|x)) over mismatched pairs (x, y') — each prompt with another example's reply,
-    as TRL builds them — detached (no gradient flows through z₀) and clamped ≥ 0."""
-    return (kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    as TRL builds them — detached (no gradient flows through z₀) and clamped ≥ 0. ``total``: a function that sums a
+    list of numbers over the processes a batch is split into (the mean is then the whole batch's)."""
+    diff = (kl_logps - ref_kl_logps).detach()
+    if total is None:
+        return diff.mean().clamp(min=0)
+    s, n = total([float(diff.sum()), float(len(diff))])
+    return torch.tensor(max(s / max(n, 1.0), 0.0), dtype=diff.dtype)
 
 
 def kto_loss(logps, ref_logps, desirable, z0, beta: float = 0.1, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0, weight=None, total_weight=None):
+             undesirable_weight: float = 1.0, weight=None, total_weight=None, class_counts=None):
     """KTO (Ethayarajh et al. 2024, eq. 7; TRL's `kto`) on (N,) unpaired replies with r = log π − log π_ref:
     desirable λ_D (1 − σ(β(r − z₀))), undesirable λ_U (1 − σ(β(z₀ − r))); weighted mean over the replies
-    (divided by the weights, not by the λ, as TRL's mean). z₀ from :func:`kto_reference_point`."""
+    (divided by the weights, not by the λ, as TRL's mean). z₀ from :func:`kto_reference_point`. ``class_counts``
+    (desirable, undesirable) of the whole step: the reward metrics are then this part's share of each class's mean."""
     weight = torch.ones_like(logps) if weight is None else weight
     total = weight.sum() if total_weight is None else total_weight
     r = logps - ref_logps
@@ -486,7 +492,7 @@ def kto_loss(logps, ref_logps, desirable, z0, beta: float = 0.1, desirable_weigh
     loss = (per * weight).sum() / total
     with torch.no_grad():
         rewards = beta * r
-        n_d, n_u = desirable.sum(), (~desirable).sum()
+        n_d, n_u = (desirable.sum(), (~desirable).sum()) if class_counts is None else map(torch.tensor, class_counts)
         metrics = {"loss/kto": loss, "kto/kl": z0,
                    "rewards/desirable": torch.where(desirable, rewards, 0.0).sum() / n_d.clamp(min=1),
                    "rewards/undesirable": torch.where(desirable, 0.0, rewards).sum() / n_u.clamp(min=1)}

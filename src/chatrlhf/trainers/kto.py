@@ -30,7 +30,7 @@ from chatrlhf.errors import UsageError
 from chatrlhf.models import count_parameters, enable_checkpointing, load_model, save_model, train_top_layers
 from chatrlhf.preference import all_logps, collate, encode_reply, reference_logps, sequence_logps
 from chatrlhf.rollout import deadline_of, out_of_time
-from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer, optimizer_step
+from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer
 from chatrlhf.trainers.run import Run, Summary
 
 # --------------------------------------------------------------------------- data
@@ -113,22 +113,27 @@ def class_weights(cfg: KTOConfig, data: Examples, log=print) -> tuple[float, flo
 
 
 def train_step(model, run: Run, pad_id: int, chunks: list[list[int]], data: Examples, ref: dict, lam) -> dict:
-    """z₀ from the whole step's KL sequences (no gradient), then forward and backward of each micro-batch."""
+    """z₀ from the whole step's KL sequences (no gradient), then forward and backward of each micro-batch — this
+    process's part of the step (``chunks``), its loss divided by the step's weight over every process; the metrics
+    are shares of the step (summed over processes)."""
     cfg, idx = run.cfg, [i for c in chunks for i in c]
     kl = all_logps(model, [data.kl_items[i] for i in idx], cfg.batch_size * 2, pad_id, run.device, cfg.dtype)
-    z0 = losses.kto_reference_point(kl, ref["kl"][idx]).to(run.device)
-    total = float(data.weight[idx].sum())
+    z0 = losses.kto_reference_point(kl, ref["kl"][idx], run.total if run.world_size > 1 else None).to(run.device)
+    total = run.total(float(data.weight[idx].sum()))
+    n_d = int(data.desirable[idx].sum()) if idx else 0
+    counts = run.total([float(n_d), float(len(idx) - n_d)])  # each class's replies in the step, over every process
     stats: dict[str, float] = {}
     for chunk in chunks:
         batch = collate([data.items[i] for i in chunk], pad_id, run.device)
         with run.autocast():
             logps, _ = sequence_logps(model, batch)
         loss, m = losses.kto_loss(logps, ref["main"][chunk].to(run.device), data.desirable[chunk].to(run.device), z0,
-                                  cfg.beta, *lam, weight=data.weight[chunk].to(run.device), total_weight=total)
+                                  cfg.beta, *lam, weight=data.weight[chunk].to(run.device), total_weight=total,
+                                  class_counts=counts)
         loss.backward()
-        share = float(data.weight[chunk].sum()) / total
+        share = float(data.weight[chunk].sum()) / total  # z₀ is the step's: its shares add up to it
         for k, v in m.items():
-            stats[k] = stats.get(k, 0.0) + float(v) * (1.0 if k.startswith("loss/") else share)
+            stats[k] = stats.get(k, 0.0) + float(v) * (share if k == "kto/kl" else 1.0)
     return stats
 
 
@@ -175,7 +180,7 @@ def prepare(cfg: KTOConfig, run: Run, log=print):
     t0 = time.perf_counter()
     flat = reference_logps(model, {"train": train.items, "train_kl": train.kl_items, "eval": held.items,
                                    "eval_kl": held.kl_items}, run.out, cfg.model, cfg.dtype, cfg.batch_size * 2,
-                           tok.pad_token_id, run.device, log, reuse=cfg.resume)
+                           tok.pad_token_id, run.device, log, reuse=cfg.resume, write=run.is_main)
     ref = {name: {"main": flat[name], "kl": flat[f"{name}_kl"]} for name in ("train", "eval")}
     lam = class_weights(cfg, train, log)
     train_top_layers(model, cfg.train_layers)
@@ -190,7 +195,8 @@ def prepare(cfg: KTOConfig, run: Run, log=print):
 def train(cfg: KTOConfig, log=print) -> Summary:
     run = Run("kto", cfg, log)
     model, tok, data, held, ref, lam, counts, split = prepare(cfg, run, log)
-    plan = StepPlan([len(x.input_ids) for x in data.items], cfg.batch_size, cfg.grad_accum, cfg.seed)
+    plan = StepPlan([len(x.input_ids) for x in data.items], cfg.batch_size * run.world_size, cfg.grad_accum,
+                    cfg.seed)  # the global batch; each process trains on its shard (run.shard)
     n_steps = run.total_steps(plan.steps_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, warmup_steps=int(cfg.warmup_ratio * n_steps),
@@ -204,12 +210,13 @@ def train(cfg: KTOConfig, log=print) -> Summary:
     with run.loop(n_steps):
         while run.running(step, n_steps):
             t0 = time.perf_counter()
-            chunks = plan[step]
+            chunks = [c for c in run.shard(plan[step]) if c]
             stats = train_step(model, run, tok.pad_token_id, chunks, data, ref["train"], lam)
+            stats = run.reduce(stats, tuple(stats))  # shares of the step: summed over processes
             stats["train/lr"] = scheduler.get_last_lr()[0]
-            stats["train/grad_norm"] = optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
+            stats["train/grad_norm"] = run.optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
             step += 1
-            stats["train/replies_per_s"] = sum(len(c) for c in chunks) / (time.perf_counter() - t0)
+            stats["train/replies_per_s"] = sum(len(c) for c in plan[step - 1]) / (time.perf_counter() - t0)
             stats["train/epoch"] = step / plan.steps_per_epoch
             n_steps = out_of_time("kto", run, step, n_steps, deadline, log)
             if step % cfg.eval_steps == 0 or step == n_steps:
@@ -219,7 +226,8 @@ def train(cfg: KTOConfig, log=print) -> Summary:
                          f"{stats['train/replies_per_s']:.2f} replies/s")
     if step < n_steps:
         return run.stopped()
-    save_model(model, tok, run.out)
+    if run.is_main:
+        save_model(model, tok, run.out)
     return run.finish({"replies": dict(counts), "train_replies": len(data), "held_out_replies": len(held),
                        "desirable_weight": lam[0], "undesirable_weight": lam[1], "split": split,
                        "eval_start": state["eval_start"] or None,

@@ -286,8 +286,8 @@ class Run:
         self.rank, self.world_size, self.device = join_processes(resolve_device(cfg.device))
         if self.world_size > 1 and not hasattr(cfg, "num_processes"):
             raise UsageError(f"chatrlhf {command} runs in one process so far, and {self.world_size} were launched",
-                             "run it without accelerate launch / torchrun; sft, reward train, dpo, ppo and grpo run in "
-                             "several")
+                             "run it without accelerate launch / torchrun; sft, reward train, dpo, kto, ppo and grpo "
+                             "run in several")
         self.fsdp = fsdp_settings(cfg, command, self.world_size)  # None: each rank holds the whole model
         self.step = 0                      # optimizer steps done (the data position)
         self.parts: dict = {}
