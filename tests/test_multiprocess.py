@@ -51,6 +51,19 @@ def two_processes(args, env=None, timeout=300) -> subprocess.CompletedProcess:
     return r
 
 
+def audited(out, audit) -> dict:
+    """The environment that makes each process record its writes under ``out`` into ``audit``/rank-N.log."""
+    audit.mkdir()
+    return {"PYTHONPATH": str(ROOT / "tests" / "audit"), "CHATRLHF_AUDIT_OUT": str(out),
+            "CHATRLHF_AUDIT_LOG": str(audit)}
+
+
+def assert_only_rank_0_wrote(audit) -> None:
+    """Rank 0 wrote (so the hook was watching) and rank 1 wrote nothing into the run's folder."""
+    assert "metrics.jsonl" in (audit / "rank-0.log").read_text()
+    assert not (audit / "rank-1.log").exists(), (audit / "rank-1.log").read_text()
+
+
 def descendants(pid: int) -> list[int]:
     """Every process started by ``pid``, its children's children included (from /proc)."""
     parents = {}
@@ -85,8 +98,9 @@ def assert_same_run(a, b, weights="model.safetensors") -> None:
 
 
 @pytest.mark.parametrize("command", ["reward", "dpo", "kto", "ppo", "grpo"])
-def test_two_processes_of_batch_b_train_as_one_of_batch_2b(tmp_path, command):
-    two_processes(argv(command, tmp_path / "two", 2, "--no-tensorboard"))
+def test_two_processes_of_batch_b_train_as_one_of_batch_2b_and_only_rank_0_writes(tmp_path, command):
+    two_processes(argv(command, tmp_path / "two", 2, "--no-tensorboard"), env=audited(tmp_path / "two", tmp_path / "a"))
+    assert_only_rank_0_wrote(tmp_path / "a")
     r = run_cli(*argv(command, tmp_path / "one", 4, "--no-tensorboard"))
     assert r.returncode == 0, r.stderr
     assert_same_run(tmp_path / "one", tmp_path / "two")
@@ -95,15 +109,10 @@ def test_two_processes_of_batch_b_train_as_one_of_batch_2b(tmp_path, command):
 
 
 def test_sft_in_two_processes_matches_one_only_rank_0_writes_and_a_killed_run_resumes_exactly(tmp_path):
-    audit = tmp_path / "audit"
-    audit.mkdir()
     ref = tmp_path / "two"
-    r = two_processes(argv("sft", ref, 2), env={"PYTHONPATH": str(ROOT / "tests" / "audit"),
-                                                "CHATRLHF_AUDIT_OUT": str(ref), "CHATRLHF_AUDIT_LOG": str(audit)})
+    r = two_processes(argv("sft", ref, 2), env=audited(ref, tmp_path / "audit"))  # with TensorBoard
     assert r.stdout.count("eval loss") == 1  # the main rank speaks
-    # only rank 0 wrote into the run's folder (the hook saw rank 0's writes, so it watches)
-    assert "metrics.jsonl" in (audit / "rank-0.log").read_text()
-    assert not (audit / "rank-1.log").exists(), (audit / "rank-1.log").read_text()
+    assert_only_rank_0_wrote(tmp_path / "audit")
     assert json.loads((ref / "chatrlhf.json").read_text())["processes"] == 2
 
     r = run_cli(*argv("sft", tmp_path / "one", 4))

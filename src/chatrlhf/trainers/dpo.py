@@ -155,7 +155,8 @@ def prepare(cfg: DPOConfig, run: Run, log=print):
     frozen = {"states": [None] * len(groups["train"]), "depth": depth} if depth else None
     t0 = time.perf_counter()
     flat = reference_logps(model, groups, run.out, cfg.model, cfg.dtype, cfg.batch_size * 2, tok.pad_token_id,
-                           run.device, log, reuse=cfg.resume, write=run.is_main, states={"train": frozen["states"]} if frozen else None,
+                           run.device, log, reuse=cfg.resume, write=run.is_main,
+                           states={"train": frozen["states"]} if frozen else None,
                            depth=depth)
     ref = {name: flat[name].view(2, -1).T for name in groups}  # (N, 2): chosen, rejected
     train_top_layers(model, cfg.train_layers)

@@ -32,7 +32,7 @@ from chatrlhf import losses
 from chatrlhf.config import GRPOConfig
 from chatrlhf.data.template import is_plain, prompt_format
 from chatrlhf.errors import UsageError
-from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model, save_model
+from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import TRAIN_STREAM, Rollout, deadline_of, end_of_step, evaluate, generate, generator, \
     local_minibatches, missing_eos_penalty, policy_forward, reference_context, rollout_metrics, row_seeds, \
@@ -288,8 +288,7 @@ def grpo_step(run: Run, step: int, policy, ref_ctx, tok, prompts: list, mix: Rew
 
 def _finish(run: Run, policy, tok, state: dict) -> Summary:
     cfg = run.cfg
-    if run.is_main:
-        save_model(policy, tok, run.out)
+    run.save_model(policy, tok)
     return run.finish({"eval_start": state.get("eval_start"),
                        "eval_end": run.last_eval("eval/reward"),
                        "stopped_by_time": state.get("stopped_at") == run.step, "chat_template": cfg.chat_template,

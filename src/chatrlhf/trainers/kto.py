@@ -27,7 +27,7 @@ from chatrlhf.config import KTOConfig
 from chatrlhf.data.pairs import load_feedback, split_held_out, unpaired_feedback
 from chatrlhf.data.template import Tokenized, prompt_format
 from chatrlhf.errors import UsageError
-from chatrlhf.models import count_parameters, enable_checkpointing, load_model, save_model, train_top_layers
+from chatrlhf.models import count_parameters, enable_checkpointing, load_model, train_top_layers
 from chatrlhf.preference import all_logps, collate, encode_reply, reference_logps, sequence_logps
 from chatrlhf.rollout import deadline_of, out_of_time
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer
@@ -226,8 +226,7 @@ def train(cfg: KTOConfig, log=print) -> Summary:
                          f"{stats['train/replies_per_s']:.2f} replies/s")
     if step < n_steps:
         return run.stopped()
-    if run.is_main:
-        save_model(model, tok, run.out)
+    run.save_model(model, tok)
     return run.finish({"replies": dict(counts), "train_replies": len(data), "held_out_replies": len(held),
                        "desirable_weight": lam[0], "undesirable_weight": lam[1], "split": split,
                        "eval_start": state["eval_start"] or None,

@@ -31,7 +31,7 @@ from chatrlhf.engine import SamplingParams
 from chatrlhf.env import turn_references, user_turns_key
 from chatrlhf.errors import UsageError
 from chatrlhf.models import add_lora, autocast, count_parameters, enable_checkpointing, load_model, load_tokenizer, \
-    resolve_device, resolve_model, save_model, unwrap
+    resolve_device, resolve_model, unwrap
 from chatrlhf.reward_model import classic_head, load_reward_model, reward_norm
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import TRAIN_STREAM, Critic, Rollout, deadline_of, end_of_step, eval_collect, eval_summary, \
@@ -467,8 +467,9 @@ def _optimizer(params, lr: float, cfg: PPOConfig, n_steps: int):
 
 def _finish(run: Run, policy, vf, tok, state: dict) -> Summary:
     cfg = run.cfg
-    save_model(policy, tok, run.out)
-    vf.save(tok, run.out)
+    run.save_model(policy, tok)
+    if run.is_main:
+        vf.save(tok, run.out)
     return run.finish({"eval_start": state.get("eval_start"),
                        "eval_end": run.last_eval("eval/reward"),
                        "stopped_by_time": state.get("stopped_at") == run.step, "beta": state["beta"],

@@ -26,8 +26,8 @@ normalisers' moments), Ctrl-C, the progress bar and the end-of-run :class:`Summa
 Checkpoints live in OUTPUT_DIR/checkpoints/step-N and are written to a temporary folder first and
 renamed, so a run killed at any moment leaves either a whole checkpoint or none.
 
-Several processes: under ``accelerate launch`` (or torchrun, or ``--num-processes N``, which calls
-``accelerate launch``) each process is a rank; accelerate's ``PartialState`` joins them (gloo on CPU, NCCL on
+Several processes: under ``accelerate launch`` (or torchrun, or ``--num-processes N``, which calls torchrun's
+launcher) each process is a rank; accelerate's ``PartialState`` joins them (gloo on CPU, NCCL on
 GPU). The run then does, in this one place, what data parallelism needs and nothing more:
 
   * the data: a step's plan is made for the global batch (``--batch-size`` × ranks, the same plan one process
@@ -327,7 +327,8 @@ class Run:
         what each rank divides its loss by."""
         if self.world_size == 1:
             return value
-        t = torch.tensor(value if isinstance(value, list) else [value], dtype=torch.float64)
+        # on this run's device: NCCL reduces CUDA tensors only
+        t = torch.tensor(value if isinstance(value, list) else [value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist() if isinstance(value, list) else float(t[0])
 
