@@ -367,7 +367,8 @@ def evaluate(policy, ref_ctx, tok, prompts, cfg, mix: RewardMix, state: dict, to
              per_prompt: int | None = None) -> dict:
     """Reward and KL on held-out prompts (``per_prompt`` replies each, by default --samples-per-prompt;
     ``batch_size`` prompts at a time), each reply sampled from a stream of its own with a fixed seed, so evaluations
-    compare like with like, the training stream never moves and the batch size changes nothing. Per source the raw mean (``eval/NAME_mean``);
+    compare like with like, the training stream never moves and the batch size changes nothing. Per source the raw
+    mean (``eval/NAME_mean``);
     ``eval/reward`` mixes them on one scale from step 0: each source in units of its held-out mean and std at the
     first evaluation, weighted as at the end of the run, minus the missing-EOS penalty — 0 at the start (up to that
     penalty). No ``eval/kl`` without a reference (``ref_ctx`` None)."""

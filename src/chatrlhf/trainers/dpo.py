@@ -187,7 +187,7 @@ def train(cfg: DPOConfig, log=print) -> Summary:
     with run.loop(n_steps):
         while run.running(step, n_steps):
             t0 = time.perf_counter()
-            chunks = [c for c in run.shard(plan[step]) if c]
+            chunks = run.shard(plan[step])
             stats = train_step(model, run, tok.pad_token_id, chunks, train_enc, train_pairs, ref["train"], frozen)
             stats = run.reduce(stats, tuple(stats))  # shares of the step: summed over ranks
             stats["train/lr"] = scheduler.get_last_lr()[0]

@@ -62,11 +62,11 @@ def rows_per_step(cfg: GRPOConfig, processes: int = 1) -> int:
     return batch if cfg.minibatch_size is None else min(cfg.minibatch_size, batch)
 
 
-def steps_per_batch(cfg: GRPOConfig) -> int:
-    """Optimizer steps taken on one rollout batch; above 1 the policy moves between them, so the ratio π/π_old
-    (and its clip) acts and log π_old must be kept from sampling time."""
-    batch = cfg.batch_size * cfg.num_generations
-    return cfg.num_iterations * -(-batch // rows_per_step(cfg))
+def steps_per_batch(cfg: GRPOConfig, processes: int = 1) -> int:
+    """Optimizer steps taken on one rollout batch (of every process); above 1 the policy moves between them, so the
+    ratio π/π_old (and its clip) acts and log π_old must be kept from sampling time."""
+    batch = cfg.batch_size * processes * cfg.num_generations
+    return cfg.num_iterations * -(-batch // rows_per_step(cfg, processes))
 
 
 def check(cfg: GRPOConfig) -> None:
@@ -86,7 +86,7 @@ def check(cfg: GRPOConfig) -> None:
     if cfg.kl_in_reward and cfg.beta == 0:
         raise UsageError("--kl-in-reward with --beta 0 puts nothing in the reward", "give --beta, e.g. 0.05")
     given = [(f, v) for f, v in (("--epsilon", cfg.epsilon), ("--epsilon-high", cfg.epsilon_high)) if v is not None]
-    if given and steps_per_batch(cfg) == 1:
+    if given and steps_per_batch(cfg, cfg.num_processes) == 1:
         raise UsageError(f"{given[0][0]} acts only when a batch takes several optimizer steps: with one, π = π_old and "
                          "the ratio is 1 on every token", "add --num-iterations 2 (or a smaller --minibatch-size), or "
                          "drop the flag")
@@ -100,13 +100,13 @@ def check(cfg: GRPOConfig) -> None:
 
 @torch.no_grad()
 def rollout(policy, ref_ctx, tok, batch: list, cfg: GRPOConfig, mix: RewardMix, step: int,
-            seeds: list[int]) -> tuple[Rollout, torch.Tensor, dict]:
+            seeds: list[int], processes: int = 1) -> tuple[Rollout, torch.Tensor, dict]:
     """The replies to ``batch`` (each prompt G times in a row), each drawn from a stream of its own (``seeds``),
     scored by the mix (its running moments updated); log π_old and log π_ref recomputed at the sampling temperature
     where the update needs them. Returns the rollout, the sampler's own log-probs and the metrics."""
     r, sample_lp, gen_s = generate(policy, tok, batch, cfg, None, seeds=seeds)
     with autocast(cfg.dtype, r.query_ids.device):
-        if needs_old_logprobs(cfg):
+        if needs_old_logprobs(cfg, processes):
             r.logprobs = policy_forward(policy, r, cfg.temperature)[0]
         if ref_ctx is not None:
             with ref_ctx() as ref:
@@ -117,10 +117,10 @@ def rollout(policy, ref_ctx, tok, batch: list, cfg: GRPOConfig, mix: RewardMix, 
     return r, sample_lp, metrics
 
 
-def needs_old_logprobs(cfg: GRPOConfig) -> bool:
+def needs_old_logprobs(cfg: GRPOConfig, processes: int = 1) -> bool:
     """log π_old from a pass right after sampling: for the ratio when the policy moves within a batch, and for the
     KL penalty in the reward. Otherwise the training pass's own (detached) log-probs are log π_old."""
-    return steps_per_batch(cfg) > 1 or cfg.kl_in_reward
+    return steps_per_batch(cfg, processes) > 1 or cfg.kl_in_reward
 
 
 def advantages(r: Rollout, cfg: GRPOConfig) -> dict:
@@ -170,7 +170,7 @@ def grpo_update(policy, optimizer, r: Rollout, sample_lp: torch.Tensor, run: Run
                 mb = r.select(micro)
                 with autocast(cfg.dtype, device):
                     lp, ent, _ = policy_forward(policy, mb, cfg.temperature, with_entropy=True)
-                old = mb.logprobs if needs_old_logprobs(cfg) else lp.detach()
+                old = mb.logprobs if needs_old_logprobs(cfg, run.world_size) else lp.detach()
                 ref = mb.ref_logprobs if use_ref and not cfg.kl_in_reward else None
                 loss, lm = losses.grpo_policy_loss(lp, old, mb.advantages[:, 0], mb.response_mask, cfg.loss_type,
                                                    eps_low=epsilons(cfg)[0], eps_high=epsilons(cfg)[1],
@@ -240,8 +240,8 @@ def train(cfg: GRPOConfig, log=print) -> Summary:
         f"{cfg.batch_size} prompts × {cfg.num_generations} replies, advantage {cfg.advantage}"
         f"{'' if scale_rewards(cfg) else ' (not scaled)'}, loss {cfg.loss_type}, KL "
         + (f"β {cfg.beta:g} {'in the reward' if cfg.kl_in_reward else 'as a k3 loss term'}" if use_ref else "off")
-        + f", {steps_per_batch(cfg)} optimizer step(s) per batch"
-        + (f" (ε {eps_low:g}/{eps_high:g})" if steps_per_batch(cfg) > 1 else "")
+        + f", {steps_per_batch(cfg, run.world_size)} optimizer step(s) per batch"
+        + (f" (ε {eps_low:g}/{eps_high:g})" if steps_per_batch(cfg, run.world_size) > 1 else "")
         + f", reward sources {', '.join(mix.sources)}, {'plain-text' if is_plain(tok) else 'chat'} prompts, "
         f"missing-EOS penalty {mix.penalty:g}, {count_parameters(policy)[1]:,} trainable parameters, device {run.device}")
     gens = {"shuffle": generator(cfg.seed + 1)}  # replies draw from streams of their own (rollout.row_seeds)
@@ -275,7 +275,7 @@ def grpo_step(run: Run, step: int, policy, ref_ctx, tok, prompts: list, mix: Rew
     t0 = time.perf_counter()
     batch, rows = step_prompts(run, prompts, step, cfg.num_generations)
     r, sample_lp, metrics = rollout(policy, ref_ctx, tok, batch, cfg, mix, step,
-                                    row_seeds(cfg.seed, TRAIN_STREAM, step, rows=rows))
+                                    row_seeds(cfg.seed, TRAIN_STREAM, step, rows=rows), run.world_size)
     metrics.update(advantages(r, cfg))
     metrics.update(whole_batch_spread(run, r))
     optimizer, scheduler = opt_sched

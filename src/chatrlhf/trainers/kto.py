@@ -210,7 +210,7 @@ def train(cfg: KTOConfig, log=print) -> Summary:
     with run.loop(n_steps):
         while run.running(step, n_steps):
             t0 = time.perf_counter()
-            chunks = [c for c in run.shard(plan[step]) if c]
+            chunks = run.shard(plan[step])
             stats = train_step(model, run, tok.pad_token_id, chunks, data, ref["train"], lam)
             stats = run.reduce(stats, tuple(stats))  # shares of the step: summed over processes
             stats["train/lr"] = scheduler.get_last_lr()[0]

@@ -300,7 +300,7 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
     with run.loop(n_steps):
         while run.running(step, n_steps) and not keeper.stopped:
             t0 = time.perf_counter()
-            chunks = [c for c in run.shard(plan[step]) if c]
+            chunks = run.shard(plan[step])
             stats = train_step(model, tok, run, chunks, encoded, train_pairs, boot, cache)
             stats = run.reduce(stats, tuple(stats))  # shares of the step: summed over ranks
             stats["train/lr"] = scheduler.get_last_lr()[0]

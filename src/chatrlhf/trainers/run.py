@@ -317,10 +317,13 @@ class Run:
 
     def shard(self, batches: list[list[int]]) -> list[list[int]]:
         """This rank's part of each micro-batch of a step planned for the global batch: every ``world_size``-th
-        example from ``rank``. A part may be empty (an epoch's last micro-batch can be smaller than the ranks)."""
+        example from ``rank``. Empty parts are left out (an epoch's last micro-batch can be smaller than the ranks):
+        a rank may have none, and still joins the step (:meth:`optimizer_step`)."""
+        if self.world_size == 1:
+            return batches
         if self.fsdp:
             batches = self._whole_micro_batches(batches)
-        return [b[self.rank::self.world_size] for b in batches] if self.world_size > 1 else batches
+        return [part for b in batches if (part := b[self.rank::self.world_size])]
 
     def total(self, value: float | list[float]) -> float | list[float]:
         """``value`` (a number or a list of them) summed over ranks — a step's count of targets, pairs, weight:

@@ -155,7 +155,7 @@ def train(cfg: SFTConfig, log=print) -> Summary:
     with run.loop(n_steps):
         while run.running(step, n_steps):
             t0 = time.perf_counter()
-            batches = [collate([train_items[i] for i in b], tok.pad_token_id, device) for b in run.shard(plan[step]) if b]
+            batches = [collate([train_items[i] for i in b], tok.pad_token_id, device) for b in run.shard(plan[step])]
             step_targets = run.total(sum(n_targets(b) for b in batches))
             loss_sum, tokens, padded = 0.0, 0, 0
             for batch in batches:
