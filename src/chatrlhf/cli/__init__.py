@@ -83,7 +83,18 @@ def dispatch(name: str, cfg) -> int:
     head, _, sub = name.partition(" ")
     if head not in ("data", "feedback"):
         _threads()
-    return command_module(head).run(sub or head, cfg)
+    try:
+        return command_module(head).run(sub or head, cfg)
+    finally:
+        _leave_processes()
+
+
+def _leave_processes() -> None:
+    """One process of several: leave the process group before the interpreter exits — a gloo group left to the
+    interpreter's shutdown can abort it ("terminate called without an active exception") after a finished run."""
+    dist = sys.modules.get("torch.distributed")  # imported only if a command ran in several processes
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def command_module(head: str):
