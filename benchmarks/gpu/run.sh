@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark (issue 24), from the repository root:  bash benchmarks/gpu/run.sh [run.py options, e.g. --tiny]
+# The GPU benchmark (issue 24), from the repository root:  [SMOKE=240] bash benchmarks/gpu/run.sh [run.py options, e.g. --tiny]
 # Python: $PYTHON, else .venv/bin/python (after `make install`), else python3 (a GPU image's own torch).
 # Where benchmarks/gpu/prepare.sh's carried folders are present (carry/a, carry/b: a machine with no network), their
 # wheels go into /tmp/chatrlhf-site, the embedded model's GGUF is put back together there, and src/ goes first on
@@ -23,4 +23,8 @@ if ls $C/a/whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-exec $PY benchmarks/gpu/run.py "$@"
+$PY benchmarks/gpu/run.py "$@"
+rc=$?
+# SMOKE=<seconds>: then every trainer's CUDA path through the CLI on the tiny model (benchmarks/gpu/smoke.py)
+if [ -n "${SMOKE:-}" ]; then $PY benchmarks/gpu/smoke.py --budget "$SMOKE" || rc=$?; fi
+exit $rc
