@@ -379,7 +379,7 @@ class PPOConfig(RolloutArgs, RewardArgs, ProcessArgs, RunArgs, OptimArgs, DataAr
 
 
 @dataclass
-class GRPOConfig(RolloutArgs, RewardArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class GRPOConfig(RolloutArgs, RewardArgs, ShardArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf grpo`: critic-free policy gradient — GRPO, Dr.GRPO, DAPO or RLOO — against the mixed reward, with
     --num-generations replies per prompt as each other's baseline."""
     model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the frozen reference starts as "

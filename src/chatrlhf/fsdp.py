@@ -13,6 +13,7 @@ trunk and the head separately, which this module handles with one registered for
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from pathlib import Path
@@ -53,7 +54,7 @@ def fsdp_settings(cfg, command: str, world_size: int) -> dict | None:
         return None
     if not hasattr(cfg, "fsdp"):
         raise UsageError(f"chatrlhf {command} does not run under FSDP yet",
-                         "launch it without the FSDP config; sft, reward train and dpo shard with FSDP")
+                         "launch it without the FSDP config; sft, reward train, dpo and grpo shard with FSDP")
     if world_size < 2:
         raise UsageError("--fsdp shards the model over processes, and this run has one",
                          "add --num-processes N (N ≥ 2), or launch with accelerate (" + FSDP_HELP + ")")
@@ -101,7 +102,34 @@ def shard_model(model, settings: dict):
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
     setattr(base, FORWARD_METHOD, types.MethodType(_inside_forward, base))
     register_fsdp_forward_method(base, FORWARD_METHOD)
+    base.chatrlhf_reshard_after_forward = settings["reshard_after_forward"]  # what unsharded() restores
     return model
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """The whole of a sharded ``model`` gathered once on every rank for as many forward passes as the caller likes (a
+    generation: one per token, a different number on each rank), then sharded again; a plain model as it is.
+
+    Every FSDP unit is all-gathered on entry (the same collectives on every rank) and told not to reshard after its
+    forward, so its pre-forward finds the weights already whole and its post-forward keeps them: the passes inside run
+    no collective at all. On exit each unit gets back its reshard-after-forward setting and frees the gathered copy.
+    No gradients may flow inside (nothing would reduce-scatter them the same way on every rank)."""
+    units = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield model
+        return
+    reshard = getattr(unwrap(model), "chatrlhf_reshard_after_forward", True)
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(reshard, recurse=False)
+            unit.reshard()
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole on rank 0 (the others get {})

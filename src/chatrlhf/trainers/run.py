@@ -341,6 +341,15 @@ class Run:
             return values
         return [x for part in gather_object([values]) for x in part]
 
+    def most(self, n: int) -> int:
+        """The largest ``n`` over ranks (each rank's count in a slot of its own, summed): e.g. the forward passes that
+        every rank makes under FSDP."""
+        if self.world_size == 1:
+            return n
+        slots = [0.0] * self.world_size
+        slots[self.rank] = float(n)
+        return int(max(self.total(slots)))
+
     def any(self, flag: bool) -> bool:
         """True if ``flag`` is true on any rank: a decision (stop now) every rank then takes at the same step."""
         return self.total(float(bool(flag))) > 0
@@ -383,6 +392,11 @@ class Run:
         self.print(f"chatrlhf {self.name}: FSDP2 full shard over {self.world_size} processes"
                    f"{', weights offloaded to CPU memory' if self.fsdp['offload'] else ''}")
         return shard_model(model, self.fsdp)
+
+    def shard_frozen(self, model):
+        """Under FSDP, a frozen model used for forward passes only (a reference) sharded as :meth:`shard_weights`
+        shards a trained one, so that it does not sit whole on every rank; without FSDP, ``model`` as it is."""
+        return model if self.fsdp is None else shard_model(model, self.fsdp)
 
     def save_model(self, model, tok) -> None:
         """The trained model as a plain Hugging Face folder in OUTPUT_DIR, written by the main rank; under FSDP every
