@@ -27,9 +27,9 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
-from conftest import EXAMPLES, run_cli
+from conftest import EXAMPLES, run_cli, tiny_reward_model
 from chatrlhf.accelerate import config_path
-from chatrlhf.config import DPOConfig, GRPOConfig, SFTConfig
+from chatrlhf.config import DPOConfig, GRPOConfig, PPOConfig, SFTConfig
 from chatrlhf.errors import UsageError
 from chatrlhf.logger import read_metrics
 from chatrlhf.fsdp import check_sharding, fsdp_settings, shard_model, unsharded
@@ -98,6 +98,9 @@ def test_a_deepspeed_launch_is_refused_with_what_works_instead(tmp_path, monkeyp
     (SFTConfig(fsdp_offload=True), {}, 2, "--fsdp-offload without FSDP"),
     (SFTConfig(lora_r=8), {"ACCELERATE_USE_FSDP": "true"}, 2, "--lora-r 8 with FSDP: not supported"),
     (DPOConfig(fsdp=True, train_layers=2), {}, 2, "--train-layers 2 with FSDP: not supported"),
+    (PPOConfig(fsdp=True, critic="shared"), {}, 2, "--critic shared with FSDP"),
+    (PPOConfig(fsdp=True, rollout_engine="vllm"), {}, 2, "--rollout-engine vllm with FSDP"),
+    (GRPOConfig(lora_r=8), {"ACCELERATE_USE_FSDP": "true"}, 2, "--lora-r 8 with FSDP: not supported"),
     (SFTConfig(fsdp=True), {"FSDP_VERSION": "1"}, 2, "FSDP version 1 (fsdp_version): not supported"),
     (SFTConfig(fsdp=True), {"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, 2, "fsdp_auto_wrap_policy SIZE_BASED_WRAP"),
     (SFTConfig(fsdp=True, gradient_checkpointing=False), {"FSDP_ACTIVATION_CHECKPOINTING": "true"}, 2,
@@ -118,8 +121,10 @@ def test_fsdp_settings_follow_the_flags_and_the_accelerate_launch(monkeypatch):
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
     monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
     assert fsdp_settings(SFTConfig(), "sft", 2) == {"offload": True, "reshard_after_forward": False}
-    with pytest.raises(UsageError, match="chatrlhf ppo does not run under FSDP yet"):
-        fsdp_settings(object(), "ppo", 2)
+    assert fsdp_settings(GRPOConfig(), "grpo", 2) == {"offload": True, "reshard_after_forward": False}
+    with pytest.raises(UsageError, match="chatrlhf kto does not run under FSDP yet") as e:
+        fsdp_settings(object(), "kto", 2)
+    assert "sft, reward train, dpo, ppo and grpo shard with FSDP" in str(e.value)
 
 
 def test_the_shipped_accelerate_configs_are_found_and_fsdp_is_version_2():
@@ -144,7 +149,10 @@ def test_a_checkpoint_is_resumed_only_with_the_sharding_that_wrote_it(tmp_path):
 
 RL = {"grpo": ["grpo", "--data", EXAMPLES / "prompts.txt", "--reward-fn", f"{EXAMPLES / 'reward.py'}:concise_on_topic",
                "--num-generations", "2", "--minibatch-size", "4", "--num-iterations", "2", "--max-new-tokens", "12",
-               "--beta", "0.04"]}
+               "--beta", "0.04"],
+      "ppo": ["ppo", "--data", EXAMPLES / "dialogue_history.csv", "--reward-fn",
+              f"{EXAMPLES / 'reward.py'}:concise_on_topic", "--samples-per-prompt", "2", "--minibatch-size", "4",
+              "--ppo-epochs", "2", "--max-new-tokens", "12", "--critic-lr", "1e-3", "--eval-fraction", "0.05"]}
 CLOCK = ("rollout/tokens_per_s", "rollout/generate_s", "time/step_s")
 
 
@@ -195,6 +203,35 @@ def test_grpo_under_fsdp_trains_as_one_process_of_the_global_batch_and_resumes_e
     assert r.returncode == 0, r.stdout + r.stderr
     assert "(step 2)" in r.stdout and "offloaded to CPU memory" in r.stdout
     assert_same_rl_run(fsdp, resumed)
+
+
+@pytest.mark.slow
+def test_ppo_under_fsdp_trains_policy_and_critic_as_one_process_of_the_global_batch_and_resumes_exactly(tmp_path):
+    """Two FSDP processes × 2 prompts = one process × 4, with the critic from the reward model (sharded as the policy
+    is; put on the reward scale by scaling its head's shards) and the reward model as a source: the same metrics, and
+    the same saved policy and critic (offset included: a plain parameter beside the shards, summed over processes)."""
+    rm = tiny_reward_model(tmp_path / "rm")
+    extra = ("--reward-model", rm, "--force", "--critic", "reward-model")
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    r = run_cli(*rl_argv("ppo", fsdp, 2, *extra, "--num-processes", "2", "--fsdp"), process=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("FSDP2 full shard over 2 processes") == 1 and "critic = separate network from" in r.stdout
+    r = run_cli(*rl_argv("ppo", one, 4, *extra))
+    assert r.returncode == 0, r.stderr
+    assert_same_rl_run(one, fsdp, weights=("model.safetensors", "critic/model.safetensors"))
+    offsets = [json.loads((x / "critic" / "config.json").read_text())["chatrlhf_value_offset"] for x in (one, fsdp)]
+    assert offsets[0] != 0 and offsets[1] == pytest.approx(offsets[0], rel=1e-5)
+
+    resumed = tmp_path / "resumed"  # from the step-2 checkpoint: the policy's part and the critic's, gathered
+    shutil.copytree(fsdp, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-4")
+    shutil.rmtree(resumed / "critic")
+    (resumed / "model.safetensors").unlink()
+    r = run_cli(*rl_argv("ppo", resumed, 2, *extra, "--num-processes", "2", "--fsdp", "--resume"), process=True,
+                timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(step 2)" in r.stdout
+    assert_same_rl_run(fsdp, resumed, weights=("model.safetensors", "critic/model.safetensors"))
 
 
 COLLECTIVES = ("all_gather_single", "all_gather_into_tensor", "all_gather", "reduce_scatter_single",

@@ -96,11 +96,13 @@ class ProcessArgs:
 @dataclass
 class ShardArgs:
     """Fully sharded data parallelism (FSDP2) over the processes: the commands whose loops it serves (sft, reward
-    train, dpo) compose this piece next to ProcessArgs."""
+    train, dpo, ppo, grpo) compose this piece next to ProcessArgs."""
     fsdp: bool = arg(False, "Shard weights, gradients and optimizer state over the processes (PyTorch FSDP2, full "
                      "shard: each decoder block and the rest of the model are gathered only while they compute); "
                      "with --num-processes N, or on by itself under `accelerate launch --config_file fsdp.yaml` "
-                     "(docs/distributed.md). Refused: --lora-r, --train-layers, frozen-trunk reward recipes.")
+                     "(docs/distributed.md). ppo and grpo also shard the reference and a separate critic, and "
+                     "gather the policy once per generation. Refused: --lora-r, --train-layers, frozen-trunk reward "
+                     "recipes, ppo's --critic shared and --rollout-engine vllm.")
     fsdp_offload: bool = arg(False, "With FSDP: keep the sharded weights, gradients and optimizer state in CPU memory "
                              "between uses (FSDP2 CPUOffloadPolicy; the optimizer then steps on the CPU). The "
                              "launch's fsdp_offload_params: true turns it on too.")
@@ -320,7 +322,7 @@ class RolloutArgs(ReplyArgs):
 
 
 @dataclass
-class PPOConfig(RolloutArgs, RewardArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class PPOConfig(RolloutArgs, RewardArgs, ShardArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf ppo`: PPO with a policy network and a value network against the mixed reward."""
     model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the frozen reference starts as "
                      "the same model (with LoRA: the base with adapters off).")

@@ -1,5 +1,6 @@
 """FSDP2 for the run scaffold (trainers/run.py), which calls these functions; the trainers see only
-``Run.shard_weights`` and ``Run.save_model``.
+``Run.shard_weights``, ``Run.shard_frozen`` and ``Run.save_model``. The RL rollout (rollout.generate) gathers a
+sharded policy whole for each generation with :func:`unsharded`.
 
 Under FSDP (--fsdp, or `accelerate launch --config_file fsdp.yaml`: ACCELERATE_USE_FSDP=true) each decoder block and
 then the whole model are wrapped with PyTorch's fully_shard (FSDP2, full shard): every rank keeps 1/N of each weight,
@@ -54,7 +55,7 @@ def fsdp_settings(cfg, command: str, world_size: int) -> dict | None:
         return None
     if not hasattr(cfg, "fsdp"):
         raise UsageError(f"chatrlhf {command} does not run under FSDP yet",
-                         "launch it without the FSDP config; sft, reward train, dpo and grpo shard with FSDP")
+                         "launch it without the FSDP config; sft, reward train, dpo, ppo and grpo shard with FSDP")
     if world_size < 2:
         raise UsageError("--fsdp shards the model over processes, and this run has one",
                          "add --num-processes N (N ≥ 2), or launch with accelerate (" + FSDP_HELP + ")")
@@ -70,7 +71,12 @@ def fsdp_settings(cfg, command: str, world_size: int) -> dict | None:
         (getattr(cfg, "lora_r", 0) > 0, f"--lora-r {getattr(cfg, 'lora_r', 0)} with FSDP",
          "train LoRA adapters with data parallelism (drop --fsdp), or fine-tune in full with FSDP"),
         (getattr(cfg, "train_layers", -1) >= 0, f"--train-layers {getattr(cfg, 'train_layers', -1)} with FSDP",
-         "drop --train-layers (FSDP trains every block), or drop --fsdp")]
+         "drop --train-layers (FSDP trains every block), or drop --fsdp"),
+        (getattr(cfg, "critic", "auto") == "shared", "--critic shared with FSDP (its value head would sit beside the "
+         "sharded policy, outside FSDP)", "use a separate critic, sharded as the policy is: --critic policy or "
+         "--critic reward-model; or drop --fsdp"),
+        (getattr(cfg, "rollout_engine", "local") == "vllm", "--rollout-engine vllm with FSDP (vLLM takes the policy's "
+         "whole weights after every update)", "sample with --rollout-engine local, or drop --fsdp")]
     for refused, what, fix in refusals:
         if refused:
             raise UsageError(f"{what}: not supported", fix)
@@ -104,6 +110,14 @@ def shard_model(model, settings: dict):
     register_fsdp_forward_method(base, FORWARD_METHOD)
     base.chatrlhf_reshard_after_forward = settings["reshard_after_forward"]  # what unsharded() restores
     return model
+
+
+def reshard(model) -> None:
+    """Free every gathered copy of a sharded ``model``'s weights (kept after a forward pass when FSDP does not reshard
+    after it), so that the next forward gathers the shards as they are now — after they were changed in place."""
+    for unit in unwrap(model).modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import shared_reply_fraction
 from chatrlhf.evaluate.watch import failure_signs
 from chatrlhf.losses import entropy_from_logits
-from chatrlhf.fsdp import unsharded
+from chatrlhf.fsdp import reshard, unsharded
 from chatrlhf.models import autocast, in_forward, is_sharded, load_model, save_model, unwrap
 from chatrlhf.rewards import RewardMix
 
@@ -155,7 +155,8 @@ def policy_forward(model, r: Rollout, temperature: float, with_entropy: bool = F
     """(logprobs, entropy or None, values or None) of a policy on a (mini)batch; the LM head runs only
     at reply positions. ``value_head`` (a linear layer) reads values off the same trunk pass. Under FSDP the whole
     pass is one forward of the sharded model (models.in_forward) and the prompt is never computed apart."""
-    return in_forward(model, _policy_forward, model, r, temperature, with_entropy, value_head)
+    lp, ent, values = in_forward(model, _policy_forward, model, r, temperature, with_entropy, value_head)
+    return lp, ent, values.squeeze(-1).float() if values is not None else None  # a view: made outside the forward
 
 
 def _policy_forward(model, r: Rollout, temperature: float, with_entropy: bool, value_head):
@@ -163,8 +164,7 @@ def _policy_forward(model, r: Rollout, temperature: float, with_entropy: bool, v
     h = reply_hidden(trunk, r.query_ids, r.query_mask, r.response_ids, r.response_mask,
                      share_prompts=not is_sharded(model))
     lp, ent = logprobs_from_hidden(head, h, r.response_ids, temperature, with_entropy)
-    values = value_head(h).squeeze(-1).float() if value_head is not None else None
-    return lp, ent, values
+    return lp, ent, value_head(h) if value_head is not None else None
 
 
 class Critic(torch.nn.Module):
@@ -178,21 +178,31 @@ class Critic(torch.nn.Module):
         self.offset = torch.nn.Parameter(torch.zeros(()))
 
     def forward(self, r: Rollout) -> torch.Tensor:
-        """(B, R) values."""
+        """(B, R) values (under FSDP one forward of the sharded model: models.in_forward)."""
+        # the squeeze (a view) outside the sharded forward, whose outputs FSDP hooks for the backward pass
+        return in_forward(self.model, self._head_output, r).squeeze(-1).float() + self.offset
+
+    def _head_output(self, r: Rollout) -> torch.Tensor:
+        """(B, R, 1) the head's output at every reply position."""
         inner = unwrap(self.model)  # LoRA layers sit inside the trunk; the head is trainable
-        h = reply_hidden(inner.base_model, r.query_ids, r.query_mask, r.response_ids, r.response_mask)
-        return inner.score(h).squeeze(-1).float() + self.offset
+        h = reply_hidden(inner.base_model, r.query_ids, r.query_mask, r.response_ids, r.response_mask,
+                         share_prompts=not is_sharded(self.model))
+        return inner.score(h)
 
     @torch.no_grad()
     def rescale(self, a: float, b: float) -> None:
-        """Values become a · head + b."""
+        """Values become a · head + b (under FSDP each rank scales its shard of the head; a copy gathered for the last
+        forward is dropped first, so the next forward gathers the scaled head)."""
+        reshard(self.model)
         for p in unwrap(self.model).score.parameters():
             p.mul_(a)
         self.offset.fill_(b)
 
-    def save(self, tok, out_dir) -> None:
+    def save(self, tok, out_dir, write=save_model) -> None:
+        """The critic as a sequence-classification folder, its offset in the config; ``write(model, tok, out_dir)``
+        (the run's save_model under FSDP, which every rank calls)."""
         unwrap(self.model).config.chatrlhf_value_offset = float(self.offset.detach())
-        save_model(self.model, tok, out_dir)
+        write(self.model, tok, out_dir)
 
 
 # --------------------------------------------------------------------------- shared by the on-policy trainers
