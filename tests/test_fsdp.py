@@ -264,23 +264,24 @@ def _rollout_rank(rank: int, store: str) -> None:
         model, tok = load_model(SimpleNamespace(model="tiny-random-llama", device="cpu"))
         sharded = shard_model(copy.deepcopy(model), {"offload": False, "reshard_after_forward": True})
         units = sum(1 for m in sharded.modules() if type(m).__name__.startswith("FSDP"))
-        cfg = SimpleNamespace(max_prompt_length=64, max_new_tokens=4 if rank == 0 else 24, temperature=1.0,
-                              dtype="float32")
         prompts = [[{"role": "user", "content": text}] for text in (["Hello", "Where is my order?"], ["Hi there"])[rank]]
         seeds = row_seeds(0, rank, rows=range(len(prompts)))
-        want, want_lp, _ = generate(model, tok, prompts, cfg, None, seeds=seeds)
-        saved = {}
-        counts = count_collectives(saved)
-        try:
-            got, got_lp, _ = generate(sharded, tok, prompts, cfg, None, seeds=seeds)
-        finally:
-            for name, fn in saved.items():
-                setattr(dist, name, fn)
-        assert counts["n"] == units, (counts, units)  # one all-gather per unit on entry, none per token
-        assert torch.equal(got.response_ids, want.response_ids) and torch.equal(got.response_mask, want.response_mask)
-        assert torch.allclose(got_lp, want_lp, atol=1e-6)
-        assert got.texts == want.texts and want.response_ids.shape[1] == cfg.max_new_tokens
-        assert all(isinstance(p, DTensor) for p in sharded.parameters())  # sharded again afterwards
+        for dtype in ("float32", "bfloat16"):  # bf16: the engine decodes with bf16 copies of the gathered weights
+            cfg = SimpleNamespace(max_prompt_length=64, max_new_tokens=4 if rank == 0 else 24, temperature=1.0,
+                                  dtype=dtype)
+            want, want_lp, _ = generate(model, tok, prompts, cfg, None, seeds=seeds)
+            saved = {}
+            counts = count_collectives(saved)
+            try:
+                got, got_lp, _ = generate(sharded, tok, prompts, cfg, None, seeds=seeds)
+            finally:
+                for name, fn in saved.items():
+                    setattr(dist, name, fn)
+            assert counts["n"] == units, (dtype, counts, units)  # one all-gather per unit on entry, none per token
+            assert torch.equal(got.response_ids, want.response_ids), dtype
+            assert torch.equal(got.response_mask, want.response_mask) and torch.allclose(got_lp, want_lp, atol=1e-6)
+            assert got.texts == want.texts and want.response_ids.shape[1] == cfg.max_new_tokens
+            assert all(isinstance(p, DTensor) for p in sharded.parameters())  # sharded again afterwards
         with torch.no_grad():  # and the training side's forward (models.in_forward, one pass) still reads the same
             assert torch.allclose(policy_forward(sharded, got, 1.0)[0], policy_forward(model, want, 1.0)[0], atol=1e-5)
     finally:
