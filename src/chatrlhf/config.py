@@ -95,8 +95,8 @@ class ProcessArgs:
 
 @dataclass
 class ShardArgs:
-    """Fully sharded data parallelism (FSDP2) over the processes: the commands whose loops it serves (sft, reward
-    train, dpo) compose this piece next to ProcessArgs."""
+    """Sharded data parallelism over the processes, FSDP2 or DeepSpeed ZeRO: the commands whose loops it serves
+    (sft, reward train, dpo) compose this piece next to ProcessArgs."""
     fsdp: bool = arg(False, "Shard weights, gradients and optimizer state over the processes (PyTorch FSDP2, full "
                      "shard: each decoder block and the rest of the model are gathered only while they compute); "
                      "with --num-processes N, or on by itself under `accelerate launch --config_file fsdp.yaml` "
@@ -104,6 +104,10 @@ class ShardArgs:
     fsdp_offload: bool = arg(False, "With FSDP: keep the sharded weights, gradients and optimizer state in CPU memory "
                              "between uses (FSDP2 CPUOffloadPolicy; the optimizer then steps on the CPU). The "
                              "launch's fsdp_offload_params: true turns it on too.")
+    deepspeed: int = arg(0, "DeepSpeed ZeRO stage (1: optimizer state partitioned over the processes, 2: gradients "
+                         "too, 3: weights too), with --num-processes N; 0: off. On by itself under `accelerate "
+                         "launch --config_file deepspeed_zero2.yaml` (docs/distributed.md). Needs chatrlhf[deepspeed]. "
+                         "Refused: --lora-r, --train-layers, --fsdp, frozen-trunk reward recipes.", (0, 1, 2, 3))
 
 
 @dataclass
