@@ -342,7 +342,8 @@ def test_ensemble_step_micro_batches_equal_one_big_batch():
     pairs = [Preference(Q, "c", "r", weight=w) for w in (1.0, 2.0, 0.5, 1.0)]
     boot = torch.tensor([[2.0, 1.0], [1.0, 0.0], [1.0, 2.0], [0.0, 1.0]])
     run = SimpleNamespace(cfg=SimpleNamespace(margin=True, label_smoothing=0.1, head_dropout=0.0), device="cpu",
-                          autocast=contextlib.nullcontext, total=lambda v: v)  # one process: sums are its own
+                          autocast=contextlib.nullcontext, total=lambda v: v,  # one process: sums are its own
+                          backward=lambda loss: loss.backward())
     grads, stats = [], []
     for chunks in ([[0, 1], [2, 3]], [[0, 1, 2, 3]]):
         score = torch.nn.Linear(3, 2, bias=False)

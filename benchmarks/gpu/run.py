@@ -5,7 +5,7 @@
 
 Prints the device, runs benchmarks/sft.py, ppo.py and grpo.py one after the other (each under its own time limit and
 all under --budget seconds; one that fails or runs out of time is recorded and the next one runs), records whether
-vLLM imports (chatrlhf has no vLLM backend yet: availability and version only), then writes every result into
+vLLM imports (`ppo --rollout-engine vllm` needs it; availability and version only), then writes every result into
 benchmarks/gpu/results-<date>-<gpu>.json (and $OUT where that is set) and prints markdown rows for the README table.
 """
 
@@ -77,7 +77,7 @@ def run_one(py: str, name: str, script: str, args: list[str], limit: float, env:
 
 def vllm_check(py: str, limit: float, try_install: bool) -> dict:
     """Whether vLLM imports here (and its version); with ``try_install``, first a quick pip install into a folder of
-    its own (a venv's torch must not be replaced by vLLM's pin). No chatrlhf vLLM backend exists yet."""
+    its own (a venv's torch must not be replaced by vLLM's pin)."""
     code = "import vllm; print(vllm.__version__)"
     version = sh([py, "-c", code], timeout=max(limit / 2, 5)).splitlines()
     if version:

@@ -94,9 +94,9 @@ class ProcessArgs:
 
 
 @dataclass
-class ShardArgs:
-    """Fully sharded data parallelism (FSDP2) over the processes: the commands whose loops it serves (sft, reward
-    train, dpo, ppo, grpo) compose this piece next to ProcessArgs."""
+class FSDPArgs:
+    """Fully sharded data parallelism (FSDP2) over the processes; the commands that run it compose this piece (ppo,
+    grpo) or ShardArgs, which adds DeepSpeed (sft, reward train, dpo), next to ProcessArgs."""
     fsdp: bool = arg(False, "Shard weights, gradients and optimizer state over the processes (PyTorch FSDP2, full "
                      "shard: each decoder block and the rest of the model are gathered only while they compute); "
                      "with --num-processes N, or on by itself under `accelerate launch --config_file fsdp.yaml` "
@@ -106,6 +106,16 @@ class ShardArgs:
     fsdp_offload: bool = arg(False, "With FSDP: keep the sharded weights, gradients and optimizer state in CPU memory "
                              "between uses (FSDP2 CPUOffloadPolicy; the optimizer then steps on the CPU). The "
                              "launch's fsdp_offload_params: true turns it on too.")
+
+
+@dataclass
+class ShardArgs(FSDPArgs):
+    """Sharded data parallelism over the processes, FSDP2 or DeepSpeed ZeRO: the commands whose loops it serves
+    (sft, reward train, dpo) compose this piece next to ProcessArgs (ppo and grpo: FSDPArgs, without DeepSpeed)."""
+    deepspeed: int = arg(0, "DeepSpeed ZeRO stage (1: optimizer state partitioned over the processes, 2: gradients "
+                         "too, 3: weights too), with --num-processes N; 0: off. On by itself under `accelerate "
+                         "launch --config_file deepspeed_zero2.yaml` (docs/distributed.md). Needs chatrlhf[deepspeed]. "
+                         "Refused: --lora-r, --train-layers, --fsdp, frozen-trunk reward recipes.", (0, 1, 2, 3))
 
 
 @dataclass
@@ -322,7 +332,7 @@ class RolloutArgs(ReplyArgs):
 
 
 @dataclass
-class PPOConfig(RolloutArgs, RewardArgs, ShardArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class PPOConfig(RolloutArgs, RewardArgs, FSDPArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf ppo`: PPO with a policy network and a value network against the mixed reward."""
     model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the frozen reference starts as "
                      "the same model (with LoRA: the base with adapters off).")
@@ -381,7 +391,7 @@ class PPOConfig(RolloutArgs, RewardArgs, ShardArgs, ProcessArgs, RunArgs, OptimA
 
 
 @dataclass
-class GRPOConfig(RolloutArgs, RewardArgs, ShardArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class GRPOConfig(RolloutArgs, RewardArgs, FSDPArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf grpo`: critic-free policy gradient — GRPO, Dr.GRPO, DAPO or RLOO — against the mixed reward, with
     --num-generations replies per prompt as each other's baseline."""
     model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the frozen reference starts as "

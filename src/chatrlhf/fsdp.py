@@ -34,16 +34,6 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
-def refuse_deepspeed() -> None:
-    """A DeepSpeed launch is refused: its CPU build compiles a C++ extension on first use (and installs only from
-    source), too heavy to run or test here yet; FSDP covers the sharding."""
-    if env_flag("ACCELERATE_USE_DEEPSPEED"):
-        raise UsageError("accelerate launch with DeepSpeed: not supported yet — DeepSpeed compiles its C++ extension "
-                         "on first use and is not run or tested by chatrlhf",
-                         "shard with FSDP instead: accelerate launch --config_file \"$(python -m chatrlhf.accelerate "
-                         "fsdp)\" -m chatrlhf ..., or --num-processes N --fsdp; plain data parallelism: the ddp config")
-
-
 def fsdp_settings(cfg, command: str, world_size: int) -> dict | None:
     """How this run shards its model ({"offload", "reshard_after_forward"}), or None without FSDP. --fsdp and a launch
     with ACCELERATE_USE_FSDP=true both turn it on; --fsdp-offload and the launch's FSDP_OFFLOAD_PARAMS=true both

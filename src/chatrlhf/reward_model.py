@@ -214,15 +214,17 @@ def features(model, batch: dict) -> torch.Tensor:
 
 
 def head_scores(model, feats: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
-    """(B, K) raw scores of the K heads on (B, d) features (dropout on the features while training)."""
-    head = reward_head(model.config)
-    w, b = model.score.weight, getattr(model.score, "bias", None)
-    if head["pooling"] == "both":  # rows [0, K) read the last token, rows [K, 2K) the mean: one (K, 2d) head
-        k = head["heads"]
-        w, b = torch.cat([w[:k], w[k:]], 1), (b[:k] + b[k:] if b is not None else None)
+    """(B, K) raw scores of the K heads on (B, d) features (dropout on the features while training). The head is
+    called as a module (so that sharding's hooks gather its weights); with pooling "both" its rows [0, K) read the
+    last token and rows [K, 2K) the mean: score_k = w_k · last + w_{K+k} · mean + b_k + b_{K+k}."""
     if dropout > 0:
         feats = F.dropout(feats, dropout, training=True)
-    return F.linear(feats, w, b).float()
+    head = reward_head(model.config)
+    if head["pooling"] != "both":
+        return model.score(feats).float()
+    k = head["heads"]
+    out = model.score(feats.view(len(feats), 2, -1))  # (B, 2, 2K): every row on the last token's and the mean's
+    return (out[:, 0, :k] + out[:, 1, k:]).float()
 
 
 def batch_head_scores(model, batch: dict, dropout: float = 0.0) -> torch.Tensor:

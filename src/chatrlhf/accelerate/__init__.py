@@ -1,5 +1,5 @@
 """accelerate launch configs shipped with chatrlhf: ``ddp.yaml`` (data parallelism), ``fsdp.yaml`` (FSDP2 full shard)
-and ``deepspeed_zero2.yaml`` / ``deepspeed_zero3.yaml`` (for reference: a DeepSpeed launch is refused for now).
+and ``deepspeed_zero2.yaml`` / ``deepspeed_zero3.yaml`` (DeepSpeed ZeRO-2; ZeRO-3 with CPU offload: chatrlhf[deepspeed]).
 ``python -m chatrlhf.accelerate`` lists their paths, ``python -m chatrlhf.accelerate fsdp`` prints one::
 
     accelerate launch --config_file "$(python -m chatrlhf.accelerate fsdp)" -m chatrlhf sft --data ...

@@ -108,7 +108,7 @@ def train_step(model, run: Run, pad_id: int, chunks: list[list[int]], encoded: l
                                            [frozen["states"][len(pairs) + i] for i in chunk], frozen["depth"])
         loss, m = dpo_batch_loss(model, run, pad_id, [encoded[i] for i in chunk], [pairs[i] for i in chunk], ref[chunk],
                                  total, kept)
-        loss.backward()
+        run.backward(loss)
         share = sum(float(pairs[i].weight) for i in chunk) / total
         for k, v in m.items():
             stats[k] = stats.get(k, 0.0) + float(v) * (1.0 if k.startswith("loss/") else share)

@@ -90,15 +90,15 @@ def check_lora(cfg: RewardTrainConfig) -> None:
 
 
 def check_sharded(cfg: RewardTrainConfig) -> None:
-    """Under FSDP the whole trunk and head train, sharded: refuse the recipes that keep weights outside the run's
-    sharded parts (a frozen trunk's feature cache, the epoch keeper's weight snapshots)."""
+    """Under FSDP or DeepSpeed the whole trunk and head train, sharded: refuse the recipes that keep weights outside
+    the run's sharded parts (a frozen trunk's feature cache, the epoch keeper's weight snapshots)."""
     for flag, on in (("--freeze-trunk", cfg.freeze_trunk), (f"--ensemble {cfg.ensemble}", cfg.ensemble > 1),
                      (f"--patience {cfg.patience}", cfg.patience > 0),
                      (f"--average-checkpoints {cfg.average_checkpoints}", cfg.average_checkpoints > 1)):
         if on:
-            raise UsageError(f"{flag} with FSDP: not supported — that recipe keeps whole copies of weights (or "
-                             "features) that FSDP shards", f"drop {flag.split()[0]}, or train with data parallelism "
-                             "(drop --fsdp / use the ddp.yaml accelerate config)")
+            raise UsageError(f"{flag} with FSDP or DeepSpeed: not supported — that recipe keeps whole copies of "
+                             "weights (or features) that they shard", f"drop {flag.split()[0]}, or train with data "
+                             "parallelism (drop --fsdp / --deepspeed, or use the ddp.yaml accelerate config)")
 
 
 def trainable_weights(model, cfg: RewardTrainConfig):
@@ -265,7 +265,7 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
     the trunk's features on disk for the next run on the same pairs (:func:`cached_features`)."""
     check_recipe(cfg)
     run = Run("reward train", cfg, log)
-    if run.fsdp:
+    if run.fsdp or run.zero:
         check_sharded(cfg)
     train_pairs, eval_pairs, counts, split = split_pairs(cfg, "reward", log)
     if cfg.patience and not eval_pairs:
@@ -355,7 +355,7 @@ def train_step(model, tok, run: Run, chunks: list[list[int]], encoded: list, pai
             loss = loss + loss_k * share
             for key in stats:
                 stats[key] += float(m[key]) * share / heads
-        loss.backward()
+        run.backward(loss)
     return {f"train/{k.split('/')[-1]}": v for k, v in stats.items()}
 
 

@@ -49,7 +49,9 @@ refuse a multi-process launch with a clear error.
 FSDP (``--fsdp``, or ``accelerate launch`` with the shipped fsdp.yaml): the same, with the model's weights, gradients
 and optimizer state sharded over the ranks (:meth:`Run.shard_weights`; a frozen reference: :meth:`Run.shard_frozen`;
 fsdp.py); gradients are summed in the backward pass, checkpoints hold the gathered full state. Every rank must then
-run the same forward passes (:meth:`Run.most`). A DeepSpeed launch is refused.
+run the same forward passes (:meth:`Run.most`). DeepSpeed ZeRO (``--deepspeed STAGE``, or ``accelerate
+launch`` with a shipped deepspeed_zero*.yaml): the model and optimizer go into a DeepSpeed engine (zero.py); the
+trainer's backward passes and optimizer steps go through :meth:`Run.backward` and :meth:`Run.optimizer_step`.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ from accelerate.utils import gather_object
 
 from chatrlhf.config import config_dict
 from chatrlhf.errors import UsageError
-from chatrlhf.fsdp import check_sharding, fsdp_settings, full_weights, gather_part, refuse_deepspeed, \
+from chatrlhf import zero
+from chatrlhf.fsdp import check_sharding, fsdp_settings, full_weights, gather_part, \
     restore_part, shard_model
 from chatrlhf.logger import MetricsLogger, progress_bar, read_metrics, truncate_jsonl
 from chatrlhf.models import autocast, resolve_device, save_model
@@ -157,14 +160,17 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, keep: int = KEEP_CHECKPOINTS,
                     generators: dict[str, torch.Generator] | None = None, objects: dict | None = None,
-                    ranks: list[dict] | None = None, gathered: dict | None = None) -> Path:
+                    ranks: list[dict] | None = None, gathered: dict | None = None,
+                    deepspeed: Path | None = None) -> Path:
     """``parts`` = {name: (module, optimizer, scheduler)}: each module's trainable weights
     (``name.safetensors``), every optimizer and scheduler, the global RNG, the trainer's own random streams
     (``generators``), the whole ``state_dict()`` of each of ``objects`` ({name: object}: a replay buffer, a
     feature cache, frozen target networks — anything a part's trainable weights leave out) and its ``state`` (JSON).
     ``ranks``: with several processes, every rank's random state (:func:`rank_random_state`), rank 0's first.
     ``gathered``: under FSDP, {name: (full trainable weights, full optimizer state)} of each part
-    (:func:`gather_part`), written instead of the sharded module's and optimizer's own."""
+    (:func:`gather_part`), written instead of the sharded module's and optimizer's own. ``deepspeed``: under
+    DeepSpeed, the folder of its own checkpoint (zero.save_shards), moved in as ``deepspeed/``; the optimizer state is
+    there (``gathered`` then holds the full weights and no optimizer state)."""
     from safetensors.torch import save_file
 
     root = Path(out_dir) / "checkpoints"
@@ -172,8 +178,10 @@ def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, ke
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
     for name, (module, _, _) in parts.items():
         save_file(gathered[name][0] if gathered else trainable_state(module), tmp / f"{name}.safetensors")
+    if deepspeed is not None:
+        os.replace(deepspeed, tmp / "deepspeed")
     torch.save({"optimizers": {n: gathered[n][1] if gathered else o.state_dict() for n, (_, o, _) in parts.items()},
-                "sharded": gathered is not None,
+                "sharded": gathered is not None and deepspeed is None, "deepspeed": deepspeed is not None,
                 "schedulers": {n: s.state_dict() for n, (_, _, s) in parts.items()}, "rng": rng_state(),
                 "generators": {n: g.get_state() for n, g in (generators or {}).items()},
                 "objects": {n: o.state_dict() for n, o in (objects or {}).items()}, "ranks": ranks or []},
@@ -204,17 +212,25 @@ def rank_random_state(generators: dict[str, torch.Generator]) -> dict:
 
 
 def load_checkpoint(path: Path, parts: dict, generators: dict[str, torch.Generator] | None = None,
-                    objects: dict | None = None, rank: int = 0, world_size: int = 1, sharded: bool = False) -> dict:
+                    objects: dict | None = None, rank: int = 0, world_size: int = 1, sharded: bool = False,
+                    engine=None) -> dict:
     """Restore what :func:`save_checkpoint` wrote into the same ``parts``, ``generators`` and ``objects``;
     returns the trainer state (without the step, which the folder's name gives). With several processes each rank
     takes its own random state; the number of ranks must be the one that wrote the checkpoint. ``sharded``: the parts
-    are FSDP-sharded (every rank reads the full weights and optimizer state and keeps its shards: :func:`restore_part`)."""
+    are FSDP-sharded (every rank reads the full weights and optimizer state and keeps its shards: :func:`restore_part`).
+    ``engine``: the run's DeepSpeed engine, which reads its own checkpoint (weights and this rank's optimizer partition)."""
     from safetensors.torch import load_file
 
     # the run's own checkpoint, written by save_checkpoint (optimizer and RNG states need pickle)
     blob = torch.load(path / "state.pt", weights_only=False)  # nosec B614
     check_sharding(path, blob.get("sharded", False), sharded)
+    if blob.get("deepspeed", False) != (engine is not None):
+        zero.check_written(path, blob.get("deepspeed", False))
     for name, (module, optimizer, scheduler) in parts.items():
+        if engine is not None:
+            zero.load_shards(engine, path / "deepspeed")
+            scheduler.load_state_dict(blob["schedulers"][name])
+            continue
         if sharded:
             restore_part(module, optimizer, load_file(path / f"{name}.safetensors"), blob["optimizers"][name])
             scheduler.load_state_dict(blob["schedulers"][name])
@@ -270,7 +286,6 @@ def join_processes(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, number of ranks, device) of this process: one process unless a launcher (accelerate launch,
     torchrun) started several (WORLD_SIZE), which accelerate's PartialState then joins — gloo on CPU, NCCL on GPU,
     each rank on its own GPU."""
-    refuse_deepspeed()  # accelerate would quietly fall back to plain data parallelism on CPU
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, device
     state = PartialState(cpu=device.type == "cpu")
@@ -291,6 +306,8 @@ class Run:
                              "run it without accelerate launch / torchrun; sft, reward train, dpo, kto, ppo and grpo "
                              "run in several")
         self.fsdp = fsdp_settings(cfg, command, self.world_size)  # None: each rank holds the whole model
+        self.zero = zero.zero_settings(cfg, command, self.world_size)  # DeepSpeed ZeRO (zero.py), or None
+        self._engine = None  # its engine, made by begin()
         self.step = 0                      # optimizer steps done (the data position)
         self.parts: dict = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -324,7 +341,7 @@ class Run:
         a rank may have none, and still joins the step (:meth:`optimizer_step`)."""
         if self.world_size == 1:
             return batches
-        if self.fsdp:
+        if self.fsdp or self.zero:  # every rank's forward / backward takes part in collectives
             batches = self._whole_micro_batches(batches)
         return [part for b in batches if (part := b[self.rank::self.world_size])]
 
@@ -371,12 +388,23 @@ class Run:
                for k, v in merged.items()}
         return {**out, **{k: v for k, v in metrics.items() if k.startswith("_")}}  # "_…": this rank's own (rows)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward pass of one micro-batch's ``loss`` (this rank's share of the step's global loss); under
+        DeepSpeed, through its engine (which reduces the gradients as they come)."""
+        if self._engine is not None:
+            zero.backward(self._engine, loss, self.world_size)
+        else:
+            loss.backward()
+
     def optimizer_step(self, optimizer, scheduler, params: list, max_grad_norm: float) -> float:
         """:func:`~chatrlhf.trainers.common.optimizer_step` after summing the gradients over ranks (one all-reduce
         of one flat buffer; a rank without a gradient, e.g. an empty part, adds zeros). Every rank then clips and
         steps the same way, so the weights stay identical. Under FSDP only the parameters that FSDP does not manage
         (plain tensors beside a sharded model: a critic's offset) are summed here; FSDP summed the others' gradients in
-        the backward pass (reduce-scatter). Returns the gradient norm before clipping."""
+        the backward pass (reduce-scatter). Returns the gradient norm before clipping. Under DeepSpeed, its engine's
+        step (clipping to --max-grad-norm as set when the engine was made)."""
+        if self._engine is not None:
+            return zero.step(self._engine, scheduler)
         plain = [p for p in params if not isinstance(p, DTensor)] if self.fsdp else params
         if self.world_size > 1 and plain:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plain]
@@ -410,6 +438,8 @@ class Run:
         """The trained model as a plain Hugging Face folder in OUTPUT_DIR (or ``folder``), written by the main rank;
         under FSDP every rank first takes part in gathering its full weights."""
         state = full_weights(model) if self.fsdp else None
+        if self.zero and self.zero["stage"] == 3:
+            state = zero.full_state(model, 3, trainable_only=False)
         if self.is_main:
             save_model(model, tok, folder or self.out, state_dict=state)
 
@@ -420,11 +450,13 @@ class Run:
         return {name: gather_part(module, optimizer) for name, (module, optimizer, _) in self.parts.items()}
 
     def _whole_micro_batches(self, batches: list[list[int]]) -> list[list[int]]:
-        """Under FSDP every rank must run the same forward passes (each gathers weights from all): a micro-batch
-        with fewer examples than ranks (the end of an epoch) is left out, and said so."""
+        """Under FSDP and DeepSpeed every rank must run the same forward and backward passes (they gather weights
+        and reduce gradients together): a micro-batch with fewer examples than ranks (the end of an epoch) is left
+        out, and said so."""
         kept = [b for b in batches if len(b) >= self.world_size]
         if len(kept) < len(batches):
-            self.print(f"chatrlhf {self.name}: FSDP: {sum(len(b) for b in batches if b not in kept)} example(s) in "
+            left_out = sum(len(b) for b in batches if b not in kept)
+            self.print(f"chatrlhf {self.name}: {'FSDP' if self.fsdp else 'DeepSpeed'}: {left_out} example(s) in "
                        f"micro-batches smaller than the {self.world_size} processes left out of this step")
         return kept
 
@@ -437,12 +469,17 @@ class Run:
         the run's config. Returns the state dict, which the trainer updates in place and every checkpoint saves."""
         self.parts, self.generators, self.state = parts, generators or {}, dict(state or {})
         self.objects = objects or {}
+        if self.zero:
+            self._engine = zero.start_engine(parts, self.zero, getattr(self.cfg, "max_grad_norm", None),
+                                             self.world_size)
+            self.print(f"chatrlhf {self.name}: DeepSpeed ZeRO stage {self.zero['stage']} over {self.world_size} "
+                       "processes")
         if self.world_size > 1:  # the models are built (the same on every rank): from here each rank draws its own
             seed_everything(self.cfg.seed + self.rank)
         if self.cfg.resume:
             self.step, path = latest_checkpoint(self.out)
             self.state.update(load_checkpoint(path, parts, self.generators, self.objects, self.rank, self.world_size,
-                                              sharded=self.fsdp is not None))
+                                              sharded=self.fsdp is not None, engine=self._engine))
             self.print(f"chatrlhf {self.name}: resumed from {path} (step {self.step})")
         if hasattr(self.cfg, "num_processes"):
             self.print(f"chatrlhf {self.name}: {global_batch(self.cfg, self.world_size)}")
@@ -501,10 +538,16 @@ class Run:
     def save(self) -> None:
         """A checkpoint of every registered part, the random streams and the state at ``self.step``."""
         ranks = gather_object([rank_random_state(self.generators)]) if self.world_size > 1 else None
-        gathered = self._gather_parts()
+        gathered, shards = self._gather_parts(), None
+        if self._engine is not None:  # DeepSpeed's own checkpoint first (every rank writes its partition)
+            shards = self.out / "checkpoints" / f".deepspeed-step-{self.step}"
+            zero.save_shards(self._engine, shards)
+            gathered = {n: (zero.full_state(m, self.zero["stage"], trainable_only=True), {})
+                        for n, (m, _, _) in self.parts.items()}
+            dist.barrier()
         if self.is_main:
             save_checkpoint(self.out, self.step, self.parts, self.state, generators=self.generators,
-                            objects=self.objects, ranks=ranks, gathered=gathered)
+                            objects=self.objects, ranks=ranks, gathered=gathered, deepspeed=shards)
         self._saved_at = self.step
 
     def close(self) -> None:

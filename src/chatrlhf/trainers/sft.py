@@ -161,7 +161,7 @@ def train(cfg: SFTConfig, log=print) -> Summary:
             for batch in batches:
                 with run.autocast():
                     loss, _ = sft_forward(model, batch, step_targets)
-                loss.backward()
+                run.backward(loss)
                 loss_sum += float(loss.detach())
                 tokens += int(batch["attention_mask"].sum())
                 padded += batch["attention_mask"].numel()
