@@ -1054,7 +1054,8 @@ def load_yaml(path: str) -> dict:
         where = f"{path}:{mark.line + 1}" if mark else path
         raise UsageError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})", "fix the YAML syntax") from None
     if not isinstance(data, dict):
-        raise UsageError(f"{path}: top level must be a mapping of option: value", "see README 'Config'")
+        raise UsageError(f"{path}: top level must be a mapping of option: value",
+                         "write one option a line, e.g. 'lr: 2e-4' (the keys are the command's flags)")
     return data
 
 

@@ -10,8 +10,9 @@ gradient accumulation (the caller owns the boundary). DeepSpeed averages gradien
 are already divided by the global count, so each rank's loss is multiplied by the number of ranks first (a sum).
 Clipping is DeepSpeed's (``gradient_clipping`` = --max-grad-norm). Checkpoints: DeepSpeed's own (each rank writes its
 partition of the optimizer state into the checkpoint's ``deepspeed/`` folder) next to the scaffold's (full
-trainable weights, scheduler, random states, from rank 0). DeepSpeed is an optional dependency (``chatrlhf[deepspeed]``),
-imported only when a run uses it (its import takes seconds); on CPU it compiles a small C++ extension once (~30 s).
+trainable weights, scheduler, random states, from rank 0). DeepSpeed is an optional dependency
+(``chatrlhf[deepspeed]``), imported only when a run uses it (its import takes seconds); on CPU it compiles a small C++
+extension once (~30 s).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def zero_settings(cfg, command: str, world_size: int) -> dict | None:
          "add --num-processes N (N ≥ 2), or launch with accelerate (" + ZERO_HELP + ")"),
         (getattr(cfg, "fsdp", False) or env_flag("ACCELERATE_USE_FSDP"), "DeepSpeed together with FSDP",
          "pick one: --deepspeed STAGE or --fsdp"),
-        (bool(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")), "a DeepSpeed JSON config file (deepspeed_config_file)",
+        (bool(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")),
+         "a DeepSpeed JSON config file (deepspeed_config_file)",
          "chatrlhf builds DeepSpeed's config from zero_stage and the offload keys: drop deepspeed_config_file"),
         (offload_opt not in ("none", "cpu"), f"offload_optimizer_device {offload_opt}", "use none or cpu"),
         (offload_par not in ("none", "cpu"), f"offload_param_device {offload_par}", "use none or cpu"),
@@ -133,7 +135,8 @@ def gathered(module, stage: int):
 def full_state(module, stage: int, trainable_only: bool) -> dict[str, torch.Tensor]:
     """The whole (trainable) weights of ``module`` on the CPU, on every rank; every rank must call it."""
     with gathered(module, stage):
-        return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad or not trainable_only}
+        return {n: p.detach().cpu().clone() for n, p in module.named_parameters()
+                if p.requires_grad or not trainable_only}
 
 
 def save_shards(engine, folder: Path) -> None:

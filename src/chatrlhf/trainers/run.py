@@ -218,7 +218,8 @@ def load_checkpoint(path: Path, parts: dict, generators: dict[str, torch.Generat
     returns the trainer state (without the step, which the folder's name gives). With several processes each rank
     takes its own random state; the number of ranks must be the one that wrote the checkpoint. ``sharded``: the parts
     are FSDP-sharded (every rank reads the full weights and optimizer state and keeps its shards: :func:`restore_part`).
-    ``engine``: the run's DeepSpeed engine, which reads its own checkpoint (weights and this rank's optimizer partition)."""
+    ``engine``: the run's DeepSpeed engine, which reads its own checkpoint (weights and this rank's optimizer
+    partition)."""
     from safetensors.torch import load_file
 
     # the run's own checkpoint, written by save_checkpoint (optimizer and RNG states need pickle)
