@@ -255,7 +255,8 @@ def _rollout_rank(rank: int, store: str) -> None:
         model, tok = load_model(SimpleNamespace(model="tiny-random-llama", device="cpu"))
         sharded = shard_model(copy.deepcopy(model), {"offload": False, "reshard_after_forward": True})
         units = sum(1 for m in sharded.modules() if type(m).__name__.startswith("FSDP"))
-        prompts = [[{"role": "user", "content": text}] for text in (["Hello", "Where is my order?"], ["Hi there"])[rank]]
+        texts = (["Hello", "Where is my order?"], ["Hi there"])[rank]
+        prompts = [[{"role": "user", "content": text}] for text in texts]
         seeds = row_seeds(0, rank, rows=range(len(prompts)))
         for dtype in ("float32", "bfloat16"):  # bf16: the engine decodes with bf16 copies of the gathered weights
             cfg = SimpleNamespace(max_prompt_length=64, max_new_tokens=4 if rank == 0 else 24, temperature=1.0,
