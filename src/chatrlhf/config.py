@@ -94,16 +94,24 @@ class ProcessArgs:
 
 
 @dataclass
-class ShardArgs:
-    """Sharded data parallelism over the processes, FSDP2 or DeepSpeed ZeRO: the commands whose loops it serves
-    (sft, reward train, dpo) compose this piece next to ProcessArgs."""
+class FSDPArgs:
+    """Fully sharded data parallelism (FSDP2) over the processes; the commands that run it compose this piece (ppo,
+    grpo) or ShardArgs, which adds DeepSpeed (sft, reward train, dpo), next to ProcessArgs."""
     fsdp: bool = arg(False, "Shard weights, gradients and optimizer state over the processes (PyTorch FSDP2, full "
                      "shard: each decoder block and the rest of the model are gathered only while they compute); "
                      "with --num-processes N, or on by itself under `accelerate launch --config_file fsdp.yaml` "
-                     "(docs/distributed.md). Refused: --lora-r, --train-layers, frozen-trunk reward recipes.")
+                     "(docs/distributed.md). ppo and grpo also shard the reference and a separate critic, and "
+                     "gather the policy once per generation. Refused: --lora-r, --train-layers, frozen-trunk reward "
+                     "recipes, ppo's --critic shared and --rollout-engine vllm.")
     fsdp_offload: bool = arg(False, "With FSDP: keep the sharded weights, gradients and optimizer state in CPU memory "
                              "between uses (FSDP2 CPUOffloadPolicy; the optimizer then steps on the CPU). The "
                              "launch's fsdp_offload_params: true turns it on too.")
+
+
+@dataclass
+class ShardArgs(FSDPArgs):
+    """Sharded data parallelism over the processes, FSDP2 or DeepSpeed ZeRO: the commands whose loops it serves
+    (sft, reward train, dpo) compose this piece next to ProcessArgs (ppo and grpo: FSDPArgs, without DeepSpeed)."""
     deepspeed: int = arg(0, "DeepSpeed ZeRO stage (1: optimizer state partitioned over the processes, 2: gradients "
                          "too, 3: weights too), with --num-processes N; 0: off. On by itself under `accelerate "
                          "launch --config_file deepspeed_zero2.yaml` (docs/distributed.md). Needs chatrlhf[deepspeed]. "
@@ -324,7 +332,7 @@ class RolloutArgs(ReplyArgs):
 
 
 @dataclass
-class PPOConfig(RolloutArgs, RewardArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class PPOConfig(RolloutArgs, RewardArgs, FSDPArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf ppo`: PPO with a policy network and a value network against the mixed reward."""
     model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the frozen reference starts as "
                      "the same model (with LoRA: the base with adapters off).")
@@ -383,7 +391,7 @@ class PPOConfig(RolloutArgs, RewardArgs, ProcessArgs, RunArgs, OptimArgs, DataAr
 
 
 @dataclass
-class GRPOConfig(RolloutArgs, RewardArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class GRPOConfig(RolloutArgs, RewardArgs, FSDPArgs, ProcessArgs, RunArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf grpo`: critic-free policy gradient — GRPO, Dr.GRPO, DAPO or RLOO — against the mixed reward, with
     --num-generations replies per prompt as each other's baseline."""
     model: str = arg("smollm2-135m", "Policy to improve (usually the SFT output); the frozen reference starts as "

@@ -1,5 +1,6 @@
 """FSDP2 for the run scaffold (trainers/run.py), which calls these functions; the trainers see only
-``Run.shard_weights`` and ``Run.save_model``.
+``Run.shard_weights``, ``Run.shard_frozen`` and ``Run.save_model``. The RL rollout (rollout.generate) gathers a
+sharded policy whole for each generation with :func:`unsharded`.
 
 Under FSDP (--fsdp, or `accelerate launch --config_file fsdp.yaml`: ACCELERATE_USE_FSDP=true) each decoder block and
 then the whole model are wrapped with PyTorch's fully_shard (FSDP2, full shard): every rank keeps 1/N of each weight,
@@ -13,6 +14,7 @@ trunk and the head separately, which this module handles with one registered for
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from pathlib import Path
@@ -43,7 +45,7 @@ def fsdp_settings(cfg, command: str, world_size: int) -> dict | None:
         return None
     if not hasattr(cfg, "fsdp"):
         raise UsageError(f"chatrlhf {command} does not run under FSDP yet",
-                         "launch it without the FSDP config; sft, reward train and dpo shard with FSDP")
+                         "launch it without the FSDP config; sft, reward train, dpo, ppo and grpo shard with FSDP")
     if world_size < 2:
         raise UsageError("--fsdp shards the model over processes, and this run has one",
                          "add --num-processes N (N ≥ 2), or launch with accelerate (" + FSDP_HELP + ")")
@@ -59,7 +61,12 @@ def fsdp_settings(cfg, command: str, world_size: int) -> dict | None:
         (getattr(cfg, "lora_r", 0) > 0, f"--lora-r {getattr(cfg, 'lora_r', 0)} with FSDP",
          "train LoRA adapters with data parallelism (drop --fsdp), or fine-tune in full with FSDP"),
         (getattr(cfg, "train_layers", -1) >= 0, f"--train-layers {getattr(cfg, 'train_layers', -1)} with FSDP",
-         "drop --train-layers (FSDP trains every block), or drop --fsdp")]
+         "drop --train-layers (FSDP trains every block), or drop --fsdp"),
+        (getattr(cfg, "critic", "auto") == "shared", "--critic shared with FSDP (its value head would sit beside the "
+         "sharded policy, outside FSDP)", "use a separate critic, sharded as the policy is: --critic policy or "
+         "--critic reward-model; or drop --fsdp"),
+        (getattr(cfg, "rollout_engine", "local") == "vllm", "--rollout-engine vllm with FSDP (vLLM takes the policy's "
+         "whole weights after every update)", "sample with --rollout-engine local, or drop --fsdp")]
     for refused, what, fix in refusals:
         if refused:
             raise UsageError(f"{what}: not supported", fix)
@@ -91,7 +98,42 @@ def shard_model(model, settings: dict):
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
     setattr(base, FORWARD_METHOD, types.MethodType(_inside_forward, base))
     register_fsdp_forward_method(base, FORWARD_METHOD)
+    base.chatrlhf_reshard_after_forward = settings["reshard_after_forward"]  # what unsharded() restores
     return model
+
+
+def reshard(model) -> None:
+    """Free every gathered copy of a sharded ``model``'s weights (kept after a forward pass when FSDP does not reshard
+    after it), so that the next forward gathers the shards as they are now — after they were changed in place."""
+    for unit in unwrap(model).modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
+@contextlib.contextmanager
+def unsharded(model):
+    """The whole of a sharded ``model`` gathered once on every rank for as many forward passes as the caller likes (a
+    generation: one per token, a different number on each rank), then sharded again; a plain model as it is.
+
+    Every FSDP unit is all-gathered on entry (the same collectives on every rank) and told not to reshard after its
+    forward, so its pre-forward finds the weights already whole and its post-forward keeps them: the passes inside run
+    no collective at all. On exit each unit gets back its reshard-after-forward setting and frees the gathered copy.
+    No gradients may flow inside (nothing would reduce-scatter them the same way on every rank)."""
+    units = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield model
+        return
+    reshard = getattr(unwrap(model), "chatrlhf_reshard_after_forward", True)
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(reshard, recurse=False)
+            unit.reshard()
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered whole on rank 0 (the others get {})

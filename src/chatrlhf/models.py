@@ -333,6 +333,12 @@ def in_forward(model, fn, *args, **kwargs):
     return method(fn, *args, **kwargs) if method is not None else fn(*args, **kwargs)
 
 
+def is_sharded(model) -> bool:
+    """True for a model sharded with FSDP2 by the run scaffold (it has the registered forward method of
+    :func:`in_forward`): every rank must then run the same forward passes."""
+    return getattr(unwrap(model), FORWARD_METHOD, None) is not None
+
+
 def save_model(model, tok, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """save_pretrained so plain transformers loads it (LoRA merged; the adapter kept in adapter/). ``state_dict``:
     the full weights when the model's own are sharded (FSDP: gathered by the run scaffold)."""

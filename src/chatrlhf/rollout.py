@@ -28,7 +28,8 @@ from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import shared_reply_fraction
 from chatrlhf.evaluate.watch import failure_signs
 from chatrlhf.losses import entropy_from_logits
-from chatrlhf.models import autocast, load_model, save_model, unwrap
+from chatrlhf.fsdp import reshard, unsharded
+from chatrlhf.models import autocast, in_forward, is_sharded, load_model, save_model, unwrap
 from chatrlhf.rewards import RewardMix
 
 
@@ -107,13 +108,16 @@ def trunk_and_head(model):
     return inner.base_model, inner.get_output_embeddings()
 
 
-def reply_hidden(trunk, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+def reply_hidden(trunk, query_ids, query_mask, response_ids, response_mask, share_prompts: bool = True
+                 ) -> torch.Tensor:
     """(B, R, d) hidden states at the positions that predict each reply token (Q−1 … Q+R−2). A prompt that
-    several rows share is computed once (its KV cache reused), else prompt and reply go in one pass."""
+    several rows share is computed once (its KV cache reused), else prompt and reply go in one pass.
+    ``share_prompts`` False: always one pass (under FSDP, where the trunk's passes must not depend on the rows:
+    each one gathers every block's weights from all ranks)."""
     Q, R = query_ids.shape[1], response_ids.shape[1]
     mask = torch.cat([query_mask, response_mask], 1)
     checkpointing = torch.is_grad_enabled() and getattr(trunk, "is_activation_checkpointing", False)  # no cache then
-    shared = None if R == 1 or checkpointing else shared_prompts(query_ids, query_mask)
+    shared = None if R == 1 or checkpointing or not share_prompts else shared_prompts(query_ids, query_mask)
     if shared is None:
         ids = torch.cat([query_ids, response_ids], 1)
         hidden = trunk(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
@@ -149,12 +153,18 @@ def logprobs_from_hidden(head, hidden: torch.Tensor, response_ids: torch.Tensor,
 
 def policy_forward(model, r: Rollout, temperature: float, with_entropy: bool = False, value_head=None):
     """(logprobs, entropy or None, values or None) of a policy on a (mini)batch; the LM head runs only
-    at reply positions. ``value_head`` (a linear layer) reads values off the same trunk pass."""
+    at reply positions. ``value_head`` (a linear layer) reads values off the same trunk pass. Under FSDP the whole
+    pass is one forward of the sharded model (models.in_forward) and the prompt is never computed apart."""
+    lp, ent, values = in_forward(model, _policy_forward, model, r, temperature, with_entropy, value_head)
+    return lp, ent, values.squeeze(-1).float() if values is not None else None  # a view: made outside the forward
+
+
+def _policy_forward(model, r: Rollout, temperature: float, with_entropy: bool, value_head):
     trunk, head = trunk_and_head(model)
-    h = reply_hidden(trunk, r.query_ids, r.query_mask, r.response_ids, r.response_mask)
+    h = reply_hidden(trunk, r.query_ids, r.query_mask, r.response_ids, r.response_mask,
+                     share_prompts=not is_sharded(model))
     lp, ent = logprobs_from_hidden(head, h, r.response_ids, temperature, with_entropy)
-    values = value_head(h).squeeze(-1).float() if value_head is not None else None
-    return lp, ent, values
+    return lp, ent, value_head(h) if value_head is not None else None
 
 
 class Critic(torch.nn.Module):
@@ -168,21 +178,31 @@ class Critic(torch.nn.Module):
         self.offset = torch.nn.Parameter(torch.zeros(()))
 
     def forward(self, r: Rollout) -> torch.Tensor:
-        """(B, R) values."""
+        """(B, R) values (under FSDP one forward of the sharded model: models.in_forward)."""
+        # the squeeze (a view) outside the sharded forward, whose outputs FSDP hooks for the backward pass
+        return in_forward(self.model, self._head_output, r).squeeze(-1).float() + self.offset
+
+    def _head_output(self, r: Rollout) -> torch.Tensor:
+        """(B, R, 1) the head's output at every reply position."""
         inner = unwrap(self.model)  # LoRA layers sit inside the trunk; the head is trainable
-        h = reply_hidden(inner.base_model, r.query_ids, r.query_mask, r.response_ids, r.response_mask)
-        return inner.score(h).squeeze(-1).float() + self.offset
+        h = reply_hidden(inner.base_model, r.query_ids, r.query_mask, r.response_ids, r.response_mask,
+                         share_prompts=not is_sharded(self.model))
+        return inner.score(h)
 
     @torch.no_grad()
     def rescale(self, a: float, b: float) -> None:
-        """Values become a · head + b."""
+        """Values become a · head + b (under FSDP each rank scales its shard of the head; a copy gathered for the last
+        forward is dropped first, so the next forward gathers the scaled head)."""
+        reshard(self.model)
         for p in unwrap(self.model).score.parameters():
             p.mul_(a)
         self.offset.fill_(b)
 
-    def save(self, tok, out_dir) -> None:
+    def save(self, tok, out_dir, write=save_model) -> None:
+        """The critic as a sequence-classification folder, its offset in the config; ``write(model, tok, out_dir)``
+        (the run's save_model under FSDP, which every rank calls)."""
         unwrap(self.model).config.chatrlhf_value_offset = float(self.offset.detach())
-        save_model(self.model, tok, out_dir)
+        write(self.model, tok, out_dir)
 
 
 # --------------------------------------------------------------------------- shared by the on-policy trainers
@@ -235,14 +255,16 @@ def split_prompts(cfg) -> tuple[list, list]:
     return [c.messages for c in train_part], [c.messages for c in held]
 
 
-def reference_context(cfg, policy, needed: bool = True):
+def reference_context(cfg, policy, needed: bool = True, shard=None):
     """A callable giving a context manager that yields the frozen reference: with LoRA the policy itself with its
-    adapters off (no second copy), else a frozen copy of --model. None when ``needed`` is False (no copy loaded)."""
+    adapters off (no second copy), else a frozen copy of --model (passed through ``shard``, e.g. the run's
+    ``shard_frozen`` under FSDP). None when ``needed`` is False (no copy loaded)."""
     if hasattr(policy, "disable_adapter"):
         return lambda: adapters_off(policy)
     if not needed:
         return None
     ref = load_model(cfg)[0].eval().requires_grad_(False)
+    ref = shard(ref) if shard is not None else ref
     return lambda: contextlib.nullcontext(ref)
 
 
@@ -268,14 +290,17 @@ def generate(policy, tok, prompts, cfg, gen: torch.Generator | None, top_p: floa
     and the seconds it took. ``top_p`` below 1 (bestofn, which never recomputes log-probs) samples from the nucleus:
     the sampler's log-probs are then those of the filtered distribution. ``seeds`` (one per prompt, see
     :func:`row_seeds`): each row draws from a stream of its own instead of ``gen``. ``sampler``: another engine with
-    ``sample_tensors`` (vllm_backend.VLLMSampler) instead of ours."""
-    device = next(policy.parameters()).device
+    ``sample_tensors`` (vllm_backend.VLLMSampler) instead of ours. A policy sharded with FSDP is gathered whole once
+    for the whole generation (fsdp.unsharded): each rank's replies end at their own lengths, so the engine's
+    per-token passes must not gather weights from the other ranks."""
     t0 = time.perf_counter()
-    q, qm = encode_prompts(tok, prompts, cfg.max_prompt_length, device)
-    policy.eval()
-    rows = [generator(x, device) for x in seeds] if seeds is not None else None
-    ids, mask, sample_lp = (sampler or Engine(policy, tok, cfg.dtype)).sample_tensors(
-        q, qm, SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=top_p), gen, row_generators=rows)
+    with unsharded(policy):
+        device = next(policy.parameters()).device  # the gathered weights': the compute device, even when offloaded
+        q, qm = encode_prompts(tok, prompts, cfg.max_prompt_length, device)
+        policy.eval()
+        rows = [generator(x, device) for x in seeds] if seeds is not None else None
+        ids, mask, sample_lp = (sampler or Engine(policy, tok, cfg.dtype)).sample_tensors(
+            q, qm, SamplingParams(cfg.max_new_tokens, cfg.temperature, top_p=top_p), gen, row_generators=rows)
     zeros = torch.zeros_like(sample_lp)
     r = Rollout(q, qm, ids, mask, zeros, zeros, zeros, zeros[:, 0], zeros, zeros, zeros, prompts,
                 decode_replies(tok, ids, mask), ended_with_eos(ids, tok.eos_token_id))
@@ -323,6 +348,19 @@ def local_minibatches(run, rows: list[int], group: int, size: int, generator: to
     for idx in minibatches(int(run.total(len(rows))), group, size, generator):
         out.append((torch.tensor([where[g] for g in idx.tolist() if g in where], dtype=torch.long), len(idx)))
     return out
+
+
+def micro_batches(run, rows: torch.Tensor, size: int) -> list[tuple[torch.Tensor, bool]]:
+    """(rows, idle) for each forward/backward pass of this process over its ``rows`` of a minibatch, ``size`` at a
+    time (idle False). Under FSDP every process must make as many passes (each pass gathers the weights from all, and
+    each backward reduce-scatters the gradients), but a minibatch drawn over the whole batch gives them different
+    numbers of rows: one with fewer passes makes idle ones (True) on its first row, whose loss it multiplies by 0 and
+    whose metrics it drops — so it adds nothing to the gradients, yet takes part in the collectives."""
+    parts = [(part, False) for part in rows.split(size)] if len(rows) else []
+    if not run.fsdp:
+        return parts
+    idle = (torch.zeros(1, dtype=torch.long, device=rows.device), True)
+    return parts + [idle] * (run.most(len(parts)) - len(parts))
 
 
 def whole_batch_spread(run, r: Rollout) -> dict:

@@ -35,8 +35,8 @@ from chatrlhf.errors import UsageError
 from chatrlhf.models import autocast, count_parameters, enable_checkpointing, load_model
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import TRAIN_STREAM, Rollout, deadline_of, end_of_step, evaluate, generate, generator, \
-    local_minibatches, missing_eos_penalty, policy_forward, reference_context, rollout_metrics, row_seeds, \
-    split_prompts, step_metrics, step_prompts, whole_batch_spread
+    local_minibatches, micro_batches, missing_eos_penalty, policy_forward, reference_context, rollout_metrics, \
+    row_seeds, split_prompts, step_metrics, step_prompts, whole_batch_spread
 from chatrlhf.trainers.common import file_hashes, make_optimizer
 from chatrlhf.trainers.run import Run, Summary
 
@@ -166,7 +166,7 @@ def grpo_update(policy, optimizer, r: Rollout, sample_lp: torch.Tensor, run: Run
             n_tokens = int(run.total(float(r.response_mask[rows].sum())))
             norm = dict(n_sequences=n_rows, n_tokens=max(n_tokens, 1), max_tokens=cfg.max_new_tokens)
             m: dict[str, float] = {}
-            for micro in rows.split(cfg.micro_batch_size) if len(rows) else ():  # none of the step's rows here
+            for micro, idle in micro_batches(run, rows, cfg.micro_batch_size):  # none if no row of the step is here
                 mb = r.select(micro)
                 with autocast(cfg.dtype, device):
                     lp, ent, _ = policy_forward(policy, mb, cfg.temperature, with_entropy=True)
@@ -175,7 +175,9 @@ def grpo_update(policy, optimizer, r: Rollout, sample_lp: torch.Tensor, run: Run
                 loss, lm = losses.grpo_policy_loss(lp, old, mb.advantages[:, 0], mb.response_mask, cfg.loss_type,
                                                    eps_low=epsilons(cfg)[0], eps_high=epsilons(cfg)[1],
                                                    ref_logprobs=ref, beta=cfg.beta, **norm)
-                loss.backward()
+                (loss * 0 if idle else loss).backward()  # idle: a pass that FSDP's collectives need, nothing more
+                if idle:
+                    continue
                 lm["policy/entropy"] = losses.masked_mean(ent, mb.response_mask, total=norm["n_tokens"])
                 for k, v in lm.items():  # shares of the step's loss and token means: they add up
                     m[k] = m.get(k, 0.0) + float(v)
@@ -213,13 +215,13 @@ def _first_pass(micro, old, mb: Rollout, sample_lp, use_ref: bool, kl_rows, kl3_
 SUMMED = ("loss/", "grpo/clip", "grpo/ratio_mean", "policy/entropy", "rollout/logprob_mismatch", "rollout/tokens_per_s")
 
 
-def load_networks(cfg: GRPOConfig):
-    """(policy, tokenizer, reference context or None)."""
+def load_networks(cfg: GRPOConfig, run: Run):
+    """(policy, tokenizer, reference context or None); under FSDP the policy and the reference sharded."""
     policy, tok = load_model(cfg, trainable=True, chat_template=cfg.chat_template, lora=cfg)
-    ref_ctx = reference_context(cfg, policy, needed=cfg.beta != 0)
+    ref_ctx = reference_context(cfg, policy, needed=cfg.beta != 0, shard=run.shard_frozen)
     if cfg.gradient_checkpointing:
         enable_checkpointing(policy)
-    return policy, tok, ref_ctx
+    return run.shard_weights(policy), tok, ref_ctx  # FSDP: before the optimizer, which then holds this rank's shards
 
 
 def train(cfg: GRPOConfig, log=print) -> Summary:
@@ -227,7 +229,7 @@ def train(cfg: GRPOConfig, log=print) -> Summary:
     run = Run("grpo", cfg, log)
     train_data, eval_data = split_prompts(cfg)
     mix = reward_mix(cfg, "grpo", log=log)
-    policy, tok, ref_ctx = load_networks(cfg)
+    policy, tok, ref_ctx = load_networks(cfg, run)
     use_ref = cfg.beta != 0
     mix.penalty = missing_eos_penalty(cfg, tok)
     n_steps = run.total_steps(max(1, len(train_data) // (cfg.batch_size * run.world_size)))

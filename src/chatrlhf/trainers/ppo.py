@@ -35,9 +35,9 @@ from chatrlhf.models import add_lora, autocast, count_parameters, enable_checkpo
 from chatrlhf.reward_model import classic_head, load_reward_model, reward_norm
 from chatrlhf.rewards import RewardMix, reward_mix
 from chatrlhf.rollout import TRAIN_STREAM, Critic, Rollout, deadline_of, end_of_step, eval_collect, eval_summary, \
-    evaluate, forward_passes, generate, generator, local_minibatches, missing_eos_penalty, policy_forward, \
-    prompt_indices, reference_context, rollout_metrics, row_seeds, split_prompts, step_metrics, step_prompts, \
-    whole_batch_spread
+    evaluate, forward_passes, generate, generator, local_minibatches, micro_batches, missing_eos_penalty, \
+    policy_forward, prompt_indices, reference_context, rollout_metrics, row_seeds, split_prompts, step_metrics, \
+    step_prompts, whole_batch_spread
 from chatrlhf.trainers.common import file_hashes, make_optimizer
 from chatrlhf.trainers.run import Run, Summary
 from chatrlhf.trainers.value import SeparateCritic, SharedHead
@@ -215,14 +215,18 @@ def ppo_update(policy, vf, optimizer, r: Rollout, cfg: PPOConfig, train_policy: 
     group = 1 if cfg.env == "dialogue" else cfg.samples_per_prompt  # turn rows share no prompt
     for _ in range(cfg.ppo_epochs):
         for local, _ in local_minibatches(run, rows, group, cfg.minibatch_size, shuffle):
-            mb = r.select(local.to(device)) if len(local) else None
-            tokens = run.total(float(mb.response_mask.sum()) if mb else 0.0) if run.world_size > 1 else None
+            # one pass over this process's rows, or none; under FSDP an idle one (weighted 0) where others have rows
+            passes = micro_batches(run, local, max(len(local), 1))
+            mb, idle = (r.select(passes[0][0].to(device)), passes[0][1]) if passes else (None, False)
+            tokens = run.total(float(mb.response_mask.sum()) if mb and not idle else 0.0) \
+                if run.world_size > 1 else None
             m: dict[str, float] = {}
             if train_policy or vf.reads_trunk:  # in a critic warm-up only a head on the trunk needs this pass
                 if mb is not None:
-                    m.update(policy_backward(policy, vf, mb, cfg, train_policy, tokens))
+                    lm = policy_backward(policy, vf, mb, cfg, train_policy, tokens, weight=0.0 if idle else 1.0)
+                    m.update({} if idle else lm)
                 m["policy/grad_norm"] = run.optimizer_step(optimizer, None, policy_params, cfg.max_grad_norm)
-            m.update(vf.update(mb, cfg.cliprange_value, cfg.max_grad_norm, tokens, run.optimizer_step))
+            m.update(vf.update(mb, cfg.cliprange_value, cfg.max_grad_norm, tokens, run.optimizer_step, idle))
             for k, val in m.items():
                 sums[k] = sums.get(k, 0.0) + float(val)
             n_mb += 1
@@ -232,15 +236,16 @@ def ppo_update(policy, vf, optimizer, r: Rollout, cfg: PPOConfig, train_policy: 
     return out
 
 
-def policy_backward(policy, vf, mb: Rollout, cfg: PPOConfig, train_policy: bool, tokens: float | None) -> dict:
+def policy_backward(policy, vf, mb: Rollout, cfg: PPOConfig, train_policy: bool, tokens: float | None,
+                    weight: float = 1.0) -> dict:
     """The clipped policy loss (and a trunk head's value loss) of a minibatch, backward; its metrics. ``tokens``:
-    the minibatch's tokens over every process (None: this one's)."""
+    the minibatch's tokens over every process (None: this one's). ``weight`` 0: an idle pass under FSDP."""
     with autocast(cfg.dtype, mb.query_ids.device):
         lp, ent, v = policy_forward(policy, mb, cfg.temperature, with_entropy=True, value_head=vf.head)
     loss, m = losses.ppo_policy_loss(lp, mb.logprobs, mb.advantages, mb.response_mask, cfg.cliprange, tokens,
                                      mb.is_weights)
     vl, vm = vf.trunk_loss(v, mb, cfg.cliprange_value, tokens)
-    (loss * float(train_policy) + vl).backward()  # warm-up: the trunk learns values alone
+    ((loss * float(train_policy) + vl) * weight).backward()  # warm-up: the trunk learns values alone
     m.update(vm)
     m["policy/entropy"] = losses.masked_mean(ent.detach(), mb.response_mask, total=tokens)
     return m
@@ -284,16 +289,19 @@ def split_data(cfg: PPOConfig) -> tuple[list, list]:
     return split_prompts(cfg)
 
 
-def load_networks(cfg: PPOConfig, log=print):
-    """(policy, tokenizer, reference context, value function, critic kind)."""
+def load_networks(cfg: PPOConfig, log=print, run: Run | None = None):
+    """(policy, tokenizer, reference context, value function, critic kind); under the FSDP of ``run`` the policy, the
+    reference and a separate critic each sharded."""
     policy, tok = load_model(cfg, trainable=True, chat_template=cfg.chat_template, lora=cfg)
     device = next(policy.parameters()).device
-    ref_ctx = reference_context(cfg, policy)
+    ref_ctx = reference_context(cfg, policy, shard=run.shard_frozen if run else None)
     vf, kind = build_value_function(cfg, tok, unwrap(policy).config.hidden_size, log)
     vf.to(device)
     if cfg.gradient_checkpointing:
         for net in (policy, *vf.networks()):
             enable_checkpointing(net)
+    for net in (policy, *vf.networks()) if run else ():
+        run.shard_weights(net)  # FSDP (in place): before the optimizers, which then hold this rank's shards
     return policy, tok, ref_ctx, vf, kind
 
 
@@ -367,7 +375,7 @@ def train(cfg: PPOConfig, log=print) -> Summary:
                          "drop --num-processes (single-turn PPO runs in several)")
     train_data, eval_data = split_data(cfg)
     mix = build_rewards(cfg, log)
-    policy, tok, ref_ctx, vf, critic_kind = load_networks(cfg, log)
+    policy, tok, ref_ctx, vf, critic_kind = load_networks(cfg, log, run)
     mix.penalty = missing_eos_penalty(cfg, tok)
     n_steps = run.total_steps(max(1, len(train_data) // (cfg.batch_size * run.world_size)))
     parts = optimisers(cfg, policy, vf, n_steps)
@@ -468,8 +476,7 @@ def _optimizer(params, lr: float, cfg: PPOConfig, n_steps: int):
 def _finish(run: Run, policy, vf, tok, state: dict) -> Summary:
     cfg = run.cfg
     run.save_model(policy, tok)
-    if run.is_main:
-        vf.save(tok, run.out)
+    vf.save(tok, run.out, run.save_model)  # every rank: under FSDP each takes part in gathering the critic
     return run.finish({"eval_start": state.get("eval_start"),
                        "eval_end": run.last_eval("eval/reward"),
                        "stopped_by_time": state.get("stopped_at") == run.step, "beta": state["beta"],

@@ -47,8 +47,9 @@ A command runs in several processes only if its config has ``--num-processes`` (
 refuse a multi-process launch with a clear error.
 
 FSDP (``--fsdp``, or ``accelerate launch`` with the shipped fsdp.yaml): the same, with the model's weights, gradients
-and optimizer state sharded over the ranks (:meth:`Run.shard_weights`, fsdp.py); gradients are summed in
-the backward pass, checkpoints hold the gathered full state. DeepSpeed ZeRO (``--deepspeed STAGE``, or ``accelerate
+and optimizer state sharded over the ranks (:meth:`Run.shard_weights`; a frozen reference: :meth:`Run.shard_frozen`;
+fsdp.py); gradients are summed in the backward pass, checkpoints hold the gathered full state. Every rank must then
+run the same forward passes (:meth:`Run.most`). DeepSpeed ZeRO (``--deepspeed STAGE``, or ``accelerate
 launch`` with a shipped deepspeed_zero*.yaml): the model and optimizer go into a DeepSpeed engine (zero.py); the
 trainer's backward passes and optimizer steps go through :meth:`Run.backward` and :meth:`Run.optimizer_step`.
 """
@@ -68,6 +69,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
@@ -316,6 +318,7 @@ class Run:
         self._stop: StopFlag | None = None
         self._bar = self._task = None
         self._saved_at: int | None = None  # the step of this process's latest checkpoint
+        self._said_fsdp = False
         seed_everything(cfg.seed)
 
     @property
@@ -359,6 +362,15 @@ class Run:
             return values
         return [x for part in gather_object([values]) for x in part]
 
+    def most(self, n: int) -> int:
+        """The largest ``n`` over ranks (each rank's count in a slot of its own, summed): e.g. the forward passes that
+        every rank makes under FSDP."""
+        if self.world_size == 1:
+            return n
+        slots = [0.0] * self.world_size
+        slots[self.rank] = float(n)
+        return int(max(self.total(slots)))
+
     def any(self, flag: bool) -> bool:
         """True if ``flag`` is true on any rank: a decision (stop now) every rank then takes at the same step."""
         return self.total(float(bool(flag))) > 0
@@ -388,16 +400,19 @@ class Run:
     def optimizer_step(self, optimizer, scheduler, params: list, max_grad_norm: float) -> float:
         """:func:`~chatrlhf.trainers.common.optimizer_step` after summing the gradients over ranks (one all-reduce
         of one flat buffer; a rank without a gradient, e.g. an empty part, adds zeros). Every rank then clips and
-        steps the same way, so the weights stay identical. Returns the gradient norm before clipping. Under
-        DeepSpeed, its engine's step (clipping to --max-grad-norm as set when the engine was made)."""
+        steps the same way, so the weights stay identical. Under FSDP only the parameters that FSDP does not manage
+        (plain tensors beside a sharded model: a critic's offset) are summed here; FSDP summed the others' gradients in
+        the backward pass (reduce-scatter). Returns the gradient norm before clipping. Under DeepSpeed, its engine's
+        step (clipping to --max-grad-norm as set when the engine was made)."""
         if self._engine is not None:
             return zero.step(self._engine, scheduler)
-        if self.world_size > 1 and not self.fsdp:  # FSDP has summed them in the backward (reduce-scatter)
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        plain = [p for p in params if not isinstance(p, DTensor)] if self.fsdp else params
+        if self.world_size > 1 and plain:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plain]
             flat = torch.cat([g.reshape(-1).float() for g in grads])
             dist.all_reduce(flat)
             offset = 0
-            for p, g in zip(params, grads):
+            for p, g in zip(plain, grads):
                 p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
                 offset += g.numel()
         return optimizer_step(optimizer, scheduler, params, max_grad_norm)
@@ -409,18 +424,25 @@ class Run:
         gradient checkpointing is set and before the optimizer is built. Without FSDP, ``model`` as it is."""
         if self.fsdp is None:
             return model
-        self.print(f"chatrlhf {self.name}: FSDP2 full shard over {self.world_size} processes"
-                   f"{', weights offloaded to CPU memory' if self.fsdp['offload'] else ''}")
+        if not self._said_fsdp:  # once, however many models the run shards
+            self.print(f"chatrlhf {self.name}: FSDP2 full shard over {self.world_size} processes"
+                       f"{', weights offloaded to CPU memory' if self.fsdp['offload'] else ''}")
+            self._said_fsdp = True
         return shard_model(model, self.fsdp)
 
-    def save_model(self, model, tok) -> None:
-        """The trained model as a plain Hugging Face folder in OUTPUT_DIR, written by the main rank; under FSDP every
-        rank first takes part in gathering its full weights."""
+    def shard_frozen(self, model):
+        """Under FSDP, a frozen model used for forward passes only (a reference) sharded as :meth:`shard_weights`
+        shards a trained one, so that it does not sit whole on every rank; without FSDP, ``model`` as it is."""
+        return model if self.fsdp is None else shard_model(model, self.fsdp)
+
+    def save_model(self, model, tok, folder: Path | None = None) -> None:
+        """The trained model as a plain Hugging Face folder in OUTPUT_DIR (or ``folder``), written by the main rank;
+        under FSDP every rank first takes part in gathering its full weights."""
         state = full_weights(model) if self.fsdp else None
         if self.zero and self.zero["stage"] == 3:
             state = zero.full_state(model, 3, trainable_only=False)
         if self.is_main:
-            save_model(model, tok, self.out, state_dict=state)
+            save_model(model, tok, folder or self.out, state_dict=state)
 
     def _gather_parts(self) -> dict | None:
         """Under FSDP, {name: full trainable weights, full optimizer state} of every part (on rank 0), else None."""

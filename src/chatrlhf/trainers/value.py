@@ -9,11 +9,12 @@ Both kinds answer the same calls:
   * ``values(r, trunk_values)``: (B, R) values of a rollout or minibatch;
   * ``trunk_loss(v, mb, cliprange_value, total_tokens)``: the value loss to add to the policy's loss (0 for a
     separate critic); ``total_tokens``: the minibatch's tokens over every process (None: this one's);
-  * ``update(mb, ..., total_tokens, step)``: a separate critic's own forward, backward and optimizer step through
-    ``step`` (the run's, which sums gradients over processes; ``mb`` None: this process has no row of the
-    minibatch and only joins the step) — nothing for a head;
+  * ``update(mb, ..., total_tokens, step, idle)``: a separate critic's own forward, backward and optimizer step
+    through ``step`` (the run's, which sums gradients over processes; ``mb`` None: this process has no row of the
+    minibatch and only joins the step; ``idle``: under FSDP it still makes a pass, weighted 0) — nothing for a head;
   * ``parts(make_optimizer, n_steps)`` / ``policy_modules()``: what the run checkpoints and what trains with
-    the policy; ``schedule_step()`` advances its own learning-rate schedule; ``networks()``; ``save()``.
+    the policy; ``schedule_step()`` advances its own learning-rate schedule; ``networks()``; ``save(tok, out_dir,
+    write)``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from chatrlhf import losses
-from chatrlhf.models import autocast
+from chatrlhf.models import autocast, save_model
 from chatrlhf.rollout import Critic, Rollout
 from chatrlhf.trainers.common import optimizer_step
 
@@ -50,7 +51,7 @@ class SharedHead(torch.nn.Module):
         return self.vf_coef * vl, metrics
 
     def update(self, mb: Rollout | None, cliprange_value: float, max_grad_norm: float,
-               total_tokens: float | None = None, step=optimizer_step) -> dict:
+               total_tokens: float | None = None, step=optimizer_step, idle: bool = False) -> dict:
         return {}  # trained by the policy's optimizer step
 
     def policy_modules(self) -> dict[str, torch.nn.Module]:
@@ -65,7 +66,7 @@ class SharedHead(torch.nn.Module):
     def networks(self) -> list:
         return []
 
-    def save(self, tok, out_dir: Path) -> None:
+    def save(self, tok, out_dir: Path, write=save_model) -> None:
         pass  # the head belongs to this run's policy only
 
 
@@ -87,14 +88,16 @@ class SeparateCritic:
         return 0.0, {}
 
     def update(self, mb: Rollout | None, cliprange_value: float, max_grad_norm: float,
-               total_tokens: float | None = None, step=optimizer_step) -> dict:
-        """One step of the critic on a minibatch: clipped value loss, backward, clip, AdamW."""
+               total_tokens: float | None = None, step=optimizer_step, idle: bool = False) -> dict:
+        """One step of the critic on a minibatch: clipped value loss, backward, clip, AdamW. ``idle``: under FSDP, a
+        pass on a stand-in row that only joins the collectives (loss × 0, no metrics: rollout.micro_batches)."""
         metrics = {}
         if mb is not None:
             with autocast(self.dtype, mb.query_ids.device):
                 v = self.critic(mb)
             vl, metrics = losses.value_loss(v, mb.values, mb.returns, mb.response_mask, cliprange_value, total_tokens)
-            vl.backward()
+            (vl * 0 if idle else vl).backward()
+            metrics = {} if idle else metrics
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         metrics["critic/grad_norm"] = step(self.optimizer, None, params, max_grad_norm)
         return metrics
@@ -122,5 +125,6 @@ class SeparateCritic:
         self.critic.to(device)
         return self
 
-    def save(self, tok, out_dir: Path) -> None:
-        self.critic.save(tok, Path(out_dir) / "critic")
+    def save(self, tok, out_dir: Path, write=save_model) -> None:
+        """OUTPUT_DIR/critic, through ``write(model, tok, folder)`` (the run's save_model: every rank calls it)."""
+        self.critic.save(tok, Path(out_dir) / "critic", write)
