@@ -93,7 +93,12 @@ def _leave_processes() -> None:
     """One process of several: leave the process group before the interpreter exits — a gloo group left to the
     interpreter's shutdown can abort it ("terminate called without an active exception") after a finished run."""
     dist = sys.modules.get("torch.distributed")  # imported only if a command ran in several processes
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    ds = sys.modules.get("deepspeed.comm")  # DeepSpeed keeps references to the groups: it lets them go too
+    if ds is not None and getattr(ds, "cdb", None) is not None:
+        ds.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

@@ -557,6 +557,8 @@ class Run:
             self.logger.close()
         if self.world_size > 1:
             dist.barrier()
+        if self._engine is not None:
+            self._engine.destroy()  # DeepSpeed's hooks and buffers go before the process group does (cli)
 
     def last_logged(self, key: str) -> dict | None:
         """The latest metrics line that has ``key`` (e.g. the final evaluation), None if none has."""
