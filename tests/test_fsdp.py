@@ -113,9 +113,9 @@ def test_fsdp_settings_follow_the_flags_and_the_accelerate_launch(monkeypatch):
     monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
     assert fsdp_settings(SFTConfig(), "sft", 2) == {"offload": True, "reshard_after_forward": False}
     assert fsdp_settings(GRPOConfig(), "grpo", 2) == {"offload": True, "reshard_after_forward": False}
-    with pytest.raises(UsageError, match="chatrlhf kto does not run under FSDP yet") as e:
-        fsdp_settings(object(), "kto", 2)
-    assert "sft, reward train, dpo, ppo and grpo shard with FSDP" in str(e.value)
+    with pytest.raises(UsageError, match="chatrlhf bestofn does not run under FSDP yet") as e:
+        fsdp_settings(object(), "bestofn", 2)
+    assert "sft, reward train, dpo, kto, ppo and grpo shard with FSDP" in str(e.value)
 
 
 def test_the_shipped_accelerate_configs_are_found_and_fsdp_is_version_2():

@@ -96,7 +96,7 @@ class ProcessArgs:
 @dataclass
 class FSDPArgs:
     """Fully sharded data parallelism (FSDP2) over the processes; the commands that run it compose this piece (ppo,
-    grpo) or ShardArgs, which adds DeepSpeed (sft, reward train, dpo), next to ProcessArgs."""
+    grpo) or ShardArgs, which adds DeepSpeed (sft, reward train, dpo, kto), next to ProcessArgs."""
     fsdp: bool = arg(False, "Shard weights, gradients and optimizer state over the processes (PyTorch FSDP2, full "
                      "shard: each decoder block and the rest of the model are gathered only while they compute); "
                      "with --num-processes N, or on by itself under `accelerate launch --config_file fsdp.yaml` "
@@ -111,7 +111,7 @@ class FSDPArgs:
 @dataclass
 class ShardArgs(FSDPArgs):
     """Sharded data parallelism over the processes, FSDP2 or DeepSpeed ZeRO: the commands whose loops it serves
-    (sft, reward train, dpo) compose this piece next to ProcessArgs (ppo and grpo: FSDPArgs, without DeepSpeed)."""
+    (sft, reward train, dpo, kto) compose this piece next to ProcessArgs (ppo and grpo: FSDPArgs, without DeepSpeed)."""
     deepspeed: int = arg(0, "DeepSpeed ZeRO stage (1: optimizer state partitioned over the processes, 2: gradients "
                          "too, 3: weights too), with --num-processes N; 0: off. On by itself under `accelerate "
                          "launch --config_file deepspeed_zero2.yaml` (docs/distributed.md). Needs chatrlhf[deepspeed]. "
@@ -249,7 +249,7 @@ class DPOConfig(PreferenceArgs, ShardArgs, ProcessArgs, RunArgs, BatchArgs, Opti
 
 
 @dataclass
-class KTOConfig(PreferenceArgs, ProcessArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
+class KTOConfig(PreferenceArgs, ShardArgs, ProcessArgs, RunArgs, BatchArgs, OptimArgs, DataArgs, TemplateArgs, LoraArgs, ModelArgs):
     """`chatrlhf kto`: Kahneman–Tversky optimisation of the policy on unpaired feedback — replies marked desirable or
     undesirable (thumbs, star ratings, corrections, either side of a preference) — against the policy before training."""
     data: list[str] = arg(["examples/ratings.jsonl"], "Feedback files, comma-separated: ratings (4–5 stars desirable, "

@@ -45,7 +45,7 @@ def fsdp_settings(cfg, command: str, world_size: int) -> dict | None:
         return None
     if not hasattr(cfg, "fsdp"):
         raise UsageError(f"chatrlhf {command} does not run under FSDP yet",
-                         "launch it without the FSDP config; sft, reward train, dpo, ppo and grpo shard with FSDP")
+                         "launch it without the FSDP config; sft, reward train, dpo, kto, ppo and grpo shard with FSDP")
     if world_size < 2:
         raise UsageError("--fsdp shards the model over processes, and this run has one",
                          "add --num-processes N (N ≥ 2), or launch with accelerate (" + FSDP_HELP + ")")

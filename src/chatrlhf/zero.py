@@ -29,7 +29,7 @@ from chatrlhf.errors import UsageError
 from chatrlhf.fsdp import env_flag
 
 ZERO_HELP = "docs/distributed.md, \"DeepSpeed\""
-ZERO_COMMANDS = "sft, reward train and dpo"
+ZERO_COMMANDS = "sft, reward train, dpo and kto"
 TAG = "zero"  # DeepSpeed's checkpoint tag inside a checkpoint folder's deepspeed/
 
 

@@ -6,6 +6,7 @@ one place that wires stages together: nothing imports ``chatrlhf.cli``."""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -56,6 +57,26 @@ def command_name(ns: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `chatrlhf` command; returns its exit status. One process of several (a rank) ends here instead, without
+    the interpreter's teardown (see :func:`_end_rank`)."""
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _end_rank(code)
+    return code
+
+
+def _end_rank(code: int) -> None:
+    """Exit a rank with ``code`` once its run is over (files closed, the process group left by :func:`dispatch`),
+    skipping the interpreter's teardown: the C++ objects of a finished gloo run (pending work of FSDP's asynchronous
+    collectives, the store's threads) destroyed at shutdown sometimes aborted a rank that had finished cleanly
+    ("terminate called without an active exception"), failing the whole run."""
+    gc.collect()  # file objects nobody holds any more are flushed and closed
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ns = parser().parse_args(argv)
@@ -84,18 +105,23 @@ def dispatch(name: str, cfg) -> int:
     if head not in ("data", "feedback"):
         _threads()
     try:
-        return command_module(head).run(sub or head, cfg)
-    finally:
-        _leave_processes()
+        code = command_module(head).run(sub or head, cfg)
+    except BaseException:
+        _leave_processes(together=False)  # the others may be stuck in a collective: no barrier
+        raise
+    _leave_processes(together=True)
+    return code
 
 
-def _leave_processes() -> None:
+def _leave_processes(together: bool) -> None:
     """One process of several: leave the process group before the interpreter exits — a gloo group left to the
     interpreter's shutdown can abort it ("terminate called without an active exception") after a finished run."""
     dist = sys.modules.get("torch.distributed")  # imported only if a command ran in several processes
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return
     ds = sys.modules.get("deepspeed.comm")  # DeepSpeed keeps references to the groups: it lets them go too
+    if together:
+        dist.barrier()  # every rank is done with the group (and with rank 0's store) before any leaves
     if ds is not None and getattr(ds, "cdb", None) is not None:
         ds.destroy_process_group()
     else:

@@ -113,11 +113,13 @@ def class_weights(cfg: KTOConfig, data: Examples, log=print) -> tuple[float, flo
 
 
 def train_step(model, run: Run, pad_id: int, chunks: list[list[int]], data: Examples, ref: dict, lam) -> dict:
-    """z₀ from the whole step's KL sequences (no gradient), then forward and backward of each micro-batch — this
-    process's part of the step (``chunks``), its loss divided by the step's weight over every process; the metrics
-    are shares of the step (summed over processes)."""
+    """z₀ from the whole step's KL sequences (no gradient; one pass per micro-batch, so that every process makes as
+    many as the others — under FSDP or DeepSpeed each pass gathers weights from all), then forward and backward of
+    each micro-batch — this process's part of the step (``chunks``), its loss divided by the step's weight over every
+    process; the metrics are shares of the step (summed over processes)."""
     cfg, idx = run.cfg, [i for c in chunks for i in c]
-    kl = all_logps(model, [data.kl_items[i] for i in idx], cfg.batch_size * 2, pad_id, run.device, cfg.dtype)
+    kl = torch.cat([all_logps(model, [data.kl_items[i] for i in c], len(c), pad_id, run.device, cfg.dtype)
+                    for c in chunks]) if chunks else torch.zeros(0)
     z0 = losses.kto_reference_point(kl, ref["kl"][idx], run.total if run.world_size > 1 else None).to(run.device)
     total = run.total(float(data.weight[idx].sum()))
     n_d = int(data.desirable[idx].sum()) if idx else 0
@@ -130,7 +132,7 @@ def train_step(model, run: Run, pad_id: int, chunks: list[list[int]], data: Exam
         loss, m = losses.kto_loss(logps, ref["main"][chunk].to(run.device), data.desirable[chunk].to(run.device), z0,
                                   cfg.beta, *lam, weight=data.weight[chunk].to(run.device), total_weight=total,
                                   class_counts=counts)
-        loss.backward()
+        run.backward(loss)
         share = float(data.weight[chunk].sum()) / total  # z₀ is the step's: its shares add up to it
         for k, v in m.items():
             stats[k] = stats.get(k, 0.0) + float(v) * (share if k == "kto/kl" else 1.0)
@@ -198,6 +200,7 @@ def train(cfg: KTOConfig, log=print) -> Summary:
     plan = StepPlan([len(x.input_ids) for x in data.items], cfg.batch_size * run.world_size, cfg.grad_accum,
                     cfg.seed)  # the global batch; each process trains on its shard (run.shard)
     n_steps = run.total_steps(plan.steps_per_epoch)
+    model = run.shard_weights(model)  # FSDP: after the reference pass, before the optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, cfg.lr, cfg.weight_decay, warmup_steps=int(cfg.warmup_ratio * n_steps),
                                           total_steps=n_steps)
