@@ -1,10 +1,10 @@
 """DeepSpeed ZeRO in the run scaffold (zero.py, trainers/run.py), two processes on the CPU (gloo).
 
 DeepSpeed runs on CPU (its CPU accelerator; it compiles one small C++ extension on first use, ~30 s, cached), so it
-is tested end to end: ZeRO-2 through `accelerate launch` with the shipped deepspeed_zero2.yaml, ZeRO-3 (with the
-weights and optimizer state offloaded to CPU memory, as deepspeed_zero3.yaml's offload keys ask) through
-`--num-processes 2 --deepspeed 3`. Like FSDP, DeepSpeed must train exactly as one process with the global batch: the
-same losses and gradient norms at every step to a float32 sum's reordering (relative 1e-5), the same saved weights."""
+is tested end to end: ZeRO-2 and ZeRO-3 (weights and optimizer state offloaded to CPU memory) through `accelerate
+launch` with the shipped deepspeed_zero2.yaml and deepspeed_zero3.yaml, and through `--num-processes 2 --deepspeed N`.
+Like FSDP, DeepSpeed must train exactly as one process with the global batch: the same losses and gradient norms at
+every step to a float32 sum's reordering (relative 1e-5), the same saved weights."""
 
 import json
 import os
@@ -71,11 +71,16 @@ def test_zero3_with_offload_trains_as_one_process_and_saves_a_plain_model(tmp_pa
             "float32", "--lr", "1e-3", "--max-steps", "3", "--save-steps", "2", "--no-tensorboard"]
     r = run_cli(*args, "--output-dir", tmp_path / "one", "--batch-size", "4")
     assert r.returncode == 0, r.stderr
-    for key in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
-        monkeypatch.setenv(key, "cpu")  # what deepspeed_zero3.yaml's offload keys set
-    r = run_cli(*args, "--output-dir", tmp_path / "z3", "--batch-size", "2", "--num-processes", "2", "--deepspeed", "3",
-                process=True, timeout=400)
-    assert r.returncode == 0, r.stderr
+    z3 = [*args, "--output-dir", tmp_path / "z3", "--batch-size", "2"]
+    if command == "dpo":  # the shipped config (ZeRO-3, weights and optimizer state offloaded) through accelerate
+        r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                            config_path("deepspeed_zero3"), "-m", "chatrlhf", *map(str, z3)], capture_output=True,
+                           text=True, timeout=400)
+    else:  # the same through the flag, the offload asked for as that config's keys ask
+        for key in ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"):
+            monkeypatch.setenv(key, "cpu")
+        r = run_cli(*z3, "--num-processes", "2", "--deepspeed", "3", process=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert "DeepSpeed ZeRO stage 3 over 2 processes" in r.stdout
     assert_same_run(tmp_path / "one", tmp_path / "z3")
     if command == "dpo":  # the gathered weights make a plain Hugging Face folder
