@@ -239,7 +239,7 @@ def train(cfg: GRPOConfig, log=print) -> Summary:
                                           total_steps=n_steps)
     eps_low, eps_high = epsilons(cfg)
     log(f"chatrlhf grpo: {len(train_data)} train / {len(eval_data)} held-out prompts, {n_steps} steps × "
-        f"{cfg.batch_size} prompts × {cfg.num_generations} replies, advantage {cfg.advantage}"
+        f"{cfg.batch_size * run.world_size} prompts × {cfg.num_generations} replies, advantage {cfg.advantage}"
         f"{'' if scale_rewards(cfg) else ' (not scaled)'}, loss {cfg.loss_type}, KL "
         + (f"β {cfg.beta:g} {'in the reward' if cfg.kl_in_reward else 'as a k3 loss term'}" if use_ref else "off")
         + f", {steps_per_batch(cfg, run.world_size)} optimizer step(s) per batch"
