@@ -32,6 +32,7 @@ from chatrlhf.errors import UsageError
 from chatrlhf.logger import read_metrics
 from chatrlhf.fsdp import check_sharding, fsdp_settings, shard_model, unsharded
 from chatrlhf.models import load_model
+from chatrlhf.rewards import ModelReward
 from chatrlhf.rollout import generate, policy_forward, row_seeds
 
 UNCOMPARED = ("train/step_s", "train/tokens_per_s", "train/pad_fraction")  # the clock, how the batch is cut
@@ -286,3 +287,29 @@ def test_a_sharded_policy_generates_the_whole_models_replies_with_no_collective_
     draw exactly the replies of the unsharded model, with as many collectives as FSDP units (the gather on entry), none
     per forward pass — a collective inside the generation would leave one rank waiting for the other."""
     mp.start_processes(_rollout_rank, args=(str(tmp_path / "store"),), nprocs=2, join=True, start_method="spawn")
+
+
+def _reward_rank(rank: int, store: str, rm: str) -> None:
+    """One of two gloo ranks: the reward model as a reward source, sharded (Run.shard_frozen's shard_model), scores
+    this rank's replies as the whole model does."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        whole = ModelReward(rm, force=True, device="cpu", dtype="float32", log=lambda *a: None)
+        sharded = ModelReward(rm, force=True, device="cpu", dtype="float32", log=lambda *a: None,
+                              shard=lambda m: shard_model(m, {"offload": False, "reshard_after_forward": True}))
+        assert all(isinstance(p, DTensor) for p in sharded.model.parameters())
+        prompts = [[{"role": "user", "content": t}] for t in (["Hello", "Where is my order?"], ["Hi", "Help me"])[rank]]
+        replies = (["Hi! How can I help?", "It ships today."], ["Hello.", "Sure, with what?"])[rank]
+        assert sharded(prompts, replies) == pytest.approx(whole(prompts, replies), abs=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_sharded_reward_model_scores_as_the_whole_one(tmp_path):
+    """Under FSDP, PPO and GRPO shard the reward model they score with (each process keeps its shards): its scores
+    are the whole model's (the head is gathered with the root: reward_model.head_scores calls it as a module)."""
+    rm = str(tiny_reward_model(tmp_path / "rm"))
+    mp.start_processes(_reward_rank, args=(str(tmp_path / "store"), rm), nprocs=2, join=True, start_method="spawn")

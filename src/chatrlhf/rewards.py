@@ -131,10 +131,11 @@ def _by_prompt(pairs) -> dict[str, list]:
 
 
 class ModelReward:
-    """Normalised scores of a trained reward model; refuses a model that failed its gate unless forced."""
+    """Normalised scores of a trained reward model; refuses a model that failed its gate unless forced. ``shard``:
+    what to do with the loaded model (the run's shard_frozen: FSDP shards it, every process scoring as many batches)."""
 
     def __init__(self, path: str, force: bool = False, batch_size: int = 16, max_length: int = 512, device="auto",
-                 dtype: str = "auto", log=print):
+                 dtype: str = "auto", log=print, shard=None):
         reasons = check_gate(path)
         if reasons and not force:
             raise UsageError(f"--reward-model {path} did not pass the reward-model gate: " + "; ".join(reasons),
@@ -143,6 +144,8 @@ class ModelReward:
             log(f"chatrlhf: warning: using reward model {path} despite its gate (--force): {r}")
         self.model, self.tok = load_reward_model(ModelArgs(model=path, device=device, dtype=dtype))
         self.model.eval()
+        if shard is not None:  # under FSDP (Run.shard_frozen): each process keeps its shards only
+            self.model = shard(self.model)
         self.batch_size, self.max_length, self.dtype = batch_size, max_length, dtype
 
     def __call__(self, prompts, responses, ended: list[bool] | None = None):
@@ -333,14 +336,15 @@ class RewardMix:
 
 
 def reward_mix(cfg, command: str, references=reference_replies, key=prompt_key, missing_eos_penalty: float = 1.0,
-               hint: str = "", log=print) -> RewardMix:
+               hint: str = "", log=print, shard=None) -> RewardMix:
     """The reward mix of a command's reward flags (RewardArgs): `rm` from --reward-model, `human` from
     --human-feedback, `similarity` to ``references(--references)`` looked up by ``key``, `fn` from --reward-fn,
-    weighted by --reward-weights. ``hint``: what else to say about --references in the error when none is given."""
+    weighted by --reward-weights. ``hint``: what else to say about --references in the error when none is given.
+    ``shard``: passed to the reward model (:class:`ModelReward`)."""
     sources = {}
     if cfg.reward_model:
         sources["rm"] = ModelReward(cfg.reward_model, cfg.force, max_length=cfg.max_prompt_length + cfg.max_new_tokens,
-                                    device=cfg.device, dtype=cfg.dtype, log=log)
+                                    device=cfg.device, dtype=cfg.dtype, log=log, shard=shard)
     if cfg.human_feedback:
         sources["human"] = HumanReward(cfg.human_feedback, cfg.human_threshold)
     if cfg.references:

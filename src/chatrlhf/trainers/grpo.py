@@ -228,7 +228,7 @@ def train(cfg: GRPOConfig, log=print) -> Summary:
     check(cfg)
     run = Run("grpo", cfg, log)
     train_data, eval_data = split_prompts(cfg)
-    mix = reward_mix(cfg, "grpo", log=log)
+    mix = reward_mix(cfg, "grpo", log=log, shard=run.shard_frozen)  # FSDP: the reward model sharded too
     policy, tok, ref_ctx = load_networks(cfg, run)
     use_ref = cfg.beta != 0
     mix.penalty = missing_eos_penalty(cfg, tok)

@@ -49,13 +49,13 @@ from chatrlhf.vllm_backend import VLLMSampler, check_available
 DEFAULT_TURN_GAMMA = 0.9  # qlearn's --gamma: both trainers maximise the same Σ_t γ^t r_t by default
 
 
-def build_rewards(cfg: PPOConfig, log=print) -> RewardMix:
+def build_rewards(cfg: PPOConfig, log=print, shard=None) -> RewardMix:
     """The reward mix of the reward flags (its missing-EOS penalty is set once the tokenizer is known). With --env
     dialogue, as qlearn: similarity is to the data's human reply at that turn of that dialogue (user_turns_key)."""
     if cfg.env == "dialogue":
         return reward_mix(cfg, "ppo", lambda paths: turn_references(episodes.load_dialogues(paths, cfg.format)),
                           user_turns_key, hint=" (e.g. the --data file)", log=log)
-    return reward_mix(cfg, "ppo", log=log)
+    return reward_mix(cfg, "ppo", log=log, shard=shard)
 
 
 def turn_gamma(cfg: PPOConfig) -> float:
@@ -374,7 +374,7 @@ def train(cfg: PPOConfig, log=print) -> Summary:
         raise UsageError(f"--env dialogue runs in one process so far, and {run.world_size} were launched",
                          "drop --num-processes (single-turn PPO runs in several)")
     train_data, eval_data = split_data(cfg)
-    mix = build_rewards(cfg, log)
+    mix = build_rewards(cfg, log, shard=run.shard_frozen)  # FSDP: the reward model sharded too
     policy, tok, ref_ctx, vf, critic_kind = load_networks(cfg, log, run)
     mix.penalty = missing_eos_penalty(cfg, tok)
     n_steps = run.total_steps(max(1, len(train_data) // (cfg.batch_size * run.world_size)))
