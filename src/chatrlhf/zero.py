@@ -8,9 +8,9 @@ engine: stage 1 partitions the optimizer state over the ranks, stage 2 the gradi
 ``Run.backward(loss)`` for each micro-batch and ``Run.optimizer_step`` once per step — DeepSpeed's *unmanaged*
 gradient accumulation (the caller owns the boundary). DeepSpeed averages gradients over ranks; the scaffold's losses
 are already divided by the global count, so each rank's loss is multiplied by the number of ranks first (a sum).
-Clipping is DeepSpeed's (``gradient_clipping`` = --max-grad-norm). Checkpoints: DeepSpeed's own (each rank writes its
-partition of the optimizer state into the checkpoint's ``deepspeed/`` folder) next to the scaffold's (full
-trainable weights, scheduler, random states, from rank 0). DeepSpeed is an optional dependency
+Clipping is DeepSpeed's (``gradient_clipping`` = --max-grad-norm). Checkpoints: DeepSpeed's own (the weights, and
+each rank's partition of the optimizer state, in the checkpoint's ``deepspeed/`` folder) next to the scaffold's
+(scheduler, random states, trainer state, from rank 0). DeepSpeed is an optional dependency
 (``chatrlhf[deepspeed]``), imported only when a run uses it (its import takes seconds); on CPU it compiles a small C++
 extension once (~30 s).
 """
@@ -132,11 +132,10 @@ def gathered(module, stage: int):
         yield
 
 
-def full_state(module, stage: int, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """The whole (trainable) weights of ``module`` on the CPU, on every rank; every rank must call it."""
+def full_state(module, stage: int) -> dict[str, torch.Tensor]:
+    """The whole weights of ``module`` on the CPU, on every rank (the saved model); every rank must call it."""
     with gathered(module, stage):
-        return {n: p.detach().cpu().clone() for n, p in module.named_parameters()
-                if p.requires_grad or not trainable_only}
+        return {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
 
 
 def save_shards(engine, folder: Path) -> None:

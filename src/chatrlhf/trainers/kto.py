@@ -120,7 +120,7 @@ def train_step(model, run: Run, pad_id: int, chunks: list[list[int]], data: Exam
     cfg, idx = run.cfg, [i for c in chunks for i in c]
     kl = torch.cat([all_logps(model, [data.kl_items[i] for i in c], len(c), pad_id, run.device, cfg.dtype)
                     for c in chunks]) if chunks else torch.zeros(0)
-    z0 = losses.kto_reference_point(kl, ref["kl"][idx], run.total if run.world_size > 1 else None).to(run.device)
+    z0 = losses.kto_reference_point(kl, ref["kl"][idx], run.summer).to(run.device)
     total = run.total(float(data.weight[idx].sum()))
     n_d = int(data.desirable[idx].sum()) if idx else 0
     counts = run.total([float(n_d), float(len(idx) - n_d)])  # each class's replies in the step, over every process

@@ -431,12 +431,11 @@ def ppo_step(run: Run, step: int, policy, ref_ctx, vf, tok, train_data: list, mi
         batch, rows = step_prompts(run, train_data, step, cfg.samples_per_prompt)
         r, metrics = rollout(policy, ref_ctx, vf, tok, batch, cfg, mix, step,
                              row_seeds(cfg.seed, TRAIN_STREAM, step, rows=rows), sampler)
-    total = run.total if run.world_size > 1 else None
     metrics.update(whole_batch_spread(run, r))
     if calibrate:
         calibrate_critic(vf.critic, r, mix, step, run.total)
     bootstrap = None if links is None else turn_values(policy, vf, tok, r, links, cfg)
-    metrics.update(advantages(r, cfg, state["beta"], bootstrap, total))
+    metrics.update(advantages(r, cfg, state["beta"], bootstrap, run.summer))
     train_policy = step >= cfg.critic_warmup_steps
     _, optimizer, scheduler = policy_part
     metrics.update(ppo_update(policy, vf, optimizer, r, cfg, train_policy, gens["shuffle"], run, rows))

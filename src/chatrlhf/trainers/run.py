@@ -169,19 +169,20 @@ def save_checkpoint(out_dir: str | Path, step: int, parts: dict, state: dict, ke
     ``ranks``: with several processes, every rank's random state (:func:`rank_random_state`), rank 0's first.
     ``gathered``: under FSDP, {name: (full trainable weights, full optimizer state)} of each part
     (:func:`gather_part`), written instead of the sharded module's and optimizer's own. ``deepspeed``: under
-    DeepSpeed, the folder of its own checkpoint (zero.save_shards), moved in as ``deepspeed/``; the optimizer state is
-    there (``gathered`` then holds the full weights and no optimizer state)."""
+    DeepSpeed, the folder of its own checkpoint (zero.save_shards: the weights and every rank's partition of the
+    optimizer state), moved in as ``deepspeed/`` instead of the parts' weights and optimizer states."""
     from safetensors.torch import save_file
 
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
-    for name, (module, _, _) in parts.items():
-        save_file(gathered[name][0] if gathered else trainable_state(module), tmp / f"{name}.safetensors")
-    if deepspeed is not None:
+    if deepspeed is not None:  # the weights and optimizer states are in DeepSpeed's own checkpoint
         os.replace(deepspeed, tmp / "deepspeed")
-    torch.save({"optimizers": {n: gathered[n][1] if gathered else o.state_dict() for n, (_, o, _) in parts.items()},
-                "sharded": gathered is not None and deepspeed is None, "deepspeed": deepspeed is not None,
+    for name, (module, _, _) in parts.items() if deepspeed is None else ():
+        save_file(gathered[name][0] if gathered else trainable_state(module), tmp / f"{name}.safetensors")
+    optimizers = {} if deepspeed is not None else {n: gathered[n][1] if gathered else o.state_dict()
+                                                   for n, (_, o, _) in parts.items()}
+    torch.save({"optimizers": optimizers, "sharded": gathered is not None, "deepspeed": deepspeed is not None,
                 "schedulers": {n: s.state_dict() for n, (_, _, s) in parts.items()}, "rng": rng_state(),
                 "generators": {n: g.get_state() for n, g in (generators or {}).items()},
                 "objects": {n: o.state_dict() for n, o in (objects or {}).items()}, "ranks": ranks or []},
@@ -356,6 +357,12 @@ class Run:
         dist.all_reduce(t)
         return t.tolist() if isinstance(value, list) else float(t[0])
 
+    @property
+    def summer(self):
+        """What the losses take as ``total=`` to sum their counts over ranks (:meth:`total`); None in one process,
+        where they take their own batch's."""
+        return self.total if self.world_size > 1 else None
+
     def gather(self, values: list) -> list:
         """Every rank's ``values`` joined, rank 0's first (the list itself in one process)."""
         if self.world_size == 1:
@@ -440,7 +447,7 @@ class Run:
         under FSDP every rank first takes part in gathering its full weights."""
         state = full_weights(model) if self.fsdp else None
         if self.zero and self.zero["stage"] == 3:
-            state = zero.full_state(model, 3, trainable_only=False)
+            state = zero.full_state(model, 3)
         if self.is_main:
             save_model(model, tok, folder or self.out, state_dict=state)
 
@@ -543,8 +550,6 @@ class Run:
         if self._engine is not None:  # DeepSpeed's own checkpoint first (every rank writes its partition)
             shards = self.out / "checkpoints" / f".deepspeed-step-{self.step}"
             zero.save_shards(self._engine, shards)
-            gathered = {n: (zero.full_state(m, self.zero["stage"], trainable_only=True), {})
-                        for n, (m, _, _) in self.parts.items()}
             dist.barrier()
         if self.is_main:
             save_checkpoint(self.out, self.step, self.parts, self.state, generators=self.generators,
