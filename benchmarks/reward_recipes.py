@@ -136,7 +136,8 @@ def run_ours(name: str, cfg, test_pairs, cross_pairs, feats: dict, extraction_s:
         m, cross = (evaluate_pairs(model, tok, pairs, 16, cfg.max_length) for pairs in (test_pairs, cross_pairs))
     t = m["temperature"]  # measure's ECEs: at T = 1 and at the temperature `reward train` fitted
     row = scored(name, m["_margins"], cross["_margins"], m["_logits"], [], seconds, ensemble=m.get("ensemble"),
-                 epochs=(summary.results or {}).get("epochs"))
+                 epochs=(summary.results or {}).get("epochs"),
+                 stopped_by_time=bool((summary.results or {}).get("stopped_by_time")))
     row.update(ece=m["ece"], ece_uncalibrated=m["ece_uncalibrated"], temperature=t)
     return row
 
@@ -241,6 +242,8 @@ def table(rows: list[dict], domain: str) -> None:
         ens = r.get("ensemble") or {}
         note = (f"confident half {ens['confident_half_accuracy']:.3f} vs other half {ens['other_half_accuracy']:.3f}"
                 if "confident_half_accuracy" in ens else "over budget" if r.get("over_budget") else "")
+        if r.get("stopped_by_time"):
+            note += f"{'; ' if note else ''}stopped at the budget"
         if r.get("kept_pairs", 0) < r.get("training_pairs", 0):
             note += (f"{'; ' if note else ''}TRL kept {r['kept_pairs']} of {r['training_pairs']} pairs (it drops "
                      "those over its max_length, 1024 tokens)")
@@ -267,7 +270,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--pooling", choices=("last", "mean", "both"), default="mean")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--budget-minutes", type=float, default=0.0,
-                   help="wall-clock budget per row: TRL stops at it; our rows are flagged when over (0 = none)")
+                   help="wall-clock budget per row: TRL and our fine-tuned rows stop at it (`reward train --max-minutes`), "
+                        "then score; a row still over it (scoring, the frozen rows' extraction) is flagged (0 = none)")
     p.add_argument("--rows", default=",".join(RECIPES), help=f"comma-separated, of: {', '.join(RECIPES)}")
     a = p.parse_args()
     unknown = sorted(set(a.rows.split(",")) - set(RECIPES))
@@ -316,7 +320,7 @@ def main() -> None:
             results.append(run_probe(feats, val_pairs, extraction_s))
         else:
             fields = RECIPES[name]
-            cfg = dataclasses.replace(base, output_dir=str(OUT / name), **fields)
+            cfg = dataclasses.replace(base, output_dir=str(OUT / name), max_minutes=a.budget_minutes, **fields)
             # frozen rows: the trunk's part of the layer/pooling; full fine-tunes: the classic last-token head
             cfg = cfg if fields.get("freeze_trunk") else dataclasses.replace(cfg, layer=-1, pooling="last")
             results.append(run_ours(name, cfg, test_pairs, cross_pairs, feats, extraction_s))
@@ -325,13 +329,29 @@ def main() -> None:
         gc.collect()
     print()
     table(results, a.train_domain)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"reward_recipes{'' if a.train_domain == 'hh' else '_' + a.train_domain}.json").write_text(json.dumps(
-        {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "settings": vars(a),
-         "train_domain": a.train_domain, "cross_domain": cross, "train_pairs": len(train_pairs),
-         "validation_pairs": len(val_pairs), "test_pairs": len(test_pairs), "cross_domain_test_pairs": len(cross_pairs),
-         "extraction_seconds": extraction_s, "rows": results}, indent=2) + "\n")
+    path = ROOT / "benchmarks" / "results" / f"reward_recipes{'' if a.train_domain == 'hh' else '_' + a.train_domain}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(a).items() if k not in ("rows", "budget_minutes")}
+    results = merged(path, settings, results)
+    path.write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "settings": settings,
+         "budget_minutes": a.budget_minutes, "train_domain": a.train_domain, "cross_domain": cross,
+         "train_pairs": len(train_pairs), "validation_pairs": len(val_pairs), "test_pairs": len(test_pairs),
+         "cross_domain_test_pairs": len(cross_pairs), "extraction_seconds": extraction_s, "rows": results},
+        indent=2) + "\n")
+
+
+def merged(path: Path, settings: dict, results: list[dict]) -> list[dict]:
+    """This run's rows, after the rows of an earlier run on the same split and settings (--rows runs a subset:
+    the table grows run by run) that this run did not redo; an earlier file of other settings is replaced."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return results
+    if {k: v for k, v in old.get("settings", {}).items() if k not in ("rows", "budget_minutes")} != settings:
+        return results
+    redone = {r["row"] for r in results}
+    return [r for r in old.get("rows", []) if r["row"] not in redone] + results
 
 
 if __name__ == "__main__":

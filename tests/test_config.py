@@ -54,9 +54,9 @@ def test_a_setting_decided_at_run_time_is_none_until_given(write):
         parser().parse_args(["ppo", "--missing-eos-penalty", "lots"])
 
 
-@pytest.mark.parametrize("command", ["dpo", "kto", "ppo", "grpo"])
+@pytest.mark.parametrize("command", ["dpo", "kto", "ppo", "grpo", "reward train"])
 def test_a_negative_wall_clock_budget_is_refused(command):
-    ns = parser().parse_args([command, "--max-minutes", "-1"])
+    ns = parser().parse_args([*command.split(), "--max-minutes", "-1"])
     with pytest.raises(UsageError, match="--max-minutes -1: a budget cannot be negative"):
         build_config(COMMANDS[command], ns)
-    assert build_config(COMMANDS[command], parser().parse_args([command, "--max-minutes", "0.5"])).max_minutes == 0.5
+    assert build_config(COMMANDS[command], parser().parse_args([*command.split(), "--max-minutes", "0.5"])).max_minutes == 0.5

@@ -183,6 +183,18 @@ def test_recipe_flags_that_cannot_work_are_refused(tmp_path):
     assert not (tmp_path / "a" / "model.safetensors").exists()
 
 
+def test_max_minutes_ends_training_after_the_step_that_passes_it_then_measures_and_saves(tmp_path):
+    out = tmp_path / "budget"
+    r = train_cli(out, "--epochs", "20", "--batch-size", "4", "--max-minutes", "0.0001")
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "chatrlhf.json").read_text())
+    assert s["steps"] == 1 and s["stopped_by_time"] is True and s["accuracy"] is not None  # 20 epochs were 160 steps
+    assert "--max-minutes 0.0001 reached at step 1 of 160" in r.stdout and (out / "model.safetensors").is_file()
+    assert json.loads((out / "run_config.json").read_text())["max_minutes"] == 0.0001
+    r = train_cli(tmp_path / "full", "--max-steps", "2", "--batch-size", "4")
+    assert json.loads((tmp_path / "full" / "chatrlhf.json").read_text())["stopped_by_time"] is False, r.stderr
+
+
 def test_a_frozen_trunks_head_starts_at_zero_and_a_fine_tuned_ones_at_random(tmp_path):
     # logistic regression on the frozen features starts from zero (a random start is systematically wrong on
     # SmolLM2's huge dimensions); a head fine-tuned with its trunk keeps the N(0, 1/sqrt(d+1)) start

@@ -204,6 +204,9 @@ class RewardTrainConfig(GateArgs, ShardArgs, ProcessArgs, RunArgs, BatchArgs, Op
                         "its own bootstrap resample of the pairs. The score is the heads' mean and its spread their "
                         "std: `reward score` writes it, and eval.json compares accuracy on the confident half of the "
                         "held-out pairs with the rest.")
+    max_minutes: float = arg(0.0, "Wall-clock budget in minutes (0 = none), counted from the first step: the run ends "
+                             "after the step that passes it, then calibrates, measures and saves as at a normal end. "
+                             "With --freeze-trunk the one feature extraction comes before the first step.")
     calibrate: bool = arg(True, "Fit a temperature T on the held-out pairs after training (P(a ≻ b) = σ((s_a − s_b) / "
                           "T)), stored with the model; eval.json reports the ECE before and after. Scores and accuracy "
                           "do not change.")

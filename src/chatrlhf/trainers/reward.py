@@ -46,6 +46,7 @@ from chatrlhf.evaluate.metrics import fit_temperature
 from chatrlhf.models import add_lora, autocast, count_parameters, enable_checkpointing, train_top_layers
 from chatrlhf.reward_model import batch_head_scores, encode_reply, features, head_scores, load_reward_model, measure, \
     pad_right, pair_raw_scores, reward_head, reward_scores, verdict, write_report
+from chatrlhf.rollout import deadline_of, out_of_time
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer
 from chatrlhf.trainers.run import Run, Summary, trainable_state
 
@@ -297,6 +298,7 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
     keeper = EpochKeeper(model, cfg.patience, cfg.average_checkpoints)
     run.begin({"model": (model, optimizer, scheduler)}, objects={"epochs": keeper})
     step = run.step
+    deadline = deadline_of(cfg)
     with run.loop(n_steps):
         while run.running(step, n_steps) and not keeper.stopped:
             t0 = time.perf_counter()
@@ -307,6 +309,7 @@ def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = 
             stats["train/grad_norm"] = run.optimizer_step(optimizer, scheduler, params, cfg.max_grad_norm)
             step += 1
             stats["train/pairs_per_s"] = sum(len(c) for c in plan[step - 1]) / (time.perf_counter() - t0)
+            n_steps = out_of_time("reward train", run, step, n_steps, deadline, log)
             if keeper.active and (step % plan.steps_per_epoch == 0 or step == n_steps):
                 loss = held_out_loss(model, tok, run, watch, held) if watch else None
                 keeper.end_epoch(-(-step // plan.steps_per_epoch), loss)
@@ -416,6 +419,7 @@ def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str, k
     return run.finish({"pairs": dict(counts), "held_out_pairs": len(eval_pairs), "accuracy": metrics["accuracy"],
                        "ece": metrics["ece"], "ece_uncalibrated": metrics["ece_uncalibrated"],
                        "temperature": metrics["temperature"], "split": split, "gate": gate, **extra,
+                       "stopped_by_time": run.state.get("stopped_at") == run.step,
                        "training": {"files": file_hashes(cfg.data),
                                     "prompt_groups": sorted({group_hash(p) for p in train_pairs})},
                        "prompt_format": prompt_format(tok)})
