@@ -6,13 +6,15 @@ same pairs and scored on the same held-out pairs of both domains (in-domain and 
                      --budget-minutes if given; TRL does not cut inputs, it drops the pairs over its max_length, so
                      it keeps its default 1024 (at --max-length it would train on 1,226 of 1,803 HH pairs, 334 of 997
                      OASST ones); the row says how many it kept
-  old-default        `reward train` as it ships: full fine-tune, 1 epoch, lr 1e-5
-  top8               the top 8 blocks + head, 1 epoch, lr 1e-5
+  old-default        `reward train` as it ships: full fine-tune, 1 epoch, lr 1e-5 (stopped at --budget-minutes)
+  top8               the top 8 blocks + head, 1 epoch, lr 1e-5 (stopped at --budget-minutes)
   lora               LoRA r 16 (alpha 16) on every linear layer of the trunk + the whole head, 1 epoch, lr 1e-4
+                     (stopped at --budget-minutes)
   frozen             frozen trunk + linear head at --layer/--pooling, lr 1e-3, weight decay 0.01, 10 epochs
   frozen-es          the same, up to 30 epochs, early stopping on the validation pairs (--patience 3)
   frozen-es-smooth   frozen-es + --label-smoothing 0.1
   frozen-es-ens5     frozen-es + --ensemble 5 (bootstrap heads: a spread, the confident half's accuracy)
+  frozen-es-smooth-ens5   both: label smoothing and 5 bootstrap heads
   probe              the frozen probe: sklearn logistic regression on the same features, standardised, no
                      intercept, C chosen by 5-fold cross-validation on the training pairs (benchmarks/reward_probe.py)
 
@@ -73,6 +75,7 @@ RECIPES = {  # row name -> fields of RewardTrainConfig on top of the shared ones
     "frozen-es": EARLY,
     "frozen-es-smooth": {**EARLY, "label_smoothing": 0.1},
     "frozen-es-ens5": {**EARLY, "ensemble": 5},
+    "frozen-es-smooth-ens5": {**EARLY, "label_smoothing": 0.1, "ensemble": 5},
     "probe": None,
 }
 
@@ -326,19 +329,18 @@ def main() -> None:
             results.append(run_ours(name, cfg, test_pairs, cross_pairs, feats, extraction_s))
         results[-1]["over_budget"] = a.budget_minutes > 0 and results[-1]["seconds"] > 60 * a.budget_minutes * 1.05
         table(results[-1:], a.train_domain)
+        path = ROOT / "benchmarks" / "results" / f"reward_recipes{'' if a.train_domain == 'hh' else '_' + a.train_domain}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: v for k, v in vars(a).items() if k not in ("rows", "budget_minutes")}
+        path.write_text(json.dumps(  # after every row: a stopped run keeps the rows it finished
+            {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "settings": settings,
+             "budget_minutes": a.budget_minutes, "train_domain": a.train_domain, "cross_domain": cross,
+             "train_pairs": len(train_pairs), "validation_pairs": len(val_pairs), "test_pairs": len(test_pairs),
+             "cross_domain_test_pairs": len(cross_pairs), "extraction_seconds": extraction_s,
+             "rows": merged(path, settings, results[-1:])}, indent=2) + "\n")
         gc.collect()
     print()
     table(results, a.train_domain)
-    path = ROOT / "benchmarks" / "results" / f"reward_recipes{'' if a.train_domain == 'hh' else '_' + a.train_domain}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(a).items() if k not in ("rows", "budget_minutes")}
-    results = merged(path, settings, results)
-    path.write_text(json.dumps(
-        {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "settings": settings,
-         "budget_minutes": a.budget_minutes, "train_domain": a.train_domain, "cross_domain": cross,
-         "train_pairs": len(train_pairs), "validation_pairs": len(val_pairs), "test_pairs": len(test_pairs),
-         "cross_domain_test_pairs": len(cross_pairs), "extraction_seconds": extraction_s, "rows": results},
-        indent=2) + "\n")
 
 
 def merged(path: Path, settings: dict, results: list[dict]) -> list[dict]:
