@@ -315,6 +315,9 @@ def main() -> None:
                                                    "cross": cross_pairs}) \
         if any(r == "probe" or (RECIPES[r] or {}).get("freeze_trunk") for r in rows) else ({}, 0.0)
     print(f"frozen trunk features: {extraction_s:.0f} s (added to the frozen rows' and the probe's time)", flush=True)
+    path = ROOT / "benchmarks" / "results" / f"reward_recipes{'' if a.train_domain == 'hh' else '_' + a.train_domain}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(a).items() if k not in ("rows", "budget_minutes")}
     results = []
     for name in rows:
         if name == "trl":
@@ -329,9 +332,6 @@ def main() -> None:
             results.append(run_ours(name, cfg, test_pairs, cross_pairs, feats, extraction_s))
         results[-1]["over_budget"] = a.budget_minutes > 0 and results[-1]["seconds"] > 60 * a.budget_minutes * 1.05
         table(results[-1:], a.train_domain)
-        path = ROOT / "benchmarks" / "results" / f"reward_recipes{'' if a.train_domain == 'hh' else '_' + a.train_domain}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: v for k, v in vars(a).items() if k not in ("rows", "budget_minutes")}
         path.write_text(json.dumps(  # after every row: a stopped run keeps the rows it finished
             {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "settings": settings,
              "budget_minutes": a.budget_minutes, "train_domain": a.train_domain, "cross_domain": cross,

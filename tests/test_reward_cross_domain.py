@@ -71,6 +71,16 @@ def test_both_test_sets_scored_per_pair():
     assert [reward_recipes.cross_domain(d) for d in ("hh", "oasst")] == ["oasst", "hh"]
 
 
+def test_a_rows_run_merges_into_the_rows_of_the_same_settings_only(tmp_path):
+    path, settings = tmp_path / "r.json", {"model": "m", "train_pairs": 2000}
+    assert reward_recipes.merged(path, settings, [{"row": "a"}]) == [{"row": "a"}]  # no file yet
+    path.write_text(json.dumps({"settings": {**settings, "rows": "a,b", "budget_minutes": 13},
+                                "rows": [{"row": "a", "v": 1}, {"row": "b", "v": 1}]}))
+    assert reward_recipes.merged(path, settings, [{"row": "a", "v": 2}, {"row": "c"}]) == \
+        [{"row": "b", "v": 1}, {"row": "a", "v": 2}, {"row": "c"}]  # a redone, b kept, c added
+    assert reward_recipes.merged(path, {**settings, "train_pairs": 300}, [{"row": "c"}]) == [{"row": "c"}]
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
