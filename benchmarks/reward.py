@@ -66,7 +66,8 @@ def run_ours(a) -> dict:
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
                             for p in train_pairs))
-    cfg = RewardTrainConfig(model="smollm2-135m", data=[str(data)], output_dir=str(tmp / "rm"), batch_size=8, epochs=1,
+    cfg = RewardTrainConfig(model="smollm2-135m", recipe="full", data=[str(data)], output_dir=str(tmp / "rm"),
+                            batch_size=8, epochs=1,
                             lr=1e-5, eval_fraction=0.0, quiet=True, tensorboard=False, dtype=a.dtype, seed=0,
                             train_layers=a.train_layers, gradient_checkpointing=a.gradient_checkpointing)
     t0 = time.perf_counter()

@@ -64,16 +64,16 @@ OUT = ROOT / "out" / "reward-recipes"
 # --train-domain -> its prompt-disjoint (train, held-out test, held-out keys) split; every row is scored on the
 # held-out pairs of both domains, the same --eval-pairs of each
 DOMAINS = {"hh": lambda n: hh_split(n, extra=False), "oasst": oasst_split}
-FROZEN = {"freeze_trunk": True, "lr": 1e-3, "weight_decay": 0.01}
+FROZEN = {"recipe": "frozen", "lr": 1e-3, "weight_decay": 0.01, "patience": 0, "label_smoothing": 0.0}
 EARLY = {**FROZEN, "epochs": 30, "patience": 3}
 RECIPES = {  # row name -> fields of RewardTrainConfig on top of the shared ones; trl and probe are not ours
     "trl": None,
-    "old-default": {},
-    "top8": {"train_layers": 8},
-    "lora": {"lora_r": 16, "lr": 1e-4},
+    "old-default": {"recipe": "full"},  # `reward train`'s default until 2026-11-30
+    "top8": {"recipe": "full", "train_layers": 8},
+    "lora": {"recipe": "full", "lora_r": 16, "lr": 1e-4},
     "frozen": {**FROZEN, "epochs": 10},
     "frozen-es": EARLY,
-    "frozen-es-smooth": {**EARLY, "label_smoothing": 0.1},
+    "frozen-es-smooth": {**EARLY, "label_smoothing": 0.1},  # = --recipe frozen, the default since 2026-11-30
     "frozen-es-ens5": {**EARLY, "ensemble": 5},
     "frozen-es-smooth-ens5": {**EARLY, "label_smoothing": 0.1, "ensemble": 5},
     "probe": None,
@@ -129,9 +129,10 @@ def run_ours(name: str, cfg, test_pairs, cross_pairs, feats: dict, extraction_s:
 
     t0 = time.perf_counter()
     summary = train(cfg, log=lambda *x: None, feature_cache=OUT / "features")
-    seconds = time.perf_counter() - t0 + (extraction_s if cfg.freeze_trunk else 0.0)
+    frozen = (summary.results or {}).get("recipe") == "frozen"
+    seconds = time.perf_counter() - t0 + (extraction_s if frozen else 0.0)
     model, tok = load_reward_model(ModelArgs(model=cfg.output_dir))
-    if cfg.freeze_trunk:
+    if frozen:
         with torch.no_grad():
             m, cross = (measure(model, tok, pairs, *(head_scores(model, f).numpy() for f in feats[k]))
                         for k, pairs in (("test", test_pairs), ("cross", cross_pairs)))
@@ -313,7 +314,7 @@ def main() -> None:
           f"pairs; {len(cross_pairs)} held-out {cross} test pairs (cross-domain)", flush=True)
     feats, extraction_s = features(a, base, data, {"train": train_pairs, "val": val_pairs, "test": test_pairs,
                                                    "cross": cross_pairs}) \
-        if any(r == "probe" or (RECIPES[r] or {}).get("freeze_trunk") for r in rows) else ({}, 0.0)
+        if any(r == "probe" or (RECIPES[r] or {}).get("recipe") == "frozen" for r in rows) else ({}, 0.0)
     print(f"frozen trunk features: {extraction_s:.0f} s (added to the frozen rows' and the probe's time)", flush=True)
     path = ROOT / "benchmarks" / "results" / f"reward_recipes{'' if a.train_domain == 'hh' else '_' + a.train_domain}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +329,7 @@ def main() -> None:
             fields = RECIPES[name]
             cfg = dataclasses.replace(base, output_dir=str(OUT / name), max_minutes=a.budget_minutes, **fields)
             # frozen rows: the trunk's part of the layer/pooling; full fine-tunes: the classic last-token head
-            cfg = cfg if fields.get("freeze_trunk") else dataclasses.replace(cfg, layer=-1, pooling="last")
+            cfg = cfg if fields.get("recipe") == "frozen" else dataclasses.replace(cfg, layer=-1, pooling="last")
             results.append(run_ours(name, cfg, test_pairs, cross_pairs, feats, extraction_s))
         results[-1]["over_budget"] = a.budget_minutes > 0 and results[-1]["seconds"] > 60 * a.budget_minutes * 1.05
         table(results[-1:], a.train_domain)

@@ -137,9 +137,10 @@ def feedback_app(db, *extra, env=None):
 
 
 def tiny_reward_model(out, *extra):
-    """A tiny random-weight reward model trained for one step (its gate fails), through the real CLI."""
+    """A tiny random-weight reward model fine-tuned for one step (its gate fails), through the real CLI: the classic
+    reading (`--recipe full`), which a PPO critic can start from."""
     r = run_cli("reward", "train", "--model", "tiny-random-llama", "--output-dir", out, "--quiet", "--no-tensorboard",
-                "--max-steps", "1", *extra)
+                "--recipe", "full", "--max-steps", "1", *extra)
     assert r.returncode == 0, r.stderr
     return out
 

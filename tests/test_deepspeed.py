@@ -66,7 +66,7 @@ def test_sft_under_zero2_launched_by_accelerate_trains_as_one_process_and_resume
 
 @pytest.mark.parametrize("command", ["dpo", "reward"])
 def test_zero3_with_offload_trains_as_one_process_and_saves_a_plain_model(tmp_path, command, monkeypatch):
-    head = ["dpo", "--max-length", "96"] if command == "dpo" else ["reward", "train"]
+    head = ["dpo", "--max-length", "96"] if command == "dpo" else ["reward", "train", "--recipe", "full"]
     args = [*head, "--data", EXAMPLES / "preferences.jsonl", "--model", "tiny-random-llama", "--quiet", "--dtype",
             "float32", "--lr", "1e-3", "--max-steps", "3", "--save-steps", "2", "--no-tensorboard"]
     r = run_cli(*args, "--output-dir", tmp_path / "one", "--batch-size", "4")

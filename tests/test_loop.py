@@ -313,7 +313,7 @@ def test_the_example_config_reads():
     from conftest import EXAMPLES
 
     p = loop.plan_of(build_config(LoopConfig, {}, str(EXAMPLES / "loop.yaml")))
-    assert p.method == "dpo" and p.policy["lora_r"] == 16 and p.reward["freeze_trunk"] is True
+    assert p.method == "dpo" and p.policy["lora_r"] == 16 and p.reward["eval_fraction"] == 0.2
     assert p.serve == {"url": "http://127.0.0.1:8000", "admin_key_env": "CHATRLHF_ADMIN_KEY"}
 
 

@@ -138,7 +138,7 @@ def train_tiny(tmp_path, *extra):
 
 @pytest.mark.slow
 def test_reward_train_smoke_every_parameter_changes_and_norm_is_fitted(tmp_path):
-    out, r = train_tiny(tmp_path, "--max-steps", "40", "--batch-size", "4", "--lr", "1e-3")
+    out, r = train_tiny(tmp_path, "--recipe", "full", "--max-steps", "40", "--batch-size", "4", "--lr", "1e-3")
     trained = AutoModelForSequenceClassification.from_pretrained(out)   # plain transformers loads it
     init, _ = load_reward_model(ModelArgs(model="tiny-random-llama"))
     before = dict(init.named_parameters())

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from chatrlhf import losses
-from chatrlhf.config import ModelArgs
+from chatrlhf.config import ModelArgs, RewardTrainConfig
 from chatrlhf.data.records import Preference
+from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import confident_half, fit_temperature, pairwise_ece
 from chatrlhf.reward_model import DEFAULT_HEAD, HEAD_KEY, classic_head, encode_reply, ensemble_scores, head_scores, \
     load_reward_model, pad_right, pair_metrics, pool, raw_head_scores, reward_head, reward_scores, \
     reward_scores_with_spread
-from chatrlhf.trainers.reward import EpochKeeper, bootstrap_counts, encode_pairs
+from chatrlhf.trainers.reward import EpochKeeper, bootstrap_counts, encode_pairs, resolve_recipe
 from conftest import EXAMPLES, LEARNABLE_PROMPTS, LEARNABLE_REPLIES, run_cli
 
 Q = [{"role": "user", "content": "Where is my order?"}]
@@ -148,8 +149,6 @@ def test_mean_pooling_ignores_padding_and_batching():
 
 
 def test_a_bad_layer_is_refused():
-    from chatrlhf.errors import UsageError
-
     with pytest.raises(UsageError, match=r"--layer 3: .* has 2 transformer blocks"):
         load_reward_model(ModelArgs(model="tiny-random-llama"), head={"layer": 3})
 
@@ -170,7 +169,7 @@ def train_cli(out, *extra):
 
 
 def test_recipe_flags_that_cannot_work_are_refused(tmp_path):
-    r = train_cli(tmp_path / "a", "--ensemble", "3")
+    r = train_cli(tmp_path / "a", "--ensemble", "3", "--recipe", "full")
     assert r.returncode == 2 and "--ensemble 3 needs --freeze-trunk" in r.stderr and "Traceback" not in r.stderr
     r = train_cli(tmp_path / "a", "--pooling", "foo")
     assert r.returncode == 2 and "invalid choice: 'foo'" in r.stderr
@@ -183,15 +182,57 @@ def test_recipe_flags_that_cannot_work_are_refused(tmp_path):
     assert not (tmp_path / "a" / "model.safetensors").exists()
 
 
+def test_recipe_auto_is_frozen_unless_a_flag_trains_the_trunk_and_a_given_flag_wins():
+    said = []
+    cfg = resolve_recipe(RewardTrainConfig(model="tiny-random-llama"), sharded=False, log=said.append)
+    assert (cfg.recipe, cfg.freeze_trunk, cfg.layer, cfg.pooling, cfg.lr, cfg.weight_decay, cfg.epochs, cfg.patience,
+            cfg.label_smoothing) == ("frozen", True, 1, "mean", 1e-3, 0.01, 30.0, 3, 0.1)  # 16/30 of 2 blocks: 1
+    assert "recipe frozen (auto: no flag trains the trunk" in said[0]
+    assert resolve_recipe(RewardTrainConfig(model="smollm2-135m"), False, said.append).layer == 16  # of 30 blocks
+    mine = resolve_recipe(RewardTrainConfig(model="tiny-random-llama", lr=5e-4, pooling="last", patience=0), False,
+                          said.append)
+    assert (mine.recipe, mine.lr, mine.pooling, mine.patience, mine.epochs) == ("frozen", 5e-4, "last", 0, 30.0)
+    for given, why in (({"lora_r": 2}, "--lora-r"), ({"train_layers": 1}, "--train-layers"),
+                       ({"freeze_trunk": False}, "--no-freeze-trunk"), ({}, "FSDP / DeepSpeed")):
+        full = resolve_recipe(RewardTrainConfig(model="tiny-random-llama", **given), why == "FSDP / DeepSpeed",
+                              said.append)
+        assert (full.recipe, full.freeze_trunk, full.layer, full.pooling, full.lr, full.epochs, full.patience,
+                full.label_smoothing, full.weight_decay) == ("full", False, -1, "last", 1e-5, 1.0, 0, 0.0, 0.0)
+        assert f"recipe full (auto: {why} trains the trunk)" in said[-1]
+    assert resolve_recipe(RewardTrainConfig(model="tiny-random-llama", recipe="full"), False, said.append).lr == 1e-5
+    with pytest.raises(UsageError, match="--recipe frozen trains the head alone, --lora-r trains the trunk"):
+        resolve_recipe(RewardTrainConfig(model="tiny-random-llama", recipe="frozen", lora_r=2), False, said.append)
+
+
+def test_the_default_run_records_its_resolved_recipe_and_a_reward_model_keeps_its_reading(tmp_path):
+    out = tmp_path / "default"
+    r = train_cli(out, "--max-steps", "2", "--batch-size", "4")
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((out / "run_config.json").read_text())
+    assert {k: saved[k] for k in ("recipe", "freeze_trunk", "layer", "pooling", "lr", "epochs", "patience",
+                                  "label_smoothing")} == {"recipe": "frozen", "freeze_trunk": True, "layer": 1,
+                                                          "pooling": "mean", "lr": 1e-3, "epochs": 30.0, "patience": 3,
+                                                          "label_smoothing": 0.1}
+    assert json.loads((out / "chatrlhf.json").read_text())["recipe"] == "frozen"
+    # continuing from that folder: its own layer and pooling, whatever the recipe would give
+    cont = resolve_recipe(RewardTrainConfig(model=str(out), recipe="full"), False, lambda *_: None)
+    assert (cont.layer, cont.pooling, cont.freeze_trunk, cont.lr) == (1, "mean", False, 1e-5)
+    # no held-out pairs: the recipe's early stopping turns itself off (a --patience given is refused, above)
+    r = train_cli(tmp_path / "no-held", "--max-steps", "1", "--eval-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    assert "no held-out pairs, so no early stopping" in r.stdout
+    assert json.loads((tmp_path / "no-held" / "run_config.json").read_text())["patience"] == 0
+
+
 def test_max_minutes_ends_training_after_the_step_that_passes_it_then_measures_and_saves(tmp_path):
     out = tmp_path / "budget"
-    r = train_cli(out, "--epochs", "20", "--batch-size", "4", "--max-minutes", "0.0001")
+    r = train_cli(out, "--recipe", "full", "--epochs", "20", "--batch-size", "4", "--max-minutes", "0.0001")
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "chatrlhf.json").read_text())
     assert s["steps"] == 1 and s["stopped_by_time"] is True and s["accuracy"] is not None  # 20 epochs were 160 steps
     assert "--max-minutes 0.0001 reached at step 1 of 160" in r.stdout and (out / "model.safetensors").is_file()
     assert json.loads((out / "run_config.json").read_text())["max_minutes"] == 0.0001
-    r = train_cli(tmp_path / "full", "--max-steps", "2", "--batch-size", "4")
+    r = train_cli(tmp_path / "full", "--recipe", "full", "--max-steps", "2", "--batch-size", "4")
     assert json.loads((tmp_path / "full" / "chatrlhf.json").read_text())["stopped_by_time"] is False, r.stderr
 
 
@@ -284,7 +325,7 @@ def test_old_folders_without_the_new_keys_load_and_score_as_before(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "rm"
-    r = train_cli(out, "--max-steps", "1", "--no-calibrate")
+    r = train_cli(out, "--recipe", "full", "--max-steps", "1", "--no-calibrate")
     assert r.returncode == 0, r.stderr
     replies = ["It ships today.", "No idea."]
     model, tok = load_reward_model(ModelArgs(model=str(out)))
@@ -385,7 +426,8 @@ def test_ensemble_step_micro_batches_equal_one_big_batch():
 
 def test_fine_tuned_trunk_with_a_middle_layer_and_mean_pooling_loads_back(tmp_path):
     out = tmp_path / "rm"
-    r = train_cli(out, "--layer", "1", "--pooling", "mean", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-3",
+    r = train_cli(out, "--recipe", "full", "--layer", "1", "--pooling", "mean", "--max-steps", "3", "--batch-size", "4",
+                  "--lr", "1e-3",
                   "--head-dropout", "0.2", "--average-checkpoints", "2", "--dtype", "float32")
     assert r.returncode == 0, r.stderr
     model, tok = load_reward_model(ModelArgs(model=str(out)))

@@ -41,6 +41,7 @@ def no_library_bars() -> None:
 EMBEDDED = "smollm2-135m"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = ("tiny-random-gpt2", "tiny-random-llama")
+TINY_BLOCKS = 2  # transformer blocks of the tiny random models
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 TINY_CORPUS = """Hello! How can I help you today? I would like to check the status of my order.
@@ -200,10 +201,10 @@ def tiny_model(kind: str, tok, seed: int = 0):
     common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id)
     if kind == "tiny-random-gpt2":
-        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0,
+        cfg = GPT2Config(n_embd=64, n_layer=TINY_BLOCKS, n_head=4, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0,
                          attn_pdrop=0.0, **common)
     else:
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=TINY_BLOCKS, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True, **common)
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -29,8 +29,8 @@ from chatrlhf.data.pairs import HELD_OUT, source_of
 from chatrlhf.data.template import render
 from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import confident_half, pairwise_ece, pearson
-from chatrlhf.models import TINY, config_without_dropout, distinct_pad, in_forward, load_tokenizer, no_dropout, \
-    no_library_bars, quiet_transformers, resolve_device, resolve_model, tiny_model
+from chatrlhf.models import TINY, TINY_BLOCKS, config_without_dropout, distinct_pad, in_forward, load_tokenizer, \
+    no_dropout, no_library_bars, quiet_transformers, resolve_device, resolve_model, tiny_model
 
 # --------------------------------------------------------------------------- load
 
@@ -74,7 +74,7 @@ def load_reward_model(args: ModelArgs, trainable: bool = False, head: dict | Non
         fresh = True
     else:
         cfg = AutoConfig.from_pretrained(where)  # nosec B615
-        fresh = not any(a.endswith("ForSequenceClassification") for a in cfg.architectures or [])
+        fresh = not is_reward_config(cfg)
         rows = head_rows(wanted if fresh else reward_head(cfg))
         try:
             with quiet_transformers():  # a causal LM has no `score` head yet: its load report is expected
@@ -94,6 +94,27 @@ def load_reward_model(args: ModelArgs, trainable: bool = False, head: dict | Non
     no_dropout(model)
     model.to(device).train(trainable)
     return model, tok
+
+
+def is_reward_config(config) -> bool:
+    """Whether a model's config is a reward model's (a sequence classifier), not a causal LM's."""
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+
+
+def trunk_of(name: str) -> tuple[int, dict | None]:
+    """(transformer blocks of model ``name``, the head it reads when it is a reward-model folder, else None), from
+    its config alone: what `reward train --recipe` needs before the model is loaded."""
+    from transformers import AutoConfig
+
+    where = resolve_model(name)
+    if where in TINY:
+        return TINY_BLOCKS, None
+    try:
+        cfg = AutoConfig.from_pretrained(where)  # nosec B615
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {name}: cannot read its config ({e})",
+                         "use a causal LM or a chatrlhf reward model folder") from None
+    return cfg.num_hidden_layers, reward_head(cfg) if is_reward_config(cfg) else None
 
 
 def _fresh_head(model, head: dict, name: str, init: str = "normal") -> None:

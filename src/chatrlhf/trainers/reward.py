@@ -24,6 +24,7 @@ Departures from a textbook loop, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -45,10 +46,40 @@ from chatrlhf.errors import UsageError
 from chatrlhf.evaluate.metrics import fit_temperature
 from chatrlhf.models import add_lora, autocast, count_parameters, enable_checkpointing, train_top_layers
 from chatrlhf.reward_model import batch_head_scores, encode_reply, features, head_scores, load_reward_model, measure, \
-    pad_right, pair_raw_scores, reward_head, reward_scores, verdict, write_report
+    pad_right, pair_raw_scores, reward_head, reward_scores, trunk_of, verdict, write_report
 from chatrlhf.rollout import deadline_of, out_of_time
 from chatrlhf.trainers.common import StepPlan, file_hashes, make_optimizer
 from chatrlhf.trainers.run import Run, Summary, trainable_state
+
+
+RECIPES = {  # --recipe: the values of the recipe flags left unset (None); measured in docs/benchmarks.md
+    "frozen": {"freeze_trunk": True, "pooling": "mean", "lr": 1e-3, "weight_decay": 0.01, "epochs": 30.0,
+               "patience": 3, "label_smoothing": 0.1},
+    "full": {"freeze_trunk": False, "layer": -1, "pooling": "last", "lr": 1e-5, "weight_decay": 0.0, "epochs": 1.0,
+             "patience": 0, "label_smoothing": 0.0},
+}
+FROZEN_DEPTH = 16 / 30  # the frozen recipe reads the block at this share of the depth: SmolLM2's best (16 of 30)
+
+
+def resolve_recipe(cfg: RewardTrainConfig, sharded: bool, log=print) -> RewardTrainConfig:
+    """``cfg`` with --recipe resolved (auto → frozen or full) and every recipe flag left unset (None) filled from it;
+    a flag that was given keeps its value. Continuing from a reward-model folder keeps its read-out layer and
+    pooling. The frozen recipe's layer is the block at FROZEN_DEPTH of the trunk."""
+    trunk = [flag for flag, on in (("--lora-r", cfg.lora_r > 0), ("--train-layers", cfg.train_layers >= 0),
+                                   ("--no-freeze-trunk", cfg.freeze_trunk is False), ("FSDP / DeepSpeed", sharded))
+             if on]
+    if cfg.recipe == "frozen" and trunk and not sharded:  # sharded: check_sharded says why
+        raise UsageError(f"--recipe frozen trains the head alone, {trunk[0]} trains the trunk", "give one of them")
+    recipe = cfg.recipe if cfg.recipe != "auto" else "full" if trunk else "frozen"
+    blocks, saved = trunk_of(cfg.model)
+    values = {**RECIPES[recipe], **({"layer": round(FROZEN_DEPTH * blocks)} if recipe == "frozen" else {}),
+              **({"layer": saved["layer"], "pooling": saved["pooling"]} if saved else {})}
+    filled = {k: v for k, v in values.items() if getattr(cfg, k) is None}
+    why = "" if cfg.recipe != "auto" else f" (auto: {trunk[0]} trains the trunk)" if trunk else \
+        " (auto: no flag trains the trunk; --recipe full for the classic fine-tune)"
+    log(f"chatrlhf reward: recipe {recipe}{why}: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                                            for k, v in filled.items()))
+    return dataclasses.replace(cfg, recipe=recipe, **filled)
 
 
 def check_recipe(cfg: RewardTrainConfig) -> None:
@@ -62,12 +93,12 @@ def check_recipe(cfg: RewardTrainConfig) -> None:
     if cfg.freeze_trunk and cfg.train_layers >= 0:
         raise UsageError(f"--freeze-trunk trains no block, --train-layers {cfg.train_layers} trains the top ones",
                          "give one of them")
-    if not 0 <= cfg.label_smoothing < 0.5:
+    if not 0 <= (cfg.label_smoothing or 0.0) < 0.5:  # None: set by --recipe (resolve_recipe), in range
         raise UsageError(f"--label-smoothing {cfg.label_smoothing}: must be in [0, 0.5)",
                          "the share of labels believed flipped, e.g. 0.1")
     if not 0 <= cfg.head_dropout < 1:
         raise UsageError(f"--head-dropout {cfg.head_dropout}: must be in [0, 1)", "e.g. 0.1")
-    if cfg.patience < 0 or cfg.average_checkpoints < 1:
+    if (cfg.patience or 0) < 0 or cfg.average_checkpoints < 1:
         raise UsageError(f"--patience {cfg.patience} / --average-checkpoints {cfg.average_checkpoints}: need "
                          "patience ≥ 0 and at least 1 checkpoint", "--patience 0 and --average-checkpoints 1 = off")
 
@@ -264,13 +295,18 @@ class EpochKeeper:
 def train(cfg: RewardTrainConfig, log=print, feature_cache: str | Path | None = None) -> Summary:
     """Train, calibrate, measure and save a reward model; with --freeze-trunk, ``feature_cache`` (a folder) keeps
     the trunk's features on disk for the next run on the same pairs (:func:`cached_features`)."""
-    check_recipe(cfg)
     run = Run("reward train", cfg, log)
+    given, cfg = cfg, resolve_recipe(cfg, bool(run.fsdp or run.zero), log)
+    check_recipe(cfg)
     if run.fsdp or run.zero:
         check_sharded(cfg)
     train_pairs, eval_pairs, counts, split = split_pairs(cfg, "reward", log)
-    if cfg.patience and not eval_pairs:
+    if cfg.patience and not eval_pairs and given.patience is None:
+        log("chatrlhf reward: no held-out pairs, so no early stopping (the recipe's --patience is off)")
+        cfg = dataclasses.replace(cfg, patience=0)
+    elif cfg.patience and not eval_pairs:
         raise UsageError(f"--patience {cfg.patience} needs held-out pairs to watch", "give --eval-data or --eval-fraction > 0")
+    run.cfg = cfg  # the resolved recipe, which run_config.json records
     model, tok = load_reward_model(cfg, trainable=True, head_init="zero" if cfg.freeze_trunk else "normal",
                                    head={"layer": cfg.layer, "pooling": cfg.pooling, "heads": cfg.ensemble})
     lora = trainable_weights(model, cfg)
@@ -416,8 +452,8 @@ def _finish(run: Run, model, tok, train_pairs, eval_pairs, counts, split: str, k
     if keeper.held_out_bt:
         extra["epochs"] = {"held_out_bt": keeper.held_out_bt, "kept_epoch": keeper.best_epoch or None,
                            "stopped_early": keeper.stopped}
-    return run.finish({"pairs": dict(counts), "held_out_pairs": len(eval_pairs), "accuracy": metrics["accuracy"],
-                       "ece": metrics["ece"], "ece_uncalibrated": metrics["ece_uncalibrated"],
+    return run.finish({"recipe": cfg.recipe, "pairs": dict(counts), "held_out_pairs": len(eval_pairs),
+                       "accuracy": metrics["accuracy"], "ece": metrics["ece"], "ece_uncalibrated": metrics["ece_uncalibrated"],
                        "temperature": metrics["temperature"], "split": split, "gate": gate, **extra,
                        "stopped_by_time": run.state.get("stopped_at") == run.step,
                        "training": {"files": file_hashes(cfg.data),
