@@ -68,6 +68,7 @@ FROZEN = {"recipe": "frozen", "lr": 1e-3, "weight_decay": 0.01, "patience": 0, "
 EARLY = {**FROZEN, "epochs": 30, "patience": 3}
 RECIPES = {  # row name -> fields of RewardTrainConfig on top of the shared ones; trl and probe are not ours
     "trl": None,
+    "default": {"layer": None, "pooling": None},  # `reward train` with no recipe flag: --recipe auto
     "old-default": {"recipe": "full"},  # `reward train`'s default until 2026-11-30
     "top8": {"recipe": "full", "train_layers": 8},
     "lora": {"recipe": "full", "lora_r": 16, "lr": 1e-4},
@@ -78,6 +79,11 @@ RECIPES = {  # row name -> fields of RewardTrainConfig on top of the shared ones
     "frozen-es-smooth-ens5": {**EARLY, "label_smoothing": 0.1, "ensemble": 5},
     "probe": None,
 }
+
+
+def on_frozen_features(row: str) -> bool:
+    """Whether a row reads the frozen trunk's features: the probe and our rows but TRL's and the full fine-tunes."""
+    return row == "probe" or (RECIPES[row] is not None and RECIPES[row].get("recipe") != "full")
 
 
 def cross_domain(domain: str) -> str:
@@ -314,7 +320,7 @@ def main() -> None:
           f"pairs; {len(cross_pairs)} held-out {cross} test pairs (cross-domain)", flush=True)
     feats, extraction_s = features(a, base, data, {"train": train_pairs, "val": val_pairs, "test": test_pairs,
                                                    "cross": cross_pairs}) \
-        if any(r == "probe" or (RECIPES[r] or {}).get("recipe") == "frozen" for r in rows) else ({}, 0.0)
+        if any(on_frozen_features(r) for r in rows) else ({}, 0.0)
     print(f"frozen trunk features: {extraction_s:.0f} s (added to the frozen rows' and the probe's time)", flush=True)
     path = ROOT / "benchmarks" / "results" / f"reward_recipes{'' if a.train_domain == 'hh' else '_' + a.train_domain}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +335,7 @@ def main() -> None:
             fields = RECIPES[name]
             cfg = dataclasses.replace(base, output_dir=str(OUT / name), max_minutes=a.budget_minutes, **fields)
             # frozen rows: the trunk's part of the layer/pooling; full fine-tunes: the classic last-token head
-            cfg = cfg if fields.get("recipe") == "frozen" else dataclasses.replace(cfg, layer=-1, pooling="last")
+            cfg = cfg if on_frozen_features(name) else dataclasses.replace(cfg, layer=-1, pooling="last")
             results.append(run_ours(name, cfg, test_pairs, cross_pairs, feats, extraction_s))
         results[-1]["over_budget"] = a.budget_minutes > 0 and results[-1]["seconds"] > 60 * a.budget_minutes * 1.05
         table(results[-1:], a.train_domain)
