@@ -128,7 +128,7 @@ def loop_yaml(a, work: Path, db: Path, url: str, eval_prompts: Path) -> Path:
     cfg = {"work_dir": str(work / "loop"), "db": str(db), "model": a.model, "checks": ["win_rate"],
            "min_win_lower": a.min_win_lower, "serve": {"url": url, "admin_key_env": "CHATRLHF_ADMIN_KEY"},
            "queue": {"strategy": "uncertainty", "count": a.labels_per_round, "seed": a.seed},
-           "reward": {"model": a.model, "freeze_trunk": True, "epochs": 3, "lr": 1.0e-3, "eval_fraction": 0.2,
+           "reward": {"model": a.model, "eval_fraction": 0.2,  # the default recipe: a head on the frozen trunk
                       "min_accuracy": 0.0, "max_length_corr": 1.0, "quiet": True, "tensorboard": False},
            "policy": {"method": "dpo", "lora_r": 16, "lr": a.dpo_lr, "beta": 0.1, "max_steps": a.dpo_steps,
                       "batch_size": 4, "warmup_ratio": 0.0, "eval_fraction": 0.0, "max_length": 256,
@@ -194,7 +194,7 @@ def run_rounds(a, work: Path, db: Path, url: str, app_url: str) -> dict:
     result = {"rounds": [{"round": 0, "served": score_served(url, str(db), held, a)}]}
     show(result["rounds"][0])
     t0 = time.perf_counter()
-    chat(url, batch(1), 2, a.max_tokens, seed=1000)
+    chat(url, batch(1), a.replies, a.max_tokens, seed=1000)
     chat_s = time.perf_counter() - t0
     queue_s = None
     for r in range(1, a.rounds + 1):
@@ -203,7 +203,7 @@ def run_rounds(a, work: Path, db: Path, url: str, app_url: str) -> dict:
                              "--kind", "compare", "--round", r, "--seed", a.seed)
         labelled = label(app_url, a)
         t0 = time.perf_counter()
-        chat(url, batch(r + 1), 2, a.max_tokens, seed=1000 * (r + 1))  # the pool this round's queue stage picks from
+        chat(url, batch(r + 1), a.replies, a.max_tokens, seed=1000 * (r + 1))  # the pool this round's queue stage picks from
         next_chat_s = time.perf_counter() - t0
         loop_s, _ = cli("loop", "--config", config, "--rounds", 1)
         fig = round_figures(work, r, loop_s)
@@ -227,7 +227,8 @@ def show(fig: dict) -> None:
 def table(result: dict, a) -> str:
     cols = ("export", "reward", "policy", "eval", "queue")
     lines = [f"oracle (examples/reward.py, 0–1) of the served model on {a.heldout} held-out prompts × {a.samples} "
-             f"replies; {a.labels_per_round} labels a round; DPO {a.dpo_steps} steps",
+             f"replies; users get {a.replies} replies a prompt, {a.labels_per_round} labels a round; DPO "
+             f"{a.dpo_steps} steps",
              f"{'round':>5}{'oracle':>8}{'95% CI':>15}{'words':>7}{'labels':>7}{'RM acc':>7}{'win rate (CI)':>22}"
              f"  {'decision':9}" + "".join(f"{c + ' s':>10}" for c in cols) + f"{'loop s':>8}"]
     for f in result["rounds"]:
@@ -246,7 +247,8 @@ def table(result: dict, a) -> str:
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--prompts-per-round", type=int, default=32, help="train prompts users chat on each round (n=2)")
+    p.add_argument("--prompts-per-round", type=int, default=32, help="train prompts users chat on each round")
+    p.add_argument("--replies", type=int, default=2, help="replies users get per prompt (n): C(n, 2) pairs to queue")
     p.add_argument("--labels-per-round", type=int, default=24, help="pairs queued (and labelled) per round")
     p.add_argument("--dpo-steps", type=int, default=12, help="DPO steps per round (batch 4, LoRA r 16)")
     p.add_argument("--dpo-lr", type=float, default=5e-4)

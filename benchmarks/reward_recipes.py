@@ -47,6 +47,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import math
 import random
 import sys
 import time
@@ -77,6 +78,7 @@ RECIPES = {  # row name -> fields of RewardTrainConfig on top of the shared ones
     "frozen-es-smooth": {**EARLY, "label_smoothing": 0.1},  # = --recipe frozen, the default since 2026-11-30
     "frozen-es-ens5": {**EARLY, "ensemble": 5},
     "frozen-es-smooth-ens5": {**EARLY, "label_smoothing": 0.1, "ensemble": 5},
+    "frozen-es-smooth-ens25": {**EARLY, "label_smoothing": 0.1, "ensemble": 25},
     "probe": None,
 }
 
@@ -94,7 +96,7 @@ def split(a) -> tuple[Path, list, list, list]:
     """(training file, its pairs, held-out test pairs of --train-domain, held-out test pairs of the other domain):
     the test pairs are whole prompts never trained on."""
     train_pairs, test_pairs, _ = DOMAINS[a.train_domain](a.eval_pairs)
-    _, cross_pairs, _ = DOMAINS[cross_domain(a.train_domain)](a.eval_pairs)
+    _, cross_pairs, _ = DOMAINS[cross_domain(a.train_domain)](a.cross_pairs or a.eval_pairs)
     train_pairs = [r for r in train_pairs if r.chosen != r.rejected]
     random.Random(0).shuffle(train_pairs)
     train_pairs = train_pairs[:a.train_pairs]
@@ -244,14 +246,24 @@ def extract(cfg, splits: dict) -> tuple[dict, dict]:
     return feats, seconds
 
 
+def halves_note(ens: dict) -> str:
+    """The ensemble's surer half against the rest, with the 95% CI of the difference (two disjoint halves: the normal
+    approximation of a difference of proportions), and the split by the heads' agreement."""
+    p, q, n, m = (ens[k] for k in ("confident_half_accuracy", "other_half_accuracy", "confident_pairs", "other_pairs"))
+    half = 1.96 * math.sqrt(p * (1 - p) / max(n, 1) + q * (1 - q) / max(m, 1))
+    note = f"surer half {p:.3f} vs {q:.3f} (difference CI {p - q - half:+.3f}…{p - q + half:+.3f})"
+    if "agreed_half_accuracy" in ens:
+        note += f"; by agreement {ens['agreed_half_accuracy']:.3f} vs {ens['other_agreed_accuracy']:.3f}"
+    return note
+
+
 def table(rows: list[dict], domain: str) -> None:
     """The rows so far: accuracy [95% CI] on the --train-domain test pairs and on the other domain's, ECE, time."""
     own, other = f"{domain} acc", f"{cross_domain(domain)} acc"
     print(f"{'row':18}{own:>10}  {'95% CI':15}{other:>10}  {'95% CI':15}{'ECE T=1':>8}{'ECE T':>7}{'min':>7}  note")
     for r in rows:
         ens = r.get("ensemble") or {}
-        note = (f"confident half {ens['confident_half_accuracy']:.3f} vs other half {ens['other_half_accuracy']:.3f}"
-                if "confident_half_accuracy" in ens else "over budget" if r.get("over_budget") else "")
+        note = halves_note(ens) if "confident_half_accuracy" in ens else "over budget" if r.get("over_budget") else ""
         if r.get("stopped_by_time"):
             note += f"{'; ' if note else ''}stopped at the budget"
         if r.get("kept_pairs", 0) < r.get("training_pairs", 0):
@@ -273,6 +285,7 @@ def parse_args() -> argparse.Namespace:
                         "smoke run")
     p.add_argument("--train-pairs", type=int, default=2000)
     p.add_argument("--eval-pairs", type=int, default=600, help="held-out test pairs (whole prompts) of each domain")
+    p.add_argument("--cross-pairs", type=int, default=0, help="held-out test pairs of the other domain; 0 = --eval-pairs")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the training prompts set aside for early stopping and the temperature")
     p.add_argument("--max-length", type=int, default=256)
@@ -322,7 +335,8 @@ def main() -> None:
                                                    "cross": cross_pairs}) \
         if any(on_frozen_features(r) for r in rows) else ({}, 0.0)
     print(f"frozen trunk features: {extraction_s:.0f} s (added to the frozen rows' and the probe's time)", flush=True)
-    path = ROOT / "benchmarks" / "results" / f"reward_recipes{'' if a.train_domain == 'hh' else '_' + a.train_domain}.json"
+    path = ROOT / "benchmarks" / "results" / (f"reward_recipes{'' if a.train_domain == 'hh' else '_' + a.train_domain}"
+                                              f"{'' if a.eval_pairs == 600 else f'_test{a.eval_pairs}'}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(a).items() if k not in ("rows", "budget_minutes")}
     results = []

@@ -91,14 +91,18 @@ def test_temperature_calibration_lowers_ece_of_an_overconfident_scorer():
 
 
 def test_confident_half_hand_computed():
-    right = np.array([1.0, 1.0, 0.0, 0.0])
-    margins = np.array([[2.0, 2.0],    # heads agree exactly: agreement ∞
-                        [1.0, 3.0],    # mean 2, std 1: 2
-                        [-1.0, 1.0],   # mean 0: 0
-                        [0.2, 1.8]])   # mean 1, std 0.8: 1.25
+    right = np.array([1.0, 0.0, 0.0, 1.0])
+    margins = np.array([[2.0, 2.0],    # |mean| 2, heads agree exactly: agreement ∞
+                        [0.5, 5.5],    # |mean| 3, std 2.5: agreement 1.2
+                        [-1.0, 1.0],   # |mean| 0: agreement 0
+                        [0.8, 1.2]])   # |mean| 1, std 0.2: agreement 5
     got = confident_half(right, margins)
-    assert got["confident_half_accuracy"] == 1.0 and got["other_half_accuracy"] == 0.0
-    assert got["mean_margin_spread"] == pytest.approx((0 + 1 + 1 + 0.8) / 4)
+    # surest by |mean|: pairs 1 and 0 (right 0 and 1), the rest 3 and 2 (1 and 0)
+    assert got["confident_half_accuracy"] == 0.5 and got["other_half_accuracy"] == 0.5
+    # by agreement: pairs 0 and 3 (both right), the rest 1 and 2 (both wrong)
+    assert got["agreed_half_accuracy"] == 1.0 and got["other_agreed_accuracy"] == 0.0
+    assert (got["confident_pairs"], got["other_pairs"]) == (2, 2)
+    assert got["mean_margin_spread"] == pytest.approx((0 + 2.5 + 1 + 0.2) / 4)
 
 
 def test_bootstrap_counts_resample_every_pair_set():

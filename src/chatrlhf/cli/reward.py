@@ -49,7 +49,7 @@ def _print_uncertainty(m: dict, how: str) -> None:
     if m.get("ensemble"):
         e = m["ensemble"]
         print(f"ensemble of {e['heads']} heads: accuracy {e['confident_half_accuracy']:.3f} on the half of the held-out "
-              f"pairs they agree on most, {e['other_half_accuracy']:.3f} on the rest")
+              f"pairs it is surest of (largest |mean margin|), {e['other_half_accuracy']:.3f} on the rest")
 
 
 def untrained_pairs(model_dir: str, pairs: list, log=print) -> list:
