@@ -192,15 +192,15 @@ class RewardTrainConfig(GateArgs, ShardArgs, ProcessArgs, RunArgs, BatchArgs, Op
     lora_r: int = arg(0, "LoRA adapters of rank N on every linear layer of the trunk, the head trained whole; the "
                       "saved model has them merged (a plain reward model, read by every loader as any other). 0 = no "
                       "LoRA. Not with --freeze-trunk or --train-layers; wants a higher --lr (~1e-4).")
-    layer: int | None = arg(None, "Read the score off the hidden state after transformer block N (0 = the embeddings); "
-                     "-1 = the last block, after the final norm (the classic reward model); auto = the recipe's (or a "
-                     "reward-model --model's own). Middle layers often hold more "
-                     "preference signal (benchmarks/reward_probe.py). Saved with the model: every loader reads the same "
-                     "layer.")
-    pooling: str | None = arg(None, "What the head reads: the state at the last token, the mean of the states over the "
-                       "reply's tokens, or both (concatenated: the head sees 2 × hidden); auto = the recipe's (frozen "
-                       "mean, full last; or a reward-model --model's own). Saved with the model.",
-                       ("last", "mean", "both"))
+    layer: int | None = arg(None, "Read the score off the hidden state after transformer block N (0 = the "
+                            "embeddings); -1 = the last block, after the final norm (the classic reward model); auto = "
+                            "the recipe's (or a reward-model --model's own). Middle layers often hold more preference "
+                            "signal (benchmarks/reward_probe.py). Saved with the model: every loader reads the same "
+                            "layer.")
+    pooling: str | None = arg(None, "What the head reads: the state at the last token, the mean of the states over "
+                              "the reply's tokens, or both (concatenated: the head sees 2 × hidden); auto = the "
+                              "recipe's (frozen mean, full last; or a reward-model --model's own). Saved with the "
+                              "model.", ("last", "mean", "both"))
     freeze_trunk: bool | None = arg(None, "Train only the linear head on a frozen trunk: the trunk's features are "
                                     "computed once (one forward pass over the pairs), after which every epoch costs "
                                     "almost nothing. The small-data recipe: a few thousand pairs are too few to move "
