@@ -286,6 +286,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train-pairs", type=int, default=2000)
     p.add_argument("--eval-pairs", type=int, default=600, help="held-out test pairs (whole prompts) of each domain")
     p.add_argument("--cross-pairs", type=int, default=0, help="held-out test pairs of the other domain; 0 = --eval-pairs")
+    p.add_argument("--results", default="", help="the results file under benchmarks/results (a run with other "
+                   "settings replaces its rows); default reward_recipes.json, or reward_recipes_oasst.json")
     p.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of the training prompts set aside for early stopping and the temperature")
     p.add_argument("--max-length", type=int, default=256)
@@ -335,8 +337,8 @@ def main() -> None:
                                                    "cross": cross_pairs}) \
         if any(on_frozen_features(r) for r in rows) else ({}, 0.0)
     print(f"frozen trunk features: {extraction_s:.0f} s (added to the frozen rows' and the probe's time)", flush=True)
-    path = ROOT / "benchmarks" / "results" / (f"reward_recipes{'' if a.train_domain == 'hh' else '_' + a.train_domain}"
-                                              f"{'' if a.eval_pairs == 600 else f'_test{a.eval_pairs}'}.json")
+    name = a.results or f"reward_recipes{'' if a.train_domain == 'hh' else '_' + a.train_domain}.json"
+    path = ROOT / "benchmarks" / "results" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(a).items() if k not in ("rows", "budget_minutes")}
     results = []
