@@ -1,13 +1,14 @@
 """The closed loop, round after round, with simulated annotators (issue 23): does the SERVED model get better?
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/loop.py [--rounds 3] [--prompts-per-round 32] [--dpo-steps 12]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/loop.py [--rounds 3] [--labels-per-round 96] [--dpo-steps 48]
     .venv/bin/python benchmarks/loop.py --quick        # tiny-random-llama, a smoke run of the script (< 2 min)
 
 Every piece is the real thing, each in its own process, wired as in tests/test_loop_e2e.py:
 
   `chatrlhf serve --model smollm2-135m --feedback-db DB --admin-key …` (fp32) answers users (the openai client,
-  n = 2 sampled replies per prompt, every reply logged in the store) → items to label (round 1: `feedback queue
-  --strategy random`; later rounds: the previous round's queue stage, `uncertainty` under that round's reward model)
+  n = --replies sampled replies per prompt, every reply logged in the store) → items to label (round 1: `feedback
+  queue --strategy random`; later rounds: the previous round's queue stage, --queue-strategy, by default
+  `random` as well: DPO trains on the labelled pairs, and `uncertainty` hands it near-ties — docs/loop.md)
   → `feedback simulate --oracle examples/reward.py:concise_on_topic [--noise]` answers them through a running
   `feedback serve` → `chatrlhf loop --rounds 1` (reward: frozen-trunk linear head; policy: DPO with LoRA for
   --dpo-steps steps; eval: the candidate vs the current policy on --eval-prompts held-out prompts, judged by the
@@ -127,7 +128,7 @@ def label(app_url: str, a) -> dict:
 def loop_yaml(a, work: Path, db: Path, url: str, eval_prompts: Path) -> Path:
     cfg = {"work_dir": str(work / "loop"), "db": str(db), "model": a.model, "checks": ["win_rate"],
            "min_win_lower": a.min_win_lower, "serve": {"url": url, "admin_key_env": "CHATRLHF_ADMIN_KEY"},
-           "queue": {"strategy": "uncertainty", "count": a.labels_per_round, "seed": a.seed},
+           "queue": {"strategy": a.queue_strategy, "count": a.labels_per_round, "seed": a.seed},
            "reward": {"model": a.model, "eval_fraction": 0.2,  # the default recipe: a head on the frozen trunk
                       "min_accuracy": 0.0, "max_length_corr": 1.0, "quiet": True, "tensorboard": False},
            "policy": {"method": "dpo", "lora_r": 16, "lr": a.dpo_lr, "beta": 0.1, "max_steps": a.dpo_steps,
@@ -248,16 +249,18 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompts-per-round", type=int, default=32, help="train prompts users chat on each round")
-    p.add_argument("--replies", type=int, default=2, help="replies users get per prompt (n): C(n, 2) pairs to queue")
-    p.add_argument("--labels-per-round", type=int, default=24, help="pairs queued (and labelled) per round")
-    p.add_argument("--dpo-steps", type=int, default=12, help="DPO steps per round (batch 4, LoRA r 16)")
+    p.add_argument("--replies", type=int, default=4, help="replies users get per prompt (n): C(n, 2) pairs to queue")
+    p.add_argument("--labels-per-round", type=int, default=96, help="pairs queued (and labelled) per round")
+    p.add_argument("--queue-strategy", default="random", choices=("random", "uncertainty", "disagreement"),
+                   help="how each round picks the next round's pairs to label (round 1's are random)")
+    p.add_argument("--dpo-steps", type=int, default=48, help="DPO steps per round (batch 4, LoRA r 16)")
     p.add_argument("--dpo-lr", type=float, default=5e-4)
     p.add_argument("--min-win-lower", type=float, default=0.5, help="the loop's win_rate check: CI lower end above")
     p.add_argument("--heldout", type=int, default=24, help="held-out prompts the served model is scored on (≤ 24)")
     p.add_argument("--samples", type=int, default=2, help="replies per held-out prompt in the scoring")
     p.add_argument("--max-tokens", type=int, default=48, help="max new tokens of every reply from the server")
-    p.add_argument("--eval-prompts", type=int, default=12, help="held-out prompts of the loop's own eval stage")
-    p.add_argument("--eval-tokens", type=int, default=32, help="max new tokens in the loop's eval stage")
+    p.add_argument("--eval-prompts", type=int, default=24, help="held-out prompts of the loop's own eval stage")
+    p.add_argument("--eval-tokens", type=int, default=48, help="max new tokens in the loop's eval stage")
     p.add_argument("--noise", type=float, default=0.0, help="probability the simulated annotator flips an answer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default="smollm2-135m")
