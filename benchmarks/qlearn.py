@@ -28,10 +28,8 @@ without one). Learners, each trained on the train states' candidates with that r
   - ridge: closed-form ridge regression of the reward on standardised φ (λ by 3-fold CV over train states) —
            the reference for what a head on these features can reach.
   - rm-bon (rouge only): best-of-N by the reward model; longest: the longest candidate (a trivial heuristic).
-
-TODO(multi-turn PPO, engineer wt-mtppo): `chatrlhf ppo --env dialogue` vs single-turn PPO vs Q-rerank on these
-held-out states — train both on the train states, sample one reply per held-out state, score it with the same
-reward, and add the rows to `rows` in main(). Hook: `ppo_rows()` below.
+  - ppo (--ppo-steps N): single-turn `chatrlhf ppo` and multi-turn `chatrlhf ppo --env dialogue` from the same
+           policy for N steps each, reward ROUGE-L; each policy's mean reward on the held-out states (ppo_rows).
 
 Writes benchmarks/results/qlearn.json. CHATRLHF_BENCH_CACHE=DIR reads (and writes) the cached states in DIR instead of
 out/bench-qlearn/ (e.g. the main checkout's, from a worktree).
@@ -80,6 +78,32 @@ def load_dialogues() -> list[dict]:
     return out
 
 
+def sibling_replies() -> dict[str, list[str]]:
+    """Every usable human reply of the flat export, by the text of the user message it answers: the other humans'
+    replies to a state's last user turn (OASST asks several people to answer each message; the state's reference
+    is the top-ranked one)."""
+    from chatrlhf.data import oasst
+    from chatrlhf.data.readers import read_rows
+
+    out: dict[str, list[str]] = {}
+    todo = list(oasst.read_forest(FLAT, read_rows(FLAT), nested=False).roots)
+    while todo:
+        node = todo.pop()
+        todo += node.children
+        if node.role == "user":
+            out.setdefault(node.text.strip(), []).extend(c.text for c in node.children if c.usable)
+    return out
+
+
+def add_siblings(sts: list[dict]) -> None:
+    """st["siblings"]: the other human replies to the state's last user turn (not its reference); [] for most states
+    of the top-1 file, which keeps one reply a turn."""
+    by_user = sibling_replies()
+    for st in sts:
+        st["siblings"] = [t for t in by_user.get(st["history"][-1]["content"].strip(), [])
+                          if t.strip() != st["human"].strip()]
+
+
 def split(dialogues: list[dict], n_train: int, n_eval: int, seed: int = 0) -> tuple[list, list]:
     """Prompt-disjoint (data.split_by_prompt on the opening prompt), then the first n of each side."""
     from chatrlhf.data.records import Conversation
@@ -125,8 +149,9 @@ def sample_candidates(model, tok, sts: list[dict], a, seed: int, log) -> None:
 
 def embed(model, tok, sts: list[dict], a) -> None:
     """st["phi_last"], st["phi_mean"]: (N + 1, d) φ of the candidates then the human reply; st["phi_s"]: the
-    wall time of φ (last pooling) for the N candidates alone — the reranking cost."""
-    from chatrlhf.qnet import reply_features
+    wall time of φ (last pooling) for the N candidates alone — the reranking cost; st["logp"], st["ntok"]: (N + 1,)
+    log π(y|h) at T = 1 and the token count of each (the policy's own likelihood, a feature to try)."""
+    from chatrlhf.qnet import reply_features, reply_logprobs
 
     kw = {"max_prompt_length": a.max_prompt_length, "max_reply_length": a.max_new_tokens + 1}
     for st in sts:
@@ -137,6 +162,9 @@ def embed(model, tok, sts: list[dict], a) -> None:
         for pooling in ("last", "mean"):
             st[f"phi_{pooling}"] = reply_features(model, tok, [st["history"]] * len(texts), texts, pooling,
                                                   **kw).half()
+        st["logp"] = reply_logprobs(model, tok, [st["history"]] * len(texts), texts, **kw)
+        st["ntok"] = torch.tensor([min(len(tok(t, add_special_tokens=False).input_ids) + 1, kw["max_reply_length"])
+                                   for t in texts])
 
 
 def score(sts: list[dict], reward_model: str, log) -> list[str]:
@@ -154,15 +182,27 @@ def score(sts: list[dict], reward_model: str, log) -> list[str]:
     return ["rouge", "rm"]
 
 
+def cache_path(a, **override) -> Path:
+    """The cache file of these settings (``override``: settings to replace, e.g. reward_model="")."""
+    keys = ("train_dialogues", "eval_dialogues", "candidates", "train_candidates", "max_new_tokens", "max_turns",
+            "max_prompt_length", "reward_model", "seed")
+    settings = {k: override.get(k, getattr(a, k)) for k in keys}
+    return CACHE / f"states-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]}.pt"
+
+
 def prepare(a, log) -> tuple[list, list, list, dict]:
     """(train states, held-out states, reward names, meta), from the cache when these settings were run before."""
-    keys = ("train_dialogues", "eval_dialogues", "candidates", "train_candidates", "max_new_tokens", "max_turns", "max_prompt_length",
-            "reward_model", "seed")
-    tag = hashlib.sha256(json.dumps({k: getattr(a, k) for k in keys}).encode()).hexdigest()[:12]
-    path = CACHE / f"states-{tag}.pt"
+    path, plain = cache_path(a), cache_path(a, reward_model="")
     if path.is_file():
         log(f"candidates, φ and rewards from {path}")
         return torch.load(path, weights_only=False)
+    if a.reward_model and plain.is_file():  # the same candidates were drawn before: score them with the RM only
+        log(f"candidates and φ from {plain}; scoring them with {a.reward_model}")
+        tr, ev, _, meta = torch.load(plain, weights_only=False)
+        t = time.perf_counter()
+        rewards = score(tr + ev, a.reward_model, log)
+        torch.save((tr, ev, rewards, {**meta, "reward_s": time.perf_counter() - t}), path)
+        return tr, ev, rewards, meta
     from chatrlhf.config import ModelArgs
     from chatrlhf.models import load_model
 
@@ -452,18 +492,39 @@ def run_learners(train, held, reward, a, log) -> dict:
                 dqn(train, reward, pooling, gamma, a, recipe, seed)
             runs.append(summarise(evaluate(held, reward, lambda st, s=scorer, p=pooling: s(st[f"phi_{p}"][:-1]))))
         res = {**runs[0], **info, "train_s": time.perf_counter() - t}
+        if reward == "rouge" and any(st["siblings"] for st in held):  # the same learner on the ceiling's states
+            res["sibling_states"] = summarise(evaluate([st for st in held if st["siblings"]], reward,
+                                                       lambda st, s=scorer, p=pooling: s(st[f"phi_{p}"][:-1])))
         caps = [r["capture"] for r in runs]
         res.update(seed_captures=caps, capture_seed_mean=float(np.mean(caps)), capture_seed_sd=float(np.std(caps)))
         results[name] = res
         log(f"  {reward:6} {name:30} Q {res['q']:.4f}  random {res['random']:.4f}  oracle {res['oracle']:.4f}  "
             f"capture {res['capture']:+.2f} [{res['capture_ci95'][0]:+.2f}, {res['capture_ci95'][1]:+.2f}]  "
-            f"over {len(seeds)} seeds {np.mean(caps):+.2f} ± {np.std(caps):.2f}")
+            f"over {len(seeds)} seeds {np.mean(caps):+.2f} ± {np.std(caps):.2f}"
+            + (f"; {res['sibling_states']['capture']:+.2f} on the sibling states" if "sibling_states" in res else ""))
     lengths = lambda st: torch.tensor([float(len(c)) for c in st["candidates"]])  # noqa: E731
     results["longest"] = summarise(evaluate(held, reward, lengths))  # a trivial heuristic, for honesty
     log(f"  {reward:6} {'longest':26} capture {results['longest']['capture']:+.2f}")
+    if reward == "rouge" and any(st["siblings"] for st in held):
+        results["sibling-human"] = sibling_ceiling(held)
+        log(f"  {reward:6} {'sibling-human':26} capture {results['sibling-human']['capture']:+.2f} on the "
+            f"{results['sibling-human']['states']} states with another human reply (the noise ceiling)")
     if reward == "rouge" and "r_rm" in held[0]:
         results["rm-bon"] = summarise(evaluate(held, reward, lambda st: torch.tensor(st["r_rm"][:-1])))
     return results
+
+
+def sibling_ceiling(held: list[dict]) -> dict:
+    """The noise ceiling of the ROUGE reward: on the held-out states where other people answered the same user turn,
+    choose the candidate with the highest mean ROUGE-L to THEIR replies — a chooser that knows what good human
+    replies to this very message say, everything a reranker could hope to learn, short of the reference itself.
+    What it captures is the share of the oracle's gain that is not the luck of matching one particular reference."""
+    from chatrlhf.rewards import rouge_l
+
+    sub = [st for st in held if st["siblings"]]
+    near = lambda st: torch.tensor([float(np.mean([rouge_l(b, y) for b in st["siblings"]]))  # noqa: E731
+                                    for y in st["candidates"]])
+    return summarise(evaluate(sub, "rouge", near))
 
 
 def cost(held: list[dict], a) -> dict:
@@ -511,6 +572,7 @@ def main() -> None:
     t0 = time.perf_counter()
     train, held, rewards, meta = prepare(a, log)
     add_text_features(train + held)
+    add_siblings(held)
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "settings": vars(a),
               "train_states": len(train), "held_out_states": len(held), "prepare": meta, "cost": cost(held, a)}
     for reward in rewards:

@@ -13,7 +13,7 @@ from chatrlhf.logger import read_metrics
 from chatrlhf.models import load_model
 from chatrlhf.qnet import QHeads, ReplayBuffer, load_qheads, q_update, reply_logprobs
 from chatrlhf.rerank import load_reranker
-from chatrlhf.trainers.qlearn import behavior_logprobs, dialogue_index, epsilon
+from chatrlhf.trainers.qlearn import behavior_logprobs, dialogue_index, epsilon, resolve_features
 from conftest import EXAMPLES, assert_sigkill_resume_matches, run_cli
 
 DIALOGUES = EXAMPLES / "dialogue_history.csv"
@@ -52,6 +52,19 @@ def test_a_short_run_saves_heads_and_qlearn_json_and_logs_q_and_eval_metrics(tmp
     assert summary["command"] == "qlearn" and summary["steps"] == 4 and summary["updates"] > 0
 
 
+@pytest.mark.parametrize("flags, features", [
+    ({"references": ["d.csv"]}, "text"),                                # similarity alone: ψ's consensus estimates it
+    ({"reward_model": "rm"}, "phi"), ({"reward_fn": "f.py:f"}, "phi"), ({"human_feedback": ["r.jsonl"]}, "phi"),
+    ({"references": ["d.csv"], "reward_model": "rm"}, "phi"),           # mixed: the trunk's states
+    ({"references": ["d.csv"], "features": "both"}, "both"),            # a given --features is kept
+    ({"reward_model": "rm", "features": "text"}, "text")])
+def test_features_auto_reads_the_reward_sources(flags, features):
+    said = []
+    got = resolve_features(QLearnConfig(data=["d.csv"], **flags), said.append)
+    assert got.features == features
+    assert bool(said) == ("features" not in flags)  # one log line, only when it chose
+
+
 def test_the_td_loss_goes_down_on_a_fixed_batch():
     torch.manual_seed(0)
     buffer = ReplayBuffer(32, 8, 3)
@@ -81,9 +94,12 @@ def test_q_learns_a_reward_that_prefers_short_replies(tmp_path, write):
                              "--no-all-candidates", "--human-candidate",
                              "--batch-size", "32", "--updates-per-step", "4", "--lr", "1e-3", "--gamma", "0", "--tau",
                              "0.05", "--pooling", "mean", "--eval-steps", "40", "--max-new-tokens", "16", "--hidden", "64",
-                             "--features", "phi", "--dtype", "float32"))  # bf16 (auto, where the CPU has it) moves
-    # the tiny trunk's features enough to change which seed's margin shows
+                             "--dtype", "float32"))  # bf16 (auto, where the CPU has it) moves the tiny trunk's
+    # features enough to change which seed's margin shows. --features auto: a reward function → phi, recorded resolved
     assert r.returncode == 0, r.stderr
+    assert "--features auto → phi (the reward has fn sources)" in r.stdout
+    assert json.loads((out / "run_config.json").read_text())["features"] == "phi"
+    assert json.loads((out / "qlearn.json").read_text())["dims"] == 64
     start = next(m for m in read_metrics(out) if m["step"] == 0)
     end = json.loads((out / "chatrlhf.json").read_text())["eval_end"]
     assert end["eval/q"] > end["eval/random"] and end["eval/capture"] > start["eval/capture"]

@@ -517,14 +517,15 @@ class QLearnConfig(RewardArgs, RunArgs, DataArgs, TemplateArgs, ModelArgs):
     pooling: str = arg("mean", "φ: the mean of the trunk states over the reply, or the state at its last token (EOS) "
                        "(benchmarks/qlearn.py, 85 held-out OASST states: fqi captures 0.15 of the oracle's ROUGE "
                        "gain on last-token φ, 0.29 on mean-pooled φ).", ("mean", "last"))
-    features: str = arg("text", "What the Q-heads read: `phi`, the frozen trunk's φ(h, y) (--q-model, --pooling); "
+    features: str = arg("auto", "What the Q-heads read: `phi`, the frozen trunk's φ(h, y) (--q-model, --pooling); "
                         "`text`, 9 text features ψ(h, y, C) of the reply, its history and the state's candidate set "
                         "(consensus with the other policy samples, overlap with the user's turn and the history, "
-                        "length; chatrlhf.qfeatures); `both`, [φ, ψ] with ψ scaled up against φ's many columns "
-                        "(benchmarks/qlearn.py, fqi on 85 held-out OASST states, reward ROUGE-L to the human reply: "
-                        "capture 0.29 phi, 0.60 text, 0.61 both on the split the features were chosen on; 0.30 / 0.40 / "
-                        "0.40 on a fresh one; text needs no trunk pass at reranking). --q-model and "
-                        "--pooling apply to phi and both.", ("phi", "text", "both"))
+                        "length; chatrlhf.qfeatures); `both`, [φ, ψ] with ψ scaled up against φ's many columns; "
+                        "`auto`: text when the reward is similarity to --references alone, phi otherwise "
+                        "(benchmarks/qlearn.py, fqi on held-out OASST states: reward ROUGE-L to the human reply, "
+                        "capture 0.53-0.60 text vs 0.30-0.43 phi; reward a reward model, 0.78 phi vs 0.21 text; text "
+                        "needs no trunk pass at reranking). --q-model and --pooling apply to phi and both.",
+                        ("auto", "phi", "text", "both"))
     phi_norm: bool = arg(False, "Standardise φ per dimension with the moments of the training candidates' features up "
                          "to --learning-starts (saved with the heads): LM hidden states have outlier dimensions.")
     all_candidates: bool = arg(True, "Also store a transition for every other candidate of each state, with its reward "

@@ -25,7 +25,7 @@ the Q-argmax pick, of a random pick (the candidates' mean), of the oracle best, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -67,6 +67,21 @@ def build_rewards(cfg: QLearnConfig, log=print) -> RewardMix:
     key = reference_key(bool(cfg.user_model))
     return reward_mix(cfg, "qlearn", lambda paths: turn_references(episodes.load_dialogues(paths, cfg.format), key), key,
                       missing_eos_penalty=0.0, hint=" (e.g. the --data file)", log=log)
+
+
+def resolve_features(cfg: QLearnConfig, log=print) -> QLearnConfig:
+    """--features auto → `text` when every reward source is similarity to --references (ψ's consensus columns
+    estimate exactly that), `phi` otherwise: a reward model, a function or human ratings score what the trunk's
+    states carry (benchmarks/qlearn.py, docs/qlearn.md). A given --features is kept as it is."""
+    if cfg.features != "auto":
+        return cfg
+    sources = [name for name, on in (("rm", cfg.reward_model), ("fn", cfg.reward_fn), ("human", cfg.human_feedback),
+                                     ("similarity", cfg.references)) if on]
+    features = "text" if sources == ["similarity"] else "phi"
+    why = "the reward is similarity to --references alone" if features == "text" else \
+        f"the reward has {', '.join(s for s in sources if s != 'similarity') or 'no similarity'} sources"
+    log(f"chatrlhf qlearn: --features auto → {features} ({why})")
+    return replace(cfg, features=features)
 
 
 def check(cfg: QLearnConfig) -> None:
@@ -307,6 +322,7 @@ def evaluate(p: Parts, engine: Engine, held: list, mix: RewardMix, cfg: QLearnCo
 
 
 def train(cfg: QLearnConfig, log=print) -> Summary:
+    cfg = resolve_features(cfg, log)
     check(cfg)
     run = Run("qlearn", cfg, log)
     train_dialogues, held = split_dialogues(cfg)
