@@ -28,6 +28,9 @@ without one). Learners, each trained on the train states' candidates with that r
   - ridge: closed-form ridge regression of the reward on standardised φ (λ by 3-fold CV over train states) —
            the reference for what a head on these features can reach.
   - rm-bon (rouge only): best-of-N by the reward model; longest: the longest candidate (a trivial heuristic).
+  - sibling-human (rouge only): the candidate closest to the OTHER human replies to the same user message, where
+           the OASST tree has them — the noise ceiling of the ROUGE reward (what knowing good human replies to this
+           very message captures, short of the reference itself); each learner's capture on those states beside it.
   - ppo (--ppo-steps N): single-turn `chatrlhf ppo` and multi-turn `chatrlhf ppo --env dialogue` from the same
            policy for N steps each, reward ROUGE-L; each policy's mean reward on the held-out states (ppo_rows).
 
