@@ -484,6 +484,7 @@ def learners(a) -> list[tuple[str, str, float | None, dict | None]]:
 
 def run_learners(train, held, reward, a, log) -> dict:
     results = {}
+    with_siblings = [st for st in held if st["siblings"]] if reward == "rouge" else []  # the ceiling's states
     for name, pooling, gamma, recipe in learners(a):
         if a.only not in name:
             continue
@@ -495,8 +496,8 @@ def run_learners(train, held, reward, a, log) -> dict:
                 dqn(train, reward, pooling, gamma, a, recipe, seed)
             runs.append(summarise(evaluate(held, reward, lambda st, s=scorer, p=pooling: s(st[f"phi_{p}"][:-1]))))
         res = {**runs[0], **info, "train_s": time.perf_counter() - t}
-        if reward == "rouge" and any(st["siblings"] for st in held):  # the same learner on the ceiling's states
-            res["sibling_states"] = summarise(evaluate([st for st in held if st["siblings"]], reward,
+        if with_siblings:  # the same learner on the ceiling's states
+            res["sibling_states"] = summarise(evaluate(with_siblings, reward,
                                                        lambda st, s=scorer, p=pooling: s(st[f"phi_{p}"][:-1])))
         caps = [r["capture"] for r in runs]
         res.update(seed_captures=caps, capture_seed_mean=float(np.mean(caps)), capture_seed_sd=float(np.std(caps)))
@@ -508,8 +509,8 @@ def run_learners(train, held, reward, a, log) -> dict:
     lengths = lambda st: torch.tensor([float(len(c)) for c in st["candidates"]])  # noqa: E731
     results["longest"] = summarise(evaluate(held, reward, lengths))  # a trivial heuristic, for honesty
     log(f"  {reward:6} {'longest':26} capture {results['longest']['capture']:+.2f}")
-    if reward == "rouge" and any(st["siblings"] for st in held):
-        results["sibling-human"] = sibling_ceiling(held)
+    if with_siblings:
+        results["sibling-human"] = sibling_ceiling(with_siblings)
         log(f"  {reward:6} {'sibling-human':26} capture {results['sibling-human']['capture']:+.2f} on the "
             f"{results['sibling-human']['states']} states with another human reply (the noise ceiling)")
     if reward == "rouge" and "r_rm" in held[0]:
@@ -517,14 +518,13 @@ def run_learners(train, held, reward, a, log) -> dict:
     return results
 
 
-def sibling_ceiling(held: list[dict]) -> dict:
-    """The noise ceiling of the ROUGE reward: on the held-out states where other people answered the same user turn,
+def sibling_ceiling(sub: list[dict]) -> dict:
+    """The noise ceiling of the ROUGE reward: on held-out states where other people answered the same user turn,
     choose the candidate with the highest mean ROUGE-L to THEIR replies — a chooser that knows what good human
     replies to this very message say, everything a reranker could hope to learn, short of the reference itself.
     What it captures is the share of the oracle's gain that is not the luck of matching one particular reference."""
     from chatrlhf.rewards import rouge_l
 
-    sub = [st for st in held if st["siblings"]]
     near = lambda st: torch.tensor([float(np.mean([rouge_l(b, y) for b in st["siblings"]]))  # noqa: E731
                                     for y in st["candidates"]])
     return summarise(evaluate(sub, "rouge", near))

@@ -79,7 +79,7 @@ def resolve_features(cfg: QLearnConfig, log=print) -> QLearnConfig:
                                      ("similarity", cfg.references)) if on]
     features = "text" if sources == ["similarity"] else "phi"
     why = "the reward is similarity to --references alone" if features == "text" else \
-        f"the reward has {', '.join(s for s in sources if s != 'similarity') or 'no similarity'} sources"
+        f"the reward has {', '.join(s for s in sources if s != 'similarity')} sources"
     log(f"chatrlhf qlearn: --features auto → {features} ({why})")
     return replace(cfg, features=features)
 
